@@ -1,0 +1,23 @@
+//! mesh-core: the policy cores of mesh, written as sans-IO state machines where they decide
+//! anything, plus the runtimes that touch processes.
+//!
+//! Module map (start with [`state`]):
+//! - [`model`]: ids, resources (scalars and port ranges), timestamps.
+//! - [`app`]: the Marathon app definition, its validation and service-name mapping.
+//! - [`state`]: [`state::Command`], the pure [`state::StateMachine`], the [`state::Log`] trait and the redb log.
+//! - [`allocator`]: Mesos-style offers ordered by weighted DRF, filters, suppress/revive.
+//! - [`scheduler`]: the [`scheduler::Scheduler`] trait (framework side) and the Marathon app scheduler.
+//! - [`catalog`]: nodes, services, instances and their health, behind the [`catalog::Catalog`] trait.
+//! - [`dns`]: Consul-style name parsing and answer building, as plain functions.
+//! - [`runtime`]: the [`runtime::Runtime`] trait and the process runtime.
+//! - [`proto`]: the serializable messages between control and agents.
+
+pub mod allocator;
+pub mod app;
+pub mod catalog;
+pub mod dns;
+pub mod model;
+pub mod proto;
+pub mod runtime;
+pub mod scheduler;
+pub mod state;

@@ -1,0 +1,292 @@
+//! Shared vocabulary: ids, resources, time.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! string_id {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+        impl $name {
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str { &self.0 }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(&self.0) }
+        }
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self { Self(s.to_owned()) }
+        }
+        impl From<String> for $name {
+            fn from(s: String) -> Self { Self(s) }
+        }
+    };
+}
+
+string_id!(
+    /// An agent (a node that runs tasks). In `mesh dev` it is the node name.
+    AgentId
+);
+string_id!(
+    /// A framework registered with the allocator (`marathon` is the stock one).
+    FrameworkId
+);
+string_id!(
+    /// One offer of one agent's resources to one framework.
+    OfferId
+);
+string_id!(
+    /// A task, e.g. `web.instance-<uuid>._app.1`.
+    TaskId
+);
+
+/// Milliseconds since the Unix epoch. Every decision takes time as an input, so the cores can
+/// run under virtual time in tests and the log replays deterministically.
+pub type Millis = u64;
+
+/// The current wall-clock time in [`Millis`]. Only drivers call this; cores receive `now`.
+pub fn now_millis() -> Millis {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_millis() as Millis
+}
+
+/// Marathon's timestamp format: ISO-8601 UTC with milliseconds and `Z`.
+pub fn iso8601(ms: Millis) -> String {
+    let dt = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64).unwrap_or_default();
+    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// Parse a Marathon timestamp (as produced by [`iso8601`]; any RFC 3339 form is accepted).
+pub fn parse_iso8601(s: &str) -> Option<Millis> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.timestamp_millis().max(0) as Millis)
+}
+
+/// A set of TCP/UDP ports as sorted, non-overlapping, inclusive ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRanges(Vec<(u16, u16)>);
+
+impl PortRanges {
+    /// The empty set.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+    /// One inclusive range `lo..=hi` (empty when `lo > hi`).
+    pub fn range(lo: u16, hi: u16) -> Self {
+        if lo > hi { Self::new() } else { Self(vec![(lo, hi)]) }
+    }
+    /// The set holding exactly these ports.
+    pub fn from_ports(ports: impl IntoIterator<Item = u16>) -> Self {
+        let mut s = Self::new();
+        for p in ports {
+            s.insert_range(p, p);
+        }
+        s
+    }
+    /// The ranges, sorted and disjoint.
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.0
+    }
+    /// True when no port is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// How many ports the set holds.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|(a, b)| (*b as usize) - (*a as usize) + 1).sum()
+    }
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        // ranges are sorted: binary search on the start
+        match self.0.binary_search_by(|(lo, _)| lo.cmp(&port)) {
+            Ok(_) => true,
+            Err(0) => false,
+            Err(i) => self.0[i - 1].1 >= port,
+        }
+    }
+    /// Whether every port of `other` is in `self`.
+    pub fn contains_all(&self, other: &PortRanges) -> bool {
+        other.0.iter().all(|&(lo, hi)| {
+            self.0.iter().any(|&(a, b)| a <= lo && hi <= b)
+        })
+    }
+    /// Add `lo..=hi`, merging neighbours.
+    pub fn insert_range(&mut self, lo: u16, hi: u16) {
+        if lo > hi {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        let (mut nlo, mut nhi) = (lo, hi);
+        let mut placed = false;
+        for &(a, b) in &self.0 {
+            if (b as u32) + 1 < nlo as u32 {
+                out.push((a, b));
+            } else if (nhi as u32) + 1 < a as u32 {
+                if !placed {
+                    out.push((nlo, nhi));
+                    placed = true;
+                }
+                out.push((a, b));
+            } else {
+                nlo = nlo.min(a);
+                nhi = nhi.max(b);
+            }
+        }
+        if !placed {
+            out.push((nlo, nhi));
+        }
+        out.sort_unstable();
+        self.0 = out;
+    }
+    /// Union with `other`.
+    pub fn add(&mut self, other: &PortRanges) {
+        for &(a, b) in &other.0 {
+            self.insert_range(a, b);
+        }
+    }
+    /// Remove every port of `other` from `self`.
+    pub fn subtract(&mut self, other: &PortRanges) {
+        for &(lo, hi) in &other.0 {
+            let mut out = Vec::with_capacity(self.0.len() + 1);
+            for &(a, b) in &self.0 {
+                if b < lo || a > hi {
+                    out.push((a, b));
+                    continue;
+                }
+                if a < lo {
+                    out.push((a, lo - 1));
+                }
+                if b > hi {
+                    out.push((hi + 1, b));
+                }
+            }
+            self.0 = out;
+        }
+    }
+    /// The ports in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().flat_map(|&(a, b)| a..=b)
+    }
+}
+
+impl fmt::Display for PortRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, (a, b)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{a}-{b}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Resources of an agent, an offer or a task.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU shares (1.0 = one core).
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub mem: f64,
+    /// Disk in MiB.
+    pub disk: f64,
+    /// Host ports.
+    pub ports: PortRanges,
+}
+
+/// Tolerance for float comparisons of scalar resources.
+pub const EPSILON: f64 = 1e-9;
+
+impl Resources {
+    /// Scalars only, no ports.
+    pub fn scalars(cpus: f64, mem: f64, disk: f64) -> Self {
+        Self { cpus, mem, disk, ports: PortRanges::new() }
+    }
+    /// Whether `self` holds at least `other` (scalars and every port).
+    pub fn contains(&self, other: &Resources) -> bool {
+        self.cpus + EPSILON >= other.cpus
+            && self.mem + EPSILON >= other.mem
+            && self.disk + EPSILON >= other.disk
+            && self.ports.contains_all(&other.ports)
+    }
+    /// Add `other` to `self`.
+    pub fn add(&mut self, other: &Resources) {
+        self.cpus += other.cpus;
+        self.mem += other.mem;
+        self.disk += other.disk;
+        self.ports.add(&other.ports);
+    }
+    /// Take `other` away from `self`; scalars never go below zero.
+    pub fn subtract(&mut self, other: &Resources) {
+        self.cpus = (self.cpus - other.cpus).max(0.0);
+        self.mem = (self.mem - other.mem).max(0.0);
+        self.disk = (self.disk - other.disk).max(0.0);
+        self.ports.subtract(&other.ports);
+        if self.cpus < EPSILON {
+            self.cpus = 0.0;
+        }
+        if self.mem < EPSILON {
+            self.mem = 0.0;
+        }
+        if self.disk < EPSILON {
+            self.disk = 0.0;
+        }
+    }
+    /// True when nothing is left.
+    pub fn is_empty(&self) -> bool {
+        self.cpus < EPSILON && self.mem < EPSILON && self.disk < EPSILON && self.ports.is_empty()
+    }
+}
+
+impl fmt::Display for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cpus:{}; mem:{}; disk:{}; ports:{}", self.cpus, self.mem, self.disk, self.ports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_merge_and_subtract() {
+        let mut p = PortRanges::range(31000, 31010);
+        p.subtract(&PortRanges::from_ports([31000, 31005, 31010]));
+        assert_eq!(p.ranges(), &[(31001, 31004), (31006, 31009)]);
+        assert_eq!(p.len(), 8);
+        assert!(p.contains(31004) && !p.contains(31005) && !p.contains(31000));
+        p.add(&PortRanges::from_ports([31005]));
+        assert_eq!(p.ranges(), &[(31001, 31009)]);
+        assert!(p.contains_all(&PortRanges::range(31002, 31008)));
+        assert!(!p.contains_all(&PortRanges::range(31002, 31010)));
+        p.insert_range(31011, 31011);
+        assert_eq!(p.ranges(), &[(31001, 31009), (31011, 31011)]);
+        p.insert_range(31010, 31010);
+        assert_eq!(p.ranges(), &[(31001, 31011)]);
+        assert_eq!(p.to_string(), "[31001-31011]");
+    }
+
+    #[test]
+    fn resources_arithmetic() {
+        let mut r = Resources { cpus: 2.0, mem: 1024.0, disk: 0.0, ports: PortRanges::range(1, 10) };
+        let t = Resources { cpus: 0.5, mem: 128.0, disk: 0.0, ports: PortRanges::from_ports([3]) };
+        assert!(r.contains(&t));
+        r.subtract(&t);
+        assert!(!r.contains(&t));
+        assert!(r.contains(&Resources::scalars(1.5, 896.0, 0.0)));
+        r.add(&t);
+        assert!(r.contains(&t));
+    }
+
+    #[test]
+    fn timestamps_have_millis_and_z() {
+        assert_eq!(iso8601(1_443_194_028_343), "2015-09-25T15:13:48.343Z");
+        assert_eq!(parse_iso8601("2015-09-25T15:13:48.343Z"), Some(1_443_194_028_343));
+    }
+}

@@ -1,0 +1,125 @@
+//! Messages between the control side (allocator, scheduler, catalog) and agents (runtime).
+//!
+//! They are plain serializable values: `mesh dev` passes them over an in-memory channel, a
+//! cluster sends the same messages over the network. Every message is idempotent: a status
+//! update carries an id, a launch of a task the agent already runs is ignored, and agents
+//! reconcile their actual tasks against the control side's view.
+
+use crate::model::{AgentId, Millis, Resources, TaskId};
+use crate::runtime::TaskSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Mesos task states (the subset mesh uses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Accepted by the scheduler, sent to the agent.
+    #[serde(rename = "TASK_STAGING")]
+    Staging,
+    /// The agent is starting it.
+    #[serde(rename = "TASK_STARTING")]
+    Starting,
+    /// Running.
+    #[serde(rename = "TASK_RUNNING")]
+    Running,
+    /// Being killed.
+    #[serde(rename = "TASK_KILLING")]
+    Killing,
+    /// Exited with status 0.
+    #[serde(rename = "TASK_FINISHED")]
+    Finished,
+    /// Exited non-zero, or could not start.
+    #[serde(rename = "TASK_FAILED")]
+    Failed,
+    /// Killed on request.
+    #[serde(rename = "TASK_KILLED")]
+    Killed,
+    /// Lost (e.g. gone while the agent was down).
+    #[serde(rename = "TASK_LOST")]
+    Lost,
+    /// Invalid task description.
+    #[serde(rename = "TASK_ERROR")]
+    Error,
+}
+
+impl TaskState {
+    /// Whether the task has ended for good.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Finished | TaskState::Failed | TaskState::Killed | TaskState::Lost | TaskState::Error)
+    }
+    /// The Mesos name, e.g. `TASK_RUNNING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Staging => "TASK_STAGING",
+            TaskState::Starting => "TASK_STARTING",
+            TaskState::Running => "TASK_RUNNING",
+            TaskState::Killing => "TASK_KILLING",
+            TaskState::Finished => "TASK_FINISHED",
+            TaskState::Failed => "TASK_FAILED",
+            TaskState::Killed => "TASK_KILLED",
+            TaskState::Lost => "TASK_LOST",
+            TaskState::Error => "TASK_ERROR",
+        }
+    }
+}
+
+/// Control → agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// Start this task (ignored when the agent already runs it).
+    Launch(TaskSpec),
+    /// Stop this task (SIGTERM, then SIGKILL after `grace`).
+    Kill {
+        /// Which task.
+        task_id: TaskId,
+        /// Time between SIGTERM and SIGKILL.
+        grace: Duration,
+    },
+    /// The tasks the control side believes run on this agent. The agent kills any other task it
+    /// runs, and reports `TASK_LOST` for listed tasks it does not run.
+    Reconcile {
+        /// Tasks the control side expects.
+        expected: Vec<TaskId>,
+    },
+}
+
+/// A task status change, as reported by an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    /// Unique id of this update, so a re-send is harmless.
+    pub uuid: String,
+    /// Which task.
+    pub task_id: TaskId,
+    /// Reporting agent.
+    pub agent_id: AgentId,
+    /// New state.
+    pub state: TaskState,
+    /// Human-readable detail (exit status, error).
+    pub message: String,
+    /// When it happened.
+    pub at: Millis,
+}
+
+/// Agent → control.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToControl {
+    /// The agent is up and offers these resources.
+    Register {
+        /// Agent id (its node name).
+        agent_id: AgentId,
+        /// Host name.
+        hostname: String,
+        /// Address the agent's tasks are reached on.
+        address: IpAddr,
+        /// Total resources for tasks.
+        resources: Resources,
+        /// Attributes, for constraints.
+        attributes: BTreeMap<String, String>,
+        /// Tasks the agent found running after a restart.
+        running: Vec<TaskId>,
+    },
+    /// A task changed state.
+    Status(StatusUpdate),
+}

@@ -1,0 +1,138 @@
+//! Runtimes launch, kill and observe tasks on an agent.
+//!
+//! A runtime reports what happens to its tasks as [`RuntimeEvent`]s on the channel it was built
+//! with; the agent turns them into status updates for the control side.
+
+use crate::model::{Millis, TaskId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub mod process;
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Run through `/bin/sh -c`.
+    Shell(String),
+    /// Run `argv[0]` directly with the rest as arguments.
+    Args(Vec<String>),
+}
+
+/// Everything a runtime needs to start one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task's id; also names its sandbox.
+    pub task_id: TaskId,
+    /// The command.
+    pub command: Command,
+    /// Environment, including the Marathon variables (`PORT0`, `MESOS_TASK_ID`, ...).
+    pub env: BTreeMap<String, String>,
+    /// CPU shares; enforced where the host allows.
+    pub cpus: f64,
+    /// Memory limit in MiB; enforced where the host allows.
+    pub mem: f64,
+    /// Host ports assigned to the task.
+    pub ports: Vec<u16>,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Free-form labels (app id, version) kept with the task, e.g. for re-adoption.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How a task ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Ended, but its status is not known (e.g. it was adopted after a restart and was not our child).
+    Unknown,
+}
+
+/// What a runtime observed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum RuntimeEvent {
+    /// The task is running.
+    Started {
+        /// Which task.
+        task_id: TaskId,
+        /// When it was observed.
+        at: Millis,
+    },
+    /// The task has ended. `killed` is true when the end was asked for through [`Runtime::kill`].
+    Exited {
+        /// Which task.
+        task_id: TaskId,
+        /// How it ended.
+        exit: Exit,
+        /// Whether mesh asked for it to end.
+        killed: bool,
+        /// A human-readable message for `lastTaskFailure`.
+        message: String,
+        /// When it was observed.
+        at: Millis,
+    },
+    /// The task could not be started at all.
+    Failed {
+        /// Which task.
+        task_id: TaskId,
+        /// Why.
+        message: String,
+        /// When it was observed.
+        at: Millis,
+    },
+}
+
+/// A task found running by [`Runtime::recover`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecoveredTask {
+    /// The task's id.
+    pub task_id: TaskId,
+    /// The labels it was launched with.
+    pub labels: BTreeMap<String, String>,
+    /// Its ports.
+    pub ports: Vec<u16>,
+}
+
+/// Errors of a runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The task is not known to this runtime.
+    #[error("task {0} is not known to this runtime")]
+    UnknownTask(TaskId),
+    /// Starting the task failed.
+    #[error("could not start task {task}: {message}")]
+    Launch {
+        /// Which task.
+        task: TaskId,
+        /// Why.
+        message: String,
+    },
+    /// An I/O error in the runtime's own bookkeeping.
+    #[error("runtime I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Launch, kill and observe tasks.
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// A short name (`process`, `docker`).
+    fn name(&self) -> &'static str;
+    /// Start a task. Returns once it has been started (or failed to start); its end is reported
+    /// later as [`RuntimeEvent::Exited`].
+    async fn launch(&self, spec: TaskSpec) -> Result<(), RuntimeError>;
+    /// Stop a task: SIGTERM (or the runtime's equivalent), SIGKILL after `grace`. Returns at once;
+    /// the end is reported as [`RuntimeEvent::Exited`] with `killed: true`. Killing a task that
+    /// already ended is not an error.
+    async fn kill(&self, task_id: &TaskId, grace: Duration) -> Result<(), RuntimeError>;
+    /// After a restart: find the tasks of a previous run that still run, and watch them again.
+    /// Tasks whose process is gone are cleaned up and not returned.
+    async fn recover(&self) -> Result<Vec<RecoveredTask>, RuntimeError>;
+    /// The tasks this runtime currently watches.
+    fn running(&self) -> Vec<TaskId>;
+    /// Stop every task (used on a clean shutdown that should leave nothing behind).
+    async fn kill_all(&self, grace: Duration);
+}
