@@ -1,1 +1,631 @@
-//! (being written)
+//! The Marathon app definition: its JSON shape (1.4 and 1.5 request formats), validation with
+//! Marathon's error paths, and the mapping from app id to service name.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A validated absolute app id such as `/prod/web`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AppId(String);
+
+impl fmt::Display for AppId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an id is not a valid path id.
+pub const INVALID_PATH_ID: &str = "must fully match regular expression '^(([a-z0-9]|[a-z0-9][a-z0-9\\-]*[a-z0-9])\\.)*([a-z0-9]|[a-z0-9][a-z0-9\\-]*[a-z0-9])|(\\.|\\.\\.)$'";
+
+fn valid_label(l: &str) -> bool {
+    let b = l.as_bytes();
+    !b.is_empty()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn valid_segment(s: &str) -> bool {
+    s == "." || s == ".." || s.split('.').all(valid_label)
+}
+
+impl AppId {
+    /// Parse an id relative to `/`: `web`, `/web`, `prod/web/` and `/a/../b` are accepted;
+    /// segments must match Marathon's path-id pattern.
+    pub fn parse(raw: &str) -> Result<AppId, String> {
+        Self::parse_relative(raw, "/")
+    }
+
+    /// Parse an id relative to a base group such as `/prod`.
+    pub fn parse_relative(raw: &str, base: &str) -> Result<AppId, String> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Err("path id must not be empty".into());
+        }
+        let mut parts: Vec<&str> = if raw.starts_with('/') {
+            Vec::new()
+        } else {
+            base.split('/').filter(|s| !s.is_empty()).collect()
+        };
+        for seg in raw.split('/').filter(|s| !s.is_empty()) {
+            if !valid_segment(seg) {
+                return Err(INVALID_PATH_ID.into());
+            }
+            match seg {
+                "." => {}
+                ".." => {
+                    if parts.pop().is_none() {
+                        return Err("path id must not go above the root".into());
+                    }
+                }
+                s => parts.push(s),
+            }
+        }
+        if parts.is_empty() {
+            return Err("path id must not be the root group".into());
+        }
+        if let Some(last) = parts.last() {
+            if ["restart", "tasks", "versions"].contains(last) {
+                return Err(format!("must not end with '{last}'"));
+            }
+        }
+        Ok(AppId(format!("/{}", parts.join("/"))))
+    }
+
+    /// The id with its leading slash, e.g. `/prod/web`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Segments, e.g. `["prod", "web"]`.
+    pub fn segments(&self) -> impl DoubleEndedIterator<Item = &str> {
+        self.0.split('/').filter(|s| !s.is_empty())
+    }
+
+    /// The id as used in task ids: leading `/` dropped, `/` replaced by `_` (`prod_web`).
+    pub fn task_prefix(&self) -> String {
+        self.0.trim_start_matches('/').replace('/', "_")
+    }
+
+    /// The default service name: segments in reverse order joined by `-` (`/prod/web` → `web-prod`).
+    pub fn default_service_name(&self) -> String {
+        self.segments().rev().collect::<Vec<_>>().join("-")
+    }
+
+    /// Whether this app lies in group `group` (e.g. `/prod`), at any depth.
+    pub fn in_group(&self, group: &str) -> bool {
+        let g = group.trim_end_matches('/');
+        g.is_empty() || self.0.strip_prefix(g).is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+/// One port definition of a host-networked app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortDefinition {
+    /// With `requirePorts` the host port; otherwise the service port (0 = assign).
+    #[serde(default)]
+    pub port: u32,
+    /// `tcp`, `udp` or `udp,tcp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Optional name (gives `$PORT_<NAME>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+/// Marathon's `upgradeStrategy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStrategy {
+    /// Fraction of instances that must stay healthy during an upgrade.
+    #[serde(default = "one")]
+    pub minimum_health_capacity: f64,
+    /// Fraction of extra instances allowed during an upgrade.
+    #[serde(default = "one")]
+    pub maximum_over_capacity: f64,
+}
+
+impl Default for UpgradeStrategy {
+    fn default() -> Self {
+        Self { minimum_health_capacity: 1.0, maximum_over_capacity: 1.0 }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// An app definition as stored and as returned by the API (only fields that marathon-python
+/// 0.13 knows are emitted). Unknown request fields are ignored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct App {
+    /// The absolute id.
+    pub id: AppId,
+    /// Shell command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// Argument vector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// User to run as (informational for the process runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Environment; values are strings or `{"secret": ...}` references.
+    #[serde(default)]
+    pub env: BTreeMap<String, Value>,
+    /// Desired number of instances.
+    pub instances: u32,
+    /// CPU shares.
+    pub cpus: f64,
+    /// Memory in MiB.
+    pub mem: f64,
+    /// Disk in MiB.
+    pub disk: f64,
+    /// GPUs (always 0 here).
+    pub gpus: f64,
+    /// Executor (`""` or `//cmd`).
+    pub executor: String,
+    /// Placement constraints `[field, OP(, value)]`.
+    #[serde(default)]
+    pub constraints: Vec<Vec<String>>,
+    /// Fetch URIs.
+    #[serde(default)]
+    pub fetch: Vec<Value>,
+    /// Legacy store URLs.
+    #[serde(default)]
+    pub store_urls: Vec<String>,
+    /// Launch backoff start, seconds.
+    pub backoff_seconds: f64,
+    /// Launch backoff multiplier (≥ 1).
+    pub backoff_factor: f64,
+    /// Launch backoff cap, seconds.
+    pub max_launch_delay_seconds: f64,
+    /// Container definition (Docker or Mesos), kept as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Value>,
+    /// Health checks, kept as given.
+    #[serde(default)]
+    pub health_checks: Vec<Value>,
+    /// Readiness checks, kept as given.
+    #[serde(default)]
+    pub readiness_checks: Vec<Value>,
+    /// Apps this one depends on.
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    /// Upgrade strategy.
+    #[serde(default)]
+    pub upgrade_strategy: UpgradeStrategy,
+    /// Labels (`SERVICE_NAME`, `SERVICE_TAGS` are read by the catalog).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Accepted resource roles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_resource_roles: Option<Vec<String>>,
+    /// Host ports (requirePorts) or service ports.
+    #[serde(default)]
+    pub port_definitions: Vec<PortDefinition>,
+    /// Whether `portDefinitions[].port` are required host ports.
+    pub require_ports: bool,
+    /// Time between SIGTERM and SIGKILL, seconds.
+    pub task_kill_grace_period_seconds: Option<f64>,
+    /// `YOUNGEST_FIRST` or `OLDEST_FIRST`.
+    pub kill_selection: String,
+    /// Networks (1.5 format).
+    #[serde(default)]
+    pub networks: Vec<Value>,
+    /// Unreachable strategy, kept as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_strategy: Option<Value>,
+    /// The version: time of the last change, as a Marathon timestamp.
+    #[serde(default)]
+    pub version: String,
+    /// When the config and the scale last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_info: Option<VersionInfo>,
+}
+
+/// `versionInfo` of an app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    /// Last change of any kind (scale included).
+    pub last_scaling_at: String,
+    /// Last change of the config (not scale).
+    pub last_config_change_at: String,
+}
+
+/// One validation problem, at a JSON path such as `/instances`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    /// JSON pointer of the offending field (`/` for the whole object).
+    pub path: String,
+    /// What is wrong.
+    pub errors: Vec<String>,
+}
+
+/// The validation errors of a definition (Marathon answers them as 422).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("Object is not valid")]
+pub struct Invalid(pub Vec<Violation>);
+
+impl Invalid {
+    /// A single violation.
+    pub fn at(path: &str, error: impl Into<String>) -> Self {
+        Invalid(vec![Violation { path: path.into(), errors: vec![error.into()] }])
+    }
+}
+
+struct Violations(Vec<Violation>);
+
+impl Violations {
+    fn add(&mut self, path: &str, e: impl Into<String>) {
+        let e = e.into();
+        if let Some(v) = self.0.iter_mut().find(|v| v.path == path) {
+            v.errors.push(e);
+        } else {
+            self.0.push(Violation { path: path.into(), errors: vec![e] });
+        }
+    }
+}
+
+fn get_f64(v: &Value, path: &str, bad: &mut Violations) -> Option<f64> {
+    match v {
+        Value::Null => None,
+        Value::Number(n) => n.as_f64(),
+        _ => {
+            bad.add(path, "error.expected.jsnumber");
+            None
+        }
+    }
+}
+
+/// The names of fields the definition may carry; anything else is ignored.
+const ONLY_ON_CREATE_DEFAULTS: &[(&str, f64)] = &[("cpus", 1.0), ("mem", 128.0), ("disk", 0.0), ("gpus", 0.0)];
+
+impl App {
+    /// Build an app from a JSON object (create or full replace), applying Marathon's defaults.
+    /// `base` resolves relative ids; `id_override` is used when the id comes from the URL.
+    pub fn from_json(body: &Value, id_override: Option<&AppId>) -> Result<App, Invalid> {
+        Self::merge_json(None, body, id_override)
+    }
+
+    /// Apply a JSON object onto `current` (a partial update); with `current == None` it is a
+    /// create. Only fields present in `body` change.
+    pub fn merge_json(current: Option<&App>, body: &Value, id_override: Option<&AppId>) -> Result<App, Invalid> {
+        let Some(obj) = body.as_object() else {
+            return Err(Invalid::at("/", "error.expected.jsobject"));
+        };
+        let mut bad = Violations(Vec::new());
+        // Start from the current app (as JSON) or from defaults.
+        let mut merged = match current {
+            Some(app) => serde_json::to_value(app).unwrap_or(Value::Null),
+            None => {
+                let mut m = serde_json::Map::new();
+                for (k, v) in ONLY_ON_CREATE_DEFAULTS {
+                    m.insert((*k).into(), Value::from(*v));
+                }
+                m.insert("instances".into(), Value::from(1));
+                m.insert("backoffSeconds".into(), Value::from(1.0));
+                m.insert("backoffFactor".into(), Value::from(1.15));
+                m.insert("maxLaunchDelaySeconds".into(), Value::from(300.0));
+                m.insert("executor".into(), Value::from(""));
+                m.insert("requirePorts".into(), Value::from(false));
+                m.insert("killSelection".into(), Value::from("YOUNGEST_FIRST"));
+                Value::Object(m)
+            }
+        };
+        let m = merged.as_object_mut().expect("object");
+
+        // id
+        let id = match (id_override, obj.get("id")) {
+            (Some(id), _) => Some(id.clone()),
+            (None, Some(Value::String(s))) => match AppId::parse(s) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    bad.add("/id", e);
+                    None
+                }
+            },
+            (None, Some(_)) => {
+                bad.add("/id", "error.expected.jsstring");
+                None
+            }
+            (None, None) => match current {
+                Some(app) => Some(app.id.clone()),
+                None => {
+                    bad.add("/id", "error.path.missing");
+                    None
+                }
+            },
+        };
+
+        // numbers that must be checked for sign/range before serde sees them
+        for (key, min, msg) in [
+            ("cpus", 0.0, "got {v}, expected 0.0 or more"),
+            ("mem", 0.0, "got {v}, expected 0.0 or more"),
+            ("disk", 0.0, "got {v}, expected 0.0 or more"),
+            ("gpus", 0.0, "got {v}, expected 0 or more"),
+            ("instances", 0.0, "got {v}, expected 0 or more"),
+            ("backoffSeconds", 0.0, "got {v}, expected 0 or more"),
+            ("backoffFactor", 1.0, "got {v}, expected 1.0 or more"),
+            ("maxLaunchDelaySeconds", 0.0, "got {v}, expected 0 or more"),
+            ("taskKillGracePeriodSeconds", 0.0, "got {v}, expected 0 or more"),
+        ] {
+            if let Some(v) = obj.get(key) {
+                let path = format!("/{key}");
+                if let Some(x) = get_f64(v, &path, &mut bad) {
+                    if x < min || !x.is_finite() {
+                        bad.add(&path, msg.replace("{v}", &v.to_string()));
+                    } else if key == "instances" && x.fract() != 0.0 {
+                        bad.add(&path, "error.expected.jsnumber");
+                    }
+                }
+            }
+        }
+        for (k, v) in obj {
+            if k == "id" {
+                continue;
+            }
+            m.insert(k.clone(), v.clone());
+        }
+        if let Some(id) = &id {
+            m.insert("id".into(), Value::from(id.as_str()));
+        }
+        // Deprecated `ports` → portDefinitions (only when given).
+        if obj.contains_key("ports") && obj.contains_key("portDefinitions") {
+            bad.add("/", "You cannot specify both ports and port definitions");
+        }
+        if let Some(ports) = obj.get("ports") {
+            match ports {
+                Value::Array(list) => {
+                    let defs: Vec<Value> = list
+                        .iter()
+                        .map(|p| serde_json::json!({"port": p, "protocol": "tcp"}))
+                        .collect();
+                    m.insert("portDefinitions".into(), Value::Array(defs));
+                }
+                Value::Null => {}
+                _ => bad.add("/ports", "error.expected.jsarray"),
+            }
+        }
+        m.remove("ports");
+        if current.is_none() && matches!(m.get("portDefinitions"), None | Some(Value::Null)) && !obj.contains_key("ports") {
+            let host_mode = !has_container_port_mappings(m);
+            if host_mode {
+                m.insert("portDefinitions".into(), serde_json::json!([{"port": 0, "protocol": "tcp", "name": "default"}]));
+            }
+        }
+        for k in ["env", "labels"] {
+            if matches!(m.get(k), Some(Value::Null)) {
+                m.insert(k.into(), serde_json::json!({}));
+            }
+        }
+        for k in ["constraints", "fetch", "storeUrls", "healthChecks", "readinessChecks", "dependencies", "portDefinitions", "networks"] {
+            if matches!(m.get(k), Some(Value::Null)) {
+                m.insert(k.into(), serde_json::json!([]));
+            }
+        }
+        for k in ["version", "versionInfo", "tasks", "deployments", "tasksRunning", "tasksStaged", "tasksHealthy", "tasksUnhealthy", "lastTaskFailure", "uris"] {
+            m.remove(k);
+        }
+        if !bad.0.is_empty() {
+            return Err(Invalid(bad.0));
+        }
+        let app: App = match serde_json::from_value(merged) {
+            Ok(a) => a,
+            Err(e) => return Err(Invalid::at("/", e.to_string())),
+        };
+        app.validate()?;
+        Ok(app)
+    }
+
+    /// Marathon's semantic checks (the 422 cases).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut bad = Violations(Vec::new());
+        let has_cmd = self.cmd.is_some();
+        let has_args = self.args.is_some();
+        if (has_cmd && has_args) || (!has_cmd && !has_args && self.container.is_none()) {
+            bad.add("/", "AppDefinition must either contain one of 'cmd' or 'args', and/or a 'container'.");
+        }
+        if self.cmd.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            bad.add("/cmd", "must not be empty");
+        }
+        if self.args.as_ref().is_some_and(|a| a.is_empty() || a[0].is_empty()) && !has_cmd && self.container.is_none() {
+            bad.add("/args", "must not be empty");
+        }
+        if !(0.0..=1.0).contains(&self.upgrade_strategy.minimum_health_capacity) {
+            bad.add("/upgradeStrategy/minimumHealthCapacity", "is not between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.upgrade_strategy.maximum_over_capacity) {
+            bad.add("/upgradeStrategy/maximumOverCapacity", "is not between 0 and 1");
+        }
+        if !["YOUNGEST_FIRST", "OLDEST_FIRST"].contains(&self.kill_selection.as_str()) {
+            bad.add("/killSelection", "must be one of YOUNGEST_FIRST, OLDEST_FIRST");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.port_definitions.iter().enumerate() {
+            if p.port > 65535 {
+                bad.add(&format!("/portDefinitions({i})/port"), "got a port above 65535");
+            }
+            if let Some(n) = &p.name {
+                if !names.insert(n.clone()) {
+                    bad.add("/portDefinitions", "Port names must be unique.");
+                }
+            }
+            if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(&p.protocol.as_str()) {
+                bad.add(&format!("/portDefinitions({i})/protocol"), "must be one of tcp, udp, udp,tcp");
+            }
+        }
+        if self.require_ports && self.port_definitions.iter().any(|p| p.port == 0) {
+            bad.add("/portDefinitions", "requirePorts needs every port to be set (non-zero)");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.port_definitions {
+            if p.port != 0 && !seen.insert(p.port) {
+                bad.add("/portDefinitions", "Ports must be unique.");
+            }
+        }
+        for (k, v) in &self.env {
+            let ok = v.is_string() || v.get("secret").is_some_and(Value::is_string);
+            if !ok {
+                bad.add(&format!("/env({k})"), "must be a string or a secret reference");
+            }
+        }
+        if self.cpus < 0.001 && self.container.is_none() && self.cmd.is_some() && self.instances > 0 && self.cpus != 0.0 {
+            bad.add("/cpus", format!("got {}, expected 0.001 or more", self.cpus));
+        }
+        for (i, c) in self.constraints.iter().enumerate() {
+            if c.len() < 2 || c.len() > 3 {
+                bad.add(&format!("/constraints({i})"), "Each constraint must have either 2 or 3 fields");
+                continue;
+            }
+            let op = c[1].as_str();
+            if !["UNIQUE", "CLUSTER", "GROUP_BY", "LIKE", "UNLIKE", "MAX_PER", "IS"].contains(&op) {
+                bad.add(&format!("/constraints({i})"), format!("unknown constraint operator {op}"));
+            }
+            if (op == "LIKE" || op == "UNLIKE") && c.get(2).is_none_or(|re| regex::Regex::new(&format!("^(?:{re})$")).is_err()) {
+                bad.add(&format!("/constraints({i})"), "Invalid regular expression");
+            }
+        }
+        if bad.0.is_empty() { Ok(()) } else { Err(Invalid(bad.0)) }
+    }
+
+    /// The service name in the catalog: label `SERVICE_NAME`, else the reversed id segments.
+    pub fn service_name(&self) -> String {
+        match self.labels.get("SERVICE_NAME").map(|s| s.trim()) {
+            Some(n) if !n.is_empty() => n.to_owned(),
+            _ => self.id.default_service_name(),
+        }
+    }
+
+    /// Tags from the label `SERVICE_TAGS` (comma separated).
+    pub fn service_tags(&self) -> Vec<String> {
+        self.labels
+            .get("SERVICE_TAGS")
+            .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many host ports a task of this app needs.
+    pub fn host_port_count(&self) -> usize {
+        self.port_definitions.len()
+    }
+
+    /// The environment as plain strings (secret references are left out).
+    pub fn plain_env(&self) -> BTreeMap<String, String> {
+        self.env.iter().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned()))).collect()
+    }
+
+    /// Kill grace period (default 3 s, as Mesos' default).
+    pub fn kill_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.task_kill_grace_period_seconds.unwrap_or(3.0).clamp(0.0, 3600.0))
+    }
+
+    /// True when this app has the same configuration as `other`, ignoring scale and version.
+    pub fn same_config(&self, other: &App) -> bool {
+        let mut a = self.clone();
+        let mut b = other.clone();
+        a.instances = 0;
+        b.instances = 0;
+        a.version.clear();
+        b.version.clear();
+        a.version_info = None;
+        b.version_info = None;
+        a == b
+    }
+}
+
+fn has_container_port_mappings(m: &serde_json::Map<String, Value>) -> bool {
+    let c = m.get("container");
+    c.and_then(|c| c.get("portMappings")).is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
+        || c.and_then(|c| c.get("docker")).and_then(|d| d.get("portMappings")).is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn app_id_validation() {
+        for ok in ["web", "/web", "/prod/web", "prod/web/", "a.b-c/x9", "/a/../b"] {
+            assert!(AppId::parse(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(AppId::parse("/a/../b").unwrap().as_str(), "/b");
+        assert_eq!(AppId::parse("web").unwrap().as_str(), "/web");
+        for bad in ["", "/", "Web", "-web", "web-", "we_b", "/a/tasks", "/a/restart", "..", "/a b", "w!"] {
+            assert!(AppId::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(AppId::parse_relative("web", "/prod").unwrap().as_str(), "/prod/web");
+        assert_eq!(AppId::parse_relative("../web", "/prod/x").unwrap().as_str(), "/prod/web");
+    }
+
+    #[test]
+    fn service_name_mapping() {
+        let mk = |id: &str, labels: serde_json::Value| App::from_json(&json!({"id": id, "cmd": "x", "labels": labels}), None).unwrap();
+        assert_eq!(mk("/webserver", json!({})).service_name(), "webserver");
+        assert_eq!(mk("/prod/web", json!({})).service_name(), "web-prod");
+        assert_eq!(mk("/a/b/c", json!({})).service_name(), "c-b-a");
+        let app = mk("/prod/web", json!({"SERVICE_NAME": "frontend", "SERVICE_TAGS": "http, v2,,"}));
+        assert_eq!(app.service_name(), "frontend");
+        assert_eq!(app.service_tags(), vec!["http", "v2"]);
+        assert_eq!(AppId::parse("/prod/web").unwrap().task_prefix(), "prod_web");
+    }
+
+    #[test]
+    fn defaults_and_ports() {
+        let app = App::from_json(&json!({"id": "w", "cmd": "x"}), None).unwrap();
+        assert_eq!((app.cpus, app.mem, app.instances), (1.0, 128.0, 1));
+        assert_eq!(app.port_definitions.len(), 1);
+        let app = App::from_json(&json!({"id": "w", "cmd": "x", "portDefinitions": []}), None).unwrap();
+        assert!(app.port_definitions.is_empty());
+        let app = App::from_json(&json!({"id": "w", "cmd": "x", "ports": [0, 0]}), None).unwrap();
+        assert_eq!(app.port_definitions.len(), 2);
+        let v = serde_json::to_value(&app).unwrap();
+        assert!(v.get("ports").is_none() && v.get("portDefinitions").is_some());
+    }
+
+    #[test]
+    fn invalid_definitions() {
+        let cases = [
+            (json!({"id": "w", "cmd": "x", "args": ["y"]}), "/"),
+            (json!({"id": "w"}), "/"),
+            (json!({"id": "W", "cmd": "x"}), "/id"),
+            (json!({"cmd": "x"}), "/id"),
+            (json!({"id": "w", "cmd": "x", "instances": -1}), "/instances"),
+            (json!({"id": "w", "cmd": "x", "cpus": -1}), "/cpus"),
+            (json!({"id": "w", "cmd": "x", "backoffFactor": 0.5}), "/backoffFactor"),
+            (json!({"id": "w", "cmd": "x", "ports": [1], "portDefinitions": []}), "/"),
+            (json!({"id": "w", "cmd": ""}), "/cmd"),
+            (json!({"id": "w", "cmd": "x", "constraints": [["hostname", "NOPE"]]}), "/constraints(0)"),
+            (json!({"id": "w", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 2}}), "/upgradeStrategy/minimumHealthCapacity"),
+        ];
+        for (body, path) in cases {
+            let err = App::from_json(&body, None).expect_err(&body.to_string());
+            assert!(err.0.iter().any(|v| v.path == path), "{body}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn partial_update_merges() {
+        let app = App::from_json(&json!({"id": "w", "cmd": "x", "instances": 3, "env": {"A": "1"}}), None).unwrap();
+        let next = App::merge_json(Some(&app), &json!({"instances": 1}), None).unwrap();
+        assert_eq!(next.instances, 1);
+        assert_eq!(next.cmd.as_deref(), Some("x"));
+        assert!(next.same_config(&app));
+        let next = App::merge_json(Some(&app), &json!({"cmd": "y"}), None).unwrap();
+        assert!(!next.same_config(&app));
+    }
+}
