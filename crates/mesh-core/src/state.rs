@@ -1,1 +1,906 @@
-//! (being written)
+//! Cluster state: every change is a [`Command`] applied by the pure [`State::apply`], and
+//! recorded through the [`Log`] trait before it becomes visible.
+//!
+//! [`Store`] ties the two together: it applies a batch to a copy of the state (cheap: persistent
+//! maps), appends the commands that applied to the log in one durable write (group commit), and
+//! only then swaps the new state in. A command that fails validation changes nothing and is not
+//! logged; a log that fails to write changes nothing either. On start, [`Store::open`] loads the
+//! last snapshot and replays the log after it.
+//!
+//! [`RedbLog`] is the embedded on-disk log. A Raft log can implement the same trait later; the
+//! scheduler, catalog and APIs only see [`Store`].
+
+use crate::app::{App, AppId};
+use crate::catalog::{CatalogState, Health, Node, ServiceInstance};
+use crate::model::{AgentId, FrameworkId, Millis, Resources, TaskId, iso8601};
+use crate::proto::TaskState;
+use imbl::OrdMap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+/// How many old versions of an app are kept.
+pub const MAX_APP_VERSIONS: usize = 50;
+
+/// The launch backoff of an app.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LaunchDelay {
+    /// The current delay in milliseconds (0 = none).
+    pub delay_ms: u64,
+    /// No launch before this time.
+    pub until: Millis,
+}
+
+/// Marathon's `lastTaskFailure`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    /// The failed task.
+    pub task_id: TaskId,
+    /// Its agent.
+    pub agent_id: AgentId,
+    /// Its host.
+    pub host: String,
+    /// Terminal state (`TASK_FAILED`, ...).
+    pub state: TaskState,
+    /// What happened.
+    pub message: String,
+    /// When.
+    pub at: Millis,
+    /// App version of the task.
+    pub version: Millis,
+}
+
+/// An app with its history and launch state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    /// The current definition (its `version` field is set from `version`).
+    pub app: App,
+    /// Version (time of the last change).
+    pub version: Millis,
+    /// Time of the last config change (not scale).
+    pub config_version: Millis,
+    /// Kept versions, oldest first (bounded by [`MAX_APP_VERSIONS`]).
+    pub versions: Vec<(Millis, App)>,
+    /// Launch backoff.
+    pub delay: LaunchDelay,
+    /// The last failed task.
+    pub last_failure: Option<TaskFailure>,
+    /// The deployment that is bringing the app to its current definition, if any.
+    pub deployment: Option<String>,
+}
+
+/// A task as the control side knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Id.
+    pub id: TaskId,
+    /// Framework that launched it.
+    pub framework_id: FrameworkId,
+    /// App (for Marathon tasks).
+    pub app_id: Option<AppId>,
+    /// Agent running it.
+    pub agent_id: AgentId,
+    /// Its host name.
+    pub host: String,
+    /// Host ports.
+    pub ports: Vec<u16>,
+    /// Service ports.
+    pub service_ports: Vec<u16>,
+    /// Current state.
+    pub state: TaskState,
+    /// When it was staged.
+    pub staged_at: Millis,
+    /// When it started running.
+    pub started_at: Option<Millis>,
+    /// App version (config version) the task runs.
+    pub version: Millis,
+    /// Resources it holds.
+    pub resources: Resources,
+    /// A kill was asked for.
+    pub kill_requested: bool,
+    /// Last status message.
+    pub message: String,
+}
+
+/// An agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    /// Id (the node name).
+    pub id: AgentId,
+    /// Host name.
+    pub hostname: String,
+    /// Address of its tasks.
+    pub address: IpAddr,
+    /// Total resources.
+    pub resources: Resources,
+    /// Attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// When it (re-)registered.
+    pub registered_at: Millis,
+}
+
+/// One action of a deployment step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentAction {
+    /// `StartApplication`, `ScaleApplication`, `RestartApplication`, `StopApplication`.
+    pub action: String,
+    /// The app.
+    pub app: AppId,
+}
+
+/// A deployment: the steps that bring apps to a new definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Id (uuid).
+    pub id: String,
+    /// Version (time it was created).
+    pub version: Millis,
+    /// Apps it touches.
+    pub affected_apps: Vec<AppId>,
+    /// Steps, run one after another; actions in a step run together.
+    pub steps: Vec<Vec<DeploymentAction>>,
+    /// 1-based index of the step in progress.
+    pub current_step: usize,
+}
+
+/// The whole cluster state. Cloning it is O(1).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Index of the last applied command.
+    pub index: u64,
+    /// Apps by id.
+    pub apps: OrdMap<AppId, AppRecord>,
+    /// Live tasks by id (terminal tasks are removed).
+    pub tasks: OrdMap<TaskId, Task>,
+    /// Agents by id.
+    pub agents: OrdMap<AgentId, Agent>,
+    /// Deployments in progress.
+    pub deployments: OrdMap<String, Deployment>,
+    /// The service catalog.
+    pub catalog: CatalogState,
+}
+
+/// A change of cluster state. Commands carry every input they need (time included), so
+/// applying the same log always gives the same state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create an app, or replace its definition (scale or config change).
+    PutApp {
+        /// The new definition.
+        app: App,
+        /// When.
+        now: Millis,
+        /// The deployment this change starts.
+        deployment_id: String,
+        /// Fail when the app exists (POST) instead of replacing it.
+        create_only: bool,
+        /// Replace even when another deployment is in progress.
+        force: bool,
+    },
+    /// Roll back to an earlier version, keeping the current scale.
+    RollbackApp {
+        /// Which app.
+        id: AppId,
+        /// Version to restore.
+        version: Millis,
+        /// When.
+        now: Millis,
+        /// The deployment.
+        deployment_id: String,
+        /// Even during another deployment.
+        force: bool,
+    },
+    /// Delete an app; its tasks are marked for killing.
+    DeleteApp {
+        /// Which app.
+        id: AppId,
+        /// When.
+        now: Millis,
+        /// The deployment.
+        deployment_id: String,
+        /// Even during another deployment.
+        force: bool,
+    },
+    /// An agent registered (or re-registered after a restart).
+    RegisterAgent {
+        /// The agent.
+        agent: Agent,
+        /// Datacenter, for the catalog node.
+        datacenter: String,
+    },
+    /// Tasks were launched (STAGING).
+    LaunchTasks {
+        /// The tasks.
+        tasks: Vec<Task>,
+    },
+    /// Mark tasks for killing; with `scale`, lower the app's instance count accordingly.
+    KillTasks {
+        /// Which tasks.
+        ids: Vec<TaskId>,
+        /// Scale the app down.
+        scale: bool,
+        /// When.
+        now: Millis,
+        /// The deployment started by a scale, if any.
+        deployment_id: Option<String>,
+    },
+    /// A task changed state.
+    TaskStatus {
+        /// Which task.
+        task_id: TaskId,
+        /// New state.
+        state: TaskState,
+        /// Detail.
+        message: String,
+        /// When.
+        at: Millis,
+    },
+    /// Reset an app's launch delay (`DELETE /v2/queue/{id}/delay`).
+    ResetDelay {
+        /// Which app.
+        id: AppId,
+    },
+    /// Remove a deployment (done, or cancelled).
+    EndDeployment {
+        /// Which one.
+        id: String,
+    },
+}
+
+/// Why a command was not applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The app does not exist.
+    #[error("App '{0}' does not exist")]
+    UnknownApp(AppId),
+    /// The app exists already (create only).
+    #[error("An app with id [{0}] already exists.")]
+    AppExists(AppId),
+    /// Another deployment holds the app.
+    #[error("App is locked by one or more deployments. Override with the option '?force=true'. View details at '/v2/deployments/{0}'.")]
+    Locked(String),
+    /// The task does not exist.
+    #[error("Task '{0}' does not exist")]
+    UnknownTask(TaskId),
+    /// The version does not exist.
+    #[error("App '{0}' does not exist in version {1}")]
+    UnknownVersion(AppId, String),
+}
+
+/// What an applied command changed (for publishing reads and events).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    /// Apps whose definition or tasks changed.
+    pub apps: Vec<AppId>,
+    /// Whether the catalog changed.
+    pub catalog: bool,
+    /// Tasks that reached a terminal state, with their last record.
+    pub ended: Vec<Task>,
+}
+
+impl State {
+    /// An empty state for `datacenter`.
+    pub fn new(datacenter: &str) -> Self {
+        Self { catalog: CatalogState::new(datacenter), ..Default::default() }
+    }
+
+    /// Tasks of an app that are alive and not being killed.
+    pub fn active_tasks<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks
+            .values()
+            .filter(move |t| t.app_id.as_ref() == Some(app) && !t.kill_requested && !t.state.is_terminal())
+    }
+
+    /// All live tasks of an app (being killed included).
+    pub fn app_tasks<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks.values().filter(move |t| t.app_id.as_ref() == Some(app))
+    }
+
+    fn lock_check(&self, app: &AppId, force: bool) -> Result<(), ApplyError> {
+        if force {
+            return Ok(());
+        }
+        match self.apps.get(app).and_then(|r| r.deployment.clone()) {
+            Some(d) if self.deployments.contains_key(&d) => Err(ApplyError::Locked(d)),
+            _ => Ok(()),
+        }
+    }
+
+    fn start_deployment(&mut self, id: &str, app: &AppId, action: &str, now: Millis, changes: &mut Changes) {
+        // A forced change cancels the deployment that held the app.
+        if let Some(old) = self.apps.get(app).and_then(|r| r.deployment.clone()) {
+            self.deployments.remove(&old);
+        }
+        self.start_deployment_fresh(id, app, action, now, changes);
+    }
+
+    fn start_deployment_fresh(&mut self, id: &str, app: &AppId, action: &str, now: Millis, changes: &mut Changes) {
+        let mut steps = vec![vec![DeploymentAction { action: action.into(), app: app.clone() }]];
+        if action == "StartApplication" {
+            steps.push(vec![DeploymentAction { action: "ScaleApplication".into(), app: app.clone() }]);
+        }
+        self.deployments.insert(
+            id.to_owned(),
+            Deployment { id: id.to_owned(), version: now, affected_apps: vec![app.clone()], steps, current_step: 1 },
+        );
+        if let Some(rec) = self.apps.get_mut(app) {
+            rec.deployment = Some(id.to_owned());
+        }
+        changes.apps.push(app.clone());
+    }
+
+    /// Apply one command. On error the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Changes, ApplyError> {
+        let mut ch = Changes::default();
+        match cmd {
+            Command::PutApp { app, now, deployment_id, create_only, force } => {
+                let existing = self.apps.get(&app.id).cloned();
+                if existing.is_some() && *create_only {
+                    return Err(ApplyError::AppExists(app.id.clone()));
+                }
+                self.lock_check(&app.id, *force)?;
+                let mut app = app.clone();
+                let (config_version, mut versions, delay, last_failure, action) = match &existing {
+                    Some(rec) => {
+                        let config_changed = !rec.app.same_config(&app);
+                        let cv = if config_changed { *now } else { rec.config_version };
+                        let action = if config_changed { "RestartApplication" } else { "ScaleApplication" };
+                        // a new config resets the launch backoff, as Marathon does
+                        let delay = if config_changed { LaunchDelay::default() } else { rec.delay.clone() };
+                        (cv, rec.versions.clone(), delay, rec.last_failure.clone(), action)
+                    }
+                    None => (*now, Vec::new(), LaunchDelay::default(), None, "StartApplication"),
+                };
+                app.version = iso8601(*now);
+                app.version_info = Some(crate::app::VersionInfo {
+                    last_scaling_at: iso8601(*now),
+                    last_config_change_at: iso8601(config_version),
+                });
+                versions.push((*now, app.clone()));
+                if versions.len() > MAX_APP_VERSIONS {
+                    let drop = versions.len() - MAX_APP_VERSIONS;
+                    versions.drain(..drop);
+                }
+                let id = app.id.clone();
+                if let Some(old) = existing.as_ref().and_then(|r| r.deployment.clone()) {
+                    self.deployments.remove(&old);
+                }
+                self.apps.insert(
+                    id.clone(),
+                    AppRecord { app, version: *now, config_version, versions, delay, last_failure, deployment: None },
+                );
+                self.start_deployment_fresh(deployment_id, &id, action, *now, &mut ch);
+            }
+            Command::RollbackApp { id, version, now, deployment_id, force } => {
+                let rec = self.apps.get(id).ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
+                let old = rec
+                    .versions
+                    .iter()
+                    .find(|(v, _)| v == version)
+                    .map(|(_, a)| a.clone())
+                    .ok_or_else(|| ApplyError::UnknownVersion(id.clone(), iso8601(*version)))?;
+                let mut app = old;
+                app.instances = rec.app.instances;
+                return self.apply(&Command::PutApp { app, now: *now, deployment_id: deployment_id.clone(), create_only: false, force: *force });
+            }
+            Command::DeleteApp { id, now, deployment_id, force } => {
+                if !self.apps.contains_key(id) {
+                    return Err(ApplyError::UnknownApp(id.clone()));
+                }
+                self.lock_check(id, *force)?;
+                self.start_deployment(deployment_id, id, "StopApplication", *now, &mut ch);
+                self.apps.remove(id);
+                let ids: Vec<TaskId> = self.app_tasks(id).map(|t| t.id.clone()).collect();
+                for t in ids {
+                    self.mark_kill(&t, &mut ch);
+                }
+            }
+            Command::RegisterAgent { agent, datacenter } => {
+                self.agents.insert(agent.id.clone(), agent.clone());
+                let node = Node {
+                    name: agent.id.0.clone(),
+                    address: agent.address,
+                    datacenter: datacenter.clone(),
+                    meta: BTreeMap::new(),
+                    create_index: 0,
+                    modify_index: 0,
+                };
+                ch.catalog |= self.catalog.upsert_node(node, self.index + 1);
+            }
+            Command::LaunchTasks { tasks } => {
+                for t in tasks {
+                    if let Some(app) = &t.app_id {
+                        ch.apps.push(app.clone());
+                    }
+                    self.tasks.insert(t.id.clone(), t.clone());
+                }
+            }
+            Command::KillTasks { ids, scale, now, deployment_id } => {
+                for id in ids {
+                    if !self.tasks.contains_key(id) {
+                        return Err(ApplyError::UnknownTask(id.clone()));
+                    }
+                }
+                let mut scaled: BTreeMap<AppId, u32> = BTreeMap::new();
+                for id in ids {
+                    let t = &self.tasks[id];
+                    if *scale && !t.kill_requested && !t.state.is_terminal() {
+                        if let Some(app) = &t.app_id {
+                            *scaled.entry(app.clone()).or_default() += 1;
+                        }
+                    }
+                    self.mark_kill(id, &mut ch);
+                }
+                for (app_id, n) in scaled {
+                    if let Some(mut rec) = self.apps.get(&app_id).cloned() {
+                        rec.app.instances = rec.app.instances.saturating_sub(n);
+                        rec.app.version = iso8601(*now);
+                        rec.version = *now;
+                        if let Some(vi) = rec.app.version_info.as_mut() {
+                            vi.last_scaling_at = iso8601(*now);
+                        }
+                        rec.versions.push((*now, rec.app.clone()));
+                        if rec.versions.len() > MAX_APP_VERSIONS {
+                            rec.versions.remove(0);
+                        }
+                        self.apps.insert(app_id.clone(), rec);
+                        if let Some(d) = deployment_id {
+                            self.start_deployment(d, &app_id, "ScaleApplication", *now, &mut ch);
+                        }
+                    }
+                }
+            }
+            Command::TaskStatus { task_id, state, message, at } => {
+                let Some(mut task) = self.tasks.get(task_id).cloned() else {
+                    return Err(ApplyError::UnknownTask(task_id.clone()));
+                };
+                task.state = *state;
+                task.message = message.clone();
+                if *state == TaskState::Running && task.started_at.is_none() {
+                    task.started_at = Some(*at);
+                }
+                if let Some(app) = &task.app_id {
+                    ch.apps.push(app.clone());
+                }
+                if state.is_terminal() {
+                    self.tasks.remove(task_id);
+                    ch.catalog |= self.deregister_task(&task);
+                    self.record_failure(&task, *at);
+                    ch.ended.push(task);
+                } else {
+                    if *state == TaskState::Running && !task.kill_requested {
+                        ch.catalog |= self.register_task(&task);
+                    }
+                    self.tasks.insert(task_id.clone(), task);
+                }
+            }
+            Command::ResetDelay { id } => {
+                let rec = self.apps.get_mut(id).ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
+                rec.delay = LaunchDelay::default();
+                ch.apps.push(id.clone());
+            }
+            Command::EndDeployment { id } => {
+                if let Some(d) = self.deployments.remove(id) {
+                    for app in d.affected_apps {
+                        if let Some(rec) = self.apps.get_mut(&app) {
+                            if rec.deployment.as_deref() == Some(id) {
+                                rec.deployment = None;
+                            }
+                        }
+                        ch.apps.push(app);
+                    }
+                }
+            }
+        }
+        self.index += 1;
+        if ch.catalog {
+            self.catalog.index = self.index;
+        }
+        Ok(ch)
+    }
+
+    fn mark_kill(&mut self, id: &TaskId, ch: &mut Changes) {
+        if let Some(mut t) = self.tasks.get(id).cloned() {
+            t.kill_requested = true;
+            if !t.state.is_terminal() && t.state != TaskState::Staging {
+                t.state = TaskState::Killing;
+            }
+            // A task being killed leaves DNS at once.
+            ch.catalog |= self.deregister_task(&t);
+            if let Some(app) = &t.app_id {
+                ch.apps.push(app.clone());
+            }
+            self.tasks.insert(id.clone(), t);
+        }
+    }
+
+    fn record_failure(&mut self, task: &Task, at: Millis) {
+        let Some(app_id) = &task.app_id else { return };
+        let Some(rec) = self.apps.get_mut(app_id) else { return };
+        let failed = matches!(task.state, TaskState::Failed | TaskState::Lost | TaskState::Error)
+            || (task.state == TaskState::Finished && !task.kill_requested);
+        if !failed || task.kill_requested {
+            return;
+        }
+        rec.last_failure = Some(TaskFailure {
+            task_id: task.id.clone(),
+            agent_id: task.agent_id.clone(),
+            host: task.host.clone(),
+            state: task.state,
+            message: task.message.clone(),
+            at,
+            version: task.version,
+        });
+        // Launch backoff: the delay grows with every failure, up to the cap.
+        let app = &rec.app;
+        let base = (app.backoff_seconds * 1000.0) as u64;
+        let cap = (app.max_launch_delay_seconds * 1000.0) as u64;
+        let next = if rec.delay.delay_ms == 0 { base } else { ((rec.delay.delay_ms as f64) * app.backoff_factor) as u64 };
+        rec.delay.delay_ms = next.min(cap);
+        rec.delay.until = at + rec.delay.delay_ms;
+    }
+
+    fn instance_for(&self, task: &Task) -> Option<ServiceInstance> {
+        let app = &self.apps.get(task.app_id.as_ref()?)?.app;
+        let port = *task.ports.first()?;
+        let mut meta = BTreeMap::new();
+        meta.insert("marathon-app-id".to_owned(), app.id.to_string());
+        Some(ServiceInstance {
+            id: task.id.0.clone(),
+            service: app.service_name(),
+            node: task.agent_id.0.clone(),
+            address: None,
+            port,
+            tags: app.service_tags(),
+            meta,
+            health: Health::Passing,
+            create_index: 0,
+            modify_index: 0,
+        })
+    }
+
+    fn register_task(&mut self, task: &Task) -> bool {
+        match self.instance_for(task) {
+            Some(inst) => self.catalog.upsert_instance(inst, self.index + 1),
+            None => false,
+        }
+    }
+
+    fn deregister_task(&mut self, task: &Task) -> bool {
+        // The service name may have changed since registration: search by id.
+        let services: Vec<String> = self
+            .catalog
+            .services
+            .iter()
+            .filter(|(_, insts)| insts.contains_key(task.id.as_str()))
+            .map(|(s, _)| s.clone())
+            .collect();
+        let mut changed = false;
+        for s in services {
+            changed |= self.catalog.remove_instance(&s, task.id.as_str(), self.index + 1);
+        }
+        changed
+    }
+}
+
+/// Errors of a log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    /// The embedded store failed.
+    #[error("state store: {0}")]
+    Store(String),
+    /// A record could not be encoded or decoded.
+    #[error("state encoding: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// The on-disk format is newer than this binary understands.
+    #[error("state format version {0} is not supported by this binary")]
+    Version(u32),
+}
+
+/// The on-disk format version of log entries and snapshots.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A durable, ordered log of commands with snapshots.
+pub trait Log: Send {
+    /// Append commands (indexes `first..first+len`) durably, in one write.
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError>;
+    /// The last snapshot (if any) and every command after it, in order.
+    fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError>;
+    /// Store a snapshot of `state` and drop the log entries it covers.
+    fn snapshot(&mut self, state: &State) -> Result<(), LogError>;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CmdBody {
+    cmd: Command,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapBody {
+    state: State,
+}
+
+const LOG_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+const META_TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+
+/// The embedded log: a redb database with a `log` table (index → command) and a snapshot.
+pub struct RedbLog {
+    db: redb::Database,
+}
+
+fn store_err(e: impl std::fmt::Display) -> LogError {
+    LogError::Store(e.to_string())
+}
+
+impl RedbLog {
+    /// Open or create the log at `path`.
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let db = redb::Database::create(path).map_err(store_err)?;
+        let tx = db.begin_write().map_err(store_err)?;
+        {
+            tx.open_table(LOG_TABLE).map_err(store_err)?;
+            tx.open_table(META_TABLE).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(Self { db })
+    }
+}
+
+impl Log for RedbLog {
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
+            for (i, cmd) in cmds.iter().enumerate() {
+                let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: CmdBody { cmd: cmd.clone() } })?;
+                t.insert(first + i as u64, bytes.as_slice()).map_err(store_err)?;
+            }
+        }
+        tx.commit().map_err(store_err)
+    }
+
+    fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let meta = tx.open_table(META_TABLE).map_err(store_err)?;
+        let snap = match meta.get("snapshot").map_err(store_err)? {
+            Some(v) => {
+                let env: Envelope<SnapBody> = serde_json::from_slice(v.value())?;
+                if env.v > FORMAT_VERSION {
+                    return Err(LogError::Version(env.v));
+                }
+                Some(env.body.state)
+            }
+            None => None,
+        };
+        let from = snap.as_ref().map(|s| s.index + 1).unwrap_or(1);
+        let log = tx.open_table(LOG_TABLE).map_err(store_err)?;
+        let mut cmds = Vec::new();
+        for item in log.range(from..).map_err(store_err)? {
+            let (_, v) = item.map_err(store_err)?;
+            let env: Envelope<CmdBody> = serde_json::from_slice(v.value())?;
+            if env.v > FORMAT_VERSION {
+                return Err(LogError::Version(env.v));
+            }
+            cmds.push(env.body.cmd);
+        }
+        Ok((snap, cmds))
+    }
+
+    fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
+        let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: SnapBody { state: state.clone() } })?;
+        let tx = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
+            meta.insert("snapshot", bytes.as_slice()).map_err(store_err)?;
+            let mut log = tx.open_table(LOG_TABLE).map_err(store_err)?;
+            log.retain_in(..=state.index, |_, _| false).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)
+    }
+}
+
+/// An in-memory log (for tests and simulations).
+#[derive(Default)]
+pub struct MemLog {
+    snap: Option<State>,
+    cmds: Vec<(u64, Command)>,
+}
+
+impl Log for MemLog {
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        for (i, c) in cmds.iter().enumerate() {
+            self.cmds.push((first + i as u64, c.clone()));
+        }
+        Ok(())
+    }
+    fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+        let from = self.snap.as_ref().map(|s| s.index).unwrap_or(0);
+        Ok((self.snap.clone(), self.cmds.iter().filter(|(i, _)| *i > from).map(|(_, c)| c.clone()).collect()))
+    }
+    fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
+        self.cmds.retain(|(i, _)| *i > state.index);
+        self.snap = Some(state.clone());
+        Ok(())
+    }
+}
+
+/// Commands between snapshots.
+pub const SNAPSHOT_EVERY: u64 = 1000;
+
+/// The state plus the log that makes it durable.
+pub struct Store {
+    log: Box<dyn Log>,
+    state: State,
+    last_snapshot: u64,
+}
+
+impl Store {
+    /// Open: load the snapshot and replay the log after it.
+    pub fn open(mut log: Box<dyn Log>, datacenter: &str) -> Result<Self, LogError> {
+        let (snap, cmds) = log.load()?;
+        let mut state = snap.unwrap_or_else(|| State::new(datacenter));
+        let last_snapshot = state.index;
+        for cmd in &cmds {
+            if state.apply(cmd).is_err() {
+                // A logged command applied once; replaying it cannot fail unless the
+                // encoding changed. Count it so indexes stay aligned with the log.
+                state.index += 1;
+            }
+        }
+        Ok(Self { log, state, last_snapshot })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Apply a batch: each command either applies (and is logged) or is rejected with its
+    /// error. Everything that applied is written in one durable append before it is visible.
+    pub fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        let mut next = self.state.clone();
+        let first = next.index + 1;
+        let mut applied = Vec::new();
+        let mut results = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match next.apply(&cmd) {
+                Ok(ch) => {
+                    applied.push(cmd);
+                    results.push(Ok(ch));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if !applied.is_empty() {
+            self.log.append(first, &applied)?;
+            self.state = next;
+            if self.state.index - self.last_snapshot >= SNAPSHOT_EVERY {
+                if let Err(e) = self.log.snapshot(&self.state) {
+                    tracing::warn!(error = %e, "snapshot failed; the log keeps growing until the next try");
+                } else {
+                    self.last_snapshot = self.state.index;
+                }
+            }
+        }
+        Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn app(id: &str, n: u32) -> App {
+        App::from_json(&json!({"id": id, "cmd": "sleep 100", "instances": n}), None).unwrap()
+    }
+
+    fn put(a: App, now: Millis, dep: &str) -> Command {
+        Command::PutApp { app: a, now, deployment_id: dep.into(), create_only: true, force: false }
+    }
+
+    fn task(id: &str, app: &str) -> Task {
+        Task {
+            id: TaskId::from(id),
+            framework_id: FrameworkId::from("marathon"),
+            app_id: Some(AppId::parse(app).unwrap()),
+            agent_id: AgentId::from("n1"),
+            host: "n1".into(),
+            ports: vec![31000],
+            service_ports: vec![],
+            state: TaskState::Staging,
+            staged_at: 1,
+            started_at: None,
+            version: 1,
+            resources: Resources::scalars(0.1, 32.0, 0.0),
+            kill_requested: false,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn rejected_commands_change_nothing_and_are_not_logged() {
+        let mut store = Store::open(Box::new(MemLog::default()), "dc1").unwrap();
+        let r = store.propose(vec![put(app("/a", 1), 10, "d1")]).unwrap();
+        assert!(r[0].is_ok());
+        let before = store.state().clone();
+        let r = store.propose(vec![put(app("/a", 2), 11, "d2")]).unwrap();
+        assert_eq!(r[0], Err(ApplyError::AppExists(AppId::parse("/a").unwrap())));
+        assert_eq!(store.state(), &before);
+        // locked by d1 until it ends
+        let r = store.propose(vec![Command::PutApp { app: app("/a", 2), now: 12, deployment_id: "d3".into(), create_only: false, force: false }]).unwrap();
+        assert!(matches!(r[0], Err(ApplyError::Locked(ref d)) if d == "d1"));
+        let r = store.propose(vec![Command::PutApp { app: app("/a", 2), now: 12, deployment_id: "d3".into(), create_only: false, force: true }]).unwrap();
+        assert!(r[0].is_ok());
+        assert!(!store.state().deployments.contains_key("d1"));
+    }
+
+    #[test]
+    fn failures_grow_the_launch_delay_and_record_last_failure() {
+        let mut s = State::new("dc1");
+        let mut a = app("/crash", 1);
+        a.backoff_seconds = 1.0;
+        a.backoff_factor = 2.0;
+        s.apply(&put(a, 0, "d")).unwrap();
+        let mut delays = Vec::new();
+        for i in 0..4 {
+            let id = format!("t{i}");
+            s.apply(&Command::LaunchTasks { tasks: vec![task(&id, "/crash")] }).unwrap();
+            s.apply(&Command::TaskStatus { task_id: TaskId::from(id.as_str()), state: TaskState::Failed, message: "exited with status 1".into(), at: 1000 * i }).unwrap();
+            delays.push(s.apps[&AppId::parse("/crash").unwrap()].delay.delay_ms);
+        }
+        assert_eq!(delays, vec![1000, 2000, 4000, 8000]);
+        let rec = &s.apps[&AppId::parse("/crash").unwrap()];
+        assert_eq!(rec.last_failure.as_ref().unwrap().message, "exited with status 1");
+        assert_eq!(rec.delay.until, 3000 + 8000);
+        assert!(s.tasks.is_empty());
+    }
+
+    #[test]
+    fn running_tasks_enter_and_leave_the_catalog() {
+        let mut s = State::new("dc1");
+        s.apply(&put(app("/prod/web", 1), 0, "d")).unwrap();
+        s.apply(&Command::LaunchTasks { tasks: vec![task("t1", "/prod/web")] }).unwrap();
+        let ch = s.apply(&Command::TaskStatus { task_id: "t1".into(), state: TaskState::Running, message: String::new(), at: 5 }).unwrap();
+        assert!(ch.catalog);
+        assert_eq!(s.catalog.services["web-prod"]["t1"].port, 31000);
+        let idx = s.catalog.index;
+        s.apply(&Command::KillTasks { ids: vec!["t1".into()], scale: false, now: 6, deployment_id: None }).unwrap();
+        assert!(s.catalog.services.get("web-prod").is_none());
+        assert!(s.catalog.index > idx);
+    }
+
+    #[test]
+    fn redb_log_survives_reopen_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+            store.propose(vec![put(app("/a", 1), 1, "d1"), put(app("/b", 2), 2, "d2")]).unwrap();
+            let mut log = RedbLog::open(&dir.path().join("other.redb")).unwrap();
+            log.snapshot(store.state()).unwrap();
+        }
+        let store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(store.state().apps.len(), 2);
+        assert_eq!(store.state().index, 2);
+        let state = store.state().clone();
+        drop(store);
+        // snapshot + tail replay
+        let mut log = RedbLog::open(&path).unwrap();
+        log.snapshot(&state).unwrap();
+        log.append(3, &[Command::ResetDelay { id: AppId::parse("/a").unwrap() }]).unwrap();
+        let store = Store::open(Box::new(log), "dc1").unwrap();
+        assert_eq!(store.state().index, 3);
+    }
+}
