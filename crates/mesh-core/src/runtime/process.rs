@@ -1,1 +1,1383 @@
-//! The process runtime (being written).
+//! The process runtime: tasks are plain host processes, one process group each.
+//!
+//! # Layout
+//!
+//! Every task gets a sandbox `work_dir/<task_id>/` that is its working directory and holds
+//! `stdout`, `stderr` and `task.json` (pid, pgid, process start time, labels, ports, grace,
+//! cgroup). `MESOS_SANDBOX` points at the sandbox. The environment is cleared except `PATH`,
+//! `HOME` and `LANG` of the agent, then the spec's env is added. A `Command::Shell` runs as
+//! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). Each task
+//! leads its own process group, so a kill reaches its children and grandchildren too.
+//!
+//! # Isolation: which mode is used when
+//!
+//! [`ProcessRuntime::new`] probes the host once; [`ProcessRuntime::isolation`] reports the result.
+//!
+//! - `"cgroup-v2"` when `/sys/fs/cgroup` is a cgroup v2 mount (it has `cgroup.controllers`)
+//!   offering both `memory` and `cpu`, and both can be enabled in the `cgroup.subtree_control`
+//!   of the agent's own cgroup (from `/proc/self/cgroup`) and of a runtime cgroup
+//!   `<own cgroup>/mesh-<hash of work_dir>/` created below it. That fails with `EBUSY` when the
+//!   agent's own cgroup is not the root and holds processes ("no internal processes" rule), e.g.
+//!   in most containers and systemd services without an extra level of delegation. Each task
+//!   gets a child cgroup `mesh-<hash>/<task_id>` with `memory.max = mem MiB`, `memory.swap.max = 0`,
+//!   `memory.oom.group = 1` and `cpu.max = "<cpus*100000> 100000"`. The child joins it before
+//!   `exec` (it writes `0` to `cgroup.procs`, opened by the parent, in a `pre_exec` hook), so not a
+//!   single allocation escapes the limit. A kernel OOM kill is read from `memory.events`
+//!   (`oom_kill`) and reported in the `Exited` message ("memory limit of N MiB exceeded").
+//! - `"rlimit"` otherwise: `RLIMIT_DATA = mem + 32 MiB` (set in the child before `exec`). Since
+//!   Linux 4.7 `RLIMIT_DATA` counts private writable mappings (heap and anonymous `mmap`), not
+//!   shared libraries or `PROT_NONE` reservations, so it does not break Python, unlike a tight
+//!   `RLIMIT_AS`; the 32 MiB slack covers thread stacks and allocator slack. An over-allocation
+//!   makes `malloc` fail (Python exits 1 with `MemoryError`); it is reported as a plain exit and
+//!   cannot be told apart from other failures. The limit is per process, not per task, and
+//!   `cpus` is not enforced in this mode.
+//!
+//! On the machine this runtime was written on (kernel 6.18, a container) `/sys/fs/cgroup` is a
+//! hybrid layout: a tmpfs with cgroup v1 hierarchies for `memory`, `cpu`, ... and a cgroup v2
+//! mount at `/sys/fs/cgroup/unified` that only carries `hugetlb`. So the mode there is `"rlimit"`.
+//!
+//! # Ending, killing, re-adoption
+//!
+//! A watcher task per task sends [`RuntimeEvent::Started`] and waits for the process; when the
+//! group leader ends, whatever is left of its process group (and cgroup) is SIGKILLed, as Mesos
+//! destroys a container, `task.json` is renamed to `task.done.json` (so a reused pid is never
+//! adopted) and [`RuntimeEvent::Exited`] is sent.
+//!
+//! [`Runtime::kill`] sends SIGTERM to the group and SIGKILL after the grace period; killing an
+//! unknown or already ended task is `Ok(())` (idempotent). Killing a task that is already being
+//! killed does not send a second SIGTERM, but a shorter grace still brings the SIGKILL forward.
+//!
+//! Dropping a [`ProcessRuntime`] stops watching but leaves the tasks running (no
+//! `kill_on_drop`), like an agent restart; a new runtime on the same `work_dir` adopts them with
+//! [`Runtime::recover`]: a `task.json` is adopted only if its pid is alive and its start time
+//! (field 22 of `/proc/<pid>/stat`) matches. An adopted task is watched with a pidfd (polling
+//! `/proc` where `pidfd_open` is unavailable); its exit status is not ours to collect, so it ends
+//! with [`Exit::Unknown`]. Recovery sends no `Started` event: the returned list says what runs.
+//! `task.json` files of dead tasks are renamed to `task.done.json`; sandboxes are kept.
+//!
+//! Launching a task id that this runtime already watches fails with [`RuntimeError::Launch`]
+//! without a `Failed` event (the running task is fine); every other launch failure both returns
+//! the error and sends [`RuntimeEvent::Failed`].
+
+use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
+use crate::model::{Millis, TaskId, now_millis};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+/// The live record of a task in its sandbox.
+const TASK_FILE: &str = "task.json";
+/// What [`TASK_FILE`] is renamed to once the task has ended.
+const DONE_FILE: &str = "task.done.json";
+/// What an unreadable [`TASK_FILE`] is renamed to by `recover`.
+const INVALID_FILE: &str = "task.invalid.json";
+/// How long `kill_all` waits beyond the grace period.
+const KILL_ALL_MARGIN: Duration = Duration::from_secs(5);
+/// Slack added to `mem` for `RLIMIT_DATA`.
+const RLIMIT_SLACK_MIB: f64 = 32.0;
+/// How often `/proc` is polled for adopted tasks when pidfds are not available.
+const PROC_POLL: Duration = Duration::from_millis(250);
+const MIB: f64 = 1024.0 * 1024.0;
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Used when the agent itself has no `PATH`.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs tasks as host processes; see the [module docs](self).
+pub struct ProcessRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    work_dir: PathBuf,
+    events: mpsc::Sender<RuntimeEvent>,
+    isolation: Isolation,
+    tasks: Mutex<HashMap<TaskId, Entry>>,
+}
+
+enum Isolation {
+    /// The runtime's cgroup (`<own cgroup>/mesh-<hash>`), with `memory` and `cpu` enabled for children.
+    Cgroup(PathBuf),
+    Rlimit,
+}
+
+struct Entry {
+    shared: Arc<TaskShared>,
+    watcher: AbortHandle,
+}
+
+/// What the watcher, `kill` and `kill_all` share about one task.
+struct TaskShared {
+    pgid: i32,
+    cgroup: Option<PathBuf>,
+    mem: f64,
+    /// Set once `kill` was asked for.
+    killed: AtomicBool,
+    /// Becomes true once the task has ended and its `Exited` event was sent.
+    done: watch::Sender<bool>,
+}
+
+/// `task.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TaskRecord {
+    task_id: TaskId,
+    pid: i32,
+    pgid: i32,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks since boot), the pid-reuse guard.
+    start_time: u64,
+    labels: BTreeMap<String, String>,
+    ports: Vec<u16>,
+    grace_ms: u64,
+    #[serde(default)]
+    mem: f64,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+    launched_at: Millis,
+}
+
+impl ProcessRuntime {
+    /// A runtime keeping its sandboxes under `work_dir` (created if missing) and reporting on
+    /// `events`. Probes the host's isolation (cgroup v2 or rlimits) once.
+    pub fn new(
+        work_dir: PathBuf,
+        events: mpsc::Sender<RuntimeEvent>,
+    ) -> Result<Self, RuntimeError> {
+        fs::create_dir_all(&work_dir)?;
+        let work_dir = fs::canonicalize(&work_dir)?;
+        let isolation = match probe_cgroup(&work_dir) {
+            Ok(dir) => Isolation::Cgroup(dir),
+            Err(why) => {
+                tracing::info!("process runtime: cgroup v2 not usable ({why}); using rlimits");
+                Isolation::Rlimit
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                work_dir,
+                events,
+                isolation,
+                tasks: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// How limits are enforced on this host: `"cgroup-v2"` or `"rlimit"`.
+    pub fn isolation(&self) -> &'static str {
+        match self.inner.isolation {
+            Isolation::Cgroup(_) => "cgroup-v2",
+            Isolation::Rlimit => "rlimit",
+        }
+    }
+
+    /// The (canonical) directory holding the sandboxes.
+    pub fn work_dir(&self) -> &Path {
+        &self.inner.work_dir
+    }
+
+    /// The sandbox directory of a task (whether or not it exists).
+    pub fn sandbox(&self, task_id: &TaskId) -> PathBuf {
+        self.inner.sandbox(task_id)
+    }
+}
+
+impl Drop for ProcessRuntime {
+    /// Stops the watchers; the tasks keep running so that a later runtime can recover them.
+    fn drop(&mut self) {
+        for entry in self.inner.lock().values() {
+            entry.watcher.abort();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn launch(&self, spec: TaskSpec) -> Result<(), RuntimeError> {
+        if self.inner.lock().contains_key(&spec.task_id) {
+            return Err(RuntimeError::Launch {
+                task: spec.task_id,
+                message: "a task with this id is already running".into(),
+            });
+        }
+        match self.inner.start(&spec) {
+            Ok(()) => Ok(()),
+            Err(message) => {
+                let _ = self
+                    .inner
+                    .events
+                    .send(RuntimeEvent::Failed {
+                        task_id: spec.task_id.clone(),
+                        message: message.clone(),
+                        at: now_millis(),
+                    })
+                    .await;
+                Err(RuntimeError::Launch {
+                    task: spec.task_id,
+                    message,
+                })
+            }
+        }
+    }
+
+    async fn kill(&self, task_id: &TaskId, grace: Duration) -> Result<(), RuntimeError> {
+        let Some(shared) = self.inner.lock().get(task_id).map(|e| e.shared.clone()) else {
+            return Ok(());
+        };
+        start_kill(shared, grace);
+        Ok(())
+    }
+
+    async fn recover(&self) -> Result<Vec<RecoveredTask>, RuntimeError> {
+        let mut found = Vec::new();
+        for dirent in fs::read_dir(&self.inner.work_dir)? {
+            let dir = dirent?.path();
+            let file = dir.join(TASK_FILE);
+            let text = match fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let record: TaskRecord = match serde_json::from_str(&text) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(
+                        "recover: {} is unreadable ({e}); not adopting",
+                        file.display()
+                    );
+                    let _ = fs::rename(&file, dir.join(INVALID_FILE));
+                    continue;
+                }
+            };
+            if self.inner.lock().contains_key(&record.task_id) {
+                continue;
+            }
+            let adoptable = record.pid > 1
+                && record.pgid == record.pid
+                && dir
+                    .file_name()
+                    .is_some_and(|n| n == record.task_id.as_str())
+                && is_alive(record.pid, record.start_time);
+            if !adoptable {
+                tracing::info!("recover: task {} is gone; not adopting", record.task_id);
+                mark_done(&dir);
+                if let Some(cg) = record.cgroup {
+                    let _ = fs::remove_dir(cg);
+                }
+                continue;
+            }
+            let shared = Arc::new(TaskShared {
+                pgid: record.pgid,
+                cgroup: record.cgroup.clone(),
+                mem: record.mem,
+                killed: AtomicBool::new(false),
+                done: watch::channel(false).0,
+            });
+            {
+                let mut tasks = self.inner.lock();
+                let watcher = tokio::spawn(watch_adopted(
+                    self.inner.clone(),
+                    record.task_id.clone(),
+                    shared.clone(),
+                    record.pid,
+                    record.start_time,
+                ))
+                .abort_handle();
+                tasks.insert(record.task_id.clone(), Entry { shared, watcher });
+            }
+            tracing::info!(
+                "recover: adopted task {} (pid {})",
+                record.task_id,
+                record.pid
+            );
+            found.push(RecoveredTask {
+                task_id: record.task_id,
+                labels: record.labels,
+                ports: record.ports,
+            });
+        }
+        Ok(found)
+    }
+
+    fn running(&self) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = self.inner.lock().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    async fn kill_all(&self, grace: Duration) {
+        let all: Vec<Arc<TaskShared>> = self
+            .inner
+            .lock()
+            .values()
+            .map(|e| e.shared.clone())
+            .collect();
+        let mut waits = Vec::with_capacity(all.len());
+        for shared in all {
+            waits.push(shared.done.subscribe());
+            start_kill(shared, grace);
+        }
+        let wait_all = async {
+            for mut done in waits {
+                let _ = done.wait_for(|d| *d).await;
+            }
+        };
+        if tokio::time::timeout(grace + KILL_ALL_MARGIN, wait_all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "kill_all: not every task ended within {:?}",
+                grace + KILL_ALL_MARGIN
+            );
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TaskId, Entry>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox(&self, task_id: &TaskId) -> PathBuf {
+        self.work_dir.join(task_id.as_str())
+    }
+
+    /// Spawns the task and its watcher. The error is the message for `Failed`.
+    fn start(self: &Arc<Self>, spec: &TaskSpec) -> Result<(), String> {
+        let id = spec.task_id.as_str();
+        if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
+            return Err(format!("task id {id:?} cannot name a sandbox directory"));
+        }
+        let sandbox = self.sandbox(&spec.task_id);
+        fs::create_dir_all(&sandbox)
+            .map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
+        let open_log = |name: &str| {
+            File::create(sandbox.join(name))
+                .map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
+        };
+        let (stdout, stderr) = (open_log("stdout")?, open_log("stderr")?);
+
+        let (mut cmd, program) = match &spec.command {
+            Command::Shell(s) => {
+                let mut c = tokio::process::Command::new("/bin/sh");
+                c.arg("-c").arg(s);
+                (c, "/bin/sh".to_owned())
+            }
+            Command::Args(argv) => {
+                let (first, rest) = argv.split_first().ok_or("empty argument list")?;
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest);
+                (c, first.clone())
+            }
+        };
+        cmd.env_clear();
+        cmd.env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        );
+        for key in ["HOME", "LANG"] {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.envs(&spec.env)
+            .env("MESOS_SANDBOX", &sandbox)
+            .current_dir(&sandbox)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+
+        let (cgroup, data_limit) = match &self.isolation {
+            Isolation::Cgroup(root) => (Some(prepare_task_cgroup(root, spec)?), None),
+            Isolation::Rlimit if spec.mem > 0.0 => {
+                (None, Some(((spec.mem + RLIMIT_SLACK_MIB) * MIB) as u64))
+            }
+            Isolation::Rlimit => (None, None),
+        };
+        let procs = match &cgroup {
+            Some(cg) => Some(
+                OpenOptions::new()
+                    .write(true)
+                    .open(cg.join("cgroup.procs"))
+                    .map_err(|e| format!("cannot open {}/cgroup.procs: {e}", cg.display()))?,
+            ),
+            None => None,
+        };
+        install_pre_exec(&mut cmd, procs.as_ref().map(|f| f.as_raw_fd()), data_limit);
+        let spawned = cmd.spawn();
+        drop(procs);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    let _ = fs::remove_dir(cg);
+                }
+                return Err(format!("cannot run {program}: {e}"));
+            }
+        };
+        // Not reaped until the watcher waits, so the pid is ours and /proc/<pid> exists.
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or("the spawned process has no pid")?;
+        let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
+        let record = TaskRecord {
+            task_id: spec.task_id.clone(),
+            pid,
+            pgid: pid,
+            start_time,
+            labels: spec.labels.clone(),
+            ports: spec.ports.clone(),
+            grace_ms: spec.kill_grace.as_millis() as u64,
+            mem: spec.mem,
+            cgroup: cgroup.clone(),
+            launched_at: now_millis(),
+        };
+        if let Err(e) = write_record(&sandbox, &record) {
+            // The task runs and is watched; it just cannot be re-adopted after a restart.
+            tracing::warn!("task {}: cannot write {TASK_FILE}: {e}", spec.task_id);
+        }
+        let shared = Arc::new(TaskShared {
+            pgid: pid,
+            cgroup,
+            mem: spec.mem,
+            killed: AtomicBool::new(false),
+            done: watch::channel(false).0,
+        });
+        let mut tasks = self.lock();
+        let watcher = tokio::spawn(watch_child(
+            self.clone(),
+            spec.task_id.clone(),
+            shared.clone(),
+            child,
+        ))
+        .abort_handle();
+        tasks.insert(spec.task_id.clone(), Entry { shared, watcher });
+        Ok(())
+    }
+
+    /// Common end of a task: clean up the group and cgroup, mark `task.json` done, forget the
+    /// task, send `Exited`, then wake `kill_all`.
+    async fn finish(&self, task_id: TaskId, shared: Arc<TaskShared>, exit: Exit, message: String) {
+        // Whatever the leader left behind in its group goes with it, as when Mesos destroys a container.
+        let _ = signal_group(shared.pgid, libc::SIGKILL);
+        let mut message = message;
+        if let Some(cg) = &shared.cgroup {
+            if cgroup_oom_kills(cg) > 0 {
+                message = format!(
+                    "memory limit of {} MiB exceeded (OOM killed); {message}",
+                    shared.mem
+                );
+            }
+            let _ = fs::write(cg.join("cgroup.kill"), "1");
+            let cg = cg.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    match fs::remove_dir(&cg) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        _ => return,
+                    }
+                }
+                tracing::warn!("cannot remove cgroup {}", cg.display());
+            });
+        }
+        mark_done(&self.sandbox(&task_id));
+        {
+            let mut tasks = self.lock();
+            if tasks
+                .get(&task_id)
+                .is_some_and(|e| Arc::ptr_eq(&e.shared, &shared))
+            {
+                tasks.remove(&task_id);
+            }
+        }
+        let _ = self
+            .events
+            .send(RuntimeEvent::Exited {
+                task_id,
+                exit,
+                killed: shared.killed.load(Ordering::SeqCst),
+                message,
+                at: now_millis(),
+            })
+            .await;
+        shared.done.send_replace(true);
+    }
+}
+
+/// Watches a task this runtime spawned.
+async fn watch_child(
+    inner: Arc<Inner>,
+    task_id: TaskId,
+    shared: Arc<TaskShared>,
+    mut child: tokio::process::Child,
+) {
+    let _ = inner
+        .events
+        .send(RuntimeEvent::Started {
+            task_id: task_id.clone(),
+            at: now_millis(),
+        })
+        .await;
+    let (exit, message) = match child.wait().await {
+        Ok(status) => describe(status),
+        Err(e) => (Exit::Unknown, format!("could not wait for the task: {e}")),
+    };
+    inner.finish(task_id, shared, exit, message).await;
+}
+
+/// Watches a task adopted by `recover`.
+async fn watch_adopted(
+    inner: Arc<Inner>,
+    task_id: TaskId,
+    shared: Arc<TaskShared>,
+    pid: i32,
+    start_time: u64,
+) {
+    wait_pid_exit(pid, start_time).await;
+    let message = "ended (exit status unknown: the task was adopted after a restart)".to_owned();
+    inner.finish(task_id, shared, Exit::Unknown, message).await;
+}
+
+/// SIGTERM now (SIGKILL when `grace` is zero), SIGKILL after `grace` unless the task has ended.
+fn start_kill(shared: Arc<TaskShared>, grace: Duration) {
+    if *shared.done.borrow() {
+        return;
+    }
+    let first = !shared.killed.swap(true, Ordering::SeqCst);
+    if grace.is_zero() {
+        kill_now(&shared);
+        return;
+    }
+    if first {
+        let _ = signal_group(shared.pgid, libc::SIGTERM);
+    }
+    let mut done = shared.done.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = done.wait_for(|d| *d) => {}
+            () = tokio::time::sleep(grace) => {
+                if !*shared.done.borrow() {
+                    kill_now(&shared);
+                }
+            }
+        }
+    });
+}
+
+fn kill_now(shared: &TaskShared) {
+    let _ = signal_group(shared.pgid, libc::SIGKILL);
+    if let Some(cg) = &shared.cgroup {
+        let _ = fs::write(cg.join("cgroup.kill"), "1");
+    }
+}
+
+/// Exit and message for a status of our own child.
+fn describe(status: ExitStatus) -> (Exit, String) {
+    if let Some(code) = status.code() {
+        (Exit::Code(code), format!("exited with status {code}"))
+    } else if let Some(sig) = status.signal() {
+        let name = signal_name(sig)
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        (Exit::Signal(sig), format!("killed by signal {sig}{name}"))
+    } else {
+        (Exit::Unknown, format!("ended with {status}"))
+    }
+}
+
+fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => return None,
+    })
+}
+
+fn write_record(sandbox: &Path, record: &TaskRecord) -> io::Result<()> {
+    let tmp = sandbox.join("task.json.tmp");
+    fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(record).map_err(io::Error::other)?,
+    )?;
+    fs::rename(tmp, sandbox.join(TASK_FILE))
+}
+
+/// Renames `task.json` to `task.done.json` so it is never adopted again.
+fn mark_done(sandbox: &Path) {
+    match fs::rename(sandbox.join(TASK_FILE), sandbox.join(DONE_FILE)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!("cannot mark {} done: {e}", sandbox.display());
+        }
+        _ => {}
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` this runtime needs.
+#[derive(Debug)]
+struct ProcStat {
+    /// Field 3.
+    state: char,
+    /// Field 22: start time in clock ticks since boot.
+    start_time: u64,
+}
+
+fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        start_time: fields.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+/// Whether `pid` is a live (not zombie) process that started at `start_time`.
+fn is_alive(pid: i32, start_time: u64) -> bool {
+    proc_stat(pid)
+        .is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X' | 'x'))
+}
+
+/// Waits until the process `pid` that started at `start_time` has ended.
+async fn wait_pid_exit(pid: i32, start_time: u64) {
+    if let Ok(afd) = async_pidfd(pid) {
+        // The pidfd pins the process: if it is still the one we mean now, it is the one we watch.
+        if !is_alive(pid, start_time) {
+            return;
+        }
+        // A pidfd becomes readable once the process has exited, and then stays readable.
+        if afd.readable().await.is_ok() {
+            return;
+        }
+    }
+    let mut tick = tokio::time::interval(PROC_POLL);
+    while is_alive(pid, start_time) {
+        tick.tick().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cgroup v2
+// ---------------------------------------------------------------------------------------------
+
+/// Finds or sets up the runtime's cgroup; the error says why cgroup v2 is not usable.
+fn probe_cgroup(work_dir: &Path) -> Result<PathBuf, String> {
+    let root = Path::new(CGROUP_ROOT);
+    let available = fs::read_to_string(root.join("cgroup.controllers"))
+        .map_err(|e| format!("{CGROUP_ROOT} is not a cgroup v2 mount: {e}"))?;
+    let has = |list: &str, c: &str| list.split_whitespace().any(|w| w == c);
+    if !(has(&available, "memory") && has(&available, "cpu")) {
+        return Err(format!(
+            "cgroup v2 controllers are {available:?}, memory and cpu needed"
+        ));
+    }
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    let parent = root.join(own.trim().trim_start_matches('/'));
+    let enable = |dir: &Path| -> Result<(), String> {
+        let ctl = dir.join("cgroup.subtree_control");
+        let current = fs::read_to_string(&ctl).map_err(|e| format!("{}: {e}", ctl.display()))?;
+        if has(&current, "memory") && has(&current, "cpu") {
+            return Ok(());
+        }
+        fs::write(&ctl, "+memory +cpu")
+            .map_err(|e| format!("enabling memory, cpu in {}: {e}", ctl.display()))
+    };
+    enable(&parent)?;
+    let mine = parent.join(format!(
+        "mesh-{:016x}",
+        fnv1a(work_dir.as_os_str().as_encoded_bytes())
+    ));
+    match fs::create_dir(&mine) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(format!("creating {}: {e}", mine.display()));
+        }
+        _ => {}
+    }
+    if let Err(e) = enable(&mine) {
+        let _ = fs::remove_dir(&mine);
+        return Err(e);
+    }
+    Ok(mine)
+}
+
+/// Creates a task's cgroup and writes its limits.
+fn prepare_task_cgroup(root: &Path, spec: &TaskSpec) -> Result<PathBuf, String> {
+    let cg = root.join(spec.task_id.as_str());
+    match fs::create_dir(&cg) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(format!("cannot create cgroup {}: {e}", cg.display()));
+        }
+        _ => {}
+    }
+    let write = |file: &str, value: String| {
+        fs::write(cg.join(file), &value)
+            .map_err(|e| format!("cannot write {value:?} to {}/{file}: {e}", cg.display()))
+    };
+    let result = (|| {
+        if spec.mem > 0.0 {
+            write("memory.max", ((spec.mem * MIB) as u64).to_string())?;
+            // Optional knobs: absent without swap accounting / on old kernels.
+            let _ = write("memory.swap.max", "0".into());
+            let _ = write("memory.oom.group", "1".into());
+        }
+        if spec.cpus > 0.0 {
+            let quota = ((spec.cpus * 100_000.0).round() as u64).max(1000);
+            write("cpu.max", format!("{quota} 100000"))?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(cg),
+        Err(e) => {
+            let _ = fs::remove_dir(&cg);
+            Err(e)
+        }
+    }
+}
+
+/// The `oom_kill` count of a cgroup's `memory.events` (0 when unreadable).
+fn cgroup_oom_kills(cg: &Path) -> u64 {
+    fs::read_to_string(cg.join("memory.events"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// FNV-1a, a stable hash (unlike std's) to name the runtime's cgroup after its work dir.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The only unsafe code of this runtime: three thin syscall wrappers.
+// ---------------------------------------------------------------------------------------------
+
+/// Makes the child join the task's cgroup (by writing `0` to the already open `cgroup.procs`)
+/// and/or set `RLIMIT_DATA`, after fork and before exec.
+#[allow(unsafe_code)]
+fn install_pre_exec(
+    cmd: &mut tokio::process::Command,
+    cgroup_procs: Option<RawFd>,
+    data_limit: Option<u64>,
+) {
+    if cgroup_procs.is_none() && data_limit.is_none() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child between fork and exec, where only
+    // async-signal-safe operations are allowed. It only makes the raw `write` and `setrlimit`
+    // syscalls on plain values copied into it (a fd the parent keeps open until `spawn`
+    // returns, a static one-byte buffer, a stack `rlimit`), never allocates or takes locks,
+    // and reports failure via `io::Error::last_os_error`, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = cgroup_procs
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(bytes) = data_limit {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes as libc::rlim_t,
+                    rlim_max: bytes as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `killpg(pgid, sig)`; a group that no longer exists is not an error.
+#[allow(unsafe_code)]
+fn signal_group(pgid: i32, sig: i32) -> io::Result<()> {
+    // Never 0 (our own group), negative, or init.
+    if pgid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: killpg takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::killpg(pgid, sig) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+/// `pidfd_open(pid, 0)` (Linux 5.3+), registered with the tokio reactor for readability.
+#[allow(unsafe_code)]
+fn async_pidfd(pid: i32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes two integers and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the syscall returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: an `OwnedFd` keeps its descriptor open and unchanged until it is dropped, which
+    // happens only when the `AsyncFd` owning it is dropped.
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    Ok(afd?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::timeout;
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        work: PathBuf,
+        rt: ProcessRuntime,
+        ev: Events,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(dir.path()).unwrap();
+        let work = root.join("work");
+        let (tx, rx) = mpsc::channel(64);
+        let rt = ProcessRuntime::new(work.clone(), tx).unwrap();
+        Fixture {
+            _dir: dir,
+            root,
+            work,
+            rt,
+            ev: Events::new(rx),
+        }
+    }
+
+    fn spec(id: &str, command: Command) -> TaskSpec {
+        TaskSpec {
+            task_id: TaskId::from(id),
+            command,
+            env: BTreeMap::new(),
+            cpus: 0.1,
+            mem: 64.0,
+            ports: vec![],
+            kill_grace: Duration::from_secs(5),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn shell(id: &str, s: &str) -> TaskSpec {
+        spec(id, Command::Shell(s.into()))
+    }
+
+    /// The runtime's event channel, with events about other tasks kept for later.
+    struct Events {
+        rx: mpsc::Receiver<RuntimeEvent>,
+        stash: Vec<RuntimeEvent>,
+    }
+
+    impl Events {
+        fn new(rx: mpsc::Receiver<RuntimeEvent>) -> Self {
+            Self {
+                rx,
+                stash: Vec::new(),
+            }
+        }
+
+        /// The next event about `id`; panics at the deadline.
+        async fn next_for(&mut self, id: &str) -> RuntimeEvent {
+            fn about(ev: &RuntimeEvent) -> &str {
+                match ev {
+                    RuntimeEvent::Started { task_id, .. }
+                    | RuntimeEvent::Exited { task_id, .. }
+                    | RuntimeEvent::Failed { task_id, .. } => task_id.as_str(),
+                }
+            }
+            if let Some(i) = self.stash.iter().position(|ev| about(ev) == id) {
+                return self.stash.remove(i);
+            }
+            let (rx, stash) = (&mut self.rx, &mut self.stash);
+            timeout(DEADLINE, async {
+                loop {
+                    let ev = rx.recv().await.expect("event channel closed");
+                    if about(&ev) == id {
+                        return ev;
+                    }
+                    stash.push(ev);
+                }
+            })
+            .await
+            .expect("no event before the deadline")
+        }
+
+        async fn started(&mut self, id: &str) {
+            match self.next_for(id).await {
+                RuntimeEvent::Started { .. } => {}
+                other => panic!("expected Started, got {other:?}"),
+            }
+        }
+
+        /// (exit, killed, message) of the next event about `id`, which must be `Exited`.
+        async fn exited(&mut self, id: &str) -> (Exit, bool, String) {
+            match self.next_for(id).await {
+                RuntimeEvent::Exited {
+                    exit,
+                    killed,
+                    message,
+                    ..
+                } => (exit, killed, message),
+                other => panic!("expected Exited, got {other:?}"),
+            }
+        }
+
+        fn is_empty(&mut self) -> bool {
+            self.stash.is_empty() && self.rx.try_recv().is_err()
+        }
+    }
+
+    fn mkfifo(path: &Path) {
+        let st = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Reads a FIFO until its writer closes it (blocking open: waits for the writer).
+    async fn read_fifo(path: &Path) -> String {
+        let path = path.to_owned();
+        timeout(
+            DEADLINE,
+            tokio::task::spawn_blocking(move || fs::read_to_string(path).unwrap()),
+        )
+        .await
+        .expect("nothing written to the fifo before the deadline")
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn env_ports_and_sandbox_are_visible() {
+        let mut f = fixture();
+        let mut s = shell("envtask", "env > env.txt");
+        s.env.insert("PORT0".into(), "31000".into());
+        s.env.insert("PORT".into(), "31000".into());
+        s.env.insert("MESOS_TASK_ID".into(), "envtask".into());
+        s.env.insert("FOO".into(), "bar baz".into());
+        s.ports = vec![31000];
+        f.rt.launch(s).await.unwrap();
+        f.ev.started("envtask").await;
+        let (exit, killed, msg) = f.ev.exited("envtask").await;
+        assert_eq!(
+            (exit, killed, msg.as_str()),
+            (Exit::Code(0), false, "exited with status 0")
+        );
+        let sandbox = f.work.join("envtask");
+        assert_eq!(f.rt.sandbox(&"envtask".into()), sandbox);
+        let env = fs::read_to_string(sandbox.join("env.txt")).unwrap();
+        let vars: BTreeMap<&str, &str> = env.lines().filter_map(|l| l.split_once('=')).collect();
+        assert_eq!(vars.get("PORT0"), Some(&"31000"));
+        assert_eq!(vars.get("PORT"), Some(&"31000"));
+        assert_eq!(vars.get("FOO"), Some(&"bar baz"));
+        assert_eq!(vars.get("MESOS_TASK_ID"), Some(&"envtask"));
+        assert_eq!(vars.get("MESOS_SANDBOX"), Some(&sandbox.to_str().unwrap()));
+        assert_eq!(vars.get("PWD"), Some(&sandbox.to_str().unwrap()));
+        assert!(vars.contains_key("PATH"));
+        let allowed = [
+            "PATH",
+            "HOME",
+            "LANG",
+            "PORT0",
+            "PORT",
+            "FOO",
+            "MESOS_TASK_ID",
+            "MESOS_SANDBOX",
+            // added by the shell itself
+            "PWD",
+            "OLDPWD",
+            "SHLVL",
+            "_",
+        ];
+        for k in vars.keys() {
+            assert!(
+                allowed.contains(k),
+                "unexpected variable {k} leaked into the task env"
+            );
+        }
+        // Ended tasks are marked done and forgotten.
+        assert!(sandbox.join(DONE_FILE).exists());
+        assert!(!sandbox.join(TASK_FILE).exists());
+        assert!(f.rt.running().is_empty());
+        let done: TaskRecord =
+            serde_json::from_str(&fs::read_to_string(sandbox.join(DONE_FILE)).unwrap()).unwrap();
+        assert_eq!(done.ports, vec![31000]);
+        assert_eq!(done.pid, done.pgid);
+    }
+
+    #[tokio::test]
+    async fn shell_command_exit_code_and_logs() {
+        let mut f = fixture();
+        f.rt.launch(shell("sh1", "echo $((1+2)); echo oops >&2; exit 3"))
+            .await
+            .unwrap();
+        f.ev.started("sh1").await;
+        let (exit, killed, msg) = f.ev.exited("sh1").await;
+        assert_eq!(exit, Exit::Code(3));
+        assert!(!killed);
+        assert_eq!(msg, "exited with status 3");
+        let sandbox = f.work.join("sh1");
+        assert_eq!(fs::read_to_string(sandbox.join("stdout")).unwrap(), "3\n");
+        assert_eq!(
+            fs::read_to_string(sandbox.join("stderr")).unwrap(),
+            "oops\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn args_command_runs_without_a_shell() {
+        let mut f = fixture();
+        let argv = ["printf", "%s|", "a b", "$HOME", "*"]
+            .map(String::from)
+            .to_vec();
+        f.rt.launch(spec("args1", Command::Args(argv)))
+            .await
+            .unwrap();
+        f.ev.started("args1").await;
+        assert_eq!(f.ev.exited("args1").await.0, Exit::Code(0));
+        let out = fs::read_to_string(f.work.join("args1").join("stdout")).unwrap();
+        assert_eq!(out, "a b|$HOME|*|");
+    }
+
+    #[tokio::test]
+    async fn spawn_failure_returns_err_and_sends_failed() {
+        let mut f = fixture();
+        let argv = vec!["/nonexistent/mesh-no-such-binary".to_owned()];
+        let err =
+            f.rt.launch(spec("bad1", Command::Args(argv)))
+                .await
+                .unwrap_err();
+        assert!(matches!(err, RuntimeError::Launch { .. }), "{err}");
+        match f.ev.next_for("bad1").await {
+            RuntimeEvent::Failed { message, .. } => {
+                assert!(message.contains("mesh-no-such-binary"), "{message}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert!(
+            f.rt.launch(spec("bad2", Command::Args(vec![])))
+                .await
+                .is_err()
+        );
+        assert!(f.rt.launch(shell("../escape", "true")).await.is_err());
+        assert!(f.rt.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn kill_sends_sigterm_first() {
+        let mut f = fixture();
+        let fifo = f.root.join("ready.fifo");
+        mkfifo(&fifo);
+        let script = format!(
+            "trap 'echo term > term.marker; exit 0' TERM; echo ready > '{}'; sleep 1000 & wait",
+            fifo.display()
+        );
+        f.rt.launch(shell("term1", &script)).await.unwrap();
+        f.ev.started("term1").await;
+        assert_eq!(read_fifo(&fifo).await, "ready\n");
+        assert_eq!(f.rt.running(), vec![TaskId::from("term1")]);
+        f.rt.kill(&"term1".into(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        // Idempotent: a second kill neither fails nor sends another SIGTERM.
+        f.rt.kill(&"term1".into(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (exit, killed, _) = f.ev.exited("term1").await;
+        assert_eq!(exit, Exit::Code(0), "the TERM trap ran and exited normally");
+        assert!(killed);
+        let marker = fs::read_to_string(f.work.join("term1").join("term.marker")).unwrap();
+        assert_eq!(marker, "term\n");
+        // Killing an ended or unknown task is fine.
+        f.rt.kill(&"term1".into(), Duration::ZERO).await.unwrap();
+        f.rt.kill(&"nope".into(), Duration::ZERO).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_escalates_to_sigkill_after_grace() {
+        let mut f = fixture();
+        let fifo = f.root.join("ready.fifo");
+        mkfifo(&fifo);
+        let script = format!(
+            "trap '' TERM; echo ready > '{}'; while :; do sleep 1000; done",
+            fifo.display()
+        );
+        f.rt.launch(shell("stubborn", &script)).await.unwrap();
+        f.ev.started("stubborn").await;
+        read_fifo(&fifo).await;
+        f.rt.kill(&"stubborn".into(), Duration::from_millis(300))
+            .await
+            .unwrap();
+        let (exit, killed, msg) = f.ev.exited("stubborn").await;
+        assert_eq!(exit, Exit::Signal(9));
+        assert!(killed);
+        assert_eq!(msg, "killed by signal 9 (SIGKILL)");
+    }
+
+    #[tokio::test]
+    async fn kill_reaches_the_whole_process_group() {
+        let mut f = fixture();
+        let fifo = f.root.join("gc.fifo");
+        mkfifo(&fifo);
+        // task sh -> child sh -> grandchild sleep
+        let script = format!(
+            "sh -c 'sleep 1000 & echo $! > \"{}\"; wait' & wait",
+            fifo.display()
+        );
+        f.rt.launch(shell("group1", &script)).await.unwrap();
+        f.ev.started("group1").await;
+        let gc: i32 = read_fifo(&fifo).await.trim().parse().unwrap();
+        let gc_start = proc_stat(gc).expect("grandchild runs").start_time;
+        assert!(is_alive(gc, gc_start));
+        f.rt.kill(&"group1".into(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (_, killed, _) = f.ev.exited("group1").await;
+        assert!(killed);
+        timeout(DEADLINE, wait_pid_exit(gc, gc_start))
+            .await
+            .expect("grandchild sleep survived the kill");
+        assert!(!is_alive(gc, gc_start));
+    }
+
+    #[tokio::test]
+    async fn kill_all_ends_everything() {
+        let mut f = fixture();
+        for id in ["all1", "all2"] {
+            f.rt.launch(spec(id, Command::Args(vec!["sleep".into(), "1000".into()])))
+                .await
+                .unwrap();
+            f.ev.started(id).await;
+        }
+        assert_eq!(f.rt.running().len(), 2);
+        f.rt.kill_all(Duration::from_secs(5)).await;
+        assert!(f.rt.running().is_empty());
+        for id in ["all1", "all2"] {
+            let (exit, killed, _) = f.ev.exited(id).await;
+            assert_eq!(exit, Exit::Signal(libc::SIGTERM));
+            assert!(killed);
+        }
+    }
+
+    #[tokio::test]
+    async fn recover_adopts_live_tasks_and_kills_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let (tx_a, rx_a) = mpsc::channel(64);
+        let mut rx_a = Events::new(rx_a);
+        let a = ProcessRuntime::new(work.clone(), tx_a).unwrap();
+        let mut s = spec("adopt1", Command::Args(vec!["sleep".into(), "1000".into()]));
+        s.labels.insert("app".into(), "/web".into());
+        s.ports = vec![31001, 31002];
+        a.launch(s).await.unwrap();
+        rx_a.started("adopt1").await;
+        let record: TaskRecord = serde_json::from_str(
+            &fs::read_to_string(a.sandbox(&"adopt1".into()).join(TASK_FILE)).unwrap(),
+        )
+        .unwrap();
+        drop(a);
+        assert!(
+            is_alive(record.pid, record.start_time),
+            "dropping the runtime must not kill"
+        );
+
+        let (tx_b, rx_b) = mpsc::channel(64);
+        let mut rx_b = Events::new(rx_b);
+        let b = ProcessRuntime::new(work.clone(), tx_b).unwrap();
+        let found = b.recover().await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].task_id, TaskId::from("adopt1"));
+        assert_eq!(found[0].labels.get("app").map(String::as_str), Some("/web"));
+        assert_eq!(found[0].ports, vec![31001, 31002]);
+        assert_eq!(b.running(), vec![TaskId::from("adopt1")]);
+        // A second recover does not adopt twice.
+        assert!(b.recover().await.unwrap().is_empty());
+
+        b.kill(&"adopt1".into(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (exit, killed, _) = rx_b.exited("adopt1").await;
+        assert_eq!(exit, Exit::Unknown);
+        assert!(killed);
+        assert!(!is_alive(record.pid, record.start_time));
+        assert!(b.running().is_empty());
+        assert!(work.join("adopt1").join(DONE_FILE).exists());
+
+        // A third runtime finds nothing to adopt.
+        let (tx_c, _rx_c) = mpsc::channel(64);
+        let c = ProcessRuntime::new(work, tx_c).unwrap();
+        assert!(c.recover().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn recover_rejects_a_wrong_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let (tx_a, rx_a) = mpsc::channel(64);
+        let mut rx_a = Events::new(rx_a);
+        let a = ProcessRuntime::new(work.clone(), tx_a).unwrap();
+        a.launch(spec(
+            "reused1",
+            Command::Args(vec!["sleep".into(), "1000".into()]),
+        ))
+        .await
+        .unwrap();
+        rx_a.started("reused1").await;
+        let file = a.sandbox(&"reused1".into()).join(TASK_FILE);
+        drop(a);
+        let mut record: TaskRecord =
+            serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+        let real_start = record.start_time;
+        record.start_time += 1;
+        fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
+
+        let (tx_b, _rx_b) = mpsc::channel(64);
+        let b = ProcessRuntime::new(work.clone(), tx_b).unwrap();
+        assert!(b.recover().await.unwrap().is_empty());
+        assert!(b.running().is_empty());
+        assert!(!file.exists());
+        assert!(work.join("reused1").join(DONE_FILE).exists());
+
+        // The process itself is untouched: clean it up.
+        assert!(is_alive(record.pid, real_start));
+        signal_group(record.pgid, libc::SIGKILL).unwrap();
+        timeout(DEADLINE, wait_pid_exit(record.pid, real_start))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn recover_skips_garbage() {
+        let mut f = fixture();
+        fs::create_dir_all(f.work.join("junk")).unwrap();
+        fs::write(f.work.join("junk").join(TASK_FILE), "not json").unwrap();
+        fs::write(f.work.join("stray-file"), "x").unwrap();
+        assert!(f.rt.recover().await.unwrap().is_empty());
+        assert!(f.work.join("junk").join(INVALID_FILE).exists());
+        assert!(f.ev.is_empty());
+    }
+
+    #[tokio::test]
+    async fn memory_limit_is_enforced() {
+        let mut f = fixture();
+        let Some(python) = ["/usr/bin/python3", "/usr/local/bin/python3"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        else {
+            println!("skipping memory_limit_is_enforced: no python3 found");
+            return;
+        };
+        println!("isolation mode: {}", f.rt.isolation());
+        let mut s = spec(
+            "hog1",
+            Command::Args(vec![
+                python.into(),
+                "-c".into(),
+                "x = bytearray(500 * 1024 * 1024)".into(),
+            ]),
+        );
+        s.mem = 64.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started("hog1").await;
+        let (exit, killed, msg) = f.ev.exited("hog1").await;
+        assert!(!killed);
+        assert_ne!(
+            exit,
+            Exit::Code(0),
+            "a 500 MiB allocation succeeded under mem=64 ({msg})"
+        );
+        if f.rt.isolation() == "cgroup-v2" {
+            assert!(msg.contains("memory limit"), "{msg}");
+        } else {
+            let err = fs::read_to_string(f.work.join("hog1").join("stderr")).unwrap();
+            assert!(err.contains("MemoryError"), "{err}");
+        }
+
+        // The same program fits when the limit allows it.
+        let mut s = spec(
+            "fits1",
+            Command::Args(vec![
+                python.into(),
+                "-c".into(),
+                "x = bytearray(8 * 1024 * 1024)".into(),
+            ]),
+        );
+        s.mem = 64.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started("fits1").await;
+        assert_eq!(f.ev.exited("fits1").await.0, Exit::Code(0));
+    }
+
+    #[test]
+    fn isolation_mode_matches_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let rt = ProcessRuntime::new(dir.path().join("w"), tx).unwrap();
+        let v2 = Path::new(CGROUP_ROOT).join("cgroup.controllers").exists();
+        if !v2 {
+            assert_eq!(rt.isolation(), "rlimit");
+        }
+        assert!(matches!(rt.isolation(), "cgroup-v2" | "rlimit"));
+        assert_eq!(rt.name(), "process");
+    }
+
+    #[test]
+    fn proc_stat_parses_own_process() {
+        let me = proc_stat(std::process::id() as i32).unwrap();
+        assert!(matches!(me.state, 'R' | 'S'));
+        assert!(is_alive(std::process::id() as i32, me.start_time));
+        assert!(!is_alive(std::process::id() as i32, me.start_time + 1));
+    }
+}
