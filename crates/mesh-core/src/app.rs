@@ -45,11 +45,8 @@ impl AppId {
         if raw.is_empty() {
             return Err("path id must not be empty".into());
         }
-        let mut parts: Vec<&str> = if raw.starts_with('/') {
-            Vec::new()
-        } else {
-            base.split('/').filter(|s| !s.is_empty()).collect()
-        };
+        let mut parts: Vec<&str> =
+            if raw.starts_with('/') { Vec::new() } else { base.split('/').filter(|s| !s.is_empty()).collect() };
         for seg in raw.split('/').filter(|s| !s.is_empty()) {
             if !valid_segment(seg) {
                 return Err(INVALID_PATH_ID.into());
@@ -390,10 +387,8 @@ impl App {
         if let Some(ports) = obj.get("ports") {
             match ports {
                 Value::Array(list) => {
-                    let defs: Vec<Value> = list
-                        .iter()
-                        .map(|p| serde_json::json!({"port": p, "protocol": "tcp"}))
-                        .collect();
+                    let defs: Vec<Value> =
+                        list.iter().map(|p| serde_json::json!({"port": p, "protocol": "tcp"})).collect();
                     m.insert("portDefinitions".into(), Value::Array(defs));
                 }
                 Value::Null => {}
@@ -401,10 +396,16 @@ impl App {
             }
         }
         m.remove("ports");
-        if current.is_none() && matches!(m.get("portDefinitions"), None | Some(Value::Null)) && !obj.contains_key("ports") {
+        if current.is_none()
+            && matches!(m.get("portDefinitions"), None | Some(Value::Null))
+            && !obj.contains_key("ports")
+        {
             let host_mode = !has_container_port_mappings(m);
             if host_mode {
-                m.insert("portDefinitions".into(), serde_json::json!([{"port": 0, "protocol": "tcp", "name": "default"}]));
+                m.insert(
+                    "portDefinitions".into(),
+                    serde_json::json!([{"port": 0, "protocol": "tcp", "name": "default"}]),
+                );
             }
         }
         for k in ["env", "labels"] {
@@ -412,12 +413,32 @@ impl App {
                 m.insert(k.into(), serde_json::json!({}));
             }
         }
-        for k in ["constraints", "fetch", "storeUrls", "healthChecks", "readinessChecks", "dependencies", "portDefinitions", "networks"] {
+        for k in [
+            "constraints",
+            "fetch",
+            "storeUrls",
+            "healthChecks",
+            "readinessChecks",
+            "dependencies",
+            "portDefinitions",
+            "networks",
+        ] {
             if matches!(m.get(k), Some(Value::Null)) {
                 m.insert(k.into(), serde_json::json!([]));
             }
         }
-        for k in ["version", "versionInfo", "tasks", "deployments", "tasksRunning", "tasksStaged", "tasksHealthy", "tasksUnhealthy", "lastTaskFailure", "uris"] {
+        for k in [
+            "version",
+            "versionInfo",
+            "tasks",
+            "deployments",
+            "tasksRunning",
+            "tasksStaged",
+            "tasksHealthy",
+            "tasksUnhealthy",
+            "lastTaskFailure",
+            "uris",
+        ] {
             m.remove(k);
         }
         if !bad.0.is_empty() {
@@ -483,7 +504,8 @@ impl App {
                 bad.add(&format!("/env({k})"), "must be a string or a secret reference");
             }
         }
-        if self.cpus < 0.001 && self.container.is_none() && self.cmd.is_some() && self.instances > 0 && self.cpus != 0.0 {
+        if self.cpus < 0.001 && self.container.is_none() && self.cmd.is_some() && self.instances > 0 && self.cpus != 0.0
+        {
             bad.add("/cpus", format!("got {}, expected 0.001 or more", self.cpus));
         }
         for (i, c) in self.constraints.iter().enumerate() {
@@ -495,7 +517,9 @@ impl App {
             if !["UNIQUE", "CLUSTER", "GROUP_BY", "LIKE", "UNLIKE", "MAX_PER", "IS"].contains(&op) {
                 bad.add(&format!("/constraints({i})"), format!("unknown constraint operator {op}"));
             }
-            if (op == "LIKE" || op == "UNLIKE") && c.get(2).is_none_or(|re| regex::Regex::new(&format!("^(?:{re})$")).is_err()) {
+            if (op == "LIKE" || op == "UNLIKE")
+                && c.get(2).is_none_or(|re| regex::Regex::new(&format!("^(?:{re})$")).is_err())
+            {
                 bad.add(&format!("/constraints({i})"), "Invalid regular expression");
             }
         }
@@ -550,7 +574,9 @@ impl App {
 fn has_container_port_mappings(m: &serde_json::Map<String, Value>) -> bool {
     let c = m.get("container");
     c.and_then(|c| c.get("portMappings")).is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
-        || c.and_then(|c| c.get("docker")).and_then(|d| d.get("portMappings")).is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
+        || c.and_then(|c| c.get("docker"))
+            .and_then(|d| d.get("portMappings"))
+            .is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
 }
 
 #[cfg(test)]
@@ -574,7 +600,9 @@ mod tests {
 
     #[test]
     fn service_name_mapping() {
-        let mk = |id: &str, labels: serde_json::Value| App::from_json(&json!({"id": id, "cmd": "x", "labels": labels}), None).unwrap();
+        let mk = |id: &str, labels: serde_json::Value| {
+            App::from_json(&json!({"id": id, "cmd": "x", "labels": labels}), None).unwrap()
+        };
         assert_eq!(mk("/webserver", json!({})).service_name(), "webserver");
         assert_eq!(mk("/prod/web", json!({})).service_name(), "web-prod");
         assert_eq!(mk("/a/b/c", json!({})).service_name(), "c-b-a");
@@ -610,7 +638,10 @@ mod tests {
             (json!({"id": "w", "cmd": "x", "ports": [1], "portDefinitions": []}), "/"),
             (json!({"id": "w", "cmd": ""}), "/cmd"),
             (json!({"id": "w", "cmd": "x", "constraints": [["hostname", "NOPE"]]}), "/constraints(0)"),
-            (json!({"id": "w", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 2}}), "/upgradeStrategy/minimumHealthCapacity"),
+            (
+                json!({"id": "w", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 2}}),
+                "/upgradeStrategy/minimumHealthCapacity",
+            ),
         ];
         for (body, path) in cases {
             let err = App::from_json(&body, None).expect_err(&body.to_string());

@@ -193,3 +193,52 @@ impl Catalog for CatalogState {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, svc: &str, tags: &[&str], health: Health) -> ServiceInstance {
+        ServiceInstance {
+            id: id.into(),
+            service: svc.into(),
+            node: "n1".into(),
+            address: None,
+            port: 31000,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            meta: BTreeMap::new(),
+            health,
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
+    #[test]
+    fn index_only_grows_and_tracks_changes() {
+        let mut c = CatalogState::new("dc1");
+        assert_eq!(c.index(), 1, "never 0");
+        assert!(c.upsert_instance(inst("a", "web", &["v1"], Health::Passing), 5));
+        assert!(!c.upsert_instance(inst("a", "web", &["v1"], Health::Passing), 6), "no-op upsert");
+        assert_eq!(c.index(), 5);
+        assert!(c.upsert_instance(inst("a", "web", &["v2"], Health::Passing), 7));
+        let a = &c.services["web"]["a"];
+        assert_eq!((a.create_index, a.modify_index), (5, 7));
+        assert!(c.remove_instance("web", "a", 8));
+        assert!(!c.remove_instance("web", "a", 9));
+        assert!(c.services.get("web").is_none());
+        assert_eq!(c.index(), 8);
+    }
+
+    #[test]
+    fn instance_queries_filter_by_tag_and_health() {
+        let mut c = CatalogState::new("dc1");
+        c.upsert_instance(inst("a", "web", &["http", "v1"], Health::Passing), 1);
+        c.upsert_instance(inst("b", "web", &["http"], Health::Warning), 2);
+        c.upsert_instance(inst("c", "web", &["v1"], Health::Critical), 3);
+        assert_eq!(c.instances("web", None, false).len(), 3);
+        assert_eq!(c.instances("WEB", None, true).len(), 1, "case-insensitive, passing only");
+        assert_eq!(c.instances("web", Some("HTTP"), false).len(), 2);
+        assert!(c.instances("db", None, false).is_empty());
+        assert_eq!(c.services()["web"], vec!["http", "v1"]);
+    }
+}

@@ -48,9 +48,7 @@ pub type Millis = u64;
 
 /// The current wall-clock time in [`Millis`]. Only drivers call this; cores receive `now`.
 pub fn now_millis() -> Millis {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     d.as_millis() as Millis
 }
 
@@ -62,9 +60,7 @@ pub fn iso8601(ms: Millis) -> String {
 
 /// Parse a Marathon timestamp (as produced by [`iso8601`]; any RFC 3339 form is accepted).
 pub fn parse_iso8601(s: &str) -> Option<Millis> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|d| d.timestamp_millis().max(0) as Millis)
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.timestamp_millis().max(0) as Millis)
 }
 
 /// A set of TCP/UDP ports as sorted, non-overlapping, inclusive ranges.
@@ -111,9 +107,7 @@ impl PortRanges {
     }
     /// Whether every port of `other` is in `self`.
     pub fn contains_all(&self, other: &PortRanges) -> bool {
-        other.0.iter().all(|&(lo, hi)| {
-            self.0.iter().any(|&(a, b)| a <= lo && hi <= b)
-        })
+        other.0.iter().all(|&(lo, hi)| self.0.iter().any(|&(a, b)| a <= lo && hi <= b))
     }
     /// Add `lo..=hi`, merging neighbours.
     pub fn insert_range(&mut self, lo: u16, hi: u16) {

@@ -123,3 +123,43 @@ pub enum ToControl {
     /// A task changed state.
     Status(StatusUpdate),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Command;
+
+    #[test]
+    fn messages_survive_a_round_trip_through_json() {
+        let spec = TaskSpec {
+            task_id: TaskId::from("web.instance-1._app.1"),
+            command: Command::Shell("python3 -m http.server $PORT0".into()),
+            env: BTreeMap::from([("PORT0".into(), "31000".into())]),
+            cpus: 0.1,
+            mem: 64.0,
+            ports: vec![31000],
+            kill_grace: Duration::from_secs(3),
+            labels: BTreeMap::new(),
+        };
+        let msgs = vec![
+            ToAgent::Launch(spec),
+            ToAgent::Kill { task_id: TaskId::from("t"), grace: Duration::from_millis(1500) },
+            ToAgent::Reconcile { expected: vec![TaskId::from("t")] },
+        ];
+        for m in msgs {
+            let back: ToAgent = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+            assert_eq!(back, m);
+        }
+        let up = ToControl::Status(StatusUpdate {
+            uuid: "u".into(),
+            task_id: TaskId::from("t"),
+            agent_id: AgentId::from("n1"),
+            state: TaskState::Running,
+            message: String::new(),
+            at: 1,
+        });
+        let json = serde_json::to_string(&up).unwrap();
+        assert!(json.contains("TASK_RUNNING"), "{json}");
+        assert_eq!(serde_json::from_str::<ToControl>(&json).unwrap(), up);
+    }
+}

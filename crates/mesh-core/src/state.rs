@@ -259,7 +259,9 @@ pub enum ApplyError {
     #[error("An app with id [{0}] already exists.")]
     AppExists(AppId),
     /// Another deployment holds the app.
-    #[error("App is locked by one or more deployments. Override with the option '?force=true'. View details at '/v2/deployments/{0}'.")]
+    #[error(
+        "App is locked by one or more deployments. Override with the option '?force=true'. View details at '/v2/deployments/{0}'."
+    )]
     Locked(String),
     /// The task does not exist.
     #[error("Task '{0}' does not exist")]
@@ -383,7 +385,13 @@ impl State {
                     .ok_or_else(|| ApplyError::UnknownVersion(id.clone(), iso8601(*version)))?;
                 let mut app = old;
                 app.instances = rec.app.instances;
-                return self.apply(&Command::PutApp { app, now: *now, deployment_id: deployment_id.clone(), create_only: false, force: *force });
+                return self.apply(&Command::PutApp {
+                    app,
+                    now: *now,
+                    deployment_id: deployment_id.clone(),
+                    create_only: false,
+                    force: *force,
+                });
             }
             Command::DeleteApp { id, now, deployment_id, force } => {
                 if !self.apps.contains_key(id) {
@@ -537,7 +545,8 @@ impl State {
         let app = &rec.app;
         let base = (app.backoff_seconds * 1000.0) as u64;
         let cap = (app.max_launch_delay_seconds * 1000.0) as u64;
-        let next = if rec.delay.delay_ms == 0 { base } else { ((rec.delay.delay_ms as f64) * app.backoff_factor) as u64 };
+        let next =
+            if rec.delay.delay_ms == 0 { base } else { ((rec.delay.delay_ms as f64) * app.backoff_factor) as u64 };
         rec.delay.delay_ms = next.min(cap);
         rec.delay.until = at + rec.delay.delay_ms;
     }
@@ -839,9 +848,25 @@ mod tests {
         assert_eq!(r[0], Err(ApplyError::AppExists(AppId::parse("/a").unwrap())));
         assert_eq!(store.state(), &before);
         // locked by d1 until it ends
-        let r = store.propose(vec![Command::PutApp { app: app("/a", 2), now: 12, deployment_id: "d3".into(), create_only: false, force: false }]).unwrap();
+        let r = store
+            .propose(vec![Command::PutApp {
+                app: app("/a", 2),
+                now: 12,
+                deployment_id: "d3".into(),
+                create_only: false,
+                force: false,
+            }])
+            .unwrap();
         assert!(matches!(r[0], Err(ApplyError::Locked(ref d)) if d == "d1"));
-        let r = store.propose(vec![Command::PutApp { app: app("/a", 2), now: 12, deployment_id: "d3".into(), create_only: false, force: true }]).unwrap();
+        let r = store
+            .propose(vec![Command::PutApp {
+                app: app("/a", 2),
+                now: 12,
+                deployment_id: "d3".into(),
+                create_only: false,
+                force: true,
+            }])
+            .unwrap();
         assert!(r[0].is_ok());
         assert!(!store.state().deployments.contains_key("d1"));
     }
@@ -857,7 +882,13 @@ mod tests {
         for i in 0..4 {
             let id = format!("t{i}");
             s.apply(&Command::LaunchTasks { tasks: vec![task(&id, "/crash")] }).unwrap();
-            s.apply(&Command::TaskStatus { task_id: TaskId::from(id.as_str()), state: TaskState::Failed, message: "exited with status 1".into(), at: 1000 * i }).unwrap();
+            s.apply(&Command::TaskStatus {
+                task_id: TaskId::from(id.as_str()),
+                state: TaskState::Failed,
+                message: "exited with status 1".into(),
+                at: 1000 * i,
+            })
+            .unwrap();
             delays.push(s.apps[&AppId::parse("/crash").unwrap()].delay.delay_ms);
         }
         assert_eq!(delays, vec![1000, 2000, 4000, 8000]);
@@ -872,7 +903,14 @@ mod tests {
         let mut s = State::new("dc1");
         s.apply(&put(app("/prod/web", 1), 0, "d")).unwrap();
         s.apply(&Command::LaunchTasks { tasks: vec![task("t1", "/prod/web")] }).unwrap();
-        let ch = s.apply(&Command::TaskStatus { task_id: "t1".into(), state: TaskState::Running, message: String::new(), at: 5 }).unwrap();
+        let ch = s
+            .apply(&Command::TaskStatus {
+                task_id: "t1".into(),
+                state: TaskState::Running,
+                message: String::new(),
+                at: 5,
+            })
+            .unwrap();
         assert!(ch.catalog);
         assert_eq!(s.catalog.services["web-prod"]["t1"].port, 31000);
         let idx = s.catalog.index;

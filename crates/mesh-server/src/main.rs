@@ -1,1 +1,179 @@
-fn main() {}
+//! The `mesh` binary. `mesh dev` runs a complete single-node mesh.
+
+use clap::{Parser, Subcommand};
+use mesh_server::node::{NodeConfig, RuntimeKind, run_dev};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "Deploy long-running services and find them: Marathon, Consul and Mesos APIs in one binary."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One process that is control node, agent, HTTP API and DNS server.
+    Dev(DevArgs),
+}
+
+#[derive(Parser)]
+struct DevArgs {
+    /// HTTP listener; may repeat. Every listener serves every API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: Vec<SocketAddr>,
+    /// DNS listener (UDP and TCP).
+    #[arg(long, default_value = "127.0.0.1:8600")]
+    dns: SocketAddr,
+    /// Where state and task sandboxes live.
+    #[arg(long, default_value = "./mesh-data")]
+    data_dir: PathBuf,
+    /// DNS domain.
+    #[arg(long, default_value = "mesh")]
+    domain: String,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// Datacenter name.
+    #[arg(long, default_value = "dc1")]
+    dc: String,
+    /// Task runtime: auto, process or docker.
+    #[arg(long, default_value = "auto", value_parser = parse_runtime)]
+    runtime: RuntimeKind,
+    /// Host port range handed to tasks, LOW-HIGH.
+    #[arg(long, default_value = "31000-32000", value_parser = parse_ports)]
+    ports: (u16, u16),
+    /// Address of this node's tasks in DNS and the APIs.
+    #[arg(long, default_value = "127.0.0.1")]
+    advertise: IpAddr,
+    /// CPUs offered to tasks (default: the host's).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Memory offered to tasks in MiB (default: the host's).
+    #[arg(long)]
+    mem: Option<f64>,
+    /// Disk offered to tasks in MiB.
+    #[arg(long, default_value_t = 10240.0)]
+    disk: f64,
+    /// Agent attribute key:value for constraints; may repeat.
+    #[arg(long = "attr", value_parser = parse_attr)]
+    attrs: Vec<(String, String)>,
+    /// On SIGTERM/SIGINT leave tasks running; the next start on the same data dir adopts them.
+    #[arg(long)]
+    keep_tasks_on_exit: bool,
+}
+
+fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
+    match s {
+        "auto" => Ok(RuntimeKind::Auto),
+        "process" => Ok(RuntimeKind::Process),
+        "docker" => Ok(RuntimeKind::Docker),
+        _ => Err("expected auto, process or docker".into()),
+    }
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected LOW-HIGH, e.g. 31000-32000")?;
+    let lo: u16 = a.trim().parse().map_err(|_| format!("bad port {a}"))?;
+    let hi: u16 = b.trim().parse().map_err(|_| format!("bad port {b}"))?;
+    if lo == 0 || lo > hi {
+        return Err("LOW must be at least 1 and not above HIGH".into());
+    }
+    Ok((lo, hi))
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once(':').ok_or("expected key:value")?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn host_mem_mib() -> f64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0).floor())
+        .unwrap_or(1024.0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let Cmd::Dev(a) = cli.cmd;
+    let node = a.node.unwrap_or_else(host_name);
+    if let Err(e) = mesh_core::app::AppId::parse(&node) {
+        eprintln!("mesh: --node {node:?} is not a valid DNS label: {e}");
+        return ExitCode::from(2);
+    }
+    let cfg = NodeConfig {
+        http: a.http,
+        dns: a.dns,
+        data_dir: a.data_dir,
+        domain: a.domain.trim_matches('.').to_lowercase(),
+        node,
+        datacenter: a.dc,
+        runtime: a.runtime,
+        ports: a.ports,
+        advertise: a.advertise,
+        cpus: a.cpus.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)),
+        mem: a.mem.unwrap_or_else(host_mem_mib),
+        disk: a.disk,
+        attributes: a.attrs.into_iter().collect::<BTreeMap<_, _>>(),
+        keep_tasks_on_exit: a.keep_tasks_on_exit,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(run_dev(
+        cfg,
+        |b| {
+            let http: Vec<String> = b.http.iter().map(|a| a.to_string()).collect();
+            // A machine-readable line for scripts and tests.
+            println!("mesh dev ready: http={} dns={}", http.join(","), b.dns);
+            let _ = std::io::stdout().flush();
+        },
+        shutdown_signal(),
+    ));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -147,10 +147,7 @@ struct TaskRecord {
 impl ProcessRuntime {
     /// A runtime keeping its sandboxes under `work_dir` (created if missing) and reporting on
     /// `events`. Probes the host's isolation (cgroup v2 or rlimits) once.
-    pub fn new(
-        work_dir: PathBuf,
-        events: mpsc::Sender<RuntimeEvent>,
-    ) -> Result<Self, RuntimeError> {
+    pub fn new(work_dir: PathBuf, events: mpsc::Sender<RuntimeEvent>) -> Result<Self, RuntimeError> {
         fs::create_dir_all(&work_dir)?;
         let work_dir = fs::canonicalize(&work_dir)?;
         let isolation = match probe_cgroup(&work_dir) {
@@ -160,14 +157,7 @@ impl ProcessRuntime {
                 Isolation::Rlimit
             }
         };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                work_dir,
-                events,
-                isolation,
-                tasks: Mutex::new(HashMap::new()),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { work_dir, events, isolation, tasks: Mutex::new(HashMap::new()) }) })
     }
 
     /// How limits are enforced on this host: `"cgroup-v2"` or `"rlimit"`.
@@ -223,10 +213,7 @@ impl Runtime for ProcessRuntime {
                         at: now_millis(),
                     })
                     .await;
-                Err(RuntimeError::Launch {
-                    task: spec.task_id,
-                    message,
-                })
+                Err(RuntimeError::Launch { task: spec.task_id, message })
             }
         }
     }
@@ -253,10 +240,7 @@ impl Runtime for ProcessRuntime {
             let record: TaskRecord = match serde_json::from_str(&text) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(
-                        "recover: {} is unreadable ({e}); not adopting",
-                        file.display()
-                    );
+                    tracing::warn!("recover: {} is unreadable ({e}); not adopting", file.display());
                     let _ = fs::rename(&file, dir.join(INVALID_FILE));
                     continue;
                 }
@@ -266,9 +250,7 @@ impl Runtime for ProcessRuntime {
             }
             let adoptable = record.pid > 1
                 && record.pgid == record.pid
-                && dir
-                    .file_name()
-                    .is_some_and(|n| n == record.task_id.as_str())
+                && dir.file_name().is_some_and(|n| n == record.task_id.as_str())
                 && is_alive(record.pid, record.start_time);
             if !adoptable {
                 tracing::info!("recover: task {} is gone; not adopting", record.task_id);
@@ -297,16 +279,8 @@ impl Runtime for ProcessRuntime {
                 .abort_handle();
                 tasks.insert(record.task_id.clone(), Entry { shared, watcher });
             }
-            tracing::info!(
-                "recover: adopted task {} (pid {})",
-                record.task_id,
-                record.pid
-            );
-            found.push(RecoveredTask {
-                task_id: record.task_id,
-                labels: record.labels,
-                ports: record.ports,
-            });
+            tracing::info!("recover: adopted task {} (pid {})", record.task_id, record.pid);
+            found.push(RecoveredTask { task_id: record.task_id, labels: record.labels, ports: record.ports });
         }
         Ok(found)
     }
@@ -318,12 +292,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn kill_all(&self, grace: Duration) {
-        let all: Vec<Arc<TaskShared>> = self
-            .inner
-            .lock()
-            .values()
-            .map(|e| e.shared.clone())
-            .collect();
+        let all: Vec<Arc<TaskShared>> = self.inner.lock().values().map(|e| e.shared.clone()).collect();
         let mut waits = Vec::with_capacity(all.len());
         for shared in all {
             waits.push(shared.done.subscribe());
@@ -334,14 +303,8 @@ impl Runtime for ProcessRuntime {
                 let _ = done.wait_for(|d| *d).await;
             }
         };
-        if tokio::time::timeout(grace + KILL_ALL_MARGIN, wait_all)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "kill_all: not every task ended within {:?}",
-                grace + KILL_ALL_MARGIN
-            );
+        if tokio::time::timeout(grace + KILL_ALL_MARGIN, wait_all).await.is_err() {
+            tracing::warn!("kill_all: not every task ended within {:?}", grace + KILL_ALL_MARGIN);
         }
     }
 }
@@ -362,11 +325,9 @@ impl Inner {
             return Err(format!("task id {id:?} cannot name a sandbox directory"));
         }
         let sandbox = self.sandbox(&spec.task_id);
-        fs::create_dir_all(&sandbox)
-            .map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
+        fs::create_dir_all(&sandbox).map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
         let open_log = |name: &str| {
-            File::create(sandbox.join(name))
-                .map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
+            File::create(sandbox.join(name)).map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
         };
         let (stdout, stderr) = (open_log("stdout")?, open_log("stderr")?);
 
@@ -384,10 +345,7 @@ impl Inner {
             }
         };
         cmd.env_clear();
-        cmd.env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
-        );
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()));
         for key in ["HOME", "LANG"] {
             if let Some(v) = std::env::var_os(key) {
                 cmd.env(key, v);
@@ -404,9 +362,7 @@ impl Inner {
 
         let (cgroup, data_limit) = match &self.isolation {
             Isolation::Cgroup(root) => (Some(prepare_task_cgroup(root, spec)?), None),
-            Isolation::Rlimit if spec.mem > 0.0 => {
-                (None, Some(((spec.mem + RLIMIT_SLACK_MIB) * MIB) as u64))
-            }
+            Isolation::Rlimit if spec.mem > 0.0 => (None, Some(((spec.mem + RLIMIT_SLACK_MIB) * MIB) as u64)),
             Isolation::Rlimit => (None, None),
         };
         let procs = match &cgroup {
@@ -431,10 +387,7 @@ impl Inner {
             }
         };
         // Not reaped until the watcher waits, so the pid is ours and /proc/<pid> exists.
-        let pid = child
-            .id()
-            .map(|p| p as i32)
-            .ok_or("the spawned process has no pid")?;
+        let pid = child.id().map(|p| p as i32).ok_or("the spawned process has no pid")?;
         let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
         let record = TaskRecord {
             task_id: spec.task_id.clone(),
@@ -460,13 +413,8 @@ impl Inner {
             done: watch::channel(false).0,
         });
         let mut tasks = self.lock();
-        let watcher = tokio::spawn(watch_child(
-            self.clone(),
-            spec.task_id.clone(),
-            shared.clone(),
-            child,
-        ))
-        .abort_handle();
+        let watcher =
+            tokio::spawn(watch_child(self.clone(), spec.task_id.clone(), shared.clone(), child)).abort_handle();
         tasks.insert(spec.task_id.clone(), Entry { shared, watcher });
         Ok(())
     }
@@ -479,10 +427,7 @@ impl Inner {
         let mut message = message;
         if let Some(cg) = &shared.cgroup {
             if cgroup_oom_kills(cg) > 0 {
-                message = format!(
-                    "memory limit of {} MiB exceeded (OOM killed); {message}",
-                    shared.mem
-                );
+                message = format!("memory limit of {} MiB exceeded (OOM killed); {message}", shared.mem);
             }
             let _ = fs::write(cg.join("cgroup.kill"), "1");
             let cg = cg.clone();
@@ -501,10 +446,7 @@ impl Inner {
         mark_done(&self.sandbox(&task_id));
         {
             let mut tasks = self.lock();
-            if tasks
-                .get(&task_id)
-                .is_some_and(|e| Arc::ptr_eq(&e.shared, &shared))
-            {
+            if tasks.get(&task_id).is_some_and(|e| Arc::ptr_eq(&e.shared, &shared)) {
                 tasks.remove(&task_id);
             }
         }
@@ -523,19 +465,8 @@ impl Inner {
 }
 
 /// Watches a task this runtime spawned.
-async fn watch_child(
-    inner: Arc<Inner>,
-    task_id: TaskId,
-    shared: Arc<TaskShared>,
-    mut child: tokio::process::Child,
-) {
-    let _ = inner
-        .events
-        .send(RuntimeEvent::Started {
-            task_id: task_id.clone(),
-            at: now_millis(),
-        })
-        .await;
+async fn watch_child(inner: Arc<Inner>, task_id: TaskId, shared: Arc<TaskShared>, mut child: tokio::process::Child) {
+    let _ = inner.events.send(RuntimeEvent::Started { task_id: task_id.clone(), at: now_millis() }).await;
     let (exit, message) = match child.wait().await {
         Ok(status) => describe(status),
         Err(e) => (Exit::Unknown, format!("could not wait for the task: {e}")),
@@ -544,13 +475,7 @@ async fn watch_child(
 }
 
 /// Watches a task adopted by `recover`.
-async fn watch_adopted(
-    inner: Arc<Inner>,
-    task_id: TaskId,
-    shared: Arc<TaskShared>,
-    pid: i32,
-    start_time: u64,
-) {
+async fn watch_adopted(inner: Arc<Inner>, task_id: TaskId, shared: Arc<TaskShared>, pid: i32, start_time: u64) {
     wait_pid_exit(pid, start_time).await;
     let message = "ended (exit status unknown: the task was adopted after a restart)".to_owned();
     inner.finish(task_id, shared, Exit::Unknown, message).await;
@@ -594,9 +519,7 @@ fn describe(status: ExitStatus) -> (Exit, String) {
     if let Some(code) = status.code() {
         (Exit::Code(code), format!("exited with status {code}"))
     } else if let Some(sig) = status.signal() {
-        let name = signal_name(sig)
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default();
+        let name = signal_name(sig).map(|n| format!(" ({n})")).unwrap_or_default();
         (Exit::Signal(sig), format!("killed by signal {sig}{name}"))
     } else {
         (Exit::Unknown, format!("ended with {status}"))
@@ -624,10 +547,7 @@ fn signal_name(sig: i32) -> Option<&'static str> {
 
 fn write_record(sandbox: &Path, record: &TaskRecord) -> io::Result<()> {
     let tmp = sandbox.join("task.json.tmp");
-    fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(record).map_err(io::Error::other)?,
-    )?;
+    fs::write(&tmp, serde_json::to_vec_pretty(record).map_err(io::Error::other)?)?;
     fs::rename(tmp, sandbox.join(TASK_FILE))
 }
 
@@ -655,16 +575,12 @@ fn proc_stat(pid: i32) -> Option<ProcStat> {
     // The command name (field 2) is in parentheses and may hold spaces and parentheses.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(ProcStat {
-        state: fields.first()?.chars().next()?,
-        start_time: fields.get(22 - 3)?.parse().ok()?,
-    })
+    Some(ProcStat { state: fields.first()?.chars().next()?, start_time: fields.get(22 - 3)?.parse().ok()? })
 }
 
 /// Whether `pid` is a live (not zombie) process that started at `start_time`.
 fn is_alive(pid: i32, start_time: u64) -> bool {
-    proc_stat(pid)
-        .is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X' | 'x'))
+    proc_stat(pid).is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X' | 'x'))
 }
 
 /// Waits until the process `pid` that started at `start_time` has ended.
@@ -696,15 +612,10 @@ fn probe_cgroup(work_dir: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("{CGROUP_ROOT} is not a cgroup v2 mount: {e}"))?;
     let has = |list: &str, c: &str| list.split_whitespace().any(|w| w == c);
     if !(has(&available, "memory") && has(&available, "cpu")) {
-        return Err(format!(
-            "cgroup v2 controllers are {available:?}, memory and cpu needed"
-        ));
+        return Err(format!("cgroup v2 controllers are {available:?}, memory and cpu needed"));
     }
     let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
     let parent = root.join(own.trim().trim_start_matches('/'));
     let enable = |dir: &Path| -> Result<(), String> {
         let ctl = dir.join("cgroup.subtree_control");
@@ -712,14 +623,10 @@ fn probe_cgroup(work_dir: &Path) -> Result<PathBuf, String> {
         if has(&current, "memory") && has(&current, "cpu") {
             return Ok(());
         }
-        fs::write(&ctl, "+memory +cpu")
-            .map_err(|e| format!("enabling memory, cpu in {}: {e}", ctl.display()))
+        fs::write(&ctl, "+memory +cpu").map_err(|e| format!("enabling memory, cpu in {}: {e}", ctl.display()))
     };
     enable(&parent)?;
-    let mine = parent.join(format!(
-        "mesh-{:016x}",
-        fnv1a(work_dir.as_os_str().as_encoded_bytes())
-    ));
+    let mine = parent.join(format!("mesh-{:016x}", fnv1a(work_dir.as_os_str().as_encoded_bytes())));
     match fs::create_dir(&mine) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
             return Err(format!("creating {}: {e}", mine.display()));
@@ -743,8 +650,7 @@ fn prepare_task_cgroup(root: &Path, spec: &TaskSpec) -> Result<PathBuf, String> 
         _ => {}
     }
     let write = |file: &str, value: String| {
-        fs::write(cg.join(file), &value)
-            .map_err(|e| format!("cannot write {value:?} to {}/{file}: {e}", cg.display()))
+        fs::write(cg.join(file), &value).map_err(|e| format!("cannot write {value:?} to {}/{file}: {e}", cg.display()))
     };
     let result = (|| {
         if spec.mem > 0.0 {
@@ -772,19 +678,13 @@ fn prepare_task_cgroup(root: &Path, spec: &TaskSpec) -> Result<PathBuf, String> 
 fn cgroup_oom_kills(cg: &Path) -> u64 {
     fs::read_to_string(cg.join("memory.events"))
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|n| n.trim().parse().ok())
-        })
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()))
         .unwrap_or(0)
 }
 
 /// FNV-1a, a stable hash (unlike std's) to name the runtime's cgroup after its work dir.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,11 +694,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Makes the child join the task's cgroup (by writing `0` to the already open `cgroup.procs`)
 /// and/or set `RLIMIT_DATA`, after fork and before exec.
 #[allow(unsafe_code)]
-fn install_pre_exec(
-    cmd: &mut tokio::process::Command,
-    cgroup_procs: Option<RawFd>,
-    data_limit: Option<u64>,
-) {
+fn install_pre_exec(cmd: &mut tokio::process::Command, cgroup_procs: Option<RawFd>, data_limit: Option<u64>) {
     if cgroup_procs.is_none() && data_limit.is_none() {
         return;
     }
@@ -815,10 +711,7 @@ fn install_pre_exec(
                 return Err(io::Error::last_os_error());
             }
             if let Some(bytes) = data_limit {
-                let limit = libc::rlimit {
-                    rlim_cur: bytes as libc::rlim_t,
-                    rlim_max: bytes as libc::rlim_t,
-                };
+                let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
                 if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -841,11 +734,7 @@ fn signal_group(pgid: i32, sig: i32) -> io::Result<()> {
         return Ok(());
     }
     let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(err)
-    }
+    if err.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(err) }
 }
 
 /// `pidfd_open(pid, 0)` (Linux 5.3+), registered with the tokio reactor for readability.
@@ -861,9 +750,7 @@ fn async_pidfd(pid: i32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     // SAFETY: an `OwnedFd` keeps its descriptor open and unchanged until it is dropped, which
     // happens only when the `AsyncFd` owning it is dropped.
-    let afd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    };
+    let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
     Ok(afd?)
 }
 
@@ -888,13 +775,7 @@ mod tests {
         let work = root.join("work");
         let (tx, rx) = mpsc::channel(64);
         let rt = ProcessRuntime::new(work.clone(), tx).unwrap();
-        Fixture {
-            _dir: dir,
-            root,
-            work,
-            rt,
-            ev: Events::new(rx),
-        }
+        Fixture { _dir: dir, root, work, rt, ev: Events::new(rx) }
     }
 
     fn spec(id: &str, command: Command) -> TaskSpec {
@@ -922,10 +803,7 @@ mod tests {
 
     impl Events {
         fn new(rx: mpsc::Receiver<RuntimeEvent>) -> Self {
-            Self {
-                rx,
-                stash: Vec::new(),
-            }
+            Self { rx, stash: Vec::new() }
         }
 
         /// The next event about `id`; panics at the deadline.
@@ -964,12 +842,7 @@ mod tests {
         /// (exit, killed, message) of the next event about `id`, which must be `Exited`.
         async fn exited(&mut self, id: &str) -> (Exit, bool, String) {
             match self.next_for(id).await {
-                RuntimeEvent::Exited {
-                    exit,
-                    killed,
-                    message,
-                    ..
-                } => (exit, killed, message),
+                RuntimeEvent::Exited { exit, killed, message, .. } => (exit, killed, message),
                 other => panic!("expected Exited, got {other:?}"),
             }
         }
@@ -980,23 +853,17 @@ mod tests {
     }
 
     fn mkfifo(path: &Path) {
-        let st = std::process::Command::new("mkfifo")
-            .arg(path)
-            .status()
-            .unwrap();
+        let st = std::process::Command::new("mkfifo").arg(path).status().unwrap();
         assert!(st.success());
     }
 
     /// Reads a FIFO until its writer closes it (blocking open: waits for the writer).
     async fn read_fifo(path: &Path) -> String {
         let path = path.to_owned();
-        timeout(
-            DEADLINE,
-            tokio::task::spawn_blocking(move || fs::read_to_string(path).unwrap()),
-        )
-        .await
-        .expect("nothing written to the fifo before the deadline")
-        .unwrap()
+        timeout(DEADLINE, tokio::task::spawn_blocking(move || fs::read_to_string(path).unwrap()))
+            .await
+            .expect("nothing written to the fifo before the deadline")
+            .unwrap()
     }
 
     #[tokio::test]
@@ -1011,10 +878,7 @@ mod tests {
         f.rt.launch(s).await.unwrap();
         f.ev.started("envtask").await;
         let (exit, killed, msg) = f.ev.exited("envtask").await;
-        assert_eq!(
-            (exit, killed, msg.as_str()),
-            (Exit::Code(0), false, "exited with status 0")
-        );
+        assert_eq!((exit, killed, msg.as_str()), (Exit::Code(0), false, "exited with status 0"));
         let sandbox = f.work.join("envtask");
         assert_eq!(f.rt.sandbox(&"envtask".into()), sandbox);
         let env = fs::read_to_string(sandbox.join("env.txt")).unwrap();
@@ -1042,17 +906,13 @@ mod tests {
             "_",
         ];
         for k in vars.keys() {
-            assert!(
-                allowed.contains(k),
-                "unexpected variable {k} leaked into the task env"
-            );
+            assert!(allowed.contains(k), "unexpected variable {k} leaked into the task env");
         }
         // Ended tasks are marked done and forgotten.
         assert!(sandbox.join(DONE_FILE).exists());
         assert!(!sandbox.join(TASK_FILE).exists());
         assert!(f.rt.running().is_empty());
-        let done: TaskRecord =
-            serde_json::from_str(&fs::read_to_string(sandbox.join(DONE_FILE)).unwrap()).unwrap();
+        let done: TaskRecord = serde_json::from_str(&fs::read_to_string(sandbox.join(DONE_FILE)).unwrap()).unwrap();
         assert_eq!(done.ports, vec![31000]);
         assert_eq!(done.pid, done.pgid);
     }
@@ -1060,9 +920,7 @@ mod tests {
     #[tokio::test]
     async fn shell_command_exit_code_and_logs() {
         let mut f = fixture();
-        f.rt.launch(shell("sh1", "echo $((1+2)); echo oops >&2; exit 3"))
-            .await
-            .unwrap();
+        f.rt.launch(shell("sh1", "echo $((1+2)); echo oops >&2; exit 3")).await.unwrap();
         f.ev.started("sh1").await;
         let (exit, killed, msg) = f.ev.exited("sh1").await;
         assert_eq!(exit, Exit::Code(3));
@@ -1070,21 +928,14 @@ mod tests {
         assert_eq!(msg, "exited with status 3");
         let sandbox = f.work.join("sh1");
         assert_eq!(fs::read_to_string(sandbox.join("stdout")).unwrap(), "3\n");
-        assert_eq!(
-            fs::read_to_string(sandbox.join("stderr")).unwrap(),
-            "oops\n"
-        );
+        assert_eq!(fs::read_to_string(sandbox.join("stderr")).unwrap(), "oops\n");
     }
 
     #[tokio::test]
     async fn args_command_runs_without_a_shell() {
         let mut f = fixture();
-        let argv = ["printf", "%s|", "a b", "$HOME", "*"]
-            .map(String::from)
-            .to_vec();
-        f.rt.launch(spec("args1", Command::Args(argv)))
-            .await
-            .unwrap();
+        let argv = ["printf", "%s|", "a b", "$HOME", "*"].map(String::from).to_vec();
+        f.rt.launch(spec("args1", Command::Args(argv))).await.unwrap();
         f.ev.started("args1").await;
         assert_eq!(f.ev.exited("args1").await.0, Exit::Code(0));
         let out = fs::read_to_string(f.work.join("args1").join("stdout")).unwrap();
@@ -1095,10 +946,7 @@ mod tests {
     async fn spawn_failure_returns_err_and_sends_failed() {
         let mut f = fixture();
         let argv = vec!["/nonexistent/mesh-no-such-binary".to_owned()];
-        let err =
-            f.rt.launch(spec("bad1", Command::Args(argv)))
-                .await
-                .unwrap_err();
+        let err = f.rt.launch(spec("bad1", Command::Args(argv))).await.unwrap_err();
         assert!(matches!(err, RuntimeError::Launch { .. }), "{err}");
         match f.ev.next_for("bad1").await {
             RuntimeEvent::Failed { message, .. } => {
@@ -1106,11 +954,7 @@ mod tests {
             }
             other => panic!("expected Failed, got {other:?}"),
         }
-        assert!(
-            f.rt.launch(spec("bad2", Command::Args(vec![])))
-                .await
-                .is_err()
-        );
+        assert!(f.rt.launch(spec("bad2", Command::Args(vec![]))).await.is_err());
         assert!(f.rt.launch(shell("../escape", "true")).await.is_err());
         assert!(f.rt.running().is_empty());
     }
@@ -1128,13 +972,9 @@ mod tests {
         f.ev.started("term1").await;
         assert_eq!(read_fifo(&fifo).await, "ready\n");
         assert_eq!(f.rt.running(), vec![TaskId::from("term1")]);
-        f.rt.kill(&"term1".into(), Duration::from_secs(60))
-            .await
-            .unwrap();
+        f.rt.kill(&"term1".into(), Duration::from_secs(60)).await.unwrap();
         // Idempotent: a second kill neither fails nor sends another SIGTERM.
-        f.rt.kill(&"term1".into(), Duration::from_secs(60))
-            .await
-            .unwrap();
+        f.rt.kill(&"term1".into(), Duration::from_secs(60)).await.unwrap();
         let (exit, killed, _) = f.ev.exited("term1").await;
         assert_eq!(exit, Exit::Code(0), "the TERM trap ran and exited normally");
         assert!(killed);
@@ -1150,16 +990,11 @@ mod tests {
         let mut f = fixture();
         let fifo = f.root.join("ready.fifo");
         mkfifo(&fifo);
-        let script = format!(
-            "trap '' TERM; echo ready > '{}'; while :; do sleep 1000; done",
-            fifo.display()
-        );
+        let script = format!("trap '' TERM; echo ready > '{}'; while :; do sleep 1000; done", fifo.display());
         f.rt.launch(shell("stubborn", &script)).await.unwrap();
         f.ev.started("stubborn").await;
         read_fifo(&fifo).await;
-        f.rt.kill(&"stubborn".into(), Duration::from_millis(300))
-            .await
-            .unwrap();
+        f.rt.kill(&"stubborn".into(), Duration::from_millis(300)).await.unwrap();
         let (exit, killed, msg) = f.ev.exited("stubborn").await;
         assert_eq!(exit, Exit::Signal(9));
         assert!(killed);
@@ -1172,23 +1007,16 @@ mod tests {
         let fifo = f.root.join("gc.fifo");
         mkfifo(&fifo);
         // task sh -> child sh -> grandchild sleep
-        let script = format!(
-            "sh -c 'sleep 1000 & echo $! > \"{}\"; wait' & wait",
-            fifo.display()
-        );
+        let script = format!("sh -c 'sleep 1000 & echo $! > \"{}\"; wait' & wait", fifo.display());
         f.rt.launch(shell("group1", &script)).await.unwrap();
         f.ev.started("group1").await;
         let gc: i32 = read_fifo(&fifo).await.trim().parse().unwrap();
         let gc_start = proc_stat(gc).expect("grandchild runs").start_time;
         assert!(is_alive(gc, gc_start));
-        f.rt.kill(&"group1".into(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        f.rt.kill(&"group1".into(), Duration::from_secs(5)).await.unwrap();
         let (_, killed, _) = f.ev.exited("group1").await;
         assert!(killed);
-        timeout(DEADLINE, wait_pid_exit(gc, gc_start))
-            .await
-            .expect("grandchild sleep survived the kill");
+        timeout(DEADLINE, wait_pid_exit(gc, gc_start)).await.expect("grandchild sleep survived the kill");
         assert!(!is_alive(gc, gc_start));
     }
 
@@ -1196,9 +1024,7 @@ mod tests {
     async fn kill_all_ends_everything() {
         let mut f = fixture();
         for id in ["all1", "all2"] {
-            f.rt.launch(spec(id, Command::Args(vec!["sleep".into(), "1000".into()])))
-                .await
-                .unwrap();
+            f.rt.launch(spec(id, Command::Args(vec!["sleep".into(), "1000".into()]))).await.unwrap();
             f.ev.started(id).await;
         }
         assert_eq!(f.rt.running().len(), 2);
@@ -1223,15 +1049,10 @@ mod tests {
         s.ports = vec![31001, 31002];
         a.launch(s).await.unwrap();
         rx_a.started("adopt1").await;
-        let record: TaskRecord = serde_json::from_str(
-            &fs::read_to_string(a.sandbox(&"adopt1".into()).join(TASK_FILE)).unwrap(),
-        )
-        .unwrap();
+        let record: TaskRecord =
+            serde_json::from_str(&fs::read_to_string(a.sandbox(&"adopt1".into()).join(TASK_FILE)).unwrap()).unwrap();
         drop(a);
-        assert!(
-            is_alive(record.pid, record.start_time),
-            "dropping the runtime must not kill"
-        );
+        assert!(is_alive(record.pid, record.start_time), "dropping the runtime must not kill");
 
         let (tx_b, rx_b) = mpsc::channel(64);
         let mut rx_b = Events::new(rx_b);
@@ -1245,9 +1066,7 @@ mod tests {
         // A second recover does not adopt twice.
         assert!(b.recover().await.unwrap().is_empty());
 
-        b.kill(&"adopt1".into(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        b.kill(&"adopt1".into(), Duration::from_secs(5)).await.unwrap();
         let (exit, killed, _) = rx_b.exited("adopt1").await;
         assert_eq!(exit, Exit::Unknown);
         assert!(killed);
@@ -1268,17 +1087,11 @@ mod tests {
         let (tx_a, rx_a) = mpsc::channel(64);
         let mut rx_a = Events::new(rx_a);
         let a = ProcessRuntime::new(work.clone(), tx_a).unwrap();
-        a.launch(spec(
-            "reused1",
-            Command::Args(vec!["sleep".into(), "1000".into()]),
-        ))
-        .await
-        .unwrap();
+        a.launch(spec("reused1", Command::Args(vec!["sleep".into(), "1000".into()]))).await.unwrap();
         rx_a.started("reused1").await;
         let file = a.sandbox(&"reused1".into()).join(TASK_FILE);
         drop(a);
-        let mut record: TaskRecord =
-            serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+        let mut record: TaskRecord = serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
         let real_start = record.start_time;
         record.start_time += 1;
         fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
@@ -1293,9 +1106,7 @@ mod tests {
         // The process itself is untouched: clean it up.
         assert!(is_alive(record.pid, real_start));
         signal_group(record.pgid, libc::SIGKILL).unwrap();
-        timeout(DEADLINE, wait_pid_exit(record.pid, real_start))
-            .await
-            .unwrap();
+        timeout(DEADLINE, wait_pid_exit(record.pid, real_start)).await.unwrap();
     }
 
     #[tokio::test]
@@ -1312,32 +1123,20 @@ mod tests {
     #[tokio::test]
     async fn memory_limit_is_enforced() {
         let mut f = fixture();
-        let Some(python) = ["/usr/bin/python3", "/usr/local/bin/python3"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
+        let Some(python) = ["/usr/bin/python3", "/usr/local/bin/python3"].into_iter().find(|p| Path::new(p).exists())
         else {
             println!("skipping memory_limit_is_enforced: no python3 found");
             return;
         };
         println!("isolation mode: {}", f.rt.isolation());
-        let mut s = spec(
-            "hog1",
-            Command::Args(vec![
-                python.into(),
-                "-c".into(),
-                "x = bytearray(500 * 1024 * 1024)".into(),
-            ]),
-        );
+        let mut s =
+            spec("hog1", Command::Args(vec![python.into(), "-c".into(), "x = bytearray(500 * 1024 * 1024)".into()]));
         s.mem = 64.0;
         f.rt.launch(s).await.unwrap();
         f.ev.started("hog1").await;
         let (exit, killed, msg) = f.ev.exited("hog1").await;
         assert!(!killed);
-        assert_ne!(
-            exit,
-            Exit::Code(0),
-            "a 500 MiB allocation succeeded under mem=64 ({msg})"
-        );
+        assert_ne!(exit, Exit::Code(0), "a 500 MiB allocation succeeded under mem=64 ({msg})");
         if f.rt.isolation() == "cgroup-v2" {
             assert!(msg.contains("memory limit"), "{msg}");
         } else {
@@ -1346,14 +1145,8 @@ mod tests {
         }
 
         // The same program fits when the limit allows it.
-        let mut s = spec(
-            "fits1",
-            Command::Args(vec![
-                python.into(),
-                "-c".into(),
-                "x = bytearray(8 * 1024 * 1024)".into(),
-            ]),
-        );
+        let mut s =
+            spec("fits1", Command::Args(vec![python.into(), "-c".into(), "x = bytearray(8 * 1024 * 1024)".into()]));
         s.mem = 64.0;
         f.rt.launch(s).await.unwrap();
         f.ev.started("fits1").await;

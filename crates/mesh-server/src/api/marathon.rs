@@ -1,0 +1,607 @@
+//! The Marathon v2 REST API (the subset of the foundation: apps, tasks, deployments, queue,
+//! info, leader), with Marathon's shapes, status codes and error bodies.
+
+use super::{Api, ApiError, flag};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use mesh_core::app::{App, AppId, Invalid};
+use mesh_core::model::{TaskId, iso8601, now_millis, parse_iso8601};
+use mesh_core::proto::TaskState;
+use mesh_core::scheduler::MarathonScheduler;
+use mesh_core::state::{AppRecord, Command, State as Cluster, Task};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+
+type Params = Query<Vec<(String, String)>>;
+
+fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a String> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn params<'a>(q: &'a [(String, String)], key: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+    q.iter().filter(move |(k, _)| k == key || k.strip_suffix("[]") == Some(key)).map(|(_, v)| v)
+}
+
+/// Routes of the Marathon API.
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v2/apps", get(list_apps).post(create_app))
+        .route("/v2/apps/{*rest}", get(app_get).put(app_put).delete(app_delete))
+        .route("/v2/tasks", get(list_tasks))
+        .route("/v2/info", get(info))
+        .route("/v2/leader", get(leader))
+        .route("/v2/deployments", get(deployments))
+        .route("/v2/queue", get(queue))
+        .route("/v2/queue/{*rest}", delete(queue_delete))
+}
+
+/// Parse a request body as a JSON value, with Marathon's 400 on failure.
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::MarathonBadJson { path: "/".into(), error: e.to_string() })
+}
+
+/// Turn validation results into 400 (JSON type errors) or 422 (semantic errors), as Marathon does.
+fn invalid(inv: Invalid) -> ApiError {
+    if let Some(v) =
+        inv.0.iter().find(|v| v.errors.iter().any(|e| e.starts_with("error.expected") || e.starts_with("invalid type")))
+    {
+        return ApiError::MarathonBadJson { path: v.path.clone(), error: v.errors[0].clone() };
+    }
+    ApiError::MarathonInvalid(inv)
+}
+
+fn deployment_result(id: &str, version: u64) -> Response {
+    let mut r = (StatusCode::OK, axum::Json(json!({"deploymentId": id, "version": iso8601(version)}))).into_response();
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert("Marathon-Deployment-Id", v);
+    }
+    r
+}
+
+/// The JSON of a task, with the fields marathon-python knows.
+pub fn task_json(t: &Task, state: &Cluster) -> Value {
+    let address = state.agents.get(&t.agent_id).map(|a| a.address.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+    let mut v = json!({
+        "id": t.id,
+        "appId": t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        "host": t.host,
+        "ports": t.ports,
+        "servicePorts": t.service_ports,
+        "slaveId": t.agent_id,
+        "state": t.state.as_str(),
+        "stagedAt": iso8601(t.staged_at),
+        "version": iso8601(t.version),
+        "ipAddresses": [{"ipAddress": address, "protocol": "IPv4"}],
+        "healthCheckResults": [],
+        "localVolumes": [],
+    });
+    if let Some(s) = t.started_at {
+        v["startedAt"] = Value::from(iso8601(s));
+    }
+    v
+}
+
+#[derive(Default, Clone, Copy)]
+struct Embed {
+    tasks: bool,
+    failure: bool,
+}
+
+fn parse_embed(q: &[(String, String)]) -> Embed {
+    let mut e = Embed::default();
+    for v in params(q, "embed") {
+        let suffix = v.rsplit('.').next().unwrap_or("");
+        match suffix {
+            "tasks" => e.tasks = true,
+            "lastTaskFailure" => e.failure = true,
+            "failures" => {
+                e.tasks = true;
+                e.failure = true;
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
+/// The JSON of an app with counts and deployments, and tasks/lastTaskFailure when embedded.
+fn app_json(rec: &AppRecord, state: &Cluster, embed: Embed) -> Value {
+    let mut v = serde_json::to_value(&rec.app).unwrap_or(Value::Null);
+    let tasks: Vec<&Task> = state.app_tasks(&rec.app.id).collect();
+    let count = |s: TaskState| tasks.iter().filter(|t| t.state == s).count();
+    v["tasksStaged"] = Value::from(count(TaskState::Staging) + count(TaskState::Starting));
+    v["tasksRunning"] = Value::from(count(TaskState::Running));
+    v["tasksHealthy"] = Value::from(0);
+    v["tasksUnhealthy"] = Value::from(0);
+    let deployments: Vec<Value> =
+        rec.deployment.iter().filter(|d| state.deployments.contains_key(*d)).map(|d| json!({"id": d})).collect();
+    v["deployments"] = Value::Array(deployments);
+    if embed.tasks {
+        v["tasks"] = Value::Array(tasks.iter().map(|t| task_json(t, state)).collect());
+    }
+    if embed.failure {
+        if let Some(f) = &rec.last_failure {
+            v["lastTaskFailure"] = json!({
+                "appId": rec.app.id,
+                "host": f.host,
+                "message": f.message,
+                "state": f.state.as_str(),
+                "taskId": f.task_id,
+                "timestamp": iso8601(f.at),
+                "version": iso8601(f.version),
+                "slaveId": f.agent_id,
+            });
+        }
+    }
+    v
+}
+
+fn label_selector_matches(sel: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    // comma = AND; forms: k, k==v, k!=v, k in (a,b), k notin (a,b)
+    let mut parts = Vec::new();
+    let mut depth = 0;
+    let mut cur = String::new();
+    for c in sel.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    parts.push(cur);
+    parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).all(|p| {
+        let set = |rest: &str| -> Vec<String> {
+            rest.trim().trim_start_matches('(').trim_end_matches(')').split(',').map(|s| s.trim().to_owned()).collect()
+        };
+        if let Some((k, v)) = p.split_once("!=") {
+            labels.get(k.trim()).map(String::as_str) != Some(v.trim())
+        } else if let Some((k, v)) = p.split_once("==") {
+            labels.get(k.trim()).map(String::as_str) == Some(v.trim())
+        } else if let Some((k, rest)) = p.split_once(" notin ") {
+            labels.get(k.trim()).is_none_or(|v| !set(rest).contains(v))
+        } else if let Some((k, rest)) = p.split_once(" in ") {
+            labels.get(k.trim()).is_some_and(|v| set(rest).contains(v))
+        } else {
+            labels.contains_key(p)
+        }
+    })
+}
+
+async fn list_apps(State(api): State<Api>, Query(q): Params) -> Response {
+    let state = api.control.state();
+    let embed = parse_embed(&q);
+    let cmd = param(&q, "cmd");
+    let id = param(&q, "id");
+    let label = param(&q, "label");
+    let apps: Vec<Value> = state
+        .apps
+        .values()
+        .filter(|r| cmd.is_none_or(|c| r.app.cmd.as_deref().is_some_and(|x| x.contains(c.as_str()))))
+        .filter(|r| id.is_none_or(|i| r.app.id.as_str().contains(i.as_str())))
+        .filter(|r| label.is_none_or(|l| label_selector_matches(l, &r.app.labels)))
+        .map(|r| app_json(r, &state, embed))
+        .collect();
+    axum::Json(json!({"apps": apps})).into_response()
+}
+
+async fn create_app(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    let body = parse_body(&body)?;
+    let app = App::from_json(&body, None).map_err(invalid)?;
+    let id = app.id.clone();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let force = flag(param(&q, "force"), false);
+    api.control
+        .propose(Command::PutApp {
+            app,
+            now: now_millis(),
+            deployment_id: deployment_id.clone(),
+            create_only: true,
+            force,
+        })
+        .await
+        .map_err(ApiError::from_control)?;
+    let state = api.control.state();
+    let rec = state.apps.get(&id).ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist")))?;
+    let mut r = (StatusCode::CREATED, axum::Json(app_json(rec, &state, Embed::default()))).into_response();
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v2/apps{id}")) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&deployment_id) {
+        h.insert("Marathon-Deployment-Id", v);
+    }
+    Ok(r)
+}
+
+/// What a path under `/v2/apps/` addresses.
+enum Target {
+    App(AppId),
+    Group(String),
+    Tasks(AppId),
+    Task(AppId, TaskId),
+    Versions(AppId),
+    Version(AppId, String),
+    Restart,
+}
+
+fn parse_target(rest: &str) -> Result<Target, ApiError> {
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let id = |n: usize| -> Result<AppId, ApiError> {
+        let raw = segs[..n].join("/");
+        AppId::parse(&raw).map_err(|e| ApiError::MarathonInvalid(Invalid::at("/id", e)))
+    };
+    let n = segs.len();
+    if n == 0 {
+        return Err(ApiError::MarathonNotFound("URI not found".into()));
+    }
+    if segs[n - 1] == "*" {
+        return Ok(Target::Group(format!("/{}", segs[..n - 1].join("/"))));
+    }
+    if n >= 2 && segs[n - 1] == "tasks" {
+        return Ok(Target::Tasks(id(n - 1)?));
+    }
+    if n >= 3 && segs[n - 2] == "tasks" {
+        return Ok(Target::Task(id(n - 2)?, TaskId::from(segs[n - 1])));
+    }
+    if n >= 2 && segs[n - 1] == "versions" {
+        return Ok(Target::Versions(id(n - 1)?));
+    }
+    if n >= 3 && segs[n - 2] == "versions" {
+        return Ok(Target::Version(id(n - 2)?, segs[n - 1].to_owned()));
+    }
+    if n >= 2 && segs[n - 1] == "restart" {
+        return Ok(Target::Restart);
+    }
+    Ok(Target::App(id(n)?))
+}
+
+fn no_app(id: &AppId) -> ApiError {
+    ApiError::MarathonNotFound(format!("App '{id}' does not exist"))
+}
+
+async fn app_get(State(api): State<Api>, Path(rest): Path<String>, Query(q): Params) -> Result<Response, ApiError> {
+    let state = api.control.state();
+    match parse_target(&rest)? {
+        Target::App(id) => {
+            let rec = state.apps.get(&id).ok_or_else(|| no_app(&id))?;
+            let mut embed = parse_embed(&q);
+            embed.tasks = true;
+            embed.failure = true;
+            Ok(axum::Json(json!({"app": app_json(rec, &state, embed)})).into_response())
+        }
+        Target::Group(g) => {
+            let embed = parse_embed(&q);
+            let apps: Vec<Value> =
+                state.apps.values().filter(|r| r.app.id.in_group(&g)).map(|r| app_json(r, &state, embed)).collect();
+            Ok(axum::Json(json!({"*": apps})).into_response())
+        }
+        Target::Tasks(id) => {
+            if !state.apps.contains_key(&id) {
+                return Err(no_app(&id));
+            }
+            let tasks: Vec<Value> = state.app_tasks(&id).map(|t| task_json(t, &state)).collect();
+            Ok(axum::Json(json!({"tasks": tasks})).into_response())
+        }
+        Target::Task(id, task) => {
+            let t = state.tasks.get(&task).filter(|t| t.app_id.as_ref() == Some(&id));
+            let t = t.ok_or_else(|| ApiError::MarathonNotFound(format!("Task '{task}' does not exist")))?;
+            Ok(axum::Json(json!({"task": task_json(t, &state)})).into_response())
+        }
+        Target::Versions(id) => {
+            let rec = state.apps.get(&id).ok_or_else(|| no_app(&id))?;
+            let versions: Vec<String> = rec.versions.iter().rev().map(|(v, _)| iso8601(*v)).collect();
+            Ok(axum::Json(json!({"versions": versions})).into_response())
+        }
+        Target::Version(id, v) => {
+            let rec = state.apps.get(&id).ok_or_else(|| no_app(&id))?;
+            let want = parse_iso8601(&v)
+                .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
+            let app = rec
+                .versions
+                .iter()
+                .find(|(ts, _)| *ts == want)
+                .map(|(_, a)| a)
+                .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
+            Ok(axum::Json(serde_json::to_value(app).unwrap_or(Value::Null)).into_response())
+        }
+        Target::Restart => Err(ApiError::MarathonNotFound("URI not found".into())),
+    }
+}
+
+async fn app_put(
+    State(api): State<Api>,
+    Path(rest): Path<String>,
+    Query(q): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Target::App(id) = parse_target(&rest)? else {
+        return Err(ApiError::MarathonNotFound("URI not found".into()));
+    };
+    let body = parse_body(&body)?;
+    let force = flag(param(&q, "force"), false);
+    let partial = flag(param(&q, "partialUpdate"), true);
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let state = api.control.state();
+    let existing = state.apps.get(&id);
+    // {"version": ts} alone is a rollback.
+    if let Some(obj) = body.as_object() {
+        if obj.len() == 1 {
+            if let Some(v) = obj.get("version").and_then(Value::as_str) {
+                existing.ok_or_else(|| no_app(&id))?;
+                let version = parse_iso8601(v)
+                    .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
+                api.control
+                    .propose(Command::RollbackApp {
+                        id: id.clone(),
+                        version,
+                        now,
+                        deployment_id: deployment_id.clone(),
+                        force,
+                    })
+                    .await
+                    .map_err(ApiError::from_control)?;
+                return Ok(deployment_result(&deployment_id, now));
+            }
+        }
+    }
+    let app = match existing {
+        Some(rec) if partial => App::merge_json(Some(&rec.app), &body, Some(&id)),
+        _ => App::from_json(&body, Some(&id)),
+    }
+    .map_err(invalid)?;
+    let created = existing.is_none();
+    api.control
+        .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
+        .await
+        .map_err(ApiError::from_control)?;
+    let mut r = deployment_result(&deployment_id, now);
+    if created {
+        *r.status_mut() = StatusCode::CREATED;
+    }
+    Ok(r)
+}
+
+async fn app_delete(State(api): State<Api>, Path(rest): Path<String>, Query(q): Params) -> Result<Response, ApiError> {
+    let now = now_millis();
+    let state = api.control.state();
+    match parse_target(&rest)? {
+        Target::App(id) => {
+            if !state.apps.contains_key(&id) {
+                return Err(no_app(&id));
+            }
+            let deployment_id = uuid::Uuid::new_v4().to_string();
+            let force = flag(param(&q, "force"), true);
+            api.control
+                .propose(Command::DeleteApp { id, now, deployment_id: deployment_id.clone(), force })
+                .await
+                .map_err(ApiError::from_control)?;
+            Ok(deployment_result(&deployment_id, now))
+        }
+        Target::Tasks(id) => {
+            if !state.apps.contains_key(&id) {
+                return Err(no_app(&id));
+            }
+            let scale = flag(param(&q, "scale"), false);
+            let wipe = flag(param(&q, "wipe"), false);
+            if scale && wipe {
+                return Err(ApiError::MarathonBadRequest("You cannot use scale and wipe at the same time.".into()));
+            }
+            let host = param(&q, "host");
+            let tasks: Vec<&Task> = state.active_tasks(&id).filter(|t| host.is_none_or(|h| &t.host == h)).collect();
+            kill_tasks(&api, &state, tasks, scale, now).await
+        }
+        Target::Task(id, task) => {
+            let t = state.tasks.get(&task).filter(|t| t.app_id.as_ref() == Some(&id));
+            let t = t.ok_or_else(|| ApiError::MarathonNotFound(format!("Task '{task}' does not exist")))?;
+            let scale = flag(param(&q, "scale"), false);
+            let wipe = flag(param(&q, "wipe"), false);
+            if scale && wipe {
+                return Err(ApiError::MarathonBadRequest("You cannot use scale and wipe at the same time.".into()));
+            }
+            let r = kill_tasks(&api, &state, vec![t], scale, now).await?;
+            if scale {
+                return Ok(r);
+            }
+            Ok(axum::Json(json!({"task": task_json(t, &state)})).into_response())
+        }
+        _ => Err(ApiError::MarathonNotFound("URI not found".into())),
+    }
+}
+
+async fn kill_tasks(
+    api: &Api,
+    state: &Cluster,
+    tasks: Vec<&Task>,
+    scale: bool,
+    now: u64,
+) -> Result<Response, ApiError> {
+    let ids: Vec<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
+    let deployment_id = scale.then(|| uuid::Uuid::new_v4().to_string());
+    if !ids.is_empty() {
+        api.control
+            .propose(Command::KillTasks { ids, scale, now, deployment_id: deployment_id.clone() })
+            .await
+            .map_err(ApiError::from_control)?;
+    }
+    match deployment_id {
+        Some(d) => Ok(deployment_result(&d, now)),
+        None => {
+            Ok(axum::Json(json!({"tasks": tasks.iter().map(|t| task_json(t, state)).collect::<Vec<_>>()}))
+                .into_response())
+        }
+    }
+}
+
+async fn list_tasks(State(api): State<Api>, Query(q): Params) -> Response {
+    let state = api.control.state();
+    let wanted: Vec<String> = params(&q, "status").map(|s| s.to_ascii_lowercase()).collect();
+    let tasks: Vec<Value> = state
+        .tasks
+        .values()
+        .filter(|t| t.app_id.is_some())
+        .filter(|t| {
+            wanted.is_empty()
+                || wanted.iter().any(|w| match w.as_str() {
+                    "running" => t.state == TaskState::Running,
+                    "staging" => matches!(t.state, TaskState::Staging | TaskState::Starting),
+                    _ => false,
+                })
+        })
+        .map(|t| task_json(t, &state))
+        .collect();
+    axum::Json(json!({"tasks": tasks})).into_response()
+}
+
+async fn info(State(api): State<Api>) -> Response {
+    let i = &api.info;
+    let port: u16 = i.http_addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    axum::Json(json!({
+        "name": "mesh",
+        "version": "1.10.0",
+        "buildref": env!("CARGO_PKG_VERSION"),
+        "elected": true,
+        "leader": i.http_addr,
+        "frameworkId": "marathon",
+        "marathon_config": {
+            "checkpoint": true,
+            "executor": "//cmd",
+            "failover_timeout": 604800,
+            "framework_name": "marathon",
+            "ha": false,
+            "hostname": i.node,
+            "local_port_min": 10000,
+            "local_port_max": 20000,
+            "master": format!("local://{}", i.node),
+            "mesos_role": "*",
+            "mesos_user": "root",
+            "task_launch_timeout": 300000,
+            "features": [],
+            "decline_offer_duration": 120000,
+            "env_vars_prefix": "",
+            "revive_offers_for_new_apps": true,
+        },
+        "zookeeper_config": {
+            "zk": "",
+            "zk_hosts": "",
+            "zk_path": "",
+            "zk_timeout": 10000,
+            "zk_session_timeout": 10000,
+            "zk_max_versions": mesh_core::state::MAX_APP_VERSIONS,
+        },
+        "http_config": {
+            "http_port": port,
+            "https_port": 0,
+            "assets_path": null,
+        },
+    }))
+    .into_response()
+}
+
+async fn leader(State(api): State<Api>) -> Response {
+    axum::Json(json!({"leader": api.info.http_addr})).into_response()
+}
+
+async fn deployments(State(api): State<Api>) -> Response {
+    let state = api.control.state();
+    let list: Vec<Value> = state
+        .deployments
+        .values()
+        .map(|d| {
+            let steps: Vec<Value> = d
+                .steps
+                .iter()
+                .map(|s| json!({"actions": s.iter().map(|a| json!({"action": a.action, "app": a.app})).collect::<Vec<_>>()}))
+                .collect();
+            let current: Vec<Value> = d
+                .steps
+                .get(d.current_step.saturating_sub(1))
+                .map(|s| s.iter().map(|a| json!({"action": a.action, "app": a.app, "readinessCheckResults": []})).collect())
+                .unwrap_or_default();
+            json!({
+                "id": d.id,
+                "version": iso8601(d.version),
+                "affectedApps": d.affected_apps,
+                "affectedPods": [],
+                "steps": steps,
+                "currentActions": current,
+                "currentStep": d.current_step,
+                "totalSteps": d.steps.len(),
+            })
+        })
+        .collect();
+    axum::Json(Value::Array(list)).into_response()
+}
+
+async fn queue(State(api): State<Api>) -> Response {
+    let state = api.control.state();
+    let stats = api.control.published.offer_stats.load();
+    let now = now_millis();
+    let mut items = Vec::new();
+    for (id, rec) in state.apps.iter() {
+        let count = MarathonScheduler::wanted(&state, rec);
+        if count == 0 {
+            continue;
+        }
+        let left_ms = rec.delay.until.saturating_sub(now);
+        let st = stats.get(id);
+        let mut reasons: HashMap<&str, u64> = HashMap::new();
+        let processed = st.map(|s| s.processed).unwrap_or(0);
+        if let Some(s) = st {
+            for (r, n) in &s.rejected {
+                reasons.insert(r.as_str(), *n);
+            }
+        }
+        let summary: Vec<Value> = [
+            "UnfulfilledRole",
+            "UnfulfilledConstraint",
+            "NoCorrespondingReservationFound",
+            "AgentMaintenance",
+            "InsufficientCpus",
+            "InsufficientMemory",
+            "InsufficientDisk",
+            "InsufficientGpus",
+            "InsufficientPorts",
+            "DeclinedScarceResources",
+        ]
+        .iter()
+        .map(|r| json!({"reason": r, "declined": reasons.get(r).copied().unwrap_or(0), "processed": processed}))
+        .collect();
+        let declined: u64 = reasons.values().sum();
+        let mut offers = json!({
+            "processedOffersCount": processed,
+            "unusedOffersCount": declined,
+            "rejectSummaryLastOffers": summary.clone(),
+            "rejectSummaryLaunchAttempt": summary,
+        });
+        if let Some(at) = st.and_then(|s| s.last_offer_at) {
+            offers["lastUnusedOfferAt"] = Value::from(iso8601(at));
+        }
+        items.push(json!({
+            "app": app_json(rec, &state, Embed::default()),
+            "count": count,
+            "delay": {"timeLeftSeconds": left_ms / 1000, "overdue": left_ms == 0},
+            "since": iso8601(rec.version),
+            "processedOffersSummary": offers,
+        }));
+    }
+    axum::Json(json!({"queue": items})).into_response()
+}
+
+async fn queue_delete(State(api): State<Api>, Path(rest): Path<String>) -> Result<Response, ApiError> {
+    let Some(app) = rest.strip_suffix("/delay") else {
+        return Err(ApiError::MarathonNotFound("URI not found".into()));
+    };
+    let id = AppId::parse(app).map_err(|e| ApiError::MarathonInvalid(Invalid::at("/id", e)))?;
+    api.control.propose(Command::ResetDelay { id }).await.map_err(ApiError::from_control)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

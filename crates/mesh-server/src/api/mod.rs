@@ -1,0 +1,157 @@
+//! One HTTP listener serves every API: Marathon `/v2` (and `/ping`), Consul `/v1`.
+//!
+//! Errors of every API are values of [`ApiError`], turned into HTTP in exactly one place (its
+//! `IntoResponse`), in the API's own format: Marathon's JSON bodies, Consul's plain text.
+
+use crate::control::{ControlError, ControlHandle};
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use mesh_core::app::Invalid;
+use mesh_core::state::ApplyError;
+use serde_json::json;
+
+pub mod consul;
+pub mod marathon;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct Api {
+    /// The control side.
+    pub control: ControlHandle,
+    /// Node settings shown by the APIs.
+    pub info: NodeInfo,
+}
+
+/// Facts about the node that the APIs report.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// Node name.
+    pub node: String,
+    /// Datacenter.
+    pub datacenter: String,
+    /// The address (host:port) of the first HTTP listener.
+    pub http_addr: String,
+    /// DNS domain.
+    pub domain: String,
+    /// Start time.
+    pub started_at: u64,
+}
+
+/// An API error, in the format of the API it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Marathon 400: the body is not JSON, or a field has the wrong JSON type.
+    #[error("Invalid JSON")]
+    MarathonBadJson {
+        /// JSON path of the problem.
+        path: String,
+        /// What was expected.
+        error: String,
+    },
+    /// Marathon 400 with a message.
+    #[error("{0}")]
+    MarathonBadRequest(String),
+    /// Marathon 422: the definition is not valid.
+    #[error("Object is not valid")]
+    MarathonInvalid(Invalid),
+    /// Marathon 404.
+    #[error("{0}")]
+    MarathonNotFound(String),
+    /// Marathon 409 (duplicate).
+    #[error("{0}")]
+    MarathonConflict(String),
+    /// Marathon 409 (locked by a deployment).
+    #[error("locked by {0}")]
+    MarathonLocked(String),
+    /// Consul 400.
+    #[error("{0}")]
+    ConsulBadRequest(String),
+    /// Consul 404.
+    #[error("{0}")]
+    ConsulNotFound(String),
+    /// Consul 500 for an unknown datacenter.
+    #[error("No path to datacenter")]
+    ConsulNoPathToDc,
+    /// 503: the control side is not running or could not write its log.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// Map a control-side error for the Marathon API.
+    pub fn from_control(e: ControlError) -> Self {
+        match e {
+            ControlError::Rejected(ApplyError::Locked(d)) => ApiError::MarathonLocked(d),
+            ControlError::Rejected(e @ ApplyError::AppExists(_)) => ApiError::MarathonConflict(e.to_string()),
+            ControlError::Rejected(
+                e @ (ApplyError::UnknownApp(_) | ApplyError::UnknownTask(_) | ApplyError::UnknownVersion(..)),
+            ) => ApiError::MarathonNotFound(e.to_string()),
+            ControlError::Rejected(e) => ApiError::MarathonBadRequest(e.to_string()),
+            e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let json_resp = |status: StatusCode, body: serde_json::Value| (status, axum::Json(body)).into_response();
+        match self {
+            ApiError::MarathonBadJson { path, error } => json_resp(
+                StatusCode::BAD_REQUEST,
+                json!({"message": "Invalid JSON", "details": [{"path": path, "errors": [error]}]}),
+            ),
+            ApiError::MarathonBadRequest(m) => json_resp(StatusCode::BAD_REQUEST, json!({"message": m})),
+            ApiError::MarathonInvalid(inv) => {
+                json_resp(StatusCode::UNPROCESSABLE_ENTITY, json!({"message": "Object is not valid", "details": inv.0}))
+            }
+            ApiError::MarathonNotFound(m) => json_resp(StatusCode::NOT_FOUND, json!({"message": m})),
+            ApiError::MarathonConflict(m) => json_resp(StatusCode::CONFLICT, json!({"message": m})),
+            ApiError::MarathonLocked(d) => json_resp(
+                StatusCode::CONFLICT,
+                json!({
+                    "message": format!("App is locked by one or more deployments. Override with the option '?force=true'. View details at '/v2/deployments/{d}'."),
+                    "deployments": [{"id": d}],
+                }),
+            ),
+            ApiError::ConsulBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
+            ApiError::ConsulNotFound(m) => text(StatusCode::NOT_FOUND, m),
+            ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
+            ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Parse a boolean query flag the way clients send it: `true`, `True`, `1`, or present and empty.
+pub fn flag(v: Option<&String>, default: bool) -> bool {
+    match v.map(|s| s.trim().to_ascii_lowercase()) {
+        None => default,
+        Some(s) => matches!(s.as_str(), "" | "true" | "1" | "yes"),
+    }
+}
+
+async fn ping() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "pong")
+}
+
+async fn not_found() -> Response {
+    // Marathon answers unknown routes with this body (and, oddly, 500; 404 is what clients expect).
+    (StatusCode::NOT_FOUND, axum::Json(json!({"message": "URI not found"}))).into_response()
+}
+
+/// The router of every API.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/ping", axum::routing::get(ping))
+        .merge(marathon::routes())
+        .merge(consul::routes())
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
+        .with_state(api)
+}

@@ -1,0 +1,414 @@
+//! The control task: the one writer of cluster state.
+//!
+//! It owns the [`Store`] (state machine + log), the allocator and the Marathon scheduler, and
+//! is driven by messages (API commands, agent reports) and a periodic tick. After every batch it
+//! publishes immutable snapshots that every reader (HTTP, DNS) loads without locking.
+
+use arc_swap::ArcSwap;
+use mesh_core::allocator::{Allocator, AllocatorConfig, DrfAllocator, Filters};
+use mesh_core::app::AppId;
+use mesh_core::catalog::CatalogState;
+use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
+use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
+use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
+use mesh_core::state::{Agent, ApplyError, Command, LogError, State, Store};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+/// Errors the control side reports to API callers.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The command was rejected by the state machine.
+    #[error(transparent)]
+    Rejected(#[from] ApplyError),
+    /// The log could not be written; nothing changed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The control task is gone (shutting down).
+    #[error("the control loop is not running")]
+    Stopped,
+}
+
+/// A message to the control task.
+pub enum ControlMsg {
+    /// Apply a command and report the result.
+    Propose(Command, oneshot::Sender<Result<(), ControlError>>),
+    /// An agent connected; this is its transport.
+    AgentConnected(AgentId, mpsc::Sender<ToAgent>),
+    /// A message from an agent.
+    FromAgent(ToControl),
+    /// Stop launching (shutdown in progress); reply when applied.
+    Drain(oneshot::Sender<()>),
+}
+
+/// What readers see: published after every batch.
+#[derive(Clone)]
+pub struct Published {
+    /// The cluster state.
+    pub state: Arc<ArcSwap<State>>,
+    /// The catalog (its own cell, so DNS only reloads when it changed).
+    pub catalog: Arc<ArcSwap<CatalogState>>,
+    /// Offer statistics of the Marathon scheduler, for `/v2/queue`.
+    pub offer_stats: Arc<ArcSwap<BTreeMap<AppId, OfferStats>>>,
+    /// The state index; changes wake waiters.
+    pub index: watch::Receiver<u64>,
+}
+
+/// A handle to the control task.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<ControlMsg>,
+    /// Published snapshots.
+    pub published: Published,
+}
+
+impl ControlHandle {
+    /// Apply a command; returns once it is durable and visible to readers.
+    pub async fn propose(&self, cmd: Command) -> Result<(), ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(ControlMsg::Propose(cmd, tx)).await.map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// Send a raw message (agents use this).
+    pub async fn send(&self, msg: ControlMsg) -> Result<(), ControlError> {
+        self.tx.send(msg).await.map_err(|_| ControlError::Stopped)
+    }
+
+    /// The current state snapshot.
+    pub fn state(&self) -> Arc<State> {
+        self.published.state.load_full()
+    }
+
+    /// Stop launching new tasks.
+    pub async fn drain(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(ControlMsg::Drain(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Settings of the control task.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// Datacenter name.
+    pub datacenter: String,
+    /// Period of the reconcile/allocation tick.
+    pub tick: Duration,
+    /// Seed for the scheduler's random choices.
+    pub seed: u64,
+}
+
+struct Control {
+    cfg: ControlConfig,
+    store: Store,
+    allocator: DrfAllocator,
+    marathon: MarathonScheduler,
+    agents: HashMap<AgentId, mpsc::Sender<ToAgent>>,
+    outbox: VecDeque<(AgentId, ToAgent)>,
+    published: Published,
+    index_tx: watch::Sender<u64>,
+    draining: bool,
+    seen_updates: VecDeque<String>,
+}
+
+/// Start the control task on `store`. Returns its handle and join handle.
+pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(1024);
+    let state = store.state().clone();
+    let (index_tx, index_rx) = watch::channel(state.index);
+    let published = Published {
+        catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
+        state: Arc::new(ArcSwap::from_pointee(state)),
+        offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
+        index: index_rx,
+    };
+    let mut allocator = DrfAllocator::new(AllocatorConfig {
+        offer_timeout_ms: Some(30_000),
+        min_allocatable: Resources::scalars(0.001, 0.0, 0.0),
+    });
+    let marathon = MarathonScheduler::new(cfg.seed);
+    allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
+    let control = Control {
+        cfg,
+        store,
+        allocator,
+        marathon,
+        agents: HashMap::new(),
+        outbox: VecDeque::new(),
+        published: published.clone(),
+        index_tx,
+        draining: false,
+        seen_updates: VecDeque::new(),
+    };
+    let join = tokio::spawn(control.run(rx));
+    (ControlHandle { tx, published }, join)
+}
+
+impl Control {
+    async fn run(mut self, mut rx: mpsc::Receiver<ControlMsg>) {
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut batch = Vec::new();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(m) => batch.push(m),
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            while batch.len() < 256 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let now = now_millis();
+            self.handle_batch(batch, now);
+            self.step(now);
+            self.flush().await;
+        }
+        debug!("control loop stopped");
+    }
+
+    fn handle_batch(&mut self, batch: Vec<ControlMsg>, now: Millis) {
+        let mut proposals = Vec::new();
+        let mut replies = Vec::new();
+        for msg in batch {
+            match msg {
+                ControlMsg::Propose(cmd, reply) => {
+                    proposals.push(cmd);
+                    replies.push(reply);
+                }
+                ControlMsg::AgentConnected(id, tx) => {
+                    self.agents.insert(id, tx);
+                }
+                ControlMsg::FromAgent(m) => self.from_agent(m, now),
+                ControlMsg::Drain(reply) => {
+                    self.draining = true;
+                    let _ = reply.send(());
+                }
+            }
+        }
+        if proposals.is_empty() {
+            return;
+        }
+        match self.store.propose(proposals) {
+            Ok(results) => {
+                // Visible to readers before the caller hears back.
+                self.publish();
+                for (res, reply) in results.into_iter().zip(replies) {
+                    let _ = reply.send(res.map(|_| ()).map_err(ControlError::from));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "state log write failed; the batch was not applied");
+                for reply in replies {
+                    let _ = reply.send(Err(ControlError::Log(LogError::Store(e.to_string()))));
+                }
+            }
+        }
+    }
+
+    /// Apply commands the control side itself decided on.
+    fn apply(&mut self, cmds: Vec<Command>) -> Vec<Result<(), ApplyError>> {
+        if cmds.is_empty() {
+            return Vec::new();
+        }
+        match self.store.propose(cmds) {
+            Ok(r) => r.into_iter().map(|r| r.map(|_| ())).collect(),
+            Err(e) => {
+                warn!(error = %e, "state log write failed");
+                vec![]
+            }
+        }
+    }
+
+    fn from_agent(&mut self, msg: ToControl, now: Millis) {
+        match msg {
+            ToControl::Register { agent_id, hostname, address, resources, attributes, running } => {
+                info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
+                let agent = Agent {
+                    id: agent_id.clone(),
+                    hostname: hostname.clone(),
+                    address,
+                    resources: resources.clone(),
+                    attributes: attributes.clone(),
+                    registered_at: now,
+                };
+                let datacenter = self.cfg.datacenter.clone();
+                self.apply(vec![Command::RegisterAgent { agent, datacenter }]);
+                // Re-registration: rescind its offers, then account for the tasks it runs.
+                self.allocator.remove_agent(&agent_id);
+                self.allocator.add_agent(agent_id.clone(), hostname, resources, attributes);
+                let state = self.store.state().clone();
+                let mut lost = Vec::new();
+                for t in state.tasks.values().filter(|t| t.agent_id == agent_id) {
+                    if running.contains(&t.id) {
+                        self.allocator.track_used(&agent_id, &t.framework_id, &t.resources);
+                    } else {
+                        lost.push(Command::TaskStatus {
+                            task_id: t.id.clone(),
+                            state: TaskState::Lost,
+                            message: "task was not running when its agent (re-)registered".into(),
+                            at: now,
+                        });
+                    }
+                }
+                for id in &running {
+                    let known = state.tasks.get(id).is_some_and(|t| t.agent_id == agent_id);
+                    if !known {
+                        info!(task = %id, "agent runs a task the state does not know: killing it");
+                        self.outbox.push_back((
+                            agent_id.clone(),
+                            ToAgent::Kill { task_id: id.clone(), grace: Duration::from_secs(3) },
+                        ));
+                    }
+                }
+                self.apply(lost);
+            }
+            ToControl::Status(update) => self.status_update(update),
+        }
+    }
+
+    fn status_update(&mut self, update: StatusUpdate) {
+        if self.seen_updates.contains(&update.uuid) {
+            return; // a re-sent update
+        }
+        self.seen_updates.push_back(update.uuid.clone());
+        if self.seen_updates.len() > 4096 {
+            self.seen_updates.pop_front();
+        }
+        let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
+            if !update.state.is_terminal() {
+                // A task nobody wants: stop it.
+                self.outbox.push_back((
+                    update.agent_id.clone(),
+                    ToAgent::Kill { task_id: update.task_id.clone(), grace: Duration::from_secs(3) },
+                ));
+            }
+            return;
+        };
+        let res = self.apply(vec![Command::TaskStatus {
+            task_id: update.task_id.clone(),
+            state: update.state,
+            message: update.message.clone(),
+            at: update.at,
+        }]);
+        if res.first().is_some_and(|r| r.is_ok()) && update.state.is_terminal() {
+            self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
+        }
+        let view = self.store.state().clone();
+        let calls = self.marathon.status(&view, &update, update.at);
+        self.handle_calls(calls, update.at);
+    }
+
+    fn step(&mut self, now: Millis) {
+        let ends = MarathonScheduler::finished_deployments(self.store.state());
+        self.apply(ends);
+        if !self.draining {
+            let view = self.store.state().clone();
+            let calls = self.marathon.reconcile(&view, now);
+            self.handle_calls(calls, now);
+            self.allocator.expire_offers(now);
+            let offers = self.allocator.allocate(now);
+            if !offers.is_empty() {
+                let mut mine = Vec::new();
+                for o in offers {
+                    if &o.framework_id == self.marathon.framework_id() {
+                        mine.push(o);
+                    } else {
+                        let _ = self.allocator.decline(&o.id, Filters { refuse_seconds: 5.0 }, now);
+                    }
+                }
+                let view = self.store.state().clone();
+                let calls = self.marathon.offers(&view, mine, now);
+                self.handle_calls(calls, now);
+                let stats: BTreeMap<AppId, OfferStats> = view
+                    .apps
+                    .keys()
+                    .filter_map(|id| self.marathon.offer_stats(id).map(|s| (id.clone(), s.clone())))
+                    .collect();
+                self.published.offer_stats.store(Arc::new(stats));
+            }
+        }
+        self.publish();
+    }
+
+    fn handle_calls(&mut self, calls: Vec<Call>, now: Millis) {
+        for call in calls {
+            match call {
+                Call::Accept { offer_id, launches, filters } => {
+                    let mut used = Resources::default();
+                    for l in &launches {
+                        used.add(&l.task.resources);
+                    }
+                    if let Err(e) = self.allocator.accept(&offer_id, &used, filters, now) {
+                        warn!(error = %e, "accept refused by the allocator");
+                        continue;
+                    }
+                    let tasks = launches.iter().map(|l| l.task.clone()).collect();
+                    let res = self.apply(vec![Command::LaunchTasks { tasks }]);
+                    if res.first().is_some_and(|r| r.is_ok()) {
+                        for l in launches {
+                            self.outbox.push_back((l.task.agent_id.clone(), ToAgent::Launch(l.spec)));
+                        }
+                    } else {
+                        // Not recorded: give the resources back rather than run untracked tasks.
+                        if let Some(l) = launches.first() {
+                            self.allocator.recover(&l.task.agent_id, &FrameworkId::from("marathon"), &used);
+                        }
+                    }
+                }
+                Call::Decline { offer_id, filters } => {
+                    let _ = self.allocator.decline(&offer_id, filters, now);
+                }
+                Call::Kill { task_id, agent_id, grace } => {
+                    let needs_mark = self.store.state().tasks.get(&task_id).is_some_and(|t| !t.kill_requested);
+                    if needs_mark {
+                        self.apply(vec![Command::KillTasks {
+                            ids: vec![task_id.clone()],
+                            scale: false,
+                            now,
+                            deployment_id: None,
+                        }]);
+                    }
+                    self.outbox.push_back((agent_id, ToAgent::Kill { task_id, grace }));
+                }
+                Call::Revive => self.allocator.revive(&FrameworkId::from("marathon")),
+                Call::Suppress => self.allocator.suppress(&FrameworkId::from("marathon")),
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let state = self.store.state();
+        if state.index == *self.index_tx.borrow() {
+            return;
+        }
+        if self.published.catalog.load().index != state.catalog.index {
+            self.published.catalog.store(Arc::new(state.catalog.clone()));
+        }
+        self.published.state.store(Arc::new(state.clone()));
+        let _ = self.index_tx.send(state.index);
+    }
+
+    async fn flush(&mut self) {
+        while let Some((agent, msg)) = self.outbox.pop_front() {
+            match self.agents.get(&agent) {
+                Some(tx) => {
+                    if tx.send(msg).await.is_err() {
+                        warn!(%agent, "agent channel closed");
+                        self.agents.remove(&agent);
+                    }
+                }
+                None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! mesh-server: assembles the cores of mesh-core into a deployable node.
+//!
+//! - [`node`]: builds a node from a [`node::NodeConfig`] (`mesh dev` = control + agent + APIs + DNS).
+//! - [`control`]: the single writer of cluster state (log, allocator, Marathon scheduler).
+//! - [`agent`]: runs tasks through a runtime and reports their status.
+//! - [`api`]: one HTTP router for Marathon `/v2` and Consul `/v1`; errors mapped in one place.
+//! - [`dns`]: the hickory-server handler over the published catalog.
+
+pub mod agent;
+pub mod api;
+pub mod control;
+pub mod dns;
+pub mod node;

@@ -1,0 +1,228 @@
+//! Assembling a node. `mesh dev` runs everything in one process: the control side (state log,
+//! allocator, Marathon scheduler), one agent with its runtime, the HTTP APIs and the DNS server.
+//! Control and agent still talk only through [`mesh_core::proto`] messages.
+
+use crate::agent::{self, AgentConfig, StopMode};
+use crate::api::{self, Api, NodeInfo};
+use crate::control::{self, ControlConfig};
+use crate::dns::DnsServer;
+use mesh_core::dns::DnsConfig;
+use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
+use mesh_core::runtime::Runtime;
+use mesh_core::runtime::process::ProcessRuntime;
+use mesh_core::state::{RedbLog, Store};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Which runtime the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Docker when an engine answers, processes otherwise.
+    Auto,
+    /// Plain processes.
+    Process,
+    /// Docker containers.
+    Docker,
+}
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// HTTP listeners (every one serves every API).
+    pub http: Vec<SocketAddr>,
+    /// DNS listener (UDP and TCP on the same port).
+    pub dns: SocketAddr,
+    /// Data directory (state log, task sandboxes).
+    pub data_dir: PathBuf,
+    /// DNS domain.
+    pub domain: String,
+    /// Node name.
+    pub node: String,
+    /// Datacenter.
+    pub datacenter: String,
+    /// Runtime choice.
+    pub runtime: RuntimeKind,
+    /// Host port range of the agent.
+    pub ports: (u16, u16),
+    /// Address tasks and DNS answers use.
+    pub advertise: IpAddr,
+    /// CPUs offered.
+    pub cpus: f64,
+    /// Memory offered, MiB.
+    pub mem: f64,
+    /// Disk offered, MiB.
+    pub disk: f64,
+    /// Agent attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// On SIGTERM/SIGINT, leave tasks running for the next start to re-adopt.
+    pub keep_tasks_on_exit: bool,
+}
+
+/// Errors that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory is not usable.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state log could not be opened.
+    #[error(transparent)]
+    Log(#[from] mesh_core::state::LogError),
+    /// The runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] mesh_core::runtime::RuntimeError),
+    /// A runtime that this build does not provide.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The addresses a started node listens on.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// HTTP listeners.
+    pub http: Vec<SocketAddr>,
+    /// DNS (UDP and TCP).
+    pub dns: SocketAddr,
+}
+
+async fn bind_dns(addr: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), NodeError> {
+    // UDP and TCP on the same port; with port 0, retry until both get the same one.
+    for _ in 0..50 {
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(|source| NodeError::Bind { addr, source })?;
+        let port = udp.local_addr().map_err(|source| NodeError::Bind { addr, source })?.port();
+        match tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(source) if addr.port() != 0 => return Err(NodeError::Bind { addr, source }),
+            Err(_) => continue,
+        }
+    }
+    Err(NodeError::Bind { addr, source: std::io::Error::other("no port free for both UDP and TCP") })
+}
+
+/// Run a `mesh dev` node until `shutdown` resolves. `ready` is called with the bound addresses
+/// once every API answers.
+pub async fn run_dev(
+    cfg: NodeConfig,
+    ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
+    let log = RedbLog::open(&cfg.data_dir.join("state.redb"))?;
+    let store = Store::open(Box::new(log), &cfg.datacenter)?;
+    info!(
+        apps = store.state().apps.len(),
+        tasks = store.state().tasks.len(),
+        index = store.state().index,
+        "state loaded"
+    );
+    let (control, control_join) = control::spawn(
+        store,
+        ControlConfig { datacenter: cfg.datacenter.clone(), tick: Duration::from_millis(200), seed: now_millis() },
+    );
+
+    // Runtime and agent.
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+    let runtime: Arc<dyn Runtime> = match cfg.runtime {
+        RuntimeKind::Process | RuntimeKind::Auto => {
+            let rt = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx)?;
+            info!(isolation = rt.isolation(), "process runtime");
+            Arc::new(rt)
+        }
+        RuntimeKind::Docker => {
+            return Err(NodeError::Unsupported(
+                "the docker runtime is not available in this build yet; use --runtime process".into(),
+            ));
+        }
+    };
+    let agent_cfg = AgentConfig {
+        id: AgentId::from(cfg.node.as_str()),
+        hostname: cfg.node.clone(),
+        address: cfg.advertise,
+        resources: Resources {
+            cpus: cfg.cpus,
+            mem: cfg.mem,
+            disk: cfg.disk,
+            ports: PortRanges::range(cfg.ports.0, cfg.ports.1),
+        },
+        attributes: cfg.attributes.clone(),
+    };
+    let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+
+    // DNS.
+    let (udp, tcp) = bind_dns(cfg.dns).await?;
+    let dns_addr = udp.local_addr().map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
+    let dns_cfg = DnsConfig { domain: cfg.domain.clone(), datacenter: cfg.datacenter.clone(), ..DnsConfig::default() };
+    let dns = DnsServer::start(udp, tcp, control.published.catalog.clone(), dns_cfg)
+        .await
+        .map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
+
+    // HTTP.
+    let mut listeners = Vec::new();
+    for addr in &cfg.http {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Bind { addr: *addr, source })?;
+        listeners.push(l);
+    }
+    let http_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let info = NodeInfo {
+        node: cfg.node.clone(),
+        datacenter: cfg.datacenter.clone(),
+        http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+        domain: cfg.domain.clone(),
+        started_at: now_millis(),
+    };
+    let router = api::router(Api { control: control.clone(), info });
+    let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for l in listeners {
+        let mut rx = stop_http_rx.clone();
+        let app = router.clone();
+        servers.push(tokio::spawn(async move {
+            let res = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = res {
+                warn!(error = %e, "HTTP server ended");
+            }
+        }));
+    }
+    let bound = Bound { http: http_addrs, dns: dns_addr };
+    info!(http = ?bound.http, dns = %bound.dns, node = %cfg.node, dc = %cfg.datacenter, "mesh dev ready");
+    ready(&bound);
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_http_tx.send(true);
+    for s in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+    }
+    control.drain().await;
+    let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
+    agent.stop(mode).await;
+    dns.shutdown().await;
+    // Let the control loop apply the last status updates, then stop it.
+    drop(control);
+    control_join.abort();
+    let _ = control_join.await;
+    info!("stopped");
+    Ok(())
+}
