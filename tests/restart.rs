@@ -1,0 +1,115 @@
+//! Restarting `mesh dev` on the same data dir keeps every app and ends with exactly
+//! `instances` tasks per app: after SIGKILL (and after SIGTERM with --keep-tasks-on-exit) it
+//! re-adopts the processes that still run and replaces the ones that died; after a plain
+//! SIGTERM it has stopped its tasks and starts new ones. Never orphans, never duplicates.
+
+mod support;
+
+use serde_json::json;
+use std::collections::BTreeSet;
+use support::*;
+
+fn app(tag: &str) -> String {
+    json!({
+        "id": "/svc/keep", "cmd": "exec python3 -m http.server $PORT0 --bind 127.0.0.1", "instances": 2,
+        "cpus": 0.1, "mem": 64, "env": {"MESH_TEST_TAG": tag},
+    })
+    .to_string()
+}
+
+async fn settle(node: &MeshNode, tag: &str, n: usize) -> (BTreeSet<String>, Vec<u32>) {
+    eventually(60, "exactly n running tasks, n processes, deployments done", || async {
+        let t = running_tasks(node, "/svc/keep").await;
+        let (_, all) = node.get("/v2/apps/svc/keep/tasks").await;
+        let total = all["tasks"].as_array().map(|a| a.len()).unwrap_or(99);
+        let (_, d) = node.get("/v2/deployments").await;
+        let pids = tagged_pids(tag, "python3");
+        let mut up = true;
+        for (_, p) in &t {
+            up &= http_ok(*p).await;
+        }
+        (up && t.len() == n && total == n && pids.len() == n && d.as_array().is_some_and(|a| a.is_empty()))
+            .then(|| (t.into_iter().map(|(id, _)| id).collect(), pids))
+    })
+    .await
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+async fn run(signal: &str, keep: bool, kill_one_while_down: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let ports = port_range();
+    let extra: Vec<&str> =
+        if keep { vec!["--runtime", "process", "--keep-tasks-on-exit"] } else { vec!["--runtime", "process"] };
+    let tag = uuid::Uuid::new_v4().to_string();
+    let mut node = MeshNode::start_on(&data, ports, &extra);
+    let (s, v) = node.send("POST", "/v2/apps", Some(&app(&tag))).await;
+    assert_eq!(s, 201, "{v}");
+    let (ids, pids) = settle(&node, &tag, 2).await;
+
+    node.stop_with(signal);
+    let adopt = signal == "KILL" || keep;
+    if adopt {
+        assert!(pids.iter().all(|p| alive(*p)), "tasks outlive the node");
+    } else {
+        assert!(tagged_pids(&tag, "python3").is_empty(), "a clean stop leaves no task process");
+    }
+    let mut victim = None;
+    if kill_one_while_down {
+        let p = pids[0];
+        let _ = std::process::Command::new("kill").args(["-KILL", &p.to_string()]).status();
+        eventually(10, "victim gone", || async { (!alive(p)).then_some(()) }).await;
+        victim = Some(p);
+    }
+
+    let node = MeshNode::start_on(&data, ports, &extra);
+    let (s, v) = node.get("/v2/apps/svc/keep").await;
+    assert_eq!(s, 200, "the app survives the restart: {v}");
+    assert_eq!(v["app"]["instances"], 2);
+    let (ids2, pids2) = settle(&node, &tag, 2).await;
+    match (adopt, victim) {
+        (true, None) => {
+            assert_eq!(ids2, ids, "the same tasks are re-adopted");
+            assert_eq!(pids2, pids, "the same processes are re-adopted");
+        }
+        (true, Some(v)) => {
+            assert_eq!(ids2.intersection(&ids).count(), 1, "one task adopted, one replaced");
+            assert!(!pids2.contains(&v));
+            let (_, a) = node.get("/v2/apps/svc/keep").await;
+            assert!(a["app"]["lastTaskFailure"]["message"].as_str().is_some(), "the lost task is recorded: {a}");
+        }
+        (false, _) => assert!(ids2.is_disjoint(&ids), "new tasks after a clean stop"),
+    }
+    // Still exactly two after a few more reconcile rounds.
+    for _ in 0..5 {
+        let (_, _) = node.get("/v2/apps").await;
+        assert_eq!(tagged_pids(&tag, "python3").len(), 2, "no duplicates");
+    }
+    let (s, _) = node.send("DELETE", "/v2/apps/svc/keep", None).await;
+    assert_eq!(s, 200);
+    eventually(30, "no orphan left after delete", || async { tagged_pids(&tag, "python3").is_empty().then_some(()) })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_readopts_running_tasks() {
+    run("KILL", false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_replaces_a_task_that_died_while_down() {
+    run("KILL", false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_tasks_and_restart_replaces_them() {
+    run("TERM", false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_keep_tasks_readopts() {
+    run("TERM", true, false).await;
+}
