@@ -122,6 +122,17 @@ pub enum ToControl {
     },
     /// A task changed state.
     Status(StatusUpdate),
+    /// The complete set of service instances that one source on an agent (e.g. `registrator`)
+    /// currently provides. Level-triggered: it replaces that source's previous set, so a lost or
+    /// repeated message is harmless and a resync leaves nothing stale.
+    Services {
+        /// Reporting agent (the catalog node of the instances).
+        agent_id: AgentId,
+        /// Which part of the agent provides them.
+        source: String,
+        /// The instances (their `node` is set to the agent).
+        instances: Vec<crate::catalog::ServiceInstance>,
+    },
 }
 
 #[cfg(test)]
@@ -140,6 +151,7 @@ mod tests {
             ports: vec![31000],
             kill_grace: Duration::from_secs(3),
             labels: BTreeMap::new(),
+            container: None,
         };
         let msgs = vec![
             ToAgent::Launch(spec),

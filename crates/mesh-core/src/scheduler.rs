@@ -312,6 +312,7 @@ impl MarathonScheduler {
             ports,
             kill_grace: app.kill_grace(),
             labels,
+            container: None,
         };
         Launch { task, spec }
     }

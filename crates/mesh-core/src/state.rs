@@ -20,6 +20,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
+/// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
+pub const SOURCE_META: &str = "mesh-source";
+
 /// How many old versions of an app are kept.
 pub const MAX_APP_VERSIONS: usize = 50;
 
@@ -240,6 +243,15 @@ pub enum Command {
     ResetDelay {
         /// Which app.
         id: AppId,
+    },
+    /// Replace the service instances that `source` on `node` provides with `instances`.
+    SyncServices {
+        /// The node.
+        node: String,
+        /// The providing source (e.g. `registrator`).
+        source: String,
+        /// The complete new set.
+        instances: Vec<ServiceInstance>,
     },
     /// Remove a deployment (done, or cancelled).
     EndDeployment {
@@ -488,6 +500,32 @@ impl State {
                 let rec = self.apps.get_mut(id).ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
                 rec.delay = LaunchDelay::default();
                 ch.apps.push(id.clone());
+            }
+            Command::SyncServices { node, source, instances } => {
+                let index = self.index + 1;
+                let mut keep = std::collections::BTreeSet::new();
+                for inst in instances {
+                    let mut inst = inst.clone();
+                    inst.node = node.clone();
+                    inst.meta.insert(SOURCE_META.into(), source.clone());
+                    keep.insert((inst.service.clone(), inst.id.clone()));
+                    ch.catalog |= self.catalog.upsert_instance(inst, index);
+                }
+                let stale: Vec<(String, String)> = self
+                    .catalog
+                    .services
+                    .iter()
+                    .flat_map(|(svc, insts)| {
+                        insts
+                            .values()
+                            .filter(|i| &i.node == node && i.meta.get(SOURCE_META) == Some(source))
+                            .map(move |i| (svc.clone(), i.id.clone()))
+                    })
+                    .filter(|k| !keep.contains(k))
+                    .collect();
+                for (svc, id) in stale {
+                    ch.catalog |= self.catalog.remove_instance(&svc, &id, index);
+                }
             }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
@@ -917,6 +955,49 @@ mod tests {
         s.apply(&Command::KillTasks { ids: vec!["t1".into()], scale: false, now: 6, deployment_id: None }).unwrap();
         assert!(s.catalog.services.get("web-prod").is_none());
         assert!(s.catalog.index > idx);
+    }
+
+    #[test]
+    fn synced_services_replace_their_source_only() {
+        let mut s = State::new("dc1");
+        s.apply(&put(app("/web", 1), 0, "d")).unwrap();
+        s.apply(&Command::LaunchTasks { tasks: vec![task("t1", "/web")] }).unwrap();
+        s.apply(&Command::TaskStatus {
+            task_id: "t1".into(),
+            state: TaskState::Running,
+            message: String::new(),
+            at: 5,
+        })
+        .unwrap();
+        let inst = |id: &str, svc: &str| ServiceInstance {
+            id: id.into(),
+            service: svc.into(),
+            node: String::new(),
+            address: None,
+            port: 32768,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            health: Health::Passing,
+            create_index: 0,
+            modify_index: 0,
+        };
+        let sync = |v: Vec<ServiceInstance>| Command::SyncServices {
+            node: "n1".into(),
+            source: "registrator".into(),
+            instances: v,
+        };
+        s.apply(&sync(vec![inst("c1:80", "ext"), inst("c2:80", "ext")])).unwrap();
+        assert_eq!(s.catalog.services["ext"].len(), 2);
+        assert_eq!(s.catalog.services["ext"]["c1:80"].node, "n1");
+        let idx = s.catalog.index;
+        let ch = s.apply(&sync(vec![inst("c1:80", "ext"), inst("c2:80", "ext")])).unwrap();
+        assert!(!ch.catalog, "the same set again changes nothing");
+        assert_eq!(s.catalog.index, idx);
+        s.apply(&sync(vec![inst("c2:80", "ext")])).unwrap();
+        assert_eq!(s.catalog.services["ext"].len(), 1);
+        s.apply(&sync(vec![])).unwrap();
+        assert!(s.catalog.services.get("ext").is_none());
+        assert_eq!(s.catalog.services["web"].len(), 1, "task instances are not touched");
     }
 
     #[test]

@@ -273,6 +273,9 @@ impl Control {
                 self.apply(lost);
             }
             ToControl::Status(update) => self.status_update(update),
+            ToControl::Services { agent_id, source, instances } => {
+                self.apply(vec![Command::SyncServices { node: agent_id.0, source, instances }]);
+            }
         }
     }
 

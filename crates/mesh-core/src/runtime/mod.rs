@@ -38,6 +38,61 @@ pub struct TaskSpec {
     pub kill_grace: Duration,
     /// Free-form labels (app id, version) kept with the task, e.g. for re-adoption.
     pub labels: BTreeMap<String, String>,
+    /// A container to run the command in; `None` runs a plain process.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+}
+
+/// Container networking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkMode {
+    /// The host's network namespace (`host`).
+    Host,
+    /// Docker's bridge with published ports (`container/bridge`, 1.4's `BRIDGE`).
+    Bridge,
+    /// No network.
+    None,
+}
+
+/// One published port of a bridged container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// Port inside the container.
+    pub container_port: u16,
+    /// Port on the host (assigned from the agent's range; never 0 here).
+    pub host_port: u16,
+    /// `tcp`, `udp` or `udp,tcp`.
+    pub protocol: String,
+}
+
+/// A bind mount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Path inside the container.
+    pub container_path: String,
+    /// Path on the host.
+    pub host_path: String,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// How to run a task in a container.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Image reference.
+    pub image: String,
+    /// Networking.
+    pub network: NetworkMode,
+    /// Published ports (bridge mode).
+    pub port_mappings: Vec<PortMapping>,
+    /// Bind mounts.
+    pub volumes: Vec<Volume>,
+    /// `docker.parameters` that passed the allow-list (key, value), in order.
+    pub parameters: Vec<(String, String)>,
+    /// Run privileged (only when the node allows it).
+    pub privileged: bool,
+    /// Pull the image even when it is present.
+    pub force_pull: bool,
 }
 
 /// How a task ended.

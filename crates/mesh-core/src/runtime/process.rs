@@ -195,6 +195,12 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn launch(&self, spec: TaskSpec) -> Result<(), RuntimeError> {
+        if spec.container.is_some() {
+            return Err(RuntimeError::Launch {
+                task: spec.task_id,
+                message: "the process runtime cannot run container tasks".into(),
+            });
+        }
         if self.inner.lock().contains_key(&spec.task_id) {
             return Err(RuntimeError::Launch {
                 task: spec.task_id,
@@ -788,6 +794,7 @@ mod tests {
             ports: vec![],
             kill_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
+            container: None,
         }
     }
 
