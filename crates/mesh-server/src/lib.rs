@@ -11,4 +11,3 @@ pub mod api;
 pub mod control;
 pub mod dns;
 pub mod node;
-pub mod registrator;
