@@ -11,6 +11,7 @@
 //! - [`dns`]: Consul-style name parsing and answer building, as plain functions.
 //! - [`runtime`]: the [`runtime::Runtime`] trait and the process runtime.
 //! - [`proto`]: the serializable messages between control and agents.
+//! - [`registrator`]: service instances for hand-started Docker containers (Registrator's conventions).
 
 pub mod allocator;
 pub mod app;
@@ -18,6 +19,7 @@ pub mod catalog;
 pub mod dns;
 pub mod model;
 pub mod proto;
+pub mod registrator;
 pub mod runtime;
 pub mod scheduler;
 pub mod state;

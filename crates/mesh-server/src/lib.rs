@@ -11,3 +11,4 @@ pub mod api;
 pub mod control;
 pub mod dns;
 pub mod node;
+pub mod registrator;
