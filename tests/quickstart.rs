@@ -69,7 +69,7 @@ async fn quickstart_deploy_reach_kill_scale_delete() {
         let r = node.resolver(tcp);
         let answers = srv(&r, "WebServer.Service.MESH.").await.expect("case-insensitive SRV");
         let (target, _) = &answers[0];
-        assert_eq!(target, "testnode.node.dc1.mesh.");
+        assert_eq!(*target, format!("{}.node.dc1.mesh.", node.name));
         let a = r.lookup_ip(target.as_str()).await.expect("A of the SRV target");
         assert_eq!(a.iter().next().unwrap().to_string(), "127.0.0.1");
         // tag filter

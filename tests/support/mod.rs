@@ -27,6 +27,7 @@ pub fn port_range() -> (u16, u16) {
 
 pub struct MeshNode {
     pub child: Option<Child>,
+    pub name: String,
     pub http: SocketAddr,
     pub dns: SocketAddr,
     pub data_dir: PathBuf,
@@ -53,8 +54,11 @@ impl MeshNode {
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("log file");
+        // A node name unique to the data dir (stable across restarts on it), so nodes of tests
+        // running in parallel never adopt each other's containers.
+        let name = node_name(data_dir);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
-        cmd.args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", "testnode"])
+        cmd.args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", &name])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--ports")
@@ -88,6 +92,7 @@ impl MeshNode {
         }
         MeshNode {
             child: Some(child),
+            name,
             http: http.expect("http addr"),
             dns: dns.expect("dns addr"),
             data_dir: data_dir.to_path_buf(),
@@ -166,6 +171,14 @@ impl Drop for MeshNode {
         }
         self.stop_with("TERM");
     }
+}
+
+/// `t` + a hash of the data dir: a valid DNS label.
+pub fn node_name(data_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    format!("t{:x}", h.finish() & 0xffff_ffff)
 }
 
 pub fn tail(path: &Path) -> String {
@@ -248,4 +261,57 @@ pub async fn running_tasks(node: &MeshNode, app: &str) -> Vec<(String, u16)> {
         .unwrap_or_default();
     out.sort();
     out
+}
+
+/// A subscriber to `GET /v2/events`: collects (event type, data JSON) in the background.
+pub struct EventStream {
+    rx: std::sync::mpsc::Receiver<(String, Value)>,
+    pub seen: Vec<(String, Value)>,
+}
+
+impl EventStream {
+    pub fn open(node: &MeshNode, query: &str) -> EventStream {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(node.http).expect("connect for SSE");
+        write!(s, "GET /v2/events{query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n", node.http)
+            .expect("send SSE request");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ty = String::new();
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                if let Some(t) = line.strip_prefix("event:") {
+                    ty = t.trim().to_owned();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    let v: Value = serde_json::from_str(d.trim()).unwrap_or(Value::Null);
+                    if tx.send((ty.clone(), v)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        EventStream { rx, seen: Vec::new() }
+    }
+
+    /// Wait (with a deadline) for an event of `ty` matching `pred`.
+    pub fn wait_for(&mut self, ty: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some((_, v)) = self.seen.iter().find(|(t, v)| t == ty && pred(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((t, v)) => {
+                    self.seen.push((t.clone(), v.clone()));
+                    if t == ty && pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {ty} event within {secs}s; saw {:?}",
+                    self.seen.iter().map(|(t, _)| t).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The Marathon app definition: its JSON shape (1.4 and 1.5 request formats), validation with
 //! Marathon's error paths, and the mapping from app id to service name.
 
+use crate::runtime::{ContainerSpec, NetworkMode, PortMapping, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -216,6 +217,7 @@ pub struct App {
     /// Whether `portDefinitions[].port` are required host ports.
     pub require_ports: bool,
     /// Time between SIGTERM and SIGKILL, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_kill_grace_period_seconds: Option<f64>,
     /// `YOUNGEST_FIRST` or `OLDEST_FIRST`.
     pub kill_selection: String,
@@ -396,11 +398,12 @@ impl App {
             }
         }
         m.remove("ports");
+        normalize_networking(m, obj, &mut bad);
         if current.is_none()
             && matches!(m.get("portDefinitions"), None | Some(Value::Null))
             && !obj.contains_key("ports")
         {
-            let host_mode = !has_container_port_mappings(m);
+            let host_mode = network_of(m) == NetworkMode::Host;
             if host_mode {
                 m.insert(
                     "portDefinitions".into(),
@@ -523,7 +526,233 @@ impl App {
                 bad.add(&format!("/constraints({i})"), "Invalid regular expression");
             }
         }
+        self.validate_container(&mut bad);
+        for (path, e) in crate::health::validate(&self.health_checks) {
+            bad.add(&path, e);
+        }
         if bad.0.is_empty() { Ok(()) } else { Err(Invalid(bad.0)) }
+    }
+
+    fn validate_container(&self, bad: &mut Violations) {
+        for (i, n) in self.networks.iter().enumerate() {
+            let mode = n.get("mode").and_then(Value::as_str).unwrap_or("");
+            if !["host", "container/bridge", "container"].contains(&mode) {
+                bad.add(&format!("/networks({i})/mode"), "must be one of host, container/bridge, container");
+            }
+        }
+        let net = self.network_mode();
+        let Some(c) = self.container.as_ref() else {
+            if net != NetworkMode::Host {
+                bad.add("/networks", "container networking needs a container");
+            }
+            return;
+        };
+        let Some(c) = c.as_object() else {
+            bad.add("/container", "error.expected.jsobject");
+            return;
+        };
+        let ty = c.get("type").and_then(Value::as_str).unwrap_or("DOCKER");
+        if ty != "DOCKER" && ty != "MESOS" {
+            bad.add("/container/type", "must be DOCKER or MESOS");
+        }
+        let docker = c.get("docker");
+        let image = docker.and_then(|d| d.get("image")).and_then(Value::as_str).unwrap_or("");
+        if ty == "DOCKER" && image.trim().is_empty() {
+            bad.add("/container/docker/image", "must not be empty");
+        }
+        if let Some(params) = docker.and_then(|d| d.get("parameters")) {
+            match params.as_array() {
+                Some(list) => {
+                    for (i, p) in list.iter().enumerate() {
+                        let key = p.get("key").and_then(Value::as_str).unwrap_or("");
+                        if p.get("value").and_then(Value::as_str).is_none() {
+                            bad.add(&format!("/container/docker/parameters({i})/value"), "must be a string");
+                        }
+                        if !crate::runtime::docker::ALLOWED_PARAMETERS.contains(&key) {
+                            bad.add(
+                                &format!("/container/docker/parameters({i})/key"),
+                                format!(
+                                    "docker parameter '{key}' is not allowed; allowed: {}",
+                                    crate::runtime::docker::ALLOWED_PARAMETERS.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                None => bad.add("/container/docker/parameters", "error.expected.jsarray"),
+            }
+        }
+        if let Some(vols) = c.get("volumes").filter(|v| !v.is_null()) {
+            for (i, v) in vols.as_array().map(|a| a.as_slice()).unwrap_or(&[]).iter().enumerate() {
+                let cp = v.get("containerPath").and_then(Value::as_str).unwrap_or("");
+                let hp = v.get("hostPath").and_then(Value::as_str).unwrap_or("");
+                let mode = v.get("mode").and_then(Value::as_str).unwrap_or("RW");
+                if cp.is_empty() {
+                    bad.add(&format!("/container/volumes({i})/containerPath"), "must not be empty");
+                }
+                if hp.is_empty() {
+                    bad.add(
+                        &format!("/container/volumes({i})/hostPath"),
+                        "only host volumes are supported: hostPath must be set",
+                    );
+                }
+                if mode != "RO" && mode != "RW" {
+                    bad.add(&format!("/container/volumes({i})/mode"), "must be RO or RW");
+                }
+            }
+        }
+        let mappings = self.port_mappings_json();
+        if net != NetworkMode::Bridge && !mappings.is_empty() {
+            bad.add("/container/portMappings", "port mappings are only allowed with bridge networking");
+        }
+        if net == NetworkMode::Bridge && !self.port_definitions.is_empty() {
+            bad.add("/portDefinitions", "port definitions are not allowed with container networking; use portMappings");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, pm) in mappings.iter().enumerate() {
+            for key in ["containerPort", "hostPort", "servicePort"] {
+                if let Some(v) = pm.get(key) {
+                    if !v.as_u64().is_some_and(|p| p <= 65535) {
+                        bad.add(&format!("/container/portMappings({i})/{key}"), "must be a port between 0 and 65535");
+                    }
+                }
+            }
+            let proto = pm.get("protocol").and_then(Value::as_str).unwrap_or("tcp");
+            if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(&proto) {
+                bad.add(&format!("/container/portMappings({i})/protocol"), "must be one of tcp, udp, udp,tcp");
+            }
+            if let Some(n) = pm.get("name").and_then(Value::as_str) {
+                if !names.insert(n.to_owned()) {
+                    bad.add("/container/portMappings", "Port names must be unique.");
+                }
+            }
+        }
+    }
+
+    /// The app's network mode (from `networks`; host by default).
+    pub fn network_mode(&self) -> NetworkMode {
+        match self.networks.first().and_then(|n| n.get("mode")).and_then(Value::as_str) {
+            Some("container/bridge") => NetworkMode::Bridge,
+            Some("container") => NetworkMode::None,
+            _ => NetworkMode::Host,
+        }
+    }
+
+    fn port_mappings_json(&self) -> Vec<Value> {
+        self.container
+            .as_ref()
+            .and_then(|c| c.get("portMappings"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The Docker image, when the app runs in a container.
+    pub fn docker_image(&self) -> Option<&str> {
+        self.container.as_ref()?.get("docker")?.get("image")?.as_str().filter(|s| !s.trim().is_empty())
+    }
+
+    /// Whether the app asks for a privileged container.
+    pub fn privileged(&self) -> bool {
+        self.container
+            .as_ref()
+            .and_then(|c| c.get("docker"))
+            .and_then(|d| d.get("privileged"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// The host ports a task needs, in order: `Some(p)` for a fixed port, `None` for any port
+    /// from the agent's range. Bridge networking: one per port mapping (`hostPort` 0 = any);
+    /// host networking: one per port definition (fixed with `requirePorts`).
+    pub fn host_port_requests(&self) -> Vec<Option<u16>> {
+        if self.network_mode() == NetworkMode::Bridge {
+            return self
+                .port_mappings_json()
+                .iter()
+                .map(|pm| pm.get("hostPort").and_then(Value::as_u64).filter(|p| *p > 0).map(|p| p as u16))
+                .collect();
+        }
+        self.port_definitions.iter().map(|d| (self.require_ports && d.port > 0).then_some(d.port as u16)).collect()
+    }
+
+    /// Service ports, in the order of the host ports.
+    pub fn service_ports(&self) -> Vec<u16> {
+        if self.network_mode() == NetworkMode::Bridge {
+            return self
+                .port_mappings_json()
+                .iter()
+                .map(|pm| pm.get("servicePort").and_then(Value::as_u64).unwrap_or(0) as u16)
+                .collect();
+        }
+        self.port_definitions.iter().map(|p| p.port as u16).collect()
+    }
+
+    /// Port names, in the order of the host ports.
+    pub fn port_names(&self) -> Vec<Option<String>> {
+        if self.network_mode() == NetworkMode::Bridge {
+            return self
+                .port_mappings_json()
+                .iter()
+                .map(|pm| pm.get("name").and_then(Value::as_str).map(str::to_owned))
+                .collect();
+        }
+        self.port_definitions.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// The container to run a task in, given the host ports assigned to it.
+    pub fn container_spec(&self, host_ports: &[u16]) -> Option<ContainerSpec> {
+        let c = self.container.as_ref()?;
+        let image = self.docker_image()?.to_owned();
+        let docker = c.get("docker");
+        let network = self.network_mode();
+        let port_mappings = if network == NetworkMode::Bridge {
+            self.port_mappings_json()
+                .iter()
+                .zip(host_ports)
+                .map(|(pm, host)| {
+                    let cp = pm.get("containerPort").and_then(Value::as_u64).unwrap_or(0) as u16;
+                    PortMapping {
+                        container_port: if cp == 0 { *host } else { cp },
+                        host_port: *host,
+                        protocol: pm.get("protocol").and_then(Value::as_str).unwrap_or("tcp").to_owned(),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let volumes = c
+            .get("volumes")
+            .and_then(Value::as_array)
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| Volume {
+                        container_path: v.get("containerPath").and_then(Value::as_str).unwrap_or("").to_owned(),
+                        host_path: v.get("hostPath").and_then(Value::as_str).unwrap_or("").to_owned(),
+                        read_only: v.get("mode").and_then(Value::as_str) == Some("RO"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let parameters = docker
+            .and_then(|d| d.get("parameters"))
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| Some((p.get("key")?.as_str()?.to_owned(), p.get("value")?.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(ContainerSpec {
+            image,
+            network,
+            port_mappings,
+            volumes,
+            parameters,
+            privileged: self.privileged(),
+            force_pull: docker.and_then(|d| d.get("forcePullImage")).and_then(Value::as_bool).unwrap_or(false),
+        })
     }
 
     /// The service name in the catalog: label `SERVICE_NAME`, else the reversed id segments.
@@ -544,7 +773,7 @@ impl App {
 
     /// How many host ports a task of this app needs.
     pub fn host_port_count(&self) -> usize {
-        self.port_definitions.len()
+        self.host_port_requests().len()
     }
 
     /// The environment as plain strings (secret references are left out).
@@ -571,12 +800,69 @@ impl App {
     }
 }
 
-fn has_container_port_mappings(m: &serde_json::Map<String, Value>) -> bool {
-    let c = m.get("container");
-    c.and_then(|c| c.get("portMappings")).is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
-        || c.and_then(|c| c.get("docker"))
-            .and_then(|d| d.get("portMappings"))
-            .is_some_and(|p| p.as_array().is_some_and(|a| !a.is_empty()))
+/// The network mode a (normalized) app JSON asks for.
+fn network_of(m: &serde_json::Map<String, Value>) -> NetworkMode {
+    let first = m.get("networks").and_then(Value::as_array).and_then(|a| a.first());
+    match first.and_then(|n| n.get("mode")).and_then(Value::as_str) {
+        Some("container/bridge") => NetworkMode::Bridge,
+        Some("container") => NetworkMode::None,
+        _ => NetworkMode::Host,
+    }
+}
+
+/// Rewrite Marathon 1.4 networking (`container.docker.network`, `container.docker.portMappings`)
+/// into the 1.5 form (`networks`, `container.portMappings`), as Marathon 1.5+ does; both at once
+/// is an error.
+fn normalize_networking(
+    m: &mut serde_json::Map<String, Value>,
+    obj: &serde_json::Map<String, Value>,
+    bad: &mut Violations,
+) {
+    let given_networks = obj.get("networks").is_some_and(|v| !v.is_null());
+    if let Some(Value::Object(c)) = m.get_mut("container") {
+        if !c.contains_key("type") {
+            c.insert("type".into(), Value::from("DOCKER"));
+        }
+        let mut old_mappings = None;
+        let mut old_network = None;
+        if let Some(Value::Object(d)) = c.get_mut("docker") {
+            old_network = d.remove("network");
+            old_mappings = d.remove("portMappings");
+        }
+        if let Some(net) = old_network.filter(|v| !v.is_null()) {
+            if given_networks {
+                bad.add("/networks", "cannot be combined with container.docker.network");
+            }
+            let mode = match net.as_str().unwrap_or("") {
+                "BRIDGE" => serde_json::json!([{"mode": "container/bridge"}]),
+                "HOST" => serde_json::json!([{"mode": "host"}]),
+                "NONE" => serde_json::json!([{"mode": "container", "name": "none"}]),
+                "USER" => {
+                    bad.add("/container/docker/network", "USER networks are not supported; use BRIDGE or HOST");
+                    serde_json::json!([{"mode": "host"}])
+                }
+                other => {
+                    bad.add(
+                        "/container/docker/network",
+                        format!("unknown network {other}; expected BRIDGE, HOST or NONE"),
+                    );
+                    serde_json::json!([{"mode": "host"}])
+                }
+            };
+            m.insert("networks".into(), mode);
+        }
+        if let Some(Value::Object(c)) = m.get_mut("container") {
+            if let Some(pm) = old_mappings.filter(|v| !v.is_null()) {
+                if c.get("portMappings").is_some_and(|v| !v.is_null()) {
+                    bad.add("/container/portMappings", "cannot be combined with container.docker.portMappings");
+                }
+                c.insert("portMappings".into(), pm);
+            }
+        }
+    }
+    if !m.get("networks").is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty())) {
+        m.insert("networks".into(), serde_json::json!([{"mode": "host"}]));
+    }
 }
 
 #[cfg(test)]
@@ -641,6 +927,81 @@ mod tests {
             (
                 json!({"id": "w", "cmd": "x", "upgradeStrategy": {"minimumHealthCapacity": 2}}),
                 "/upgradeStrategy/minimumHealthCapacity",
+            ),
+        ];
+        for (body, path) in cases {
+            let err = App::from_json(&body, None).expect_err(&body.to_string());
+            assert!(err.0.iter().any(|v| v.path == path), "{body}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn docker_formats_1_4_and_1_5_normalize_to_1_5() {
+        let v14 = json!({"id": "web", "cmd": "httpd -f -p 8080", "cpus": 0.5, "mem": 64, "container": {
+            "type": "DOCKER",
+            "docker": {"image": "mesh-test/busybox", "network": "BRIDGE",
+                       "portMappings": [{"containerPort": 8080, "hostPort": 0, "servicePort": 9000, "protocol": "tcp"}]}}});
+        let v15 = json!({"id": "web", "cmd": "httpd -f -p 8080", "cpus": 0.5, "mem": 64,
+            "networks": [{"mode": "container/bridge"}],
+            "container": {"type": "DOCKER", "docker": {"image": "mesh-test/busybox"},
+                          "portMappings": [{"containerPort": 8080, "hostPort": 0, "servicePort": 9000, "protocol": "tcp"}]}});
+        let a = App::from_json(&v14, None).unwrap();
+        let b = App::from_json(&v15, None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.network_mode(), NetworkMode::Bridge);
+        assert!(a.port_definitions.is_empty(), "no default port definition in bridge mode");
+        assert_eq!(a.host_port_requests(), vec![None]);
+        assert_eq!(a.service_ports(), vec![9000]);
+        let spec = a.container_spec(&[31005]).unwrap();
+        assert_eq!(
+            spec.port_mappings,
+            vec![PortMapping { container_port: 8080, host_port: 31005, protocol: "tcp".into() }]
+        );
+        assert_eq!(spec.image, "mesh-test/busybox");
+        let out = serde_json::to_value(&a).unwrap();
+        assert!(out["container"]["docker"].get("network").is_none(), "responses use the 1.5 form: {out}");
+        // containerPort 0 means the host port
+        let z = App::from_json(
+            &json!({"id": "z", "networks": [{"mode": "container/bridge"}],
+            "container": {"docker": {"image": "i"}, "portMappings": [{"containerPort": 0}]}}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(z.container_spec(&[31000]).unwrap().port_mappings[0].container_port, 31000);
+        // host networking keeps port definitions
+        let h = App::from_json(&json!({"id": "h", "container": {"docker": {"image": "i", "network": "HOST"}}}), None)
+            .unwrap();
+        assert_eq!(h.network_mode(), NetworkMode::Host);
+        assert_eq!(h.host_port_requests(), vec![None]);
+    }
+
+    #[test]
+    fn invalid_container_definitions() {
+        let cases = [
+            (json!({"id": "w", "container": {"docker": {"image": ""}}}), "/container/docker/image"),
+            (
+                json!({"id": "w", "container": {"docker": {"image": "i", "network": "BRIDGE"}}, "networks": [{"mode": "host"}]}),
+                "/networks",
+            ),
+            (
+                json!({"id": "w", "container": {"docker": {"image": "i", "network": "USER"}}}),
+                "/container/docker/network",
+            ),
+            (
+                json!({"id": "w", "container": {"docker": {"image": "i", "parameters": [{"key": "pid", "value": "host"}]}}}),
+                "/container/docker/parameters(0)/key",
+            ),
+            (
+                json!({"id": "w", "container": {"docker": {"image": "i"}, "portMappings": [{"containerPort": 80}]}}),
+                "/container/portMappings",
+            ),
+            (
+                json!({"id": "w", "networks": [{"mode": "container/bridge"}], "portDefinitions": [{"port": 0}], "container": {"docker": {"image": "i"}}}),
+                "/portDefinitions",
+            ),
+            (
+                json!({"id": "w", "container": {"docker": {"image": "i"}, "volumes": [{"containerPath": "/d", "mode": "RW"}]}}),
+                "/container/volumes(0)/hostPath",
             ),
         ];
         for (body, path) in cases {

@@ -17,6 +17,7 @@ pub mod allocator;
 pub mod app;
 pub mod catalog;
 pub mod dns;
+pub mod health;
 pub mod model;
 pub mod proto;
 pub mod registrator;

@@ -77,6 +77,16 @@ pub enum ToAgent {
         /// Time between SIGTERM and SIGKILL.
         grace: Duration,
     },
+    /// Health checks to run for a task (sent after its launch, and again when an agent
+    /// re-registers with the task still running).
+    Checks {
+        /// Which task.
+        task_id: TaskId,
+        /// The checks, ports resolved.
+        checks: Vec<crate::health::CheckSpec>,
+        /// When the task started (grace periods count from here).
+        started_at: Millis,
+    },
     /// The tasks the control side believes run on this agent. The agent kills any other task it
     /// runs, and reports `TASK_LOST` for listed tasks it does not run.
     Reconcile {
@@ -119,9 +129,21 @@ pub enum ToControl {
         attributes: BTreeMap<String, String>,
         /// Tasks the agent found running after a restart.
         running: Vec<TaskId>,
+        /// Runtimes the agent offers (`process`, `docker`).
+        #[serde(default)]
+        runtimes: Vec<String>,
     },
     /// A task changed state.
     Status(StatusUpdate),
+    /// The result of one health check of a task changed (or a counted failure happened).
+    Health {
+        /// Which task.
+        task_id: TaskId,
+        /// Index of the check in the app's `healthChecks`.
+        check: usize,
+        /// The check's result.
+        result: crate::health::CheckResult,
+    },
     /// The complete set of service instances that one source on an agent (e.g. `registrator`)
     /// currently provides. Level-triggered: it replaces that source's previous set, so a lost or
     /// repeated message is harmless and a resync leaves nothing stale.

@@ -86,6 +86,8 @@ pub enum Reject {
     InsufficientPorts,
     /// A constraint rules the agent out.
     UnfulfilledConstraint,
+    /// The app runs in a Docker container and the agent has no Docker runtime.
+    NoDockerRuntime,
 }
 
 impl Reject {
@@ -97,6 +99,7 @@ impl Reject {
             Reject::InsufficientDisk => "InsufficientDisk",
             Reject::InsufficientPorts => "InsufficientPorts",
             Reject::UnfulfilledConstraint => "UnfulfilledConstraint",
+            Reject::NoDockerRuntime => "NoDockerRuntime",
         }
     }
 }
@@ -122,9 +125,20 @@ pub struct MarathonScheduler {
     last_demand: BTreeMap<AppId, usize>,
     suppressed: bool,
     stats: BTreeMap<AppId, OfferStats>,
+    kill_tokens: f64,
+    tokens_at: Millis,
+    last_offers_at: Millis,
+    /// Tasks killed for failing health checks since the last call of [`Self::take_health_kills`].
+    health_kills: Vec<TaskId>,
     /// How long an unused offer is declined for (a new demand revives offers at once).
     pub decline_seconds: f64,
 }
+
+/// How long an agent is filtered after an offer that left demand unmet.
+pub const UNMET_DEMAND_REFUSE_SECONDS: f64 = 1.0;
+
+/// Unmet demand that saw no offer for this long revives offers.
+pub const REVIVE_EVERY_MS: Millis = 2_000;
 
 /// Re-send a kill after this long without the task ending.
 const KILL_RETRY_MS: Millis = 5_000;
@@ -148,8 +162,18 @@ impl MarathonScheduler {
             last_demand: BTreeMap::new(),
             suppressed: false,
             stats: BTreeMap::new(),
+            kill_tokens: HEALTH_KILL_BURST,
+            tokens_at: 0,
+            last_offers_at: 0,
+            health_kills: Vec::new(),
             decline_seconds: 120.0,
         }
+    }
+
+    /// Tasks that were killed because they failed their health checks (for events), since the
+    /// last call.
+    pub fn take_health_kills(&mut self) -> Vec<TaskId> {
+        std::mem::take(&mut self.health_kills)
     }
 
     /// Offer statistics of an app.
@@ -177,7 +201,7 @@ impl MarathonScheduler {
             }
         }
         let over = (instances as f64 * app.upgrade_strategy.maximum_over_capacity).floor() as usize;
-        let room = (instances + over.max(usize::from(total >= instances && new < instances))).saturating_sub(total);
+        let room = (instances + over).saturating_sub(total);
         instances.saturating_sub(new).min(room)
     }
 
@@ -190,9 +214,7 @@ impl MarathonScheduler {
                 Some(rec) => {
                     let tasks: Vec<&Task> = view.app_tasks(app_id).collect();
                     tasks.len() == rec.app.instances as usize
-                        && tasks.iter().all(|t| {
-                            t.state == TaskState::Running && !t.kill_requested && t.version == rec.config_version
-                        })
+                        && tasks.iter().all(|t| healthy(t, &rec.app) && t.version == rec.config_version)
                 }
             });
             if done {
@@ -217,6 +239,11 @@ impl MarathonScheduler {
         view: &State,
         placed: &[Task],
     ) -> Result<Vec<u16>, Reject> {
+        if app.docker_image().is_some()
+            && !view.agents.get(&offer.agent_id).is_some_and(|a| a.runtimes.iter().any(|r| r == "docker"))
+        {
+            return Err(Reject::NoDockerRuntime);
+        }
         if free.cpus + crate::model::EPSILON < app.cpus {
             return Err(Reject::InsufficientCpus);
         }
@@ -229,24 +256,31 @@ impl MarathonScheduler {
         if !constraints_allow(app, offer, view, placed) {
             return Err(Reject::UnfulfilledConstraint);
         }
-        let n = app.host_port_count();
-        if app.require_ports {
-            let want: Vec<u16> = app.port_definitions.iter().map(|p| p.port as u16).collect();
-            if want.iter().all(|p| free.ports.contains(*p)) {
-                return Ok(want);
+        let requests = app.host_port_requests();
+        let mut avail = free.ports.clone();
+        // Fixed ports first: each must be free.
+        for p in requests.iter().flatten() {
+            if !avail.contains(*p) {
+                return Err(Reject::InsufficientPorts);
             }
-            return Err(Reject::InsufficientPorts);
+            avail.subtract(&PortRanges::from_ports([*p]));
         }
-        if free.ports.len() < n {
+        let dynamic = requests.iter().filter(|r| r.is_none()).count();
+        if avail.len() < dynamic {
             return Err(Reject::InsufficientPorts);
         }
         // Random ports from the free set, so a port freed a moment ago is unlikely to be reused.
-        let mut avail = free.ports.clone();
-        let mut chosen = Vec::with_capacity(n);
-        for _ in 0..n {
-            let k = self.rng.random_range(0..avail.len());
-            let p = avail.iter().nth(k).expect("k < len");
-            avail.subtract(&PortRanges::from_ports([p]));
+        let mut chosen = Vec::with_capacity(requests.len());
+        for r in &requests {
+            let p = match r {
+                Some(p) => *p,
+                None => {
+                    let k = self.rng.random_range(0..avail.len());
+                    let p = avail.iter().nth(k).expect("k < len");
+                    avail.subtract(&PortRanges::from_ports([p]));
+                    p
+                }
+            };
             chosen.push(p);
         }
         Ok(chosen)
@@ -256,9 +290,10 @@ impl MarathonScheduler {
         let app = &rec.app;
         let task_id = self.new_task_id(app);
         let mut env = app.plain_env();
+        let names = app.port_names();
         for (i, p) in ports.iter().enumerate() {
             env.insert(format!("PORT{i}"), p.to_string());
-            if let Some(name) = app.port_definitions.get(i).and_then(|d| d.name.as_ref()) {
+            if let Some(name) = names.get(i).and_then(|n| n.as_ref()) {
                 env.insert(format!("PORT_{}", name.to_uppercase().replace('-', "_")), p.to_string());
             }
         }
@@ -294,7 +329,7 @@ impl MarathonScheduler {
             agent_id: offer.agent_id.clone(),
             host: offer.hostname.clone(),
             ports: ports.clone(),
-            service_ports: app.port_definitions.iter().map(|p| p.port as u16).collect(),
+            service_ports: app.service_ports(),
             state: TaskState::Staging,
             staged_at: now,
             started_at: None,
@@ -302,7 +337,9 @@ impl MarathonScheduler {
             resources,
             kill_requested: false,
             message: String::new(),
+            health: Vec::new(),
         };
+        let container = app.container_spec(&ports);
         let spec = TaskSpec {
             task_id,
             command,
@@ -312,11 +349,33 @@ impl MarathonScheduler {
             ports,
             kill_grace: app.kill_grace(),
             labels,
-            container: None,
+            container,
         };
         Launch { task, spec }
     }
 }
+
+/// Whether a task counts as healthy: running, not being killed, and every health check of its
+/// app reports it alive (apps without checks: running is enough).
+pub fn healthy(t: &Task, app: &App) -> bool {
+    t.state == TaskState::Running && !t.kill_requested && t.checks_alive(app.health_checks.len())
+}
+
+/// Whether a task failed its health checks often enough to be killed.
+pub fn should_kill_unhealthy(t: &Task, app: &App) -> bool {
+    let specs = crate::health::resolve(&app.health_checks, &t.ports);
+    t.state == TaskState::Running
+        && !t.kill_requested
+        && specs.iter().zip(&t.health).any(|(spec, r)| {
+            spec.max_consecutive_failures > 0 && r.consecutive_failures >= spec.max_consecutive_failures
+        })
+}
+
+/// Cluster-wide limit on health kills: a token bucket, so a sick node or a bad check cannot
+/// kill a whole app at once.
+pub const HEALTH_KILL_BURST: f64 = 3.0;
+/// Tokens per second added back to the health-kill bucket.
+pub const HEALTH_KILLS_PER_SECOND: f64 = 0.5;
 
 /// Whether `app`'s constraints allow one more task on `offer`'s agent, given the tasks already
 /// in `view` and those `placed` in this round.
@@ -393,6 +452,7 @@ impl Scheduler for MarathonScheduler {
     }
 
     fn offers(&mut self, view: &State, offers: Vec<Offer>, now: Millis) -> Vec<Call> {
+        self.last_offers_at = now;
         let mut calls = Vec::new();
         let mut need: BTreeMap<AppId, usize> = view
             .apps
@@ -426,7 +486,11 @@ impl Scheduler for MarathonScheduler {
                     }
                 }
             }
-            let filters = Filters { refuse_seconds: self.decline_seconds };
+            // With demand left unmet, come back soon; with none, stay away long (a new demand
+            // revives offers at once).
+            let unmet = need.values().any(|n| *n > 0);
+            let refuse_seconds = if unmet { UNMET_DEMAND_REFUSE_SECONDS } else { self.decline_seconds };
+            let filters = Filters { refuse_seconds };
             if launches.is_empty() {
                 calls.push(Call::Decline { offer_id: offer.id, filters });
             } else {
@@ -461,17 +525,21 @@ impl Scheduler for MarathonScheduler {
             let active: Vec<&Task> = view.active_tasks(app_id).collect();
             let (mut old, mut new): (Vec<&Task>, Vec<&Task>) =
                 active.iter().partition(|t| t.version != rec.config_version);
-            let running = |ts: &[&Task]| ts.iter().filter(|t| t.state == TaskState::Running).count();
+            let running = |ts: &[&Task]| ts.iter().filter(|t| healthy(t, app)).count();
             // oldest first for old tasks; kill selection for scale-down
             old.sort_by_key(|t| t.staged_at);
             let min_healthy = (instances as f64 * app.upgrade_strategy.minimum_health_capacity).ceil() as usize;
             let mut can_kill_old = (running(&old) + running(&new)).saturating_sub(min_healthy);
-            if can_kill_old == 0 && Self::wanted(view, rec) == 0 && new.len() < instances {
-                can_kill_old = 1; // no room to start a new task: make room
+            // No room to start a new task, none starting, and no old one may go without dropping
+            // below the healthy floor (e.g. minimumHealthCapacity 1 with maximumOverCapacity 0):
+            // make room for one, or the upgrade never moves.
+            let in_flight = new.iter().any(|t| !healthy(t, app))
+                || view.app_tasks(app_id).any(|t| t.kill_requested && !t.state.is_terminal());
+            if can_kill_old == 0 && !in_flight && Self::wanted(view, rec) == 0 && new.len() < instances {
+                can_kill_old = 1;
             }
             // old tasks that are not running count as nothing: stop them first
-            let (old_idle, old_running): (Vec<&Task>, Vec<&Task>) =
-                old.iter().partition(|t| t.state != TaskState::Running);
+            let (old_idle, old_running): (Vec<&Task>, Vec<&Task>) = old.iter().partition(|t| !healthy(t, app));
             to_kill.extend(old_idle);
             to_kill.extend(old_running.into_iter().take(can_kill_old));
             if new.len() > instances {
@@ -484,6 +552,26 @@ impl Scheduler for MarathonScheduler {
                 let excess = new.len() - instances;
                 to_kill.extend(new.into_iter().take(excess));
             }
+        }
+        // Tasks that failed their health checks too often, under the cluster-wide kill limit.
+        let elapsed = now.saturating_sub(self.tokens_at) as f64 / 1000.0;
+        self.kill_tokens = (self.kill_tokens + elapsed * HEALTH_KILLS_PER_SECOND).min(HEALTH_KILL_BURST);
+        self.tokens_at = now;
+        let mut sick: Vec<&Task> = view
+            .tasks
+            .values()
+            .filter(|t| {
+                t.app_id.as_ref().and_then(|a| view.apps.get(a)).is_some_and(|r| should_kill_unhealthy(t, &r.app))
+            })
+            .collect();
+        sick.sort_by_key(|t| t.started_at);
+        for t in sick {
+            if self.kill_tokens < 1.0 {
+                break;
+            }
+            self.kill_tokens -= 1.0;
+            self.health_kills.push(t.id.clone());
+            to_kill.push(t);
         }
         // Tasks of frameworks' apps that vanished without the state knowing (defensive).
         for t in view.tasks.values() {
@@ -518,7 +606,11 @@ impl Scheduler for MarathonScheduler {
             .filter(|(_, n)| *n > 0)
             .collect();
         let grew = demand.iter().any(|(id, n)| self.last_demand.get(id).is_none_or(|old| n > old));
-        if grew {
+        // Demand that waits without offers (e.g. the agent is filtered after an offer that met
+        // the demand of that moment) asks again, at most every REVIVE_EVERY_MS.
+        let starved = !demand.is_empty() && now.saturating_sub(self.last_offers_at) >= REVIVE_EVERY_MS;
+        if grew || starved {
+            self.last_offers_at = now;
             calls.push(Call::Revive);
             self.suppressed = false;
         } else if demand.is_empty() && !self.suppressed {
@@ -548,6 +640,7 @@ mod tests {
                 resources: Resources { cpus: 4.0, mem: 4096.0, disk: 0.0, ports: PortRanges::range(31000, 31009) },
                 attributes: BTreeMap::new(),
                 registered_at: 0,
+                runtimes: vec!["process".into()],
             },
             datacenter: "dc1".into(),
         })
@@ -611,6 +704,35 @@ mod tests {
         );
         let l = launches(&m.offers(&s, vec![offer(4.0, PortRanges::range(31000, 31009))], 10));
         assert_eq!(l[0].task.ports, vec![31005]);
+    }
+
+    #[test]
+    fn docker_apps_wait_on_agents_without_docker() {
+        let s = state_with(json!({"id": "/d", "cpus": 0.1, "container": {"docker": {"image": "mesh-test/busybox"}}}));
+        let mut m = MarathonScheduler::new(1);
+        let calls = m.offers(&s, vec![offer(4.0, PortRanges::range(31000, 31009))], 10);
+        assert!(matches!(calls[0], Call::Decline { .. }));
+        let st = m.offer_stats(&AppId::parse("/d").unwrap()).unwrap();
+        assert_eq!(st.rejected.get(&Reject::NoDockerRuntime), Some(&1));
+    }
+
+    #[test]
+    fn bridge_tasks_get_container_specs_with_host_ports() {
+        let mut s = state_with(json!({"id": "/b", "cpus": 0.1, "cmd": "httpd -f -p 8080",
+            "networks": [{"mode": "container/bridge"}],
+            "container": {"docker": {"image": "mesh-test/busybox"},
+                          "portMappings": [{"containerPort": 8080, "hostPort": 0, "servicePort": 9000}, {"containerPort": 53, "hostPort": 31007, "protocol": "udp"}]}}));
+        s.agents.get_mut(&AgentId::from("n1")).unwrap().runtimes.push("docker".into());
+        let mut m = MarathonScheduler::new(1);
+        let l = launches(&m.offers(&s, vec![offer(4.0, PortRanges::range(31000, 31009))], 10));
+        assert_eq!(l.len(), 1);
+        let c = l[0].spec.container.as_ref().unwrap();
+        assert_eq!(c.port_mappings.len(), 2);
+        assert_eq!(c.port_mappings[0].container_port, 8080);
+        assert_eq!(c.port_mappings[0].host_port, l[0].task.ports[0]);
+        assert_eq!(c.port_mappings[1].host_port, 31007);
+        assert_eq!(l[0].task.service_ports, vec![9000, 0]);
+        assert_eq!(l[0].spec.env["PORT0"], l[0].task.ports[0].to_string());
     }
 
     #[test]

@@ -104,6 +104,16 @@ pub struct Task {
     pub kill_requested: bool,
     /// Last status message.
     pub message: String,
+    /// Results of the app's health checks, by check index (empty until the first report).
+    #[serde(default)]
+    pub health: Vec<crate::health::CheckResult>,
+}
+
+impl Task {
+    /// Whether every health check of the task reports it alive (false before the first result).
+    pub fn checks_alive(&self, checks: usize) -> bool {
+        self.health.len() >= checks && self.health.iter().take(checks).all(|r| r.alive)
+    }
 }
 
 /// An agent.
@@ -121,6 +131,9 @@ pub struct Agent {
     pub attributes: BTreeMap<String, String>,
     /// When it (re-)registered.
     pub registered_at: Millis,
+    /// Runtimes it offers (`process`, `docker`).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
 }
 
 /// One action of a deployment step.
@@ -194,6 +207,17 @@ pub enum Command {
         /// Even during another deployment.
         force: bool,
     },
+    /// Replace every task of an app with a new one of the same definition (a new version).
+    RestartApp {
+        /// Which app.
+        id: AppId,
+        /// When.
+        now: Millis,
+        /// The deployment.
+        deployment_id: String,
+        /// Even during another deployment.
+        force: bool,
+    },
     /// Delete an app; its tasks are marked for killing.
     DeleteApp {
         /// Which app.
@@ -238,6 +262,15 @@ pub enum Command {
         message: String,
         /// When.
         at: Millis,
+    },
+    /// A health check of a task reported.
+    TaskHealth {
+        /// Which task.
+        task_id: TaskId,
+        /// Index of the check.
+        check: usize,
+        /// Its result.
+        result: crate::health::CheckResult,
     },
     /// Reset an app's launch delay (`DELETE /v2/queue/{id}/delay`).
     ResetDelay {
@@ -395,8 +428,8 @@ impl State {
                     .find(|(v, _)| v == version)
                     .map(|(_, a)| a.clone())
                     .ok_or_else(|| ApplyError::UnknownVersion(id.clone(), iso8601(*version)))?;
-                let mut app = old;
-                app.instances = rec.app.instances;
+                // The whole definition of that version comes back, instance count included.
+                let app = old;
                 return self.apply(&Command::PutApp {
                     app,
                     now: *now,
@@ -404,6 +437,27 @@ impl State {
                     create_only: false,
                     force: *force,
                 });
+            }
+            Command::RestartApp { id, now, deployment_id, force } => {
+                let mut rec = self.apps.get(id).cloned().ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
+                self.lock_check(id, *force)?;
+                if let Some(old) = rec.deployment.take() {
+                    self.deployments.remove(&old);
+                }
+                rec.version = *now;
+                rec.config_version = *now;
+                rec.delay = LaunchDelay::default();
+                rec.app.version = iso8601(*now);
+                rec.app.version_info = Some(crate::app::VersionInfo {
+                    last_scaling_at: iso8601(*now),
+                    last_config_change_at: iso8601(*now),
+                });
+                rec.versions.push((*now, rec.app.clone()));
+                if rec.versions.len() > MAX_APP_VERSIONS {
+                    rec.versions.remove(0);
+                }
+                self.apps.insert(id.clone(), rec);
+                self.start_deployment_fresh(deployment_id, id, "RestartApplication", *now, &mut ch);
             }
             Command::DeleteApp { id, now, deployment_id, force } => {
                 if !self.apps.contains_key(id) {
@@ -494,6 +548,25 @@ impl State {
                         ch.catalog |= self.register_task(&task);
                     }
                     self.tasks.insert(task_id.clone(), task);
+                }
+            }
+            Command::TaskHealth { task_id, check, result } => {
+                let Some(mut task) = self.tasks.get(task_id).cloned() else {
+                    return Err(ApplyError::UnknownTask(task_id.clone()));
+                };
+                if *check >= 64 {
+                    return Err(ApplyError::UnknownTask(task_id.clone()));
+                }
+                if task.health.len() <= *check {
+                    task.health.resize(*check + 1, crate::health::CheckResult::default());
+                }
+                task.health[*check] = result.clone();
+                if let Some(app) = &task.app_id {
+                    ch.apps.push(app.clone());
+                }
+                self.tasks.insert(task_id.clone(), task.clone());
+                if task.state == TaskState::Running && !task.kill_requested {
+                    ch.catalog |= self.register_task(&task);
                 }
             }
             Command::ResetDelay { id } => {
@@ -592,6 +665,9 @@ impl State {
     fn instance_for(&self, task: &Task) -> Option<ServiceInstance> {
         let app = &self.apps.get(task.app_id.as_ref()?)?.app;
         let port = *task.ports.first()?;
+        // With health checks, an instance is answered only once every check passes.
+        let checks = app.health_checks.len();
+        let health = if checks == 0 || task.checks_alive(checks) { Health::Passing } else { Health::Critical };
         let mut meta = BTreeMap::new();
         meta.insert("marathon-app-id".to_owned(), app.id.to_string());
         Some(ServiceInstance {
@@ -602,7 +678,7 @@ impl State {
             port,
             tags: app.service_tags(),
             meta,
-            health: Health::Passing,
+            health,
             create_index: 0,
             modify_index: 0,
         })
@@ -873,6 +949,7 @@ mod tests {
             resources: Resources::scalars(0.1, 32.0, 0.0),
             kill_requested: false,
             message: String::new(),
+            health: Vec::new(),
         }
     }
 

@@ -3,9 +3,10 @@
 //! in-process (`mesh dev`) and over the network.
 
 use crate::control::{ControlHandle, ControlMsg};
+use crate::health::HealthRunner;
 use mesh_core::model::{AgentId, Resources, TaskId, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
-use mesh_core::runtime::{Exit, Runtime, RuntimeEvent};
+use mesh_core::runtime::{Exit, Runtime, RuntimeError, RuntimeEvent};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub struct AgentConfig {
     pub resources: Resources,
     /// Attributes for constraints.
     pub attributes: BTreeMap<String, String>,
+    /// Runtimes offered (`process`, `docker`).
+    pub runtimes: Vec<String>,
 }
 
 /// A running agent.
@@ -101,53 +104,70 @@ pub async fn start(
             resources: cfg.resources.clone(),
             attributes: cfg.attributes.clone(),
             running: recovered.iter().map(|r| r.task_id.clone()).collect(),
+            runtimes: cfg.runtimes.clone(),
         }))
         .await;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
     let agent_id = cfg.id.clone();
+    let mut health = HealthRunner::new(cfg.address, control.clone());
     let join = tokio::spawn(async move {
         let mode = loop {
             tokio::select! {
-                mode = &mut stop_rx => break mode.unwrap_or(StopMode::LeaveTasks),
-                msg = to_agent.recv() => match msg {
-                    Some(ToAgent::Launch(spec)) => {
-                        if runtime.running().contains(&spec.task_id) {
-                            continue; // a re-sent launch
+                            mode = &mut stop_rx => break mode.unwrap_or(StopMode::LeaveTasks),
+                            msg = to_agent.recv() => match msg {
+                                Some(ToAgent::Launch(spec)) => {
+                                    if runtime.running().contains(&spec.task_id) {
+                                        continue; // a re-sent launch
+                                    }
+                                    let task_id = spec.task_id.clone();
+            if let Err(e) = runtime.launch(spec).await {
+                                        warn!(task = %task_id, error = %e, "launch failed");
+                                        // The runtime may also report Failed; make sure the control side hears
+                                        // it, with the runtime's own words (a repeat is ignored).
+                                        let message = match e {
+                                            RuntimeError::Launch { message, .. } => message,
+                                            e => e.to_string(),
+                                        };
+                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Failed, message, now_millis()))).await;
+                                    }
+                                }
+                                Some(ToAgent::Kill { task_id, grace }) => {
+                                    if !runtime.running().contains(&task_id) {
+                                        // Nothing to kill: say so, so the control side does not wait forever.
+                                        let msg = "task is not running on this agent".to_owned();
+                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Killed, msg, now_millis()))).await;
+                                        continue;
+                                    }
+                                    if let Err(e) = runtime.kill(&task_id, grace).await {
+                                        warn!(task = %task_id, error = %e, "kill failed");
+                                    }
+                                }
+                                Some(ToAgent::Checks { task_id, checks, started_at }) => {
+                                    if runtime.running().contains(&task_id) {
+                                        health.watch(task_id, checks, started_at);
+                                    }
+                                }
+                                Some(ToAgent::Reconcile { expected }) => {
+                                    let running = runtime.running();
+                                    for t in running.iter().filter(|t| !expected.contains(t)) {
+                                        let _ = runtime.kill(t, Duration::from_secs(3)).await;
+                                    }
+                                    for t in expected.into_iter().filter(|t| !running.contains(t)) {
+                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, t, TaskState::Lost, "not running on its agent".into(), now_millis()))).await;
+                                    }
+                                }
+                                None => break StopMode::LeaveTasks,
+                            },
+                            ev = events.recv() => match ev {
+                                Some(ev) => {
+                                    if let RuntimeEvent::Exited { task_id, .. } | RuntimeEvent::Failed { task_id, .. } = &ev {
+                                        health.unwatch(task_id);
+                                    }
+                                    let _ = control.send(ControlMsg::FromAgent(event_to_update(&agent_id, ev))).await;
+                                }
+                                None => break StopMode::LeaveTasks,
+                            },
                         }
-                        let task_id = spec.task_id.clone();
-                        if let Err(e) = runtime.launch(spec).await {
-                            warn!(task = %task_id, error = %e, "launch failed");
-                            // The runtime also reports Failed; make sure the control side hears it.
-                            let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Failed, e.to_string(), now_millis()))).await;
-                        }
-                    }
-                    Some(ToAgent::Kill { task_id, grace }) => {
-                        if !runtime.running().contains(&task_id) {
-                            // Nothing to kill: say so, so the control side does not wait forever.
-                            let msg = "task is not running on this agent".to_owned();
-                            let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Killed, msg, now_millis()))).await;
-                            continue;
-                        }
-                        if let Err(e) = runtime.kill(&task_id, grace).await {
-                            warn!(task = %task_id, error = %e, "kill failed");
-                        }
-                    }
-                    Some(ToAgent::Reconcile { expected }) => {
-                        let running = runtime.running();
-                        for t in running.iter().filter(|t| !expected.contains(t)) {
-                            let _ = runtime.kill(t, Duration::from_secs(3)).await;
-                        }
-                        for t in expected.into_iter().filter(|t| !running.contains(t)) {
-                            let _ = control.send(ControlMsg::FromAgent(update(&agent_id, t, TaskState::Lost, "not running on its agent".into(), now_millis()))).await;
-                        }
-                    }
-                    None => break StopMode::LeaveTasks,
-                },
-                ev = events.recv() => match ev {
-                    Some(ev) => { let _ = control.send(ControlMsg::FromAgent(event_to_update(&agent_id, ev))).await; }
-                    None => break StopMode::LeaveTasks,
-                },
-            }
         };
         if mode == StopMode::KillTasks {
             let running = runtime.running().len();

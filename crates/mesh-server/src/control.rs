@@ -4,6 +4,7 @@
 //! is driven by messages (API commands, agent reports) and a periodic tick. After every batch it
 //! publishes immutable snapshots that every reader (HTTP, DNS) loads without locking.
 
+use crate::events::{Event, EventBus, batch_events};
 use arc_swap::ArcSwap;
 use mesh_core::allocator::{Allocator, AllocatorConfig, DrfAllocator, Filters};
 use mesh_core::app::AppId;
@@ -55,6 +56,8 @@ pub struct Published {
     pub offer_stats: Arc<ArcSwap<BTreeMap<AppId, OfferStats>>>,
     /// The state index; changes wake waiters.
     pub index: watch::Receiver<u64>,
+    /// Marathon events (`/v2/events`).
+    pub events: EventBus,
 }
 
 /// A handle to the control task.
@@ -126,6 +129,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         state: Arc::new(ArcSwap::from_pointee(state)),
         offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
         index: index_rx,
+        events: EventBus::new(),
     };
     let mut allocator = DrfAllocator::new(AllocatorConfig {
         offer_timeout_ms: Some(30_000),
@@ -198,8 +202,12 @@ impl Control {
         if proposals.is_empty() {
             return;
         }
-        match self.store.propose(proposals) {
+        let before = self.store.state().clone();
+        match self.store.propose(proposals.clone()) {
             Ok(results) => {
+                let applied: Vec<Command> =
+                    proposals.into_iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
+                self.emit(&applied, &before, now);
                 // Visible to readers before the caller hears back.
                 self.publish();
                 for (res, reply) in results.into_iter().zip(replies) {
@@ -220,8 +228,14 @@ impl Control {
         if cmds.is_empty() {
             return Vec::new();
         }
-        match self.store.propose(cmds) {
-            Ok(r) => r.into_iter().map(|r| r.map(|_| ())).collect(),
+        let before = self.store.state().clone();
+        match self.store.propose(cmds.clone()) {
+            Ok(r) => {
+                let applied: Vec<Command> =
+                    cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
+                self.emit(&applied, &before, now_millis());
+                r.into_iter().map(|r| r.map(|_| ())).collect()
+            }
             Err(e) => {
                 warn!(error = %e, "state log write failed");
                 vec![]
@@ -231,7 +245,7 @@ impl Control {
 
     fn from_agent(&mut self, msg: ToControl, now: Millis) {
         match msg {
-            ToControl::Register { agent_id, hostname, address, resources, attributes, running } => {
+            ToControl::Register { agent_id, hostname, address, resources, attributes, running, runtimes } => {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
                 let agent = Agent {
                     id: agent_id.clone(),
@@ -240,6 +254,7 @@ impl Control {
                     resources: resources.clone(),
                     attributes: attributes.clone(),
                     registered_at: now,
+                    runtimes,
                 };
                 let datacenter = self.cfg.datacenter.clone();
                 self.apply(vec![Command::RegisterAgent { agent, datacenter }]);
@@ -251,6 +266,12 @@ impl Control {
                 for t in state.tasks.values().filter(|t| t.agent_id == agent_id) {
                     if running.contains(&t.id) {
                         self.allocator.track_used(&agent_id, &t.framework_id, &t.resources);
+                        let checks = self.checks_of(t);
+                        if !checks.is_empty() {
+                            let started_at = t.started_at.unwrap_or(now);
+                            let msg = ToAgent::Checks { task_id: t.id.clone(), checks, started_at };
+                            self.outbox.push_back((agent_id.clone(), msg));
+                        }
                     } else {
                         lost.push(Command::TaskStatus {
                             task_id: t.id.clone(),
@@ -273,6 +294,14 @@ impl Control {
                 self.apply(lost);
             }
             ToControl::Status(update) => self.status_update(update),
+            ToControl::Health { task_id, check, result } => {
+                let before = self.store.state().tasks.get(&task_id).and_then(|t| t.health.get(check).cloned());
+                let res =
+                    self.apply(vec![Command::TaskHealth { task_id: task_id.clone(), check, result: result.clone() }]);
+                if res.first().is_some_and(|r| r.is_ok()) {
+                    self.health_events(&task_id, check, before, &result, now);
+                }
+            }
             ToControl::Services { agent_id, source, instances } => {
                 self.apply(vec![Command::SyncServices { node: agent_id.0, source, instances }]);
             }
@@ -317,6 +346,14 @@ impl Control {
         if !self.draining {
             let view = self.store.state().clone();
             let calls = self.marathon.reconcile(&view, now);
+            for id in self.marathon.take_health_kills() {
+                if let Some(t) = view.tasks.get(&id) {
+                    let app = t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default();
+                    let body = serde_json::json!({"appId": app, "taskId": id, "instanceId": id, "version": mesh_core::model::iso8601(t.version), "reason": "health check failures", "host": t.host, "slaveId": t.agent_id});
+                    self.published.events.publish(Event::new("unhealthy_task_kill_event", body.clone(), now));
+                    self.published.events.publish(Event::new("unhealthy_instance_kill_event", body, now));
+                }
+            }
             self.handle_calls(calls, now);
             self.allocator.expire_offers(now);
             let offers = self.allocator.allocate(now);
@@ -359,7 +396,12 @@ impl Control {
                     let res = self.apply(vec![Command::LaunchTasks { tasks }]);
                     if res.first().is_some_and(|r| r.is_ok()) {
                         for l in launches {
+                            let checks = self.checks_of(&l.task);
                             self.outbox.push_back((l.task.agent_id.clone(), ToAgent::Launch(l.spec)));
+                            if !checks.is_empty() {
+                                let msg = ToAgent::Checks { task_id: l.task.id.clone(), checks, started_at: now };
+                                self.outbox.push_back((l.task.agent_id.clone(), msg));
+                            }
                         }
                     } else {
                         // Not recorded: give the resources back rather than run untracked tasks.
@@ -386,6 +428,58 @@ impl Control {
                 Call::Revive => self.allocator.revive(&FrameworkId::from("marathon")),
                 Call::Suppress => self.allocator.suppress(&FrameworkId::from("marathon")),
             }
+        }
+    }
+
+    /// The resolved health checks of a task's app.
+    fn checks_of(&self, t: &mesh_core::state::Task) -> Vec<mesh_core::health::CheckSpec> {
+        t.app_id
+            .as_ref()
+            .and_then(|a| self.store.state().apps.get(a))
+            .map(|r| mesh_core::health::resolve(&r.app.health_checks, &t.ports))
+            .unwrap_or_default()
+    }
+
+    fn health_events(
+        &self,
+        task_id: &mesh_core::model::TaskId,
+        check: usize,
+        before: Option<mesh_core::health::CheckResult>,
+        result: &mesh_core::health::CheckResult,
+        now: Millis,
+    ) {
+        let state = self.store.state();
+        let Some(t) = state.tasks.get(task_id) else { return };
+        let app = t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default();
+        let hc = t
+            .app_id
+            .as_ref()
+            .and_then(|a| state.apps.get(a))
+            .and_then(|r| r.app.health_checks.get(check).cloned())
+            .unwrap_or_default();
+        let bus = &self.published.events;
+        if !result.alive {
+            bus.publish(Event::new(
+                "failed_health_check_event",
+                serde_json::json!({"appId": app, "taskId": task_id, "instanceId": task_id, "healthCheck": hc}),
+                now,
+            ));
+        }
+        if before.map(|b| b.alive) != Some(result.alive) {
+            bus.publish(Event::new(
+                "health_status_changed_event",
+                serde_json::json!({"appId": app, "taskId": task_id, "instanceId": task_id, "version": mesh_core::model::iso8601(t.version), "alive": result.alive}),
+                now,
+            ));
+        }
+    }
+
+    fn emit(&self, applied: &[Command], before: &State, now: Millis) {
+        if applied.is_empty() || self.published.events.clients() == 0 {
+            return;
+        }
+        for e in batch_events(applied, before, self.store.state(), now) {
+            self.published.events.publish(e);
         }
     }
 

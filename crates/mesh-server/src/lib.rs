@@ -10,5 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod control;
 pub mod dns;
+pub mod events;
+pub mod health;
 pub mod node;
 pub mod registrator;

@@ -69,6 +69,12 @@ struct DevArgs {
     /// On SIGTERM/SIGINT leave tasks running; the next start on the same data dir adopts them.
     #[arg(long)]
     keep_tasks_on_exit: bool,
+    /// Allow apps to run privileged containers (`container.docker.privileged`).
+    #[arg(long)]
+    allow_privileged: bool,
+    /// Do not register the containers of the local Docker engine in the catalog.
+    #[arg(long)]
+    no_registrator: bool,
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
@@ -153,6 +159,8 @@ fn main() -> ExitCode {
         disk: a.disk,
         attributes: a.attrs.into_iter().collect::<BTreeMap<_, _>>(),
         keep_tasks_on_exit: a.keep_tasks_on_exit,
+        allow_privileged: a.allow_privileged,
+        registrator: !a.no_registrator,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -6,9 +6,13 @@ use crate::agent::{self, AgentConfig, StopMode};
 use crate::api::{self, Api, NodeInfo};
 use crate::control::{self, ControlConfig};
 use crate::dns::DnsServer;
+use crate::registrator;
 use mesh_core::dns::DnsConfig;
 use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
+use mesh_core::registrator::RegistratorOptions;
 use mesh_core::runtime::Runtime;
+use mesh_core::runtime::docker::DockerRuntime;
+use mesh_core::runtime::multi::MultiRuntime;
 use mesh_core::runtime::process::ProcessRuntime;
 use mesh_core::state::{RedbLog, Store};
 use std::collections::BTreeMap;
@@ -61,6 +65,10 @@ pub struct NodeConfig {
     pub attributes: BTreeMap<String, String>,
     /// On SIGTERM/SIGINT, leave tasks running for the next start to re-adopt.
     pub keep_tasks_on_exit: bool,
+    /// Allow apps to run privileged containers.
+    pub allow_privileged: bool,
+    /// Register every container on the local Docker engine (Registrator) when one answers.
+    pub registrator: bool,
 }
 
 /// Errors that stop a node from starting.
@@ -138,20 +146,34 @@ pub async fn run_dev(
         ControlConfig { datacenter: cfg.datacenter.clone(), tick: Duration::from_millis(200), seed: now_millis() },
     );
 
-    // Runtime and agent.
+    // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or
+    // when asked for (docker).
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-    let runtime: Arc<dyn Runtime> = match cfg.runtime {
-        RuntimeKind::Process | RuntimeKind::Auto => {
-            let rt = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx)?;
-            info!(isolation = rt.isolation(), "process runtime");
-            Arc::new(rt)
-        }
-        RuntimeKind::Docker => {
-            return Err(NodeError::Unsupported(
-                "the docker runtime is not available in this build yet; use --runtime process".into(),
-            ));
-        }
+    let process = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx.clone())?;
+    info!(isolation = process.isolation(), "process runtime");
+    let docker_wanted = match cfg.runtime {
+        RuntimeKind::Process => false,
+        RuntimeKind::Docker => true,
+        RuntimeKind::Auto => DockerRuntime::available().await,
     };
+    let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
+        match DockerRuntime::connect(events_tx.clone(), &cfg.node).await {
+            Ok(rt) => Some(Arc::new(rt)),
+            Err(e) if cfg.runtime == RuntimeKind::Docker => return Err(NodeError::Runtime(e)),
+            Err(e) => {
+                warn!(error = %e, "Docker is not usable; DOCKER apps will wait (NoDockerRuntime)");
+                None
+            }
+        }
+    } else {
+        if cfg.runtime == RuntimeKind::Auto {
+            info!("no Docker engine answers: DOCKER apps will wait (NoDockerRuntime)");
+        }
+        None
+    };
+    let runtime = MultiRuntime::new(Arc::new(process), docker.clone());
+    let runtimes = runtime.runtimes();
+    info!(?runtimes, "runtimes");
     let agent_cfg = AgentConfig {
         id: AgentId::from(cfg.node.as_str()),
         hostname: cfg.node.clone(),
@@ -163,8 +185,25 @@ pub async fn run_dev(
             ports: PortRanges::range(cfg.ports.0, cfg.ports.1),
         },
         attributes: cfg.attributes.clone(),
+        runtimes,
     };
+    let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+
+    // Registrator: every container on this engine with published ports is a service instance.
+    let registrator = match (cfg.registrator, docker.is_some() || DockerRuntime::available().await) {
+        (true, true) => match bollard::Docker::connect_with_local_defaults() {
+            Ok(d) => {
+                let opts = RegistratorOptions { node: cfg.node.clone(), ..Default::default() };
+                Some(registrator::spawn(d, AgentId::from(cfg.node.as_str()), control.clone(), opts))
+            }
+            Err(e) => {
+                warn!(error = %e, "registrator not started");
+                None
+            }
+        },
+        _ => None,
+    };
 
     // DNS.
     let (udp, tcp) = bind_dns(cfg.dns).await?;
@@ -187,6 +226,7 @@ pub async fn run_dev(
         http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
         domain: cfg.domain.clone(),
         started_at: now_millis(),
+        allow_privileged: cfg.allow_privileged,
     };
     let router = api::router(Api { control: control.clone(), info });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
@@ -218,6 +258,9 @@ pub async fn run_dev(
     control.drain().await;
     let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
     agent.stop(mode).await;
+    if let Some(r) = registrator {
+        r.shutdown().await;
+    }
     dns.shutdown().await;
     // Let the control loop apply the last status updates, then stop it.
     drop(control);

@@ -1585,12 +1585,13 @@ mod tests {
         let Some(mut f) = fixture("noimage").await else { return };
         let id = unique("noimage");
         let mut s = shell(&id, "true");
-        s.container.as_mut().unwrap().image = "mesh-test/does-not-exist:1".into();
+        s.container.as_mut().unwrap().image = "127.0.0.1:5999/mesh-test/does-not-exist:1".into();
         let err = timeout(DEADLINE, f.rt.launch(s)).await.expect("launch hung").unwrap_err();
         assert!(matches!(err, RuntimeError::Launch { .. }), "{err}");
         match f.ev.next_for(&id).await {
             RuntimeEvent::Failed { message, .. } => {
-                let prefix = "image mesh-test/does-not-exist:1 is not on this node and could not be pulled: ";
+                let prefix =
+                    "image 127.0.0.1:5999/mesh-test/does-not-exist:1 is not on this node and could not be pulled: ";
                 println!("Failed: {message}");
                 assert!(message.starts_with(prefix), "{message}");
             }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub mod docker;
+pub mod multi;
 pub mod process;
 
 /// What to run.

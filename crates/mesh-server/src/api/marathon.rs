@@ -29,8 +29,10 @@ fn params<'a>(q: &'a [(String, String)], key: &'a str) -> impl Iterator<Item = &
 /// Routes of the Marathon API.
 pub fn routes() -> Router<Api> {
     Router::new()
-        .route("/v2/apps", get(list_apps).post(create_app))
-        .route("/v2/apps/{*rest}", get(app_get).put(app_put).delete(app_delete))
+        .route("/v2/apps", get(list_apps).post(create_app).put(apps_put).patch(apps_patch))
+        .route("/v2/tasks/delete", axum::routing::post(tasks_delete))
+        .route("/metrics", get(metrics))
+        .route("/v2/apps/{*rest}", get(app_get).put(app_put).patch(app_patch).delete(app_delete).post(app_post))
         .route("/v2/tasks", get(list_tasks))
         .route("/v2/info", get(info))
         .route("/v2/leader", get(leader))
@@ -52,6 +54,17 @@ fn invalid(inv: Invalid) -> ApiError {
         return ApiError::MarathonBadJson { path: v.path.clone(), error: v.errors[0].clone() };
     }
     ApiError::MarathonInvalid(inv)
+}
+
+/// Checks that depend on the node's settings rather than on the definition alone.
+fn node_allows(api: &Api, app: &App) -> Result<(), ApiError> {
+    if app.privileged() && !api.info.allow_privileged {
+        return Err(ApiError::MarathonInvalid(Invalid::at(
+            "/container/docker/privileged",
+            "privileged containers are not allowed on this node (start it with --allow-privileged)",
+        )));
+    }
+    Ok(())
 }
 
 fn deployment_result(id: &str, version: u64) -> Response {
@@ -76,13 +89,32 @@ pub fn task_json(t: &Task, state: &Cluster) -> Value {
         "stagedAt": iso8601(t.staged_at),
         "version": iso8601(t.version),
         "ipAddresses": [{"ipAddress": address, "protocol": "IPv4"}],
-        "healthCheckResults": [],
+        "healthCheckResults": health_results(t),
         "localVolumes": [],
     });
     if let Some(s) = t.started_at {
         v["startedAt"] = Value::from(iso8601(s));
     }
     v
+}
+
+fn health_results(t: &Task) -> Vec<Value> {
+    let ts = |m: Option<u64>| m.map(|m| Value::from(iso8601(m))).unwrap_or(Value::Null);
+    t.health
+        .iter()
+        .map(|r| {
+            json!({
+                "alive": r.alive,
+                "consecutiveFailures": r.consecutive_failures,
+                "firstSuccess": ts(r.first_success),
+                "lastSuccess": ts(r.last_success),
+                "lastFailure": ts(r.last_failure),
+                "lastFailureCause": r.last_failure_cause,
+                "taskId": t.id,
+                "instanceId": t.id,
+            })
+        })
+        .collect()
 }
 
 #[derive(Default, Clone, Copy)]
@@ -115,8 +147,17 @@ fn app_json(rec: &AppRecord, state: &Cluster, embed: Embed) -> Value {
     let count = |s: TaskState| tasks.iter().filter(|t| t.state == s).count();
     v["tasksStaged"] = Value::from(count(TaskState::Staging) + count(TaskState::Starting));
     v["tasksRunning"] = Value::from(count(TaskState::Running));
-    v["tasksHealthy"] = Value::from(0);
-    v["tasksUnhealthy"] = Value::from(0);
+    let checks = rec.app.health_checks.len();
+    let (healthy, unhealthy) = if checks == 0 {
+        (0, 0)
+    } else {
+        let running: Vec<&&Task> = tasks.iter().filter(|t| t.state == TaskState::Running).collect();
+        let h = running.iter().filter(|t| t.checks_alive(checks)).count();
+        let u = running.iter().filter(|t| t.health.iter().any(|r| !r.alive && r.consecutive_failures > 0)).count();
+        (h, u)
+    };
+    v["tasksHealthy"] = Value::from(healthy);
+    v["tasksUnhealthy"] = Value::from(unhealthy);
     let deployments: Vec<Value> =
         rec.deployment.iter().filter(|d| state.deployments.contains_key(*d)).map(|d| json!({"id": d})).collect();
     v["deployments"] = Value::Array(deployments);
@@ -196,6 +237,7 @@ async fn list_apps(State(api): State<Api>, Query(q): Params) -> Response {
 async fn create_app(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let app = App::from_json(&body, None).map_err(invalid)?;
+    node_allows(&api, &app)?;
     let id = app.id.clone();
     let deployment_id = uuid::Uuid::new_v4().to_string();
     let force = flag(param(&q, "force"), false);
@@ -230,7 +272,7 @@ enum Target {
     Task(AppId, TaskId),
     Versions(AppId),
     Version(AppId, String),
-    Restart,
+    Restart(AppId),
 }
 
 fn parse_target(rest: &str) -> Result<Target, ApiError> {
@@ -259,7 +301,7 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
         return Ok(Target::Version(id(n - 2)?, segs[n - 1].to_owned()));
     }
     if n >= 2 && segs[n - 1] == "restart" {
-        return Ok(Target::Restart);
+        return Ok(Target::Restart(id(n - 1)?));
     }
     Ok(Target::App(id(n)?))
 }
@@ -313,8 +355,148 @@ async fn app_get(State(api): State<Api>, Path(rest): Path<String>, Query(q): Par
                 .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
             Ok(axum::Json(serde_json::to_value(app).unwrap_or(Value::Null)).into_response())
         }
-        Target::Restart => Err(ApiError::MarathonNotFound("URI not found".into())),
+        Target::Restart(_) => Err(ApiError::MarathonNotFound("URI not found".into())),
     }
+}
+
+async fn app_post(State(api): State<Api>, Path(rest): Path<String>, Query(q): Params) -> Result<Response, ApiError> {
+    let Target::Restart(id) = parse_target(&rest)? else {
+        return Err(ApiError::MarathonNotFound("URI not found".into()));
+    };
+    if !api.control.state().apps.contains_key(&id) {
+        return Err(no_app(&id));
+    }
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let force = flag(param(&q, "force"), false);
+    api.control
+        .propose(Command::RestartApp { id, now, deployment_id: deployment_id.clone(), force })
+        .await
+        .map_err(ApiError::from_control)?;
+    Ok(deployment_result(&deployment_id, now))
+}
+
+async fn app_patch(
+    State(api): State<Api>,
+    Path(rest): Path<String>,
+    Query(q): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Target::App(id) = parse_target(&rest)? else {
+        return Err(ApiError::MarathonNotFound("URI not found".into()));
+    };
+    let body = parse_body(&body)?;
+    let state = api.control.state();
+    let rec = state.apps.get(&id).ok_or_else(|| no_app(&id))?;
+    let app = App::merge_json(Some(&rec.app), &body, Some(&id)).map_err(invalid)?;
+    node_allows(&api, &app)?;
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let force = flag(param(&q, "force"), false);
+    api.control
+        .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
+        .await
+        .map_err(ApiError::from_control)?;
+    Ok(deployment_result(&deployment_id, now))
+}
+
+/// `PUT /v2/apps` (create or update many) and `PATCH /v2/apps` (update many that exist):
+/// every definition is validated first, then all changes go in as one deployment.
+async fn bulk(api: &Api, q: &[(String, String)], body: &Bytes, must_exist: bool) -> Result<Response, ApiError> {
+    let body = parse_body(body)?;
+    let Some(list) = body.as_array() else {
+        return Err(ApiError::MarathonBadJson { path: "/".into(), error: "error.expected.jsarray".into() });
+    };
+    let partial = flag(param(q, "partialUpdate"), true);
+    let force = flag(param(q, "force"), false);
+    let state = api.control.state();
+    let mut apps = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let raw_id = item.get("id").and_then(Value::as_str).unwrap_or("");
+        let id = AppId::parse(raw_id).map_err(|e| ApiError::MarathonInvalid(Invalid::at(&format!("/{i}/id"), e)))?;
+        let existing = state.apps.get(&id);
+        if must_exist && existing.is_none() {
+            return Err(no_app(&id));
+        }
+        let app = match existing {
+            Some(rec) if partial || must_exist => App::merge_json(Some(&rec.app), item, Some(&id)),
+            _ => App::from_json(item, Some(&id)),
+        }
+        .map_err(|inv| {
+            invalid(Invalid(
+                inv.0
+                    .into_iter()
+                    .map(|mut v| {
+                        v.path = format!("/{i}{}", v.path.trim_end_matches('/'));
+                        v
+                    })
+                    .collect(),
+            ))
+        })?;
+        node_allows(api, &app)?;
+        apps.push(app);
+    }
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    for app in apps {
+        api.control
+            .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
+            .await
+            .map_err(ApiError::from_control)?;
+    }
+    Ok(deployment_result(&deployment_id, now))
+}
+
+async fn apps_put(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    bulk(&api, &q, &body, false).await
+}
+
+async fn apps_patch(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    bulk(&api, &q, &body, true).await
+}
+
+/// `POST /v2/tasks/delete` with `{"ids": [...]}`: 400 on an unknown or invalid id, nothing killed.
+async fn tasks_delete(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    let body = parse_body(&body)?;
+    let Some(ids) = body.get("ids").and_then(Value::as_array) else {
+        return Err(ApiError::MarathonBadJson { path: "/ids".into(), error: "error.path.missing".into() });
+    };
+    let state = api.control.state();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let Some(id) = id.as_str() else {
+            return Err(ApiError::MarathonBadJson { path: "/ids".into(), error: "error.expected.jsstring".into() });
+        };
+        match state.tasks.get(&TaskId::from(id)) {
+            Some(t) => tasks.push(t),
+            None => return Err(ApiError::MarathonBadRequest(format!("Task '{id}' does not exist"))),
+        }
+    }
+    let scale = flag(param(&q, "scale"), false);
+    kill_tasks(&api, &state, tasks, scale, now_millis()).await
+}
+
+/// Dropwizard-shaped metrics.
+async fn metrics(State(api): State<Api>) -> Response {
+    let state = api.control.state();
+    let running = state.tasks.values().filter(|t| t.state == TaskState::Running).count();
+    let gauge = |v: usize| json!({"value": v});
+    axum::Json(json!({
+        "version": "4.0.0",
+        "gauges": {
+            "marathon.apps.active.gauge": gauge(state.apps.len()),
+            "marathon.tasks.running.gauge": gauge(running),
+            "marathon.tasks.staged.gauge": gauge(state.tasks.len() - running),
+            "marathon.deployments.active.gauge": gauge(state.deployments.len()),
+            "mesh.state.index.gauge": json!({"value": state.index}),
+            "mesh.catalog.index.gauge": json!({"value": state.catalog.index}),
+        },
+        "counters": {},
+        "histograms": {},
+        "meters": {},
+        "timers": {},
+    }))
+    .into_response()
 }
 
 async fn app_put(
@@ -359,6 +541,7 @@ async fn app_put(
         _ => App::from_json(&body, Some(&id)),
     }
     .map_err(invalid)?;
+    node_allows(&api, &app)?;
     let created = existing.is_none();
     api.control
         .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
@@ -572,6 +755,7 @@ async fn queue(State(api): State<Api>) -> Response {
             "InsufficientGpus",
             "InsufficientPorts",
             "DeclinedScarceResources",
+            "NoDockerRuntime",
         ]
         .iter()
         .map(|r| json!({"reason": r, "declined": reasons.get(r).copied().unwrap_or(0), "processed": processed}))

@@ -12,6 +12,7 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod events;
 pub mod marathon;
 
 /// Shared state of the HTTP handlers.
@@ -36,6 +37,8 @@ pub struct NodeInfo {
     pub domain: String,
     /// Start time.
     pub started_at: u64,
+    /// Whether privileged containers may run.
+    pub allow_privileged: bool,
 }
 
 /// An API error, in the format of the API it came from.
@@ -151,6 +154,7 @@ pub fn router(api: Api) -> Router {
         .route("/ping", axum::routing::get(ping))
         .merge(marathon::routes())
         .merge(consul::routes())
+        .merge(events::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
         .with_state(api)

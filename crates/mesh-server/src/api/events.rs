@@ -1,0 +1,60 @@
+//! `GET /v2/events`: Marathon's server-sent event stream, with the `event_type` filter.
+//! Each client reads from its own bounded buffer; one that falls behind is disconnected.
+
+use super::Api;
+use crate::events::Event;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use mesh_core::model::now_millis;
+use serde_json::json;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// Routes of the event stream.
+pub fn routes() -> Router<Api> {
+    Router::new().route("/v2/events", get(events))
+}
+
+fn frame(e: &Event) -> SseEvent {
+    SseEvent::default().event(e.event_type.clone()).data(e.data.clone())
+}
+
+async fn events(State(api): State<Api>, headers: HeaderMap, Query(q): Query<Vec<(String, String)>>) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("*/*");
+    if !accept.contains("text/event-stream") && !accept.contains("*/*") {
+        return (StatusCode::METHOD_NOT_ALLOWED, axum::Json(json!({"message": "HTTP 405 Method Not Allowed"})))
+            .into_response();
+    }
+    let filter: HashSet<String> =
+        q.iter().filter(|(k, _)| k == "event_type" || k == "event_type[]").map(|(_, v)| v.clone()).collect();
+    let remote = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let attached = Event::new("event_stream_attached", json!({"remoteAddress": remote}), now_millis());
+    let rx = api.control.published.events.subscribe();
+    let wanted = move |e: &Event| filter.is_empty() || filter.contains(&e.event_type);
+    let first = wanted(&attached).then(|| frame(&attached));
+    let stream = futures_util::stream::unfold((rx, first, wanted), |(mut rx, mut first, wanted)| async move {
+        if let Some(f) = first.take() {
+            return Some((Ok::<_, Infallible>(f), (rx, None, wanted)));
+        }
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let e: Arc<Event> = e;
+                    if wanted(&e) {
+                        return Some((Ok(frame(&e)), (rx, None, wanted)));
+                    }
+                }
+                // Too slow: drop this client rather than hold events (or the server) back.
+                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
