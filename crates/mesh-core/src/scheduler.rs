@@ -183,7 +183,7 @@ impl MarathonScheduler {
 
     /// How many tasks of `rec`'s app may be launched now (0 while in backoff).
     pub fn launch_need(view: &State, rec: &AppRecord, now: Millis) -> usize {
-        if now < rec.delay.until {
+        if now < rec.delay.until || Self::gated(view, rec) {
             return 0;
         }
         Self::wanted(view, rec)
@@ -207,21 +207,37 @@ impl MarathonScheduler {
 
     /// Deployments whose apps reached their goal, as commands that end them.
     pub fn finished_deployments(view: &State) -> Vec<Command> {
+        let app_done = |app_id: &AppId| match view.apps.get(app_id) {
+            None => view.app_tasks(app_id).next().is_none(),
+            Some(rec) => {
+                let tasks: Vec<&Task> = view.app_tasks(app_id).collect();
+                tasks.len() == rec.app.instances as usize
+                    && tasks.iter().all(|t| healthy(t, &rec.app) && t.version == rec.config_version)
+            }
+        };
         let mut out = Vec::new();
         for (id, d) in view.deployments.iter() {
-            let done = d.affected_apps.iter().all(|app_id| match view.apps.get(app_id) {
-                None => view.app_tasks(app_id).next().is_none(),
-                Some(rec) => {
-                    let tasks: Vec<&Task> = view.app_tasks(app_id).collect();
-                    tasks.len() == rec.app.instances as usize
-                        && tasks.iter().all(|t| healthy(t, &rec.app) && t.version == rec.config_version)
-                }
-            });
-            if done {
+            // Steps run in order: move past every step whose apps are all done.
+            let mut step = d.current_step.max(1);
+            while step <= d.steps.len() && d.steps[step - 1].iter().all(|a| app_done(&a.app)) {
+                step += 1;
+            }
+            if step > d.steps.len() {
                 out.push(Command::EndDeployment { id: id.clone() });
+            } else if step != d.current_step {
+                out.push(Command::AdvanceDeployment { id: id.clone(), step });
             }
         }
         out
+    }
+
+    /// Whether an app waits for an earlier step of its deployment (its dependencies).
+    pub fn gated(view: &State, rec: &AppRecord) -> bool {
+        let Some(d) = rec.deployment.as_ref().and_then(|d| view.deployments.get(d)) else { return false };
+        match d.steps.iter().position(|s| s.iter().any(|a| a.app == rec.app.id)) {
+            Some(i) => i + 1 > d.current_step,
+            None => false,
+        }
     }
 
     fn new_task_id(&mut self, app: &App) -> TaskId {

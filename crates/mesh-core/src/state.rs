@@ -158,6 +158,20 @@ pub struct Deployment {
     pub steps: Vec<Vec<DeploymentAction>>,
     /// 1-based index of the step in progress.
     pub current_step: usize,
+    /// The definitions before the deployment (`None`: the app did not exist), for rollback.
+    #[serde(default)]
+    pub original: Vec<(AppId, Option<App>)>,
+}
+
+/// An explicitly created group (groups are also implied by app ids).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Absolute id, e.g. `/prod`.
+    pub id: String,
+    /// Groups or apps this group depends on.
+    pub dependencies: Vec<String>,
+    /// Last change.
+    pub version: Millis,
 }
 
 /// The whole cluster state. Cloning it is O(1).
@@ -173,6 +187,9 @@ pub struct State {
     pub agents: OrdMap<AgentId, Agent>,
     /// Deployments in progress.
     pub deployments: OrdMap<String, Deployment>,
+    /// Explicitly created groups.
+    #[serde(default)]
+    pub groups: OrdMap<String, GroupRecord>,
     /// The service catalog.
     pub catalog: CatalogState,
 }
@@ -286,6 +303,53 @@ pub enum Command {
         /// The complete new set.
         instances: Vec<ServiceInstance>,
     },
+    /// Create or change a group: create or update `apps`, stop `remove`, record the group and
+    /// its subgroups, all as one deployment ordered by dependencies.
+    PutGroup {
+        /// The group id.
+        group: String,
+        /// Apps to create or update (absolute ids).
+        apps: Vec<App>,
+        /// Apps to stop and remove.
+        remove: Vec<AppId>,
+        /// Explicit groups to record (the group itself and nested ones), with dependencies.
+        groups: Vec<GroupRecord>,
+        /// When.
+        now: Millis,
+        /// The deployment.
+        deployment_id: String,
+        /// Fail if the group exists (POST).
+        create_only: bool,
+        /// Even during other deployments.
+        force: bool,
+    },
+    /// Delete a group and everything in it.
+    DeleteGroup {
+        /// The group id.
+        group: String,
+        /// When.
+        now: Millis,
+        /// The deployment.
+        deployment_id: String,
+        /// Even during other deployments.
+        force: bool,
+    },
+    /// Move a deployment to its next step (the apps of the current one are done).
+    AdvanceDeployment {
+        /// Which one.
+        id: String,
+        /// The new 1-based current step.
+        step: usize,
+    },
+    /// Cancel a deployment and start a new one that brings its apps back to where they were.
+    RollbackDeployment {
+        /// The deployment to roll back.
+        id: String,
+        /// The new deployment.
+        deployment_id: String,
+        /// When.
+        now: Millis,
+    },
     /// Remove a deployment (done, or cancelled).
     EndDeployment {
         /// Which one.
@@ -314,6 +378,15 @@ pub enum ApplyError {
     /// The version does not exist.
     #[error("App '{0}' does not exist in version {1}")]
     UnknownVersion(AppId, String),
+    /// The group exists already (create only).
+    #[error("Group {0} is already created. Use PUT to change this group.")]
+    GroupExists(String),
+    /// The group does not exist.
+    #[error("Group '{0}' does not exist")]
+    UnknownGroup(String),
+    /// The deployment does not exist.
+    #[error("DeploymentPlan {0} does not exist")]
+    UnknownDeployment(String),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -357,25 +430,170 @@ impl State {
 
     fn start_deployment(&mut self, id: &str, app: &AppId, action: &str, now: Millis, changes: &mut Changes) {
         // A forced change cancels the deployment that held the app.
+        let original = self.apps.get(app).map(|r| r.app.clone());
         if let Some(old) = self.apps.get(app).and_then(|r| r.deployment.clone()) {
             self.deployments.remove(&old);
         }
-        self.start_deployment_fresh(id, app, action, now, changes);
+        self.start_deployment_fresh(id, app, action, now, original, changes);
     }
 
-    fn start_deployment_fresh(&mut self, id: &str, app: &AppId, action: &str, now: Millis, changes: &mut Changes) {
+    fn start_deployment_fresh(
+        &mut self,
+        id: &str,
+        app: &AppId,
+        action: &str,
+        now: Millis,
+        original: Option<App>,
+        changes: &mut Changes,
+    ) {
         let mut steps = vec![vec![DeploymentAction { action: action.into(), app: app.clone() }]];
         if action == "StartApplication" {
             steps.push(vec![DeploymentAction { action: "ScaleApplication".into(), app: app.clone() }]);
         }
         self.deployments.insert(
             id.to_owned(),
-            Deployment { id: id.to_owned(), version: now, affected_apps: vec![app.clone()], steps, current_step: 1 },
+            Deployment {
+                id: id.to_owned(),
+                version: now,
+                affected_apps: vec![app.clone()],
+                steps,
+                current_step: 1,
+                original: vec![(app.clone(), original)],
+            },
         );
         if let Some(rec) = self.apps.get_mut(app) {
             rec.deployment = Some(id.to_owned());
         }
         changes.apps.push(app.clone());
+    }
+
+    /// Create or replace an app's definition (no deployment, no lock check); returns the
+    /// deployment action it implies.
+    fn put_app(&mut self, app: &App, now: Millis) -> &'static str {
+        let existing = self.apps.get(&app.id).cloned();
+        let mut app = app.clone();
+        let (config_version, mut versions, delay, last_failure, action) = match &existing {
+            Some(rec) => {
+                let config_changed = !rec.app.same_config(&app);
+                let cv = if config_changed { now } else { rec.config_version };
+                let action = if config_changed { "RestartApplication" } else { "ScaleApplication" };
+                // a new config resets the launch backoff, as Marathon does
+                let delay = if config_changed { LaunchDelay::default() } else { rec.delay.clone() };
+                (cv, rec.versions.clone(), delay, rec.last_failure.clone(), action)
+            }
+            None => (now, Vec::new(), LaunchDelay::default(), None, "StartApplication"),
+        };
+        app.version = iso8601(now);
+        app.version_info = Some(crate::app::VersionInfo {
+            last_scaling_at: iso8601(now),
+            last_config_change_at: iso8601(config_version),
+        });
+        versions.push((now, app.clone()));
+        if versions.len() > MAX_APP_VERSIONS {
+            let drop = versions.len() - MAX_APP_VERSIONS;
+            versions.drain(..drop);
+        }
+        if let Some(old) = existing.as_ref().and_then(|r| r.deployment.clone()) {
+            self.deployments.remove(&old);
+        }
+        let id = app.id.clone();
+        self.apps.insert(
+            id,
+            AppRecord { app, version: now, config_version, versions, delay, last_failure, deployment: None },
+        );
+        action
+    }
+
+    /// Remove an app and mark its tasks for killing.
+    fn remove_app(&mut self, id: &AppId, ch: &mut Changes) {
+        if let Some(old) = self.apps.get(id).and_then(|r| r.deployment.clone()) {
+            self.deployments.remove(&old);
+        }
+        self.apps.remove(id);
+        let ids: Vec<TaskId> = self.app_tasks(id).map(|t| t.id.clone()).collect();
+        for t in ids {
+            self.mark_kill(&t, ch);
+        }
+    }
+
+    /// Whether a group exists (explicitly, or implied by an app under it).
+    pub fn group_exists(&self, group: &str) -> bool {
+        let g = group.trim_end_matches('/');
+        g.is_empty()
+            || self.groups.contains_key(g)
+            || self.apps.keys().any(|a| a.in_group(g))
+            || self.groups.keys().any(|k| k.starts_with(&format!("{g}/")))
+    }
+
+    /// Apply a multi-app change as one deployment whose steps follow the apps' dependencies.
+    fn group_change(&mut self, put: &[App], remove: &[AppId], deployment_id: &str, now: Millis, ch: &mut Changes) {
+        let mut original = Vec::new();
+        let mut stop = Vec::new();
+        for id in remove {
+            if let Some(rec) = self.apps.get(id) {
+                original.push((id.clone(), Some(rec.app.clone())));
+                stop.push(DeploymentAction { action: "StopApplication".into(), app: id.clone() });
+                self.remove_app(id, ch);
+                ch.apps.push(id.clone());
+            }
+        }
+        // Dependency levels among the apps of this change: an app runs in the step after the
+        // apps it depends on.
+        let ids: Vec<AppId> = put.iter().map(|a| a.id.clone()).collect();
+        let deps_of = |a: &App| -> Vec<AppId> {
+            a.dependencies
+                .iter()
+                .filter_map(|d| AppId::parse_relative(d, &parent_of(&a.id)).ok())
+                .flat_map(|d| {
+                    ids.iter().filter(move |x| **x == d || x.in_group(d.as_str())).cloned().collect::<Vec<_>>()
+                })
+                .filter(|d| *d != a.id)
+                .collect()
+        };
+        let mut level: BTreeMap<AppId, usize> = BTreeMap::new();
+        for _ in 0..=put.len() {
+            for a in put {
+                let l = deps_of(a).iter().map(|d| level.get(d).copied().unwrap_or(0) + 1).max().unwrap_or(0);
+                level.insert(a.id.clone(), l);
+            }
+        }
+        let mut steps: Vec<Vec<DeploymentAction>> = Vec::new();
+        if !stop.is_empty() {
+            steps.push(stop);
+        }
+        let max_level = level.values().copied().max().unwrap_or(0);
+        for l in 0..=max_level {
+            let mut step = Vec::new();
+            for a in put.iter().filter(|a| level.get(&a.id) == Some(&l)) {
+                original.push((a.id.clone(), self.apps.get(&a.id).map(|r| r.app.clone())));
+                let action = self.put_app(a, now);
+                step.push(DeploymentAction { action: action.into(), app: a.id.clone() });
+                ch.apps.push(a.id.clone());
+            }
+            if !step.is_empty() {
+                steps.push(step);
+            }
+        }
+        let affected: Vec<AppId> = original.iter().map(|(a, _)| a.clone()).collect();
+        if steps.is_empty() {
+            return;
+        }
+        for a in &affected {
+            if let Some(rec) = self.apps.get_mut(a) {
+                rec.deployment = Some(deployment_id.to_owned());
+            }
+        }
+        self.deployments.insert(
+            deployment_id.to_owned(),
+            Deployment {
+                id: deployment_id.to_owned(),
+                version: now,
+                affected_apps: affected,
+                steps,
+                current_step: 1,
+                original,
+            },
+        );
     }
 
     /// Apply one command. On error the state is unchanged.
@@ -388,37 +606,8 @@ impl State {
                     return Err(ApplyError::AppExists(app.id.clone()));
                 }
                 self.lock_check(&app.id, *force)?;
-                let mut app = app.clone();
-                let (config_version, mut versions, delay, last_failure, action) = match &existing {
-                    Some(rec) => {
-                        let config_changed = !rec.app.same_config(&app);
-                        let cv = if config_changed { *now } else { rec.config_version };
-                        let action = if config_changed { "RestartApplication" } else { "ScaleApplication" };
-                        // a new config resets the launch backoff, as Marathon does
-                        let delay = if config_changed { LaunchDelay::default() } else { rec.delay.clone() };
-                        (cv, rec.versions.clone(), delay, rec.last_failure.clone(), action)
-                    }
-                    None => (*now, Vec::new(), LaunchDelay::default(), None, "StartApplication"),
-                };
-                app.version = iso8601(*now);
-                app.version_info = Some(crate::app::VersionInfo {
-                    last_scaling_at: iso8601(*now),
-                    last_config_change_at: iso8601(config_version),
-                });
-                versions.push((*now, app.clone()));
-                if versions.len() > MAX_APP_VERSIONS {
-                    let drop = versions.len() - MAX_APP_VERSIONS;
-                    versions.drain(..drop);
-                }
-                let id = app.id.clone();
-                if let Some(old) = existing.as_ref().and_then(|r| r.deployment.clone()) {
-                    self.deployments.remove(&old);
-                }
-                self.apps.insert(
-                    id.clone(),
-                    AppRecord { app, version: *now, config_version, versions, delay, last_failure, deployment: None },
-                );
-                self.start_deployment_fresh(deployment_id, &id, action, *now, &mut ch);
+                let action = self.put_app(app, *now);
+                self.start_deployment_fresh(deployment_id, &app.id, action, *now, existing.map(|r| r.app), &mut ch);
             }
             Command::RollbackApp { id, version, now, deployment_id, force } => {
                 let rec = self.apps.get(id).ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
@@ -457,7 +646,8 @@ impl State {
                     rec.versions.remove(0);
                 }
                 self.apps.insert(id.clone(), rec);
-                self.start_deployment_fresh(deployment_id, id, "RestartApplication", *now, &mut ch);
+                let original = self.apps.get(id).map(|r| r.app.clone());
+                self.start_deployment_fresh(deployment_id, id, "RestartApplication", *now, original, &mut ch);
             }
             Command::DeleteApp { id, now, deployment_id, force } => {
                 if !self.apps.contains_key(id) {
@@ -600,6 +790,62 @@ impl State {
                     ch.catalog |= self.catalog.remove_instance(&svc, &id, index);
                 }
             }
+            Command::PutGroup { group, apps, remove, groups, now, deployment_id, create_only, force } => {
+                if *create_only && self.group_exists(group) {
+                    return Err(ApplyError::GroupExists(group.clone()));
+                }
+                if !force {
+                    for id in apps.iter().map(|a| &a.id).chain(remove.iter()) {
+                        self.lock_check(id, false)?;
+                    }
+                }
+                for g in groups {
+                    self.groups.insert(g.id.clone(), g.clone());
+                }
+                self.group_change(apps, remove, deployment_id, *now, &mut ch);
+            }
+            Command::DeleteGroup { group, now, deployment_id, force } => {
+                if !self.group_exists(group) {
+                    return Err(ApplyError::UnknownGroup(group.clone()));
+                }
+                let g = group.trim_end_matches('/').to_owned();
+                let remove: Vec<AppId> = self.apps.keys().filter(|a| a.in_group(&g)).cloned().collect();
+                if !force {
+                    for id in &remove {
+                        self.lock_check(id, false)?;
+                    }
+                }
+                let gone: Vec<String> = self
+                    .groups
+                    .keys()
+                    .filter(|k| g.is_empty() || **k == g || k.starts_with(&format!("{g}/")))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.groups.remove(&k);
+                }
+                self.group_change(&[], &remove, deployment_id, *now, &mut ch);
+            }
+            Command::AdvanceDeployment { id, step } => {
+                let d = self.deployments.get_mut(id).ok_or_else(|| ApplyError::UnknownDeployment(id.clone()))?;
+                d.current_step = (*step).clamp(1, d.steps.len().max(1));
+                for a in d.affected_apps.clone() {
+                    ch.apps.push(a);
+                }
+            }
+            Command::RollbackDeployment { id, deployment_id, now } => {
+                let d = self.deployments.get(id).cloned().ok_or_else(|| ApplyError::UnknownDeployment(id.clone()))?;
+                self.deployments.remove(id);
+                let mut put = Vec::new();
+                let mut remove = Vec::new();
+                for (app, before) in &d.original {
+                    match before {
+                        Some(a) => put.push(a.clone()),
+                        None => remove.push(app.clone()),
+                    }
+                }
+                self.group_change(&put, &remove, deployment_id, *now, &mut ch);
+            }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
                     for app in d.affected_apps {
@@ -705,6 +951,14 @@ impl State {
             changed |= self.catalog.remove_instance(&s, task.id.as_str(), self.index + 1);
         }
         changed
+    }
+}
+
+/// The group an app id lies in (`/prod/web` → `/prod`, `/web` → `/`).
+pub fn parent_of(id: &AppId) -> String {
+    match id.as_str().rsplit_once('/') {
+        Some(("", _)) | None => "/".into(),
+        Some((p, _)) => p.to_owned(),
     }
 }
 

@@ -694,7 +694,45 @@ async fn leader(State(api): State<Api>) -> Response {
     axum::Json(json!({"leader": api.info.http_addr})).into_response()
 }
 
-async fn deployments(State(api): State<Api>) -> Response {
+/// Why an app of a deployment step has not reached its goal yet (for `?embed=reasons`).
+fn waiting_reason(
+    state: &Cluster,
+    stats: &std::collections::BTreeMap<AppId, mesh_core::scheduler::OfferStats>,
+    app: &AppId,
+) -> String {
+    let Some(rec) = state.apps.get(app) else {
+        let left = state.app_tasks(app).count();
+        return if left == 0 { "done".into() } else { format!("waiting for {left} task(s) to stop") };
+    };
+    if MarathonScheduler::gated(state, rec) {
+        return "waiting for its dependencies (an earlier step)".into();
+    }
+    let now = now_millis();
+    if rec.delay.until > now {
+        return format!("launch delayed for {} s after failures (backoff)", (rec.delay.until - now).div_ceil(1000));
+    }
+    let wanted = MarathonScheduler::wanted(state, rec);
+    if wanted > 0 {
+        let top =
+            stats.get(app).and_then(|s| s.rejected.iter().max_by_key(|(_, n)| **n).map(|(r, n)| (r.as_str(), *n)));
+        return match top {
+            Some((r, n)) => format!("{wanted} task(s) waiting for offers: {r} ({n} offers declined)"),
+            None => format!("{wanted} task(s) waiting for offers"),
+        };
+    }
+    let tasks: Vec<&Task> = state.app_tasks(app).collect();
+    let healthy =
+        tasks.iter().filter(|t| mesh_core::scheduler::healthy(t, &rec.app) && t.version == rec.config_version).count();
+    format!(
+        "{healthy} of {} task(s) of the new version running and healthy; {} task(s) in total",
+        rec.app.instances,
+        tasks.len()
+    )
+}
+
+async fn deployments(State(api): State<Api>, Query(q): Params) -> Response {
+    let with_reasons = params(&q, "embed").any(|e| e == "reasons");
+    let stats = api.control.published.offer_stats.load();
     let state = api.control.state();
     let list: Vec<Value> = state
         .deployments
@@ -708,7 +746,18 @@ async fn deployments(State(api): State<Api>) -> Response {
             let current: Vec<Value> = d
                 .steps
                 .get(d.current_step.saturating_sub(1))
-                .map(|s| s.iter().map(|a| json!({"action": a.action, "app": a.app, "readinessCheckResults": []})).collect())
+                .map(|s| {
+                    s.iter()
+                        .map(|a| {
+                            let mut v = json!({"action": a.action, "app": a.app, "readinessCheckResults": []});
+                            // Only on request: marathon-python rejects fields it does not know.
+                            if with_reasons {
+                                v["reason"] = Value::from(waiting_reason(&state, &stats, &a.app));
+                            }
+                            v
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             json!({
                 "id": d.id,

@@ -13,6 +13,7 @@ use serde_json::json;
 
 pub mod consul;
 pub mod events;
+pub mod groups;
 pub mod marathon;
 
 /// Shared state of the HTTP handlers.
@@ -86,9 +87,15 @@ impl ApiError {
     pub fn from_control(e: ControlError) -> Self {
         match e {
             ControlError::Rejected(ApplyError::Locked(d)) => ApiError::MarathonLocked(d),
-            ControlError::Rejected(e @ ApplyError::AppExists(_)) => ApiError::MarathonConflict(e.to_string()),
+            ControlError::Rejected(e @ (ApplyError::AppExists(_) | ApplyError::GroupExists(_))) => {
+                ApiError::MarathonConflict(e.to_string())
+            }
             ControlError::Rejected(
-                e @ (ApplyError::UnknownApp(_) | ApplyError::UnknownTask(_) | ApplyError::UnknownVersion(..)),
+                e @ (ApplyError::UnknownApp(_)
+                | ApplyError::UnknownGroup(_)
+                | ApplyError::UnknownDeployment(_)
+                | ApplyError::UnknownTask(_)
+                | ApplyError::UnknownVersion(..)),
             ) => ApiError::MarathonNotFound(e.to_string()),
             ControlError::Rejected(e) => ApiError::MarathonBadRequest(e.to_string()),
             e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::Unavailable(e.to_string()),
@@ -155,6 +162,7 @@ pub fn router(api: Api) -> Router {
         .merge(marathon::routes())
         .merge(consul::routes())
         .merge(events::routes())
+        .merge(groups::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
         .with_state(api)

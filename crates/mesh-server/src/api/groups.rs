@@ -1,0 +1,392 @@
+//! Marathon groups (`/v2/groups`) and deployment cancellation (`DELETE /v2/deployments/{id}`).
+//!
+//! Groups are implied by app ids (`/prod/web` lies in `/prod`) and may also be created
+//! explicitly, with dependencies. A group change is one deployment whose steps follow the
+//! apps' `dependencies`: an app starts only once the apps it depends on are healthy.
+
+use super::{Api, ApiError, flag};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use mesh_core::app::{App, AppId, Invalid};
+use mesh_core::model::{iso8601, now_millis};
+use mesh_core::state::{Command, GroupRecord, State as Cluster, parent_of};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+
+type Params = Query<Vec<(String, String)>>;
+
+fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a String> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+/// Routes of groups and deployment deletion.
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v2/groups", get(get_root).post(create_group).put(put_root).delete(delete_root))
+        .route("/v2/groups/{*rest}", get(get_group).put(put_group).delete(delete_group).post(create_in_group))
+        .route("/v2/deployments/{id}", delete(delete_deployment))
+}
+
+fn deployment_result(id: &str, version: u64, status: StatusCode) -> Response {
+    let mut r = (status, axum::Json(json!({"deploymentId": id, "version": iso8601(version)}))).into_response();
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert("Marathon-Deployment-Id", v);
+    }
+    r
+}
+
+fn normalize_group(raw: &str, base: &str) -> Result<String, ApiError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw == "/" {
+        return Ok("/".into());
+    }
+    AppId::parse_relative(raw, base)
+        .map(|id| id.to_string())
+        .map_err(|e| ApiError::MarathonInvalid(Invalid::at("/id", e)))
+}
+
+/// Every group id that exists: explicit ones and the ancestors of every app.
+fn all_groups(state: &Cluster) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = BTreeSet::new();
+    out.insert("/".into());
+    let mut add_with_parents = |g: &str| {
+        let mut cur = g.to_owned();
+        while cur != "/" && !cur.is_empty() {
+            out.insert(cur.clone());
+            cur = match cur.rsplit_once('/') {
+                Some(("", _)) | None => "/".into(),
+                Some((p, _)) => p.to_owned(),
+            };
+        }
+    };
+    for g in state.groups.keys() {
+        add_with_parents(g);
+    }
+    for a in state.apps.keys() {
+        add_with_parents(&parent_of(a));
+    }
+    out
+}
+
+fn group_parent(g: &str) -> String {
+    match g.rsplit_once('/') {
+        Some(("", _)) | None => "/".into(),
+        Some((p, _)) => p.to_owned(),
+    }
+}
+
+fn group_json(state: &Cluster, g: &str, groups: &BTreeSet<String>) -> Value {
+    let apps: Vec<Value> = state
+        .apps
+        .values()
+        .filter(|r| parent_of(&r.app.id) == g)
+        .map(|r| serde_json::to_value(&r.app).unwrap_or(Value::Null))
+        .collect();
+    let subgroups: Vec<Value> = groups
+        .iter()
+        .filter(|c| c.as_str() != "/" && group_parent(c) == g)
+        .map(|c| group_json(state, c, groups))
+        .collect();
+    let rec = state.groups.get(g);
+    let version = rec
+        .map(|r| r.version)
+        .into_iter()
+        .chain(state.apps.values().filter(|r| r.app.id.in_group(g)).map(|r| r.version))
+        .max()
+        .unwrap_or(0);
+    json!({
+        "id": g,
+        "apps": apps,
+        "groups": subgroups,
+        "pods": [],
+        "dependencies": rec.map(|r| r.dependencies.clone()).unwrap_or_default(),
+        "version": iso8601(version),
+    })
+}
+
+async fn get_root(State(api): State<Api>) -> Response {
+    let state = api.control.state();
+    let groups = all_groups(&state);
+    axum::Json(group_json(&state, "/", &groups)).into_response()
+}
+
+async fn get_group(State(api): State<Api>, Path(rest): Path<String>) -> Result<Response, ApiError> {
+    let state = api.control.state();
+    let groups = all_groups(&state);
+    if let Some(g) = rest.strip_suffix("/versions") {
+        let g = normalize_group(g, "/")?;
+        if !groups.contains(&g) {
+            return Err(ApiError::MarathonNotFound(format!("Group '{g}' does not exist")));
+        }
+        let v = group_json(&state, &g, &groups)["version"].clone();
+        return Ok(axum::Json(json!([v])).into_response());
+    }
+    let g = normalize_group(&rest, "/")?;
+    if !groups.contains(&g) {
+        return Err(ApiError::MarathonNotFound(format!("Group '{g}' does not exist")));
+    }
+    Ok(axum::Json(group_json(&state, &g, &groups)).into_response())
+}
+
+/// A group update flattened into apps to put, explicit groups to record, and the set of app
+/// ids the update covers (for removing apps it no longer lists).
+struct Flat {
+    apps: Vec<App>,
+    groups: Vec<GroupRecord>,
+    /// Groups whose `apps` list was given: apps under them that are not listed are removed.
+    listed: Vec<(String, BTreeSet<AppId>)>,
+}
+
+fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out: &mut Flat) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::MarathonBadJson { path: path.into(), error: "error.expected.jsobject".into() });
+    };
+    let deps: Vec<String> = obj
+        .get("dependencies")
+        .and_then(Value::as_array)
+        .map(|d| d.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if group != "/" {
+        out.groups.push(GroupRecord { id: group.to_owned(), dependencies: deps.clone(), version: now });
+    }
+    if let Some(apps) = obj.get("apps").filter(|v| !v.is_null()) {
+        let Some(list) = apps.as_array() else {
+            return Err(ApiError::MarathonBadJson {
+                path: format!("{path}apps"),
+                error: "error.expected.jsarray".into(),
+            });
+        };
+        let mut ids = BTreeSet::new();
+        for (i, a) in list.iter().enumerate() {
+            let raw = a.get("id").and_then(Value::as_str).unwrap_or("");
+            let id = AppId::parse_relative(raw, group)
+                .map_err(|e| ApiError::MarathonInvalid(Invalid::at(&format!("{path}apps({i})/id"), e)))?;
+            if !id.in_group(group) {
+                return Err(ApiError::MarathonInvalid(Invalid::at(
+                    &format!("{path}apps({i})/id"),
+                    format!("identifier {id} is not child of {group}. Hint: use relative paths."),
+                )));
+            }
+            let mut a = a.clone();
+            // Group-level dependencies apply to every app of the group.
+            if !deps.is_empty() {
+                let mut d: Vec<Value> = a.get("dependencies").and_then(Value::as_array).cloned().unwrap_or_default();
+                d.extend(deps.iter().map(|x| Value::from(x.as_str())));
+                a["dependencies"] = Value::Array(d);
+            }
+            let app = match state.apps.get(&id) {
+                Some(rec) => App::merge_json(Some(&rec.app), &a, Some(&id)),
+                None => App::from_json(&a, Some(&id)),
+            }
+            .map_err(|inv| {
+                ApiError::MarathonInvalid(Invalid(
+                    inv.0
+                        .into_iter()
+                        .map(|mut v| {
+                            v.path = format!("{path}apps({i}){}", v.path.trim_end_matches('/'));
+                            v
+                        })
+                        .collect(),
+                ))
+            })?;
+            ids.insert(id);
+            out.apps.push(app);
+        }
+        out.listed.push((group.to_owned(), ids));
+    }
+    if let Some(groups) = obj.get("groups").filter(|v| !v.is_null()) {
+        let Some(list) = groups.as_array() else {
+            return Err(ApiError::MarathonBadJson {
+                path: format!("{path}groups"),
+                error: "error.expected.jsarray".into(),
+            });
+        };
+        for (i, g) in list.iter().enumerate() {
+            let raw = g.get("id").and_then(Value::as_str).unwrap_or("");
+            let child = normalize_group(raw, group)?;
+            if child == group || !AppId::parse(&child).is_ok_and(|c| c.in_group(group)) {
+                return Err(ApiError::MarathonInvalid(Invalid::at(
+                    &format!("{path}groups({i})/id"),
+                    format!("identifier {child} is not child of {group}. Hint: use relative paths."),
+                )));
+            }
+            flatten(g, &child, state, now, &format!("{path}groups({i})/"), out)?;
+        }
+    }
+    Ok(())
+}
+
+async fn change_group(
+    api: &Api,
+    group: String,
+    body: Value,
+    q: &[(String, String)],
+    create: bool,
+) -> Result<Response, ApiError> {
+    let state = api.control.state();
+    let now = now_millis();
+    let force = flag(param(q, "force"), false);
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    // {"scaleBy": f}: scale every app of the group.
+    if let Some(f) = body.get("scaleBy").filter(|_| !create) {
+        let f = f
+            .as_f64()
+            .filter(|f| *f >= 0.0 && f.is_finite())
+            .ok_or_else(|| ApiError::MarathonInvalid(Invalid::at("/scaleBy", "must be a number, 0 or more")))?;
+        if !state.group_exists(&group) {
+            return Err(ApiError::MarathonNotFound(format!("Group '{group}' does not exist")));
+        }
+        let apps: Vec<App> = state
+            .apps
+            .values()
+            .filter(|r| r.app.id.in_group(&group) || group == "/")
+            .map(|r| {
+                let mut a = r.app.clone();
+                a.instances = (a.instances as f64 * f).ceil() as u32;
+                a
+            })
+            .collect();
+        let cmd = Command::PutGroup {
+            group,
+            apps,
+            remove: vec![],
+            groups: vec![],
+            now,
+            deployment_id: deployment_id.clone(),
+            create_only: false,
+            force,
+        };
+        api.control.propose(cmd).await.map_err(ApiError::from_control)?;
+        return Ok(deployment_result(&deployment_id, now, StatusCode::OK));
+    }
+    if body.get("version").is_some() && body.as_object().is_some_and(|o| o.len() == 1) {
+        return Err(ApiError::MarathonInvalid(Invalid::at(
+            "/version",
+            "rolling back a whole group is not supported; roll back its apps",
+        )));
+    }
+    let mut flat = Flat { apps: Vec::new(), groups: Vec::new(), listed: Vec::new() };
+    flatten(&body, &group, &state, now, "/", &mut flat)?;
+    for a in &flat.apps {
+        if a.privileged() && !api.info.allow_privileged {
+            return Err(ApiError::MarathonInvalid(Invalid::at(
+                "/container/docker/privileged",
+                "privileged containers are not allowed on this node (start it with --allow-privileged)",
+            )));
+        }
+    }
+    let mut remove = Vec::new();
+    if !create {
+        for (g, ids) in &flat.listed {
+            for id in state.apps.keys().filter(|a| parent_of(a) == *g && !ids.contains(a)) {
+                remove.push(id.clone());
+            }
+        }
+    }
+    let existed = state.group_exists(&group);
+    let cmd = Command::PutGroup {
+        group,
+        apps: flat.apps,
+        remove,
+        groups: flat.groups,
+        now,
+        deployment_id: deployment_id.clone(),
+        create_only: create,
+        force,
+    };
+    api.control.propose(cmd).await.map_err(ApiError::from_control)?;
+    let status = if create || !existed { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(deployment_result(&deployment_id, now, status))
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::MarathonBadJson { path: "/".into(), error: e.to_string() })
+}
+
+async fn create_group(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    let body = parse_json(&body)?;
+    let raw = body.get("id").and_then(Value::as_str).unwrap_or("");
+    if raw.is_empty() {
+        return Err(ApiError::MarathonInvalid(Invalid::at("/id", "error.path.missing")));
+    }
+    let group = normalize_group(raw, "/")?;
+    change_group(&api, group, body, &q, true).await
+}
+
+async fn create_in_group(
+    State(api): State<Api>,
+    Path(rest): Path<String>,
+    Query(q): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = parse_json(&body)?;
+    let base = normalize_group(&rest, "/")?;
+    let raw = body.get("id").and_then(Value::as_str).unwrap_or("");
+    let group = normalize_group(raw, &base)?;
+    change_group(&api, group, body, &q, true).await
+}
+
+async fn put_root(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
+    let body = parse_json(&body)?;
+    change_group(&api, "/".into(), body, &q, false).await
+}
+
+async fn put_group(
+    State(api): State<Api>,
+    Path(rest): Path<String>,
+    Query(q): Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = parse_json(&body)?;
+    let group = normalize_group(&rest, "/")?;
+    change_group(&api, group, body, &q, false).await
+}
+
+async fn remove_group(api: &Api, group: String, q: &[(String, String)]) -> Result<Response, ApiError> {
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let force = flag(param(q, "force"), false);
+    let cmd = Command::DeleteGroup { group, now, deployment_id: deployment_id.clone(), force };
+    api.control.propose(cmd).await.map_err(ApiError::from_control)?;
+    Ok(deployment_result(&deployment_id, now, StatusCode::OK))
+}
+
+async fn delete_root(State(api): State<Api>, Query(q): Params) -> Result<Response, ApiError> {
+    remove_group(&api, "/".into(), &q).await
+}
+
+async fn delete_group(
+    State(api): State<Api>,
+    Path(rest): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    let group = normalize_group(&rest, "/")?;
+    remove_group(&api, group, &q).await
+}
+
+/// `DELETE /v2/deployments/{id}`: roll back (a new deployment restores the apps as they were),
+/// or with `force=true` just stop it (202, empty body).
+async fn delete_deployment(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Result<Response, ApiError> {
+    if !api.control.state().deployments.contains_key(&id) {
+        return Err(ApiError::MarathonNotFound(format!("DeploymentPlan {id} does not exist")));
+    }
+    if flag(param(&q, "force"), false) {
+        api.control.propose(Command::EndDeployment { id }).await.map_err(ApiError::from_control)?;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
+    let now = now_millis();
+    let deployment_id = uuid::Uuid::new_v4().to_string();
+    api.control
+        .propose(Command::RollbackDeployment { id, deployment_id: deployment_id.clone(), now })
+        .await
+        .map_err(ApiError::from_control)?;
+    Ok(deployment_result(&deployment_id, now, StatusCode::OK))
+}
