@@ -23,7 +23,7 @@ use std::path::Path;
 /// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
 pub const SOURCE_META: &str = "mesh-source";
 
-/// How many old versions of an app are kept.
+/// How many versions of an app are kept by default (`--max-app-versions`).
 pub const MAX_APP_VERSIONS: usize = 50;
 
 /// The launch backoff of an app.
@@ -190,6 +190,10 @@ pub struct State {
     /// Explicitly created groups.
     #[serde(default)]
     pub groups: OrdMap<String, GroupRecord>,
+    /// How many versions of an app are kept (0 = [`MAX_APP_VERSIONS`]); node configuration,
+    /// set by [`Store::set_max_versions`].
+    #[serde(default)]
+    pub max_versions: usize,
     /// The service catalog.
     pub catalog: CatalogState,
 }
@@ -406,6 +410,11 @@ impl State {
         Self { catalog: CatalogState::new(datacenter), ..Default::default() }
     }
 
+    /// How many versions of an app are kept.
+    pub fn keep_versions(&self) -> usize {
+        if self.max_versions == 0 { MAX_APP_VERSIONS } else { self.max_versions }
+    }
+
     /// Tasks of an app that are alive and not being killed.
     pub fn active_tasks<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
@@ -489,8 +498,8 @@ impl State {
             last_config_change_at: iso8601(config_version),
         });
         versions.push((now, app.clone()));
-        if versions.len() > MAX_APP_VERSIONS {
-            let drop = versions.len() - MAX_APP_VERSIONS;
+        if versions.len() > self.keep_versions() {
+            let drop = versions.len() - self.keep_versions();
             versions.drain(..drop);
         }
         if let Some(old) = existing.as_ref().and_then(|r| r.deployment.clone()) {
@@ -642,7 +651,7 @@ impl State {
                     last_config_change_at: iso8601(*now),
                 });
                 rec.versions.push((*now, rec.app.clone()));
-                if rec.versions.len() > MAX_APP_VERSIONS {
+                if rec.versions.len() > self.keep_versions() {
                     rec.versions.remove(0);
                 }
                 self.apps.insert(id.clone(), rec);
@@ -706,7 +715,7 @@ impl State {
                             vi.last_scaling_at = iso8601(*now);
                         }
                         rec.versions.push((*now, rec.app.clone()));
-                        if rec.versions.len() > MAX_APP_VERSIONS {
+                        if rec.versions.len() > self.keep_versions() {
                             rec.versions.remove(0);
                         }
                         self.apps.insert(app_id.clone(), rec);
@@ -1136,6 +1145,11 @@ impl Store {
             }
         }
         Ok(Self { log, state, last_snapshot })
+    }
+
+    /// Keep at most `n` versions of each app from now on (at least 1).
+    pub fn set_max_versions(&mut self, n: usize) {
+        self.state.max_versions = n.max(1);
     }
 
     /// The current state.

@@ -317,7 +317,13 @@ impl Control {
             self.seen_updates.pop_front();
         }
         let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
-            if !update.state.is_terminal() {
+            if update.state.is_terminal() {
+                self.published.events.publish(Event::new(
+                    "unknown_instance_terminated_event",
+                    serde_json::json!({"instanceId": update.task_id, "runSpecId": "", "condition": update.state.as_str()}),
+                    update.at,
+                ));
+            } else {
                 // A task nobody wants: stop it.
                 self.outbox.push_back((
                     update.agent_id.clone(),
@@ -466,6 +472,11 @@ impl Control {
             ));
         }
         if before.map(|b| b.alive) != Some(result.alive) {
+            bus.publish(Event::new(
+                "instance_health_changed_event",
+                serde_json::json!({"instanceId": task_id, "runSpecId": app, "runSpecVersion": mesh_core::model::iso8601(t.version), "healthy": result.alive}),
+                now,
+            ));
             bus.publish(Event::new(
                 "health_status_changed_event",
                 serde_json::json!({"appId": app, "taskId": task_id, "instanceId": task_id, "version": mesh_core::model::iso8601(t.version), "alive": result.alive}),

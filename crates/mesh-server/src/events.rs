@@ -118,9 +118,15 @@ pub fn batch_events(cmds: &[Command], before: &State, after: &State, now: Millis
                 }
                 out.push(Event::new("deployment_success", json!({"id": id, "plan": plan_json(d)}), now));
             } else {
+                let step = d.steps.get(d.current_step.saturating_sub(1)).cloned().unwrap_or_default();
+                out.push(Event::new(
+                    "deployment_step_failure",
+                    json!({"plan": plan_json(d), "currentStep": {"actions": step.iter().map(|a| json!({"action": a.action, "app": a.app})).collect::<Vec<_>>()}}),
+                    now,
+                ));
                 out.push(Event::new(
                     "deployment_failed",
-                    json!({"id": id, "plan": plan_json(d), "reason": "cancelled by a forced change"}),
+                    json!({"id": id, "plan": plan_json(d), "reason": "cancelled"}),
                     now,
                 ));
             }
@@ -135,6 +141,22 @@ pub fn batch_events(cmds: &[Command], before: &State, after: &State, now: Millis
 fn command_events(cmd: &Command, before: &State, after: &State, now: Millis, out: &mut Vec<Event>) {
     match cmd {
         Command::PutApp { app, .. } => {
+            let old_checks = before.apps.get(&app.id).map(|r| r.app.health_checks.clone()).unwrap_or_default();
+            let version = iso8601(now);
+            for hc in app.health_checks.iter().filter(|h| !old_checks.contains(h)) {
+                out.push(Event::new(
+                    "add_health_check_event",
+                    json!({"appId": app.id, "healthCheck": hc, "version": version}),
+                    now,
+                ));
+            }
+            for hc in old_checks.iter().filter(|h| !app.health_checks.contains(h)) {
+                out.push(Event::new(
+                    "remove_health_check_event",
+                    json!({"appId": app.id, "healthCheck": hc, "version": version}),
+                    now,
+                ));
+            }
             let body = serde_json::to_value(after.apps.get(&app.id).map(|r| &r.app)).unwrap_or(Value::Null);
             out.push(Event::new(
                 "api_post_event",
@@ -150,6 +172,9 @@ fn command_events(cmd: &Command, before: &State, after: &State, now: Millis, out
                 json!({"clientIp": "", "uri": format!("/v2/apps{id}"), "appDefinition": body}),
                 now,
             ));
+        }
+        Command::PutGroup { group, .. } | Command::DeleteGroup { group, .. } => {
+            out.push(Event::new("group_change_success", json!({"groupId": group, "version": iso8601(now)}), now));
         }
         Command::DeleteApp { id, .. } => {
             out.push(Event::new("app_terminated_event", json!({"appId": id}), now));

@@ -75,6 +75,9 @@ struct DevArgs {
     /// Do not register the containers of the local Docker engine in the catalog.
     #[arg(long)]
     no_registrator: bool,
+    /// How many versions of each app are kept (older ones are dropped).
+    #[arg(long, default_value_t = mesh_core::state::MAX_APP_VERSIONS)]
+    max_app_versions: usize,
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
         keep_tasks_on_exit: a.keep_tasks_on_exit,
         allow_privileged: a.allow_privileged,
         registrator: !a.no_registrator,
+        max_app_versions: a.max_app_versions,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

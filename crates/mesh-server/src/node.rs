@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub allow_privileged: bool,
     /// Register every container on the local Docker engine (Registrator) when one answers.
     pub registrator: bool,
+    /// Versions kept per app.
+    pub max_app_versions: usize,
 }
 
 /// Errors that stop a node from starting.
@@ -134,7 +136,8 @@ pub async fn run_dev(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
     let log = RedbLog::open(&cfg.data_dir.join("state.redb"))?;
-    let store = Store::open(Box::new(log), &cfg.datacenter)?;
+    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
+    store.set_max_versions(cfg.max_app_versions);
     info!(
         apps = store.state().apps.len(),
         tasks = store.state().tasks.len(),

@@ -17,6 +17,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
+/// Publishes `event_stream_detached` when a client's stream ends (it left, or was dropped for
+/// falling behind).
+struct Detach {
+    bus: crate::events::EventBus,
+    remote: String,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.bus.publish(Event::new("event_stream_detached", json!({"remoteAddress": self.remote}), now_millis()));
+    }
+}
+
 /// Routes of the event stream.
 pub fn routes() -> Router<Api> {
     Router::new().route("/v2/events", get(events))
@@ -37,24 +50,26 @@ async fn events(State(api): State<Api>, headers: HeaderMap, Query(q): Query<Vec<
     let remote = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let attached = Event::new("event_stream_attached", json!({"remoteAddress": remote}), now_millis());
     let rx = api.control.published.events.subscribe();
+    let detach = Detach { bus: api.control.published.events.clone(), remote: remote.clone() };
     let wanted = move |e: &Event| filter.is_empty() || filter.contains(&e.event_type);
     let first = wanted(&attached).then(|| frame(&attached));
-    let stream = futures_util::stream::unfold((rx, first, wanted), |(mut rx, mut first, wanted)| async move {
-        if let Some(f) = first.take() {
-            return Some((Ok::<_, Infallible>(f), (rx, None, wanted)));
-        }
-        loop {
-            match rx.recv().await {
-                Ok(e) => {
-                    let e: Arc<Event> = e;
-                    if wanted(&e) {
-                        return Some((Ok(frame(&e)), (rx, None, wanted)));
-                    }
-                }
-                // Too slow: drop this client rather than hold events (or the server) back.
-                Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return None,
+    let stream =
+        futures_util::stream::unfold((rx, first, wanted, detach), |(mut rx, mut first, wanted, detach)| async move {
+            if let Some(f) = first.take() {
+                return Some((Ok::<_, Infallible>(f), (rx, None, wanted, detach)));
             }
-        }
-    });
+            loop {
+                match rx.recv().await {
+                    Ok(e) => {
+                        let e: Arc<Event> = e;
+                        if wanted(&e) {
+                            return Some((Ok(frame(&e)), (rx, None, wanted, detach)));
+                        }
+                    }
+                    // Too slow: drop this client rather than hold events (or the server) back.
+                    Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return None,
+                }
+            }
+        });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }

@@ -288,6 +288,7 @@ async fn change_group(
         }
     }
     let existed = state.group_exists(&group);
+    let group_id = group.clone();
     let cmd = Command::PutGroup {
         group,
         apps: flat.apps,
@@ -298,7 +299,12 @@ async fn change_group(
         create_only: create,
         force,
     };
-    api.control.propose(cmd).await.map_err(ApiError::from_control)?;
+    if let Err(e) = api.control.propose(cmd).await {
+        let reason = e.to_string();
+        let body = json!({"groupId": group_id, "version": iso8601(now), "reason": reason});
+        api.control.published.events.publish(crate::events::Event::new("group_change_failed", body, now));
+        return Err(ApiError::from_control(e));
+    }
     let status = if create || !existed { StatusCode::CREATED } else { StatusCode::OK };
     Ok(deployment_result(&deployment_id, now, status))
 }

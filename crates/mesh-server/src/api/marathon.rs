@@ -679,7 +679,7 @@ async fn info(State(api): State<Api>) -> Response {
             "zk_path": "",
             "zk_timeout": 10000,
             "zk_session_timeout": 10000,
-            "zk_max_versions": mesh_core::state::MAX_APP_VERSIONS,
+            "zk_max_versions": api.control.state().keep_versions(),
         },
         "http_config": {
             "http_port": port,
