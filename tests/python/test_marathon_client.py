@@ -570,13 +570,9 @@ def test_complex_docker_app_create_and_get(client):
     assert client.get_version("pytest-complex", versions[0]).container.type == "DOCKER"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="mesh rejects healthChecks[].timeoutSeconds >= intervalSeconds with 422 "
-    "(mesh-core/src/health.rs); Marathon only requires that of readiness checks, and "
-    "marathon-python's itest complex app uses timeoutSeconds == intervalSeconds == 10",
-)
 def test_complex_docker_app_exactly_as_the_itest(client):
+    # marathon-python's itest complex app uses timeoutSeconds == intervalSeconds == 10, which
+    # Marathon accepts for health checks (the rule is only for readiness checks).
     created = client.create_app("pytest-complex-itest", complex_app(timeout_seconds=10))
     assert isinstance(created, MarathonApp)
     assert client.get_app("pytest-complex-itest").health_checks[0].timeout_seconds == 10

@@ -85,9 +85,6 @@ pub fn validate(checks: &[Value]) -> Vec<(String, String)> {
         if num(c, "intervalSeconds", 60.0) <= 0.0 {
             bad.push((format!("{p}/intervalSeconds"), "must be more than 0".into()));
         }
-        if num(c, "timeoutSeconds", 20.0) >= num(c, "intervalSeconds", 60.0) {
-            bad.push((format!("{p}/timeoutSeconds"), "must be smaller than intervalSeconds".into()));
-        }
     }
     if mesos > 1 {
         bad.push(("/healthChecks".into(), "at most one Mesos health check is allowed".into()));
@@ -234,7 +231,9 @@ mod tests {
         assert!(validate(&[json!({"protocol": "HTTP"})]).is_empty());
         assert!(!validate(&[json!({"protocol": "GOPHER"})]).is_empty());
         assert!(!validate(&[json!({"protocol": "COMMAND"})]).is_empty());
-        assert!(!validate(&[json!({"intervalSeconds": 5, "timeoutSeconds": 10})]).is_empty());
+        // Marathon allows a timeout as long as the interval (the rule is only for readiness checks).
+        assert!(validate(&[json!({"intervalSeconds": 10, "timeoutSeconds": 10})]).is_empty());
+        assert!(!validate(&[json!({"intervalSeconds": 0})]).is_empty());
         assert!(!validate(&[json!({"protocol": "MESOS_TCP"}), json!({"protocol": "MESOS_HTTP"})]).is_empty());
     }
 

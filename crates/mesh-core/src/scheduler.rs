@@ -113,6 +113,28 @@ pub struct OfferStats {
     pub rejected: BTreeMap<Reject, u64>,
     /// Time of the last offer looked at.
     pub last_offer_at: Option<Millis>,
+    /// The last offers this app could not use (at most [`LAST_UNUSED_OFFERS`]), newest last.
+    pub last_unused: std::collections::VecDeque<UnusedOffer>,
+}
+
+/// How many unused offers are remembered per app.
+pub const LAST_UNUSED_OFFERS: usize = 10;
+
+/// An offer an app could not use, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnusedOffer {
+    /// The offer.
+    pub offer_id: crate::model::OfferId,
+    /// Its agent.
+    pub agent_id: AgentId,
+    /// Its host.
+    pub hostname: String,
+    /// The offered resources.
+    pub resources: Resources,
+    /// Why it was not used.
+    pub reason: Reject,
+    /// When.
+    pub at: Millis,
 }
 
 /// The stock scheduler: keeps every Marathon app at `instances` running tasks of its current
@@ -496,7 +518,19 @@ impl Scheduler for MarathonScheduler {
                             *need.get_mut(&app_id).expect("present") -= 1;
                         }
                         Err(reason) => {
-                            *self.stats.entry(app_id.clone()).or_default().rejected.entry(reason).or_default() += 1;
+                            let st = self.stats.entry(app_id.clone()).or_default();
+                            *st.rejected.entry(reason).or_default() += 1;
+                            st.last_unused.push_back(UnusedOffer {
+                                offer_id: offer.id.clone(),
+                                agent_id: offer.agent_id.clone(),
+                                hostname: offer.hostname.clone(),
+                                resources: free.clone(),
+                                reason,
+                                at: now,
+                            });
+                            if st.last_unused.len() > LAST_UNUSED_OFFERS {
+                                st.last_unused.pop_front();
+                            }
                             break;
                         }
                     }

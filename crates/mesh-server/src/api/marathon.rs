@@ -35,7 +35,7 @@ pub fn routes() -> Router<Api> {
         .route("/v2/apps/{*rest}", get(app_get).put(app_put).patch(app_patch).delete(app_delete).post(app_post))
         .route("/v2/tasks", get(list_tasks))
         .route("/v2/info", get(info))
-        .route("/v2/leader", get(leader))
+        .route("/v2/leader", get(leader).delete(abdicate))
         .route("/v2/deployments", get(deployments))
         .route("/v2/queue", get(queue))
         .route("/v2/queue/{*rest}", delete(queue_delete))
@@ -690,6 +690,12 @@ async fn info(State(api): State<Api>) -> Response {
     .into_response()
 }
 
+/// `DELETE /v2/leader`. A single control node abdicates and is at once elected again: the
+/// answer is Marathon's, and nothing else changes.
+async fn abdicate() -> Response {
+    axum::Json(json!({"message": "Leadership abdicated"})).into_response()
+}
+
 async fn leader(State(api): State<Api>) -> Response {
     axum::Json(json!({"leader": api.info.http_addr})).into_response()
 }
@@ -774,7 +780,8 @@ async fn deployments(State(api): State<Api>, Query(q): Params) -> Response {
     axum::Json(Value::Array(list)).into_response()
 }
 
-async fn queue(State(api): State<Api>) -> Response {
+async fn queue(State(api): State<Api>, Query(q): Params) -> Response {
+    let with_offers = params(&q, "embed").any(|e| e == "lastUnusedOffers");
     let state = api.control.state();
     let stats = api.control.published.offer_stats.load();
     let now = now_millis();
@@ -819,6 +826,33 @@ async fn queue(State(api): State<Api>) -> Response {
         if let Some(at) = st.and_then(|s| s.last_offer_at) {
             offers["lastUnusedOfferAt"] = Value::from(iso8601(at));
         }
+        let mut extra = serde_json::Map::new();
+        if with_offers {
+            let offers: Vec<Value> = st
+                .map(|s| {
+                    s.last_unused
+                        .iter()
+                        .map(|u| {
+                            json!({
+                                "offer": {
+                                    "id": u.offer_id, "agentId": u.agent_id, "hostname": u.hostname,
+                                    "resources": [
+                                        {"name": "cpus", "scalar": u.resources.cpus, "role": "*"},
+                                        {"name": "mem", "scalar": u.resources.mem, "role": "*"},
+                                        {"name": "disk", "scalar": u.resources.disk, "role": "*"},
+                                        {"name": "ports", "ranges": u.resources.ports.ranges().iter().map(|(b, e)| json!({"begin": b, "end": e})).collect::<Vec<_>>(), "role": "*"},
+                                    ],
+                                    "attributes": [],
+                                },
+                                "timestamp": iso8601(u.at),
+                                "reason": [u.reason.as_str()],
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            extra.insert("lastUnusedOffers".into(), Value::Array(offers));
+        }
         items.push(json!({
             "app": app_json(rec, &state, Embed::default()),
             "count": count,
@@ -826,6 +860,9 @@ async fn queue(State(api): State<Api>) -> Response {
             "since": iso8601(rec.version),
             "processedOffersSummary": offers,
         }));
+        if let Some(Value::Object(item)) = items.last_mut() {
+            item.extend(extra);
+        }
     }
     axum::Json(json!({"queue": items})).into_response()
 }
