@@ -264,6 +264,20 @@ impl Invalid {
     pub fn at(path: &str, error: impl Into<String>) -> Self {
         Invalid(vec![Violation { path: path.into(), errors: vec![error.into()] }])
     }
+
+    /// The same violations, for a definition nested at `prefix` (e.g. `/0` in a bulk update or
+    /// `/apps(1)` in a group).
+    pub fn prefixed(self, prefix: &str) -> Self {
+        Invalid(
+            self.0
+                .into_iter()
+                .map(|mut v| {
+                    v.path = format!("{prefix}{}", v.path.trim_end_matches('/'));
+                    v
+                })
+                .collect(),
+        )
+    }
 }
 
 struct Violations(Vec<Violation>);

@@ -4,11 +4,12 @@
 //! explicitly, with dependencies. A group change is one deployment whose steps follow the
 //! apps' `dependencies`: an app starts only once the apps it depends on are healthy.
 
+use super::marathon::{deployment_result, invalid, node_allows, param, parse_body};
 use super::{Api, ApiError, flag};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use mesh_core::app::{App, AppId, Invalid};
@@ -19,10 +20,6 @@ use std::collections::BTreeSet;
 
 type Params = Query<Vec<(String, String)>>;
 
-fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a String> {
-    q.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
 /// Routes of groups and deployment deletion.
 pub fn routes() -> Router<Api> {
     Router::new()
@@ -31,11 +28,8 @@ pub fn routes() -> Router<Api> {
         .route("/v2/deployments/{id}", delete(delete_deployment))
 }
 
-fn deployment_result(id: &str, version: u64, status: StatusCode) -> Response {
-    let mut r = (status, axum::Json(json!({"deploymentId": id, "version": iso8601(version)}))).into_response();
-    if let Ok(v) = HeaderValue::from_str(id) {
-        r.headers_mut().insert("Marathon-Deployment-Id", v);
-    }
+fn with_status(mut r: Response, status: StatusCode) -> Response {
+    *r.status_mut() = status;
     r
 }
 
@@ -182,17 +176,7 @@ fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out
                 Some(rec) => App::merge_json(Some(&rec.app), &a, Some(&id)),
                 None => App::from_json(&a, Some(&id)),
             }
-            .map_err(|inv| {
-                ApiError::MarathonInvalid(Invalid(
-                    inv.0
-                        .into_iter()
-                        .map(|mut v| {
-                            v.path = format!("{path}apps({i}){}", v.path.trim_end_matches('/'));
-                            v
-                        })
-                        .collect(),
-                ))
-            })?;
+            .map_err(|inv| invalid(inv.prefixed(&format!("{path}apps({i})"))))?;
             ids.insert(id);
             out.apps.push(app);
         }
@@ -261,7 +245,7 @@ async fn change_group(
             force,
         };
         api.control.propose(cmd).await.map_err(ApiError::from_control)?;
-        return Ok(deployment_result(&deployment_id, now, StatusCode::OK));
+        return Ok(deployment_result(&deployment_id, now));
     }
     if body.get("version").is_some() && body.as_object().is_some_and(|o| o.len() == 1) {
         return Err(ApiError::MarathonInvalid(Invalid::at(
@@ -272,12 +256,7 @@ async fn change_group(
     let mut flat = Flat { apps: Vec::new(), groups: Vec::new(), listed: Vec::new() };
     flatten(&body, &group, &state, now, "/", &mut flat)?;
     for a in &flat.apps {
-        if a.privileged() && !api.info.allow_privileged {
-            return Err(ApiError::MarathonInvalid(Invalid::at(
-                "/container/docker/privileged",
-                "privileged containers are not allowed on this node (start it with --allow-privileged)",
-            )));
-        }
+        node_allows(api, a)?;
     }
     let mut remove = Vec::new();
     if !create {
@@ -306,15 +285,11 @@ async fn change_group(
         return Err(ApiError::from_control(e));
     }
     let status = if create || !existed { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(deployment_result(&deployment_id, now, status))
-}
-
-fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::MarathonBadJson { path: "/".into(), error: e.to_string() })
+    Ok(with_status(deployment_result(&deployment_id, now), status))
 }
 
 async fn create_group(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
-    let body = parse_json(&body)?;
+    let body = parse_body(&body)?;
     let raw = body.get("id").and_then(Value::as_str).unwrap_or("");
     if raw.is_empty() {
         return Err(ApiError::MarathonInvalid(Invalid::at("/id", "error.path.missing")));
@@ -329,7 +304,7 @@ async fn create_in_group(
     Query(q): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body = parse_json(&body)?;
+    let body = parse_body(&body)?;
     let base = normalize_group(&rest, "/")?;
     let raw = body.get("id").and_then(Value::as_str).unwrap_or("");
     let group = normalize_group(raw, &base)?;
@@ -337,7 +312,7 @@ async fn create_in_group(
 }
 
 async fn put_root(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
-    let body = parse_json(&body)?;
+    let body = parse_body(&body)?;
     change_group(&api, "/".into(), body, &q, false).await
 }
 
@@ -347,7 +322,7 @@ async fn put_group(
     Query(q): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body = parse_json(&body)?;
+    let body = parse_body(&body)?;
     let group = normalize_group(&rest, "/")?;
     change_group(&api, group, body, &q, false).await
 }
@@ -358,7 +333,7 @@ async fn remove_group(api: &Api, group: String, q: &[(String, String)]) -> Resul
     let force = flag(param(q, "force"), false);
     let cmd = Command::DeleteGroup { group, now, deployment_id: deployment_id.clone(), force };
     api.control.propose(cmd).await.map_err(ApiError::from_control)?;
-    Ok(deployment_result(&deployment_id, now, StatusCode::OK))
+    Ok(deployment_result(&deployment_id, now))
 }
 
 async fn delete_root(State(api): State<Api>, Query(q): Params) -> Result<Response, ApiError> {
@@ -394,5 +369,5 @@ async fn delete_deployment(
         .propose(Command::RollbackDeployment { id, deployment_id: deployment_id.clone(), now })
         .await
         .map_err(ApiError::from_control)?;
-    Ok(deployment_result(&deployment_id, now, StatusCode::OK))
+    Ok(deployment_result(&deployment_id, now))
 }

@@ -18,11 +18,11 @@ use std::collections::HashMap;
 
 type Params = Query<Vec<(String, String)>>;
 
-fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a String> {
+pub(super) fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a String> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
-fn params<'a>(q: &'a [(String, String)], key: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+pub(super) fn params<'a>(q: &'a [(String, String)], key: &'a str) -> impl Iterator<Item = &'a String> + 'a {
     q.iter().filter(move |(k, _)| k == key || k.strip_suffix("[]") == Some(key)).map(|(_, v)| v)
 }
 
@@ -42,12 +42,12 @@ pub fn routes() -> Router<Api> {
 }
 
 /// Parse a request body as a JSON value, with Marathon's 400 on failure.
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+pub(super) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::MarathonBadJson { path: "/".into(), error: e.to_string() })
 }
 
 /// Turn validation results into 400 (JSON type errors) or 422 (semantic errors), as Marathon does.
-fn invalid(inv: Invalid) -> ApiError {
+pub(super) fn invalid(inv: Invalid) -> ApiError {
     if let Some(v) =
         inv.0.iter().find(|v| v.errors.iter().any(|e| e.starts_with("error.expected") || e.starts_with("invalid type")))
     {
@@ -57,7 +57,7 @@ fn invalid(inv: Invalid) -> ApiError {
 }
 
 /// Checks that depend on the node's settings rather than on the definition alone.
-fn node_allows(api: &Api, app: &App) -> Result<(), ApiError> {
+pub(super) fn node_allows(api: &Api, app: &App) -> Result<(), ApiError> {
     if app.privileged() && !api.info.allow_privileged {
         return Err(ApiError::MarathonInvalid(Invalid::at(
             "/container/docker/privileged",
@@ -67,7 +67,7 @@ fn node_allows(api: &Api, app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn deployment_result(id: &str, version: u64) -> Response {
+pub(super) fn deployment_result(id: &str, version: u64) -> Response {
     let mut r = (StatusCode::OK, axum::Json(json!({"deploymentId": id, "version": iso8601(version)}))).into_response();
     if let Ok(v) = HeaderValue::from_str(id) {
         r.headers_mut().insert("Marathon-Deployment-Id", v);
@@ -422,17 +422,7 @@ async fn bulk(api: &Api, q: &[(String, String)], body: &Bytes, must_exist: bool)
             Some(rec) if partial || must_exist => App::merge_json(Some(&rec.app), item, Some(&id)),
             _ => App::from_json(item, Some(&id)),
         }
-        .map_err(|inv| {
-            invalid(Invalid(
-                inv.0
-                    .into_iter()
-                    .map(|mut v| {
-                        v.path = format!("/{i}{}", v.path.trim_end_matches('/'));
-                        v
-                    })
-                    .collect(),
-            ))
-        })?;
+        .map_err(|inv| invalid(inv.prefixed(&format!("/{i}"))))?;
         node_allows(api, &app)?;
         apps.push(app);
     }
