@@ -183,6 +183,10 @@ pub struct State {
     pub apps: OrdMap<AppId, AppRecord>,
     /// Live tasks by id (terminal tasks are removed).
     pub tasks: OrdMap<TaskId, Task>,
+    /// Task ids by app, kept by [`State::apply`] so per-app reads do not scan every task;
+    /// derived, so not stored (rebuilt after a snapshot is loaded).
+    #[serde(skip)]
+    pub tasks_by_app: OrdMap<AppId, imbl::OrdSet<TaskId>>,
     /// Agents by id.
     pub agents: OrdMap<AgentId, Agent>,
     /// Deployments in progress.
@@ -417,14 +421,22 @@ impl State {
 
     /// Tasks of an app that are alive and not being killed.
     pub fn active_tasks<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Task> + 'a {
-        self.tasks
-            .values()
-            .filter(move |t| t.app_id.as_ref() == Some(app) && !t.kill_requested && !t.state.is_terminal())
+        self.app_tasks(app).filter(|t| !t.kill_requested && !t.state.is_terminal())
     }
 
     /// All live tasks of an app (being killed included).
     pub fn app_tasks<'a>(&'a self, app: &'a AppId) -> impl Iterator<Item = &'a Task> + 'a {
-        self.tasks.values().filter(move |t| t.app_id.as_ref() == Some(app))
+        self.tasks_by_app.get(app).into_iter().flat_map(move |ids| ids.iter().filter_map(move |id| self.tasks.get(id)))
+    }
+
+    /// Rebuild the derived indexes (after a snapshot is loaded).
+    pub fn rebuild_indexes(&mut self) {
+        self.tasks_by_app = OrdMap::new();
+        for t in self.tasks.values() {
+            if let Some(app) = &t.app_id {
+                self.tasks_by_app.entry(app.clone()).or_default().insert(t.id.clone());
+            }
+        }
     }
 
     fn lock_check(&self, app: &AppId, force: bool) -> Result<(), ApplyError> {
@@ -688,6 +700,9 @@ impl State {
                         ch.apps.push(app.clone());
                     }
                     self.tasks.insert(t.id.clone(), t.clone());
+                    if let Some(app) = &t.app_id {
+                        self.tasks_by_app.entry(app.clone()).or_default().insert(t.id.clone());
+                    }
                 }
             }
             Command::KillTasks { ids, scale, now, deployment_id } => {
@@ -739,6 +754,14 @@ impl State {
                 }
                 if state.is_terminal() {
                     self.tasks.remove(task_id);
+                    if let Some(app) = &task.app_id {
+                        if let Some(ids) = self.tasks_by_app.get_mut(app) {
+                            ids.remove(task_id);
+                            if ids.is_empty() {
+                                self.tasks_by_app.remove(app);
+                            }
+                        }
+                    }
                     ch.catalog |= self.deregister_task(&task);
                     self.record_failure(&task, *at);
                     ch.ended.push(task);
@@ -1136,6 +1159,7 @@ impl Store {
     pub fn open(mut log: Box<dyn Log>, datacenter: &str) -> Result<Self, LogError> {
         let (snap, cmds) = log.load()?;
         let mut state = snap.unwrap_or_else(|| State::new(datacenter));
+        state.rebuild_indexes();
         let last_snapshot = state.index;
         for cmd in &cmds {
             if state.apply(cmd).is_err() {

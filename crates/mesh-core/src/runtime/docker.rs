@@ -654,7 +654,20 @@ impl Inner {
                 let state = info.state.unwrap_or_default();
                 let code =
                     state.exit_code.map(|c| c as i32).or_else(|| *w.die_code.lock().unwrap_or_else(|e| e.into_inner()));
-                let oom = state.oom_killed == Some(true) || w.oom.load(Ordering::SeqCst);
+                let mut oom = state.oom_killed == Some(true) || w.oom.load(Ordering::SeqCst);
+                // The engine can report `die` (137) a moment before it learns of the OOM kill
+                // (the `oom` event, `State.OOMKilled`): give it a short, bounded while.
+                if code == Some(137) && !oom && !w.killed.load(Ordering::SeqCst) {
+                    for _ in 0..5 {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        let again = self.docker.inspect_container(&w.container, None::<InspectContainerOptions>).await;
+                        oom = w.oom.load(Ordering::SeqCst)
+                            || again.ok().and_then(|i| i.state).and_then(|s| s.oom_killed) == Some(true);
+                        if oom {
+                            break;
+                        }
+                    }
+                }
                 describe(code, oom, w.mem)
             }
             Err(e) => {
