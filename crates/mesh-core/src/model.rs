@@ -53,9 +53,33 @@ pub fn now_millis() -> Millis {
 }
 
 /// Marathon's timestamp format: ISO-8601 UTC with milliseconds and `Z`.
+///
+/// Formatted by hand (civil-from-days): read APIs format three timestamps per task, and
+/// chrono's format string is parsed again at every call.
 pub fn iso8601(ms: Millis) -> String {
-    let dt = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64).unwrap_or_default();
-    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    use std::fmt::Write;
+    let secs = (ms / 1000) as i64;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = String::with_capacity(24);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        ms % 1000
+    );
+    out
 }
 
 /// Parse a Marathon timestamp (as produced by [`iso8601`]; any RFC 3339 form is accepted).
@@ -276,6 +300,21 @@ mod tests {
         assert!(r.contains(&Resources::scalars(1.5, 896.0, 0.0)));
         r.add(&t);
         assert!(r.contains(&t));
+    }
+
+    #[test]
+    fn timestamps_match_chrono() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ms = x % 8_000_000_000_000; // up to year ~2223
+            let dt = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64).unwrap();
+            assert_eq!(iso8601(ms), dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(), "{ms}");
+        }
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

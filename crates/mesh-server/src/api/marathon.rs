@@ -77,25 +77,57 @@ pub(super) fn deployment_result(id: &str, version: u64) -> Response {
 
 /// The JSON of a task, with the fields marathon-python knows.
 pub fn task_json(t: &Task, state: &Cluster) -> Value {
-    let address = state.agents.get(&t.agent_id).map(|a| a.address.to_string()).unwrap_or_else(|| "127.0.0.1".into());
-    let mut v = json!({
-        "id": t.id,
-        "appId": t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default(),
-        "host": t.host,
-        "ports": t.ports,
-        "servicePorts": t.service_ports,
-        "slaveId": t.agent_id,
-        "state": t.state.as_str(),
-        "stagedAt": iso8601(t.staged_at),
-        "version": iso8601(t.version),
-        "ipAddresses": [{"ipAddress": address, "protocol": "IPv4"}],
-        "healthCheckResults": health_results(t),
-        "localVolumes": [],
-    });
-    if let Some(s) = t.started_at {
-        v["startedAt"] = Value::from(iso8601(s));
+    serde_json::to_value(TaskView::new(t, state)).unwrap_or(Value::Null)
+}
+
+/// A task as the API shows it, serialized straight from borrowed state (list endpoints render
+/// thousands of these: no intermediate JSON tree).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TaskView<'a> {
+    id: &'a TaskId,
+    app_id: String,
+    host: &'a str,
+    ports: &'a [u16],
+    service_ports: &'a [u16],
+    slave_id: &'a mesh_core::model::AgentId,
+    state: &'static str,
+    staged_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<String>,
+    version: String,
+    ip_addresses: [IpAddressView; 1],
+    health_check_results: Vec<Value>,
+    local_volumes: [u8; 0],
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IpAddressView {
+    ip_address: String,
+    protocol: &'static str,
+}
+
+impl<'a> TaskView<'a> {
+    pub(crate) fn new(t: &'a Task, state: &Cluster) -> Self {
+        let address =
+            state.agents.get(&t.agent_id).map(|a| a.address.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        TaskView {
+            id: &t.id,
+            app_id: t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+            host: &t.host,
+            ports: &t.ports,
+            service_ports: &t.service_ports,
+            slave_id: &t.agent_id,
+            state: t.state.as_str(),
+            staged_at: iso8601(t.staged_at),
+            started_at: t.started_at.map(iso8601),
+            version: iso8601(t.version),
+            ip_addresses: [IpAddressView { ip_address: address, protocol: "IPv4" }],
+            health_check_results: if t.health.is_empty() { Vec::new() } else { health_results(t) },
+            local_volumes: [],
+        }
     }
-    v
 }
 
 fn health_results(t: &Task) -> Vec<Value> {
@@ -140,13 +172,32 @@ fn parse_embed(q: &[(String, String)]) -> Embed {
     e
 }
 
-/// The JSON of an app with counts and deployments, and tasks/lastTaskFailure when embedded.
-fn app_json(rec: &AppRecord, state: &Cluster, embed: Embed) -> Value {
-    let mut v = serde_json::to_value(&rec.app).unwrap_or(Value::Null);
+/// An app as the API shows it: its definition plus counts and deployments, and tasks and
+/// lastTaskFailure when embedded; serialized straight from borrowed state.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AppView<'a> {
+    #[serde(flatten)]
+    app: &'a App,
+    tasks_staged: usize,
+    tasks_running: usize,
+    tasks_healthy: usize,
+    tasks_unhealthy: usize,
+    deployments: Vec<DeploymentRef<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tasks: Option<Vec<TaskView<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_task_failure: Option<Value>,
+}
+
+#[derive(serde::Serialize)]
+struct DeploymentRef<'a> {
+    id: &'a str,
+}
+
+fn app_view<'a>(rec: &'a AppRecord, state: &'a Cluster, embed: Embed) -> AppView<'a> {
     let tasks: Vec<&Task> = state.app_tasks(&rec.app.id).collect();
     let count = |s: TaskState| tasks.iter().filter(|t| t.state == s).count();
-    v["tasksStaged"] = Value::from(count(TaskState::Staging) + count(TaskState::Starting));
-    v["tasksRunning"] = Value::from(count(TaskState::Running));
     let checks = rec.app.health_checks.len();
     let (healthy, unhealthy) = if checks == 0 {
         (0, 0)
@@ -156,29 +207,39 @@ fn app_json(rec: &AppRecord, state: &Cluster, embed: Embed) -> Value {
         let u = running.iter().filter(|t| t.health.iter().any(|r| !r.alive && r.consecutive_failures > 0)).count();
         (h, u)
     };
-    v["tasksHealthy"] = Value::from(healthy);
-    v["tasksUnhealthy"] = Value::from(unhealthy);
-    let deployments: Vec<Value> =
-        rec.deployment.iter().filter(|d| state.deployments.contains_key(*d)).map(|d| json!({"id": d})).collect();
-    v["deployments"] = Value::Array(deployments);
-    if embed.tasks {
-        v["tasks"] = Value::Array(tasks.iter().map(|t| task_json(t, state)).collect());
+    let deployments = rec
+        .deployment
+        .iter()
+        .filter(|d| state.deployments.contains_key(*d))
+        .map(|d| DeploymentRef { id: d.as_str() })
+        .collect();
+    let last_task_failure = rec.last_failure.as_ref().filter(|_| embed.failure).map(|f| {
+        json!({
+            "appId": rec.app.id,
+            "host": f.host,
+            "message": f.message,
+            "state": f.state.as_str(),
+            "taskId": f.task_id,
+            "timestamp": iso8601(f.at),
+            "version": iso8601(f.version),
+            "slaveId": f.agent_id,
+        })
+    });
+    AppView {
+        app: &rec.app,
+        tasks_staged: count(TaskState::Staging) + count(TaskState::Starting),
+        tasks_running: count(TaskState::Running),
+        tasks_healthy: healthy,
+        tasks_unhealthy: unhealthy,
+        deployments,
+        tasks: embed.tasks.then(|| tasks.iter().map(|t| TaskView::new(t, state)).collect()),
+        last_task_failure,
     }
-    if embed.failure {
-        if let Some(f) = &rec.last_failure {
-            v["lastTaskFailure"] = json!({
-                "appId": rec.app.id,
-                "host": f.host,
-                "message": f.message,
-                "state": f.state.as_str(),
-                "taskId": f.task_id,
-                "timestamp": iso8601(f.at),
-                "version": iso8601(f.version),
-                "slaveId": f.agent_id,
-            });
-        }
-    }
-    v
+}
+
+/// The JSON of an app (see [`AppView`]).
+fn app_json(rec: &AppRecord, state: &Cluster, embed: Embed) -> Value {
+    serde_json::to_value(app_view(rec, state, embed)).unwrap_or(Value::Null)
 }
 
 fn label_selector_matches(sel: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
@@ -223,15 +284,19 @@ async fn list_apps(State(api): State<Api>, Query(q): Params) -> Response {
     let cmd = param(&q, "cmd");
     let id = param(&q, "id");
     let label = param(&q, "label");
-    let apps: Vec<Value> = state
+    let apps: Vec<AppView> = state
         .apps
         .values()
         .filter(|r| cmd.is_none_or(|c| r.app.cmd.as_deref().is_some_and(|x| x.contains(c.as_str()))))
         .filter(|r| id.is_none_or(|i| r.app.id.as_str().contains(i.as_str())))
         .filter(|r| label.is_none_or(|l| label_selector_matches(l, &r.app.labels)))
-        .map(|r| app_json(r, &state, embed))
+        .map(|r| app_view(r, &state, embed))
         .collect();
-    axum::Json(json!({"apps": apps})).into_response()
+    #[derive(serde::Serialize)]
+    struct Apps<'a> {
+        apps: Vec<AppView<'a>>,
+    }
+    axum::Json(Apps { apps }).into_response()
 }
 
 async fn create_app(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
@@ -618,7 +683,7 @@ async fn kill_tasks(
 async fn list_tasks(State(api): State<Api>, Query(q): Params) -> Response {
     let state = api.control.state();
     let wanted: Vec<String> = params(&q, "status").map(|s| s.to_ascii_lowercase()).collect();
-    let tasks: Vec<Value> = state
+    let tasks: Vec<TaskView> = state
         .tasks
         .values()
         .filter(|t| t.app_id.is_some())
@@ -630,9 +695,13 @@ async fn list_tasks(State(api): State<Api>, Query(q): Params) -> Response {
                     _ => false,
                 })
         })
-        .map(|t| task_json(t, &state))
+        .map(|t| TaskView::new(t, &state))
         .collect();
-    axum::Json(json!({"tasks": tasks})).into_response()
+    #[derive(serde::Serialize)]
+    struct Tasks<'a> {
+        tasks: Vec<TaskView<'a>>,
+    }
+    axum::Json(Tasks { tasks }).into_response()
 }
 
 async fn info(State(api): State<Api>) -> Response {
