@@ -447,22 +447,7 @@ async fn app_patch(
     Query(q): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Target::App(id) = parse_target(&rest)? else {
-        return Err(ApiError::MarathonNotFound("URI not found".into()));
-    };
-    let body = parse_body(&body)?;
-    let state = api.control.state();
-    let rec = state.apps.get(&id).ok_or_else(|| no_app(&id))?;
-    let app = App::merge_json(Some(&rec.app), &body, Some(&id)).map_err(invalid)?;
-    node_allows(&api, &app)?;
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
-    let force = flag(param(&q, "force"), false);
-    api.control
-        .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
-        .await
-        .map_err(ApiError::from_control)?;
-    Ok(deployment_result(&deployment_id, now))
+    update_app(api, rest, q, body, true).await
 }
 
 /// `PUT /v2/apps` (create or update many) and `PATCH /v2/apps` (update many that exist):
@@ -560,16 +545,31 @@ async fn app_put(
     Query(q): Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    update_app(api, rest, q, body, false).await
+}
+
+/// `PUT /v2/apps/{id}` (create, merge or replace; `{"version": v}` alone rolls back) and
+/// `PATCH /v2/apps/{id}` (`patch`: the app must exist and the body is always merged).
+async fn update_app(
+    api: Api,
+    rest: String,
+    q: Vec<(String, String)>,
+    body: Bytes,
+    patch: bool,
+) -> Result<Response, ApiError> {
     let Target::App(id) = parse_target(&rest)? else {
         return Err(ApiError::MarathonNotFound("URI not found".into()));
     };
     let body = parse_body(&body)?;
     let force = flag(param(&q, "force"), false);
-    let partial = flag(param(&q, "partialUpdate"), true);
+    let partial = patch || flag(param(&q, "partialUpdate"), true);
     let now = now_millis();
     let deployment_id = uuid::Uuid::new_v4().to_string();
     let state = api.control.state();
     let existing = state.apps.get(&id);
+    if patch && existing.is_none() {
+        return Err(no_app(&id));
+    }
     // {"version": ts} alone is a rollback.
     if let Some(obj) = body.as_object() {
         if obj.len() == 1 {
