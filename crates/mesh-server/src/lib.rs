@@ -7,6 +7,7 @@
 //! - [`dns`]: the hickory-server handler over the published catalog.
 
 pub mod agent;
+pub mod checks;
 pub mod api;
 pub mod control;
 pub mod dns;
@@ -14,3 +15,4 @@ pub mod events;
 pub mod health;
 pub mod node;
 pub mod registrator;
+pub mod watch;
