@@ -1026,7 +1026,9 @@ impl State {
                     return Err(ApplyError::UnknownCheck(id.clone()));
                 };
                 match ttl {
-                    TtlUpdate::Expired(d) if check.ttl_deadline != Some(*d) => return Err(ApplyError::UnknownCheck(id.clone())),
+                    TtlUpdate::Expired(d) if check.ttl_deadline != Some(*d) => {
+                        return Err(ApplyError::UnknownCheck(id.clone()));
+                    }
                     TtlUpdate::Expired(_) => self.catalog.set_ttl_deadline(node, id, None),
                     TtlUpdate::Renew if check.definition.ttl_ms > 0 => {
                         self.catalog.set_ttl_deadline(node, id, Some(now + check.definition.ttl_ms))

@@ -90,7 +90,8 @@ async fn run(agent: AgentId, check: Check, control: ControlHandle) {
         let output = cap(output);
         if (status, &output) != (last.0, &last.1) {
             last = (status, output.clone());
-            let msg = ToControl::CheckResults { agent_id: agent.clone(), results: vec![(check.id.clone(), status, output)] };
+            let msg =
+                ToControl::CheckResults { agent_id: agent.clone(), results: vec![(check.id.clone(), status, output)] };
             if control.send(ControlMsg::FromAgent(msg)).await.is_err() {
                 return;
             }
@@ -179,13 +180,11 @@ pub async fn http_request(
         None => (rest, "/"),
     };
     let has_port = if authority.starts_with('[') { authority.contains("]:") } else { authority.contains(':') };
-    let with_port = if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:{}", if tls { 443 } else { 80 })
-    };
+    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
     let addr = tokio::net::lookup_host(with_port.as_str()).await?.next().ok_or_else(|| bad("no address"))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: mesh-check\r\nAccept: text/plain, text/*, */*\r\nConnection: close\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: mesh-check\r\nAccept: text/plain, text/*, */*\r\nConnection: close\r\n"
+    );
     for (k, vs) in headers {
         for v in vs {
             req.push_str(&format!("{k}: {v}\r\n"));

@@ -166,7 +166,8 @@ impl Control {
         loop {
             let mut batch = Vec::new();
             // TTL expiries and reaping happen on time, not on the next tick.
-            let timer = self.store.state().next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
+            let timer =
+                self.store.state().next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => batch.push(m),

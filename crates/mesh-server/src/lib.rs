@@ -7,8 +7,8 @@
 //! - [`dns`]: the hickory-server handler over the published catalog.
 
 pub mod agent;
-pub mod checks;
 pub mod api;
+pub mod checks;
 pub mod control;
 pub mod dns;
 pub mod events;
