@@ -992,7 +992,8 @@ impl State {
                     if let Some(i) = self.catalog.instance(node, &c.service_id) {
                         c.service_name = i.service.clone();
                     }
-                    ch.catalog |= self.catalog.upsert_check(c, index, false);
+                    // A registration states the check's status (or Consul's initial critical).
+                    ch.catalog |= self.catalog.upsert_check(c, index, true);
                 }
             }
             Command::Deregister { node, service_id, check_id } => {

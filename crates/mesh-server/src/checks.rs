@@ -28,7 +28,14 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub struct CheckRunner {
     agent: AgentId,
     control: ControlHandle,
-    running: HashMap<String, (CheckDefinition, AbortHandle)>,
+    running: HashMap<String, Running>,
+}
+
+struct Running {
+    definition: CheckDefinition,
+    /// The status the control side records, so a re-registration that reset it is noticed.
+    recorded: tokio::sync::watch::Sender<Health>,
+    task: AbortHandle,
 }
 
 impl CheckRunner {
@@ -40,33 +47,35 @@ impl CheckRunner {
     /// Run exactly `checks` from now on: start new or changed ones, stop the others.
     pub fn set(&mut self, checks: Vec<Check>) {
         let wanted: HashMap<String, Check> = checks.into_iter().map(|c| (c.id.clone(), c)).collect();
-        self.running.retain(|id, (def, h)| {
-            let keep = wanted.get(id).is_some_and(|c| &c.definition == def);
+        self.running.retain(|id, r| {
+            let keep = wanted.get(id).is_some_and(|c| c.definition == r.definition);
             if !keep {
-                h.abort();
+                r.task.abort();
             }
             keep
         });
         for (id, check) in wanted {
-            if self.running.contains_key(&id) {
+            if let Some(r) = self.running.get(&id) {
+                r.recorded.send_replace(check.status);
                 continue;
             }
-            let def = check.definition.clone();
-            let h = tokio::spawn(run(self.agent.clone(), check, self.control.clone())).abort_handle();
-            self.running.insert(id, (def, h));
+            let (recorded, rx) = tokio::sync::watch::channel(check.status);
+            let definition = check.definition.clone();
+            let task = tokio::spawn(run(self.agent.clone(), check, rx, self.control.clone())).abort_handle();
+            self.running.insert(id, Running { definition, recorded, task });
         }
     }
 }
 
 impl Drop for CheckRunner {
     fn drop(&mut self) {
-        for (_, (_, h)) in self.running.drain() {
-            h.abort();
+        for (_, r) in self.running.drain() {
+            r.task.abort();
         }
     }
 }
 
-async fn run(agent: AgentId, check: Check, control: ControlHandle) {
+async fn run(agent: AgentId, check: Check, mut recorded: tokio::sync::watch::Receiver<Health>, control: ControlHandle) {
     let def = check.definition;
     let interval = match def.interval_ms {
         0 => DEFAULT_INTERVAL,
@@ -77,7 +86,9 @@ async fn run(agent: AgentId, check: Check, control: ControlHandle) {
         ms => Duration::from_millis(ms),
     };
     let mut counter = CheckCounter::new(check.status);
-    let mut last = (check.status, check.output);
+    let mut last_output = check.output;
+    // What the control side records as this check's status, as far as we know.
+    let mut believed = check.status;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,8 +99,14 @@ async fn run(agent: AgentId, check: Check, control: ControlHandle) {
         };
         let status = counter.observe(raw, &def);
         let output = cap(output);
-        if (status, &output) != (last.0, &last.1) {
-            last = (status, output.clone());
+        if recorded.has_changed().unwrap_or(false) {
+            believed = *recorded.borrow_and_update();
+        }
+        // Report when the recorded status differs (a change, or a re-registration that reset it)
+        // or the output changed.
+        if status != believed || output != last_output {
+            believed = status;
+            last_output = output.clone();
             let msg =
                 ToControl::CheckResults { agent_id: agent.clone(), results: vec![(check.id.clone(), status, output)] };
             if control.send(ControlMsg::FromAgent(msg)).await.is_err() {

@@ -120,7 +120,7 @@ struct Control {
     draining: bool,
     seen_updates: VecDeque<String>,
     /// The Consul checks last sent to each agent (id and definition), to send only changes.
-    sent_checks: HashMap<AgentId, Vec<(String, mesh_core::catalog::CheckDefinition)>>,
+    sent_checks: HashMap<AgentId, Vec<(String, mesh_core::catalog::CheckDefinition, mesh_core::catalog::Health)>>,
 }
 
 /// Start the control task on `store`. Returns its handle and join handle.
@@ -542,7 +542,9 @@ impl Control {
         for agent in ids {
             let checks: Vec<mesh_core::catalog::Check> =
                 state.catalog.node_checks(&agent.0).filter(|c| c.definition.is_active()).cloned().collect();
-            let key: Vec<_> = checks.iter().map(|c| (c.id.clone(), c.definition.clone())).collect();
+            // The status is part of the key: the runner learns what is recorded (a re-registration
+            // resets it), and reports only when its result differs.
+            let key: Vec<_> = checks.iter().map(|c| (c.id.clone(), c.definition.clone(), c.status)).collect();
             if self.sent_checks.get(&agent) != Some(&key) {
                 self.sent_checks.insert(agent.clone(), key);
                 self.outbox.push_back((agent, ToAgent::NodeChecks { checks }));
