@@ -559,6 +559,18 @@ impl Control {
                     if tx.send(msg).await.is_err() {
                         warn!(%agent, "agent channel closed");
                         self.agents.remove(&agent);
+                        self.sent_checks.remove(&agent);
+                        // Like Consul's serfHealth when gossip marks a node failed: its services
+                        // leave DNS until the agent registers again.
+                        self.apply(vec![Command::UpdateCheck {
+                            node: agent.0.clone(),
+                            id: mesh_core::catalog::SERF_HEALTH.into(),
+                            status: mesh_core::catalog::Health::Critical,
+                            output: "Agent not live or unreachable".into(),
+                            now: now_millis(),
+                            ttl: mesh_core::state::TtlUpdate::Keep,
+                        }]);
+                        self.publish();
                     }
                 }
                 None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),
