@@ -529,9 +529,9 @@ impl Control {
         if self.published.catalog.load().index != state.catalog.index {
             self.published.catalog.store(Arc::new(state.catalog.clone()));
         }
-        self.published.state.store(Arc::new(state.clone()));
+        let previous = self.published.state.swap(Arc::new(state.clone()));
         let _ = self.index_tx.send(state.index);
-        self.published.watches.notify(|topic| state.topic_index(topic));
+        self.published.watches.notify_changes(&previous, state);
         self.send_node_checks();
     }
 
