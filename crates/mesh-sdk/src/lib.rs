@@ -7,4 +7,7 @@
 pub use mesh_core::model;
 pub use mesh_core::scheduler;
 
+pub mod consul;
+pub mod endpoints;
 pub mod marathon;
+pub mod registry;
