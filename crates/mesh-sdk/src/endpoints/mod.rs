@@ -306,10 +306,10 @@ impl Endpoints {
         st.active.map(|a| st.dc_names[a].clone())
     }
 
-    /// Wait until the set of instances changes.
-    pub async fn changed(&self) {
-        let mut rx = self.shared.version.subscribe();
-        let _ = rx.changed().await;
+    /// A receiver of the version of the instance set, bumped on every change: `changed().await`
+    /// on it waits for the next change after the last one it saw.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.version.subscribe()
     }
 }
 
