@@ -88,6 +88,19 @@ async fn endpoints_follow_ttl_checks_at_once_and_move_traffic() {
         .unwrap();
     assert_eq!(ids(&web), set(&["web-a", "web-b"]), "tag filter");
     assert_eq!(picked(&web), set(&["web-a", "web-b"]));
+    // The watch blocks instead of polling: while nothing changes it sends no query (the first
+    // query answered, the second is waiting on the server), whatever else changes in the catalog.
+    eventually(5, "the first blocking query is sent", || async { (web.stats().queries == 2).then_some(()) }).await;
+    let before = web.stats();
+    let noise = ServiceRegistration::new("other", 1).id("other-1").check(Check::ttl(Duration::from_secs(60)));
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        consul.register_service(&noise).await.unwrap();
+        consul.update_ttl("service:other-1", CheckStatus::Passing, None).await.unwrap();
+        consul.update_ttl("service:other-1", CheckStatus::Critical, None).await.unwrap();
+    }
+    assert_eq!(web.stats().queries, before.queries, "no query while web is unchanged: {:?}", web.stats());
+    assert_eq!((before.queries, before.errors), (2, 0), "the first answer, then one blocking query");
     let lease = web.pick().unwrap();
     assert_eq!((lease.address(), lease.authority().ends_with(&lease.port().to_string())), ("127.0.0.1", true));
     drop(lease);

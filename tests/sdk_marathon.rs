@@ -123,7 +123,7 @@ async fn typed_client_creates_scales_lists_streams_and_types_errors() {
         stuck.iter().find(|d| d.affected_apps.iter().any(|a| a == "/sdk/huge")).expect("deployment of /sdk/huge");
     assert!(stuck.total_steps >= 1 && !stuck.steps.is_empty(), "{stuck:?}");
     match m.scale_app("/sdk/huge", 2, false).await {
-        Err(MarathonError::Locked { deployments, .. }) => assert_eq!(deployments, [stuck.id.clone()]),
+        Err(MarathonError::Locked { deployments, .. }) => assert_eq!(deployments, std::slice::from_ref(&stuck.id)),
         other => panic!("expected Locked, got {other:?}"),
     }
     assert_eq!(m.cancel_deployment(&stuck.id, true).await.unwrap(), None);

@@ -175,6 +175,8 @@ impl EndpointsOptions {
 
 struct Shared {
     service: String,
+    queries: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
     tags: Vec<String>,
     state: Mutex<State>,
     version: watch::Sender<u64>,
@@ -243,6 +245,8 @@ impl Endpoints {
         let (version, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             service: service.to_owned(),
+            queries: Default::default(),
+            errors: Default::default(),
             tags: opts.tags.clone(),
             state: Mutex::new(State {
                 per_dc: vec![None; dcs.len()],
@@ -306,6 +310,15 @@ impl Endpoints {
         st.active.map(|a| st.dc_names[a].clone())
     }
 
+    /// Counters of the watch: health queries sent (every datacenter, the first ones included)
+    /// and how many of them failed. A quiet service costs one query per `wait` per datacenter.
+    pub fn stats(&self) -> WatchStats {
+        WatchStats {
+            queries: self.shared.queries.load(Ordering::Relaxed),
+            errors: self.shared.errors.load(Ordering::Relaxed),
+        }
+    }
+
     /// A receiver of the version of the instance set, bumped on every change: `changed().await`
     /// on it waits for the next change after the last one it saw.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -348,7 +361,12 @@ async fn query(
         index,
         wait: Some(opts.wait),
     };
-    consul.health_service(&shared.service, &q).await
+    shared.queries.fetch_add(1, Ordering::Relaxed);
+    let r = consul.health_service(&shared.service, &q).await;
+    if r.is_err() {
+        shared.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    r
 }
 
 /// The index for the next blocking query after an answer with `answered`, per Consul's client
@@ -426,6 +444,16 @@ async fn watch_loop(
             }
         }
     }
+}
+
+/// Counters of an [`Endpoints`] watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WatchStats {
+    /// Health queries sent.
+    pub queries: u64,
+    /// Health queries that failed.
+    pub errors: u64,
 }
 
 /// A chosen instance, counted in flight until dropped. Report the outcome with
