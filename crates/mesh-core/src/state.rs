@@ -12,6 +12,7 @@
 
 use crate::app::{App, AppId};
 use crate::catalog::{CatalogState, Health, Node, ServiceInstance};
+use crate::kv::{KvError, KvOp, KvState, SessionOp};
 use crate::model::{AgentId, FrameworkId, Millis, Resources, TaskId, iso8601};
 use crate::proto::TaskState;
 use imbl::OrdMap;
@@ -200,6 +201,9 @@ pub struct State {
     pub max_versions: usize,
     /// The service catalog.
     pub catalog: CatalogState,
+    /// Consul's KV store and sessions.
+    #[serde(default)]
+    pub kv: KvState,
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -363,6 +367,10 @@ pub enum Command {
         /// Which one.
         id: String,
     },
+    /// A change of Consul's KV store.
+    Kv(KvOp),
+    /// A change of Consul's sessions.
+    Session(SessionOp),
 }
 
 /// Why a command was not applied.
@@ -395,6 +403,9 @@ pub enum ApplyError {
     /// The deployment does not exist.
     #[error("DeploymentPlan {0} does not exist")]
     UnknownDeployment(String),
+    /// A KV or session command was refused.
+    #[error(transparent)]
+    Kv(#[from] KvError),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -431,6 +442,7 @@ impl State {
 
     /// Rebuild the derived indexes (after a snapshot is loaded).
     pub fn rebuild_indexes(&mut self) {
+        self.kv.rebuild();
         self.tasks_by_app = OrdMap::new();
         for t in self.tasks.values() {
             if let Some(app) = &t.app_id {
@@ -877,6 +889,15 @@ impl State {
                     }
                 }
                 self.group_change(&put, &remove, deployment_id, *now, &mut ch);
+            }
+            Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
+            Command::Session(op) => {
+                if let SessionOp::Create { session, .. } = op {
+                    if !self.catalog.nodes.contains_key(&session.node) {
+                        return Err(KvError::MissingNode(session.node.clone()).into());
+                    }
+                }
+                self.kv.apply_session(op, self.index + 1)?
             }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
