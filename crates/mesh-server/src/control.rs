@@ -349,6 +349,9 @@ impl Control {
     fn step(&mut self, now: Millis) {
         let ends = MarathonScheduler::finished_deployments(self.store.state());
         self.apply(ends);
+        // Consul sessions whose TTL ran out are invalidated without any request.
+        let due = self.store.state().kv.due(now);
+        self.apply(due);
         if !self.draining {
             let view = self.store.state().clone();
             let calls = self.marathon.reconcile(&view, now);

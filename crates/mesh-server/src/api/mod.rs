@@ -12,6 +12,9 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_blocking;
+pub mod consul_json;
+pub mod consul_kv;
 pub mod events;
 pub mod groups;
 pub mod marathon;
@@ -77,6 +80,12 @@ pub enum ApiError {
     /// Consul 500 for an unknown datacenter.
     #[error("No path to datacenter")]
     ConsulNoPathToDc,
+    /// Consul 500 with Consul's message (e.g. `invalid session "x"`, `Missing node registration`).
+    #[error("{0}")]
+    ConsulServerError(String),
+    /// Consul 413: a request body over the limit (KV values).
+    #[error("{0}")]
+    ConsulTooLarge(String),
     /// 503: the control side is not running or could not write its log.
     #[error("{0}")]
     Unavailable(String),
@@ -99,6 +108,22 @@ impl ApiError {
             ) => ApiError::MarathonNotFound(e.to_string()),
             ControlError::Rejected(e) => ApiError::MarathonBadRequest(e.to_string()),
             e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// Map a control-side error for the Consul API (plain-text bodies, Consul's statuses).
+    pub fn from_consul(e: ControlError) -> Self {
+        use mesh_core::kv::KvError;
+        match e {
+            ControlError::Rejected(ApplyError::Kv(e @ KvError::UnknownSession(_))) => {
+                ApiError::ConsulNotFound(e.to_string())
+            }
+            ControlError::Rejected(ApplyError::Kv(
+                e @ (KvError::InvalidBehavior(_) | KvError::InvalidTtl(_) | KvError::InvalidLockDelay(_)),
+            )) => ApiError::ConsulBadRequest(e.to_string()),
+            e => ApiError::ConsulServerError(e.to_string()),
         }
     }
 }
@@ -127,6 +152,8 @@ impl IntoResponse for ApiError {
             ApiError::ConsulBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
             ApiError::ConsulNotFound(m) => text(StatusCode::NOT_FOUND, m),
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
+            ApiError::ConsulServerError(m) => text(StatusCode::INTERNAL_SERVER_ERROR, m),
+            ApiError::ConsulTooLarge(m) => text(StatusCode::PAYLOAD_TOO_LARGE, m),
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
         }
     }
@@ -161,6 +188,7 @@ pub fn router(api: Api) -> Router {
         .route("/ping", axum::routing::get(ping))
         .merge(marathon::routes())
         .merge(consul::routes())
+        .merge(consul_kv::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .fallback(not_found)
