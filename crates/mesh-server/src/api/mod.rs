@@ -153,7 +153,12 @@ impl IntoResponse for ApiError {
             ApiError::ConsulNotFound(m) => text(StatusCode::NOT_FOUND, m),
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
             ApiError::ConsulServerError(m) => text(StatusCode::INTERNAL_SERVER_ERROR, m),
-            ApiError::ConsulTooLarge(m) => text(StatusCode::PAYLOAD_TOO_LARGE, m),
+            ApiError::ConsulTooLarge(m) => {
+                // The rest of the body is not read: tell the client not to reuse the connection.
+                let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, m);
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
         }
     }
