@@ -474,6 +474,8 @@ mod tests {
             tags: vec!["primary".into()],
             meta: BTreeMap::new(),
             health,
+            source_health: Default::default(),
+            weights: Default::default(),
             create_index: 0,
             modify_index: 0,
         }

@@ -37,6 +37,9 @@ pub const MAX_TTL_MS: u64 = 86_400_000;
 /// A session with a TTL is invalidated when it was not renewed for this many TTLs (Consul's
 /// `SessionTTLMultiplier`: clients are promised at least the TTL, not at most).
 pub const TTL_MULTIPLIER: u64 = 2;
+/// The blocking-query topic of the sessions (KV prefixes are `kv:<prefix>`); see
+/// [`crate::state::State::topic_index`].
+pub const SESSIONS_TOPIC: &str = "sessions";
 /// Tombstones kept before the oldest half is folded into [`KvState::tombstone_floor`].
 pub const MAX_TOMBSTONES: usize = 8192;
 
@@ -524,10 +527,13 @@ impl KvState {
                 session = None;
             }
         }
-        if let Some(e) = existing {
-            if e.value == *value && e.flags == flags && e.session == session && e.lock_index == lock_index {
-                return Ok(()); // nothing changes: the index stays (Consul skips the write too)
-            }
+        if let Some(e) = existing
+            && e.value == *value
+            && e.flags == flags
+            && e.session == session
+            && e.lock_index == lock_index
+        {
+            return Ok(()); // nothing changes: the index stays (Consul skips the write too)
         }
         let entry = KvEntry {
             key: key.to_owned(),

@@ -4,26 +4,23 @@
 //! or the sessions); writes go through the control loop as `Command::Kv` / `Command::Session`
 //! and answer once durable and visible, with Consul's `true`/`false`.
 
-use super::consul_blocking::{Blocking, blocking, check_dc, wait_for, with_index};
-use super::consul_json::{CiObject, parse_body};
-use super::{Api, ApiError, flag};
+use super::consul::{Ci, Params, add_index_headers, block_until, check_dc, indexed, json_body};
+use super::{Api, ApiError};
+use crate::control::ControlError;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use futures_util::StreamExt;
 use mesh_core::kv::{
-    Behavior, DEFAULT_LOCK_DELAY_NS, KvEntry, KvError, KvOp, KvValue, MAX_VALUE_SIZE, Session, SessionOp, SetMode,
-    parse_lock_delay, parse_ttl,
+    Behavior, DEFAULT_LOCK_DELAY_NS, KvEntry, KvError, KvOp, KvValue, MAX_VALUE_SIZE, SESSIONS_TOPIC, Session,
+    SessionOp, SetMode, parse_lock_delay, parse_ttl,
 };
 use mesh_core::model::now_millis;
 use mesh_core::state::{ApplyError, Command};
 use serde_json::{Value, json};
-use std::collections::HashMap;
-
-use crate::control::ControlError;
 
 /// Routes of the KV and session API.
 pub fn routes() -> Router<Api> {
@@ -39,22 +36,15 @@ pub fn routes() -> Router<Api> {
         .route("/v1/session/list", get(session_list))
 }
 
-type Q = Query<HashMap<String, String>>;
-
 /// The blocking topic of a KV prefix (or key).
 pub fn kv_topic(prefix: &str) -> String {
     format!("kv:{prefix}")
 }
 
-/// The blocking topic of the sessions.
-pub const SESSIONS_TOPIC: &str = "sessions";
-
-fn json_indexed(body: Value, index: u64, q: &HashMap<String, String>) -> Response {
-    with_index(axum::Json(body).into_response(), index, q)
-}
-
-fn not_found_indexed(index: u64, q: &HashMap<String, String>) -> Response {
-    with_index(StatusCode::NOT_FOUND.into_response(), index, q)
+fn not_found_indexed(index: u64, q: &Params) -> Response {
+    let mut r = StatusCode::NOT_FOUND.into_response();
+    add_index_headers(&mut r, index, q);
+    r
 }
 
 fn entry_json(e: &KvEntry) -> Value {
@@ -102,63 +92,69 @@ fn outcome(r: Result<(), ControlError>) -> Result<bool, ApiError> {
 
 // ---- KV ----
 
-async fn kv_get(State(api): State<Api>, Path(key): Path<String>, Query(q): Q) -> Result<Response, ApiError> {
-    kv_read(api, key, q).await
+async fn kv_get(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    kv_read(api, key, Params::parse(raw.as_deref())).await
 }
 
-async fn kv_get_root(State(api): State<Api>, Query(q): Q) -> Result<Response, ApiError> {
-    kv_read(api, String::new(), q).await
+async fn kv_get_root(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    kv_read(api, String::new(), Params::parse(raw.as_deref())).await
 }
 
-async fn kv_read(api: Api, key: String, q: HashMap<String, String>) -> Result<Response, ApiError> {
+async fn kv_read(api: Api, key: String, q: Params) -> Result<Response, ApiError> {
     check_dc(&api, &q)?;
-    let b: Option<Blocking> = blocking(&q)?;
-    if flag(q.get("keys"), false) {
+    let topic = kv_topic(&key);
+    if q.flag("keys") {
         let sep = q.get("separator").or_else(|| q.get("seperator")).cloned().unwrap_or_default();
-        let state = wait_for(&api, b, &kv_topic(&key), |s| s.kv.prefix_index(&key)).await;
+        let state = block_until(&api, &q, &topic, |s| s.kv.prefix_index(&key)).await?;
         let index = state.kv.prefix_index(&key);
         let keys = state.kv.keys(&key, &sep);
         if keys.is_empty() && !key.is_empty() {
             return Ok(not_found_indexed(index, &q));
         }
-        return Ok(json_indexed(json!(keys), index, &q));
+        return Ok(indexed(&json!(keys), index, &q));
     }
-    if flag(q.get("recurse"), false) {
-        let state = wait_for(&api, b, &kv_topic(&key), |s| s.kv.prefix_index(&key)).await;
+    if q.flag("recurse") {
+        let state = block_until(&api, &q, &topic, |s| s.kv.prefix_index(&key)).await?;
         let index = state.kv.prefix_index(&key);
         let list: Vec<Value> = state.kv.list(&key).map(entry_json).collect();
         if list.is_empty() {
             return Ok(not_found_indexed(index, &q));
         }
-        return Ok(json_indexed(Value::Array(list), index, &q));
+        return Ok(indexed(&Value::Array(list), index, &q));
     }
     if key.is_empty() {
         return Err(ApiError::ConsulBadRequest("Missing key name".into()));
     }
-    // A single key watches exactly that key (the topic covers the prefix; the check is exact).
-    let state = wait_for(&api, b, &kv_topic(&key), |s| s.kv.key_index(&key)).await;
+    // A single key watches exactly that key: the hub wakes on the prefix `kv:<key>`, the wait
+    // goes on until the key itself changed.
+    let state = block_until(&api, &q, &topic, |s| s.kv.key_index(&key)).await?;
     let index = state.kv.key_index(&key);
     let Some(e) = state.kv.get(&key) else { return Ok(not_found_indexed(index, &q)) };
-    if flag(q.get("raw"), false) {
+    if q.flag("raw") {
         let mut r = Bytes::copy_from_slice(e.value.as_bytes()).into_response();
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         h.insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
         h.insert("Content-Security-Policy", HeaderValue::from_static("sandbox"));
-        return Ok(with_index(r, index, &q));
+        add_index_headers(&mut r, index, &q);
+        return Ok(r);
     }
-    Ok(json_indexed(json!([entry_json(e)]), index, &q))
+    Ok(indexed(&json!([entry_json(e)]), index, &q))
 }
 
 /// 400 when more than one of `flags` is present (Consul's "Conflicting flags").
-fn conflicting(q: &HashMap<String, String>, raw: &Option<String>, flags: &[&str]) -> Result<(), ApiError> {
-    if flags.iter().filter(|f| q.contains_key(**f)).count() > 1 {
+fn conflicting(q: &Params, raw: &Option<String>, flags: &[&str]) -> Result<(), ApiError> {
+    if flags.iter().filter(|f| q.get(f).is_some()).count() > 1 {
         return Err(ApiError::ConsulBadRequest(format!("Conflicting flags: {}", raw.as_deref().unwrap_or(""))));
     }
     Ok(())
 }
 
-fn parse_u64(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+fn parse_u64(q: &Params, name: &str) -> Result<Option<u64>, ApiError> {
     match q.get(name) {
         None => Ok(None),
         Some(v) => v
@@ -196,32 +192,30 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError
 async fn kv_put(
     State(api): State<Api>,
     Path(key): Path<String>,
-    Query(q): Q,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    kv_write(api, key, q, raw, headers, body).await
+    kv_write(api, key, raw, headers, body).await
 }
 
 async fn kv_put_root(
     State(api): State<Api>,
-    Query(q): Q,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    kv_write(api, String::new(), q, raw, headers, body).await
+    kv_write(api, String::new(), raw, headers, body).await
 }
 
 async fn kv_write(
     api: Api,
     key: String,
-    q: HashMap<String, String>,
     raw: Option<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     if key.is_empty() {
         return Err(ApiError::ConsulBadRequest("Missing key name".into()));
@@ -246,25 +240,20 @@ async fn kv_write(
 async fn kv_delete(
     State(api): State<Api>,
     Path(key): Path<String>,
-    Query(q): Q,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    kv_remove(api, key, q, raw).await
+    kv_remove(api, key, raw).await
 }
 
-async fn kv_delete_root(State(api): State<Api>, Query(q): Q, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
-    kv_remove(api, String::new(), q, raw).await
+async fn kv_delete_root(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    kv_remove(api, String::new(), raw).await
 }
 
-async fn kv_remove(
-    api: Api,
-    key: String,
-    q: HashMap<String, String>,
-    raw: Option<String>,
-) -> Result<Response, ApiError> {
+async fn kv_remove(api: Api, key: String, raw: Option<String>) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     conflicting(&q, &raw, &["recurse", "cas"])?;
-    let recurse = flag(q.get("recurse"), false);
+    let recurse = q.flag("recurse");
     if !recurse && key.is_empty() {
         return Err(ApiError::ConsulBadRequest("Missing key name".into()));
     }
@@ -278,39 +267,45 @@ async fn kv_remove(
 
 /// Build a session from a `session/create` body (fields in any case, snake_case too).
 fn session_from_body(body: &[u8], default_node: &str) -> Result<Session, ApiError> {
-    let bad = |e: super::consul_json::DecodeError| ApiError::ConsulBadRequest(e.to_string());
-    let v = parse_body(body).map_err(bad)?;
-    let o = CiObject::new(&v).map_err(bad)?;
+    let map = json_body(body)?;
+    let o = Ci(&map);
     let kv_bad = |e: KvError| ApiError::ConsulBadRequest(e.to_string());
-    let behavior = Behavior::parse(o.str("Behavior").map_err(bad)?.unwrap_or("")).map_err(kv_bad)?;
-    let (ttl, ttl_ms) = parse_ttl(o.str("TTL").map_err(bad)?.unwrap_or("")).map_err(kv_bad)?;
+    let behavior = Behavior::parse(o.str("Behavior")?.unwrap_or("")).map_err(kv_bad)?;
+    let (ttl, ttl_ms) = parse_ttl(o.str("TTL")?.unwrap_or("")).map_err(kv_bad)?;
     let lock_delay_ns = match o.get("LockDelay") {
         None => DEFAULT_LOCK_DELAY_NS,
         Some(v) => parse_lock_delay(v).map_err(kv_bad)?,
     };
     // `Checks` is the pre-1.7 name of `NodeChecks` (py-consul still sends it).
-    let node_checks = match o.strings("NodeChecks").map_err(bad)? {
-        Some(c) => c,
-        None => o.strings("Checks").map_err(bad)?.unwrap_or_else(|| vec!["serfHealth".to_owned()]),
+    let node_checks = if o.get("NodeChecks").is_some() {
+        o.strings("NodeChecks")?
+    } else if o.get("Checks").is_some() {
+        o.strings("Checks")?
+    } else {
+        vec!["serfHealth".to_owned()]
     };
-    let service_checks = match o.array("ServiceChecks").map_err(bad)? {
+    let service_checks = match o.get("ServiceChecks") {
         None => Vec::new(),
-        Some(items) => items
+        Some(Value::Array(items)) => items
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
-                other => {
-                    CiObject::from_value(other, "ServiceChecks").and_then(|c| c.string("ID")).map_err(bad)?.ok_or_else(
-                        || ApiError::ConsulBadRequest("Request decode failed: ServiceChecks: missing ID".into()),
-                    )
-                }
+                Value::Object(m) => Ci(m).str("ID")?.map(str::to_owned).ok_or_else(|| {
+                    ApiError::ConsulBadRequest("Request decode failed: ServiceChecks: missing ID".into())
+                }),
+                _ => Err(ApiError::ConsulBadRequest(
+                    "Request decode failed: ServiceChecks must be a list of objects".into(),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(ApiError::ConsulBadRequest("Request decode failed: ServiceChecks must be a list".into()));
+        }
     };
     Ok(Session {
         id: uuid::Uuid::new_v4().to_string(),
-        name: o.string("Name").map_err(bad)?.unwrap_or_default(),
-        node: o.string("Node").map_err(bad)?.filter(|n| !n.is_empty()).unwrap_or_else(|| default_node.to_owned()),
+        name: o.str("Name")?.unwrap_or_default().to_owned(),
+        node: o.str("Node")?.filter(|n| !n.is_empty()).unwrap_or(default_node).to_owned(),
         lock_delay_ns,
         behavior,
         ttl,
@@ -323,7 +318,8 @@ fn session_from_body(body: &[u8], default_node: &str) -> Result<Session, ApiErro
     })
 }
 
-async fn session_create(State(api): State<Api>, Query(q): Q, body: Bytes) -> Result<Response, ApiError> {
+async fn session_create(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     let session = session_from_body(&body, &api.info.node)?;
     let id = session.id.clone();
@@ -332,14 +328,23 @@ async fn session_create(State(api): State<Api>, Query(q): Q, body: Bytes) -> Res
     Ok(axum::Json(json!({"ID": id})).into_response())
 }
 
-async fn session_destroy(State(api): State<Api>, Path(id): Path<String>, Query(q): Q) -> Result<Response, ApiError> {
-    check_dc(&api, &q)?;
+async fn session_destroy(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_dc(&api, &Params::parse(raw.as_deref()))?;
     let cmd = Command::Session(SessionOp::Destroy { id, now: now_millis() });
     api.control.propose(cmd).await.map_err(ApiError::from_consul)?;
     Ok(axum::Json(json!(true)).into_response())
 }
 
-async fn session_renew(State(api): State<Api>, Path(id): Path<String>, Query(q): Q) -> Result<Response, ApiError> {
+async fn session_renew(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     let cmd = Command::Session(SessionOp::Renew { id: id.clone(), now: now_millis() });
     api.control.propose(cmd).await.map_err(ApiError::from_consul)?;
@@ -349,28 +354,39 @@ async fn session_renew(State(api): State<Api>, Path(id): Path<String>, Query(q):
         // invalidated between the renewal and this read
         return Err(ApiError::ConsulNotFound(format!("Session id '{id}' not found")));
     }
-    Ok(json_indexed(Value::Array(list), state.kv.sessions_index(), &q))
+    Ok(indexed(&Value::Array(list), state.kv.sessions_index(), &q))
 }
 
-async fn session_info(State(api): State<Api>, Path(id): Path<String>, Query(q): Q) -> Result<Response, ApiError> {
+/// A blocking read of the sessions, answered with `pick`.
+async fn sessions_read(
+    api: Api,
+    raw: Option<String>,
+    pick: impl Fn(&mesh_core::kv::KvState) -> Vec<Value>,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let state = wait_for(&api, blocking(&q)?, SESSIONS_TOPIC, |s| s.kv.sessions_index()).await;
-    let list: Vec<Value> = state.kv.sessions.get(&id).map(session_json).into_iter().collect();
-    Ok(json_indexed(Value::Array(list), state.kv.sessions_index(), &q))
+    let state = block_until(&api, &q, SESSIONS_TOPIC, |s| s.kv.sessions_index()).await?;
+    Ok(indexed(&Value::Array(pick(&state.kv)), state.kv.sessions_index(), &q))
 }
 
-async fn session_node(State(api): State<Api>, Path(node): Path<String>, Query(q): Q) -> Result<Response, ApiError> {
-    check_dc(&api, &q)?;
-    let state = wait_for(&api, blocking(&q)?, SESSIONS_TOPIC, |s| s.kv.sessions_index()).await;
-    let list: Vec<Value> = state.kv.node_sessions(&node).map(session_json).collect();
-    Ok(json_indexed(Value::Array(list), state.kv.sessions_index(), &q))
+async fn session_info(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    sessions_read(api, raw, |kv| kv.sessions.get(&id).map(session_json).into_iter().collect()).await
 }
 
-async fn session_list(State(api): State<Api>, Query(q): Q) -> Result<Response, ApiError> {
-    check_dc(&api, &q)?;
-    let state = wait_for(&api, blocking(&q)?, SESSIONS_TOPIC, |s| s.kv.sessions_index()).await;
-    let list: Vec<Value> = state.kv.sessions.values().map(session_json).collect();
-    Ok(json_indexed(Value::Array(list), state.kv.sessions_index(), &q))
+async fn session_node(
+    State(api): State<Api>,
+    Path(node): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    sessions_read(api, raw, |kv| kv.node_sessions(&node).map(session_json).collect()).await
+}
+
+async fn session_list(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    sessions_read(api, raw, |kv| kv.sessions.values().map(session_json).collect()).await
 }
 
 #[cfg(test)]

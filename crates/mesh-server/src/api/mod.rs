@@ -12,8 +12,6 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
-pub mod consul_blocking;
-pub mod consul_json;
 pub mod consul_kv;
 pub mod events;
 pub mod groups;
@@ -43,6 +41,8 @@ pub struct NodeInfo {
     pub started_at: u64,
     /// Whether privileged containers may run.
     pub allow_privileged: bool,
+    /// Whether Consul script checks may be registered.
+    pub enable_script_checks: bool,
 }
 
 /// An API error, in the format of the API it came from.
@@ -77,12 +77,12 @@ pub enum ApiError {
     /// Consul 404.
     #[error("{0}")]
     ConsulNotFound(String),
+    /// Consul: another status with a plain-text message.
+    #[error("{1}")]
+    ConsulStatus(u16, String),
     /// Consul 500 for an unknown datacenter.
     #[error("No path to datacenter")]
     ConsulNoPathToDc,
-    /// Consul 500 with Consul's message (e.g. `invalid session "x"`, `Missing node registration`).
-    #[error("{0}")]
-    ConsulServerError(String),
     /// Consul 413: a request body over the limit (KV values).
     #[error("{0}")]
     ConsulTooLarge(String),
@@ -123,7 +123,8 @@ impl ApiError {
             ControlError::Rejected(ApplyError::Kv(
                 e @ (KvError::InvalidBehavior(_) | KvError::InvalidTtl(_) | KvError::InvalidLockDelay(_)),
             )) => ApiError::ConsulBadRequest(e.to_string()),
-            e => ApiError::ConsulServerError(e.to_string()),
+            // e.g. `invalid session "x"`, `Missing node registration`: Consul's 500s
+            e => ApiError::ConsulStatus(500, e.to_string()),
         }
     }
 }
@@ -151,8 +152,10 @@ impl IntoResponse for ApiError {
             ),
             ApiError::ConsulBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
             ApiError::ConsulNotFound(m) => text(StatusCode::NOT_FOUND, m),
+            ApiError::ConsulStatus(code, m) => {
+                text(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), m)
+            }
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
-            ApiError::ConsulServerError(m) => text(StatusCode::INTERNAL_SERVER_ERROR, m),
             ApiError::ConsulTooLarge(m) => {
                 // The rest of the body is not read: tell the client not to reuse the connection.
                 let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, m);
