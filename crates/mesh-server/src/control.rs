@@ -529,9 +529,9 @@ impl Control {
         if self.published.catalog.load().index != state.catalog.index {
             self.published.catalog.store(Arc::new(state.catalog.clone()));
         }
-        self.published.state.store(Arc::new(state.clone()));
+        let previous = self.published.state.swap(Arc::new(state.clone()));
         let _ = self.index_tx.send(state.index);
-        self.published.watches.notify(|topic| state.topic_index(topic));
+        self.published.watches.notify_changes(&previous, state);
         self.send_node_checks();
     }
 
@@ -559,6 +559,18 @@ impl Control {
                     if tx.send(msg).await.is_err() {
                         warn!(%agent, "agent channel closed");
                         self.agents.remove(&agent);
+                        self.sent_checks.remove(&agent);
+                        // Like Consul's serfHealth when gossip marks a node failed: its services
+                        // leave DNS until the agent registers again.
+                        self.apply(vec![Command::UpdateCheck {
+                            node: agent.0.clone(),
+                            id: mesh_core::catalog::SERF_HEALTH.into(),
+                            status: mesh_core::catalog::Health::Critical,
+                            output: "Agent not live or unreachable".into(),
+                            now: now_millis(),
+                            ttl: mesh_core::state::TtlUpdate::Keep,
+                        }]);
+                        self.publish();
                     }
                 }
                 None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),
