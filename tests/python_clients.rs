@@ -1,7 +1,9 @@
-//! marathon-python 0.13.0 against a real `mesh dev`: runs the pytest suite in `tests/python`,
-//! which starts its own node from `$MESH_BIN` (this build's binary) and calls every client
-//! method that touches apps, groups, tasks, deployments, queue, info, leader, ping, metrics and
-//! the event stream.
+//! Python clients against a real `mesh dev`: runs the pytest suites in `tests/python`, which
+//! start their own node from `$MESH_BIN` (this build's binary).
+//! - marathon-python 0.13.0: every client method that touches apps, groups, tasks, deployments,
+//!   queue, info, leader, ping, metrics and the event stream (`test_marathon_client.py` and
+//!   every other file but the Consul ones);
+//! - py-consul 1.8.0: the `test_consul*.py` files (KV, CAS, sessions, locks, lock-delay).
 //!
 //! Needs `python3 -m pip install -r tests/python/requirements.txt`. Without it the test prints
 //! `SKIP: ...` and passes, unless `MESH_REQUIRE_PYTHON=1` (CI sets it), which makes it fail.
@@ -14,8 +16,8 @@ use std::time::{Duration, Instant};
 /// The whole suite takes seconds; this only guards against a hang.
 const SUITE_DEADLINE: Duration = Duration::from_secs(600);
 
-fn python_ready() -> Result<(), String> {
-    match Command::new("python3").args(["-c", "import marathon, pytest, consul"]).output() {
+fn python_ready(imports: &str) -> Result<(), String> {
+    match Command::new("python3").args(["-c", &format!("import {imports}")]).output() {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
         Err(e) => Err(format!("python3: {e}")),
@@ -30,24 +32,26 @@ fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     })
 }
 
-#[test]
-fn marathon_python_suite_passes() {
-    if let Err(why) = python_ready() {
+/// Run pytest in `tests/python` with `args` (files or options), needing `imports`; the node's
+/// agent gets the host ports `ports` (distinct per suite, as the suites run in parallel).
+fn run_suite(what: &str, imports: &str, ports: &str, args: &[String]) {
+    if let Err(why) = python_ready(imports) {
         if std::env::var("MESH_REQUIRE_PYTHON").as_deref() == Ok("1") {
             panic!(
-                "MESH_REQUIRE_PYTHON=1 but marathon-python/pytest are not importable ({why}); \
+                "MESH_REQUIRE_PYTHON=1 but {what} is not importable ({why}); \
                  run: python3 -m pip install -r tests/python/requirements.txt"
             );
         }
-        println!("SKIP: marathon-python/pytest not installed ({why})");
+        println!("SKIP: {what} not installed ({why})");
         return;
     }
     let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
     let mut child = Command::new("python3")
         .args(["-m", "pytest", "-q", "-rsxX", "-p", "no:cacheprovider"])
-        .arg(&suite)
+        .args(args)
         .current_dir(&suite)
         .env("MESH_BIN", env!("CARGO_BIN_EXE_mesh"))
+        .env("MESH_PY_PORTS", ports)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -83,5 +87,25 @@ fn marathon_python_suite_passes() {
         println!("--- pytest stderr ---\n{stderr}");
     }
     assert!(interrupted_at.is_none(), "the Python suite did not finish within {SUITE_DEADLINE:?}");
-    assert!(status.success(), "the marathon-python suite failed ({status}); output above");
+    assert!(status.success(), "the {what} suite failed ({status}); output above");
+}
+
+#[test]
+fn marathon_python_suite_passes() {
+    let args = [".".into(), "--ignore-glob=*test_consul*".into()];
+    run_suite("marathon-python", "marathon, pytest", "45000-45099", &args);
+}
+
+#[test]
+fn py_consul_suite_passes() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("tests/python")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("test_consul") && n.ends_with(".py"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no test_consul*.py in {}", dir.display());
+    // conftest.py imports marathon too
+    run_suite("py-consul", "consul, marathon, pytest", "45100-45149", &files);
 }

@@ -1,4 +1,5 @@
-"""Fixtures for the marathon-python suite: one `mesh dev` per session, started from $MESH_BIN.
+"""Fixtures for the Python client suites: one `mesh dev` per session, started from $MESH_BIN,
+with a marathon-python client (`client`) and a py-consul client (`consul`) on it.
 
 Run standalone with `MESH_BIN=target/debug/mesh python3 -m pytest -q tests/python`; the Rust
 test `tests/python_clients.rs` runs it the same way from `cargo test`.
@@ -21,6 +22,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import urllib.parse  # noqa: E402
 
 import marathon  # noqa: E402
 import pytest  # noqa: E402
@@ -127,3 +129,19 @@ def clean_slate(client):
         if time.monotonic() > deadline:
             pytest.fail(f"cleanup: apps/deployments/tasks still present after 60 s: {left}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def consul(mesh_url):
+    """A py-consul client on the session's node. Afterwards every KV key and session is removed,
+    so each test starts from an empty store."""
+    import consul as py_consul
+
+    url = urllib.parse.urlparse(mesh_url)
+    c = py_consul.Consul(host=url.hostname, port=url.port)
+    yield c
+    c.kv.delete("", recurse=True)
+    for s in c.session.list()[1]:
+        c.session.destroy(s["ID"])
+    assert c.kv.get("", recurse=True)[1] is None
+    assert c.session.list()[1] == []

@@ -8,6 +8,7 @@
 //! - [`allocator`]: Mesos-style offers ordered by weighted DRF, filters, suppress/revive.
 //! - [`scheduler`]: the [`scheduler::Scheduler`] trait (framework side) and the Marathon app scheduler.
 //! - [`catalog`]: nodes, services, instances and their health, behind the [`catalog::Catalog`] trait.
+//! - [`kv`]: Consul's key/value store and sessions (locks, TTLs, lock-delay), pure.
 //! - [`dns`]: Consul-style name parsing and answer building, as plain functions.
 //! - [`runtime`]: the [`runtime::Runtime`] trait and the process runtime.
 //! - [`proto`]: the serializable messages between control and agents.
@@ -18,6 +19,7 @@ pub mod app;
 pub mod catalog;
 pub mod dns;
 pub mod health;
+pub mod kv;
 pub mod model;
 pub mod proto;
 pub mod registrator;

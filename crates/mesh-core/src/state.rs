@@ -12,6 +12,7 @@
 
 use crate::app::{App, AppId};
 use crate::catalog::{CatalogState, Check, Health, Node, SERF_HEALTH, ServiceInstance};
+use crate::kv::{KvError, KvOp, KvState, SessionOp};
 use crate::model::{AgentId, FrameworkId, Millis, Resources, TaskId, iso8601};
 use crate::proto::TaskState;
 use imbl::OrdMap;
@@ -200,6 +201,9 @@ pub struct State {
     pub max_versions: usize,
     /// The service catalog.
     pub catalog: CatalogState,
+    /// Consul's KV store and sessions.
+    #[serde(default)]
+    pub kv: KvState,
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -403,6 +407,10 @@ pub enum Command {
         /// What happens to a TTL check's deadline.
         ttl: TtlUpdate,
     },
+    /// A change of Consul's KV store.
+    Kv(KvOp),
+    /// A change of Consul's sessions.
+    Session(SessionOp),
 }
 
 /// What a [`Command::UpdateCheck`] does to a TTL check's deadline.
@@ -456,6 +464,9 @@ pub enum ApplyError {
     /// No check with this id on the node.
     #[error("Unknown check ID \"{0}\"")]
     UnknownCheck(String),
+    /// A KV or session command was refused.
+    #[error(transparent)]
+    Kv(#[from] KvError),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -492,6 +503,7 @@ impl State {
 
     /// Rebuild the derived indexes (after a snapshot is loaded).
     pub fn rebuild_indexes(&mut self) {
+        self.kv.rebuild();
         self.tasks_by_app = OrdMap::new();
         for t in self.tasks.values() {
             if let Some(app) = &t.app_id {
@@ -1038,6 +1050,15 @@ impl State {
                 }
                 ch.catalog |= self.catalog.set_check_status(node, id, *status, output, *now, index).unwrap_or(false);
             }
+            Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
+            Command::Session(op) => {
+                if let SessionOp::Create { session, .. } = op
+                    && !self.catalog.nodes.contains_key(&session.node)
+                {
+                    return Err(KvError::MissingNode(session.node.clone()).into());
+                }
+                self.kv.apply_session(op, self.index + 1)?
+            }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
                     for app in d.affected_apps {
@@ -1117,7 +1138,8 @@ impl State {
     /// Commands that time makes due at `now`: TTL checks that expired, services whose check has
     /// been critical past its `DeregisterCriticalServiceAfter`.
     pub fn due(&self, now: Millis) -> Vec<Command> {
-        let mut out = Vec::new();
+        // Consul sessions whose TTL ran out.
+        let mut out = self.kv.due(now);
         let mut reaped = std::collections::BTreeSet::new();
         for c in self.catalog.checks.values().flat_map(|m| m.values()) {
             if let Some(d) = c.ttl_deadline.filter(|d| *d <= now) {
@@ -1156,12 +1178,19 @@ impl State {
                 [c.ttl_deadline, reap]
             })
             .flatten()
+            .chain(self.kv.next_deadline())
             .min()
     }
 
     /// The index of the last change to a watchable topic (see [`CatalogState::topics`]; `kv:` and
     /// `sessions` topics belong to the KV store). Never 0.
     pub fn topic_index(&self, topic: &str) -> u64 {
+        if let Some(prefix) = topic.strip_prefix("kv:") {
+            return self.kv.prefix_index(prefix);
+        }
+        if topic == crate::kv::SESSIONS_TOPIC {
+            return self.kv.sessions_index();
+        }
         self.catalog.topic_index(topic)
     }
 

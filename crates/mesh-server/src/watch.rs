@@ -4,10 +4,12 @@
 //! the control loop calls [`WatchHub::notify_changes`] with the previous and the new state. Catalog
 //! topics are found by diffing the two states' topic-index maps (persistent maps that share
 //! structure, so the diff visits only what changed): a publish costs O(changed topics), whatever
-//! the number of watchers or watched topics, and a change elsewhere wakes nobody. Other topics
-//! (KV prefixes, sessions) are re-indexed on each publish, one lookup per watched topic. Thousands
-//! of watchers cost memory (a receiver and a parked future each), not CPU.
+//! the number of watchers or watched topics, and a change elsewhere wakes nobody. KV prefixes
+//! (`kv:<prefix>`) are found the same way from the changed keys, and `sessions` from the sessions'
+//! index; any other topic is re-indexed on each publish. Thousands of watchers cost memory (a
+//! receiver and a parked future each), not CPU.
 
+use mesh_core::kv::SESSIONS_TOPIC;
 use mesh_core::state::State;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,11 +63,62 @@ impl WatchHub {
                 }
             }
         }
-        Self::reindex(&self.others, |t| new.topic_index(t));
+        self.notify_others(old, new);
         // Forget topics nobody waits on any more, now and then (a sweep is O(topics)).
         let n = self.notifies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n % 256 == 0 {
             self.topics.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, tx| tx.receiver_count() > 0);
+            self.others.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, tx| tx.receiver_count() > 0);
+        }
+    }
+
+    /// The non-catalog topics. KV prefixes (`kv:<prefix>`) and `sessions` are woken only when a
+    /// change touches them: the keys that changed (found by diffing the persistent maps, which
+    /// visits only what changed) are walked prefix by prefix and looked up, so a publish costs
+    /// O(changed keys × key length), not O(watched prefixes). Any other topic is re-indexed.
+    fn notify_others(&self, old: &State, new: &State) {
+        let others = self.others.lock().unwrap_or_else(|e| e.into_inner());
+        if others.is_empty() {
+            return;
+        }
+        let wake = |topic: &str| {
+            if let Some(tx) = others.get(topic) {
+                let i = new.topic_index(topic);
+                if i > *tx.borrow() {
+                    tx.send_replace(i);
+                }
+            }
+        };
+        let (ok, nk) = (&old.kv, &new.kv);
+        if ok.sessions_index != nk.sessions_index {
+            wake(SESSIONS_TOPIC);
+        }
+        if ok.tombstone_floor != nk.tombstone_floor {
+            // Old tombstones were folded into the floor, which every prefix's index includes.
+            others.keys().filter(|t| t.starts_with("kv:")).for_each(|t| wake(t));
+        } else if ok.index != nk.index {
+            use imbl::ordmap::DiffItem;
+            let changed_entries = ok.entries.diff(&nk.entries).map(|d| match d {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k,
+            });
+            let changed_tombstones = ok.tombstones.diff(&nk.tombstones).map(|d| match d {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k,
+            });
+            for key in changed_entries.chain(changed_tombstones) {
+                let mut topic = String::with_capacity(3 + key.len());
+                topic.push_str("kv:");
+                for c in key.chars() {
+                    wake(&topic);
+                    topic.push(c);
+                }
+                wake(&topic);
+            }
+        }
+        for (topic, tx) in others.iter().filter(|(t, _)| !t.starts_with("kv:") && t.as_str() != SESSIONS_TOPIC) {
+            let i = new.topic_index(topic);
+            if i > *tx.borrow() {
+                tx.send_replace(i);
+            }
         }
     }
 
@@ -146,5 +199,42 @@ mod tests {
         assert!(web.has_changed().unwrap());
         assert_eq!(*web.borrow_and_update(), 3);
         assert!(!db.has_changed().unwrap(), "db did not change");
+    }
+
+    #[tokio::test]
+    async fn kv_changes_wake_only_the_prefixes_of_changed_keys() {
+        use mesh_core::kv::{KvOp, KvValue, SetMode};
+        let set = |s: &mut State, idx: u64, key: &str| {
+            let op = KvOp::Set {
+                key: key.into(),
+                value: KvValue::from(format!("v{idx}").into_bytes()),
+                flags: 0,
+                mode: SetMode::Plain,
+                now: 0,
+            };
+            s.kv.apply_kv(&op, idx).unwrap();
+        };
+        let mut old = State::new("dc1");
+        set(&mut old, 1, "app/a");
+        set(&mut old, 2, "other/b");
+        let hub = WatchHub::default();
+        let sub = |t: &str| hub.subscribe(t, old.topic_index(t));
+        let (mut app, mut exact, mut all, other, sessions) =
+            (sub("kv:app/"), sub("kv:app/a"), sub("kv:"), sub("kv:other/"), sub("sessions"));
+        let mut new = old.clone();
+        set(&mut new, 3, "app/a");
+        hub.notify_changes(&old, &new);
+        for (name, rx) in [("kv:app/", &mut app), ("kv:app/a", &mut exact), ("kv:", &mut all)] {
+            assert!(rx.has_changed().unwrap(), "{name} covers app/a");
+            assert_eq!(*rx.borrow_and_update(), 3);
+        }
+        assert!(!other.has_changed().unwrap(), "other/ did not change");
+        assert!(!sessions.has_changed().unwrap());
+        // a delete wakes its prefixes too
+        let old = new.clone();
+        new.kv.apply_kv(&KvOp::Delete { key: "app/a".into(), recurse: false, cas: None, now: 0 }, 4).unwrap();
+        hub.notify_changes(&old, &new);
+        assert_eq!(*app.borrow_and_update(), 4);
+        assert!(!other.has_changed().unwrap());
     }
 }

@@ -300,18 +300,34 @@ pub fn wait_param(q: &Params) -> Result<Duration, ApiError> {
 /// 5 min, capped at 10, plus up to 1/16 random jitter) runs out. Returns the current state to read
 /// the answer from.
 pub async fn block(api: &Api, q: &Params, topic: &str) -> Result<std::sync::Arc<ClusterState>, ApiError> {
+    block_until(api, q, topic, |s| s.topic_index(topic)).await
+}
+
+/// [`block`] with a finer condition than the topic's index: the hub wakes on `topic` (e.g. the
+/// KV prefix `kv:foo`), and the wait goes on until `index_of` (e.g. the index of exactly the key
+/// `foo`) exceeds N, so a change to `foo2` does not end it.
+pub async fn block_until(
+    api: &Api,
+    q: &Params,
+    topic: &str,
+    index_of: impl Fn(&ClusterState) -> u64,
+) -> Result<std::sync::Arc<ClusterState>, ApiError> {
     let published = &api.control.published;
-    let Some(min) = q.get("index").and_then(|v| v.parse::<u64>().ok()).filter(|i| *i > 0) else {
-        return Ok(published.state.load_full());
+    let min = match q.get("index").map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        None => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| bad(format!("Invalid index: {v:?}")))?,
     };
+    if min == 0 {
+        return Ok(published.state.load_full());
+    }
     let wait = wait_param(q)?;
     let jitter = Duration::from_millis(rand::random_range(0..=(wait.as_millis() as u64 / 16).max(1)));
     let deadline = tokio::time::Instant::now() + wait + jitter;
-    let current = || published.state.load().topic_index(topic);
+    let current = || index_of(&published.state.load());
     if current() > min {
         return Ok(published.state.load_full());
     }
-    let mut rx = published.watches.subscribe(topic, current());
+    let mut rx = published.watches.subscribe(topic, published.state.load().topic_index(topic));
     // A publish between the first read and the subscription would not have woken us.
     while current() <= min {
         tokio::select! {

@@ -12,6 +12,7 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_kv;
 pub mod events;
 pub mod groups;
 pub mod marathon;
@@ -82,6 +83,9 @@ pub enum ApiError {
     /// Consul 500 for an unknown datacenter.
     #[error("No path to datacenter")]
     ConsulNoPathToDc,
+    /// Consul 413: a request body over the limit (KV values).
+    #[error("{0}")]
+    ConsulTooLarge(String),
     /// 503: the control side is not running or could not write its log.
     #[error("{0}")]
     Unavailable(String),
@@ -104,6 +108,23 @@ impl ApiError {
             ) => ApiError::MarathonNotFound(e.to_string()),
             ControlError::Rejected(e) => ApiError::MarathonBadRequest(e.to_string()),
             e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// Map a control-side error for the Consul API (plain-text bodies, Consul's statuses).
+    pub fn from_consul(e: ControlError) -> Self {
+        use mesh_core::kv::KvError;
+        match e {
+            ControlError::Rejected(ApplyError::Kv(e @ KvError::UnknownSession(_))) => {
+                ApiError::ConsulNotFound(e.to_string())
+            }
+            ControlError::Rejected(ApplyError::Kv(
+                e @ (KvError::InvalidBehavior(_) | KvError::InvalidTtl(_) | KvError::InvalidLockDelay(_)),
+            )) => ApiError::ConsulBadRequest(e.to_string()),
+            // e.g. `invalid session "x"`, `Missing node registration`: Consul's 500s
+            e => ApiError::ConsulStatus(500, e.to_string()),
         }
     }
 }
@@ -135,6 +156,12 @@ impl IntoResponse for ApiError {
                 text(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), m)
             }
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
+            ApiError::ConsulTooLarge(m) => {
+                // The rest of the body is not read: tell the client not to reuse the connection.
+                let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, m);
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r
+            }
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
         }
     }
@@ -169,6 +196,7 @@ pub fn router(api: Api) -> Router {
         .route("/ping", axum::routing::get(ping))
         .merge(marathon::routes())
         .merge(consul::routes())
+        .merge(consul_kv::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .fallback(not_found)

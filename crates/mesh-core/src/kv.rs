@@ -1,0 +1,969 @@
+//! Consul's key/value store and sessions, as a pure state machine.
+//!
+//! [`KvState`] lives inside [`crate::state::State`] and changes only through
+//! [`crate::state::Command::Kv`] and [`crate::state::Command::Session`]. Every command carries the
+//! time it was issued and every generated id (session ids are made by the caller), so replaying
+//! the log gives the same store.
+//!
+//! Semantics follow Consul (see `consul.md`, "KV and session semantics"):
+//! - a plain PUT always writes, even over a lock; `cas=0` creates only; `cas=N` needs
+//!   `ModifyIndex == N`;
+//! - `acquire=S` takes a free key (`LockIndex + 1`), re-writes a key S already holds, fails on a
+//!   key another session holds or whose lock-delay runs, and is an error for an unknown session;
+//! - `release=S` only works for the holder and keeps `LockIndex`;
+//! - a session is invalidated on destroy and when its TTL runs out (after 2 × TTL, as Consul's
+//!   timers); its keys are released (or deleted with `Behavior=delete`) and their lock-delay starts.
+//!
+//! Blocking queries watch [`KvState::prefix_index`], [`KvState::key_index`] and
+//! [`KvState::sessions_index`]: each is the index of the last change to what it covers
+//! (deletions included, through tombstones), so a watcher wakes for its own keys only.
+
+use crate::model::Millis;
+use imbl::{OrdMap, OrdSet};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::sync::Arc;
+
+/// The largest value a key may hold (Consul's `kv_max_value_size`).
+pub const MAX_VALUE_SIZE: usize = 512 * 1024;
+/// Lock-delay when a session does not say (Consul's default).
+pub const DEFAULT_LOCK_DELAY_NS: u64 = 15_000_000_000;
+/// The largest lock-delay a session may ask for.
+pub const MAX_LOCK_DELAY_NS: u64 = 60_000_000_000;
+/// The shortest session TTL (Consul's `session_ttl_min`).
+pub const MIN_TTL_MS: u64 = 10_000;
+/// The longest session TTL.
+pub const MAX_TTL_MS: u64 = 86_400_000;
+/// A session with a TTL is invalidated when it was not renewed for this many TTLs (Consul's
+/// `SessionTTLMultiplier`: clients are promised at least the TTL, not at most).
+pub const TTL_MULTIPLIER: u64 = 2;
+/// The blocking-query topic of the sessions (KV prefixes are `kv:<prefix>`); see
+/// [`crate::state::State::topic_index`].
+pub const SESSIONS_TOPIC: &str = "sessions";
+/// Tombstones kept before the oldest half is folded into [`KvState::tombstone_floor`].
+pub const MAX_TOMBSTONES: usize = 8192;
+
+/// Why a KV or session command was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// A condition of the write did not hold (stale `cas`, lock held by another session or still
+    /// in its lock-delay, release by a non-holder): Consul answers `false`.
+    #[error("the write's condition did not hold")]
+    NotApplied,
+    /// `acquire`/`release` without a session id.
+    #[error("missing session")]
+    MissingSession,
+    /// `acquire` with a session that does not exist.
+    #[error("invalid session {0:?}")]
+    InvalidSession(String),
+    /// A session id that does not exist (renew).
+    #[error("Session id '{0}' not found")]
+    UnknownSession(String),
+    /// A session for a node the catalog does not know.
+    #[error("Missing node registration")]
+    MissingNode(String),
+    /// A session id that is taken already.
+    #[error("Session ID '{0}' already exists")]
+    DuplicateSession(String),
+    /// `Behavior` is neither `release` nor `delete`.
+    #[error("Invalid Behavior setting '{0}'")]
+    InvalidBehavior(String),
+    /// A TTL that does not parse or lies outside the bounds.
+    #[error("Invalid Session TTL '{0}', must be between [10s=24h0m0s]")]
+    InvalidTtl(String),
+    /// A lock-delay that does not parse or is too long.
+    #[error("Invalid Lock Delay '{0}', must be a duration of at most 60s")]
+    InvalidLockDelay(String),
+    /// An expiry for a session that was renewed (or is gone) since it was found due.
+    #[error("session {0} is not due")]
+    NotDue(String),
+}
+
+/// A value: bytes shared between state versions (a persistent map copies entries, not values),
+/// base64 in the log, shown by length in debug output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KvValue(pub Arc<[u8]>);
+
+impl KvValue {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Base64 (standard alphabet, padded), as Consul's JSON shows values.
+    pub fn to_base64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&self.0)
+    }
+}
+
+impl From<Vec<u8>> for KvValue {
+    fn from(v: Vec<u8>) -> Self {
+        Self(v.into())
+    }
+}
+
+impl From<&[u8]> for KvValue {
+    fn from(v: &[u8]) -> Self {
+        Self(v.into())
+    }
+}
+
+impl fmt::Debug for KvValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KvValue({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for KvValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for KvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let s = String::deserialize(d)?;
+        let v = base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)?;
+        Ok(Self::from(v))
+    }
+}
+
+/// One key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// The key.
+    pub key: String,
+    /// Its value (may be empty).
+    pub value: KvValue,
+    /// Opaque flags of the client.
+    pub flags: u64,
+    /// Index at which the key was created.
+    pub create_index: u64,
+    /// Index of its last change.
+    pub modify_index: u64,
+    /// How many times it was acquired.
+    pub lock_index: u64,
+    /// The session holding its lock.
+    pub session: Option<String>,
+}
+
+/// What happens to the keys a session holds when it is invalidated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Behavior {
+    /// The locks are released; the keys stay.
+    #[default]
+    Release,
+    /// The keys are deleted.
+    Delete,
+}
+
+impl Behavior {
+    /// Consul's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Behavior::Release => "release",
+            Behavior::Delete => "delete",
+        }
+    }
+
+    /// Parse Consul's name (case-insensitive; empty means release).
+    pub fn parse(s: &str) -> Result<Self, KvError> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "release" => Ok(Behavior::Release),
+            "delete" => Ok(Behavior::Delete),
+            _ => Err(KvError::InvalidBehavior(s.to_owned())),
+        }
+    }
+}
+
+/// A session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// Id (a UUID, made by whoever builds the create command).
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// The node it is tied to.
+    pub node: String,
+    /// Lock-delay in nanoseconds.
+    pub lock_delay_ns: u64,
+    /// Release or delete held keys on invalidation.
+    pub behavior: Behavior,
+    /// The TTL as the client gave it (`""`: none).
+    pub ttl: String,
+    /// The TTL in milliseconds (0: none).
+    pub ttl_ms: u64,
+    /// Node checks the session depends on.
+    pub node_checks: Vec<String>,
+    /// Service checks the session depends on.
+    pub service_checks: Vec<String>,
+    /// Index at which it was created.
+    pub create_index: u64,
+    /// Index of its last change.
+    pub modify_index: u64,
+    /// When it is invalidated unless renewed (sessions with a TTL).
+    pub expires_at: Option<Millis>,
+}
+
+/// How a PUT writes a key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SetMode {
+    /// Always write (an existing lock is kept).
+    Plain,
+    /// Write only if `ModifyIndex` equals this (0: only if the key does not exist).
+    Cas(u64),
+    /// Take the key's lock for this session.
+    Acquire(String),
+    /// Give the key's lock up (only its holder can).
+    Release(String),
+}
+
+/// A change of the KV store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KvOp {
+    /// PUT.
+    Set {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: KvValue,
+        /// The new flags.
+        flags: u64,
+        /// Plain, CAS, acquire or release.
+        mode: SetMode,
+        /// When (lock-delays are checked against it).
+        now: Millis,
+    },
+    /// DELETE.
+    Delete {
+        /// The key, or the prefix with `recurse`.
+        key: String,
+        /// Delete every key with this prefix.
+        recurse: bool,
+        /// Delete only if `ModifyIndex` equals this.
+        cas: Option<u64>,
+        /// When.
+        now: Millis,
+    },
+}
+
+/// A change of the sessions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SessionOp {
+    /// Create a session (indexes and expiry are set on apply).
+    Create {
+        /// The session.
+        session: Session,
+        /// When.
+        now: Millis,
+    },
+    /// Destroy a session (a no-op if it does not exist).
+    Destroy {
+        /// Which.
+        id: String,
+        /// When (lock-delays start now).
+        now: Millis,
+    },
+    /// Renew a session's TTL.
+    Renew {
+        /// Which.
+        id: String,
+        /// When.
+        now: Millis,
+    },
+    /// Invalidate a session whose TTL ran out (rejected if it was renewed meanwhile).
+    Expire {
+        /// Which.
+        id: String,
+        /// When.
+        now: Millis,
+    },
+}
+
+/// The KV store and the sessions. Cloning is O(1).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KvState {
+    /// Keys.
+    pub entries: OrdMap<String, KvEntry>,
+    /// Deleted keys with the index of their deletion, so a prefix's index never goes back.
+    pub tombstones: OrdMap<String, u64>,
+    /// The highest index of the tombstones dropped to bound memory: every prefix's index is at
+    /// least this (a watcher may wake once for nothing, never miss a change).
+    pub tombstone_floor: u64,
+    /// Sessions by id.
+    pub sessions: OrdMap<String, Session>,
+    /// Keys in lock-delay, with the time the delay ends.
+    pub lock_delays: OrdMap<String, Millis>,
+    /// Index of the last change to any key.
+    pub index: u64,
+    /// Index of the last session created or invalidated (renewals do not count, as in Consul).
+    pub sessions_index: u64,
+    /// Sessions by expiry time (derived from `sessions`; rebuilt after a snapshot is loaded).
+    #[serde(skip)]
+    deadlines: OrdSet<(Millis, String)>,
+}
+
+impl KvState {
+    /// Rebuild the derived indexes (after deserializing).
+    pub fn rebuild(&mut self) {
+        self.deadlines =
+            self.sessions.values().filter_map(|s| s.expires_at.map(|t| (t, s.id.clone()))).collect::<OrdSet<_>>();
+    }
+
+    /// One key.
+    pub fn get(&self, key: &str) -> Option<&KvEntry> {
+        self.entries.get(key)
+    }
+
+    /// Every key starting with `prefix`, in key order.
+    pub fn list<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KvEntry> + 'a {
+        self.entries.range(prefix.to_owned()..).take_while(move |(k, _)| k.starts_with(prefix)).map(|(_, e)| e)
+    }
+
+    /// Keys starting with `prefix`; with a separator, each key is cut after the first separator
+    /// past the prefix and repeats are dropped (`base/` + `/` → `base/base/`, `base/foo`).
+    pub fn keys(&self, prefix: &str, separator: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for e in self.list(prefix) {
+            let key = match separator {
+                "" => e.key.clone(),
+                sep => match e.key[prefix.len()..].find(sep) {
+                    Some(i) => e.key[..prefix.len() + i + sep.len()].to_owned(),
+                    None => e.key.clone(),
+                },
+            };
+            if out.last() != Some(&key) {
+                out.push(key);
+            }
+        }
+        out
+    }
+
+    /// The index of the last change (write or delete) to any key starting with `prefix`; `""`
+    /// covers the whole store. Never 0.
+    pub fn prefix_index(&self, prefix: &str) -> u64 {
+        if prefix.is_empty() {
+            return self.index.max(self.tombstone_floor).max(1);
+        }
+        let live = self.list(prefix).map(|e| e.modify_index).max().unwrap_or(0);
+        let dead = self
+            .tombstones
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, i)| *i)
+            .max()
+            .unwrap_or(0);
+        live.max(dead).max(self.tombstone_floor).max(1)
+    }
+
+    /// The index of the last change to exactly `key`. Never 0.
+    pub fn key_index(&self, key: &str) -> u64 {
+        let i = match self.entries.get(key) {
+            Some(e) => e.modify_index,
+            None => self.tombstones.get(key).copied().unwrap_or(0),
+        };
+        i.max(self.tombstone_floor).max(1)
+    }
+
+    /// The index of the last session created or invalidated. Never 0.
+    pub fn sessions_index(&self) -> u64 {
+        self.sessions_index.max(1)
+    }
+
+    /// Sessions of a node.
+    pub fn node_sessions<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Session> + 'a {
+        self.sessions.values().filter(move |s| s.node == node)
+    }
+
+    /// When `key` leaves its lock-delay, if it is in one at `now`.
+    pub fn lock_delay_until(&self, key: &str, now: Millis) -> Option<Millis> {
+        self.lock_delays.get(key).copied().filter(|t| *t > now)
+    }
+
+    /// Commands for what is due at `now`: sessions whose TTL ran out.
+    pub fn due(&self, now: Millis) -> Vec<crate::state::Command> {
+        self.deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| crate::state::Command::Session(SessionOp::Expire { id: id.clone(), now }))
+            .collect()
+    }
+
+    /// The earliest time something becomes due.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.deadlines.get_min().map(|(t, _)| *t)
+    }
+
+    /// Apply a KV change at index `idx`. On error nothing changed.
+    pub fn apply_kv(&mut self, op: &KvOp, idx: u64) -> Result<(), KvError> {
+        match op {
+            KvOp::Set { key, value, flags, mode, now } => {
+                self.set(key, value, *flags, mode, *now, idx)?;
+                self.expire_lock_delays(*now);
+            }
+            KvOp::Delete { key, recurse, cas, now } => {
+                if *recurse {
+                    let keys: Vec<String> = self.list(key).map(|e| e.key.clone()).collect();
+                    for k in keys {
+                        self.remove(&k, idx);
+                    }
+                } else {
+                    if let Some(cas) = cas {
+                        // Consul: a CAS delete of a missing key "succeeds"; of a changed one fails.
+                        if self.entries.get(key).is_some_and(|e| e.modify_index != *cas) {
+                            return Err(KvError::NotApplied);
+                        }
+                    }
+                    self.remove(key, idx);
+                }
+                self.expire_lock_delays(*now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply a session change at index `idx`. On error nothing changed. (Whether the session's
+    /// node exists is checked by [`crate::state::State::apply`], which knows the catalog.)
+    pub fn apply_session(&mut self, op: &SessionOp, idx: u64) -> Result<(), KvError> {
+        match op {
+            SessionOp::Create { session, now } => {
+                if self.sessions.contains_key(&session.id) {
+                    return Err(KvError::DuplicateSession(session.id.clone()));
+                }
+                let mut s = session.clone();
+                s.create_index = idx;
+                s.modify_index = idx;
+                s.expires_at = (s.ttl_ms > 0).then(|| now + s.ttl_ms * TTL_MULTIPLIER);
+                if let Some(t) = s.expires_at {
+                    self.deadlines.insert((t, s.id.clone()));
+                }
+                self.sessions.insert(s.id.clone(), s);
+                self.sessions_index = idx;
+                self.expire_lock_delays(*now);
+            }
+            SessionOp::Destroy { id, now } => {
+                self.invalidate(id, *now, idx);
+                self.expire_lock_delays(*now);
+            }
+            SessionOp::Renew { id, now } => {
+                let Some(s) = self.sessions.get_mut(id) else {
+                    return Err(KvError::UnknownSession(id.clone()));
+                };
+                if s.ttl_ms > 0 {
+                    let old = s.expires_at;
+                    let new = now + s.ttl_ms * TTL_MULTIPLIER;
+                    s.expires_at = Some(new);
+                    if let Some(t) = old {
+                        self.deadlines.remove(&(t, id.clone()));
+                    }
+                    self.deadlines.insert((new, id.clone()));
+                }
+            }
+            SessionOp::Expire { id, now } => {
+                match self.sessions.get(id).and_then(|s| s.expires_at) {
+                    Some(t) if t <= *now => {}
+                    _ => return Err(KvError::NotDue(id.clone())),
+                }
+                self.invalidate(id, *now, idx);
+                self.expire_lock_delays(*now);
+            }
+        }
+        Ok(())
+    }
+
+    fn set(
+        &mut self,
+        key: &str,
+        value: &KvValue,
+        flags: u64,
+        mode: &SetMode,
+        now: Millis,
+        idx: u64,
+    ) -> Result<(), KvError> {
+        let existing = self.entries.get(key);
+        let mut session = existing.and_then(|e| e.session.clone());
+        let mut lock_index = existing.map_or(0, |e| e.lock_index);
+        match mode {
+            SetMode::Plain => {}
+            SetMode::Cas(0) => {
+                if existing.is_some() {
+                    return Err(KvError::NotApplied);
+                }
+            }
+            SetMode::Cas(n) => {
+                if existing.map(|e| e.modify_index) != Some(*n) {
+                    return Err(KvError::NotApplied);
+                }
+            }
+            SetMode::Acquire(s) => {
+                // As Consul: the lock-delay is checked before the session.
+                if self.lock_delay_until(key, now).is_some() {
+                    return Err(KvError::NotApplied);
+                }
+                if s.is_empty() {
+                    return Err(KvError::MissingSession);
+                }
+                if !self.sessions.contains_key(s) {
+                    return Err(KvError::InvalidSession(s.clone()));
+                }
+                match &session {
+                    Some(holder) if holder == s => {}
+                    Some(_) => return Err(KvError::NotApplied),
+                    None => {
+                        lock_index += 1;
+                        session = Some(s.clone());
+                    }
+                }
+            }
+            SetMode::Release(s) => {
+                if s.is_empty() {
+                    return Err(KvError::MissingSession);
+                }
+                if session.as_deref() != Some(s.as_str()) {
+                    return Err(KvError::NotApplied);
+                }
+                session = None;
+            }
+        }
+        if let Some(e) = existing
+            && e.value == *value
+            && e.flags == flags
+            && e.session == session
+            && e.lock_index == lock_index
+        {
+            return Ok(()); // nothing changes: the index stays (Consul skips the write too)
+        }
+        let entry = KvEntry {
+            key: key.to_owned(),
+            value: value.clone(),
+            flags,
+            create_index: existing.map_or(idx, |e| e.create_index),
+            modify_index: idx,
+            lock_index,
+            session,
+        };
+        self.entries.insert(key.to_owned(), entry);
+        self.tombstones.remove(key);
+        self.index = idx;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str, idx: u64) {
+        if self.entries.remove(key).is_some() {
+            self.tombstones.insert(key.to_owned(), idx);
+            self.index = idx;
+            self.prune_tombstones();
+        }
+    }
+
+    /// Drop the older half of the tombstones once there are too many; the floor keeps every
+    /// prefix's index from going back.
+    fn prune_tombstones(&mut self) {
+        if self.tombstones.len() <= MAX_TOMBSTONES {
+            return;
+        }
+        let mut idx: Vec<u64> = self.tombstones.values().copied().collect();
+        idx.sort_unstable();
+        let cut = idx[idx.len() / 2];
+        let old: Vec<String> = self.tombstones.iter().filter(|(_, i)| **i <= cut).map(|(k, _)| k.clone()).collect();
+        for k in old {
+            self.tombstones.remove(&k);
+        }
+        self.tombstone_floor = self.tombstone_floor.max(cut);
+    }
+
+    /// Remove a session: release or delete its keys and start their lock-delay.
+    fn invalidate(&mut self, id: &str, now: Millis, idx: u64) {
+        let Some(s) = self.sessions.remove(id) else { return };
+        if let Some(t) = s.expires_at {
+            self.deadlines.remove(&(t, id.to_owned()));
+        }
+        self.sessions_index = idx;
+        let held: Vec<String> =
+            self.entries.values().filter(|e| e.session.as_deref() == Some(id)).map(|e| e.key.clone()).collect();
+        let delay_ms = s.lock_delay_ns / 1_000_000;
+        for key in held {
+            match s.behavior {
+                Behavior::Delete => self.remove(&key, idx),
+                Behavior::Release => {
+                    if let Some(e) = self.entries.get_mut(&key) {
+                        e.session = None;
+                        e.modify_index = idx;
+                        self.index = idx;
+                    }
+                }
+            }
+            if delay_ms > 0 {
+                self.lock_delays.insert(key, now + delay_ms);
+            }
+        }
+    }
+
+    fn expire_lock_delays(&mut self, now: Millis) {
+        if self.lock_delays.values().all(|t| *t > now) {
+            return;
+        }
+        let done: Vec<String> = self.lock_delays.iter().filter(|(_, t)| **t <= now).map(|(k, _)| k.clone()).collect();
+        for k in done {
+            self.lock_delays.remove(&k);
+        }
+    }
+}
+
+/// Parse a session TTL as Consul does: a Go duration within 10s..=24h, or `""`/`0` for none.
+/// Returns the TTL as given (trimmed) and in milliseconds.
+pub fn parse_ttl(s: &str) -> Result<(String, u64), KvError> {
+    let s = s.trim();
+    if matches!(s, "" | "0" | "0s" | "0m" | "0h") {
+        return Ok((String::new(), 0));
+    }
+    let d = crate::registrator::parse_go_duration(s).map_err(|_| KvError::InvalidTtl(s.to_owned()))?;
+    let ms = d.as_millis() as u64;
+    if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ms) {
+        return Err(KvError::InvalidTtl(s.to_owned()));
+    }
+    Ok((s.to_owned(), ms))
+}
+
+/// Parse a lock-delay the way Consul's session/create does: a Go duration string or a number
+/// of nanoseconds, where anything under 1000 (ns) is taken as seconds (`"15s"`, `15`, and
+/// `15000000000` all mean 15 s). At most 60 s.
+pub fn parse_lock_delay(v: &serde_json::Value) -> Result<u64, KvError> {
+    let bad = || KvError::InvalidLockDelay(v.to_string());
+    let ns: u64 = match v {
+        serde_json::Value::String(s) => {
+            let d = crate::registrator::parse_go_duration(s).map_err(|_| bad())?;
+            u64::try_from(d.as_nanos()).map_err(|_| bad())?
+        }
+        serde_json::Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => u,
+            (None, Some(f)) if f >= 0.0 && f.is_finite() => f as u64,
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    };
+    let ns = if ns < 1000 { ns * 1_000_000_000 } else { ns };
+    if ns > MAX_LOCK_DELAY_NS {
+        return Err(bad());
+    }
+    Ok(ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn put(kv: &mut KvState, idx: u64, key: &str, v: &str, mode: SetMode, now: Millis) -> Result<(), KvError> {
+        let op = KvOp::Set { key: key.into(), value: KvValue::from(v.as_bytes()), flags: 0, mode, now };
+        kv.apply_kv(&op, idx)
+    }
+
+    fn del(kv: &mut KvState, idx: u64, key: &str, recurse: bool, cas: Option<u64>) -> Result<(), KvError> {
+        kv.apply_kv(&KvOp::Delete { key: key.into(), recurse, cas, now: 0 }, idx)
+    }
+
+    fn session(id: &str, behavior: Behavior, lock_delay_ms: u64, ttl_ms: u64) -> Session {
+        Session {
+            id: id.into(),
+            name: String::new(),
+            node: "n1".into(),
+            lock_delay_ns: lock_delay_ms * 1_000_000,
+            behavior,
+            ttl: if ttl_ms > 0 { format!("{}s", ttl_ms / 1000) } else { String::new() },
+            ttl_ms,
+            node_checks: vec!["serfHealth".into()],
+            service_checks: vec![],
+            create_index: 0,
+            modify_index: 0,
+            expires_at: None,
+        }
+    }
+
+    fn create(kv: &mut KvState, idx: u64, s: Session, now: Millis) {
+        kv.apply_session(&SessionOp::Create { session: s, now }, idx).unwrap();
+    }
+
+    #[test]
+    fn cas_creates_only_when_absent_and_needs_the_current_index() {
+        let mut kv = KvState::default();
+        assert_eq!(put(&mut kv, 1, "foo", "bar", SetMode::Cas(50), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 2, "foo", "bar", SetMode::Cas(0), 0), Ok(()));
+        assert_eq!(put(&mut kv, 3, "foo", "again", SetMode::Cas(0), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 4, "foo", "bar2", SetMode::Cas(1), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 5, "foo", "bar2", SetMode::Cas(2), 0), Ok(()));
+        let e = kv.get("foo").unwrap();
+        assert_eq!((e.value.as_bytes(), e.create_index, e.modify_index), (&b"bar2"[..], 2, 5));
+        // delete with a stale cas fails and changes nothing; with the current one it deletes
+        assert_eq!(del(&mut kv, 6, "foo", false, Some(4)), Err(KvError::NotApplied));
+        assert_eq!(del(&mut kv, 6, "foo", false, Some(0)), Err(KvError::NotApplied), "cas=0 never deletes");
+        assert!(kv.get("foo").is_some());
+        assert_eq!(del(&mut kv, 7, "foo", false, Some(5)), Ok(()));
+        assert!(kv.get("foo").is_none());
+    }
+
+    #[test]
+    fn an_unchanged_write_keeps_the_index() {
+        let mut kv = KvState::default();
+        put(&mut kv, 3, "a", "1", SetMode::Plain, 0).unwrap();
+        put(&mut kv, 4, "a", "1", SetMode::Plain, 0).unwrap();
+        assert_eq!(kv.get("a").unwrap().modify_index, 3);
+        assert_eq!(kv.index, 3);
+    }
+
+    #[test]
+    fn keys_with_a_separator_stop_at_the_next_level() {
+        let mut kv = KvState::default();
+        for (i, k) in ["bar", "base/foo", "base/base/foo", "base/base/zed"].iter().enumerate() {
+            put(&mut kv, i as u64 + 1, k, "x", SetMode::Plain, 0).unwrap();
+        }
+        assert_eq!(kv.keys("base/", "/"), vec!["base/base/", "base/foo"]);
+        assert_eq!(kv.keys("base/", ""), vec!["base/base/foo", "base/base/zed", "base/foo"]);
+        assert_eq!(kv.keys("", "/"), vec!["bar", "base/"]);
+        assert!(kv.keys("nope", "/").is_empty());
+    }
+
+    #[test]
+    fn prefix_and_key_indexes_move_only_for_their_keys_and_see_deletes() {
+        let mut kv = KvState::default();
+        assert_eq!(kv.prefix_index(""), 1, "never 0");
+        assert_eq!(kv.key_index("x"), 1);
+        put(&mut kv, 5, "app/a", "1", SetMode::Plain, 0).unwrap();
+        put(&mut kv, 6, "other/b", "1", SetMode::Plain, 0).unwrap();
+        assert_eq!(kv.prefix_index("app/"), 5);
+        assert_eq!(kv.prefix_index("other/"), 6);
+        assert_eq!(kv.prefix_index(""), 6);
+        del(&mut kv, 9, "app/a", false, None).unwrap();
+        assert_eq!(kv.prefix_index("app/"), 9, "a delete moves the prefix's index");
+        assert_eq!(kv.key_index("app/a"), 9);
+        assert_eq!(kv.prefix_index("other/"), 6);
+        del(&mut kv, 10, "missing", false, None).unwrap();
+        assert_eq!(kv.prefix_index(""), 9, "deleting nothing changes nothing");
+        put(&mut kv, 11, "app/a", "2", SetMode::Plain, 0).unwrap();
+        assert!(kv.tombstones.is_empty());
+        assert_eq!(kv.key_index("app/a"), 11);
+    }
+
+    #[test]
+    fn pruned_tombstones_never_let_an_index_go_back() {
+        let mut kv = KvState::default();
+        let n = MAX_TOMBSTONES as u64 + 1;
+        for i in 0..n {
+            put(&mut kv, 2 * i + 1, &format!("k/{i:05}"), "x", SetMode::Plain, 0).unwrap();
+        }
+        let mut last = 0;
+        for i in 0..n {
+            del(&mut kv, 2 * n + i, &format!("k/{i:05}"), false, None).unwrap();
+            let pi = kv.prefix_index("k/00000");
+            assert!(pi >= last, "index went back: {pi} < {last}");
+            last = pi;
+        }
+        assert!(kv.tombstones.len() <= MAX_TOMBSTONES);
+        assert!(kv.tombstone_floor >= 2 * n);
+        assert!(kv.prefix_index("k/00000") >= 2 * n, "the first tombstone was pruned; the floor covers it");
+    }
+
+    #[test]
+    fn recursive_delete_takes_the_prefix_only() {
+        let mut kv = KvState::default();
+        for (i, k) in ["foo1", "foo2", "foo3", "fo", "zap"].iter().enumerate() {
+            put(&mut kv, i as u64 + 1, k, "x", SetMode::Plain, 0).unwrap();
+        }
+        del(&mut kv, 10, "foo", true, None).unwrap();
+        let left: Vec<&str> = kv.entries.keys().map(String::as_str).collect();
+        assert_eq!(left, vec!["fo", "zap"]);
+        assert_eq!(kv.prefix_index("foo"), 10);
+    }
+
+    #[test]
+    fn acquire_and_release_follow_consul() {
+        let mut kv = KvState::default();
+        assert_eq!(
+            put(&mut kv, 1, "foo", "bar", SetMode::Acquire("foo".into()), 0),
+            Err(KvError::InvalidSession("foo".into()))
+        );
+        assert_eq!(put(&mut kv, 1, "foo", "bar", SetMode::Acquire(String::new()), 0), Err(KvError::MissingSession));
+        assert!(kv.entries.is_empty(), "failed writes change nothing");
+        create(&mut kv, 2, session("s1", Behavior::Release, 0, 0), 0);
+        create(&mut kv, 3, session("s2", Behavior::Release, 0, 0), 0);
+        assert_eq!(put(&mut kv, 4, "foo", "1", SetMode::Acquire("s1".into()), 0), Ok(()));
+        assert_eq!(kv.get("foo").unwrap().lock_index, 1);
+        assert_eq!(put(&mut kv, 5, "foo", "2", SetMode::Acquire("s2".into()), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 6, "foo", "3", SetMode::Acquire("s1".into()), 0), Ok(()), "the holder re-writes");
+        let e = kv.get("foo").unwrap();
+        assert_eq!((e.value.as_bytes(), e.lock_index, e.session.as_deref()), (&b"3"[..], 1, Some("s1")));
+        assert_eq!(put(&mut kv, 7, "foo", "x", SetMode::Release("foo".into()), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 7, "foo", "x", SetMode::Release("s2".into()), 0), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 8, "foo", "plain", SetMode::Plain, 0), Ok(()), "plain writes ignore locks");
+        assert_eq!(kv.get("foo").unwrap().session.as_deref(), Some("s1"), "and keep the lock");
+        assert_eq!(put(&mut kv, 9, "foo", "4", SetMode::Release("s1".into()), 0), Ok(()));
+        let e = kv.get("foo").unwrap();
+        assert_eq!((e.lock_index, e.session.as_deref()), (1, None), "release keeps LockIndex");
+        assert_eq!(put(&mut kv, 10, "foo", "5", SetMode::Acquire("s2".into()), 0), Ok(()));
+        assert_eq!(kv.get("foo").unwrap().lock_index, 2);
+        assert_eq!(put(&mut kv, 11, "nokey", "5", SetMode::Release("s2".into()), 0), Err(KvError::NotApplied));
+    }
+
+    #[test]
+    fn destroy_releases_and_starts_the_lock_delay() {
+        let mut kv = KvState::default();
+        create(&mut kv, 1, session("s1", Behavior::Release, 1000, 0), 0);
+        create(&mut kv, 2, session("s2", Behavior::Release, 0, 0), 0);
+        put(&mut kv, 3, "lock", "me", SetMode::Acquire("s1".into()), 100).unwrap();
+        put(&mut kv, 4, "other", "x", SetMode::Plain, 100).unwrap();
+        kv.apply_session(&SessionOp::Destroy { id: "s1".into(), now: 1000 }, 5).unwrap();
+        assert!(!kv.sessions.contains_key("s1"));
+        assert_eq!(kv.sessions_index(), 5);
+        let e = kv.get("lock").unwrap();
+        assert_eq!((e.session.as_deref(), e.modify_index, e.value.as_bytes()), (None, 5, &b"me"[..]));
+        assert_eq!(kv.lock_delay_until("lock", 1000), Some(2000));
+        assert_eq!(put(&mut kv, 6, "lock", "s2", SetMode::Acquire("s2".into()), 1999), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 6, "lock", "s2", SetMode::Acquire("s3".into()), 1999), Err(KvError::NotApplied));
+        assert_eq!(put(&mut kv, 6, "lock", "s2", SetMode::Plain, 1999), Ok(()), "plain writes are not delayed");
+        assert_eq!(put(&mut kv, 7, "lock", "s2", SetMode::Acquire("s2".into()), 2000), Ok(()));
+        assert!(kv.lock_delays.is_empty(), "an ended delay is forgotten");
+        // destroying an unknown session is a no-op
+        let before = kv.clone();
+        kv.apply_session(&SessionOp::Destroy { id: "nope".into(), now: 3000 }, 8).unwrap();
+        assert_eq!(kv, before);
+    }
+
+    #[test]
+    fn delete_behavior_deletes_held_keys() {
+        let mut kv = KvState::default();
+        create(&mut kv, 1, session("s1", Behavior::Delete, 0, 0), 0);
+        put(&mut kv, 2, "eph", "1", SetMode::Acquire("s1".into()), 0).unwrap();
+        put(&mut kv, 3, "keep", "1", SetMode::Plain, 0).unwrap();
+        kv.apply_session(&SessionOp::Destroy { id: "s1".into(), now: 10 }, 4).unwrap();
+        assert!(kv.get("eph").is_none());
+        assert!(kv.get("keep").is_some());
+        assert_eq!(kv.key_index("eph"), 4);
+        assert!(kv.lock_delays.is_empty(), "lock-delay 0 records nothing");
+    }
+
+    #[test]
+    fn ttl_sessions_come_due_after_twice_the_ttl_and_renew_pushes_it_back() {
+        let mut kv = KvState::default();
+        create(&mut kv, 1, session("s1", Behavior::Release, 0, 10_000), 1_000);
+        create(&mut kv, 2, session("s2", Behavior::Release, 0, 0), 1_000);
+        assert_eq!(kv.next_deadline(), Some(21_000));
+        assert!(kv.due(20_999).is_empty());
+        kv.apply_session(&SessionOp::Renew { id: "s1".into(), now: 15_000 }, 3).unwrap();
+        assert_eq!(kv.sessions_index(), 2, "renewals do not wake session watchers");
+        assert_eq!(kv.next_deadline(), Some(35_000));
+        assert!(kv.due(21_000).is_empty());
+        // an expiry found due before a renewal landed is rejected
+        let stale = SessionOp::Expire { id: "s1".into(), now: 21_000 };
+        assert_eq!(kv.apply_session(&stale, 4), Err(KvError::NotDue("s1".into())));
+        let due = kv.due(35_000);
+        assert_eq!(due.len(), 1);
+        let crate::state::Command::Session(op) = &due[0] else { panic!("{due:?}") };
+        kv.apply_session(op, 5).unwrap();
+        assert_eq!(kv.sessions.keys().collect::<Vec<_>>(), vec!["s2"]);
+        assert_eq!(kv.next_deadline(), None);
+        assert_eq!(
+            kv.apply_session(&SessionOp::Renew { id: "s1".into(), now: 0 }, 6),
+            Err(KvError::UnknownSession("s1".into()))
+        );
+    }
+
+    #[test]
+    fn deadlines_are_rebuilt_after_a_round_trip() {
+        let mut kv = KvState::default();
+        create(&mut kv, 1, session("s1", Behavior::Release, 0, 10_000), 0);
+        put(&mut kv, 2, "bin", "\u{0}\u{ff}", SetMode::Plain, 0).unwrap();
+        let mut back: KvState = serde_json::from_str(&serde_json::to_string(&kv).unwrap()).unwrap();
+        assert_eq!(back.next_deadline(), None);
+        back.rebuild();
+        assert_eq!(back, kv);
+        assert_eq!(back.next_deadline(), Some(20_000));
+    }
+
+    #[test]
+    fn ttl_and_lock_delay_parse_like_consul() {
+        assert_eq!(parse_ttl("20s"), Ok(("20s".into(), 20_000)));
+        assert_eq!(parse_ttl(""), Ok((String::new(), 0)));
+        assert_eq!(parse_ttl("0s"), Ok((String::new(), 0)));
+        assert_eq!(parse_ttl("24h"), Ok(("24h".into(), 86_400_000)));
+        assert!(parse_ttl("9s").is_err());
+        assert!(parse_ttl("25h").is_err());
+        assert!(parse_ttl("ten").is_err());
+        assert!(parse_ttl("10").is_err());
+        assert_eq!(parse_lock_delay(&json!("15s")), Ok(15_000_000_000));
+        assert_eq!(parse_lock_delay(&json!("1ms")), Ok(1_000_000));
+        assert_eq!(parse_lock_delay(&json!(15)), Ok(15_000_000_000), "small numbers are seconds");
+        assert_eq!(parse_lock_delay(&json!(2_000_000_000u64)), Ok(2_000_000_000), "large ones nanoseconds");
+        assert_eq!(parse_lock_delay(&json!(0)), Ok(0));
+        assert!(parse_lock_delay(&json!("61s")).is_err());
+        assert!(parse_lock_delay(&json!(-1)).is_err());
+        assert!(parse_lock_delay(&json!(true)).is_err());
+        assert_eq!(Behavior::parse("Delete"), Ok(Behavior::Delete));
+        assert!(Behavior::parse("keep").is_err());
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::model::{AgentId, Resources};
+    use crate::state::{Agent, ApplyError, Command, RedbLog, Store};
+
+    fn session(node: &str) -> Session {
+        Session {
+            id: "s1".into(),
+            name: "n".into(),
+            node: node.into(),
+            lock_delay_ns: 0,
+            behavior: Behavior::Release,
+            ttl: "10s".into(),
+            ttl_ms: 10_000,
+            node_checks: vec![],
+            service_checks: vec![],
+            create_index: 0,
+            modify_index: 0,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn sessions_need_a_known_node_and_the_log_replays_to_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        let r = store.propose(vec![Command::Session(SessionOp::Create { session: session("n1"), now: 5 })]).unwrap();
+        assert_eq!(r[0], Err(ApplyError::Kv(KvError::MissingNode("n1".into()))));
+        assert!(store.state().kv.sessions.is_empty());
+        assert_eq!(store.state().index, 0, "a refused command is not logged");
+        let agent = Agent {
+            id: AgentId::from("n1"),
+            hostname: "n1".into(),
+            address: "127.0.0.1".parse().unwrap(),
+            resources: Resources::scalars(1.0, 1.0, 1.0),
+            attributes: Default::default(),
+            registered_at: 0,
+            runtimes: vec![],
+        };
+        let set = |key: &str, mode: SetMode| {
+            Command::Kv(KvOp::Set { key: key.into(), value: KvValue::from(&b"v"[..]), flags: 7, mode, now: 6 })
+        };
+        let r = store
+            .propose(vec![
+                Command::RegisterAgent { agent, datacenter: "dc1".into() },
+                Command::Session(SessionOp::Create { session: session("n1"), now: 5 }),
+                set("lock", SetMode::Acquire("s1".into())),
+                set("lock", SetMode::Acquire("s2".into())),
+                set("plain", SetMode::Plain),
+            ])
+            .unwrap();
+        assert!(r[..3].iter().all(Result::is_ok), "{r:?}");
+        assert_eq!(r[3], Err(ApplyError::Kv(KvError::InvalidSession("s2".into()))));
+        let before = store.state().clone();
+        drop(store);
+        let store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(store.state(), &before);
+        assert_eq!(store.state().kv.next_deadline(), Some(20_005), "TTL deadlines come back");
+        assert_eq!(store.state().kv.get("lock").unwrap().session.as_deref(), Some("s1"));
+    }
+}
