@@ -167,6 +167,7 @@ fn fixture() -> Fixture {
             domain: "mesh".into(),
             started_at: T0,
             allow_privileged: false,
+            enable_script_checks: false,
         };
         let router = router(Api { control: control.clone(), info });
         let served = router.clone();
