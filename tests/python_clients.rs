@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 const SUITE_DEADLINE: Duration = Duration::from_secs(600);
 
 fn python_ready() -> Result<(), String> {
-    match Command::new("python3").args(["-c", "import marathon, pytest"]).output() {
+    match Command::new("python3").args(["-c", "import marathon, pytest, consul"]).output() {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
         Err(e) => Err(format!("python3: {e}")),

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::model::Millis;
+
 /// A node in the catalog.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
@@ -36,7 +38,23 @@ pub enum Health {
     Critical,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health::Passing
+    }
+}
+
 impl Health {
+    /// Parse Consul's lowercase name.
+    pub fn parse(s: &str) -> Option<Health> {
+        match s.to_ascii_lowercase().as_str() {
+            "passing" => Some(Health::Passing),
+            "warning" => Some(Health::Warning),
+            "critical" => Some(Health::Critical),
+            _ => None,
+        }
+    }
+
     /// Consul's lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,13 +82,213 @@ pub struct ServiceInstance {
     pub tags: Vec<String>,
     /// Metadata.
     pub meta: BTreeMap<String, String>,
-    /// Aggregated health.
+    /// Aggregated health: the worst of `source_health`, its own checks and its node's checks. When an
+    /// instance is upserted, the value passed in here is taken as its source's view (`source_health`).
     pub health: Health,
+    /// What the registering source says (Marathon health checks; `Passing` for agent registrations,
+    /// whose health comes from their [`Check`]s).
+    #[serde(default)]
+    pub source_health: Health,
+    /// DNS SRV weights (Consul's `Weights`).
+    #[serde(default)]
+    pub weights: Weights,
     /// Index at which it was created.
     pub create_index: u64,
     /// Index of its last change.
     pub modify_index: u64,
 }
+
+/// Consul's service `Weights`: SRV weights for passing and warning instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Weights {
+    /// Weight while passing (default 1).
+    pub passing: u16,
+    /// Weight while warning (default 1).
+    pub warning: u16,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self { passing: 1, warning: 1 }
+    }
+}
+
+/// How a check is run by the agent that owns it. All-default means "not run by an agent" (a TTL of
+/// 0 and no target): serfHealth, maintenance and catalog-only checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckDefinition {
+    /// HTTP(S) URL to probe (2xx passing, 429 warning, anything else critical).
+    #[serde(default)]
+    pub http: String,
+    /// HTTP method (default GET).
+    #[serde(default)]
+    pub method: String,
+    /// HTTP request headers.
+    #[serde(default)]
+    pub header: BTreeMap<String, Vec<String>>,
+    /// Skip TLS verification for HTTPS.
+    #[serde(default)]
+    pub tls_skip_verify: bool,
+    /// `host:port` to connect to.
+    #[serde(default)]
+    pub tcp: String,
+    /// Script check: the command and its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// TTL check: time without an update after which it turns critical.
+    #[serde(default)]
+    pub ttl_ms: u64,
+    /// How often the agent runs it.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Per-run timeout.
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// Consecutive successes needed to turn passing (0 = the latest result applies).
+    #[serde(default)]
+    pub success_before_passing: u32,
+    /// Consecutive failures needed to turn critical (0 = the latest result applies).
+    #[serde(default)]
+    pub failures_before_critical: u32,
+    /// Remove the service once this check has been critical this long (0 = never).
+    #[serde(default)]
+    pub deregister_critical_after_ms: u64,
+}
+
+impl CheckDefinition {
+    /// The check's type, as Consul names it.
+    pub fn kind(&self) -> &'static str {
+        if !self.http.is_empty() {
+            "http"
+        } else if !self.tcp.is_empty() {
+            "tcp"
+        } else if !self.args.is_empty() {
+            "script"
+        } else if self.ttl_ms > 0 {
+            "ttl"
+        } else {
+            ""
+        }
+    }
+
+    /// Whether an agent runs it periodically (HTTP, TCP, script).
+    pub fn is_active(&self) -> bool {
+        matches!(self.kind(), "http" | "tcp" | "script")
+    }
+}
+
+/// A health check (Consul's `HealthCheck`), of a node (`service_id` empty) or of a service instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    /// The node it belongs to.
+    pub node: String,
+    /// Its id, unique on the node (`service:web1`, `serfHealth`).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Current status.
+    pub status: Health,
+    /// Human notes.
+    #[serde(default)]
+    pub notes: String,
+    /// Output of the last run.
+    #[serde(default)]
+    pub output: String,
+    /// The service instance it belongs to; empty for node checks.
+    #[serde(default)]
+    pub service_id: String,
+    /// That service's name.
+    #[serde(default)]
+    pub service_name: String,
+    /// How it is run.
+    #[serde(default)]
+    pub definition: CheckDefinition,
+    /// TTL checks: when it expires unless updated.
+    #[serde(default)]
+    pub ttl_deadline: Option<Millis>,
+    /// Since when it has been critical.
+    #[serde(default)]
+    pub critical_since: Option<Millis>,
+    /// Index at which it was created.
+    #[serde(default)]
+    pub create_index: u64,
+    /// Index of its last change.
+    #[serde(default)]
+    pub modify_index: u64,
+}
+
+impl Check {
+    /// A check as registered: `status` initial, ids filled in by the caller.
+    pub fn new(node: &str, id: &str, name: &str, status: Health) -> Self {
+        Self {
+            node: node.to_owned(),
+            id: id.to_owned(),
+            name: name.to_owned(),
+            status,
+            notes: String::new(),
+            output: String::new(),
+            service_id: String::new(),
+            service_name: String::new(),
+            definition: CheckDefinition::default(),
+            ttl_deadline: None,
+            critical_since: None,
+            create_index: 0,
+            modify_index: 0,
+        }
+    }
+
+    /// Consul's `Type` field.
+    pub fn kind(&self) -> &'static str {
+        self.definition.kind()
+    }
+}
+
+/// Consul's thresholds as a small state machine: the agent feeds it each run's raw result and
+/// reports the status it returns. `SuccessBeforePassing` consecutive passes are needed to turn
+/// passing, `FailuresBeforeCritical` consecutive failures to turn warning/critical (0 or 1 = at once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckCounter {
+    successes: u32,
+    failures: u32,
+    status: Health,
+}
+
+impl CheckCounter {
+    /// A counter starting from the check's current status.
+    pub fn new(status: Health) -> Self {
+        Self { successes: 0, failures: 0, status }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Health {
+        self.status
+    }
+
+    /// Record one run's result; returns the (possibly unchanged) status.
+    pub fn observe(&mut self, result: Health, def: &CheckDefinition) -> Health {
+        if result == Health::Passing {
+            self.successes = self.successes.saturating_add(1);
+            self.failures = 0;
+            if self.successes >= def.success_before_passing {
+                self.status = Health::Passing;
+            }
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.successes = 0;
+            if self.failures >= def.failures_before_critical {
+                self.status = result;
+            }
+        }
+        self.status
+    }
+}
+
+/// The id of every node's liveness check (Consul's `serfHealth`).
+pub const SERF_HEALTH: &str = "serfHealth";
+/// The id of a node's maintenance check.
+pub const NODE_MAINTENANCE: &str = "_node_maintenance";
+/// The id prefix of a service's maintenance check.
+pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
 
 /// The catalog's data: a value, cheap to clone.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -83,6 +301,14 @@ pub struct CatalogState {
     pub services: OrdMap<String, OrdMap<String, ServiceInstance>>,
     /// The datacenter this catalog belongs to.
     pub datacenter: String,
+    /// Health checks by node, then check id.
+    #[serde(default)]
+    pub checks: OrdMap<String, OrdMap<String, Check>>,
+    /// The index of the last change of each watchable topic (`services`, `nodes`, `checks`,
+    /// `svc:<name>`, `node:<name>`, lowercased names), so that a blocking query wakes only for the
+    /// data it reads. Entries outlive what they describe (a deletion is a change too).
+    #[serde(default)]
+    pub topics: OrdMap<String, u64>,
 }
 
 /// Read access to the catalog.
@@ -117,14 +343,196 @@ impl CatalogState {
             node.create_index = index;
         }
         node.modify_index = index;
+        self.touch("nodes", index);
+        self.touch(&format!("node:{}", node.name.to_ascii_lowercase()), index);
+        let services: Vec<String> = self.instances_on(&node.name).map(|i| i.service.clone()).collect();
+        for svc in services {
+            self.touch(&format!("svc:{}", svc.to_ascii_lowercase()), index);
+        }
         self.nodes.insert(node.name.clone(), node);
+        self.index = index;
+        true
+    }
+
+    /// Record that `topic` changed at `index`.
+    pub fn touch(&mut self, topic: &str, index: u64) {
+        self.topics.insert(topic.to_owned(), index);
+    }
+
+    /// The index of the last change of `topic` (never 0).
+    pub fn topic_index(&self, topic: &str) -> u64 {
+        self.topics.get(topic).copied().unwrap_or(0).max(1)
+    }
+
+    /// Every instance on `node`.
+    pub fn instances_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ServiceInstance> + 'a {
+        self.services.values().flat_map(|m| m.values()).filter(move |i| i.node == node)
+    }
+
+    /// The instance with `id` on `node`.
+    pub fn instance(&self, node: &str, id: &str) -> Option<&ServiceInstance> {
+        self.services.values().filter_map(|m| m.get(id)).find(|i| i.node == node)
+    }
+
+    /// The checks of `node`.
+    pub fn node_checks(&self, node: &str) -> impl Iterator<Item = &Check> {
+        self.checks.get(node).into_iter().flat_map(|m| m.values())
+    }
+
+    /// The health an instance has given its source, its own checks and its node's checks.
+    fn aggregate(&self, inst: &ServiceInstance) -> Health {
+        self.node_checks(&inst.node)
+            .filter(|c| c.service_id.is_empty() || c.service_id == inst.id)
+            .map(|c| c.status)
+            .fold(inst.source_health, Ord::max)
+    }
+
+    /// Recompute the aggregated health of the instances on `node` (all, or only `service_id`).
+    fn refresh(&mut self, node: &str, service_id: Option<&str>, index: u64) {
+        let targets: Vec<(String, String)> = self
+            .instances_on(node)
+            .filter(|i| service_id.is_none_or(|s| s == i.id))
+            .map(|i| (i.service.clone(), i.id.clone()))
+            .collect();
+        for (svc, id) in targets {
+            let Some(inst) = self.services.get(&svc).and_then(|m| m.get(&id)) else { continue };
+            let h = self.aggregate(inst);
+            if h != inst.health {
+                let mut inst = inst.clone();
+                inst.health = h;
+                inst.modify_index = index;
+                let mut m = self.services[&svc].clone();
+                m.insert(id, inst);
+                self.services.insert(svc.clone(), m);
+                self.touch(&format!("svc:{}", svc.to_ascii_lowercase()), index);
+                self.index = index;
+            }
+        }
+    }
+
+    /// Add or replace a check. A check re-registered with the same definition keeps its status,
+    /// output and timers (unless `reset`), so a periodic re-sync does not flap it. Returns whether
+    /// anything changed.
+    pub fn upsert_check(&mut self, mut check: Check, index: u64, reset: bool) -> bool {
+        let node_checks = self.checks.get(&check.node).cloned().unwrap_or_default();
+        if let Some(old) = node_checks.get(&check.id) {
+            if !reset && old.definition == check.definition {
+                check.status = old.status;
+                check.output = old.output.clone();
+                check.ttl_deadline = old.ttl_deadline;
+                check.critical_since = old.critical_since;
+            }
+            check.create_index = old.create_index;
+            let mut cmp = check.clone();
+            cmp.modify_index = old.modify_index;
+            if &cmp == old {
+                return false;
+            }
+        } else {
+            check.create_index = index;
+        }
+        check.modify_index = index;
+        let (node, service_id) = (check.node.clone(), check.service_id.clone());
+        let mut node_checks = node_checks;
+        node_checks.insert(check.id.clone(), check);
+        self.checks.insert(node.clone(), node_checks);
+        self.check_changed(&node, &service_id, index);
+        true
+    }
+
+    /// Change a check's status and output (`at` starts its critical timer). Returns whether anything
+    /// changed; `None` if there is no such check.
+    pub fn set_check_status(
+        &mut self,
+        node: &str,
+        id: &str,
+        status: Health,
+        output: &str,
+        at: Millis,
+        index: u64,
+    ) -> Option<bool> {
+        let mut check = self.checks.get(node)?.get(id)?.clone();
+        if check.status == status && check.output == output {
+            return Some(false);
+        }
+        if status == Health::Critical && check.status != Health::Critical {
+            check.critical_since = Some(at);
+        } else if status != Health::Critical {
+            check.critical_since = None;
+        }
+        check.status = status;
+        check.output = output.to_owned();
+        check.modify_index = index;
+        let service_id = check.service_id.clone();
+        let mut m = self.checks[node].clone();
+        m.insert(id.to_owned(), check);
+        self.checks.insert(node.to_owned(), m);
+        self.check_changed(node, &service_id, index);
+        Some(true)
+    }
+
+    /// Set a TTL check's deadline (no index change on its own; used with a status update).
+    pub fn set_ttl_deadline(&mut self, node: &str, id: &str, deadline: Option<Millis>) {
+        if let Some(mut m) = self.checks.get(node).cloned() {
+            if let Some(c) = m.get_mut(id) {
+                c.ttl_deadline = deadline;
+                self.checks.insert(node.to_owned(), m);
+            }
+        }
+    }
+
+    /// Remove a check; returns whether it existed.
+    pub fn remove_check(&mut self, node: &str, id: &str, index: u64) -> bool {
+        let Some(mut m) = self.checks.get(node).cloned() else { return false };
+        let Some(old) = m.remove(id) else { return false };
+        if m.is_empty() {
+            self.checks.remove(node);
+        } else {
+            self.checks.insert(node.to_owned(), m);
+        }
+        self.check_changed(node, &old.service_id, index);
+        true
+    }
+
+    fn check_changed(&mut self, node: &str, service_id: &str, index: u64) {
+        self.touch("checks", index);
+        self.touch(&format!("node:{}", node.to_ascii_lowercase()), index);
+        if let Some(inst) = self.instance(node, service_id) {
+            let svc = inst.service.to_ascii_lowercase();
+            self.touch(&format!("svc:{svc}"), index);
+        } else if service_id.is_empty() {
+            let services: Vec<String> = self.instances_on(node).map(|i| i.service.to_ascii_lowercase()).collect();
+            for svc in services {
+                self.touch(&format!("svc:{svc}"), index);
+            }
+        }
+        self.index = index;
+        self.refresh(node, (!service_id.is_empty()).then_some(service_id), index);
+    }
+
+    /// Remove a node with its instances and checks; returns whether it existed.
+    pub fn remove_node(&mut self, node: &str, index: u64) -> bool {
+        if self.nodes.remove(node).is_none() {
+            return false;
+        }
+        let ids: Vec<(String, String)> = self.instances_on(node).map(|i| (i.service.clone(), i.id.clone())).collect();
+        for (svc, id) in ids {
+            self.remove_instance(&svc, &id, index);
+        }
+        self.checks.remove(node);
+        self.touch("nodes", index);
+        self.touch("checks", index);
+        self.touch(&format!("node:{}", node.to_ascii_lowercase()), index);
         self.index = index;
         true
     }
 
     /// Add or replace an instance; returns whether anything changed.
     pub fn upsert_instance(&mut self, mut inst: ServiceInstance, index: u64) -> bool {
+        inst.source_health = inst.health;
+        inst.health = self.aggregate(&inst);
         let svc = self.services.get(&inst.service).cloned().unwrap_or_default();
+        let mut tags_changed = true;
         if let Some(old) = svc.get(&inst.id) {
             let mut cmp = inst.clone();
             cmp.create_index = old.create_index;
@@ -132,6 +540,7 @@ impl CatalogState {
             if &cmp == old {
                 return false;
             }
+            tags_changed = old.tags != inst.tags;
             inst.create_index = old.create_index;
         } else {
             inst.create_index = index;
@@ -139,6 +548,11 @@ impl CatalogState {
         inst.modify_index = index;
         let mut svc = svc;
         svc.insert(inst.id.clone(), inst.clone());
+        if tags_changed {
+            self.touch("services", index);
+        }
+        self.touch(&format!("svc:{}", inst.service.to_ascii_lowercase()), index);
+        self.touch(&format!("node:{}", inst.node.to_ascii_lowercase()), index);
         self.services.insert(inst.service.clone(), svc);
         self.index = index;
         true
@@ -147,9 +561,27 @@ impl CatalogState {
     /// Remove an instance by service and id; returns whether it existed.
     pub fn remove_instance(&mut self, service: &str, id: &str, index: u64) -> bool {
         let Some(mut svc) = self.services.get(service).cloned() else { return false };
-        if svc.remove(id).is_none() {
+        let Some(old) = svc.remove(id) else {
             return false;
+        };
+        // Its checks go with it.
+        if let Some(mut m) = self.checks.get(&old.node).cloned() {
+            let gone: Vec<String> = m.values().filter(|c| c.service_id == id).map(|c| c.id.clone()).collect();
+            for c in &gone {
+                m.remove(c);
+            }
+            if !gone.is_empty() {
+                self.touch("checks", index);
+                if m.is_empty() {
+                    self.checks.remove(&old.node);
+                } else {
+                    self.checks.insert(old.node.clone(), m);
+                }
+            }
         }
+        self.touch("services", index);
+        self.touch(&format!("svc:{}", service.to_ascii_lowercase()), index);
+        self.touch(&format!("node:{}", old.node.to_ascii_lowercase()), index);
         if svc.is_empty() {
             self.services.remove(service);
         } else {
@@ -208,9 +640,57 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             meta: BTreeMap::new(),
             health,
+            source_health: health,
+            weights: Weights::default(),
             create_index: 0,
             modify_index: 0,
         }
+    }
+
+    #[test]
+    fn thresholds_need_consecutive_results() {
+        let def = CheckDefinition { success_before_passing: 2, failures_before_critical: 3, ..Default::default() };
+        let mut c = CheckCounter::new(Health::Critical);
+        assert_eq!(c.observe(Health::Passing, &def), Health::Critical);
+        assert_eq!(c.observe(Health::Passing, &def), Health::Passing);
+        assert_eq!(c.observe(Health::Critical, &def), Health::Passing);
+        assert_eq!(c.observe(Health::Critical, &def), Health::Passing);
+        assert_eq!(c.observe(Health::Passing, &def), Health::Passing, "a pass resets the failure count");
+        for _ in 0..2 {
+            assert_eq!(c.observe(Health::Warning, &def), Health::Passing);
+        }
+        assert_eq!(c.observe(Health::Warning, &def), Health::Warning);
+        let now = CheckDefinition::default();
+        let mut c = CheckCounter::new(Health::Critical);
+        assert_eq!(c.observe(Health::Passing, &now), Health::Passing, "no threshold: at once");
+        assert_eq!(c.observe(Health::Critical, &now), Health::Critical);
+    }
+
+    #[test]
+    fn checks_aggregate_into_instance_health_and_touch_only_their_topics() {
+        let mut c = CatalogState::new("dc1");
+        c.upsert_instance(inst("a", "web", &[], Health::Passing), 1);
+        c.upsert_instance(inst("b", "db", &[], Health::Passing), 2);
+        let mut chk = Check::new("n1", "service:a", "web check", Health::Critical);
+        chk.service_id = "a".into();
+        assert!(c.upsert_check(chk.clone(), 3, false));
+        assert_eq!(c.services["web"]["a"].health, Health::Critical);
+        assert_eq!(c.services["db"]["b"].health, Health::Passing);
+        assert_eq!(c.topic_index("svc:web"), 3);
+        assert_eq!(c.topic_index("svc:db"), 2, "another service's watchers do not wake");
+        assert_eq!(c.set_check_status("n1", "service:a", Health::Warning, "slow", 10, 4), Some(true));
+        assert_eq!(c.services["web"]["a"].health, Health::Warning);
+        // Re-registering the same definition keeps the status.
+        assert!(!c.upsert_check(chk, 5, false));
+        assert_eq!(c.checks["n1"]["service:a"].status, Health::Warning);
+        // A node check takes every instance on the node with it.
+        let serf = Check::new("n1", SERF_HEALTH, "Serf Health Status", Health::Critical);
+        c.upsert_check(serf, 6, false);
+        assert_eq!(c.services["db"]["b"].health, Health::Critical);
+        assert_eq!(c.topic_index("svc:db"), 6);
+        // Removing the instance removes its checks.
+        assert!(c.remove_instance("web", "a", 7));
+        assert!(!c.checks["n1"].contains_key("service:a"));
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! (reusing the entries of services that did not change), so a query is a hash lookup:
 //!
 //! - service A/AAAA/ANY: one record per instance (its own address, else its node's), addresses
-//!   de-duplicated; SRV: priority 1, weight 1, the port, target `<node>.node.<dc>.<domain>.` (or
+//!   de-duplicated; SRV: priority 1, the instance's weight (Consul's `Weights.Passing`, or
+//!   `Weights.Warning` in warning; 1 unless registered otherwise), the port, target `<node>.node.<dc>.<domain>.` (or
 //!   `<hex>.addr.<dc>.<domain>.` when the instance has its own address), the target's address and
 //!   node meta TXT records in Additional; instances with the same node, address and port once;
 //! - instances in warning are answered, critical ones never; with `only_passing` only passing ones;
@@ -641,7 +642,11 @@ fn srv_records<R: Rng + ?Sized>(
         }
         last = Some(inst);
         let target = &inst.targets[d];
-        out.answers.push(Record::from_rdata(qname.clone(), ttl, RData::SRV(SRV::new(1, 1, inst.port, target.clone()))));
+        out.answers.push(Record::from_rdata(
+            qname.clone(),
+            ttl,
+            RData::SRV(SRV::new(1, inst.weight, inst.port, target.clone())),
+        ));
         // Equal targets are neighbours too (a target is a function of node and address).
         if last_target != Some(target) {
             last_target = Some(target);
@@ -698,6 +703,8 @@ struct InstanceEntry {
     tags: Box<[String]>,
     ip: IpAddr,
     port: u16,
+    /// SRV weight: Consul's `Weights.Passing`, or `Weights.Warning` for an instance in warning.
+    weight: u16,
     node: Arc<str>,
     /// SRV target per domain.
     targets: Vec<Name>,
@@ -833,6 +840,7 @@ fn service_entry(
             tags: inst.tags.iter().map(|t| t.to_ascii_lowercase()).collect(),
             ip,
             port: inst.port,
+            weight: if inst.health == Health::Warning { inst.weights.warning } else { inst.weights.passing },
             node: Arc::from(inst.node.as_str()),
             targets,
             txt,
@@ -1000,7 +1008,7 @@ pub fn encode_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Node;
+    use crate::catalog::{Node, Weights};
     use hickory_proto::op::{Message, MessageType, OpCode};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -1118,6 +1126,8 @@ mod tests {
             tags: vec!["primary".into()],
             meta: BTreeMap::new(),
             health,
+            source_health: Default::default(),
+            weights: Default::default(),
             create_index: 0,
             modify_index: 0,
         }
@@ -1562,6 +1572,28 @@ mod tests {
         let a = zone.answer(&third, &name("web.service.mesh."), RecordType::A, 0, &mut StdRng::seed_from_u64(0));
         assert_eq!(a_ips(&a.answers), [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.1.1")].into());
         assert_eq!(third.service_count(), 3);
+    }
+
+    #[test]
+    fn srv_weights() {
+        let mut c = catalog();
+        for id in ["w1", "w2"] {
+            let mut i = c.services["web"][id].clone();
+            i.weights = Weights { passing: 10, warning: 3 };
+            c.upsert_instance(i, 60);
+        }
+        let srv = ask(&c, "web.service.mesh.", RecordType::SRV);
+        let mut weights: Vec<(u16, u16)> = srv
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => (s.port, s.weight),
+                _ => panic!(),
+            })
+            .collect();
+        weights.sort();
+        // w1 passing, w2 in warning, w4 with the default weights.
+        assert_eq!(weights, [(31001, 10), (31002, 3), (31004, 1)]);
     }
 
     #[test]

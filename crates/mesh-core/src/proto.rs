@@ -87,6 +87,12 @@ pub enum ToAgent {
         /// When the task started (grace periods count from here).
         started_at: Millis,
     },
+    /// The complete set of Consul checks the agent must run for its node (HTTP, TCP, script), with
+    /// their current status. Level-triggered: checks not listed stop.
+    NodeChecks {
+        /// The checks.
+        checks: Vec<crate::catalog::Check>,
+    },
     /// The tasks the control side believes run on this agent. The agent kills any other task it
     /// runs, and reports `TASK_LOST` for listed tasks it does not run.
     Reconcile {
@@ -143,6 +149,13 @@ pub enum ToControl {
         check: usize,
         /// The check's result.
         result: crate::health::CheckResult,
+    },
+    /// Results of Consul checks the agent runs whose status (after thresholds) or output changed.
+    CheckResults {
+        /// Reporting agent (the checks' node).
+        agent_id: AgentId,
+        /// `(check id, status, output)`.
+        results: Vec<(String, crate::catalog::Health, String)>,
     },
     /// The complete set of service instances that one source on an agent (e.g. `registrator`)
     /// currently provides. Level-triggered: it replaces that source's previous set, so a lost or

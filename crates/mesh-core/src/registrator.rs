@@ -222,6 +222,8 @@ pub fn services_for(container: &ContainerView, opts: &RegistratorOptions) -> Vec
             tags,
             meta,
             health: Health::Passing,
+            source_health: Default::default(),
+            weights: Default::default(),
             create_index: 0,
             modify_index: 0,
         });
@@ -516,6 +518,42 @@ impl CheckSpec {
         if let Some(h) = self.initial_status {
             meta.insert(CHECK_INITIAL_STATUS.to_owned(), h.as_str().to_owned());
         }
+    }
+}
+
+impl CheckSpec {
+    /// The Consul check this declares for an instance reached at `ip:port`, as Registrator would
+    /// register it (`None` for kinds the agent cannot run here: in-container commands, gRPC).
+    pub fn to_definition(&self, ip: std::net::IpAddr, port: u16) -> Option<crate::catalog::CheckDefinition> {
+        use crate::catalog::CheckDefinition;
+        let host = match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or(0);
+        let mut def = CheckDefinition {
+            interval_ms: ms(self.interval),
+            timeout_ms: ms(self.timeout),
+            deregister_critical_after_ms: ms(self.deregister_after),
+            ..Default::default()
+        };
+        match &self.kind {
+            CheckKind::Http { path, tls, method } => {
+                let scheme = if *tls { "https" } else { "http" };
+                let path = if path.starts_with('/') { path.clone() } else { format!("/{path}") };
+                def.http = format!("{scheme}://{host}:{port}{path}");
+                def.method = method.clone().unwrap_or_default();
+                def.tls_skip_verify = *tls;
+            }
+            CheckKind::Tcp => def.tcp = format!("{host}:{port}"),
+            CheckKind::Ttl(d) => def.ttl_ms = d.as_millis() as u64,
+            CheckKind::Script(script) => {
+                let script = script.replace("$SERVICE_IP", &ip.to_string()).replace("$SERVICE_PORT", &port.to_string());
+                def.args = vec!["/bin/sh".into(), "-c".into(), script];
+            }
+            CheckKind::Cmd(_) | CheckKind::Grpc { .. } => return None,
+        }
+        Some(def)
     }
 }
 

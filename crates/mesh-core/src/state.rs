@@ -11,7 +11,7 @@
 //! scheduler, catalog and APIs only see [`Store`].
 
 use crate::app::{App, AppId};
-use crate::catalog::{CatalogState, Health, Node, ServiceInstance};
+use crate::catalog::{CatalogState, Check, Health, Node, SERF_HEALTH, ServiceInstance};
 use crate::model::{AgentId, FrameworkId, Millis, Resources, TaskId, iso8601};
 use crate::proto::TaskState;
 use imbl::OrdMap;
@@ -363,6 +363,58 @@ pub enum Command {
         /// Which one.
         id: String,
     },
+    /// Register on `node` (created or updated from `node_info` when given) a service instance
+    /// and/or checks: the Consul agent API and `/v1/catalog/register`.
+    Register {
+        /// The node.
+        node: String,
+        /// Node address and meta, to create or update it.
+        node_info: Option<Node>,
+        /// A service instance (its `node` is set to `node`).
+        instance: Option<ServiceInstance>,
+        /// Checks (their `node` is set to `node`); a check naming a `service_id` must belong to an
+        /// instance on the node.
+        checks: Vec<Check>,
+        /// Replace the instance's other checks (an agent re-registration) instead of keeping them.
+        replace_checks: bool,
+    },
+    /// Deregister from `node` a service instance (with its checks), a check, or, with neither,
+    /// the node and everything on it.
+    Deregister {
+        /// The node.
+        node: String,
+        /// A service instance id.
+        service_id: Option<String>,
+        /// A check id.
+        check_id: Option<String>,
+    },
+    /// A check's status changed: an agent's result, a TTL update through the API, a TTL expiry.
+    UpdateCheck {
+        /// The node.
+        node: String,
+        /// The check id.
+        id: String,
+        /// New status.
+        status: Health,
+        /// New output.
+        output: String,
+        /// When.
+        now: Millis,
+        /// What happens to a TTL check's deadline.
+        ttl: TtlUpdate,
+    },
+}
+
+/// What a [`Command::UpdateCheck`] does to a TTL check's deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TtlUpdate {
+    /// Leave it (results of checks the agent runs).
+    Keep,
+    /// Restart it from `now` (pass/warn/fail/update through the API).
+    Renew,
+    /// The deadline `Millis` passed: apply only if it is still the check's deadline (no renewal
+    /// raced with the expiry).
+    Expired(Millis),
 }
 
 /// Why a command was not applied.
@@ -395,6 +447,15 @@ pub enum ApplyError {
     /// The deployment does not exist.
     #[error("DeploymentPlan {0} does not exist")]
     UnknownDeployment(String),
+    /// The catalog node does not exist.
+    #[error("Unknown node \"{0}\"")]
+    UnknownNode(String),
+    /// No service instance with this id on the node.
+    #[error("Unknown service ID \"{0}\"")]
+    UnknownService(String),
+    /// No check with this id on the node.
+    #[error("Unknown check ID \"{0}\"")]
+    UnknownCheck(String),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -693,6 +754,9 @@ impl State {
                     modify_index: 0,
                 };
                 ch.catalog |= self.catalog.upsert_node(node, self.index + 1);
+                let mut serf = Check::new(&agent.id.0, SERF_HEALTH, "Serf Health Status", Health::Passing);
+                serf.output = "Agent alive and reachable".into();
+                ch.catalog |= self.catalog.upsert_check(serf, self.index + 1, true);
             }
             Command::LaunchTasks { tasks } => {
                 for t in tasks {
@@ -804,7 +868,11 @@ impl State {
                     inst.node = node.clone();
                     inst.meta.insert(SOURCE_META.into(), source.clone());
                     keep.insert((inst.service.clone(), inst.id.clone()));
+                    let check = self.registrator_check(&inst);
                     ch.catalog |= self.catalog.upsert_instance(inst, index);
+                    if let Some(check) = check {
+                        ch.catalog |= self.catalog.upsert_check(check, index, false);
+                    }
                 }
                 let stale: Vec<(String, String)> = self
                     .catalog
@@ -878,6 +946,98 @@ impl State {
                 }
                 self.group_change(&put, &remove, deployment_id, *now, &mut ch);
             }
+            Command::Register { node, node_info, instance, checks, replace_checks } => {
+                let index = self.index + 1;
+                if !self.catalog.nodes.contains_key(node) && node_info.is_none() {
+                    return Err(ApplyError::UnknownNode(node.clone()));
+                }
+                for c in checks {
+                    let own = instance.as_ref().is_some_and(|i| i.id == c.service_id);
+                    if !c.service_id.is_empty() && !own && self.catalog.instance(node, &c.service_id).is_none() {
+                        return Err(ApplyError::UnknownService(c.service_id.clone()));
+                    }
+                }
+                if let Some(n) = node_info {
+                    let mut n = n.clone();
+                    n.name = node.clone();
+                    ch.catalog |= self.catalog.upsert_node(n, index);
+                }
+                if let Some(inst) = instance {
+                    let mut inst = inst.clone();
+                    inst.node = node.clone();
+                    // Another service may hold this id on the node: ids are unique per node.
+                    if let Some(old) = self.catalog.instance(node, &inst.id).cloned() {
+                        if old.service != inst.service {
+                            ch.catalog |= self.catalog.remove_instance(&old.service, &old.id, index);
+                        }
+                    }
+                    if *replace_checks {
+                        let keep: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.id.as_str()).collect();
+                        let stale: Vec<String> = self
+                            .catalog
+                            .node_checks(node)
+                            .filter(|c| c.service_id == inst.id && !keep.contains(c.id.as_str()))
+                            .filter(|c| !c.id.starts_with(crate::catalog::SERVICE_MAINTENANCE_PREFIX))
+                            .map(|c| c.id.clone())
+                            .collect();
+                        for id in stale {
+                            ch.catalog |= self.catalog.remove_check(node, &id, index);
+                        }
+                    }
+                    ch.catalog |= self.catalog.upsert_instance(inst, index);
+                }
+                for c in checks {
+                    let mut c = c.clone();
+                    c.node = node.clone();
+                    if let Some(i) = self.catalog.instance(node, &c.service_id) {
+                        c.service_name = i.service.clone();
+                    }
+                    // A registration states the check's status (or Consul's initial critical).
+                    ch.catalog |= self.catalog.upsert_check(c, index, true);
+                }
+            }
+            Command::Deregister { node, service_id, check_id } => {
+                let index = self.index + 1;
+                if !self.catalog.nodes.contains_key(node) {
+                    return Err(ApplyError::UnknownNode(node.clone()));
+                }
+                match (service_id, check_id) {
+                    (Some(sid), _) => {
+                        let Some(inst) = self.catalog.instance(node, sid).cloned() else {
+                            return Err(ApplyError::UnknownService(sid.clone()));
+                        };
+                        ch.catalog |= self.catalog.remove_instance(&inst.service, sid, index);
+                        let maint = format!("{}{sid}", crate::catalog::SERVICE_MAINTENANCE_PREFIX);
+                        ch.catalog |= self.catalog.remove_check(node, &maint, index);
+                    }
+                    (None, Some(cid)) => {
+                        if !self.catalog.remove_check(node, cid, index) {
+                            return Err(ApplyError::UnknownCheck(cid.clone()));
+                        }
+                        ch.catalog = true;
+                    }
+                    (None, None) => {
+                        ch.catalog |= self.catalog.remove_node(node, index);
+                    }
+                }
+            }
+            Command::UpdateCheck { node, id, status, output, now, ttl } => {
+                let index = self.index + 1;
+                let Some(check) = self.catalog.checks.get(node).and_then(|m| m.get(id)).cloned() else {
+                    return Err(ApplyError::UnknownCheck(id.clone()));
+                };
+                match ttl {
+                    TtlUpdate::Expired(d) if check.ttl_deadline != Some(*d) => {
+                        return Err(ApplyError::UnknownCheck(id.clone()));
+                    }
+                    TtlUpdate::Expired(_) => self.catalog.set_ttl_deadline(node, id, None),
+                    TtlUpdate::Renew if check.definition.ttl_ms > 0 => {
+                        self.catalog.set_ttl_deadline(node, id, Some(now + check.definition.ttl_ms))
+                    }
+                    _ => {}
+                }
+                ch.catalog |= self.catalog.set_check_status(node, id, *status, output, *now, index).unwrap_or(false);
+            }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
                     for app in d.affected_apps {
@@ -940,6 +1100,71 @@ impl State {
         rec.delay.until = at + rec.delay.delay_ms;
     }
 
+    /// The Consul check a Registrator instance declares through its `check_*` meta.
+    fn registrator_check(&self, inst: &ServiceInstance) -> Option<Check> {
+        let spec = crate::registrator::CheckSpec::from_meta(&inst.meta).ok().flatten()?;
+        let ip = inst.address.or_else(|| self.catalog.nodes.get(&inst.node).map(|n| n.address))?;
+        let def = spec.to_definition(ip, inst.port)?;
+        let id = format!("service:{}", inst.id);
+        let mut c = Check::new(&inst.node, &id, &format!("Service '{}' check", inst.service), Health::Critical);
+        c.status = spec.initial_status.unwrap_or(Health::Critical);
+        c.service_id = inst.id.clone();
+        c.service_name = inst.service.clone();
+        c.definition = def;
+        Some(c)
+    }
+
+    /// Commands that time makes due at `now`: TTL checks that expired, services whose check has
+    /// been critical past its `DeregisterCriticalServiceAfter`.
+    pub fn due(&self, now: Millis) -> Vec<Command> {
+        let mut out = Vec::new();
+        let mut reaped = std::collections::BTreeSet::new();
+        for c in self.catalog.checks.values().flat_map(|m| m.values()) {
+            if let Some(d) = c.ttl_deadline.filter(|d| *d <= now) {
+                out.push(Command::UpdateCheck {
+                    node: c.node.clone(),
+                    id: c.id.clone(),
+                    status: Health::Critical,
+                    output: "TTL expired".into(),
+                    now,
+                    ttl: TtlUpdate::Expired(d),
+                });
+            }
+            let after = c.definition.deregister_critical_after_ms;
+            if after > 0 && !c.service_id.is_empty() && c.critical_since.is_some_and(|t| t + after <= now) {
+                if reaped.insert((c.node.clone(), c.service_id.clone())) {
+                    out.push(Command::Deregister {
+                        node: c.node.clone(),
+                        service_id: Some(c.service_id.clone()),
+                        check_id: None,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The earliest time at which [`State::due`] will have something to do.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.catalog
+            .checks
+            .values()
+            .flat_map(|m| m.values())
+            .flat_map(|c| {
+                let after = c.definition.deregister_critical_after_ms;
+                let reap = c.critical_since.filter(|_| after > 0 && !c.service_id.is_empty()).map(|t| t + after);
+                [c.ttl_deadline, reap]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// The index of the last change to a watchable topic (see [`CatalogState::topics`]; `kv:` and
+    /// `sessions` topics belong to the KV store). Never 0.
+    pub fn topic_index(&self, topic: &str) -> u64 {
+        self.catalog.topic_index(topic)
+    }
+
     fn instance_for(&self, task: &Task) -> Option<ServiceInstance> {
         let app = &self.apps.get(task.app_id.as_ref()?)?.app;
         let port = *task.ports.first()?;
@@ -957,6 +1182,8 @@ impl State {
             tags: app.service_tags(),
             meta,
             health,
+            source_health: Default::default(),
+            weights: Default::default(),
             create_index: 0,
             modify_index: 0,
         })
@@ -1347,6 +1574,8 @@ mod tests {
             tags: vec![],
             meta: BTreeMap::new(),
             health: Health::Passing,
+            source_health: Default::default(),
+            weights: Default::default(),
             create_index: 0,
             modify_index: 0,
         };

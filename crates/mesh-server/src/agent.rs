@@ -110,6 +110,7 @@ pub async fn start(
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
     let agent_id = cfg.id.clone();
     let mut health = HealthRunner::new(cfg.address, control.clone());
+    let mut consul_checks = crate::checks::CheckRunner::new(cfg.id.clone(), control.clone());
     let join = tokio::spawn(async move {
         let mode = loop {
             tokio::select! {
@@ -147,6 +148,7 @@ pub async fn start(
                                         health.watch(task_id, checks, started_at);
                                     }
                                 }
+                                Some(ToAgent::NodeChecks { checks }) => consul_checks.set(checks),
                                 Some(ToAgent::Reconcile { expected }) => {
                                     let running = runtime.running();
                                     for t in running.iter().filter(|t| !expected.contains(t)) {

@@ -58,6 +58,8 @@ pub struct Published {
     pub index: watch::Receiver<u64>,
     /// Marathon events (`/v2/events`).
     pub events: EventBus,
+    /// Blocking-query waiters, woken by topic after each publish.
+    pub watches: Arc<crate::watch::WatchHub>,
 }
 
 /// A handle to the control task.
@@ -117,6 +119,8 @@ struct Control {
     index_tx: watch::Sender<u64>,
     draining: bool,
     seen_updates: VecDeque<String>,
+    /// The Consul checks last sent to each agent (id and definition), to send only changes.
+    sent_checks: HashMap<AgentId, Vec<(String, mesh_core::catalog::CheckDefinition, mesh_core::catalog::Health)>>,
 }
 
 /// Start the control task on `store`. Returns its handle and join handle.
@@ -130,6 +134,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
         index: index_rx,
         events: EventBus::new(),
+        watches: Arc::new(crate::watch::WatchHub::default()),
     };
     let mut allocator = DrfAllocator::new(AllocatorConfig {
         offer_timeout_ms: Some(30_000),
@@ -148,6 +153,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         index_tx,
         draining: false,
         seen_updates: VecDeque::new(),
+        sent_checks: HashMap::new(),
     };
     let join = tokio::spawn(control.run(rx));
     (ControlHandle { tx, published }, join)
@@ -159,12 +165,16 @@ impl Control {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut batch = Vec::new();
+            // TTL expiries and reaping happen on time, not on the next tick.
+            let timer =
+                self.store.state().next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => batch.push(m),
                     None => break,
                 },
                 _ = tick.tick() => {}
+                _ = tokio::time::sleep(timer.unwrap_or(Duration::from_secs(3600))), if timer.is_some() => {}
             }
             while batch.len() < 256 {
                 match rx.try_recv() {
@@ -190,6 +200,7 @@ impl Control {
                     replies.push(reply);
                 }
                 ControlMsg::AgentConnected(id, tx) => {
+                    self.sent_checks.remove(&id);
                     self.agents.insert(id, tx);
                 }
                 ControlMsg::FromAgent(m) => self.from_agent(m, now),
@@ -302,6 +313,20 @@ impl Control {
                     self.health_events(&task_id, check, before, &result, now);
                 }
             }
+            ToControl::CheckResults { agent_id, results } => {
+                let cmds = results
+                    .into_iter()
+                    .map(|(id, status, output)| Command::UpdateCheck {
+                        node: agent_id.0.clone(),
+                        id,
+                        status,
+                        output,
+                        now,
+                        ttl: mesh_core::state::TtlUpdate::Keep,
+                    })
+                    .collect();
+                self.apply(cmds);
+            }
             ToControl::Services { agent_id, source, instances } => {
                 self.apply(vec![Command::SyncServices { node: agent_id.0, source, instances }]);
             }
@@ -349,6 +374,8 @@ impl Control {
     fn step(&mut self, now: Millis) {
         let ends = MarathonScheduler::finished_deployments(self.store.state());
         self.apply(ends);
+        let due = self.store.state().due(now);
+        self.apply(due);
         if !self.draining {
             let view = self.store.state().clone();
             let calls = self.marathon.reconcile(&view, now);
@@ -502,8 +529,27 @@ impl Control {
         if self.published.catalog.load().index != state.catalog.index {
             self.published.catalog.store(Arc::new(state.catalog.clone()));
         }
-        self.published.state.store(Arc::new(state.clone()));
+        let previous = self.published.state.swap(Arc::new(state.clone()));
         let _ = self.index_tx.send(state.index);
+        self.published.watches.notify_changes(&previous, state);
+        self.send_node_checks();
+    }
+
+    /// Tell each agent the Consul checks it must run, when that set changed.
+    fn send_node_checks(&mut self) {
+        let state = self.store.state();
+        let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
+        for agent in ids {
+            let checks: Vec<mesh_core::catalog::Check> =
+                state.catalog.node_checks(&agent.0).filter(|c| c.definition.is_active()).cloned().collect();
+            // The status is part of the key: the runner learns what is recorded (a re-registration
+            // resets it), and reports only when its result differs.
+            let key: Vec<_> = checks.iter().map(|c| (c.id.clone(), c.definition.clone(), c.status)).collect();
+            if self.sent_checks.get(&agent) != Some(&key) {
+                self.sent_checks.insert(agent.clone(), key);
+                self.outbox.push_back((agent, ToAgent::NodeChecks { checks }));
+            }
+        }
     }
 
     async fn flush(&mut self) {
@@ -513,6 +559,18 @@ impl Control {
                     if tx.send(msg).await.is_err() {
                         warn!(%agent, "agent channel closed");
                         self.agents.remove(&agent);
+                        self.sent_checks.remove(&agent);
+                        // Like Consul's serfHealth when gossip marks a node failed: its services
+                        // leave DNS until the agent registers again.
+                        self.apply(vec![Command::UpdateCheck {
+                            node: agent.0.clone(),
+                            id: mesh_core::catalog::SERF_HEALTH.into(),
+                            status: mesh_core::catalog::Health::Critical,
+                            output: "Agent not live or unreachable".into(),
+                            now: now_millis(),
+                            ttl: mesh_core::state::TtlUpdate::Keep,
+                        }]);
+                        self.publish();
                     }
                 }
                 None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),

@@ -139,6 +139,16 @@ async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
 
 /// The same over TLS, accepting any certificate.
 async fn https_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tls_connect(addr, tcp).await?;
+    get_status(tls, addr, path).await
+}
+
+/// A TLS client session over `tcp` that accepts any certificate (signatures still checked).
+pub(crate) async fn tls_connect(
+    addr: SocketAddr,
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use std::sync::{Arc, OnceLock};
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     let config = CONFIG.get_or_init(|| {
@@ -151,10 +161,8 @@ async fn https_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
             .with_no_client_auth();
         Arc::new(config)
     });
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await?;
-    get_status(tls, addr, path).await
+    tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await
 }
 
 /// Marathon does not verify a task's certificate; neither does mesh. Signatures are still

@@ -8,9 +8,11 @@
 
 pub mod agent;
 pub mod api;
+pub mod checks;
 pub mod control;
 pub mod dns;
 pub mod events;
 pub mod health;
 pub mod node;
 pub mod registrator;
+pub mod watch;

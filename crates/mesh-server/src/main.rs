@@ -77,6 +77,10 @@ struct DevArgs {
     /// Do not register the containers of the local Docker engine in the catalog.
     #[arg(long)]
     no_registrator: bool,
+    /// Allow Consul script checks (`Args`/`Script` in check definitions). Off by default, as in
+    /// Consul: a script check runs any command the HTTP API is given.
+    #[arg(long)]
+    enable_script_checks: bool,
     /// How many versions of each app are kept (older ones are dropped).
     #[arg(long, default_value_t = mesh_core::state::MAX_APP_VERSIONS)]
     max_app_versions: usize,
@@ -237,6 +241,7 @@ fn main() -> ExitCode {
         keep_tasks_on_exit: a.keep_tasks_on_exit,
         allow_privileged: a.allow_privileged,
         registrator: !a.no_registrator,
+        enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
         dns_options,
     };

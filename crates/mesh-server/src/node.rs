@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub registrator: bool,
     /// Versions kept per app.
     pub max_app_versions: usize,
+    /// Allow Consul script checks (`Args`/`Script`), off by default as in Consul.
+    pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
     pub dns_options: DnsConfig,
 }
@@ -237,6 +239,7 @@ pub async fn run_dev(
         domain: cfg.domain.clone(),
         started_at: now_millis(),
         allow_privileged: cfg.allow_privileged,
+        enable_script_checks: cfg.enable_script_checks,
     };
     let router = api::router(Api { control: control.clone(), info });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
@@ -254,6 +257,39 @@ pub async fn run_dev(
                 warn!(error = %e, "HTTP server ended");
             }
         }));
+    }
+    // The control plane's own service, as Consul servers register `consul` (clients look for it).
+    let own = mesh_core::catalog::ServiceInstance {
+        id: "consul".into(),
+        service: "consul".into(),
+        node: cfg.node.clone(),
+        address: None,
+        port: http_addrs.first().map(|a| a.port()).unwrap_or(0),
+        tags: Vec::new(),
+        meta: BTreeMap::new(),
+        health: mesh_core::catalog::Health::Passing,
+        source_health: mesh_core::catalog::Health::Passing,
+        weights: Default::default(),
+        create_index: 0,
+        modify_index: 0,
+    };
+    let node_info = mesh_core::catalog::Node {
+        name: cfg.node.clone(),
+        address: cfg.advertise,
+        datacenter: cfg.datacenter.clone(),
+        meta: BTreeMap::new(),
+        create_index: 0,
+        modify_index: 0,
+    };
+    let register_own = mesh_core::state::Command::Register {
+        node: cfg.node.clone(),
+        node_info: Some(node_info),
+        instance: Some(own),
+        checks: Vec::new(),
+        replace_checks: false,
+    };
+    if let Err(e) = control.propose(register_own).await {
+        warn!(error = %e, "could not register the consul service");
     }
     let bound = Bound { http: http_addrs, dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, node = %cfg.node, dc = %cfg.datacenter, "mesh dev ready");

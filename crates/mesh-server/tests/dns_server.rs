@@ -40,6 +40,8 @@ fn instance(id: &str, address: Option<&str>, port: u16, health: Health) -> Servi
         tags: vec!["primary".into()],
         meta: BTreeMap::new(),
         health,
+        source_health: Default::default(),
+        weights: Default::default(),
         create_index: 0,
         modify_index: 0,
     }

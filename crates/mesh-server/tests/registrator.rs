@@ -424,3 +424,66 @@ async fn a_restart_registers_earlier_containers_and_forgets_removed_ones() {
     .await;
     assert!(resolves(&node, &keep).await.is_some(), "the container that still runs must stay registered");
 }
+
+/// `SERVICE_CHECK_*` attributes become Consul checks run by the agent: an HTTP check on a
+/// container that serves passes, one on a container that does not serve stays critical and keeps
+/// that instance out of DNS. (A TCP check would pass there: Docker's proxy accepts on the host
+/// port whatever runs inside, as it does for Consul.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_check_attributes_become_checks_that_gate_dns() {
+    require_docker!();
+    let (node, _tmp) = start_node();
+    let containers = Containers::default();
+    let (good, bad) = (unique("reg-chk-ok"), unique("reg-chk-bad"));
+    let (svc_ok, svc_bad) = (unique("chkok"), unique("chkbad"));
+    let (e_ok, e_bad) = (format!("SERVICE_NAME={svc_ok}"), format!("SERVICE_NAME={svc_bad}"));
+    containers.run(
+        &good,
+        &[
+            "-p",
+            "8080",
+            "-e",
+            &e_ok,
+            "-e",
+            "SERVICE_CHECK_HTTP=/",
+            "-e",
+            "SERVICE_CHECK_INTERVAL=1s",
+            IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/www",
+        ],
+    );
+    containers.run(
+        &bad,
+        &[
+            "-p",
+            "8080",
+            "-e",
+            &e_bad,
+            "-e",
+            "SERVICE_CHECK_HTTP=/",
+            "-e",
+            "SERVICE_CHECK_INTERVAL=1s",
+            IMAGE,
+            "sleep",
+            "600",
+        ],
+    );
+    let started = Instant::now();
+    let limit = Duration::from_secs(30);
+    let check = within(started, limit, "the HTTP check to pass", || async {
+        let (_, v) = node.get(&format!("/v1/health/checks/{svc_ok}")).await;
+        v.as_array()?.iter().find(|c| c["Type"] == "http" && c["Status"] == "passing").cloned()
+    })
+    .await;
+    assert!(check["CheckID"].as_str().unwrap().starts_with("service:"), "{check}");
+    assert_eq!(resolves(&node, &svc_ok).await.map(|p| p.len()), Some(1));
+    let (_, v) = node.get(&format!("/v1/health/checks/{svc_bad}")).await;
+    let chk = v.as_array().and_then(|a| a.first()).cloned().expect("the check is registered");
+    assert_eq!((chk["Type"].as_str(), chk["Status"].as_str()), (Some("http"), Some("critical")), "{chk}");
+    assert!(nxdomain(&node, &svc_bad).await, "a critical instance is not answered");
+}

@@ -40,6 +40,8 @@ pub struct NodeInfo {
     pub started_at: u64,
     /// Whether privileged containers may run.
     pub allow_privileged: bool,
+    /// Whether Consul script checks may be registered.
+    pub enable_script_checks: bool,
 }
 
 /// An API error, in the format of the API it came from.
@@ -74,6 +76,9 @@ pub enum ApiError {
     /// Consul 404.
     #[error("{0}")]
     ConsulNotFound(String),
+    /// Consul: another status with a plain-text message.
+    #[error("{1}")]
+    ConsulStatus(u16, String),
     /// Consul 500 for an unknown datacenter.
     #[error("No path to datacenter")]
     ConsulNoPathToDc,
@@ -126,6 +131,9 @@ impl IntoResponse for ApiError {
             ),
             ApiError::ConsulBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
             ApiError::ConsulNotFound(m) => text(StatusCode::NOT_FOUND, m),
+            ApiError::ConsulStatus(code, m) => {
+                text(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), m)
+            }
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
         }

@@ -1,0 +1,245 @@
+//! The agent's Consul check runner: runs the HTTP, TCP and script checks registered on its node
+//! (through `/v1/agent/check/register`, service registrations, Registrator's `SERVICE_CHECK_*`) and
+//! reports status changes to the control side. Thresholds are applied by the sans-IO
+//! [`CheckCounter`]; TTL checks need no runner (their expiry is a timer of the control loop).
+//!
+//! Result mapping follows Consul: HTTP 2xx passing, 429 warning, anything else critical; TCP
+//! connect passing or critical; script exit 0 passing, 1 warning, anything else critical. Output is
+//! capped at 4 KiB.
+
+use crate::control::{ControlHandle, ControlMsg};
+use mesh_core::catalog::{Check, CheckCounter, CheckDefinition, Health};
+use mesh_core::model::AgentId;
+use mesh_core::proto::ToControl;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::AbortHandle;
+
+/// Output kept from a check run.
+const MAX_OUTPUT: usize = 4096;
+/// Default per-run timeout (Consul's).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default and minimum interval.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The running checks of one node.
+pub struct CheckRunner {
+    agent: AgentId,
+    control: ControlHandle,
+    running: HashMap<String, Running>,
+}
+
+struct Running {
+    definition: CheckDefinition,
+    /// The status the control side records, so a re-registration that reset it is noticed.
+    recorded: tokio::sync::watch::Sender<Health>,
+    task: AbortHandle,
+}
+
+impl CheckRunner {
+    /// A runner for `agent`'s node.
+    pub fn new(agent: AgentId, control: ControlHandle) -> Self {
+        Self { agent, control, running: HashMap::new() }
+    }
+
+    /// Run exactly `checks` from now on: start new or changed ones, stop the others.
+    pub fn set(&mut self, checks: Vec<Check>) {
+        let wanted: HashMap<String, Check> = checks.into_iter().map(|c| (c.id.clone(), c)).collect();
+        self.running.retain(|id, r| {
+            let keep = wanted.get(id).is_some_and(|c| c.definition == r.definition);
+            if !keep {
+                r.task.abort();
+            }
+            keep
+        });
+        for (id, check) in wanted {
+            if let Some(r) = self.running.get(&id) {
+                r.recorded.send_replace(check.status);
+                continue;
+            }
+            let (recorded, rx) = tokio::sync::watch::channel(check.status);
+            let definition = check.definition.clone();
+            let task = tokio::spawn(run(self.agent.clone(), check, rx, self.control.clone())).abort_handle();
+            self.running.insert(id, Running { definition, recorded, task });
+        }
+    }
+}
+
+impl Drop for CheckRunner {
+    fn drop(&mut self) {
+        for (_, r) in self.running.drain() {
+            r.task.abort();
+        }
+    }
+}
+
+async fn run(agent: AgentId, check: Check, mut recorded: tokio::sync::watch::Receiver<Health>, control: ControlHandle) {
+    let def = check.definition;
+    let interval = match def.interval_ms {
+        0 => DEFAULT_INTERVAL,
+        ms => Duration::from_millis(ms).max(MIN_INTERVAL),
+    };
+    let timeout = match def.timeout_ms {
+        0 => DEFAULT_TIMEOUT.min(interval.max(Duration::from_secs(1))),
+        ms => Duration::from_millis(ms),
+    };
+    let mut counter = CheckCounter::new(check.status);
+    let mut last_output = check.output;
+    // What the control side records as this check's status, as far as we know.
+    let mut believed = check.status;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (raw, output) = match tokio::time::timeout(timeout, probe(&def)).await {
+            Ok(r) => r,
+            Err(_) => (Health::Critical, format!("Timeout exceeded ({} ms)", timeout.as_millis())),
+        };
+        let status = counter.observe(raw, &def);
+        let output = cap(output);
+        if recorded.has_changed().unwrap_or(false) {
+            believed = *recorded.borrow_and_update();
+        }
+        // Report when the recorded status differs (a change, or a re-registration that reset it)
+        // or the output changed.
+        if status != believed || output != last_output {
+            believed = status;
+            last_output = output.clone();
+            let msg =
+                ToControl::CheckResults { agent_id: agent.clone(), results: vec![(check.id.clone(), status, output)] };
+            if control.send(ControlMsg::FromAgent(msg)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn cap(mut s: String) -> String {
+    if s.len() > MAX_OUTPUT {
+        let mut end = MAX_OUTPUT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(" ...");
+    }
+    s
+}
+
+/// Run a check once: its raw status and output.
+pub async fn probe(def: &CheckDefinition) -> (Health, String) {
+    match def.kind() {
+        "http" => http(def).await,
+        "tcp" => match tokio::net::lookup_host(def.tcp.as_str()).await.map(|mut a| a.next()) {
+            Ok(Some(addr)) => match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => (Health::Passing, format!("TCP connect {}: Success", def.tcp)),
+                Err(e) => (Health::Critical, format!("dial tcp {}: {e}", def.tcp)),
+            },
+            Ok(None) => (Health::Critical, format!("dial tcp {}: no address", def.tcp)),
+            Err(e) => (Health::Critical, format!("dial tcp {}: {e}", def.tcp)),
+        },
+        "script" => {
+            let mut cmd = tokio::process::Command::new(&def.args[0]);
+            cmd.args(&def.args[1..]).kill_on_drop(true).stdin(std::process::Stdio::null());
+            match cmd.output().await {
+                Ok(out) => {
+                    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    text.push_str(&String::from_utf8_lossy(&out.stderr));
+                    let status = match out.status.code() {
+                        Some(0) => Health::Passing,
+                        Some(1) => Health::Warning,
+                        _ => Health::Critical,
+                    };
+                    (status, text)
+                }
+                Err(e) => (Health::Critical, format!("failed to run {:?}: {e}", def.args[0])),
+            }
+        }
+        other => (Health::Critical, format!("check type {other:?} is not run by the agent")),
+    }
+}
+
+/// One HTTP(S) request: 2xx passing, 429 warning, anything else critical.
+async fn http(def: &CheckDefinition) -> (Health, String) {
+    let method = if def.method.is_empty() { "GET" } else { def.method.as_str() };
+    let url = &def.http;
+    match http_request(url, method, &def.header).await {
+        Ok((code, reason, body)) => {
+            let status = match code {
+                200..=299 => Health::Passing,
+                429 => Health::Warning,
+                _ => Health::Critical,
+            };
+            (status, format!("HTTP {method} {url}: {code} {reason} Output: {body}"))
+        }
+        Err(e) => (Health::Critical, format!("{method} {url}: {e}")),
+    }
+}
+
+/// A minimal HTTP/1.1 client for checks: status code, reason and the first bytes of the body.
+pub async fn http_request(
+    url: &str,
+    method: &str,
+    headers: &std::collections::BTreeMap<String, Vec<String>>,
+) -> std::io::Result<(u16, String, String)> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_owned());
+    let (tls, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(bad("URL must start with http:// or https://"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let has_port = if authority.starts_with('[') { authority.contains("]:") } else { authority.contains(':') };
+    let with_port = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
+    let addr = tokio::net::lookup_host(with_port.as_str()).await?.next().ok_or_else(|| bad("no address"))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: mesh-check\r\nAccept: text/plain, text/*, */*\r\nConnection: close\r\n"
+    );
+    for (k, vs) in headers {
+        for v in vs {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    req.push_str("\r\n");
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let raw = if tls {
+        let mut s = crate::health::tls_connect(addr, tcp).await?;
+        exchange(&mut s, req.as_bytes()).await?
+    } else {
+        let mut s = tcp;
+        exchange(&mut s, req.as_bytes()).await?
+    };
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status_line = head.lines().next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let _version = parts.next();
+    let code = parts.next().and_then(|c| c.parse().ok()).ok_or_else(|| bad("not an HTTP response"))?;
+    let reason = parts.next().unwrap_or_default().to_owned();
+    Ok((code, reason, body.to_owned()))
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    req: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    s.write_all(req).await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    while buf.len() < MAX_OUTPUT + 2048 {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if !buf.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}

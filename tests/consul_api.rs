@@ -1,0 +1,250 @@
+//! The Consul v1 agent/catalog/health API against a real `mesh dev`, with reqwest and DNS:
+//! agent authority (visible in DNS before the reply), checks and their effect on DNS, node-level
+//! checks, maintenance, DeregisterCriticalServiceAfter, script checks behind their flag, and bad
+//! requests that change nothing.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{MeshNode, eventually, srv};
+
+fn ids(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> =
+        v.as_array().into_iter().flatten().filter_map(|e| e["Service"]["ID"].as_str().map(str::to_owned)).collect();
+    out.sort();
+    out
+}
+
+async fn check_status(node: &MeshNode, service: &str, check: &str) -> Option<String> {
+    let (_, checks) = node.get(&format!("/v1/health/checks/{service}")).await;
+    checks.as_array()?.iter().find(|c| c["CheckID"] == check).and_then(|c| c["Status"].as_str()).map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_registration_is_in_dns_before_the_reply() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let resolver = node.resolver(false);
+    for i in 0..5 {
+        let body = json!({"Name": "api", "ID": format!("api{i}"), "Port": 9000 + i, "Tags": ["blue"]});
+        let (code, _) = node.send("PUT", "/v1/agent/service/register", Some(&body.to_string())).await;
+        assert_eq!(code, 200);
+        // No polling: the registration is applied and published before the reply.
+        let answers = srv(&resolver, "api.service.mesh.").await.expect("SRV right after the reply");
+        assert_eq!(answers.len(), i as usize + 1, "{answers:?}");
+        let (_, health) = node.get("/v1/health/service/api").await;
+        assert_eq!(ids(&health).len(), i as usize + 1);
+    }
+    let tagged = srv(&resolver, "blue.api.service.mesh.").await.expect("tag filter");
+    assert_eq!(tagged.len(), 5);
+    let (code, _) = node.send("PUT", "/v1/agent/service/deregister/api3", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(srv(&resolver, "api.service.mesh.").await.expect("SRV").len(), 4);
+    let (_, services) = node.get("/v1/agent/services").await;
+    assert!(services.get("api3").is_none() && services.get("api2").is_some(), "{services}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_checks_node_checks_and_maintenance_take_instances_out_of_dns() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let resolver = node.resolver(false);
+    // Distinct ports: SRV answers with the same node, address and port are one answer.
+    let reg = |id: &str, port: u16, status: &str| {
+        json!({"name": "pay", "id": id, "port": port, "check": {"ttl": "60s", "status": status}}).to_string()
+    };
+    for (id, port, status) in [("pay1", 7001, "passing"), ("pay2", 7002, "warning"), ("pay3", 7003, "critical")] {
+        assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg(id, port, status))).await.0, 200);
+    }
+    // Warning instances are answered, critical ones are not (Consul's default).
+    assert_eq!(srv(&resolver, "pay.service.mesh.").await.expect("SRV").len(), 2);
+    let (_, passing) = node.get("/v1/health/service/pay?passing").await;
+    assert_eq!(ids(&passing), vec!["pay1"]);
+
+    // Service maintenance: a critical check on that instance only.
+    let (code, _) = node.send("PUT", "/v1/agent/service/maintenance/pay1?enable=true&reason=upgrade", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(srv(&resolver, "pay.service.mesh.").await.expect("SRV").len(), 1);
+    let (_, checks) = node.get("/v1/agent/checks").await;
+    assert_eq!(checks["_service_maintenance:pay1"]["Notes"], "upgrade");
+    assert_eq!(node.send("PUT", "/v1/agent/service/maintenance/pay1?enable=false", None).await.0, 200);
+    assert_eq!(srv(&resolver, "pay.service.mesh.").await.expect("SRV").len(), 2);
+
+    // Node maintenance: a node-level critical check takes every service of the node out.
+    assert_eq!(node.send("PUT", "/v1/agent/maintenance?enable=true", None).await.0, 200);
+    assert!(srv(&resolver, "pay.service.mesh.").await.is_err(), "NXDOMAIN while the node is in maintenance");
+    assert_eq!(node.send("PUT", "/v1/agent/maintenance?enable=false", None).await.0, 200);
+    assert_eq!(srv(&resolver, "pay.service.mesh.").await.expect("SRV").len(), 2);
+
+    // A node whose serfHealth is critical (registered through the catalog, as a failed agent
+    // would be marked) has none of its services in DNS, whatever their own checks say.
+    let ext = json!({
+        "Node": "ext1", "Address": "10.9.0.1",
+        "Service": {"Service": "pay", "ID": "pay-ext", "Port": 7001},
+        "Checks": [{"CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "critical"}],
+    });
+    assert_eq!(node.send("PUT", "/v1/catalog/register", Some(&ext.to_string())).await.0, 200);
+    let answers = srv(&resolver, "pay.service.mesh.").await.expect("SRV");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let ok = json!({"Node": "ext1", "Address": "10.9.0.1", "Check": {"CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "passing"}});
+    assert_eq!(node.send("PUT", "/v1/catalog/register", Some(&ok.to_string())).await.0, 200);
+    assert_eq!(srv(&resolver, "pay.service.mesh.").await.expect("SRV").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_tcp_checks_run_on_the_agent_with_thresholds() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    // A TCP listener we can close, and an HTTP port nobody listens on.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let body = json!({
+        "name": "tcpsvc", "id": "tcp1", "port": port,
+        "checks": [
+            {"tcp": format!("127.0.0.1:{port}"), "interval": "1s", "SuccessBeforePassing": 2},
+            {"http": format!("http://127.0.0.1:{dead}/health"), "interval": "1s", "timeout": "500ms"},
+        ],
+    });
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&body.to_string())).await.0, 200);
+    eventually(15, "TCP check passing after 2 successes", || async {
+        (check_status(&node, "tcpsvc", "service:tcp1:1").await.as_deref() == Some("passing")).then_some(())
+    })
+    .await;
+    let (_, checks) = node.get("/v1/health/checks/tcpsvc").await;
+    let http = checks.as_array().unwrap().iter().find(|c| c["CheckID"] == "service:tcp1:2").unwrap().clone();
+    assert_eq!(http["Status"], "critical", "{http}");
+    assert_eq!(http["Type"], "http");
+    drop(listener);
+    eventually(15, "TCP check critical once the port closes", || async {
+        (check_status(&node, "tcpsvc", "service:tcp1:1").await.as_deref() == Some("critical")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregister_critical_service_after_removes_the_service() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let body = json!({"Name": "flaky", "ID": "flaky1", "Port": 1,
+        "Check": {"TTL": "1s", "DeregisterCriticalServiceAfter": "2s", "Status": "passing"}});
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&body.to_string())).await.0, 200);
+    let (_, services) = node.get("/v1/agent/services").await;
+    assert!(services.get("flaky1").is_some());
+    // TTL expires after 1 s, then 2 s of critical remove it.
+    eventually(20, "the critical service to be reaped", || async {
+        let (_, services) = node.get("/v1/agent/services").await;
+        services.get("flaky1").is_none().then_some(())
+    })
+    .await;
+    let (_, checks) = node.get("/v1/agent/checks").await;
+    assert!(checks.get("service:flaky1").is_none(), "its checks go with it: {checks}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_checks_need_their_flag() {
+    let off = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let body = json!({"name": "s", "check": {"args": ["/bin/sh", "-c", "exit 1"], "interval": "1s"}}).to_string();
+    let (code, msg) = off.send("PUT", "/v1/agent/service/register", Some(&body)).await;
+    assert_eq!(code, 400);
+    assert!(msg.as_str().unwrap_or_default().contains("Scripts are disabled"), "{msg}");
+    let (_, services) = off.get("/v1/agent/services").await;
+    assert!(services.get("s").is_none());
+    drop(off);
+
+    let on = MeshNode::start(&["--runtime", "process", "--no-registrator", "--enable-script-checks"]);
+    assert_eq!(on.send("PUT", "/v1/agent/service/register", Some(&body)).await.0, 200);
+    eventually(15, "exit 1 = warning", || async {
+        (check_status(&on, "s", "service:s").await.as_deref() == Some("warning")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let (_, before_services) = node.get("/v1/catalog/services").await;
+    let (_, before_checks) = node.get("/v1/health/state/any").await;
+    let cases: Vec<(&str, &str, &str, u16, &str)> = vec![
+        ("PUT", "/v1/agent/service/register", "{not json", 400, "Request decode failed"),
+        ("PUT", "/v1/agent/service/register", "[1,2]", 400, "expected a JSON object"),
+        ("PUT", "/v1/agent/service/register", r#"{"Port": 80}"#, 400, "Missing service name"),
+        ("PUT", "/v1/agent/service/register", r#"{"Name": "x", "Port": 70000}"#, 400, "Invalid service port"),
+        ("PUT", "/v1/agent/service/register", r#"{"Name": "x", "Port": "80"}"#, 400, "Port must be"),
+        (
+            "PUT",
+            "/v1/agent/service/register",
+            r#"{"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s"}}"#,
+            400,
+            "not supported",
+        ),
+        (
+            "PUT",
+            "/v1/agent/service/register",
+            r#"{"Name": "x", "Check": {"Interval": "1s"}}"#,
+            400,
+            "unknown or missing check type",
+        ),
+        (
+            "PUT",
+            "/v1/agent/service/register",
+            r#"{"Name": "x", "Check": {"HTTP": "http://127.0.0.1:1/"}}"#,
+            400,
+            "Interval must be > 0",
+        ),
+        ("PUT", "/v1/agent/service/register", r#"{"Name": "x", "Check": {"TTL": "soon"}}"#, 400, "TTL"),
+        (
+            "PUT",
+            "/v1/agent/service/register",
+            r#"{"Name": "x", "Check": {"TTL": "10s", "Status": "great"}}"#,
+            400,
+            "Invalid check status",
+        ),
+        (
+            "PUT",
+            "/v1/agent/check/register",
+            r#"{"Name": "c", "TTL": "10s", "ServiceID": "nope"}"#,
+            400,
+            "does not exist",
+        ),
+        ("PUT", "/v1/agent/check/pass/nope", "", 404, "Unknown check ID"),
+        ("PUT", "/v1/agent/check/update/serfHealth", r#"{"Status": "passing"}"#, 500, "does not have associated TTL"),
+        ("PUT", "/v1/agent/service/deregister/nope", "", 404, "Unknown service ID"),
+        ("PUT", "/v1/agent/service/maintenance/nope?enable=true", "", 404, "Unknown service ID"),
+        ("PUT", "/v1/agent/maintenance", "", 400, "Missing value for enable"),
+        ("PUT", "/v1/catalog/register", r#"{"Address": "10.0.0.1"}"#, 400, "Must supply node"),
+        ("PUT", "/v1/catalog/register", r#"{"Node": "n9"}"#, 400, "Must supply address"),
+        (
+            "PUT",
+            "/v1/catalog/register",
+            r#"{"Node": "n9", "Address": "10.0.0.1", "Datacenter": "dc9"}"#,
+            500,
+            "No path to datacenter",
+        ),
+        ("GET", "/v1/health/state/sad", "", 400, "Invalid state"),
+        ("GET", "/v1/health/service/web?index=1&wait=forever", "", 400, "Invalid wait"),
+        ("GET", "/v1/catalog/nodes?dc=elsewhere", "", 500, "No path to datacenter"),
+    ];
+    for (method, path, body, want, text) in cases {
+        let (code, msg) = node.send(method, path, (!body.is_empty()).then_some(body)).await;
+        let msg = msg.as_str().map(str::to_owned).unwrap_or_else(|| msg.to_string());
+        assert_eq!(code, want, "{method} {path} {body}: {msg}");
+        assert!(msg.contains(text), "{method} {path} {body}: expected {text:?} in {msg:?}");
+    }
+    let (_, after_services) = node.get("/v1/catalog/services").await;
+    let (_, after_checks) = node.get("/v1/health/state/any").await;
+    assert_eq!(before_services, after_services);
+    assert_eq!(before_checks, after_checks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marathon_tasks_show_their_health_as_a_check() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let app = json!({"id": "/hc", "cmd": "sleep 600", "cpus": 0.01, "mem": 16, "instances": 1,
+        "portDefinitions": [{"port": 0}],
+        "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}, "intervalSeconds": 1, "gracePeriodSeconds": 1}]});
+    let (code, _) = node.send("POST", "/v2/apps", Some(&app.to_string())).await;
+    assert_eq!(code, 201);
+    let check = eventually(30, "a passing marathon check on the hc instance", || async {
+        let (_, v) = node.get("/v1/health/checks/hc").await;
+        v.as_array()?.iter().find(|c| c["Type"] == "marathon" && c["Status"] == "passing").cloned()
+    })
+    .await;
+    assert!(check["CheckID"].as_str().unwrap().starts_with("marathon:"), "{check}");
+}
