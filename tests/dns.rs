@@ -1,7 +1,8 @@
 //! Consul-compatible DNS against real `mesh dev` processes and Marathon apps, asked with
 //! hickory-resolver, raw hickory messages and `dig`: tags, SRV with glue, nodes, NXDOMAIN and NODATA
 //! with the SOA, a critical instance left out, truncation with TC over UDP and everything over TCP,
-//! Consul's truncation mode, recursors and REFUSED, PTR, the alternative domain, TTLs.
+//! Consul's truncation mode, recursors and REFUSED, PTR, the alternative domain, TTLs, and (through
+//! the Consul API) `--dns-only-passing`, node meta TXT records and service-address PTR.
 //!
 //! `dig` comes from Debian's bind9-dnsutils (`.ci/run` installs it). Without it the dig halves print
 //! `SKIP: dig not installed` and pass, unless `MESH_REQUIRE_DIG=1` or `MESH_REQUIRE_DOCKER=1` (as in
@@ -413,6 +414,84 @@ async fn consul_answers_from_marathon_apps() {
         assert!(d.answer.iter().all(|r| r.3.ends_with(".node.dc1.alt.example.")), "{}", d.text);
         let d = dig(node.dns, &[transport, "example.com", "A"]).await;
         assert_eq!(d.status, "REFUSED", "{}", d.text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_registrations_only_passing_ptr_and_node_meta() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator", "--dns-only-passing"]);
+    let reg = |id: &str, port: u16, status: &str| {
+        json!({"name": "pay", "id": id, "port": port, "check": {"ttl": "60s", "status": status}}).to_string()
+    };
+    for (id, port, status) in [("pay1", 7001, "passing"), ("pay2", 7002, "warning"), ("pay3", 7003, "critical")] {
+        assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg(id, port, status))).await.0, 200);
+    }
+    let ext = json!({
+        "Node": "ext1", "Address": "10.9.0.1", "NodeMeta": {"rack": "r1", "rfc1035-x": "bare"},
+        "Service": {"Service": "db", "ID": "db1", "Address": "10.9.0.7", "Port": 5432},
+    });
+    assert_eq!(node.send("PUT", "/v1/catalog/register", Some(&ext.to_string())).await.0, 200);
+    let ext_name = name("ext1.node.dc1.mesh.");
+    let db_target = name("0a090007.addr.dc1.mesh.");
+
+    for tcp in [false, true] {
+        // Only passing instances: the one in warning is left out too.
+        let m = exchange(node.dns, &query("pay.service.mesh.", RecordType::SRV, None), tcp).await;
+        assert_eq!(srv_ports(&m.answers), [7001].into(), "tcp={tcp}");
+        // An instance with its own address: an `.addr` target with the address as glue.
+        let m = exchange(node.dns, &query("db.service.mesh.", RecordType::SRV, None), tcp).await;
+        assert_eq!(srv_targets(&m.answers), [db_target.clone()].into());
+        assert_eq!(a_records(&m.additionals), [(db_target.clone(), "10.9.0.7".to_owned())].into());
+        // Node meta as RFC 1464 TXT: in Answer for TXT, in Additional for A.
+        let txt = |records: &[Record]| -> BTreeSet<String> {
+            records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(t.to_string()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let meta: BTreeSet<String> = ["bare".to_owned(), "rack=r1".to_owned()].into();
+        let m = exchange(node.dns, &query("ext1.node.mesh.", RecordType::TXT, None), tcp).await;
+        assert_eq!(txt(&m.answers), meta, "tcp={tcp}");
+        let m = exchange(node.dns, &query("ext1.node.mesh.", RecordType::A, None), tcp).await;
+        assert_eq!(a_records(&m.answers), [(name("ext1.node.mesh."), "10.9.0.1".to_owned())].into());
+        assert_eq!(txt(&m.additionals), meta, "tcp={tcp}");
+        // PTR: the node's address names the node, the instance's address names the service.
+        let m = exchange(node.dns, &query("1.0.9.10.in-addr.arpa.", RecordType::PTR, None), tcp).await;
+        assert!(
+            matches!(&m.answers[..], [r] if r.data == RData::PTR(hickory_resolver::proto::rr::rdata::PTR(ext_name.clone())))
+        );
+        let m = exchange(node.dns, &query("7.0.9.10.in-addr.arpa.", RecordType::PTR, None), tcp).await;
+        let db = name("db.service.dc1.mesh.");
+        assert!(
+            matches!(&m.answers[..], [r] if r.data == RData::PTR(hickory_resolver::proto::rr::rdata::PTR(db.clone())))
+        );
+    }
+    for tcp in [false, true] {
+        let r = resolver(&node, tcp);
+        let ptr = r.lookup("7.0.9.10.in-addr.arpa.", RecordType::PTR).await.unwrap();
+        assert_eq!(ptr.answers().len(), 1);
+        assert_eq!(srv(&r, "pay.service.mesh.").await.unwrap().len(), 1);
+    }
+
+    if !have_dig() {
+        return;
+    }
+    for transport in ["+notcp", "+tcp"] {
+        let d = dig(node.dns, &[transport, "pay.service.mesh", "SRV"]).await;
+        assert_eq!(dig_srv_ports(&d), [7001].into(), "{}", d.text);
+        let d = dig(node.dns, &[transport, "-x", "10.9.0.7"]).await;
+        assert_eq!(d.types(&d.answer, "PTR"), ["db.service.dc1.mesh."], "{}", d.text);
+        let d = dig(node.dns, &[transport, "-x", "10.9.0.1"]).await;
+        assert_eq!(d.types(&d.answer, "PTR"), ["ext1.node.dc1.mesh."], "{}", d.text);
+        let d = dig(node.dns, &[transport, "ext1.node.mesh", "TXT"]).await;
+        let mut txt = d.types(&d.answer, "TXT");
+        txt.sort();
+        assert_eq!(txt, ["\"bare\"", "\"rack=r1\""], "{}", d.text);
+        let d = dig(node.dns, &[transport, "ext1.node.mesh", "A"]).await;
+        assert_eq!(d.types(&d.additional, "TXT").len(), 2, "{}", d.text);
     }
 }
 
