@@ -45,7 +45,7 @@ use hickory_proto::ProtoError;
 use hickory_proto::op::{Edns, Metadata, Query, ResponseCode, emit_message_parts};
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use imbl::OrdMap;
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -271,6 +271,11 @@ impl DnsZone {
     /// the RFC 2782 form without the `service` label, which Consul accepts only for SRV queries.
     pub fn parse(&self, name: &Name, qtype: RecordType) -> (QueryName, usize) {
         let labels: Vec<&[u8]> = name.iter().collect();
+        self.parse_labels(&labels, qtype)
+    }
+
+    /// [`DnsZone::parse`] of a name given as its labels.
+    fn parse_labels(&self, labels: &[&[u8]], qtype: RecordType) -> (QueryName, usize) {
         // The longest of our domains that ends the name.
         let mut best: Option<(usize, usize)> = None;
         for (i, d) in self.domains.iter().enumerate() {
@@ -283,7 +288,7 @@ impl DnsZone {
             }
         }
         let Some((d, n)) = best else {
-            return match parse_reverse(&labels) {
+            return match parse_reverse(labels) {
                 Some(ip) => (QueryName::Reverse(ip), 0),
                 None => (QueryName::Outside, 0),
             };
@@ -387,13 +392,7 @@ impl DnsZone {
                     return negative(ResponseCode::NXDomain);
                 }
                 let Some(entry) = index.services.get(&service) else { return negative(ResponseCode::NXDomain) };
-                let only_passing = self.config.only_passing;
-                let selected: Vec<&InstanceEntry> = entry
-                    .instances
-                    .iter()
-                    .filter(|i| if only_passing { i.health == Health::Passing } else { i.health != Health::Critical })
-                    .filter(|i| tag.as_ref().is_none_or(|t| i.tags.iter().any(|x| x == t)))
-                    .collect();
+                let selected = self.select(entry, tag.as_deref());
                 if selected.is_empty() {
                     return negative(ResponseCode::NXDomain);
                 }
@@ -416,6 +415,18 @@ impl DnsZone {
             return negative(ResponseCode::NoError);
         }
         out
+    }
+
+    /// The instances of `entry` a query answers: not critical (only passing with `only_passing`),
+    /// carrying `tag` if given; in the entry's order (address, node, port).
+    fn select<'a>(&self, entry: &'a ServiceEntry, tag: Option<&str>) -> Vec<&'a InstanceEntry> {
+        let only_passing = self.config.only_passing;
+        entry
+            .instances
+            .iter()
+            .filter(|i| if only_passing { i.health == Health::Passing } else { i.health != Health::Critical })
+            .filter(|i| tag.is_none_or(|t| i.tags.iter().any(|x| x == t)))
+            .collect()
     }
 
     /// The apex NS records: our DNS servers' nodes (at most 3) with glue, else `ns.<domain>.`.
@@ -710,6 +721,12 @@ struct InstanceEntry {
     targets: Vec<Name>,
     /// Node meta TXT data when the target is the node's name.
     txt: Arc<[TXT]>,
+    /// Per domain, for the fast path: the SRV RDATA (priority, weight, port, target uncompressed).
+    srv_rdata: Vec<Box<[u8]>>,
+    /// Per domain, for the fast path: the Additional records of an SRV answer (the target's address
+    /// and node meta TXT, names uncompressed), and how many there are.
+    srv_extra: Vec<Box<[u8]>>,
+    srv_extra_count: u16,
 }
 
 /// The instances of one service (or of several whose names differ only in case).
@@ -823,6 +840,7 @@ fn service_entry(
     nodes: &HashMap<String, Arc<NodeEntry>>,
     zone: &DnsZone,
 ) -> ServiceEntry {
+    let ttl = zone.config.service_ttl.ttl(name);
     let mut out: Vec<InstanceEntry> = Vec::with_capacity(instances.len());
     for inst in instances.values() {
         let node = nodes.get(&inst.node.to_ascii_lowercase());
@@ -835,19 +853,283 @@ fn service_entry(
                 None => continue,
             },
         };
+        let weight = if inst.health == Health::Warning { inst.weights.warning } else { inst.weights.passing };
+        let mut srv_rdata = Vec::with_capacity(targets.len());
+        let mut srv_extra = Vec::with_capacity(targets.len());
+        for target in &targets {
+            let mut rdata = Vec::with_capacity(6 + target.len() + 2);
+            rdata.extend_from_slice(&[0, 1]);
+            rdata.extend_from_slice(&weight.to_be_bytes());
+            rdata.extend_from_slice(&inst.port.to_be_bytes());
+            push_wire_name(&mut rdata, target);
+            srv_rdata.push(rdata.into_boxed_slice());
+            let mut extra = Vec::new();
+            let owner = wire_name(target);
+            push_wire_record(&mut extra, &owner, addr_type(ip), ttl, &ip_bytes(ip));
+            for t in txt.iter() {
+                let mut rdata = Vec::new();
+                if t.emit(&mut BinEncoder::new(&mut rdata)).is_err() {
+                    continue;
+                }
+                push_wire_record(&mut extra, &owner, RecordType::TXT, ttl, &rdata);
+            }
+            srv_extra.push(extra.into_boxed_slice());
+        }
         out.push(InstanceEntry {
             health: inst.health,
             tags: inst.tags.iter().map(|t| t.to_ascii_lowercase()).collect(),
             ip,
             port: inst.port,
-            weight: if inst.health == Health::Warning { inst.weights.warning } else { inst.weights.passing },
+            weight,
             node: Arc::from(inst.node.as_str()),
             targets,
+            srv_extra_count: u16::try_from(1 + txt.len()).unwrap_or(u16::MAX),
             txt,
+            srv_rdata,
+            srv_extra,
         });
     }
     out.sort_by(|a, b| (a.ip, &a.node, a.port).cmp(&(b.ip, &b.node, b.port)));
-    ServiceEntry { ttl: zone.config.service_ttl.ttl(name), instances: out }
+    ServiceEntry { ttl, instances: out }
+}
+
+// ---- The fast path: the common query answered straight into wire format ----
+
+/// A name in wire format, uncompressed.
+fn push_wire_name(out: &mut Vec<u8>, name: &Name) {
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+}
+
+fn wire_name(name: &Name) -> Vec<u8> {
+    let mut v = Vec::with_capacity(name.len() + 2);
+    push_wire_name(&mut v, name);
+    v
+}
+
+/// A resource record of class IN in wire format (`owner` already encoded).
+fn push_wire_record(out: &mut Vec<u8>, owner: &[u8], rtype: RecordType, ttl: u32, rdata: &[u8]) {
+    out.extend_from_slice(owner);
+    out.extend_from_slice(&u16::from(rtype).to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    out.extend_from_slice(rdata);
+}
+
+fn addr_type(ip: IpAddr) -> RecordType {
+    if ip.is_ipv4() { RecordType::A } else { RecordType::AAAA }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Most labels a query name may have for the fast path.
+const FAST_MAX_LABELS: usize = 32;
+
+/// A plain query read straight from the wire: a standard query with one question of class IN and
+/// no records but an optional EDNS version 0 OPT record, names uncompressed. Anything else takes
+/// the general way (hickory's `Message`).
+#[derive(Debug)]
+pub struct SimpleQuery<'a> {
+    id: u16,
+    rd: bool,
+    cd: bool,
+    /// The question as sent: name, type and class.
+    question: &'a [u8],
+    labels: [&'a [u8]; FAST_MAX_LABELS],
+    label_count: usize,
+    qtype: RecordType,
+    /// The payload size of the query's EDNS, if it has any.
+    pub edns_payload: Option<u16>,
+}
+
+impl<'a> SimpleQuery<'a> {
+    /// Reads `bytes` if they are such a query.
+    pub fn read(bytes: &'a [u8]) -> Option<Self> {
+        let u16_at = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?])) };
+        let flags = u16_at(2)?;
+        // QR = 0 (a query) and opcode QUERY.
+        if flags & 0xf800 != 0 {
+            return None;
+        }
+        if u16_at(4)? != 1 || u16_at(6)? != 0 || u16_at(8)? != 0 || u16_at(10)? > 1 {
+            return None;
+        }
+        let mut labels: [&[u8]; FAST_MAX_LABELS] = [&[]; FAST_MAX_LABELS];
+        let mut label_count = 0;
+        let mut pos = 12;
+        loop {
+            let len = usize::from(*bytes.get(pos)?);
+            if len == 0 {
+                pos += 1;
+                break;
+            }
+            // Compression pointers and extended label types: not here.
+            if len > 63 || label_count == FAST_MAX_LABELS {
+                return None;
+            }
+            labels[label_count] = bytes.get(pos + 1..pos + 1 + len)?;
+            label_count += 1;
+            pos += 1 + len;
+        }
+        if pos - 12 > 255 {
+            return None;
+        }
+        let qtype = RecordType::from(u16_at(pos)?);
+        if u16_at(pos + 2)? != 1 {
+            return None;
+        }
+        pos += 4;
+        let question = &bytes[12..pos];
+        let mut edns_payload = None;
+        if u16_at(10)? == 1 {
+            // The OPT record: root owner, type 41, class = payload size, version 0.
+            if *bytes.get(pos)? != 0 || u16_at(pos + 1)? != 41 || *bytes.get(pos + 6)? != 0 {
+                return None;
+            }
+            edns_payload = Some(u16_at(pos + 3)?);
+            pos += 11 + usize::from(u16_at(pos + 9)?);
+        }
+        if pos != bytes.len() {
+            return None;
+        }
+        Some(Self {
+            id: u16_at(0)?,
+            rd: flags & 0x0100 != 0,
+            cd: flags & 0x0010 != 0,
+            question,
+            labels,
+            label_count,
+            qtype,
+            edns_payload,
+        })
+    }
+
+    /// The question's type.
+    pub fn qtype(&self) -> RecordType {
+        self.qtype
+    }
+}
+
+impl DnsZone {
+    /// Writes the whole response to `q` into `out` if it is a positive answer about a service (A,
+    /// AAAA or SRV) that fits `limit` uncut: the same records [`DnsZone::answer`] gives, answer
+    /// owners pointing at the question, encoded from bytes the index prepared. Returns false (and
+    /// `out` holds nothing useful) for everything else, which takes the general path.
+    pub fn answer_fast<R: Rng + ?Sized>(
+        &self,
+        index: &DnsIndex,
+        q: &SimpleQuery<'_>,
+        limit: SizeLimit,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let qtype = q.qtype;
+        if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::SRV) {
+            return false;
+        }
+        let (QueryName::Service { service, tag, datacenter }, d) = self.parse_labels(&q.labels[..q.label_count], qtype)
+        else {
+            return false;
+        };
+        if datacenter.is_some_and(|dc| dc != self.dc) {
+            return false;
+        }
+        let Some(entry) = index.services.get(&service) else { return false };
+        let mut selected = self.select(entry, tag.as_deref());
+        let ttl = entry.ttl.to_be_bytes();
+        out.clear();
+        out.extend_from_slice(&[0; 12]);
+        out.extend_from_slice(q.question);
+        let mut extra_count: usize = 0;
+        if qtype == RecordType::SRV {
+            // Same node, address and port once (neighbours: sorted).
+            selected.dedup_by(|b, a| a.ip == b.ip && a.port == b.port && a.node == b.node);
+            let mut extras: Vec<&[u8]> = Vec::with_capacity(selected.len());
+            let mut last_target: Option<&Name> = None;
+            for inst in &selected {
+                let target = &inst.targets[d];
+                if last_target != Some(target) {
+                    last_target = Some(target);
+                    extras.push(&inst.srv_extra[d]);
+                    extra_count += usize::from(inst.srv_extra_count);
+                }
+            }
+            selected.shuffle(rng);
+            for inst in &selected {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 33, 0, 1]);
+                out.extend_from_slice(&ttl);
+                let rdata = &inst.srv_rdata[d];
+                out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+                out.extend_from_slice(rdata);
+            }
+            for e in extras {
+                out.extend_from_slice(e);
+            }
+        } else {
+            selected.retain(|i| wants(qtype, i.ip));
+            selected.dedup_by(|b, a| a.ip == b.ip);
+            selected.shuffle(rng);
+            for inst in &selected {
+                out.extend_from_slice(&[0xc0, 0x0c]);
+                out.extend_from_slice(&u16::from(qtype).to_be_bytes());
+                out.extend_from_slice(&[0, 1]);
+                out.extend_from_slice(&ttl);
+                match inst.ip {
+                    IpAddr::V4(v4) => {
+                        out.extend_from_slice(&[0, 4]);
+                        out.extend_from_slice(&v4.octets());
+                    }
+                    IpAddr::V6(v6) => {
+                        out.extend_from_slice(&[0, 16]);
+                        out.extend_from_slice(&v6.octets());
+                    }
+                }
+            }
+        }
+        // No answer (NXDOMAIN or NODATA), or too many: the general path.
+        if selected.is_empty() || limit.answers.is_some_and(|n| selected.len() > n) {
+            return false;
+        }
+        if let Some(payload) = q.edns_payload {
+            out.extend_from_slice(&[0, 0, 41]);
+            out.extend_from_slice(&payload.max(512).to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            extra_count += 1;
+        }
+        if out.len() > limit.bytes.clamp(512, MAX_MESSAGE) {
+            return false;
+        }
+        let (Ok(answers), Ok(extras)) = (u16::try_from(selected.len()), u16::try_from(extra_count)) else {
+            return false;
+        };
+        // QR, AA, RD and CD as asked, RA with recursors; NOERROR.
+        let mut flags: u16 = 0x8400;
+        if q.rd {
+            flags |= 0x0100;
+        }
+        if self.recursion_available() {
+            flags |= 0x0080;
+        }
+        if q.cd {
+            flags |= 0x0010;
+        }
+        out[0..2].copy_from_slice(&q.id.to_be_bytes());
+        out[2..4].copy_from_slice(&flags.to_be_bytes());
+        out[4..6].copy_from_slice(&1u16.to_be_bytes());
+        out[6..8].copy_from_slice(&answers.to_be_bytes());
+        out[8..10].copy_from_slice(&0u16.to_be_bytes());
+        out[10..12].copy_from_slice(&extras.to_be_bytes());
+        true
+    }
 }
 
 /// How large a response may be, and what cutting it means.
@@ -1742,5 +2024,147 @@ mod tests {
         let (m, _, _) =
             encoded(&c, "nope.service.mesh.", RecordType::A, None, SizeLimit::for_request(false, None, true));
         assert_eq!((m.metadata.response_code, m.authorities.len()), (ResponseCode::NXDomain, 1));
+    }
+
+    fn sorted(records: &[Record]) -> Vec<String> {
+        let mut v: Vec<String> = records.iter().map(|r| format!("{r:?}")).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn fast_path_matches_the_general_path() {
+        let mut c = with_meta();
+        let mut six = inst("v6", "web", "nowhere", Some("2001:db8::1"), 80, Health::Passing);
+        six.weights = Weights { passing: 7, warning: 1 };
+        c.upsert_instance(six, 70);
+        c.upsert_instance(inst("r1", "rack", "host-3.rack", None, 80, Health::Passing), 71);
+        let mut tagged = inst("w5", "web", "host-2", Some("10.0.0.5"), 1, Health::Passing);
+        tagged.tags = vec!["Canary".into()];
+        c.upsert_instance(tagged, 72);
+        for cfg in [
+            DnsConfig::default(),
+            DnsConfig {
+                alt_domain: Some("alt.example".into()),
+                only_passing: true,
+                service_ttl: ServiceTtls::parse(["web=9"]).unwrap(),
+                recursors: vec!["127.0.0.1:53".parse().unwrap()],
+                ..DnsConfig::default()
+            },
+        ] {
+            let zone = DnsZone::new(cfg.clone()).unwrap();
+            let index = DnsIndex::build(&c, &zone, None);
+            let mut fast_used = 0;
+            for q in [
+                "web.service.mesh.",
+                "WEB.Service.DC1.mesh.",
+                "_web._tcp.service.mesh.",
+                "primary.web.service.mesh.",
+                "canary.web.service.dc1.dc.mesh.",
+                "db.service.mesh.",
+                "rack.service.mesh.",
+                "web.service.alt.example.",
+                "nope.service.mesh.",
+                "web.service.dc2.mesh.",
+                "down.service.mesh.",
+                "host-1.node.mesh.",
+                "mesh.",
+                "example.com.",
+            ] {
+                for t in [RecordType::A, RecordType::AAAA, RecordType::SRV, RecordType::TXT] {
+                    for edns in [None, Some(1232u16)] {
+                        for rd in [false, true] {
+                            let mut msg = Message::query();
+                            msg.metadata.id = 0x4242;
+                            msg.metadata.recursion_desired = rd;
+                            msg.add_query(Query::query(name(q), t));
+                            if let Some(p) = edns {
+                                let mut e = Edns::new();
+                                e.set_max_payload(p);
+                                msg.set_edns(e);
+                            }
+                            let bytes = msg.to_vec().unwrap();
+                            let simple = SimpleQuery::read(&bytes).expect("a simple query");
+                            assert_eq!((simple.edns_payload, simple.qtype()), (edns, t));
+                            let limit = SizeLimit::for_request(false, edns, cfg.consul_truncation);
+                            let mut fast = Vec::new();
+                            let mut rng = StdRng::seed_from_u64(5);
+                            if !zone.answer_fast(&index, &simple, limit, &mut rng, &mut fast) {
+                                continue;
+                            }
+                            fast_used += 1;
+                            let mut general = zone.answer(&index, &name(q), t, 0, &mut rng);
+                            assert!(!general.answers.is_empty(), "{q} {t}");
+                            let mut meta = Metadata::response_from_request(&msg.metadata);
+                            meta.authoritative = true;
+                            meta.recursion_available = zone.recursion_available();
+                            let e = edns.map(|p| {
+                                let mut e = Edns::new();
+                                e.set_max_payload(p.max(512));
+                                e
+                            });
+                            let query = Query::query(name(q), t);
+                            let mut out = Vec::new();
+                            encode_response(&meta, Some(&query), &mut general, e.as_ref(), limit, &mut out).unwrap();
+                            let (f, g) = (Message::from_vec(&fast).unwrap(), Message::from_vec(&out).unwrap());
+                            let ctx = format!("{q} {t} edns={edns:?} rd={rd}");
+                            assert_eq!(f.metadata, g.metadata, "{ctx}");
+                            assert_eq!(f.queries, g.queries, "{ctx}");
+                            assert_eq!(sorted(&f.answers), sorted(&g.answers), "{ctx}");
+                            assert!(f.authorities.is_empty() && g.authorities.is_empty(), "{ctx}");
+                            assert_eq!(sorted(&f.additionals), sorted(&g.additionals), "{ctx}");
+                            assert_eq!(f.edns.map(|e| e.max_payload()), g.edns.map(|e| e.max_payload()), "{ctx}");
+                        }
+                    }
+                }
+            }
+            assert!(fast_used >= 40, "the fast path answered {fast_used} times");
+        }
+    }
+
+    #[test]
+    fn simple_queries_only() {
+        let plain = |f: &dyn Fn(&mut Message)| {
+            let mut m = Message::query();
+            m.add_query(Query::query(name("web.service.mesh."), RecordType::A));
+            f(&mut m);
+            m.to_vec().unwrap()
+        };
+        assert!(SimpleQuery::read(&plain(&|_| {})).is_some());
+        // A response, another opcode, two questions, a class other than IN, EDNS version 1,
+        // trailing bytes, a truncated message: the general path.
+        assert!(SimpleQuery::read(&plain(&|m| m.metadata.message_type = MessageType::Response)).is_none());
+        assert!(SimpleQuery::read(&plain(&|m| m.metadata.op_code = OpCode::Update)).is_none());
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                m.add_query(Query::query(name("a.mesh."), RecordType::A));
+            }))
+            .is_none()
+        );
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                m.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+            }))
+            .is_none()
+        );
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                let mut e = Edns::new();
+                e.set_version(1);
+                m.set_edns(e);
+            }))
+            .is_none()
+        );
+        let mut bytes = plain(&|_| {});
+        bytes.push(0);
+        assert!(SimpleQuery::read(&bytes).is_none());
+        bytes.truncate(bytes.len() - 3);
+        assert!(SimpleQuery::read(&bytes).is_none());
+        assert!(SimpleQuery::read(&[0; 11]).is_none());
+        // A compressed question name (legal, unusual): the general path.
+        let mut ptr = plain(&|_| {});
+        ptr.truncate(12);
+        ptr.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(SimpleQuery::read(&ptr).is_none());
     }
 }

@@ -5,6 +5,9 @@
 //!   [`DnsIndex`] built for exactly that catalog. The first query after a publish builds the new
 //!   index (reusing every unchanged service's entry) under a mutex that only index builders take;
 //!   nothing is held across IO.
+//! - **Fast path.** A plain query for a service's A, AAAA or SRV records is read and answered in
+//!   wire format from bytes the index prepared ([`mesh_core::dns::DnsZone::answer_fast`]); every
+//!   other request (and any answer that would need cutting) goes through hickory's `Message`.
 //! - **UDP** is served by a few plain threads blocking in `recv_from` on the shared socket: a query
 //!   costs one receive, one lookup, one encoding and one send, with no task, channel or allocation
 //!   of the async runtime in between (hickory-server's `Server` spawns a task per datagram and sends
@@ -29,7 +32,9 @@ use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, Qu
 use hickory_proto::rr::DNSClass;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use mesh_core::catalog::CatalogState;
-use mesh_core::dns::{DnsAnswer, DnsConfig, DnsConfigError, DnsIndex, DnsZone, SizeLimit, encode_response};
+use mesh_core::dns::{
+    DnsAnswer, DnsConfig, DnsConfigError, DnsIndex, DnsZone, SimpleQuery, SizeLimit, encode_response,
+};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -189,6 +194,15 @@ impl CatalogDns {
 
     /// Answers the request in `bytes` (received over TCP if `tcp`), writing the response into `out`.
     pub fn respond(&self, bytes: &[u8], tcp: bool, out: &mut Vec<u8>) -> Reply {
+        // The common case straight from and into wire format; the rest the general way.
+        if let Some(q) = SimpleQuery::read(bytes) {
+            let limit = SizeLimit::for_request(tcp, q.edns_payload, self.zone.config().consul_truncation);
+            let fast = || self.with_index(|index| self.zone.answer_fast(index, &q, limit, &mut rand::rng(), out));
+            if let Ok(Ok(true)) = std::panic::catch_unwind(AssertUnwindSafe(fast)) {
+                debug!(qtype = %q.qtype(), tcp, bytes = out.len(), "DNS query answered by the fast path");
+                return Reply::Send;
+            }
+        }
         let request = match Message::from_vec(bytes) {
             Ok(m) => m,
             Err(error) => {
