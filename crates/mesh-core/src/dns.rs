@@ -634,6 +634,11 @@ fn addr_record(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
     Record::from_rdata(owner.clone(), ttl, data)
 }
 
+/// Whether two instances have the same SRV target: it is a function of node and address.
+fn same_target(a: &InstanceEntry, b: &InstanceEntry) -> bool {
+    a.ip == b.ip && a.node == b.node
+}
+
 /// SRV answers for `instances` (sorted by address, node and port; shuffled here), with their
 /// targets' addresses and node meta TXT records in Additional.
 fn srv_records<R: Rng + ?Sized>(
@@ -645,12 +650,12 @@ fn srv_records<R: Rng + ?Sized>(
     out: &mut DnsAnswer,
 ) {
     let mut last: Option<&InstanceEntry> = None;
-    let mut last_target: Option<&Name> = None;
     for inst in instances {
         // Same node, address and port: once (they are neighbours).
         if last.is_some_and(|l| l.ip == inst.ip && l.port == inst.port && l.node == inst.node) {
             continue;
         }
+        let new_target = !last.is_some_and(|l| same_target(l, inst));
         last = Some(inst);
         let target = &inst.targets[d];
         out.answers.push(Record::from_rdata(
@@ -658,9 +663,8 @@ fn srv_records<R: Rng + ?Sized>(
             ttl,
             RData::SRV(SRV::new(1, inst.weight, inst.port, target.clone())),
         ));
-        // Equal targets are neighbours too (a target is a function of node and address).
-        if last_target != Some(target) {
-            last_target = Some(target);
+        // Equal targets are neighbours too.
+        if new_target {
             out.additionals.push(addr_record(target, inst.ip, ttl));
             out.additionals
                 .extend(inst.txt.iter().map(|t| Record::from_rdata(target.clone(), ttl, RData::TXT(t.clone()))));
@@ -716,6 +720,7 @@ struct InstanceEntry {
     port: u16,
     /// SRV weight: Consul's `Weights.Passing`, or `Weights.Warning` for an instance in warning.
     weight: u16,
+    /// The node name, lowercased.
     node: Arc<str>,
     /// SRV target per domain.
     targets: Vec<Name>,
@@ -881,7 +886,7 @@ fn service_entry(
             ip,
             port: inst.port,
             weight,
-            node: Arc::from(inst.node.as_str()),
+            node: Arc::from(inst.node.to_ascii_lowercase()),
             targets,
             srv_extra_count: u16::try_from(1 + txt.len()).unwrap_or(u16::MAX),
             txt,
@@ -1054,14 +1059,14 @@ impl DnsZone {
             // Same node, address and port once (neighbours: sorted).
             selected.dedup_by(|b, a| a.ip == b.ip && a.port == b.port && a.node == b.node);
             let mut extras: Vec<&[u8]> = Vec::with_capacity(selected.len());
-            let mut last_target: Option<&Name> = None;
+            let mut last: Option<&InstanceEntry> = None;
             for inst in &selected {
-                let target = &inst.targets[d];
-                if last_target != Some(target) {
-                    last_target = Some(target);
+                // One set of Additional records per target (equal targets are neighbours).
+                if !last.is_some_and(|l| same_target(l, inst)) {
                     extras.push(&inst.srv_extra[d]);
                     extra_count += usize::from(inst.srv_extra_count);
                 }
+                last = Some(inst);
             }
             selected.shuffle(rng);
             for inst in &selected {
