@@ -21,7 +21,7 @@
 //!   upstream truncates or the client asked over TCP); the first NOERROR or NXDOMAIN answer is passed
 //!   through (then cut to the client's size limit); SERVFAIL if none gives one. Without recursors such
 //!   names get REFUSED (reverse names NXDOMAIN). Forwarding runs on the async runtime, never on a
-//!   UDP thread.
+//!   UDP thread, at most 256 queries at once (SERVFAIL beyond).
 //! - **Errors.** FORMERR for a malformed message whose header is readable, NOTIMP for other
 //!   opcodes, BADVERS for EDNS versions above 0, REFUSED for classes other than IN/ANY, SERVFAIL when
 //!   the catalog cannot be read (or answering panics). `aa` is always set, `ra` only with
@@ -37,7 +37,7 @@ use mesh_core::dns::{
 };
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,6 +50,8 @@ const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const UDP_POLL: Duration = Duration::from_millis(200);
 /// EDNS payload size we advertise to upstream servers.
 const UPSTREAM_PAYLOAD: u16 = 4096;
+/// Queries being forwarded at once at most; beyond, SERVFAIL at once.
+const MAX_FORWARDS: usize = 256;
 
 /// Why a query could not be answered normally.
 #[derive(Debug, thiserror::Error)]
@@ -88,12 +90,21 @@ struct Indexed {
     index: DnsIndex,
 }
 
+/// One of the [`MAX_FORWARDS`] slots for a query being forwarded; freed when dropped.
+pub struct ForwardSlot(Arc<AtomicUsize>);
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What to do with a request.
 pub enum Reply {
     /// Send the bytes written to the output buffer.
     Send,
-    /// Forward the request to the recursors ([`CatalogDns::forward`]).
-    Forward(Box<Message>),
+    /// Forward the request to the recursors ([`CatalogDns::forward`]), holding the slot until done.
+    Forward(Box<Message>, ForwardSlot),
     /// Send nothing (not a query, or not even a header).
     Drop,
 }
@@ -105,6 +116,8 @@ pub struct CatalogDns {
     cache: ArcSwapOption<Indexed>,
     /// Taken only to build a new index.
     building: Mutex<()>,
+    /// Queries being forwarded.
+    forwards: Arc<AtomicUsize>,
 }
 
 fn unix_time() -> u64 {
@@ -129,6 +142,7 @@ impl CatalogDns {
             zone: DnsZone::new(config)?,
             cache: ArcSwapOption::empty(),
             building: Mutex::new(()),
+            forwards: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -243,7 +257,13 @@ impl CatalogDns {
             answers = answer.answers.len(), tcp, "DNS query"
         );
         if answer.recurse && self.zone.recursion_available() {
-            return Reply::Forward(Box::new(request));
+            if self.forwards.fetch_add(1, Ordering::SeqCst) < MAX_FORWARDS {
+                return Reply::Forward(Box::new(request), ForwardSlot(self.forwards.clone()));
+            }
+            self.forwards.fetch_sub(1, Ordering::SeqCst);
+            warn!(name = %query.name(), "too many queries being forwarded: SERVFAIL");
+            self.encode(&request, DnsAnswer::new(ResponseCode::ServFail), true, tcp, out);
+            return Reply::Send;
         }
         self.encode(&request, answer, true, tcp, out);
         Reply::Send
@@ -367,9 +387,10 @@ fn udp_loop(socket: Arc<std::net::UdpSocket>, dns: Arc<CatalogDns>, rt: tokio::r
                     debug!(%error, %src, "DNS UDP send");
                 }
             }
-            Reply::Forward(request) => {
+            Reply::Forward(request, slot) => {
                 let (dns, socket) = (dns.clone(), socket.clone());
                 rt.spawn(async move {
+                    let _slot = slot;
                     let mut out = Vec::new();
                     dns.forward(&request, false, &mut out).await;
                     if let Err(error) = socket.send_to(&out, src) {
@@ -399,7 +420,7 @@ async fn tcp_connection(mut stream: TcpStream, dns: Arc<CatalogDns>) {
         }
         match dns.respond(&buf, true, &mut out) {
             Reply::Send => {}
-            Reply::Forward(request) => dns.forward(&request, true, &mut out).await,
+            Reply::Forward(request, _slot) => dns.forward(&request, true, &mut out).await,
             Reply::Drop => continue,
         }
         let Ok(n) = u16::try_from(out.len()) else { return };
