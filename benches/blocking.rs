@@ -137,7 +137,12 @@ fn main() {
         println!("\nblocking queries: {CHANGES} registrations of `churn`, watchers parked on other services");
         println!("| run | watchers | p50 ms | p99 ms | CPU per change ms |");
         println!("|---|---|---|---|---|");
-        println!("| reference | 0 | {} | {} | {} |", ms(reference.p50), ms(reference.p99), ms(reference.cpu_per_change));
+        println!(
+            "| reference | 0 | {} | {} | {} |",
+            ms(reference.p50),
+            ms(reference.p99),
+            ms(reference.cpu_per_change)
+        );
         println!("| parked | {watchers} | {} | {} | {} |", ms(loaded.p50), ms(loaded.p99), ms(loaded.cpu_per_change));
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
         println!(

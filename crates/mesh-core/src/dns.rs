@@ -1,36 +1,58 @@
-//! Consul-style DNS for the catalog, as plain functions: no IO, no clock, no global randomness.
+//! Consul-style DNS for the catalog, as plain functions and values: no IO, no clock, no global
+//! randomness. The server (`mesh-server`'s `dns` module) feeds it bytes and sends what it returns.
 //!
-//! [`parse_query_name`] reads a query name against the configured domain (Consul's grammar,
-//! case-insensitive, keywords scanned right to left):
+//! **Grammar** ([`DnsZone::parse`]; case-insensitive, keywords scanned right to left as Consul does),
+//! under the domain or the alternative domain (answers use whichever the query used):
 //!
 //! - `[<tag>.]<service>.service[.<dc>].<domain>` (the tag may contain dots),
 //! - RFC 2782 `_<service>._<tag|tcp>[.service][.<dc>].<domain>` (`_tcp` means no tag filter; the
 //!   `service` label may be left out only for SRV queries),
 //! - `<node>.node[.<dc>].<domain>` (node names may contain dots),
-//! - `<hex>.addr[.<dc>].<domain>` (8 hex digits for IPv4, 32 for IPv6),
+//! - `<hex>.addr[.<dc>].<domain>` (8 hex digits for IPv4, 32 for IPv6; the dc is ignored),
+//! - the apex `<domain>` (SOA and NS),
+//! - reverse names `<a.b.c.d>.in-addr.arpa` and the 32 nibbles of `ip6.arpa` (PTR),
 //!
-//! where `<dc>` may also be written `<dc>.dc`.
+//! where `<dc>` may also be written `<dc>.dc`; another datacenter than ours is NXDOMAIN.
 //!
-//! [`build_answer`] turns a query into the sections of a response from a [`CatalogState`]:
+//! **Answers** ([`DnsZone::answer`]) come from a [`DnsIndex`], built once per published catalog
+//! (reusing the entries of services that did not change), so a query is a hash lookup:
 //!
-//! - service A/AAAA/ANY: one record per non-critical instance (instance address, else its node's),
-//!   addresses de-duplicated;
-//! - service SRV: priority 1, weight 1, the instance port, target `<node>.node.<dc>.<domain>.` with the
-//!   node's address in Additional (or `<hex>.addr.<dc>.<domain>.` when the instance has its own address
-//!   that differs from its node's, as Consul does);
-//! - node: its address record;
-//! - answers shuffled with the caller's rng; critical instances never returned, warning ones are;
-//! - NXDOMAIN (SOA in Authority) for names that do not exist, unknown datacenters, services without a
-//!   non-critical instance; NOERROR without answers (SOA in Authority) when the name exists but has no
-//!   data of the asked type; REFUSED outside the domain (we do not recurse); NOTIMP for zone transfers.
+//! - service A/AAAA/ANY: one record per instance (its own address, else its node's), addresses
+//!   de-duplicated; SRV: priority 1, the instance's weight (Consul's `Weights.Passing`, or
+//!   `Weights.Warning` in warning; 1 unless registered otherwise), the port, target `<node>.node.<dc>.<domain>.` (or
+//!   `<hex>.addr.<dc>.<domain>.` when the instance has its own address), the target's address and
+//!   node meta TXT records in Additional; instances with the same node, address and port once;
+//! - instances in warning are answered, critical ones never; with `only_passing` only passing ones;
+//! - node A/AAAA/ANY/TXT: the address, and node meta as RFC 1464 TXT records (`key=value`, the bare
+//!   value for `rfc1035-` keys) in Answer for TXT/ANY and in Additional otherwise;
+//! - apex SOA (`ns.<domain>. hostmaster.<domain>.`, serial = Unix time) and NS (the DNS server's
+//!   nodes as `<node>.node.<dc>.<domain>.` with glue, else `ns.<domain>.`);
+//! - PTR: node addresses first (`<node>.node.<dc>.<domain>.`), then service instance addresses
+//!   (`<service>.service.<dc>.<domain>.`), always in the primary domain;
+//! - answers shuffled with the caller's rng;
+//! - NXDOMAIN for names that do not exist, unknown datacenters and services without an answerable
+//!   instance; NOERROR without answers (NODATA) when the name exists but has no data of the asked
+//!   type; both with the SOA in Authority (TTL and minimum `soa_min_ttl`); NOTIMP for zone
+//!   transfers; names outside the domains, and reverse names we do not know, are marked
+//!   [`DnsAnswer::recurse`] (the server forwards them, or answers REFUSED / NXDOMAIN).
+//!
+//! **Size** ([`encode_response`]): an answer that does not fit the transport's limit
+//! ([`SizeLimit::for_request`]) is cut to whole answer records, the Additional section re-synced to
+//! the records kept; the server sets TC unless asked for Consul's behaviour (see `DnsConfig`).
 
-use crate::catalog::{Catalog, CatalogState, Health, ServiceInstance};
-use hickory_proto::op::ResponseCode;
-use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
+use crate::catalog::{CatalogState, Health, Node, ServiceInstance};
+use hickory_proto::ProtoError;
+use hickory_proto::op::{Edns, Metadata, Query, ResponseCode, emit_message_parts};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
+use imbl::OrdMap;
 use rand::Rng;
 use rand::seq::SliceRandom;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// SOA refresh, in seconds (Consul's default).
 pub const SOA_REFRESH: i32 = 3600;
@@ -38,57 +60,395 @@ pub const SOA_REFRESH: i32 = 3600;
 pub const SOA_RETRY: i32 = 600;
 /// SOA expire, in seconds (Consul's default).
 pub const SOA_EXPIRE: i32 = 86400;
+/// Consul's `udp_answer_limit`: answers of a UDP query without EDNS, in Consul's truncation mode.
+pub const CONSUL_UDP_ANSWER_LIMIT: usize = 3;
+/// Largest DNS message (TCP, or what an EDNS client may advertise).
+pub const MAX_MESSAGE: usize = 65535;
+/// At most this many NS records for the apex (as Consul).
+const MAX_NS: usize = 3;
 
-/// DNS settings (Consul's `domain`, `node_ttl`, `service_ttl` and `soa.min_ttl`).
+/// Bad DNS settings.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DnsConfigError {
+    /// A domain that is not a valid DNS name.
+    #[error("invalid DNS domain {0:?}")]
+    Domain(String),
+    /// A datacenter name that is not a valid DNS label.
+    #[error("invalid datacenter {0:?}: must be a DNS label")]
+    Datacenter(String),
+    /// A `--dns-service-ttl` entry that is not `NAME=SECS`.
+    #[error("invalid service TTL {0:?}: expected NAME=SECS, NAME may end in * (e.g. web=30, db*=10, *=5)")]
+    ServiceTtl(String),
+}
+
+/// Per-service TTLs (Consul's `service_ttl`): an exact name wins, else the longest `prefix*` entry
+/// (`*` alone is the default), else 0. Names compare case-insensitively.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTtls {
+    exact: BTreeMap<String, u32>,
+    /// Prefix entries, longest first.
+    prefixes: Vec<(String, u32)>,
+}
+
+impl ServiceTtls {
+    /// Adds `NAME=SECS` (`SECS` may end in `s`).
+    pub fn add(&mut self, entry: &str) -> Result<(), DnsConfigError> {
+        let bad = || DnsConfigError::ServiceTtl(entry.to_owned());
+        let (name, secs) = entry.split_once('=').ok_or_else(bad)?;
+        let name = name.trim().to_ascii_lowercase();
+        let secs = secs.trim();
+        let secs: u32 = secs.strip_suffix('s').unwrap_or(secs).parse().map_err(|_| bad())?;
+        if name.is_empty() {
+            return Err(bad());
+        }
+        match name.strip_suffix('*') {
+            Some(prefix) if !prefix.contains('*') => {
+                self.prefixes.retain(|(p, _)| p != prefix);
+                self.prefixes.push((prefix.to_owned(), secs));
+                self.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+            }
+            Some(_) => return Err(bad()),
+            None if name.contains('*') => return Err(bad()),
+            None => {
+                self.exact.insert(name, secs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses several `NAME=SECS` entries.
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, DnsConfigError> {
+        let mut ttls = Self::default();
+        for e in entries {
+            ttls.add(e)?;
+        }
+        Ok(ttls)
+    }
+
+    /// The TTL of `service`'s records.
+    pub fn ttl(&self, service: &str) -> u32 {
+        let lower = service.to_ascii_lowercase();
+        if let Some(ttl) = self.exact.get(&lower) {
+            return *ttl;
+        }
+        self.prefixes.iter().find(|(p, _)| lower.starts_with(p.as_str())).map_or(0, |(_, ttl)| *ttl)
+    }
+}
+
+/// DNS settings (Consul's `domain`, `alt_domain`, `node_ttl`, `service_ttl`, `soa.min_ttl`,
+/// `only_passing`, `enable_truncate`, `recursors`, `recursor_timeout`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsConfig {
     /// The domain we answer for, without a trailing dot (default `mesh`); may have several labels.
     pub domain: String,
-    /// The local datacenter: the only one that `<name>.service.<dc>.<domain>` may name.
+    /// A second domain answered the same way (answers use the domain of the query).
+    pub alt_domain: Option<String>,
+    /// The local datacenter: the only one a query may name.
     pub datacenter: String,
-    /// TTL (seconds) of node and `.addr` answers.
+    /// The nodes that serve DNS (the apex NS records), by name.
+    pub servers: Vec<String>,
+    /// TTL (seconds) of node, `.addr`, NS and PTR answers.
     pub node_ttl: u32,
-    /// TTL (seconds) of service answers (A/AAAA/SRV and their Additional records).
-    pub service_ttl: u32,
+    /// TTLs of service answers (A/AAAA/SRV and their Additional records).
+    pub service_ttl: ServiceTtls,
     /// The SOA `minimum` (negative-caching TTL), also the TTL of the SOA record itself.
     pub soa_min_ttl: u32,
+    /// Answer only passing instances (by default warning ones are answered too).
+    pub only_passing: bool,
+    /// Consul's truncation: UDP answers without EDNS are cut to 3 records, and nothing sets TC.
+    /// By default answers are cut only to what fits, with TC set so clients retry over TCP.
+    pub consul_truncation: bool,
+    /// Upstream servers for names outside our domains, tried in order.
+    pub recursors: Vec<SocketAddr>,
+    /// How long each upstream gets.
+    pub recursor_timeout: Duration,
 }
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        Self { domain: "mesh".to_owned(), datacenter: "dc1".to_owned(), node_ttl: 0, service_ttl: 0, soa_min_ttl: 0 }
+        Self {
+            domain: "mesh".to_owned(),
+            alt_domain: None,
+            datacenter: "dc1".to_owned(),
+            servers: Vec::new(),
+            node_ttl: 0,
+            service_ttl: ServiceTtls::default(),
+            soa_min_ttl: 0,
+            only_passing: false,
+            consul_truncation: false,
+            recursors: Vec::new(),
+            recursor_timeout: Duration::from_secs(2),
+        }
     }
 }
 
-impl DnsConfig {
-    /// The domain's labels, lowercased (`"Mesh."` and `"mesh"` both give `["mesh"]`).
-    fn domain_labels(&self) -> Vec<String> {
-        self.domain.split('.').filter(|l| !l.is_empty()).map(|l| l.to_ascii_lowercase()).collect()
-    }
-
-    /// The domain apex as a fully qualified name (`mesh.`); the root if the domain is not a valid name.
-    pub fn domain_name(&self) -> Name {
-        labels_name(self.domain_labels().iter().map(String::as_str)).unwrap_or_else(|_| Name::root())
-    }
-
-    /// `labels` followed by `<dc>.<domain>.`, if that forms a valid name.
-    fn name_in_dc<'a>(&self, labels: impl IntoIterator<Item = &'a str>) -> Option<Name> {
-        let mut all: Vec<String> = labels.into_iter().map(str::to_owned).collect();
-        all.push(self.datacenter.to_ascii_lowercase());
-        all.extend(self.domain_labels());
-        labels_name(all.iter().map(String::as_str)).ok()
-    }
+/// One of the domains we answer for, with the names derived from it.
+#[derive(Clone, Debug)]
+struct Domain {
+    /// Lowercase labels.
+    labels: Vec<Vec<u8>>,
+    /// `<domain>.`
+    apex: Name,
+    /// `ns.<domain>.`
+    ns: Name,
+    /// `hostmaster.<domain>.`
+    hostmaster: Name,
 }
 
-/// A fully qualified name from raw labels (any bytes; 1 to 63 of them per label).
-fn labels_name<'a>(labels: impl IntoIterator<Item = &'a str>) -> Result<Name, hickory_proto::ProtoError> {
-    Name::from_labels(labels.into_iter().map(|l| l.as_bytes()))
+/// A validated [`DnsConfig`] with the names it implies: what answers queries.
+#[derive(Clone, Debug)]
+pub struct DnsZone {
+    config: DnsConfig,
+    /// The primary domain first, then the alternative one.
+    domains: Vec<Domain>,
+    /// The datacenter label, lowercase.
+    dc: String,
+}
+
+/// A fully qualified name from raw labels (1 to 63 bytes each).
+fn labels_name<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> Result<Name, ProtoError> {
+    Name::from_labels(labels)
+}
+
+impl DnsZone {
+    /// Checks `config` and derives the names it needs.
+    pub fn new(config: DnsConfig) -> Result<Self, DnsConfigError> {
+        let dc = config.datacenter.to_ascii_lowercase();
+        if dc.is_empty() || labels_name([dc.as_bytes()]).is_err() || dc.contains('.') {
+            return Err(DnsConfigError::Datacenter(config.datacenter.clone()));
+        }
+        let mut domains = Vec::new();
+        for d in std::iter::once(&config.domain).chain(config.alt_domain.as_ref()) {
+            let labels: Vec<Vec<u8>> =
+                d.split('.').filter(|l| !l.is_empty()).map(|l| l.to_ascii_lowercase().into_bytes()).collect();
+            let bad = || DnsConfigError::Domain(d.clone());
+            if labels.is_empty() {
+                return Err(bad());
+            }
+            let apex = labels_name(labels.iter().map(Vec::as_slice)).map_err(|_| bad())?;
+            // Room for `<name>.service.<dc>.` under the domain.
+            apex.prepend_label(dc.as_bytes()).map_err(|_| bad())?;
+            let ns = apex.prepend_label("ns").map_err(|_| bad())?;
+            let hostmaster = apex.prepend_label("hostmaster").map_err(|_| bad())?;
+            domains.push(Domain { labels, apex, ns, hostmaster });
+        }
+        Ok(Self { config, domains, dc })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DnsConfig {
+        &self.config
+    }
+
+    /// Whether names outside our domains are forwarded (the `ra` flag).
+    pub fn recursion_available(&self) -> bool {
+        !self.config.recursors.is_empty()
+    }
+
+    /// `labels` followed by `<dc>.<domain>.` of domain `d`.
+    fn name_in_dc<'a>(&'a self, labels: impl IntoIterator<Item = &'a [u8]>, d: usize) -> Option<Name> {
+        let dom = &self.domains[d];
+        let all =
+            labels.into_iter().chain(std::iter::once(self.dc.as_bytes())).chain(dom.labels.iter().map(Vec::as_slice));
+        labels_name(all).ok()
+    }
+
+    /// `<node>.node.<dc>.<domain>.` in every domain (node names with dots become several labels).
+    fn node_names(&self, node: &str) -> Option<Vec<Name>> {
+        (0..self.domains.len())
+            .map(|d| self.name_in_dc(node.split('.').map(str::as_bytes).chain([&b"node"[..]]), d))
+            .collect()
+    }
+
+    /// `<hex>.addr.<dc>.<domain>.` in every domain.
+    fn addr_names(&self, ip: IpAddr) -> Option<Vec<Name>> {
+        let hex = hex_ip(ip);
+        (0..self.domains.len()).map(|d| self.name_in_dc([hex.as_bytes(), &b"addr"[..]], d)).collect()
+    }
+
+    /// Reads a query name (case-insensitive): what it asks for, and which of our domains it used
+    /// (0 for the primary one, also for names outside our domains). The query type matters only for
+    /// the RFC 2782 form without the `service` label, which Consul accepts only for SRV queries.
+    pub fn parse(&self, name: &Name, qtype: RecordType) -> (QueryName, usize) {
+        let labels: Vec<&[u8]> = name.iter().collect();
+        self.parse_labels(&labels, qtype)
+    }
+
+    /// [`DnsZone::parse`] of a name given as its labels.
+    fn parse_labels(&self, labels: &[&[u8]], qtype: RecordType) -> (QueryName, usize) {
+        // The longest of our domains that ends the name.
+        let mut best: Option<(usize, usize)> = None;
+        for (i, d) in self.domains.iter().enumerate() {
+            let n = d.labels.len();
+            if labels.len() >= n
+                && labels[labels.len() - n..].iter().zip(&d.labels).all(|(a, b)| a.eq_ignore_ascii_case(b))
+                && best.is_none_or(|(_, m)| n > m)
+            {
+                best = Some((i, n));
+            }
+        }
+        let Some((d, n)) = best else {
+            return match parse_reverse(labels) {
+                Some(ip) => (QueryName::Reverse(ip), 0),
+                None => (QueryName::Outside, 0),
+            };
+        };
+        (parse_in_domain(&labels[..labels.len() - n], qtype), d)
+    }
+
+    /// The SOA record of domain `d` owned by its apex: `ns.<domain>. hostmaster.<domain>.`,
+    /// `serial`, 3600, 600, 86400 and `soa_min_ttl`, with TTL `soa_min_ttl`.
+    pub fn soa_record(&self, d: usize, serial: u32) -> Record {
+        let dom = &self.domains[d];
+        let min = self.config.soa_min_ttl;
+        let soa = SOA::new(dom.ns.clone(), dom.hostmaster.clone(), serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, min);
+        Record::from_rdata(dom.apex.clone(), min, RData::SOA(soa))
+    }
+
+    /// The answer to `qname`/`qtype` from `index`. `unix_time` becomes the SOA serial; `rng` shuffles
+    /// the answers. Answer records are owned by `qname` as given (its case preserved).
+    pub fn answer<R: Rng + ?Sized>(
+        &self,
+        index: &DnsIndex,
+        qname: &Name,
+        qtype: RecordType,
+        unix_time: u64,
+        rng: &mut R,
+    ) -> DnsAnswer {
+        // Consul's serial is the low 32 bits of the Unix time.
+        let serial = unix_time as u32;
+        let (parsed, d) = self.parse(qname, qtype);
+        let negative = |code: ResponseCode| {
+            let mut a = DnsAnswer::new(code);
+            a.authorities.push(self.soa_record(d, serial));
+            a
+        };
+        match &parsed {
+            QueryName::Outside => {
+                let mut a = DnsAnswer::new(ResponseCode::Refused);
+                a.recurse = true;
+                return a;
+            }
+            QueryName::Reverse(ip) => {
+                let Some(target) = ip.and_then(|ip| index.ptr.get(&ip)) else {
+                    let mut a = negative(ResponseCode::NXDomain);
+                    a.recurse = true;
+                    return a;
+                };
+                let mut out = DnsAnswer::new(ResponseCode::NoError);
+                if matches!(qtype, RecordType::PTR | RecordType::ANY) {
+                    out.answers.push(Record::from_rdata(
+                        qname.clone(),
+                        self.config.node_ttl,
+                        RData::PTR(PTR(target.clone())),
+                    ));
+                }
+                return if out.answers.is_empty() { negative(ResponseCode::NoError) } else { out };
+            }
+            _ => {}
+        }
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
+            return DnsAnswer::new(ResponseCode::NotImp);
+        }
+        let known_dc = |dc: &Option<String>| dc.as_ref().is_none_or(|x| x.eq_ignore_ascii_case(&self.dc));
+
+        let mut out = DnsAnswer::new(ResponseCode::NoError);
+        match parsed {
+            QueryName::Outside | QueryName::Reverse(_) => unreachable!("handled above"),
+            QueryName::Invalid => return negative(ResponseCode::NXDomain),
+            QueryName::Apex => {
+                if matches!(qtype, RecordType::SOA | RecordType::ANY) {
+                    let mut soa = self.soa_record(d, serial);
+                    soa.name = qname.clone();
+                    out.answers.push(soa);
+                }
+                if matches!(qtype, RecordType::NS | RecordType::ANY) {
+                    self.ns_records(index, qname, d, &mut out);
+                }
+            }
+            QueryName::Addr { ip, .. } => {
+                if wants(qtype, ip) {
+                    out.answers.push(addr_record(qname, ip, self.config.node_ttl));
+                }
+            }
+            QueryName::Node { node, datacenter } => {
+                if !known_dc(&datacenter) {
+                    return negative(ResponseCode::NXDomain);
+                }
+                let Some(node) = index.nodes.get(&node) else { return negative(ResponseCode::NXDomain) };
+                let ttl = self.config.node_ttl;
+                if wants(qtype, node.address) {
+                    out.answers.push(addr_record(qname, node.address, ttl));
+                }
+                let txt = node.txt.iter().map(|t| Record::from_rdata(qname.clone(), ttl, RData::TXT(t.clone())));
+                if matches!(qtype, RecordType::TXT | RecordType::ANY) {
+                    out.answers.extend(txt);
+                } else if !out.answers.is_empty() {
+                    out.additionals.extend(txt);
+                }
+            }
+            QueryName::Service { service, tag, datacenter } => {
+                if !known_dc(&datacenter) {
+                    return negative(ResponseCode::NXDomain);
+                }
+                let Some(entry) = index.services.get(&service) else { return negative(ResponseCode::NXDomain) };
+                let selected = self.select(entry, tag.as_deref());
+                if selected.is_empty() {
+                    return negative(ResponseCode::NXDomain);
+                }
+                if qtype == RecordType::SRV {
+                    srv_records(qname, &selected, entry.ttl, d, rng, &mut out);
+                } else {
+                    // Sorted by address: duplicates are neighbours.
+                    let mut last: Option<IpAddr> = None;
+                    for i in &selected {
+                        if wants(qtype, i.ip) && last != Some(i.ip) {
+                            out.answers.push(addr_record(qname, i.ip, entry.ttl));
+                        }
+                        last = Some(i.ip);
+                    }
+                    out.answers.shuffle(rng);
+                }
+            }
+        }
+        if out.answers.is_empty() {
+            return negative(ResponseCode::NoError);
+        }
+        out
+    }
+
+    /// The instances of `entry` a query answers: not critical (only passing with `only_passing`),
+    /// carrying `tag` if given; in the entry's order (address, node, port).
+    fn select<'a>(&self, entry: &'a ServiceEntry, tag: Option<&str>) -> Vec<&'a InstanceEntry> {
+        let only_passing = self.config.only_passing;
+        entry
+            .instances
+            .iter()
+            .filter(|i| if only_passing { i.health == Health::Passing } else { i.health != Health::Critical })
+            .filter(|i| tag.is_none_or(|t| i.tags.iter().any(|x| x == t)))
+            .collect()
+    }
+
+    /// The apex NS records: our DNS servers' nodes (at most 3) with glue, else `ns.<domain>.`.
+    fn ns_records(&self, index: &DnsIndex, qname: &Name, d: usize, out: &mut DnsAnswer) {
+        let ttl = self.config.node_ttl;
+        for server in self.config.servers.iter().take(MAX_NS) {
+            if let Some(node) = index.nodes.get(&server.to_ascii_lowercase()) {
+                let target = node.names[d].clone();
+                out.answers.push(Record::from_rdata(qname.clone(), ttl, RData::NS(NS(target.clone()))));
+                out.additionals.push(addr_record(&target, node.address, ttl));
+            }
+        }
+        if out.answers.iter().all(|r| !matches!(r.data, RData::NS(_))) {
+            out.answers.push(Record::from_rdata(qname.clone(), ttl, RData::NS(NS(self.domains[d].ns.clone()))));
+        }
+    }
 }
 
 /// What a query name asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QueryName {
-    /// The domain apex itself (`<domain>.`), where the SOA lives.
+    /// The domain apex itself (`<domain>.`), where the SOA and NS records live.
     Apex,
     /// Instances of a service.
     Service {
@@ -113,69 +473,126 @@ pub enum QueryName {
         /// The datacenter named in the query, lowercased, if any (ignored, as Consul does).
         datacenter: Option<String>,
     },
+    /// A name under `in-addr.arpa` or `ip6.arpa`: the address if the name spells a whole one.
+    Reverse(Option<IpAddr>),
     /// Inside the domain, but naming nothing we serve: NXDOMAIN.
     Invalid,
-    /// Outside the domain: REFUSED, since we have no recursor.
+    /// Outside our domains: forwarded to the recursors, else REFUSED.
     Outside,
 }
 
-/// Parses a query name against `config` (case-insensitive). The query type matters only for the
-/// RFC 2782 form without the `service` label, which Consul accepts only for SRV queries.
-pub fn parse_query_name(name: &Name, qtype: RecordType, config: &DnsConfig) -> QueryName {
-    let labels: Vec<String> = name.iter().map(|l| String::from_utf8_lossy(l).to_ascii_lowercase()).collect();
-    let domain = config.domain_labels();
-    if labels.len() < domain.len() || labels[labels.len() - domain.len()..] != domain[..] {
-        return QueryName::Outside;
+fn lower(label: &[u8]) -> String {
+    String::from_utf8_lossy(label).to_ascii_lowercase()
+}
+
+fn join_lower(labels: &[&[u8]]) -> String {
+    let mut s = String::new();
+    for (i, l) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        s.push_str(&lower(l));
     }
-    let rest = &labels[..labels.len() - domain.len()];
+    s
+}
+
+/// The part of a name before our domain (`rest`, labels left to right).
+fn parse_in_domain(rest: &[&[u8]], qtype: RecordType) -> QueryName {
     if rest.is_empty() {
         return QueryName::Apex;
     }
-
     // Scan right to left for the first keyword, as Consul does.
     let mut found = None;
     for i in (0..rest.len()).rev() {
-        match rest[i].as_str() {
-            kind @ ("service" | "node" | "addr" | "query" | "connect" | "ingress" | "virtual") => {
-                found = Some((kind, &rest[..i], &rest[i + 1..]));
-                break;
-            }
-            label if qtype == RecordType::SRV && label.starts_with('_') => {
-                found = Some(("service", &rest[..=i], &rest[i + 1..]));
-                break;
-            }
-            _ => {}
+        let label = rest[i];
+        let keyword = ["service", "node", "addr", "query", "connect", "ingress", "virtual"]
+            .into_iter()
+            .find(|k| label.eq_ignore_ascii_case(k.as_bytes()));
+        if let Some(kind) = keyword {
+            found = Some((kind, &rest[..i], &rest[i + 1..]));
+            break;
+        }
+        if qtype == RecordType::SRV && label.first() == Some(&b'_') {
+            found = Some(("service", &rest[..=i], &rest[i + 1..]));
+            break;
         }
     }
     let Some((kind, parts, suffix)) = found else { return QueryName::Invalid };
     let datacenter = match suffix {
         [] => None,
-        [dc] => Some(dc.clone()),
-        [dc, dc_keyword] if dc_keyword == "dc" => Some(dc.clone()),
+        [dc] => Some(lower(dc)),
+        [dc, keyword] if keyword.eq_ignore_ascii_case(b"dc") => Some(lower(dc)),
         _ => return QueryName::Invalid,
     };
-
     match kind {
         "service" => match parts {
             [] => QueryName::Invalid,
-            [svc, tag] if svc.len() > 1 && svc.starts_with('_') && tag.starts_with('_') => {
+            [svc, tag] if svc.len() > 1 && svc[0] == b'_' && tag.first() == Some(&b'_') => {
                 let tag = &tag[1..];
-                let tag = (!tag.is_empty() && tag != "tcp").then(|| tag.to_owned());
-                QueryName::Service { service: svc[1..].to_owned(), tag, datacenter }
+                let tag = (!tag.is_empty() && !tag.eq_ignore_ascii_case(b"tcp")).then(|| lower(tag));
+                QueryName::Service { service: lower(&svc[1..]), tag, datacenter }
             }
             [tag @ .., svc] => {
-                let tag = (!tag.is_empty()).then(|| tag.join("."));
-                QueryName::Service { service: svc.clone(), tag, datacenter }
+                let tag = (!tag.is_empty()).then(|| join_lower(tag));
+                QueryName::Service { service: lower(svc), tag, datacenter }
             }
         },
-        "node" if !parts.is_empty() => QueryName::Node { node: parts.join("."), datacenter },
+        "node" if !parts.is_empty() => QueryName::Node { node: join_lower(parts), datacenter },
         "addr" => match parts {
-            [hex] => parse_hex_ip(hex).map_or(QueryName::Invalid, |ip| QueryName::Addr { ip, datacenter }),
+            [hex] => std::str::from_utf8(hex)
+                .ok()
+                .and_then(parse_hex_ip)
+                .map_or(QueryName::Invalid, |ip| QueryName::Addr { ip, datacenter }),
             _ => QueryName::Invalid,
         },
         // Prepared queries, Connect, ingress and virtual IPs are not served.
         _ => QueryName::Invalid,
     }
+}
+
+/// A reverse name's address: `Some(Some(ip))` for a whole address (`4.3.2.1.in-addr.arpa`, 32
+/// nibbles of `ip6.arpa`), `Some(None)` for other names under those zones, `None` for other names.
+fn parse_reverse(labels: &[&[u8]]) -> Option<Option<IpAddr>> {
+    let n = labels.len();
+    let is = |i: usize, s: &str| labels[i].eq_ignore_ascii_case(s.as_bytes());
+    if n >= 2 && is(n - 1, "arpa") && is(n - 2, "in-addr") {
+        let digits = &labels[..n - 2];
+        if digits.len() != 4 {
+            return Some(None);
+        }
+        let mut octets = [0u8; 4];
+        for (i, l) in digits.iter().enumerate() {
+            let s = std::str::from_utf8(l).ok();
+            let ok = s.filter(|s| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()));
+            // Reversed order; no leading zeros beyond "0" itself.
+            match ok.filter(|s| s.len() == 1 || !s.starts_with('0')).and_then(|s| s.parse::<u8>().ok()) {
+                Some(v) => octets[3 - i] = v,
+                None => return Some(None),
+            }
+        }
+        return Some(Some(IpAddr::V4(Ipv4Addr::from(octets))));
+    }
+    if n >= 2 && is(n - 1, "arpa") && is(n - 2, "ip6") {
+        let nibbles = &labels[..n - 2];
+        if nibbles.len() != 32 {
+            return Some(None);
+        }
+        let mut v: u128 = 0;
+        for l in nibbles.iter().rev() {
+            let [c] = l else { return Some(None) };
+            let Some(d) = (*c as char).to_digit(16) else { return Some(None) };
+            v = (v << 4) | u128::from(d);
+        }
+        return Some(Some(IpAddr::V6(Ipv6Addr::from(v))));
+    }
+    None
+}
+
+/// Parses a reverse-lookup name (see [`QueryName::Reverse`]); `None` if it is not under
+/// `in-addr.arpa` or `ip6.arpa`.
+pub fn parse_reverse_name(name: &Name) -> Option<Option<IpAddr>> {
+    let labels: Vec<&[u8]> = name.iter().collect();
+    parse_reverse(&labels)
 }
 
 /// `7f000001` → 127.0.0.1; 32 hex digits → an IPv6 address.
@@ -198,35 +615,6 @@ fn hex_ip(ip: IpAddr) -> String {
     }
 }
 
-/// The sections of a response (the caller adds the header, question and EDNS).
-#[derive(Clone, Debug, PartialEq)]
-pub struct DnsAnswer {
-    /// Response code.
-    pub response_code: ResponseCode,
-    /// Answer section.
-    pub answers: Vec<Record>,
-    /// Authority section (the SOA on negative answers).
-    pub authorities: Vec<Record>,
-    /// Additional section (addresses of SRV targets).
-    pub additionals: Vec<Record>,
-}
-
-impl DnsAnswer {
-    fn new(response_code: ResponseCode) -> Self {
-        Self { response_code, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
-    }
-}
-
-/// The SOA record of the domain: `ns.<domain>. hostmaster.<domain>.`, `serial`, 3600, 600, 86400 and
-/// `soa_min_ttl`, with TTL `soa_min_ttl`, owned by `owner`.
-pub fn soa_record(owner: &Name, config: &DnsConfig, serial: u32) -> Record {
-    let domain = config.domain_name();
-    let ns = domain.prepend_label("ns").unwrap_or_else(|_| domain.clone());
-    let hostmaster = domain.prepend_label("hostmaster").unwrap_or_else(|_| domain.clone());
-    let soa = SOA::new(ns, hostmaster, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, config.soa_min_ttl);
-    Record::from_rdata(owner.clone(), config.soa_min_ttl, RData::SOA(soa))
-}
-
 /// Whether an address record for `ip` answers a query of type `qtype`.
 fn wants(qtype: RecordType, ip: IpAddr) -> bool {
     match qtype {
@@ -246,140 +634,691 @@ fn addr_record(owner: &Name, ip: IpAddr, ttl: u32) -> Record {
     Record::from_rdata(owner.clone(), ttl, data)
 }
 
-/// The address an instance is reached at: its own, else its node's.
-fn instance_addr(catalog: &CatalogState, inst: &ServiceInstance) -> Option<IpAddr> {
-    inst.address.or_else(|| catalog.node(&inst.node).map(|n| n.address))
+/// Whether two instances have the same SRV target: it is a function of node and address.
+fn same_target(a: &InstanceEntry, b: &InstanceEntry) -> bool {
+    a.ip == b.ip && a.node == b.node
 }
 
-/// Builds the answer to `qname`/`qtype` from `catalog`. `unix_time` becomes the SOA serial; `rng`
-/// shuffles the answers. Answer records are owned by `qname` as given (its case preserved).
-pub fn build_answer<R: Rng + ?Sized>(
-    catalog: &CatalogState,
-    qname: &Name,
-    qtype: RecordType,
-    config: &DnsConfig,
-    unix_time: u64,
-    rng: &mut R,
-) -> DnsAnswer {
-    let parsed = parse_query_name(qname, qtype, config);
-    if parsed == QueryName::Outside {
-        return DnsAnswer::new(ResponseCode::Refused);
-    }
-    if matches!(qtype, RecordType::AXFR | RecordType::IXFR) {
-        return DnsAnswer::new(ResponseCode::NotImp);
-    }
-    // Consul's serial is the low 32 bits of the Unix time.
-    let serial = unix_time as u32;
-    let negative = |code: ResponseCode| {
-        let mut a = DnsAnswer::new(code);
-        a.authorities.push(soa_record(&config.domain_name(), config, serial));
-        a
-    };
-    let known_dc = |dc: &Option<String>| dc.as_ref().is_none_or(|d| d.eq_ignore_ascii_case(&config.datacenter));
-
-    let mut out = DnsAnswer::new(ResponseCode::NoError);
-    match parsed {
-        QueryName::Outside => unreachable!("handled above"),
-        QueryName::Invalid => return negative(ResponseCode::NXDomain),
-        QueryName::Apex => {
-            if matches!(qtype, RecordType::SOA | RecordType::ANY) {
-                out.answers.push(soa_record(qname, config, serial));
-            }
-        }
-        QueryName::Addr { ip, .. } => {
-            if wants(qtype, ip) {
-                out.answers.push(addr_record(qname, ip, config.node_ttl));
-            }
-        }
-        QueryName::Node { node, datacenter } => {
-            if !known_dc(&datacenter) {
-                return negative(ResponseCode::NXDomain);
-            }
-            let Some(node) = catalog.node(&node) else { return negative(ResponseCode::NXDomain) };
-            if wants(qtype, node.address) {
-                out.answers.push(addr_record(qname, node.address, config.node_ttl));
-            }
-        }
-        QueryName::Service { service, tag, datacenter } => {
-            if !known_dc(&datacenter) {
-                return negative(ResponseCode::NXDomain);
-            }
-            let instances: Vec<&ServiceInstance> = catalog
-                .instances(&service, tag.as_deref(), false)
-                .into_iter()
-                .filter(|i| i.health != Health::Critical)
-                .collect();
-            if instances.is_empty() {
-                return negative(ResponseCode::NXDomain);
-            }
-            if qtype == RecordType::SRV {
-                srv_records(catalog, qname, &instances, config, rng, &mut out);
-            } else {
-                let ttl = config.service_ttl;
-                let mut seen: Vec<IpAddr> = Vec::new();
-                for ip in instances.iter().filter_map(|i| instance_addr(catalog, i)) {
-                    if wants(qtype, ip) && !seen.contains(&ip) {
-                        seen.push(ip);
-                        out.answers.push(addr_record(qname, ip, ttl));
-                    }
-                }
-                out.answers.shuffle(rng);
-            }
-        }
-    }
-    if out.answers.is_empty() {
-        return negative(ResponseCode::NoError);
-    }
-    out
-}
-
-/// SRV answers for `instances` (shuffled), with their targets' addresses in Additional.
+/// SRV answers for `instances` (sorted by address, node and port; shuffled here), with their
+/// targets' addresses and node meta TXT records in Additional.
 fn srv_records<R: Rng + ?Sized>(
-    catalog: &CatalogState,
     qname: &Name,
-    instances: &[&ServiceInstance],
-    config: &DnsConfig,
+    instances: &[&InstanceEntry],
+    ttl: u32,
+    d: usize,
     rng: &mut R,
     out: &mut DnsAnswer,
 ) {
-    let ttl = config.service_ttl;
-    let mut seen: Vec<(&str, IpAddr, u16)> = Vec::new();
-    let mut entries: Vec<(Record, Record)> = Vec::new();
+    let mut last: Option<&InstanceEntry> = None;
     for inst in instances {
-        let node = catalog.node(&inst.node);
-        let Some(ip) = inst.address.or(node.map(|n| n.address)) else { continue };
-        let key = (inst.node.as_str(), ip, inst.port);
-        if seen.contains(&key) {
+        // Same node, address and port: once (they are neighbours).
+        if last.is_some_and(|l| l.ip == inst.ip && l.port == inst.port && l.node == inst.node) {
             continue;
         }
-        seen.push(key);
-        let target = match node {
-            Some(n) if n.address == ip => config.name_in_dc(n.name.split('.').chain(["node"])),
-            _ => config.name_in_dc([hex_ip(ip).as_str(), "addr"]),
-        };
-        let Some(target) = target else { continue };
-        let srv = Record::from_rdata(qname.clone(), ttl, RData::SRV(SRV::new(1, 1, inst.port, target.clone())));
-        entries.push((srv, addr_record(&target, ip, ttl)));
-    }
-    entries.shuffle(rng);
-    for (srv, extra) in entries {
-        out.answers.push(srv);
-        if !out.additionals.contains(&extra) {
-            out.additionals.push(extra);
+        let new_target = !last.is_some_and(|l| same_target(l, inst));
+        last = Some(inst);
+        let target = &inst.targets[d];
+        out.answers.push(Record::from_rdata(
+            qname.clone(),
+            ttl,
+            RData::SRV(SRV::new(1, inst.weight, inst.port, target.clone())),
+        ));
+        // Equal targets are neighbours too.
+        if new_target {
+            out.additionals.push(addr_record(target, inst.ip, ttl));
+            out.additionals
+                .extend(inst.txt.iter().map(|t| Record::from_rdata(target.clone(), ttl, RData::TXT(t.clone()))));
         }
     }
+    out.answers.shuffle(rng);
+}
+
+/// The sections of a response (the caller adds the header, question and EDNS).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsAnswer {
+    /// Response code.
+    pub response_code: ResponseCode,
+    /// Answer section.
+    pub answers: Vec<Record>,
+    /// Authority section (the SOA on negative answers).
+    pub authorities: Vec<Record>,
+    /// Additional section (addresses of SRV targets, node meta).
+    pub additionals: Vec<Record>,
+    /// The name is not ours: forward it to the recursors if there are any; otherwise send this
+    /// answer (REFUSED outside our domains, NXDOMAIN for unknown reverse names).
+    pub recurse: bool,
+}
+
+impl DnsAnswer {
+    fn sections(&self) -> Sections<'_> {
+        Sections { answers: &self.answers, authorities: &self.authorities, additionals: &self.additionals }
+    }
+
+    /// An answer without records.
+    pub fn new(response_code: ResponseCode) -> Self {
+        Self { response_code, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new(), recurse: false }
+    }
+}
+
+/// A node as DNS sees it.
+#[derive(Debug)]
+struct NodeEntry {
+    address: IpAddr,
+    /// `<node>.node.<dc>.<domain>.` per domain.
+    names: Vec<Name>,
+    /// Node meta as RFC 1464 TXT data.
+    txt: Arc<[TXT]>,
+}
+
+/// A service instance as DNS sees it.
+#[derive(Clone, Debug)]
+struct InstanceEntry {
+    health: Health,
+    /// Lowercase tags.
+    tags: Box<[String]>,
+    ip: IpAddr,
+    port: u16,
+    /// SRV weight: Consul's `Weights.Passing`, or `Weights.Warning` for an instance in warning.
+    weight: u16,
+    /// The node name, lowercased.
+    node: Arc<str>,
+    /// SRV target per domain.
+    targets: Vec<Name>,
+    /// Node meta TXT data when the target is the node's name.
+    txt: Arc<[TXT]>,
+    /// Per domain, for the fast path: the SRV RDATA (priority, weight, port, target uncompressed).
+    srv_rdata: Vec<Box<[u8]>>,
+    /// Per domain, for the fast path: the Additional records of an SRV answer (the target's address
+    /// and node meta TXT, names uncompressed), and how many there are.
+    srv_extra: Vec<Box<[u8]>>,
+    srv_extra_count: u16,
+}
+
+/// The instances of one service (or of several whose names differ only in case).
+#[derive(Debug)]
+struct ServiceEntry {
+    ttl: u32,
+    /// Sorted by address, node and port.
+    instances: Vec<InstanceEntry>,
+}
+
+/// What DNS answers from: the catalog rearranged for lookups by lowercase name, built once per
+/// published catalog ([`DnsIndex::build`]).
+#[derive(Debug, Default)]
+pub struct DnsIndex {
+    services: HashMap<String, Arc<ServiceEntry>>,
+    nodes: HashMap<String, Arc<NodeEntry>>,
+    /// Reverse lookups: address → PTR target in the primary domain.
+    ptr: HashMap<IpAddr, Name>,
+    /// The catalog maps this was built from, to reuse the entries of unchanged services.
+    source_nodes: OrdMap<String, Node>,
+    source_services: OrdMap<String, OrdMap<String, ServiceInstance>>,
+    /// Entry per service as named in the catalog.
+    by_catalog_name: HashMap<String, Arc<ServiceEntry>>,
+}
+
+/// RFC 1464 TXT data of node meta (`key=value`; keys prefixed `rfc1035-` give the bare value).
+fn meta_txt(meta: &BTreeMap<String, String>) -> Arc<[TXT]> {
+    meta.iter()
+        .map(|(k, v)| match k.strip_prefix("rfc1035-") {
+            Some(_) => TXT::new(vec![v.clone()]),
+            None => TXT::new(vec![format!("{k}={v}")]),
+        })
+        .collect()
+}
+
+impl DnsIndex {
+    /// Indexes `catalog` for `zone`. Services whose instances did not change since `previous` (and
+    /// no node changed) keep their entries, so a publish costs about one map walk.
+    pub fn build(catalog: &CatalogState, zone: &DnsZone, previous: Option<&DnsIndex>) -> DnsIndex {
+        let mut nodes: HashMap<String, Arc<NodeEntry>> = HashMap::with_capacity(catalog.nodes.len());
+        let mut ptr: HashMap<IpAddr, Name> = HashMap::new();
+        let nodes_unchanged = previous.filter(|p| p.source_nodes.ptr_eq(&catalog.nodes));
+        for node in catalog.nodes.values() {
+            let lower = node.name.to_ascii_lowercase();
+            let entry = match nodes_unchanged.and_then(|p| p.nodes.get(&lower)) {
+                Some(e) => e.clone(),
+                None => {
+                    let Some(names) = zone.node_names(&node.name) else { continue };
+                    Arc::new(NodeEntry { address: node.address, names, txt: meta_txt(&node.meta) })
+                }
+            };
+            ptr.entry(node.address).or_insert_with(|| entry.names[0].clone());
+            nodes.entry(lower).or_insert(entry);
+        }
+
+        let mut services: HashMap<String, Arc<ServiceEntry>> = HashMap::with_capacity(catalog.services.len());
+        let mut by_catalog_name = HashMap::with_capacity(catalog.services.len());
+        for (name, instances) in &catalog.services {
+            let reused = nodes_unchanged.and_then(|p| {
+                let same = p.source_services.get(name).is_some_and(|old| old.ptr_eq(instances));
+                if same { p.by_catalog_name.get(name).cloned() } else { None }
+            });
+            let entry = reused.unwrap_or_else(|| Arc::new(service_entry(name, instances, &nodes, zone)));
+            let svc_name = zone.name_in_dc([name.as_bytes(), &b"service"[..]], 0);
+            if let Some(svc_name) = svc_name {
+                for inst in instances.values() {
+                    if let Some(ip) = inst.address {
+                        ptr.entry(ip).or_insert_with(|| svc_name.clone());
+                    }
+                }
+            }
+            by_catalog_name.insert(name.clone(), entry.clone());
+            match services.entry(name.to_ascii_lowercase()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(entry);
+                }
+                // Names that differ only in case answer together.
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let merged = merge_entries(o.get(), &entry);
+                    o.insert(Arc::new(merged));
+                }
+            }
+        }
+        DnsIndex {
+            services,
+            nodes,
+            ptr,
+            source_nodes: catalog.nodes.clone(),
+            source_services: catalog.services.clone(),
+            by_catalog_name,
+        }
+    }
+
+    /// How many services (by lowercase name) are indexed.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+}
+
+/// One entry for two services whose names differ only in case.
+fn merge_entries(a: &ServiceEntry, b: &ServiceEntry) -> ServiceEntry {
+    let mut instances: Vec<InstanceEntry> = a.instances.iter().chain(&b.instances).cloned().collect();
+    instances.sort_by(|x, y| (x.ip, &x.node, x.port).cmp(&(y.ip, &y.node, y.port)));
+    ServiceEntry { ttl: a.ttl, instances }
+}
+
+/// The entry of service `name` from its catalog instances.
+fn service_entry(
+    name: &str,
+    instances: &OrdMap<String, ServiceInstance>,
+    nodes: &HashMap<String, Arc<NodeEntry>>,
+    zone: &DnsZone,
+) -> ServiceEntry {
+    let ttl = zone.config.service_ttl.ttl(name);
+    let mut out: Vec<InstanceEntry> = Vec::with_capacity(instances.len());
+    for inst in instances.values() {
+        let node = nodes.get(&inst.node.to_ascii_lowercase());
+        let Some(ip) = inst.address.or(node.map(|n| n.address)) else { continue };
+        // The node's name when the instance is at the node's address, else the address itself.
+        let (targets, txt) = match node {
+            Some(n) if n.address == ip => (n.names.clone(), n.txt.clone()),
+            _ => match zone.addr_names(ip) {
+                Some(t) => (t, Arc::from(Vec::new())),
+                None => continue,
+            },
+        };
+        let weight = if inst.health == Health::Warning { inst.weights.warning } else { inst.weights.passing };
+        let mut srv_rdata = Vec::with_capacity(targets.len());
+        let mut srv_extra = Vec::with_capacity(targets.len());
+        for target in &targets {
+            let mut rdata = Vec::with_capacity(6 + target.len() + 2);
+            rdata.extend_from_slice(&[0, 1]);
+            rdata.extend_from_slice(&weight.to_be_bytes());
+            rdata.extend_from_slice(&inst.port.to_be_bytes());
+            push_wire_name(&mut rdata, target);
+            srv_rdata.push(rdata.into_boxed_slice());
+            let mut extra = Vec::new();
+            let owner = wire_name(target);
+            push_wire_record(&mut extra, &owner, addr_type(ip), ttl, &ip_bytes(ip));
+            for t in txt.iter() {
+                let mut rdata = Vec::new();
+                if t.emit(&mut BinEncoder::new(&mut rdata)).is_err() {
+                    continue;
+                }
+                push_wire_record(&mut extra, &owner, RecordType::TXT, ttl, &rdata);
+            }
+            srv_extra.push(extra.into_boxed_slice());
+        }
+        out.push(InstanceEntry {
+            health: inst.health,
+            tags: inst.tags.iter().map(|t| t.to_ascii_lowercase()).collect(),
+            ip,
+            port: inst.port,
+            weight,
+            node: Arc::from(inst.node.to_ascii_lowercase()),
+            targets,
+            srv_extra_count: u16::try_from(1 + txt.len()).unwrap_or(u16::MAX),
+            txt,
+            srv_rdata,
+            srv_extra,
+        });
+    }
+    out.sort_by(|a, b| (a.ip, &a.node, a.port).cmp(&(b.ip, &b.node, b.port)));
+    ServiceEntry { ttl, instances: out }
+}
+
+// ---- The fast path: the common query answered straight into wire format ----
+
+/// A name in wire format, uncompressed.
+fn push_wire_name(out: &mut Vec<u8>, name: &Name) {
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+}
+
+fn wire_name(name: &Name) -> Vec<u8> {
+    let mut v = Vec::with_capacity(name.len() + 2);
+    push_wire_name(&mut v, name);
+    v
+}
+
+/// A resource record of class IN in wire format (`owner` already encoded).
+fn push_wire_record(out: &mut Vec<u8>, owner: &[u8], rtype: RecordType, ttl: u32, rdata: &[u8]) {
+    out.extend_from_slice(owner);
+    out.extend_from_slice(&u16::from(rtype).to_be_bytes());
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    out.extend_from_slice(rdata);
+}
+
+fn addr_type(ip: IpAddr) -> RecordType {
+    if ip.is_ipv4() { RecordType::A } else { RecordType::AAAA }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Most labels a query name may have for the fast path.
+const FAST_MAX_LABELS: usize = 32;
+
+/// A plain query read straight from the wire: a standard query with one question of class IN and
+/// no records but an optional EDNS version 0 OPT record, names uncompressed. Anything else takes
+/// the general way (hickory's `Message`).
+#[derive(Debug)]
+pub struct SimpleQuery<'a> {
+    id: u16,
+    rd: bool,
+    cd: bool,
+    /// The question as sent: name, type and class.
+    question: &'a [u8],
+    labels: [&'a [u8]; FAST_MAX_LABELS],
+    label_count: usize,
+    qtype: RecordType,
+    /// The payload size of the query's EDNS, if it has any.
+    pub edns_payload: Option<u16>,
+}
+
+impl<'a> SimpleQuery<'a> {
+    /// Reads `bytes` if they are such a query.
+    pub fn read(bytes: &'a [u8]) -> Option<Self> {
+        let u16_at = |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?])) };
+        let flags = u16_at(2)?;
+        // QR = 0 (a query) and opcode QUERY.
+        if flags & 0xf800 != 0 {
+            return None;
+        }
+        if u16_at(4)? != 1 || u16_at(6)? != 0 || u16_at(8)? != 0 || u16_at(10)? > 1 {
+            return None;
+        }
+        let mut labels: [&[u8]; FAST_MAX_LABELS] = [&[]; FAST_MAX_LABELS];
+        let mut label_count = 0;
+        let mut pos = 12;
+        loop {
+            let len = usize::from(*bytes.get(pos)?);
+            if len == 0 {
+                pos += 1;
+                break;
+            }
+            // Compression pointers and extended label types: not here.
+            if len > 63 || label_count == FAST_MAX_LABELS {
+                return None;
+            }
+            labels[label_count] = bytes.get(pos + 1..pos + 1 + len)?;
+            label_count += 1;
+            pos += 1 + len;
+        }
+        if pos - 12 > 255 {
+            return None;
+        }
+        let qtype = RecordType::from(u16_at(pos)?);
+        if u16_at(pos + 2)? != 1 {
+            return None;
+        }
+        pos += 4;
+        let question = &bytes[12..pos];
+        let mut edns_payload = None;
+        if u16_at(10)? == 1 {
+            // The OPT record: root owner, type 41, class = payload size, version 0.
+            if *bytes.get(pos)? != 0 || u16_at(pos + 1)? != 41 || *bytes.get(pos + 6)? != 0 {
+                return None;
+            }
+            edns_payload = Some(u16_at(pos + 3)?);
+            pos += 11 + usize::from(u16_at(pos + 9)?);
+        }
+        if pos != bytes.len() {
+            return None;
+        }
+        Some(Self {
+            id: u16_at(0)?,
+            rd: flags & 0x0100 != 0,
+            cd: flags & 0x0010 != 0,
+            question,
+            labels,
+            label_count,
+            qtype,
+            edns_payload,
+        })
+    }
+
+    /// The question's type.
+    pub fn qtype(&self) -> RecordType {
+        self.qtype
+    }
+}
+
+impl DnsZone {
+    /// Writes the whole response to `q` into `out` if it is a positive answer about a service (A,
+    /// AAAA or SRV) that fits `limit` uncut: the same records [`DnsZone::answer`] gives, answer
+    /// owners pointing at the question, encoded from bytes the index prepared. Returns false (and
+    /// `out` holds nothing useful) for everything else, which takes the general path.
+    pub fn answer_fast<R: Rng + ?Sized>(
+        &self,
+        index: &DnsIndex,
+        q: &SimpleQuery<'_>,
+        limit: SizeLimit,
+        rng: &mut R,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let qtype = q.qtype;
+        if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::SRV) {
+            return false;
+        }
+        let (QueryName::Service { service, tag, datacenter }, d) = self.parse_labels(&q.labels[..q.label_count], qtype)
+        else {
+            return false;
+        };
+        if datacenter.is_some_and(|dc| dc != self.dc) {
+            return false;
+        }
+        let Some(entry) = index.services.get(&service) else { return false };
+        let mut selected = self.select(entry, tag.as_deref());
+        let ttl = entry.ttl.to_be_bytes();
+        out.clear();
+        out.extend_from_slice(&[0; 12]);
+        out.extend_from_slice(q.question);
+        let mut extra_count: usize = 0;
+        if qtype == RecordType::SRV {
+            // Same node, address and port once (neighbours: sorted).
+            selected.dedup_by(|b, a| a.ip == b.ip && a.port == b.port && a.node == b.node);
+            let mut extras: Vec<&[u8]> = Vec::with_capacity(selected.len());
+            let mut last: Option<&InstanceEntry> = None;
+            for inst in &selected {
+                // One set of Additional records per target (equal targets are neighbours).
+                if !last.is_some_and(|l| same_target(l, inst)) {
+                    extras.push(&inst.srv_extra[d]);
+                    extra_count += usize::from(inst.srv_extra_count);
+                }
+                last = Some(inst);
+            }
+            selected.shuffle(rng);
+            for inst in &selected {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 33, 0, 1]);
+                out.extend_from_slice(&ttl);
+                let rdata = &inst.srv_rdata[d];
+                out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+                out.extend_from_slice(rdata);
+            }
+            for e in extras {
+                out.extend_from_slice(e);
+            }
+        } else {
+            selected.retain(|i| wants(qtype, i.ip));
+            selected.dedup_by(|b, a| a.ip == b.ip);
+            selected.shuffle(rng);
+            for inst in &selected {
+                out.extend_from_slice(&[0xc0, 0x0c]);
+                out.extend_from_slice(&u16::from(qtype).to_be_bytes());
+                out.extend_from_slice(&[0, 1]);
+                out.extend_from_slice(&ttl);
+                match inst.ip {
+                    IpAddr::V4(v4) => {
+                        out.extend_from_slice(&[0, 4]);
+                        out.extend_from_slice(&v4.octets());
+                    }
+                    IpAddr::V6(v6) => {
+                        out.extend_from_slice(&[0, 16]);
+                        out.extend_from_slice(&v6.octets());
+                    }
+                }
+            }
+        }
+        // No answer (NXDOMAIN or NODATA), or too many: the general path.
+        if selected.is_empty() || limit.answers.is_some_and(|n| selected.len() > n) {
+            return false;
+        }
+        if let Some(payload) = q.edns_payload {
+            out.extend_from_slice(&[0, 0, 41]);
+            out.extend_from_slice(&payload.max(512).to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            extra_count += 1;
+        }
+        if out.len() > limit.bytes.clamp(512, MAX_MESSAGE) {
+            return false;
+        }
+        let (Ok(answers), Ok(extras)) = (u16::try_from(selected.len()), u16::try_from(extra_count)) else {
+            return false;
+        };
+        // QR, AA, RD and CD as asked, RA with recursors; NOERROR.
+        let mut flags: u16 = 0x8400;
+        if q.rd {
+            flags |= 0x0100;
+        }
+        if self.recursion_available() {
+            flags |= 0x0080;
+        }
+        if q.cd {
+            flags |= 0x0010;
+        }
+        out[0..2].copy_from_slice(&q.id.to_be_bytes());
+        out[2..4].copy_from_slice(&flags.to_be_bytes());
+        out[4..6].copy_from_slice(&1u16.to_be_bytes());
+        out[6..8].copy_from_slice(&answers.to_be_bytes());
+        out[8..10].copy_from_slice(&0u16.to_be_bytes());
+        out[10..12].copy_from_slice(&extras.to_be_bytes());
+        true
+    }
+}
+
+/// How large a response may be, and what cutting it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeLimit {
+    /// Bytes of the whole message.
+    pub bytes: usize,
+    /// Answer records at most (Consul's `udp_answer_limit`), before any size check.
+    pub answers: Option<usize>,
+    /// Whether a response that was cut gets the TC bit.
+    pub set_tc: bool,
+}
+
+impl SizeLimit {
+    /// The limit of a response over TCP (64 KiB) or UDP (512 bytes without EDNS, the advertised
+    /// payload size with it). With `consul_truncation`, UDP without EDNS is also cut to 3 answers and
+    /// TC is never set, as Consul does by default.
+    pub fn for_request(tcp: bool, edns_payload: Option<u16>, consul_truncation: bool) -> Self {
+        let set_tc = !consul_truncation;
+        match (tcp, edns_payload) {
+            (true, _) => Self { bytes: MAX_MESSAGE, answers: None, set_tc },
+            (false, Some(payload)) => Self { bytes: usize::from(payload).max(512), answers: None, set_tc },
+            (false, None) => Self { bytes: 512, answers: consul_truncation.then_some(CONSUL_UDP_ANSWER_LIMIT), set_tc },
+        }
+    }
+}
+
+/// The Additional records that belong to `answers`: those owned by an answer's name or by the
+/// target of an SRV, NS, MX or CNAME answer.
+pub fn resync_additionals(answers: &[Record], additionals: &[Record]) -> Vec<Record> {
+    let mut wanted: HashSet<&Name> = HashSet::with_capacity(answers.len() * 2);
+    for r in answers {
+        wanted.insert(&r.name);
+        match &r.data {
+            RData::SRV(s) => {
+                wanted.insert(&s.target);
+            }
+            RData::NS(ns) => {
+                wanted.insert(&ns.0);
+            }
+            RData::MX(mx) => {
+                wanted.insert(&mx.exchange);
+            }
+            RData::CNAME(c) => {
+                wanted.insert(&c.0);
+            }
+            _ => {}
+        }
+    }
+    additionals.iter().filter(|r| wanted.contains(&r.name)).cloned().collect()
+}
+
+/// The record sections of a message.
+struct Sections<'a> {
+    answers: &'a [Record],
+    authorities: &'a [Record],
+    additionals: &'a [Record],
+}
+
+/// Emits one message into `out` (cleared first) within `max` bytes; whether every record fitted.
+fn emit_within(
+    metadata: &Metadata,
+    query: Option<&Query>,
+    Sections { answers, authorities, additionals }: Sections<'_>,
+    edns: Option<&Edns>,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> Result<bool, ProtoError> {
+    out.clear();
+    let mut encoder = BinEncoder::new(out);
+    encoder.set_max_size(u16::try_from(max).unwrap_or(u16::MAX));
+    match emit_message_parts(
+        metadata,
+        &mut query.into_iter(),
+        &mut answers.iter(),
+        &mut authorities.iter(),
+        &mut additionals.iter(),
+        edns,
+        None,
+        &mut encoder,
+    ) {
+        Ok(header) => {
+            let c = header.counts;
+            Ok(usize::from(c.answers) == answers.len()
+                && usize::from(c.authorities) == authorities.len()
+                && usize::from(c.additionals) == additionals.len() + usize::from(edns.is_some()))
+        }
+        Err(ProtoError::MaxBufferSizeExceeded(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Encodes a response into `out`: `metadata` (with `answer`'s response code), the question, `answer`'s sections and `edns`, within
+/// `limit`. What does not fit is cut to the most whole answer records that do (binary search over
+/// trial encodings; the usual answer that fits is encoded once), the Additional section re-synced
+/// to the answers kept ([`resync_additionals`]); TC is set on a cut response if `limit.set_tc`.
+/// `answer` is left holding what was sent. Returns whether anything was cut.
+pub fn encode_response(
+    metadata: &Metadata,
+    query: Option<&Query>,
+    answer: &mut DnsAnswer,
+    edns: Option<&Edns>,
+    limit: SizeLimit,
+    out: &mut Vec<u8>,
+) -> Result<bool, ProtoError> {
+    let max = limit.bytes.clamp(512, MAX_MESSAGE);
+    let mut meta = *metadata;
+    meta.response_code = answer.response_code;
+    let mut cut = false;
+    if let Some(n) = limit.answers
+        && answer.answers.len() > n
+    {
+        answer.answers.truncate(n);
+        answer.additionals = resync_additionals(&answer.answers, &answer.additionals);
+        cut = true;
+    }
+    meta.truncation = cut && limit.set_tc;
+    let a = &*answer;
+    if emit_within(&meta, query, a.sections(), edns, max, out)? {
+        return Ok(cut);
+    }
+
+    // Too large: find the most answers that fit.
+    meta.truncation = limit.set_tc;
+    let n = answer.answers.len();
+    let fits = |k: usize, out: &mut Vec<u8>| -> Result<bool, ProtoError> {
+        let extra = resync_additionals(&answer.answers[..k], &answer.additionals);
+        emit_within(
+            &meta,
+            query,
+            Sections { answers: &answer.answers[..k], authorities: &answer.authorities, additionals: &extra },
+            edns,
+            max,
+            out,
+        )
+    };
+    let (mut lo, mut hi) = (0, n);
+    if fits(0, out)? {
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fits(mid, out)? { lo = mid } else { hi = mid - 1 }
+        }
+        answer.answers.truncate(lo);
+        answer.additionals = resync_additionals(&answer.answers, &answer.additionals);
+    } else {
+        // Not even the other sections fit: send the bare header and question.
+        answer.answers.clear();
+        answer.authorities.clear();
+        answer.additionals.clear();
+    }
+    let a = &*answer;
+    if !emit_within(&meta, query, a.sections(), edns, max, out)? {
+        return Err(ProtoError::Message("response header and question do not fit"));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Node;
+    use crate::catalog::{Node, Weights};
+    use hickory_proto::op::{Message, MessageType, OpCode};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use std::collections::{BTreeMap, BTreeSet};
 
     fn name(s: &str) -> Name {
         Name::from_ascii(s).unwrap()
+    }
+
+    fn parse_query_name(qname: &Name, qtype: RecordType, cfg: &DnsConfig) -> QueryName {
+        DnsZone::new(cfg.clone()).unwrap().parse(qname, qtype).0
+    }
+
+    fn build_answer(
+        c: &CatalogState,
+        qname: &Name,
+        qtype: RecordType,
+        cfg: &DnsConfig,
+        unix_time: u64,
+        rng: &mut StdRng,
+    ) -> DnsAnswer {
+        let zone = DnsZone::new(cfg.clone()).unwrap();
+        zone.answer(&DnsIndex::build(c, &zone, None), qname, qtype, unix_time, rng)
     }
 
     fn parse(s: &str) -> QueryName {
@@ -684,14 +1623,14 @@ mod tests {
         assert!(is_soa(&ans.answers[0]));
         assert_eq!(ans.answers[0].name, name("Mesh."));
         let ans = ask(&c, "example.com.", RecordType::A);
-        assert_eq!(ans, DnsAnswer::new(ResponseCode::Refused));
+        assert_eq!(ans, DnsAnswer { recurse: true, ..DnsAnswer::new(ResponseCode::Refused) });
         assert_eq!(ask(&c, "mesh.", RecordType::AXFR).response_code, ResponseCode::NotImp);
     }
 
     #[test]
     fn ttls_from_config() {
         let c = catalog();
-        let cfg = DnsConfig { node_ttl: 7, service_ttl: 9, ..DnsConfig::default() };
+        let cfg = DnsConfig { node_ttl: 7, service_ttl: ServiceTtls::parse(["*=9"]).unwrap(), ..DnsConfig::default() };
         let mut rng = StdRng::seed_from_u64(1);
         let n = build_answer(&c, &name("host-1.node.mesh."), RecordType::A, &cfg, 0, &mut rng);
         assert_eq!(n.answers[0].ttl, 7);
@@ -710,5 +1649,527 @@ mod tests {
         let RData::SRV(s) = &srv.answers[0].data else { panic!() };
         assert_eq!(s.target, name("20010db8000000000000000000000001.addr.dc1.mesh."));
         assert_eq!(a_ips(&srv.additionals), [ip("2001:db8::1")].into());
+    }
+
+    #[test]
+    fn service_ttl_selection() {
+        let ttls = ServiceTtls::parse(["*=5", "db*=10", "db-prod*=20", "Web=30", "web-*=40s"]).unwrap();
+        assert_eq!(ttls.ttl("web"), 30, "exact name");
+        assert_eq!(ttls.ttl("WEB"), 30, "case-insensitive");
+        assert_eq!(ttls.ttl("web-1"), 40, "prefix");
+        assert_eq!(ttls.ttl("db"), 10, "a prefix matches the bare prefix too");
+        assert_eq!(ttls.ttl("db-prod-eu"), 20, "longest prefix wins");
+        assert_eq!(ttls.ttl("db-staging"), 10);
+        assert_eq!(ttls.ttl("other"), 5, "`*` is the default");
+        assert_eq!(ServiceTtls::default().ttl("web"), 0, "0 without entries");
+        let mut ttls = ServiceTtls::parse(["db*=10"]).unwrap();
+        assert_eq!(ttls.ttl("other"), 0);
+        ttls.add("db*=11").unwrap();
+        assert_eq!(ttls.ttl("db1"), 11, "a later entry replaces an earlier one");
+        for bad in ["web", "=5", "web=", "web=x", "web=-1", "w*b=5", "**=5", "web=5m"] {
+            assert_eq!(ServiceTtls::parse([bad]), Err(DnsConfigError::ServiceTtl(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reverse_names() {
+        let rev = |s: &str| parse_reverse_name(&name(s));
+        assert_eq!(rev("4.3.2.10.in-addr.arpa."), Some(Some(ip("10.2.3.4"))));
+        assert_eq!(rev("1.0.0.127.IN-ADDR.ARPA."), Some(Some(ip("127.0.0.1"))));
+        assert_eq!(rev("0.0.0.0.in-addr.arpa."), Some(Some(ip("0.0.0.0"))));
+        assert_eq!(rev("3.2.10.in-addr.arpa."), Some(None), "a network, not an address");
+        assert_eq!(rev("1.4.3.2.10.in-addr.arpa."), Some(None));
+        assert_eq!(rev("256.3.2.10.in-addr.arpa."), Some(None));
+        assert_eq!(rev("04.3.2.10.in-addr.arpa."), Some(None), "leading zero");
+        assert_eq!(rev("x.3.2.10.in-addr.arpa."), Some(None));
+        assert_eq!(rev("in-addr.arpa."), Some(None));
+        let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.";
+        assert_eq!(rev(v6), Some(Some(ip("2001:db8::1"))));
+        assert_eq!(rev(&v6.to_uppercase()), Some(Some(ip("2001:db8::1"))));
+        assert_eq!(rev("8.b.d.0.1.0.0.2.ip6.arpa."), Some(None));
+        assert_eq!(rev(&v6.replacen("1.", "10.", 1)), Some(None), "one nibble per label");
+        assert_eq!(rev(&v6.replacen("1.", "g.", 1)), Some(None));
+        assert_eq!(rev("4.3.2.10.in-addr.example."), None);
+        assert_eq!(rev("example.com."), None);
+        assert_eq!(rev("arpa."), None);
+    }
+
+    #[test]
+    fn ptr_answers() {
+        let mut c = catalog();
+        // 10.0.0.1 is both host-1's address and w4's: the node wins.
+        c.upsert_instance(inst("d2", "db", "host-1", Some("10.9.9.8"), 5432, Health::Critical), 20);
+        let cfg = DnsConfig { alt_domain: Some("alt.example".into()), node_ttl: 4, ..DnsConfig::default() };
+        let ptr = |q: &str, t: RecordType| build_answer(&c, &name(q), t, &cfg, 0, &mut StdRng::seed_from_u64(0));
+        let target = |a: &DnsAnswer| match &a.answers[..] {
+            [r] => match &r.data {
+                RData::PTR(p) => (r.name.clone(), r.ttl, p.0.clone()),
+                other => panic!("not a PTR: {other:?}"),
+            },
+            other => panic!("answers: {other:?}"),
+        };
+        let q = "1.0.0.10.in-addr.arpa.";
+        assert_eq!(target(&ptr(q, RecordType::PTR)), (name(q), 4, name("host-1.node.dc1.mesh.")));
+        assert_eq!(target(&ptr("3.0.0.10.IN-ADDR.ARPA.", RecordType::PTR)).2, name("host-3.rack.node.dc1.mesh."));
+        // Service addresses (critical instances too: PTR names an address, not a healthy instance).
+        assert_eq!(target(&ptr("9.9.9.10.in-addr.arpa.", RecordType::PTR)).2, name("db.service.dc1.mesh."));
+        assert_eq!(target(&ptr("8.9.9.10.in-addr.arpa.", RecordType::ANY)).2, name("db.service.dc1.mesh."));
+        // Known address, other type: NODATA.
+        let a = ptr(q, RecordType::A);
+        assert!(a.response_code == ResponseCode::NoError && a.answers.is_empty() && a.authorities.len() == 1);
+        // Unknown addresses and networks: for the recursors, else NXDOMAIN with the SOA.
+        for q in ["7.7.7.7.in-addr.arpa.", "0.10.in-addr.arpa."] {
+            let a = ptr(q, RecordType::PTR);
+            assert!(a.recurse, "{q}");
+            assert_eq!(a.response_code, ResponseCode::NXDomain, "{q}");
+            assert!(matches!(a.authorities[0].data, RData::SOA(_)), "{q}");
+        }
+        let mut c6 = CatalogState::new("dc1");
+        c6.upsert_instance(inst("v6", "six", "nowhere", Some("2001:db8::1"), 80, Health::Passing), 1);
+        let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.";
+        let a = build_answer(&c6, &name(v6), RecordType::PTR, &cfg, 0, &mut StdRng::seed_from_u64(0));
+        assert_eq!(target(&a).2, name("six.service.dc1.mesh."));
+    }
+
+    #[test]
+    fn alt_domain_answers_in_the_domain_asked() {
+        let c = catalog();
+        let cfg = DnsConfig { alt_domain: Some("Alt.Example.".into()), ..DnsConfig::default() };
+        let zone = DnsZone::new(cfg.clone()).unwrap();
+        assert_eq!(zone.parse(&name("web.service.alt.example."), RecordType::A), (svc("web", None, None), 1));
+        assert_eq!(zone.parse(&name("web.service.mesh."), RecordType::A), (svc("web", None, None), 0));
+        assert_eq!(zone.parse(&name("web.service.example."), RecordType::A).0, QueryName::Outside);
+        let ask = |q: &str, t| build_answer(&c, &name(q), t, &cfg, 0, &mut StdRng::seed_from_u64(3));
+        let srv = ask("_web._tcp.service.dc1.alt.example.", RecordType::SRV);
+        let targets: BTreeSet<Name> = srv
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.clone(),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(targets, [name("host-1.node.dc1.alt.example."), name("host-2.node.dc1.alt.example.")].into());
+        assert!(srv.additionals.iter().all(|r| targets.contains(&r.name)));
+        let db = ask("db.service.alt.example.", RecordType::SRV);
+        assert!(matches!(&db.answers[0].data, RData::SRV(s) if s.target == name("0a090909.addr.dc1.alt.example.")));
+        // Negative answers carry the SOA of the domain asked.
+        let nx = ask("nope.service.alt.example.", RecordType::A);
+        assert_eq!(nx.response_code, ResponseCode::NXDomain);
+        let RData::SOA(soa) = &nx.authorities[0].data else { panic!() };
+        assert_eq!((&nx.authorities[0].name, &soa.mname), (&name("alt.example."), &name("ns.alt.example.")));
+        assert_eq!(a_ips(&ask("host-2.node.alt.example.", RecordType::A).answers), [ip("10.0.0.2")].into());
+        // A domain nested in the other: the longer one is the one used.
+        let nested = DnsConfig { alt_domain: Some("x.mesh".into()), ..DnsConfig::default() };
+        let zone = DnsZone::new(nested).unwrap();
+        assert_eq!(zone.parse(&name("web.service.x.mesh."), RecordType::A), (svc("web", None, None), 1));
+        assert!(DnsZone::new(DnsConfig { alt_domain: Some("..".into()), ..DnsConfig::default() }).is_err());
+        assert!(DnsZone::new(DnsConfig { domain: "a".repeat(64), ..DnsConfig::default() }).is_err());
+        assert!(DnsZone::new(DnsConfig { datacenter: "a.b".into(), ..DnsConfig::default() }).is_err());
+    }
+
+    fn with_meta() -> CatalogState {
+        let mut c = catalog();
+        let mut node = c.nodes["host-1"].clone();
+        node.meta = [("rack".to_owned(), "r1".to_owned()), ("rfc1035-x".to_owned(), "bare".to_owned())].into();
+        c.upsert_node(node, 30);
+        c
+    }
+
+    fn txts(records: &[Record]) -> BTreeSet<(Name, String)> {
+        records
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some((r.name.clone(), t.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn node_meta_as_txt() {
+        let c = with_meta();
+        let meta = |owner: &str| -> BTreeSet<(Name, String)> {
+            [(name(owner), "bare".to_owned()), (name(owner), "rack=r1".to_owned())].into()
+        };
+        let a = ask(&c, "host-1.node.mesh.", RecordType::A);
+        assert_eq!((a.answers.len(), txts(&a.additionals)), (1, meta("host-1.node.mesh.")));
+        let t = ask(&c, "host-1.node.mesh.", RecordType::TXT);
+        assert_eq!((txts(&t.answers), t.additionals.len()), (meta("host-1.node.mesh."), 0));
+        let any = ask(&c, "host-1.node.mesh.", RecordType::ANY);
+        assert_eq!((a_ips(&any.answers), txts(&any.answers)), ([ip("10.0.0.1")].into(), meta("host-1.node.mesh.")));
+        // No meta: TXT is NODATA.
+        let t = ask(&c, "host-2.node.mesh.", RecordType::TXT);
+        assert!(t.response_code == ResponseCode::NoError && t.answers.is_empty() && t.authorities.len() == 1);
+        // SRV targets that are the node's name carry its meta in Additional.
+        let srv = ask(&c, "web.service.mesh.", RecordType::SRV);
+        assert_eq!(txts(&srv.additionals), meta("host-1.node.dc1.mesh."));
+    }
+
+    #[test]
+    fn apex_ns_and_soa() {
+        let c = catalog();
+        let cfg = DnsConfig { servers: vec!["HOST-2".into(), "ghost".into()], node_ttl: 3, ..DnsConfig::default() };
+        let ask = |q: &str, t| build_answer(&c, &name(q), t, &cfg, 0, &mut StdRng::seed_from_u64(3));
+        let ns = ask("mesh.", RecordType::NS);
+        assert_eq!(ns.response_code, ResponseCode::NoError);
+        assert!(matches!(&ns.answers[..], [r] if r.ttl == 3 && r.data == RData::NS(NS(name("host-2.node.dc1.mesh.")))));
+        assert_eq!(ns.additionals, vec![addr_record(&name("host-2.node.dc1.mesh."), ip("10.0.0.2"), 3)]);
+        let any = ask("mesh.", RecordType::ANY);
+        assert!(
+            matches!(&any.answers[..], [soa, ns] if matches!(soa.data, RData::SOA(_)) && matches!(ns.data, RData::NS(_)))
+        );
+        // Without a known server node: `ns.<domain>`.
+        let ns =
+            build_answer(&c, &name("mesh."), RecordType::NS, &DnsConfig::default(), 0, &mut StdRng::seed_from_u64(0));
+        assert!(matches!(&ns.answers[..], [r] if r.data == RData::NS(NS(name("ns.mesh.")))));
+        assert!(ns.additionals.is_empty());
+    }
+
+    #[test]
+    fn only_passing_and_datacenter_labels() {
+        let c = catalog();
+        let cfg = DnsConfig { only_passing: true, ..DnsConfig::default() };
+        let a = build_answer(&c, &name("web.service.mesh."), RecordType::A, &cfg, 0, &mut StdRng::seed_from_u64(0));
+        assert_eq!(a_ips(&a.answers), [ip("10.0.0.1")].into(), "the warning instance is left out");
+        assert_eq!(a_ips(&ask(&c, "web.service.dc1.dc.mesh.", RecordType::A).answers).len(), 2);
+        assert_eq!(a_ips(&ask(&c, "host-1.node.DC1.DC.mesh.", RecordType::A).answers), [ip("10.0.0.1")].into());
+        assert_eq!(ask(&c, "web.service.dc2.dc.mesh.", RecordType::A).response_code, ResponseCode::NXDomain);
+        assert_eq!(ask(&c, "web.service.dc1.xx.mesh.", RecordType::A).response_code, ResponseCode::NXDomain);
+        // The dc of an `.addr` name is ignored, as in Consul.
+        assert_eq!(a_ips(&ask(&c, "0a000001.addr.dc9.mesh.", RecordType::A).answers), [ip("10.0.0.1")].into());
+    }
+
+    #[test]
+    fn index_reuses_unchanged_services() {
+        let zone = DnsZone::new(DnsConfig::default()).unwrap();
+        let mut c = catalog();
+        let first = DnsIndex::build(&c, &zone, None);
+        c.upsert_instance(inst("d9", "db", "host-2", None, 1, Health::Passing), 40);
+        let second = DnsIndex::build(&c, &zone, Some(&first));
+        assert!(Arc::ptr_eq(&first.services["web"], &second.services["web"]), "web did not change");
+        assert!(!Arc::ptr_eq(&first.services["db"], &second.services["db"]), "db changed");
+        assert_eq!(second.services["db"].instances.len(), 2);
+        // A node change (its address is in every entry) rebuilds everything.
+        let mut node = c.nodes["host-1"].clone();
+        node.address = ip("10.0.1.1");
+        c.upsert_node(node, 41);
+        let third = DnsIndex::build(&c, &zone, Some(&second));
+        assert!(!Arc::ptr_eq(&second.services["web"], &third.services["web"]));
+        let a = zone.answer(&third, &name("web.service.mesh."), RecordType::A, 0, &mut StdRng::seed_from_u64(0));
+        assert_eq!(a_ips(&a.answers), [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.1.1")].into());
+        assert_eq!(third.service_count(), 3);
+    }
+
+    #[test]
+    fn srv_weights() {
+        let mut c = catalog();
+        for id in ["w1", "w2"] {
+            let mut i = c.services["web"][id].clone();
+            i.weights = Weights { passing: 10, warning: 3 };
+            c.upsert_instance(i, 60);
+        }
+        let srv = ask(&c, "web.service.mesh.", RecordType::SRV);
+        let mut weights: Vec<(u16, u16)> = srv
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => (s.port, s.weight),
+                _ => panic!(),
+            })
+            .collect();
+        weights.sort();
+        // w1 passing, w2 in warning, w4 with the default weights.
+        assert_eq!(weights, [(31001, 10), (31002, 3), (31004, 1)]);
+    }
+
+    #[test]
+    fn service_names_differing_in_case_answer_together() {
+        let mut c = catalog();
+        c.upsert_instance(inst("W1", "Web", "nowhere", Some("10.5.5.5"), 80, Health::Passing), 50);
+        let a = ask(&c, "WEB.service.mesh.", RecordType::A);
+        assert_eq!(a_ips(&a.answers), [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.5.5.5")].into());
+    }
+
+    /// `n` passing instances of `big`, each on its own node `node-<i>` (so SRV targets differ).
+    fn big_catalog(n: u16) -> CatalogState {
+        let mut c = CatalogState::new("dc1");
+        for i in 0..n {
+            let node = Node {
+                name: format!("node-{i}"),
+                address: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + u32::from(i))),
+                datacenter: "dc1".into(),
+                meta: BTreeMap::new(),
+                create_index: 0,
+                modify_index: 0,
+            };
+            c.upsert_node(node, 1);
+            c.upsert_instance(inst(&format!("b{i}"), "big", &format!("node-{i}"), None, 20000 + i, Health::Passing), 2);
+        }
+        c
+    }
+
+    /// Encodes the answer to `q`/`t` from `c` within `limit`: (decoded message, bytes, cut).
+    fn encoded(
+        c: &CatalogState,
+        q: &str,
+        t: RecordType,
+        edns: Option<u16>,
+        limit: SizeLimit,
+    ) -> (Message, usize, bool) {
+        let mut ans = ask(c, q, t);
+        let query = Query::query(name(q), t);
+        let edns = edns.map(|p| {
+            let mut e = Edns::new();
+            e.set_max_payload(p);
+            e
+        });
+        let mut meta = Metadata::new(7, MessageType::Response, OpCode::Query);
+        meta.authoritative = true;
+        let mut out = Vec::new();
+        let cut = encode_response(&meta, Some(&query), &mut ans, edns.as_ref(), limit, &mut out).unwrap();
+        let msg = Message::from_vec(&out).unwrap();
+        assert_eq!((msg.answers.len(), msg.additionals.len()), (ans.answers.len(), ans.additionals.len()));
+        (msg, out.len(), cut)
+    }
+
+    /// Every Additional record belongs to a kept SRV target, and every kept target has its glue.
+    fn additionals_in_sync(m: &Message) {
+        let targets: BTreeSet<Name> = m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(s) => Some(s.target.clone()),
+                _ => None,
+            })
+            .collect();
+        let glue: BTreeSet<Name> = m.additionals.iter().map(|r| r.name.clone()).collect();
+        assert_eq!(targets, glue);
+    }
+
+    #[test]
+    fn trimming_to_fit() {
+        let c = big_catalog(20);
+        // UDP without EDNS: cut to whole records within 512 bytes, TC set, glue re-synced.
+        let (m, len, cut) =
+            encoded(&c, "big.service.mesh.", RecordType::SRV, None, SizeLimit::for_request(false, None, false));
+        assert!(cut && m.metadata.truncation && m.metadata.authoritative && len <= 512, "{len}");
+        assert!(!m.answers.is_empty() && m.answers.len() < 20, "{}", m.answers.len());
+        additionals_in_sync(&m);
+        // One more answer would not have fitted.
+        let full = ask(&c, "big.service.mesh.", RecordType::SRV);
+        let k = m.answers.len();
+        assert_eq!(m.answers[..], full.answers[..k], "the first answers are kept");
+        let extra = resync_additionals(&full.answers[..=k], &full.additionals);
+        let meta = Metadata::new(7, MessageType::Response, OpCode::Query);
+        let query = Query::query(name("big.service.mesh."), RecordType::SRV);
+        let mut out = Vec::new();
+        let fits = emit_within(
+            &meta,
+            Some(&query),
+            Sections { answers: &full.answers[..=k], authorities: &[], additionals: &extra },
+            None,
+            512,
+            &mut out,
+        )
+        .unwrap();
+        assert!(!fits);
+
+        // Consul's mode: 3 answers, no TC.
+        let consul = SizeLimit::for_request(false, None, true);
+        assert_eq!(consul, SizeLimit { bytes: 512, answers: Some(3), set_tc: false });
+        let (m, _, cut) = encoded(&c, "big.service.mesh.", RecordType::SRV, None, consul);
+        assert!(cut && !m.metadata.truncation);
+        assert_eq!((m.answers.len(), m.additionals.len()), (3, 3));
+        additionals_in_sync(&m);
+
+        // EDNS: the advertised size (all 20 fit in 4096); never less than 512.
+        let (m, len, cut) = encoded(
+            &c,
+            "big.service.mesh.",
+            RecordType::SRV,
+            Some(4096),
+            SizeLimit::for_request(false, Some(4096), false),
+        );
+        assert!(!cut && !m.metadata.truncation && len > 512);
+        assert_eq!((m.answers.len(), m.additionals.len()), (20, 20));
+        assert!(m.edns.is_some());
+        assert_eq!(SizeLimit::for_request(false, Some(100), false).bytes, 512);
+        assert_eq!(SizeLimit::for_request(false, Some(1232), true).answers, None, "Consul caps non-EDNS only");
+
+        // TCP: everything up to 64 KiB.
+        let (m, _, cut) =
+            encoded(&c, "big.service.mesh.", RecordType::SRV, None, SizeLimit::for_request(true, None, false));
+        assert!(!cut && !m.metadata.truncation && m.answers.len() == 20);
+    }
+
+    #[test]
+    fn tcp_answers_are_cut_at_64k() {
+        let c = big_catalog(5000);
+        let (m, len, cut) =
+            encoded(&c, "big.service.mesh.", RecordType::A, None, SizeLimit::for_request(true, None, false));
+        assert!(cut && m.metadata.truncation && len <= 65535 && len > 60000, "{len}");
+        // hickory's encoder stops compressing names past 16 KiB, so about 2,100 A records fit.
+        assert!(m.answers.len() > 2000 && m.answers.len() < 5000, "{}", m.answers.len());
+        let (m, len, cut) =
+            encoded(&c, "big.service.mesh.", RecordType::SRV, None, SizeLimit::for_request(true, None, true));
+        assert!(cut && !m.metadata.truncation && len <= 65535, "Consul mode: no TC");
+        additionals_in_sync(&m);
+    }
+
+    #[test]
+    fn small_answers_are_encoded_whole() {
+        let c = catalog();
+        for t in [RecordType::A, RecordType::SRV] {
+            let (m, _, cut) = encoded(&c, "web.service.mesh.", t, None, SizeLimit::for_request(false, None, false));
+            assert!(!cut && !m.metadata.truncation);
+            assert_eq!(m.queries, vec![Query::query(name("web.service.mesh."), t)]);
+        }
+        // A negative answer keeps its SOA.
+        let (m, _, _) =
+            encoded(&c, "nope.service.mesh.", RecordType::A, None, SizeLimit::for_request(false, None, true));
+        assert_eq!((m.metadata.response_code, m.authorities.len()), (ResponseCode::NXDomain, 1));
+    }
+
+    fn sorted(records: &[Record]) -> Vec<String> {
+        let mut v: Vec<String> = records.iter().map(|r| format!("{r:?}")).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn fast_path_matches_the_general_path() {
+        let mut c = with_meta();
+        let mut six = inst("v6", "web", "nowhere", Some("2001:db8::1"), 80, Health::Passing);
+        six.weights = Weights { passing: 7, warning: 1 };
+        c.upsert_instance(six, 70);
+        c.upsert_instance(inst("r1", "rack", "host-3.rack", None, 80, Health::Passing), 71);
+        let mut tagged = inst("w5", "web", "host-2", Some("10.0.0.5"), 1, Health::Passing);
+        tagged.tags = vec!["Canary".into()];
+        c.upsert_instance(tagged, 72);
+        for cfg in [
+            DnsConfig::default(),
+            DnsConfig {
+                alt_domain: Some("alt.example".into()),
+                only_passing: true,
+                service_ttl: ServiceTtls::parse(["web=9"]).unwrap(),
+                recursors: vec!["127.0.0.1:53".parse().unwrap()],
+                ..DnsConfig::default()
+            },
+        ] {
+            let zone = DnsZone::new(cfg.clone()).unwrap();
+            let index = DnsIndex::build(&c, &zone, None);
+            let mut fast_used = 0;
+            for q in [
+                "web.service.mesh.",
+                "WEB.Service.DC1.mesh.",
+                "_web._tcp.service.mesh.",
+                "primary.web.service.mesh.",
+                "canary.web.service.dc1.dc.mesh.",
+                "db.service.mesh.",
+                "rack.service.mesh.",
+                "web.service.alt.example.",
+                "nope.service.mesh.",
+                "web.service.dc2.mesh.",
+                "down.service.mesh.",
+                "host-1.node.mesh.",
+                "mesh.",
+                "example.com.",
+            ] {
+                for t in [RecordType::A, RecordType::AAAA, RecordType::SRV, RecordType::TXT] {
+                    for edns in [None, Some(1232u16)] {
+                        for rd in [false, true] {
+                            let mut msg = Message::query();
+                            msg.metadata.id = 0x4242;
+                            msg.metadata.recursion_desired = rd;
+                            msg.add_query(Query::query(name(q), t));
+                            if let Some(p) = edns {
+                                let mut e = Edns::new();
+                                e.set_max_payload(p);
+                                msg.set_edns(e);
+                            }
+                            let bytes = msg.to_vec().unwrap();
+                            let simple = SimpleQuery::read(&bytes).expect("a simple query");
+                            assert_eq!((simple.edns_payload, simple.qtype()), (edns, t));
+                            let limit = SizeLimit::for_request(false, edns, cfg.consul_truncation);
+                            let mut fast = Vec::new();
+                            let mut rng = StdRng::seed_from_u64(5);
+                            if !zone.answer_fast(&index, &simple, limit, &mut rng, &mut fast) {
+                                continue;
+                            }
+                            fast_used += 1;
+                            let mut general = zone.answer(&index, &name(q), t, 0, &mut rng);
+                            assert!(!general.answers.is_empty(), "{q} {t}");
+                            let mut meta = Metadata::response_from_request(&msg.metadata);
+                            meta.authoritative = true;
+                            meta.recursion_available = zone.recursion_available();
+                            let e = edns.map(|p| {
+                                let mut e = Edns::new();
+                                e.set_max_payload(p.max(512));
+                                e
+                            });
+                            let query = Query::query(name(q), t);
+                            let mut out = Vec::new();
+                            encode_response(&meta, Some(&query), &mut general, e.as_ref(), limit, &mut out).unwrap();
+                            let (f, g) = (Message::from_vec(&fast).unwrap(), Message::from_vec(&out).unwrap());
+                            let ctx = format!("{q} {t} edns={edns:?} rd={rd}");
+                            assert_eq!(f.metadata, g.metadata, "{ctx}");
+                            assert_eq!(f.queries, g.queries, "{ctx}");
+                            assert_eq!(sorted(&f.answers), sorted(&g.answers), "{ctx}");
+                            assert!(f.authorities.is_empty() && g.authorities.is_empty(), "{ctx}");
+                            assert_eq!(sorted(&f.additionals), sorted(&g.additionals), "{ctx}");
+                            assert_eq!(f.edns.map(|e| e.max_payload()), g.edns.map(|e| e.max_payload()), "{ctx}");
+                        }
+                    }
+                }
+            }
+            assert!(fast_used >= 40, "the fast path answered {fast_used} times");
+        }
+    }
+
+    #[test]
+    fn simple_queries_only() {
+        let plain = |f: &dyn Fn(&mut Message)| {
+            let mut m = Message::query();
+            m.add_query(Query::query(name("web.service.mesh."), RecordType::A));
+            f(&mut m);
+            m.to_vec().unwrap()
+        };
+        assert!(SimpleQuery::read(&plain(&|_| {})).is_some());
+        // A response, another opcode, two questions, a class other than IN, EDNS version 1,
+        // trailing bytes, a truncated message: the general path.
+        assert!(SimpleQuery::read(&plain(&|m| m.metadata.message_type = MessageType::Response)).is_none());
+        assert!(SimpleQuery::read(&plain(&|m| m.metadata.op_code = OpCode::Update)).is_none());
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                m.add_query(Query::query(name("a.mesh."), RecordType::A));
+            }))
+            .is_none()
+        );
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                m.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+            }))
+            .is_none()
+        );
+        assert!(
+            SimpleQuery::read(&plain(&|m| {
+                let mut e = Edns::new();
+                e.set_version(1);
+                m.set_edns(e);
+            }))
+            .is_none()
+        );
+        let mut bytes = plain(&|_| {});
+        bytes.push(0);
+        assert!(SimpleQuery::read(&bytes).is_none());
+        bytes.truncate(bytes.len() - 3);
+        assert!(SimpleQuery::read(&bytes).is_none());
+        assert!(SimpleQuery::read(&[0; 11]).is_none());
+        // A compressed question name (legal, unusual): the general path.
+        let mut ptr = plain(&|_| {});
+        ptr.truncate(12);
+        ptr.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(SimpleQuery::read(&ptr).is_none());
     }
 }

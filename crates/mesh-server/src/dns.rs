@@ -1,66 +1,131 @@
-//! The DNS server: a hickory-server [`RequestHandler`] over the published catalog.
+//! The DNS server: UDP and TCP listeners over the published catalog, answering with the pure
+//! [`mesh_core::dns`] (Consul's grammar and answers, the index, truncation).
 //!
-//! Each request loads the current [`CatalogState`] from the `ArcSwap` (lock-free; nothing is held
-//! across IO), builds the answer with the pure [`mesh_core::dns::build_answer`] and sends it with
-//! the `aa` flag set and the request's EDNS mirrored (so EDNS clients get answers larger than 512
-//! bytes over UDP). Every request that hickory can attribute to a client gets a response: FORMERR for
-//! a malformed question section, NOTIMP for other opcodes, BADVERS for EDNS versions above 0, SERVFAIL
-//! if building the answer fails. A UDP answer that does not fit is truncated by hickory with the TC
-//! bit set, so clients retry over TCP.
+//! - **Index.** Each query loads the published [`CatalogState`] (lock-free) and answers from the
+//!   [`DnsIndex`] built for exactly that catalog. The first query after a publish builds the new
+//!   index (reusing every unchanged service's entry) under a mutex that only index builders take;
+//!   nothing is held across IO.
+//! - **Fast path.** A plain query for a service's A, AAAA or SRV records is read and answered in
+//!   wire format from bytes the index prepared ([`mesh_core::dns::DnsZone::answer_fast`]); every
+//!   other request (and any answer that would need cutting) goes through hickory's `Message`.
+//! - **UDP** is served by a few plain threads blocking in `recv_from` on the shared socket: a query
+//!   costs one receive, one lookup, one encoding and one send, with no task, channel or allocation
+//!   of the async runtime in between (hickory-server's `Server` spawns a task per datagram and sends
+//!   through a channel; that halved the throughput measured by `benches/dns/run.sh`). We encode
+//!   responses ourselves, so the size limit and the TC bit are ours: see
+//!   [`mesh_core::dns::encode_response`].
+//! - **TCP** is a tokio task per connection (length-prefixed messages answered in order, closed after
+//!   5 s idle), responses up to 64 KiB.
+//! - **Recursion.** Names outside our domains (and reverse names we do not know) go to the
+//!   configured recursors in order, each with the configured timeout, over UDP (TCP when the
+//!   upstream truncates or the client asked over TCP); the first NOERROR or NXDOMAIN answer is passed
+//!   through (then cut to the client's size limit); SERVFAIL if none gives one. Without recursors such
+//!   names get REFUSED (reverse names NXDOMAIN). Forwarding runs on the async runtime, never on a
+//!   UDP thread, at most 256 queries at once (SERVFAIL beyond).
+//! - **Errors.** FORMERR for a malformed message whose header is readable, NOTIMP for other
+//!   opcodes, BADVERS for EDNS versions above 0, REFUSED for classes other than IN/ANY, SERVFAIL when
+//!   the catalog cannot be read (or answering panics). `aa` is always set, `ra` only with
+//!   recursors, the request's EDNS is mirrored (payload at least 512).
 
-use arc_swap::ArcSwap;
-use hickory_server::Server;
-use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::rr::{DNSClass, Record};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::DNSClass;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use mesh_core::catalog::CatalogState;
-use mesh_core::dns::{DnsAnswer, DnsConfig, build_answer};
+use mesh_core::dns::{
+    DnsAnswer, DnsConfig, DnsConfigError, DnsIndex, DnsZone, SimpleQuery, SizeLimit, encode_response,
+};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
 /// How long an idle TCP connection is kept open.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Responses buffered per TCP connection.
-const TCP_RESPONSE_BUFFER: usize = 64;
+/// How often an idle UDP thread looks at the stop flag.
+const UDP_POLL: Duration = Duration::from_millis(200);
+/// EDNS payload size we advertise to upstream servers.
+const UPSTREAM_PAYLOAD: u16 = 4096;
+/// Queries being forwarded at once at most; beyond, SERVFAIL at once.
+const MAX_FORWARDS: usize = 256;
 
-/// Answers DNS queries from the catalog currently published in an `ArcSwap`.
+/// Why a query could not be answered normally.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The catalog could not be read.
+    #[error("catalog unavailable: {0}")]
+    Backend(String),
+    /// Bad settings.
+    #[error(transparent)]
+    Config(#[from] DnsConfigError),
+    /// An upstream server failed.
+    #[error("recursor {addr}: {reason}")]
+    Upstream {
+        /// The upstream.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Where DNS reads the catalog from.
+pub trait CatalogSource: Send + Sync + 'static {
+    /// The catalog to answer from now.
+    fn current(&self) -> Result<Arc<CatalogState>, DnsError>;
+}
+
+impl CatalogSource for Arc<ArcSwap<CatalogState>> {
+    fn current(&self) -> Result<Arc<CatalogState>, DnsError> {
+        Ok(self.load_full())
+    }
+}
+
+/// A catalog and the index built from it.
+struct Indexed {
+    catalog: Arc<CatalogState>,
+    index: DnsIndex,
+}
+
+/// One of the [`MAX_FORWARDS`] slots for a query being forwarded; freed when dropped.
+pub struct ForwardSlot(Arc<AtomicUsize>);
+
+impl Drop for ForwardSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What to do with a request.
+pub enum Reply {
+    /// Send the bytes written to the output buffer.
+    Send,
+    /// Forward the request to the recursors ([`CatalogDns::forward`]), holding the slot until done.
+    Forward(Box<Message>, ForwardSlot),
+    /// Send nothing (not a query, or not even a header).
+    Drop,
+}
+
+/// Answers DNS messages from the catalog a [`CatalogSource`] publishes.
 pub struct CatalogDns {
-    catalog: Arc<ArcSwap<CatalogState>>,
-    config: DnsConfig,
+    source: Box<dyn CatalogSource>,
+    zone: DnsZone,
+    cache: ArcSwapOption<Indexed>,
+    /// Taken only to build a new index.
+    building: Mutex<()>,
+    /// Queries being forwarded.
+    forwards: Arc<AtomicUsize>,
 }
 
-impl CatalogDns {
-    /// A handler reading `catalog` and answering for `config.domain`.
-    pub fn new(catalog: Arc<ArcSwap<CatalogState>>, config: DnsConfig) -> Self {
-        Self { catalog, config }
-    }
-
-    /// The answer to one question from the current catalog; SERVFAIL if building it panics.
-    fn answer(&self, query: &hickory_server::proto::op::Query) -> DnsAnswer {
-        let unix_time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let build = || {
-            let catalog = self.catalog.load();
-            build_answer(&catalog, query.name(), query.query_type(), &self.config, unix_time, &mut rand::rng())
-        };
-        std::panic::catch_unwind(AssertUnwindSafe(build)).unwrap_or_else(|_| {
-            warn!(name = %query.name(), qtype = %query.query_type(), "DNS answer building panicked");
-            DnsAnswer {
-                response_code: ResponseCode::ServFail,
-                answers: Vec::new(),
-                authorities: Vec::new(),
-                additionals: Vec::new(),
-            }
-        })
-    }
+fn unix_time() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The EDNS of our response: mirrors the request's (payload size at least 512, version 0).
-fn response_edns(request: &Request) -> Option<Edns> {
+/// The EDNS of our response: the request's payload size (at least 512), version 0.
+fn response_edns(request: &Message) -> Option<Edns> {
     request.edns.as_ref().map(|req| {
         let mut edns = Edns::new();
         edns.set_max_payload(req.max_payload().max(512));
@@ -69,98 +134,371 @@ fn response_edns(request: &Request) -> Option<Edns> {
     })
 }
 
-/// Sends a response with no records and `code`.
-async fn send_error<R: ResponseHandler>(
-    request: &Request,
-    edns: Option<&Edns>,
-    code: ResponseCode,
-    mut response_handle: R,
-) -> ResponseInfo {
-    let mut builder = MessageResponseBuilder::from_message_request(request);
-    if let Some(edns) = edns {
-        builder.edns(edns);
+impl CatalogDns {
+    /// A handler reading `source`, answering as `config` says.
+    pub fn new(source: impl CatalogSource, config: DnsConfig) -> Result<Self, DnsConfigError> {
+        Ok(Self {
+            source: Box::new(source),
+            zone: DnsZone::new(config)?,
+            cache: ArcSwapOption::empty(),
+            building: Mutex::new(()),
+            forwards: Arc::new(AtomicUsize::new(0)),
+        })
     }
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.authoritative = true;
-    metadata.response_code = code;
-    let response = builder.build(metadata, &[], &[], &[], &[]);
-    send(request, response_handle.send_response(response).await)
-}
 
-/// The `ResponseInfo` of a sent response, or a SERVFAIL one if sending failed.
-fn send(request: &Request, sent: Result<ResponseInfo, hickory_server::net::NetError>) -> ResponseInfo {
-    sent.unwrap_or_else(|error| {
-        warn!(%error, id = request.metadata.id, "failed to send DNS response");
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.response_code = ResponseCode::ServFail;
-        Header { metadata, counts: HeaderCounts::default() }.into()
-    })
-}
+    /// Runs `f` on the index of the current catalog, building it first if the catalog changed.
+    fn with_index<R>(&self, f: impl FnOnce(&DnsIndex) -> R) -> Result<R, DnsError> {
+        let catalog = self.source.current()?;
+        {
+            let cached = self.cache.load();
+            if let Some(c) = cached.as_ref()
+                && Arc::ptr_eq(&c.catalog, &catalog)
+            {
+                return Ok(f(&c.index));
+            }
+        }
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.cache.load_full();
+        if let Some(c) = &previous
+            && Arc::ptr_eq(&c.catalog, &catalog)
+        {
+            return Ok(f(&c.index));
+        }
+        let index = DnsIndex::build(&catalog, &self.zone, previous.as_ref().map(|p| &p.index));
+        debug!(catalog_index = catalog.index, services = index.service_count(), "DNS index built");
+        let indexed = Arc::new(Indexed { catalog, index });
+        self.cache.store(Some(indexed.clone()));
+        Ok(f(&indexed.index))
+    }
 
-#[async_trait::async_trait]
-impl RequestHandler for CatalogDns {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
+    /// The answer to one question; SERVFAIL if the catalog cannot be read or answering panics.
+    fn answer(&self, query: &Query) -> DnsAnswer {
+        let now = unix_time();
+        let build = || {
+            self.with_index(|index| self.zone.answer(index, query.name(), query.query_type(), now, &mut rand::rng()))
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(build)) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
+                warn!(%error, name = %query.name(), "DNS query failed");
+                DnsAnswer::new(ResponseCode::ServFail)
+            }
+            Err(_) => {
+                warn!(name = %query.name(), qtype = %query.query_type(), "DNS answer building panicked");
+                DnsAnswer::new(ResponseCode::ServFail)
+            }
+        }
+    }
+
+    /// Encodes `answer` to `request` into `out` (SERVFAIL if that fails).
+    fn encode(&self, request: &Message, mut answer: DnsAnswer, authoritative: bool, tcp: bool, out: &mut Vec<u8>) {
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.authoritative = authoritative;
+        meta.recursion_available = self.zone.recursion_available();
         let edns = response_edns(request);
+        let payload = request.edns.as_ref().map(Edns::max_payload);
+        let limit = SizeLimit::for_request(tcp, payload, self.zone.config().consul_truncation);
+        let query = request.queries.first().filter(|_| request.queries.len() == 1);
+        if let Err(error) = encode_response(&meta, query, &mut answer, edns.as_ref(), limit, out) {
+            warn!(%error, "cannot encode a DNS response");
+            let mut failed = DnsAnswer::new(ResponseCode::ServFail);
+            let _ = encode_response(&meta, None, &mut failed, None, limit, out);
+        }
+    }
+
+    /// Answers the request in `bytes` (received over TCP if `tcp`), writing the response into `out`.
+    pub fn respond(&self, bytes: &[u8], tcp: bool, out: &mut Vec<u8>) -> Reply {
+        // The common case straight from and into wire format; the rest the general way.
+        if let Some(q) = SimpleQuery::read(bytes) {
+            let limit = SizeLimit::for_request(tcp, q.edns_payload, self.zone.config().consul_truncation);
+            let fast = || self.with_index(|index| self.zone.answer_fast(index, &q, limit, &mut rand::rng(), out));
+            if let Ok(Ok(true)) = std::panic::catch_unwind(AssertUnwindSafe(fast)) {
+                debug!(qtype = %q.qtype(), tcp, bytes = out.len(), "DNS query answered by the fast path");
+                return Reply::Send;
+            }
+        }
+        let request = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(error) => {
+                // FORMERR if the header can be read and is a query's.
+                let Ok(header) = Header::read(&mut BinDecoder::new(bytes)) else { return Reply::Drop };
+                if header.metadata.message_type == MessageType::Response {
+                    return Reply::Drop;
+                }
+                debug!(%error, id = header.metadata.id, "malformed DNS request");
+                let mut meta = Metadata::response_from_request(&header.metadata);
+                meta.recursion_available = self.zone.recursion_available();
+                let limit = SizeLimit::for_request(tcp, None, false);
+                let mut answer = DnsAnswer::new(ResponseCode::FormErr);
+                let _ = encode_response(&meta, None, &mut answer, None, limit, out);
+                return Reply::Send;
+            }
+        };
+        if request.metadata.message_type == MessageType::Response {
+            return Reply::Drop;
+        }
+        let refuse = |code: ResponseCode, out: &mut Vec<u8>| {
+            self.encode(&request, DnsAnswer::new(code), true, tcp, out);
+            Reply::Send
+        };
         if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            return send_error(request, edns.as_ref(), ResponseCode::BADVERS, response_handle).await;
+            return refuse(ResponseCode::BADVERS, out);
         }
         if request.metadata.op_code != OpCode::Query {
-            return send_error(request, edns.as_ref(), ResponseCode::NotImp, response_handle).await;
+            return refuse(ResponseCode::NotImp, out);
         }
-        let Ok(info) = request.request_info() else {
-            return send_error(request, edns.as_ref(), ResponseCode::FormErr, response_handle).await;
-        };
-        let query = info.query.original();
+        let [query] = &request.queries[..] else { return refuse(ResponseCode::FormErr, out) };
         if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
-            return send_error(request, edns.as_ref(), ResponseCode::Refused, response_handle).await;
+            return refuse(ResponseCode::Refused, out);
         }
         let answer = self.answer(query);
         debug!(
             name = %query.name(), qtype = %query.query_type(), rcode = %answer.response_code,
-            answers = answer.answers.len(), "DNS query"
+            answers = answer.answers.len(), tcp, "DNS query"
         );
-
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(edns) = &edns {
-            builder.edns(edns);
+        if answer.recurse && self.zone.recursion_available() {
+            if self.forwards.fetch_add(1, Ordering::SeqCst) < MAX_FORWARDS {
+                return Reply::Forward(Box::new(request), ForwardSlot(self.forwards.clone()));
+            }
+            self.forwards.fetch_sub(1, Ordering::SeqCst);
+            warn!(name = %query.name(), "too many queries being forwarded: SERVFAIL");
+            self.encode(&request, DnsAnswer::new(ResponseCode::ServFail), true, tcp, out);
+            return Reply::Send;
         }
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-        metadata.authoritative = true;
-        metadata.response_code = answer.response_code;
-        let none: &[Record] = &[];
-        let response =
-            builder.build(metadata, answer.answers.iter(), answer.authorities.iter(), none, answer.additionals.iter());
-        send(request, response_handle.send_response(response).await)
+        self.encode(&request, answer, true, tcp, out);
+        Reply::Send
     }
+
+    /// Forwards `request` (one question, from [`Reply::Forward`]) to the recursors and writes the
+    /// response for the client into `out`.
+    pub async fn forward(&self, request: &Message, tcp: bool, out: &mut Vec<u8>) {
+        let cfg = self.zone.config();
+        let mut answer = DnsAnswer::new(ResponseCode::ServFail);
+        let mut authoritative = false;
+        if let Some(query) = request.queries.first() {
+            for &addr in &cfg.recursors {
+                match exchange(addr, query, tcp, cfg.recursor_timeout).await {
+                    Ok(m) if matches!(m.metadata.response_code, ResponseCode::NoError | ResponseCode::NXDomain) => {
+                        debug!(%addr, name = %query.name(), rcode = %m.metadata.response_code, "forwarded");
+                        authoritative = m.metadata.authoritative;
+                        answer = DnsAnswer {
+                            response_code: m.metadata.response_code,
+                            answers: m.answers,
+                            authorities: m.authorities,
+                            additionals: m.additionals,
+                            recurse: false,
+                        };
+                        break;
+                    }
+                    Ok(m) => debug!(%addr, rcode = %m.metadata.response_code, "recursor answered with an error"),
+                    Err(error) => debug!(%error, "recursor failed"),
+                }
+            }
+        }
+        if answer.response_code == ResponseCode::ServFail {
+            warn!(name = ?request.queries.first().map(|q| q.name().to_string()), "every recursor failed");
+        }
+        self.encode(request, answer, authoritative, tcp, out);
+    }
+}
+
+/// Asks `addr` the question `query` (recursion desired), over UDP unless `tcp` or the UDP answer is
+/// truncated, within `timeout` in all.
+async fn exchange(addr: SocketAddr, query: &Query, tcp: bool, timeout: Duration) -> Result<Message, DnsError> {
+    let fail = |reason: String| DnsError::Upstream { addr, reason };
+    let mut msg = Message::query();
+    msg.metadata.id = rand::random();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(query.clone());
+    let mut edns = Edns::new();
+    edns.set_max_payload(UPSTREAM_PAYLOAD);
+    msg.set_edns(edns);
+    let bytes = msg.to_vec().map_err(|e| fail(e.to_string()))?;
+    let matches = |m: &Message| {
+        m.metadata.id == msg.metadata.id && m.metadata.message_type == MessageType::Response && m.queries == msg.queries
+    };
+    let ask = async {
+        if !tcp {
+            let local: SocketAddr =
+                if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+            let sock = UdpSocket::bind(local).await.map_err(|e| fail(e.to_string()))?;
+            sock.connect(addr).await.map_err(|e| fail(e.to_string()))?;
+            sock.send(&bytes).await.map_err(|e| fail(e.to_string()))?;
+            let mut buf = vec![0u8; 65535];
+            loop {
+                let n = sock.recv(&mut buf).await.map_err(|e| fail(e.to_string()))?;
+                let Ok(resp) = Message::from_vec(&buf[..n]) else { continue };
+                if !matches(&resp) {
+                    continue;
+                }
+                if !resp.metadata.truncation {
+                    return Ok(resp);
+                }
+                debug!(%addr, "upstream truncated the answer: asking over TCP");
+                break;
+            }
+        }
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| fail(e.to_string()))?;
+        let len = u16::try_from(bytes.len()).map_err(|e| fail(e.to_string()))?;
+        let mut framed = len.to_be_bytes().to_vec();
+        framed.extend_from_slice(&bytes);
+        stream.write_all(&framed).await.map_err(|e| fail(e.to_string()))?;
+        loop {
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.map_err(|e| fail(e.to_string()))?;
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut buf).await.map_err(|e| fail(e.to_string()))?;
+            let resp = Message::from_vec(&buf).map_err(|e| fail(e.to_string()))?;
+            if matches(&resp) {
+                return Ok(resp);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, ask).await.map_err(|_| fail(format!("no answer within {timeout:?}")))?
+}
+
+/// One UDP serving thread: receive, answer, send, until `stop`.
+fn udp_loop(socket: Arc<std::net::UdpSocket>, dns: Arc<CatalogDns>, rt: tokio::runtime::Handle, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 65535];
+    let mut out = Vec::with_capacity(4096);
+    while !stop.load(Ordering::Relaxed) {
+        let (n, src) = match socket.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(error) => {
+                // ICMP errors from earlier sends surface here (ECONNREFUSED): not fatal.
+                debug!(%error, "DNS UDP receive");
+                continue;
+            }
+        };
+        if src.port() == 0 {
+            continue;
+        }
+        match dns.respond(&buf[..n], false, &mut out) {
+            Reply::Send => {
+                if let Err(error) = socket.send_to(&out, src) {
+                    debug!(%error, %src, "DNS UDP send");
+                }
+            }
+            Reply::Forward(request, slot) => {
+                let (dns, socket) = (dns.clone(), socket.clone());
+                rt.spawn(async move {
+                    let _slot = slot;
+                    let mut out = Vec::new();
+                    dns.forward(&request, false, &mut out).await;
+                    if let Err(error) = socket.send_to(&out, src) {
+                        debug!(%error, %src, "DNS UDP send");
+                    }
+                });
+            }
+            Reply::Drop => {}
+        }
+    }
+}
+
+/// One TCP connection: length-prefixed requests answered in order until idle or closed.
+async fn tcp_connection(mut stream: TcpStream, dns: Arc<CatalogDns>) {
+    let mut out = Vec::with_capacity(4096);
+    let mut framed = Vec::with_capacity(4098);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        match dns.respond(&buf, true, &mut out) {
+            Reply::Send => {}
+            Reply::Forward(request, _slot) => dns.forward(&request, true, &mut out).await,
+            Reply::Drop => continue,
+        }
+        let Ok(n) = u16::try_from(out.len()) else { return };
+        framed.clear();
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(&out);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn tcp_loop(listener: TcpListener, dns: Arc<CatalogDns>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(tcp_connection(stream, dns.clone()));
+                }
+                Err(error) => {
+                    debug!(%error, "DNS TCP accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
 }
 
 /// A running DNS server (UDP and TCP) over the published catalog.
 pub struct DnsServer {
-    server: Server<CatalogDns>,
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stop_tcp: tokio::sync::watch::Sender<bool>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
+    tcp_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl DnsServer {
     /// Serves DNS on the already-bound `udp` socket and `tcp` listener (normally the same port),
-    /// answering from whatever catalog is in `catalog` at the time of each query.
+    /// answering from whatever catalog `catalog` gives at the time of each query. Must be called
+    /// within a tokio runtime (TCP and forwarding run on it).
     pub async fn start(
-        udp: tokio::net::UdpSocket,
-        tcp: tokio::net::TcpListener,
-        catalog: Arc<ArcSwap<CatalogState>>,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        catalog: impl CatalogSource,
         config: DnsConfig,
     ) -> std::io::Result<DnsServer> {
         let udp_addr = udp.local_addr()?;
         let tcp_addr = tcp.local_addr()?;
-        let mut server = Server::new(CatalogDns::new(catalog, config));
-        server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        debug!(%udp_addr, %tcp_addr, "DNS server started");
-        Ok(DnsServer { server, udp_addr, tcp_addr })
+        let dns = Arc::new(
+            CatalogDns::new(catalog, config)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+        );
+        let socket = udp.into_std()?;
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(UDP_POLL))?;
+        let socket = Arc::new(socket);
+        let stop = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Handle::current();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+        let mut udp_threads = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (socket, dns, rt, stop) = (socket.clone(), dns.clone(), rt.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || udp_loop(socket, dns, rt, stop))?;
+            udp_threads.push(t);
+        }
+        let (stop_tcp, stop_rx) = tokio::sync::watch::channel(false);
+        let tcp_task = Some(tokio::spawn(tcp_loop(tcp, dns, stop_rx)));
+        debug!(%udp_addr, %tcp_addr, threads, "DNS server started");
+        Ok(DnsServer { udp_addr, tcp_addr, stop, stop_tcp, udp_threads, tcp_task })
     }
 
     /// The UDP address served.
@@ -173,10 +511,26 @@ impl DnsServer {
         self.tcp_addr
     }
 
-    /// Stops accepting queries and waits for the listeners to finish.
+    /// Stops serving and waits for the listeners to finish.
     pub async fn shutdown(mut self) {
-        if let Err(error) = self.server.shutdown_gracefully().await {
-            warn!(%error, "DNS server shut down with an error");
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop_tcp.send(true);
+        if let Some(t) = self.tcp_task.take() {
+            let _ = t.await;
         }
+        let threads = std::mem::take(&mut self.udp_threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = joined.await;
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop_tcp.send(true);
     }
 }

@@ -1,12 +1,14 @@
 //! The `mesh` binary. `mesh dev` runs a complete single-node mesh.
 
 use clap::{Parser, Subcommand};
+use mesh_core::dns::{DnsConfig, DnsZone, ServiceTtls};
 use mesh_server::node::{NodeConfig, RuntimeKind, run_dev};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +84,60 @@ struct DevArgs {
     /// How many versions of each app are kept (older ones are dropped).
     #[arg(long, default_value_t = mesh_core::state::MAX_APP_VERSIONS)]
     max_app_versions: usize,
+    /// A second DNS domain answered like --domain (answers use the domain of the query).
+    #[arg(long)]
+    alt_domain: Option<String>,
+    /// TTL (seconds) of DNS node answers, and of .addr, NS and PTR answers.
+    #[arg(long, default_value = "0", value_parser = parse_secs)]
+    dns_node_ttl: u32,
+    /// TTL of a service's DNS answers, NAME=SECS; may repeat. An exact name wins, else the longest
+    /// `prefix*` entry; `*` alone is the default (otherwise 0).
+    #[arg(long = "dns-service-ttl", value_parser = parse_service_ttl)]
+    dns_service_ttl: Vec<String>,
+    /// Negative-caching TTL (seconds): the SOA minimum, also the SOA record's own TTL.
+    #[arg(long, default_value = "0", value_parser = parse_secs)]
+    dns_soa_min_ttl: u32,
+    /// Answer only passing instances in DNS (by default instances in warning are answered too).
+    #[arg(long)]
+    dns_only_passing: bool,
+    /// Consul's DNS truncation: UDP answers without EDNS are cut to 3 records and TC is never set
+    /// (by default answers are cut only to what fits, with TC set so clients retry over TCP).
+    #[arg(long)]
+    dns_consul_truncation: bool,
+    /// Upstream DNS server (IP or IP:PORT) for names outside the domain; may repeat, tried in order.
+    /// Without one such names are REFUSED.
+    #[arg(long = "dns-recursor", value_parser = parse_recursor)]
+    dns_recursors: Vec<SocketAddr>,
+    /// How long each recursor gets, e.g. 2s or 500ms.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    dns_recursor_timeout: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<u32, String> {
+    s.strip_suffix('s').unwrap_or(s).parse().map_err(|_| format!("expected seconds, e.g. 30 or 30s, not {s:?}"))
+}
+
+fn parse_service_ttl(s: &str) -> Result<String, String> {
+    ServiceTtls::default().add(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+fn parse_recursor(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("expected IP or IP:PORT, not {s:?}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("expected a duration like 2s or 500ms, not {s:?}");
+    let d = if let Some(ms) = s.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else {
+        Duration::from_secs_f64(
+            s.strip_suffix('s').unwrap_or(s).parse::<f64>().ok().filter(|v| *v >= 0.0).ok_or_else(bad)?,
+        )
+    };
+    if d.is_zero() { Err(bad()) } else { Ok(d) }
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
@@ -151,11 +207,28 @@ fn main() -> ExitCode {
         eprintln!("mesh: --node {node:?} is not a valid DNS label: {e}");
         return ExitCode::from(2);
     }
+    let dns_options = DnsConfig {
+        alt_domain: a.alt_domain.map(|d| d.trim_matches('.').to_lowercase()),
+        node_ttl: a.dns_node_ttl,
+        service_ttl: ServiceTtls::parse(a.dns_service_ttl.iter().map(String::as_str)).unwrap_or_default(),
+        soa_min_ttl: a.dns_soa_min_ttl,
+        only_passing: a.dns_only_passing,
+        consul_truncation: a.dns_consul_truncation,
+        recursors: a.dns_recursors,
+        recursor_timeout: a.dns_recursor_timeout,
+        ..DnsConfig::default()
+    };
+    let domain = a.domain.trim_matches('.').to_lowercase();
+    let zone = DnsConfig { domain: domain.clone(), datacenter: a.dc.clone(), ..dns_options.clone() };
+    if let Err(e) = DnsZone::new(zone) {
+        eprintln!("mesh: {e}");
+        return ExitCode::from(2);
+    }
     let cfg = NodeConfig {
         http: a.http,
         dns: a.dns,
         data_dir: a.data_dir,
-        domain: a.domain.trim_matches('.').to_lowercase(),
+        domain,
         node,
         datacenter: a.dc,
         runtime: a.runtime,
@@ -170,6 +243,7 @@ fn main() -> ExitCode {
         registrator: !a.no_registrator,
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
+        dns_options,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub max_app_versions: usize,
     /// Allow Consul script checks (`Args`/`Script`), off by default as in Consul.
     pub enable_script_checks: bool,
+    /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
+    pub dns_options: DnsConfig,
 }
 
 /// Errors that stop a node from starting.
@@ -213,7 +215,12 @@ pub async fn run_dev(
     // DNS.
     let (udp, tcp) = bind_dns(cfg.dns).await?;
     let dns_addr = udp.local_addr().map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
-    let dns_cfg = DnsConfig { domain: cfg.domain.clone(), datacenter: cfg.datacenter.clone(), ..DnsConfig::default() };
+    let dns_cfg = DnsConfig {
+        domain: cfg.domain.clone(),
+        datacenter: cfg.datacenter.clone(),
+        servers: vec![cfg.node.clone()],
+        ..cfg.dns_options.clone()
+    };
     let dns = DnsServer::start(udp, tcp, control.published.catalog.clone(), dns_cfg)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
