@@ -29,8 +29,9 @@ enum Cmd {
 
 #[derive(Parser)]
 struct DevArgs {
-    /// HTTP listener; may repeat. Every listener serves every API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// HTTP listener; may repeat. Every listener serves every API. By default Marathon's and
+    /// Consul's usual ports, so clients work with their defaults.
+    #[arg(long, default_values = ["127.0.0.1:8080", "127.0.0.1:8500"])]
     http: Vec<SocketAddr>,
     /// DNS listener (UDP and TCP).
     #[arg(long, default_value = "127.0.0.1:8600")]
