@@ -25,7 +25,10 @@ const TASK_MEM: f64 = 64.0;
 /// `agents` heterogeneous agents (2/4/8 cpus, 10 racks, 3 zones, 1,000 ports each) and
 /// `frameworks` frameworks spread over 10 roles (role-0 has weight 2).
 fn cluster(agents: usize, frameworks: usize, min_allocatable: Resources) -> DrfAllocator {
-    let mut a = DrfAllocator::with_offer_prefix(AllocatorConfig { offer_timeout_ms: None, min_allocatable }, "bench-");
+    let mut a = DrfAllocator::with_offer_prefix(
+        AllocatorConfig { offer_timeout_ms: None, min_allocatable, ..AllocatorConfig::default() },
+        "bench-",
+    );
     for i in 0..agents {
         let size = [2.0, 4.0, 8.0][i % 3];
         let attrs = BTreeMap::from([

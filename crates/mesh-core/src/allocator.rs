@@ -25,8 +25,20 @@
 //!   filter expires. [`Allocator::revive`] clears a framework's filters.
 //! - Offers count as allocated until accepted, declined, rescinded or expired
 //!   ([`AllocatorConfig::offer_timeout_ms`], unset by default = offers never expire).
+//! - **Fair-share slices** ([`AllocatorConfig::fair_share_slices`], what `mesh` runs with): while
+//!   several frameworks want offers, a framework is offered only the part of an agent that
+//!   brings it up to its fair share: its role's weight over the summed weights of the roles with
+//!   a not-suppressed framework, split evenly among the role's frameworks. What nobody below its
+//!   fair share takes goes, whole, to the framework with the lowest share (work conserving), so
+//!   an agent is never left idle. This makes a single saturated node shared by weight within one
+//!   cycle, which whole-agent offers cannot do; in a large cluster it only splits the few agents
+//!   at a framework's boundary. With one framework, offers are whole agents as before.
+//! - **Quota** ([`DrfAllocator::set_quota`]): a role's allocated plus offered scalars never exceed
+//!   its limits (Mesos' quota `limits`; guarantees are not implemented).
+//! - **Per-framework minimum** ([`DrfAllocator::set_min_allocatable`]): offers smaller than all of
+//!   a framework's `min_allocatable_resources` alternatives are not made to it.
 
-use crate::model::{AgentId, EPSILON, FrameworkId, Millis, OfferId, Resources};
+use crate::model::{AgentId, EPSILON, FrameworkId, Millis, OfferId, PortRanges, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,11 +180,15 @@ pub struct AllocatorConfig {
     /// An agent is offered only when its free cpus, mem and disk are each at least these
     /// (ports are ignored). Default: 0.01 cpus, 32 MiB mem, 0 disk.
     pub min_allocatable: Resources,
+    /// Offer a framework only the part of an agent that brings it up to its fair share while
+    /// other frameworks want offers too (see the module docs). Off by default: then every
+    /// offer holds all of an agent's free resources, as in Mesos.
+    pub fair_share_slices: bool,
 }
 
 impl Default for AllocatorConfig {
     fn default() -> Self {
-        Self { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 32.0, 0.0) }
+        Self { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 32.0, 0.0), fair_share_slices: false }
     }
 }
 
@@ -246,6 +262,64 @@ struct FrameworkState {
     filters: HashMap<u64, Millis>,
     /// Scalars allocated (tasks) plus offered to it on registered agents.
     alloc: Scalars,
+    /// The smallest offers it wants (any one of them); empty = the global minimum only.
+    min_alloc: Vec<Resources>,
+}
+
+impl FrameworkState {
+    /// Whether an offer of `r` is worth making to this framework.
+    fn wants(&self, r: &Resources) -> bool {
+        self.min_alloc.is_empty()
+            || self
+                .min_alloc
+                .iter()
+                .any(|m| r.cpus + EPSILON >= m.cpus && r.mem + EPSILON >= m.mem && r.disk + EPSILON >= m.disk)
+    }
+}
+
+/// The largest fraction (0..=1) of `free` that keeps `alloc + fraction × free` within `limit`.
+fn room(alloc: &Scalars, limit: &Scalars, free: &Scalars) -> f64 {
+    let mut a: f64 = 1.0;
+    for (al, l, fr) in
+        [(alloc.cpus, limit.cpus, free.cpus), (alloc.mem, limit.mem, free.mem), (alloc.disk, limit.disk, free.disk)]
+    {
+        if fr > EPSILON && l.is_finite() {
+            a = a.min((l - al) / fr);
+        }
+    }
+    a.clamp(0.0, 1.0)
+}
+
+/// The largest fraction (0..=1) of `free` that keeps the dominant share of `alloc + fraction ×
+/// free` within `fair`; 0 when the share is already there.
+fn fair_room(alloc: &Scalars, fair: f64, total: &Scalars, free: &Scalars) -> f64 {
+    let mut a: f64 = 1.0;
+    for (al, t, fr) in
+        [(alloc.cpus, total.cpus, free.cpus), (alloc.mem, total.mem, free.mem), (alloc.disk, total.disk, free.disk)]
+    {
+        if t <= EPSILON {
+            continue;
+        }
+        let cap = fair * t - al;
+        if cap <= 1e-9 * t {
+            return 0.0;
+        }
+        if fr > EPSILON {
+            a = a.min(cap / fr);
+        }
+    }
+    a.clamp(0.0, 1.0)
+}
+
+/// `fraction` of the scalars of `r`, and that fraction of its ports (rounded up, lowest first).
+fn scale(r: &Resources, fraction: f64) -> Resources {
+    let n = (r.ports.len() as f64 * fraction).ceil() as usize;
+    Resources {
+        cpus: r.cpus * fraction,
+        mem: r.mem * fraction,
+        disk: r.disk * fraction,
+        ports: PortRanges::from_ports(r.ports.iter().take(n)),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +341,8 @@ pub struct DrfAllocator {
     agents: BTreeMap<AgentId, AgentState>,
     frameworks: BTreeMap<FrameworkId, FrameworkState>,
     weights: BTreeMap<String, f64>,
+    /// Quota limits per role (infinite where unlimited).
+    quotas: BTreeMap<String, Scalars>,
     offers: BTreeMap<u64, OfferEntry>,
     offer_index: HashMap<OfferId, u64>,
 }
@@ -291,6 +367,7 @@ impl DrfAllocator {
             agents: BTreeMap::new(),
             frameworks: BTreeMap::new(),
             weights: BTreeMap::new(),
+            quotas: BTreeMap::new(),
             offers: BTreeMap::new(),
             offer_index: HashMap::new(),
         }
@@ -310,6 +387,37 @@ impl DrfAllocator {
     pub fn framework_share(&self, framework: &FrameworkId) -> Option<f64> {
         let total = self.cluster_total();
         self.frameworks.get(framework).map(|f| f.alloc.dominant_share(&total))
+    }
+
+    /// Limit what `role` holds (allocated plus offered) to `limits` (Mesos quota limits; infinite
+    /// components are unlimited). `None` removes the role's quota.
+    pub fn set_quota(&mut self, role: &str, limits: Option<&Resources>) {
+        match limits {
+            Some(l) => {
+                self.quotas.insert(role.to_owned(), Scalars::of(l));
+            }
+            None => {
+                self.quotas.remove(role);
+            }
+        }
+    }
+
+    /// The roles with a quota and their limits.
+    pub fn quotas(&self) -> BTreeMap<String, Resources> {
+        self.quotas.iter().map(|(r, s)| (r.clone(), Resources::scalars(s.cpus, s.mem, s.disk))).collect()
+    }
+
+    /// Offers to `framework` must hold at least one of `mins` (Mesos'
+    /// `offer_filters.min_allocatable_resources`); empty = only the global minimum applies.
+    pub fn set_min_allocatable(&mut self, framework: &FrameworkId, mins: Vec<Resources>) {
+        if let Some(f) = self.frameworks.get_mut(framework) {
+            f.min_alloc = mins;
+        }
+    }
+
+    /// Scalars allocated to `framework` (tasks) plus offered to it.
+    pub fn framework_allocation(&self, framework: &FrameworkId) -> Option<Resources> {
+        self.frameworks.get(framework).map(|f| Resources::scalars(f.alloc.cpus, f.alloc.mem, f.alloc.disk))
     }
 
     /// Whether the framework is registered and suppressed.
@@ -429,7 +537,10 @@ impl Allocator for DrfAllocator {
                 alloc.add(Scalars::of(r));
             }
         }
-        self.frameworks.insert(id, FrameworkState { role, suppressed: false, filters: HashMap::new(), alloc });
+        self.frameworks.insert(
+            id,
+            FrameworkState { role, suppressed: false, filters: HashMap::new(), alloc, min_alloc: Vec::new() },
+        );
     }
 
     fn remove_framework(&mut self, id: &FrameworkId) -> Vec<Offer> {
@@ -486,7 +597,8 @@ impl Allocator for DrfAllocator {
                 && free.mem + EPSILON >= min.mem
                 && free.disk + EPSILON >= min.disk
         };
-        let Self { prefix, next_offer, agents, frameworks, weights, offers, offer_index, .. } = self;
+        let passes: &[bool] = if self.config.fair_share_slices { &[true, false] } else { &[false] };
+        let Self { prefix, next_offer, agents, frameworks, weights, quotas, offers, offer_index, .. } = self;
 
         // Dense views of frameworks (in id order) and roles (in name order).
         let fws: Vec<(&FrameworkId, &FrameworkState)> = frameworks.iter().collect();
@@ -499,8 +611,10 @@ impl Allocator for DrfAllocator {
         }
         let nroles = role_index.len();
         let mut role_weight = vec![1.0; nroles];
+        let mut role_limit: Vec<Option<Scalars>> = vec![None; nroles];
         for (name, &i) in &role_index {
             role_weight[i] = Self::weight(weights, name);
+            role_limit[i] = quotas.get(*name).copied();
         }
         let fw_role: Vec<usize> = fws.iter().map(|(_, f)| role_index[f.role.as_str()]).collect();
         let mut fw_alloc: Vec<Scalars> = fws.iter().map(|(_, f)| f.alloc).collect();
@@ -526,48 +640,110 @@ impl Allocator for DrfAllocator {
         if role_order.is_empty() {
             return out;
         }
+        // Fair shares among the frameworks that want offers: a role gets weight / (sum of the
+        // weights of roles with a not-suppressed framework), split evenly among its frameworks.
+        let active_weight: f64 = role_order.iter().map(|&(_, r)| role_weight[r]).sum();
+        let role_fair: Vec<f64> = (0..nroles).map(|r| role_weight[r] / active_weight).collect();
+        let fw_fair: Vec<f64> =
+            (0..fws.len()).map(|i| role_fair[fw_role[i]] / role_sets[fw_role[i]].len().max(1) as f64).collect();
 
         for (agent_id, agent) in agents.iter_mut() {
-            if !allocatable(&agent.free) {
-                continue;
-            }
             let uid = agent.uid;
-            let mut chosen = None;
-            'roles: for &(rk, r) in &role_order {
-                for &(fk, f) in &role_sets[r] {
-                    let filters = &fws[f].1.filters;
-                    if !filters.is_empty() && filters.get(&uid).is_some_and(|&until| until > now) {
-                        continue;
-                    }
-                    chosen = Some((rk, r, fk, f));
-                    break 'roles;
+            // Frameworks offered this agent in this cycle: (framework, index in `out`).
+            let mut served: Vec<(usize, usize)> = Vec::new();
+            // Frameworks that took all they may of this agent (quota or work-conserving pass).
+            let mut exhausted: Vec<usize> = Vec::new();
+            loop {
+                if !allocatable(&agent.free) {
+                    break;
                 }
+                let free = Scalars::of(&agent.free);
+                // Pass 1: the framework furthest below its share that is also below its fair
+                // share gets the part of the agent that brings it up to that share.
+                // Pass 2 (work-conserving): nobody below its fair share wants this agent; the
+                // furthest below gets what its quota allows.
+                let mut chosen = None;
+                'passes: for &capped in passes {
+                    for &(rk, r) in role_order.iter() {
+                        for &(fk, f) in &role_sets[r] {
+                            let filters = &fws[f].1.filters;
+                            if !filters.is_empty() && filters.get(&uid).is_some_and(|&until| until > now) {
+                                continue;
+                            }
+                            if exhausted.contains(&f) || (capped && served.iter().any(|(s, _)| *s == f)) {
+                                continue;
+                            }
+                            let mut alpha = role_limit[r].map_or(1.0, |l| room(&role_alloc[r], &l, &free));
+                            if capped {
+                                alpha = alpha.min(fair_room(&fw_alloc[f], fw_fair[f], &total, &free)).min(fair_room(
+                                    &role_alloc[r],
+                                    role_fair[r],
+                                    &total,
+                                    &free,
+                                ));
+                            }
+                            if alpha < 1e-6 {
+                                continue;
+                            }
+                            let slice = if alpha >= 1.0 - 1e-9 {
+                                agent.free.clone()
+                            } else {
+                                let s = scale(&agent.free, alpha);
+                                // Do not leave crumbs nobody can use: all or the slice.
+                                let mut rest = agent.free.clone();
+                                rest.subtract(&s);
+                                let quota_allows_all =
+                                    role_limit[r].is_none_or(|l| room(&role_alloc[r], &l, &free) >= 1.0);
+                                if !allocatable(&rest) && quota_allows_all { agent.free.clone() } else { s }
+                            };
+                            if !allocatable(&slice) || !fws[f].1.wants(&slice) {
+                                continue;
+                            }
+                            chosen = Some((rk, r, fk, f, slice, capped));
+                            break 'passes;
+                        }
+                    }
+                }
+                let Some((rk, r, fk, f, resources, capped)) = chosen else { break };
+                if !capped {
+                    exhausted.push(f);
+                }
+                agent.free.subtract(&resources);
+                let sc = Scalars::of(&resources);
+                role_sets[r].remove(&(fk, f));
+                fw_alloc[f].add(sc);
+                role_sets[r].insert((share_key(fw_alloc[f].dominant_share(&total)), f));
+                role_order.remove(&(rk, r));
+                role_alloc[r].add(sc);
+                role_order.insert((role_key(&role_alloc[r], r, &role_weight), r));
+
+                if let Some(&(_, idx)) = served.iter().find(|(s, _)| *s == f) {
+                    // One offer per framework and agent: the work-conserving rest joins it.
+                    let o: &mut Offer = &mut out[idx];
+                    o.resources.add(&resources);
+                    if let Some(seq) = offer_index.get(&o.id)
+                        && let Some(e) = offers.get_mut(seq)
+                    {
+                        e.offer.resources = o.resources.clone();
+                    }
+                    continue;
+                }
+                let seq = *next_offer;
+                *next_offer += 1;
+                let offer = Offer {
+                    id: OfferId(format!("{prefix}O-{seq}")),
+                    framework_id: fws[f].0.clone(),
+                    agent_id: agent_id.clone(),
+                    hostname: agent.hostname.clone(),
+                    resources,
+                    attributes: agent.attributes.clone(),
+                };
+                agent.offers.push(seq);
+                offer_index.insert(offer.id.clone(), seq);
+                offers.insert(seq, OfferEntry { offer: offer.clone(), created: now });
+                served.push((f, out.len()));
+                out.push(offer);
             }
-            let Some((rk, r, fk, f)) = chosen else { continue };
-
-            let resources = std::mem::take(&mut agent.free);
-            let sc = Scalars::of(&resources);
-            role_sets[r].remove(&(fk, f));
-            fw_alloc[f].add(sc);
-            role_sets[r].insert((share_key(fw_alloc[f].dominant_share(&total)), f));
-            role_order.remove(&(rk, r));
-            role_alloc[r].add(sc);
-            role_order.insert((role_key(&role_alloc[r], r, &role_weight), r));
-
-            let seq = *next_offer;
-            *next_offer += 1;
-            let offer = Offer {
-                id: OfferId(format!("{prefix}O-{seq}")),
-                framework_id: fws[f].0.clone(),
-                agent_id: agent_id.clone(),
-                hostname: agent.hostname.clone(),
-                resources,
-                attributes: agent.attributes.clone(),
-            };
-            agent.offers.push(seq);
-            offer_index.insert(offer.id.clone(), seq);
-            offers.insert(seq, OfferEntry { offer: offer.clone(), created: now });
-            out.push(offer);
         }
         drop(fws);
         for (f, a) in frameworks.values_mut().zip(fw_alloc) {
@@ -674,11 +850,14 @@ impl Allocator for DrfAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PortRanges;
 
     fn alloc() -> DrfAllocator {
         DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 1.0, 0.0) },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.01, 1.0, 0.0),
+                ..AllocatorConfig::default()
+            },
             "t-",
         )
     }
@@ -1074,7 +1253,11 @@ mod tests {
     #[test]
     fn min_allocatable_skips_nearly_full_agents() {
         let mut a = DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.5, 256.0, 0.0) },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.5, 256.0, 0.0),
+                ..AllocatorConfig::default()
+            },
             "m-",
         );
         agent(&mut a, "n0", 1.0, 1024.0);
@@ -1085,7 +1268,11 @@ mod tests {
         assert_eq!(a.allocate(0).len(), 1);
         // a fully used agent is never offered, even with a zero minimum
         let mut b = DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::default() },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::default(),
+                ..AllocatorConfig::default()
+            },
             "m-",
         );
         b.add_agent(ag("n0"), "h".into(), Resources::scalars(1.0, 1.0, 0.0), BTreeMap::new());
@@ -1254,5 +1441,141 @@ mod tests {
         assert!(a.allocate(0).is_empty(), "an offered agent is not offered twice");
         a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
         assert_eq!(a.framework_share(&fw("a")), Some(0.0));
+    }
+
+    fn fair() -> DrfAllocator {
+        DrfAllocator::with_offer_prefix(
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.01, 1.0, 0.0),
+                fair_share_slices: true,
+            },
+            "f-",
+        )
+    }
+
+    /// Scalars offered per framework in one cycle.
+    fn offered(offers: &[Offer]) -> BTreeMap<String, (f64, f64, usize)> {
+        let mut m: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
+        for o in offers {
+            let e = m.entry(o.framework_id.0.clone()).or_default();
+            e.0 += o.resources.cpus;
+            e.1 += o.resources.mem;
+            e.2 += o.resources.ports.len();
+        }
+        m
+    }
+
+    #[test]
+    fn one_agent_is_shared_by_weight_within_one_cycle() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("marathon"), "*".into());
+        a.add_framework(fw("batch"), "batch".into());
+        let offers = a.allocate(0);
+        let m = offered(&offers);
+        assert_eq!(m["marathon"], (2.0, 2048.0, 5));
+        assert_eq!(m["batch"], (2.0, 2048.0, 5));
+        assert_eq!(offers.len(), 2, "one offer per framework");
+        assert!(a.agent_free(&ag("n0")).unwrap().is_empty());
+        // ports of the two offers do not overlap
+        assert!(offers[0].resources.ports.iter().all(|p| !offers[1].resources.ports.contains(p)));
+        for o in offers {
+            a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
+        }
+        // weight 3 for batch: 3/4 of the node
+        a.set_weight("batch", 3.0);
+        let m = offered(&a.allocate(1));
+        assert_eq!((m["batch"].0, m["marathon"].0), (3.0, 1.0));
+    }
+
+    #[test]
+    fn fair_slices_respect_what_frameworks_already_hold() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "*".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(3.0, 1024.0, 0.0));
+        // a holds 3/4 (above its half): b gets the whole rest (it stays below its half)
+        let m = offered(&a.allocate(0));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["b"].0, 1.0);
+    }
+
+    #[test]
+    fn what_nobody_below_its_share_takes_goes_to_the_others() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "*".into());
+        let offers = a.allocate(0);
+        let ob = offers.iter().find(|o| o.framework_id == fw("b")).unwrap().clone();
+        // b declines for a long time: the half it refused goes to a (work conserving)
+        a.decline(&ob.id, Filters::refuse(60.0), 0).unwrap();
+        let m = offered(&a.allocate(1));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["a"].0, 2.0);
+        assert_eq!(a.framework_share(&fw("a")), Some(1.0));
+        // a suppressed framework does not count: the other gets the whole agent at once
+        let mut c = fair();
+        agent(&mut c, "n0", 4.0, 4096.0);
+        c.add_framework(fw("a"), "*".into());
+        c.add_framework(fw("b"), "*".into());
+        c.suppress(&fw("b"));
+        let m = offered(&c.allocate(0));
+        assert_eq!(m["a"].0, 4.0);
+        assert!(!m.contains_key("b"));
+    }
+
+    #[test]
+    fn quota_limits_what_a_role_holds() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        agent(&mut a, "n1", 4.0, 4096.0);
+        a.add_framework(fw("greedy"), "capped".into());
+        a.set_quota("capped", Some(&Resources::scalars(1.5, f64::INFINITY, f64::INFINITY)));
+        let m = offered(&a.allocate(0));
+        assert!((m["greedy"].0 - 1.5).abs() < 1e-9, "{m:?}");
+        // used resources count too: after accepting 1 cpu, only 0.5 more is offered
+        let offers: Vec<Offer> = a.outstanding().into_iter().cloned().collect();
+        let o = &offers[0];
+        a.accept(&o.id, &Resources::scalars(1.0, 10.0, 0.0), Filters::refuse(0.0), 0).unwrap();
+        for o in offers.iter().skip(1) {
+            a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
+        }
+        let m = offered(&a.allocate(1));
+        assert!((m["greedy"].0 - 0.5).abs() < 1e-9, "{m:?}");
+        assert_eq!(a.quotas()["capped"].cpus, 1.5);
+        // removing the quota: the rest of the cluster is offered
+        a.set_quota("capped", None);
+        let m = offered(&a.allocate(2));
+        assert!((m["greedy"].0 - 6.5).abs() < 1e-9, "{m:?}");
+        // quota applies without fair slices too
+        let mut b = alloc();
+        agent(&mut b, "n0", 4.0, 4096.0);
+        b.add_framework(fw("x"), "r".into());
+        b.set_quota("r", Some(&Resources::scalars(f64::INFINITY, 1024.0, f64::INFINITY)));
+        let m = offered(&b.allocate(0));
+        assert_eq!((m["x"].0, m["x"].1), (1.0, 1024.0));
+    }
+
+    #[test]
+    fn per_framework_min_allocatable_skips_small_offers() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("big"), "*".into());
+        a.add_framework(fw("small"), "*".into());
+        a.set_min_allocatable(&fw("big"), vec![Resources::scalars(3.0, 0.0, 0.0)]);
+        // big's fair half (2 cpus) is below its minimum: small gets its half, then the rest
+        // (work conserving) goes to whoever wants it: big still does not (2 < 3), small does.
+        let m = offered(&a.allocate(0));
+        assert!(!m.contains_key("big"), "{m:?}");
+        assert_eq!(m["small"].0, 4.0);
+        for o in a.outstanding().into_iter().cloned().collect::<Vec<_>>() {
+            a.decline(&o.id, Filters::refuse(60.0), 0).unwrap();
+        }
+        // with small filtered, big gets the whole agent (it holds its minimum)
+        let m = offered(&a.allocate(1));
+        assert_eq!(m["big"].0, 4.0);
     }
 }

@@ -200,6 +200,9 @@ pub struct State {
     pub max_versions: usize,
     /// The service catalog.
     pub catalog: CatalogState,
+    /// Frameworks of the Mesos v1 scheduler API, role weights and quota.
+    #[serde(default)]
+    pub mesos: crate::frameworks::MesosState,
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -363,6 +366,41 @@ pub enum Command {
         /// Which one.
         id: String,
     },
+    /// A framework subscribed through the Mesos v1 API (first time, or again with its id).
+    SubscribeFramework {
+        /// Its id.
+        id: FrameworkId,
+        /// Its info.
+        info: Box<crate::mesos::FrameworkInfo>,
+        /// When.
+        at: Millis,
+    },
+    /// A framework was torn down (TEARDOWN, or its failover timeout ran out).
+    RemoveFramework {
+        /// Its id.
+        id: FrameworkId,
+        /// When.
+        at: Millis,
+    },
+    /// Tasks a framework launched (STAGING), with their names.
+    LaunchFrameworkTasks {
+        /// The tasks.
+        tasks: Vec<Task>,
+        /// Their names, in the same order.
+        names: Vec<String>,
+    },
+    /// Set role weights (`PUT /master/weights`); other roles keep theirs.
+    SetWeights {
+        /// (role, weight > 0).
+        weights: Vec<(String, f64)>,
+    },
+    /// Set (or, with an empty quota, remove) a role's quota.
+    SetQuota {
+        /// The role.
+        role: String,
+        /// Its limits.
+        quota: crate::frameworks::Quota,
+    },
 }
 
 /// Why a command was not applied.
@@ -395,6 +433,9 @@ pub enum ApplyError {
     /// The deployment does not exist.
     #[error("DeploymentPlan {0} does not exist")]
     UnknownDeployment(String),
+    /// The framework is not registered.
+    #[error("Framework {0} is not registered")]
+    UnknownFramework(FrameworkId),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -764,6 +805,7 @@ impl State {
                     }
                     ch.catalog |= self.deregister_task(&task);
                     self.record_failure(&task, *at);
+                    self.mesos.task_ended(&task, *at);
                     ch.ended.push(task);
                 } else {
                     if *state == TaskState::Running && !task.kill_requested {
@@ -877,6 +919,30 @@ impl State {
                     }
                 }
                 self.group_change(&put, &remove, deployment_id, *now, &mut ch);
+            }
+            Command::SubscribeFramework { id, info, at } => self.mesos.subscribe(id, info, *at),
+            Command::RemoveFramework { id, at } => {
+                if !self.mesos.remove(id, *at) {
+                    return Err(ApplyError::UnknownFramework(id.clone()));
+                }
+            }
+            Command::LaunchFrameworkTasks { tasks, names } => {
+                for (t, name) in tasks.iter().zip(names) {
+                    self.tasks.insert(t.id.clone(), t.clone());
+                    self.mesos.task_names.insert(t.id.clone(), name.clone());
+                }
+            }
+            Command::SetWeights { weights } => {
+                for (role, w) in weights {
+                    self.mesos.weights.insert(role.clone(), *w);
+                }
+            }
+            Command::SetQuota { role, quota } => {
+                if quota.is_empty() {
+                    self.mesos.quotas.remove(role);
+                } else {
+                    self.mesos.quotas.insert(role.clone(), quota.clone());
+                }
             }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
