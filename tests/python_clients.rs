@@ -1,10 +1,12 @@
-//! marathon-python 0.13.0 against a real `mesh dev`: runs the pytest suite in `tests/python`,
-//! which starts its own node from `$MESH_BIN` (this build's binary) and calls every client
-//! method that touches apps, groups, tasks, deployments, queue, info, leader, ping, metrics and
-//! the event stream.
+//! marathon-python 0.13.0 and pymesos 0.3.15 against a real `mesh dev`: runs the pytest suite in
+//! `tests/python`, which starts its own node from `$MESH_BIN` (this build's binary), calls every
+//! marathon-python method that touches apps, groups, tasks, deployments, queue, info, leader,
+//! ping, metrics and the event stream, and runs a pymesos framework over the Mesos v1 scheduler
+//! API (`test_pymesos.py`).
 //!
-//! Needs `python3 -m pip install -r tests/python/requirements.txt`. Without it the test prints
-//! `SKIP: ...` and passes, unless `MESH_REQUIRE_PYTHON=1` (CI sets it), which makes it fail.
+//! Needs `tests/python/install.sh` (pip; pymesos without its unbuildable C dependency). Without it
+//! the test prints `SKIP: ...` and passes, unless `MESH_REQUIRE_PYTHON=1` (CI sets it), which
+//! makes it fail.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 const SUITE_DEADLINE: Duration = Duration::from_secs(600);
 
 fn python_ready() -> Result<(), String> {
-    match Command::new("python3").args(["-c", "import marathon, pytest"]).output() {
+    match Command::new("python3").args(["-c", "import marathon, pytest, pymesos, http_parser.http"]).output() {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
         Err(e) => Err(format!("python3: {e}")),
@@ -35,11 +37,11 @@ fn marathon_python_suite_passes() {
     if let Err(why) = python_ready() {
         if std::env::var("MESH_REQUIRE_PYTHON").as_deref() == Ok("1") {
             panic!(
-                "MESH_REQUIRE_PYTHON=1 but marathon-python/pytest are not importable ({why}); \
-                 run: python3 -m pip install -r tests/python/requirements.txt"
+                "MESH_REQUIRE_PYTHON=1 but marathon-python/pymesos/pytest are not importable ({why}); \
+                 run: bash tests/python/install.sh"
             );
         }
-        println!("SKIP: marathon-python/pytest not installed ({why})");
+        println!("SKIP: marathon-python/pymesos/pytest not installed ({why}); run: bash tests/python/install.sh");
         return;
     }
     let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/python");

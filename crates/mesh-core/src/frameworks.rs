@@ -369,6 +369,247 @@ impl Sessions {
     }
 }
 
+/// What a framework's `TaskInfo` becomes: the task record, what the agent runs, and its name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskLaunch {
+    /// The record (STAGING).
+    pub task: Task,
+    /// What the agent's runtime starts.
+    pub spec: crate::runtime::TaskSpec,
+    /// The task's name.
+    pub name: String,
+}
+
+/// Where a task is to run and what is left of the offers it uses.
+#[derive(Clone, Debug)]
+pub struct LaunchContext<'a> {
+    /// The launching framework.
+    pub framework: &'a FrameworkId,
+    /// The offers' agent.
+    pub agent: &'a crate::model::AgentId,
+    /// Its host name.
+    pub hostname: &'a str,
+    /// What the offers still hold.
+    pub remaining: &'a Resources,
+    /// Whether the node lets containers run privileged.
+    pub allow_privileged: bool,
+    /// When.
+    pub now: Millis,
+}
+
+/// Validate a `TaskInfo` of a LAUNCH and turn it into a [`TaskLaunch`]. The error is the
+/// message of the TASK_ERROR the framework gets (`REASON_TASK_INVALID`). Uniqueness of the id
+/// is the caller's to check (it knows the other tasks).
+pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Result<TaskLaunch, String> {
+    use crate::runtime::{Command as Run, ContainerSpec, NetworkMode, PortMapping, TaskSpec, Volume};
+    let id = info.task_id.value.as_str();
+    if id.is_empty()
+        || id == "."
+        || id == ".."
+        || id.len() > 255
+        || id.chars().any(|c| c == '/' || c == '\\' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("TaskID '{id}' contains invalid characters"));
+    }
+    if info.agent_id.value != cx.agent.0 {
+        return Err(format!("Task uses invalid agent: {}", info.agent_id.value));
+    }
+    if info.executor.is_some() {
+        return Err("Custom executors are not supported by mesh: give the task a 'command' instead".into());
+    }
+    let resources = crate::mesos::resources_from_wire(&info.resources)?;
+    if resources.cpus <= crate::model::EPSILON && resources.mem <= crate::model::EPSILON {
+        return Err("Task uses no resources (it needs cpus or mem)".into());
+    }
+    if !cx.remaining.contains(&resources) {
+        return Err(format!("Task uses more resources {resources} than available {}", cx.remaining));
+    }
+    let ports: Vec<u16> = resources.ports.iter().collect();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let command = match &info.command {
+        Some(c) => {
+            if !c.uris.is_empty() {
+                return Err("Fetching URIs (command.uris) is not supported by mesh".into());
+            }
+            for v in c.environment.iter().flat_map(|e| &e.variables) {
+                if v.kind.as_deref().is_some_and(|k| k != "VALUE") {
+                    return Err(format!("Environment variable '{}': only VALUE variables are supported", v.name));
+                }
+                env.insert(v.name.clone(), v.value.clone().unwrap_or_default());
+            }
+            match (c.shell.unwrap_or(true), &c.value) {
+                (true, Some(v)) if !v.trim().is_empty() => Some(Run::Shell(v.clone())),
+                (true, _) => return Err("Shell command of task has no 'value'".into()),
+                (false, Some(v)) => {
+                    let mut argv = vec![v.clone()];
+                    argv.extend(c.arguments.iter().skip(1).cloned());
+                    Some(Run::Args(argv))
+                }
+                (false, None) if !c.arguments.is_empty() => Some(Run::Args(c.arguments.clone())),
+                (false, None) => None,
+            }
+        }
+        None => None,
+    };
+    let container = match &info.container {
+        None => None,
+        Some(ci) => match (ci.kind.as_deref().unwrap_or("MESOS"), &ci.docker) {
+            ("DOCKER", Some(d)) => {
+                if d.image.trim().is_empty() {
+                    return Err("Docker container of task has no image".into());
+                }
+                let network = match d.network.as_deref().unwrap_or("HOST") {
+                    "HOST" => NetworkMode::Host,
+                    "BRIDGE" => NetworkMode::Bridge,
+                    "NONE" => NetworkMode::None,
+                    other => return Err(format!("Docker network mode {other} is not supported (HOST, BRIDGE, NONE)")),
+                };
+                let mut port_mappings = Vec::new();
+                for pm in &d.port_mappings {
+                    let host = u16::try_from(pm.host_port).ok().filter(|p| resources.ports.contains(*p));
+                    let Some(host) = host else {
+                        return Err(format!(
+                            "Port mapping host port {} is not among the task's port resources",
+                            pm.host_port
+                        ));
+                    };
+                    let cport = u16::try_from(pm.container_port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| format!("Port mapping container port {} is invalid", pm.container_port))?;
+                    port_mappings.push(PortMapping {
+                        container_port: cport,
+                        host_port: host,
+                        protocol: pm.protocol.clone().unwrap_or_else(|| "tcp".into()),
+                    });
+                }
+                let privileged = d.privileged.unwrap_or(false);
+                if privileged && !cx.allow_privileged {
+                    return Err("Privileged containers are not allowed on this node (--allow-privileged)".into());
+                }
+                let mut parameters = Vec::new();
+                for p in &d.parameters {
+                    if !crate::runtime::docker::ALLOWED_PARAMETERS.contains(&p.key.as_str()) {
+                        return Err(format!(
+                            "Docker parameter '{}' is not supported; supported: {}",
+                            p.key,
+                            crate::runtime::docker::ALLOWED_PARAMETERS.join(", ")
+                        ));
+                    }
+                    parameters.push((p.key.clone(), p.value.clone()));
+                }
+                let mut volumes = Vec::new();
+                for v in &ci.volumes {
+                    let Some(host) = v.host_path.clone().filter(|h| h.starts_with('/')) else {
+                        return Err(format!("Volume '{}' needs an absolute host_path", v.container_path));
+                    };
+                    volumes.push(Volume {
+                        container_path: v.container_path.clone(),
+                        host_path: host,
+                        read_only: v.mode.as_deref() == Some("RO"),
+                    });
+                }
+                Some(ContainerSpec {
+                    image: d.image.clone(),
+                    network,
+                    port_mappings,
+                    volumes,
+                    parameters,
+                    privileged,
+                    force_pull: d.force_pull_image.unwrap_or(false),
+                })
+            }
+            ("DOCKER", None) => return Err("DOCKER container of task has no 'docker' settings".into()),
+            ("MESOS", _) => {
+                if ci.mesos.as_ref().is_some_and(|m| m.get("image").is_some()) {
+                    return Err("Images in MESOS containers are not supported: use a DOCKER container".into());
+                }
+                if !ci.volumes.is_empty() {
+                    return Err("Volumes need a DOCKER container".into());
+                }
+                None
+            }
+            (other, _) => return Err(format!("Container type {other} is not supported")),
+        },
+    };
+    let command = match (command, &container) {
+        (Some(c), _) => c,
+        (None, Some(_)) => Run::Args(Vec::new()), // the image's entrypoint
+        (None, None) => return Err("Task has neither a command nor a container to run".into()),
+    };
+    let grace = info
+        .kill_policy
+        .and_then(|k| k.grace_period)
+        .map(|g| std::time::Duration::from_nanos(g.nanoseconds.clamp(0, 3_600_000_000_000) as u64))
+        .unwrap_or(std::time::Duration::from_secs(3));
+    env.insert("MESOS_TASK_ID".into(), id.to_owned());
+    env.insert("MESOS_FRAMEWORK_ID".into(), cx.framework.0.clone());
+    env.insert("MESOS_AGENT_ID".into(), cx.agent.0.clone());
+    env.insert("HOST".into(), cx.hostname.to_owned());
+    if !ports.is_empty() {
+        env.insert("PORTS".into(), ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
+    }
+    let mut labels: BTreeMap<String, String> = info
+        .labels
+        .iter()
+        .flat_map(|l| &l.labels)
+        .map(|l| (l.key.clone(), l.value.clone().unwrap_or_default()))
+        .collect();
+    labels.insert("mesh.framework".into(), cx.framework.0.clone());
+    let task_id = TaskId(id.to_owned());
+    let task = Task {
+        id: task_id.clone(),
+        framework_id: cx.framework.clone(),
+        app_id: None,
+        agent_id: cx.agent.clone(),
+        host: cx.hostname.to_owned(),
+        ports: ports.clone(),
+        service_ports: Vec::new(),
+        state: crate::proto::TaskState::Staging,
+        staged_at: cx.now,
+        started_at: None,
+        version: cx.now,
+        resources: resources.clone(),
+        kill_requested: false,
+        message: String::new(),
+        health: Vec::new(),
+    };
+    let spec = TaskSpec {
+        task_id,
+        command,
+        env,
+        cpus: resources.cpus,
+        mem: resources.mem,
+        ports,
+        kill_grace: grace,
+        labels,
+        container,
+    };
+    let name = if info.name.is_empty() { id.to_owned() } else { info.name.clone() };
+    Ok(TaskLaunch { task, spec, name })
+}
+
+/// A status of a task for its framework (no message, source, reason or uuid yet).
+pub fn status_of(
+    task_id: &TaskId,
+    agent: Option<&crate::model::AgentId>,
+    state: crate::mesos::TaskState,
+    now: Millis,
+) -> TaskStatus {
+    TaskStatus {
+        task_id: crate::mesos::Id::new(task_id.0.clone()),
+        state,
+        message: None,
+        source: None,
+        reason: None,
+        agent_id: agent.map(|a| crate::mesos::Id::new(a.0.clone())),
+        executor_id: None,
+        timestamp: Some(now as f64 / 1000.0),
+        uuid: None,
+        healthy: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,5 +722,109 @@ mod tests {
         assert_eq!(l.cpus, 2.0);
         assert!(l.mem.is_infinite());
         assert!(m.quota_limits("other").is_none());
+    }
+
+    fn launch(info: serde_json::Value, remaining: &Resources) -> Result<TaskLaunch, String> {
+        let info: crate::mesos::TaskInfo = serde_json::from_value(info).unwrap();
+        let cx = LaunchContext {
+            framework: &fw("f1"),
+            agent: &crate::model::AgentId::from("a1"),
+            hostname: "h1",
+            remaining,
+            allow_privileged: false,
+            now: 5,
+        };
+        task_launch(&info, &cx)
+    }
+
+    #[test]
+    fn task_infos_become_tasks_and_specs() {
+        use crate::model::PortRanges;
+        use crate::runtime::Command as Run;
+        use serde_json::json;
+        let offer = Resources { ports: PortRanges::range(31000, 31009), ..Resources::scalars(2.0, 1024.0, 0.0) };
+        let res = json!([{"name":"cpus","type":"SCALAR","scalar":{"value":0.5}},{"name":"mem","type":"SCALAR","scalar":{"value":64}},
+                         {"name":"ports","type":"RANGES","ranges":{"range":[{"begin":31002,"end":31003}]}}]);
+        let l = launch(
+            json!({"name":"job-1","task_id":{"value":"job-1"},"agent_id":{"value":"a1"},"resources":res,
+                   "command":{"value":"echo $X","environment":{"variables":[{"name":"X","value":"1"}]}},
+                   "kill_policy":{"grace_period":{"nanoseconds":2000000000}},"labels":{"labels":[{"key":"k","value":"v"}]}}),
+            &offer,
+        )
+        .unwrap();
+        assert_eq!(l.name, "job-1");
+        assert_eq!(l.spec.command, Run::Shell("echo $X".into()));
+        assert_eq!(l.spec.env["X"], "1");
+        assert_eq!(l.spec.env["MESOS_TASK_ID"], "job-1");
+        assert_eq!(l.spec.ports, vec![31002, 31003]);
+        assert_eq!(l.spec.kill_grace, std::time::Duration::from_secs(2));
+        assert_eq!(l.spec.labels["k"], "v");
+        assert_eq!((l.task.resources.cpus, l.task.framework_id.0.as_str()), (0.5, "f1"));
+        // non-shell: value is the executable, arguments are argv (argv[0] included)
+        let l = launch(
+            json!({"name":"n","task_id":{"value":"t2"},"agent_id":{"value":"a1"},"resources":res,
+                   "command":{"shell":false,"value":"/bin/echo","arguments":["echo","a","b"]}}),
+            &offer,
+        )
+        .unwrap();
+        assert_eq!(l.spec.command, Run::Args(vec!["/bin/echo".into(), "a".into(), "b".into()]));
+        // docker, bridge, mapped port among the task's ports
+        let l = launch(
+            json!({"name":"d","task_id":{"value":"t3"},"agent_id":{"value":"a1"},"resources":res,
+                   "container":{"type":"DOCKER","docker":{"image":"busybox","network":"BRIDGE",
+                   "port_mappings":[{"host_port":31002,"container_port":80}]}}}),
+            &offer,
+        )
+        .unwrap();
+        let c = l.spec.container.unwrap();
+        assert_eq!(
+            (c.image.as_str(), c.port_mappings[0].host_port, c.port_mappings[0].container_port),
+            ("busybox", 31002, 80)
+        );
+        assert_eq!(l.spec.command, Run::Args(vec![]));
+    }
+
+    #[test]
+    fn invalid_task_infos_are_refused_with_mesos_messages() {
+        use serde_json::json;
+        let offer = Resources::scalars(1.0, 128.0, 0.0);
+        let res = json!([{"name":"cpus","type":"SCALAR","scalar":{"value":0.5}}]);
+        let base = |extra: serde_json::Value| {
+            let mut v = json!({"name":"n","task_id":{"value":"t"},"agent_id":{"value":"a1"},"resources":res,"command":{"value":"true"}});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let cases = [
+            (
+                base(json!({"resources":[{"name":"cpus","type":"SCALAR","scalar":{"value":2}}]})),
+                "Task uses more resources",
+            ),
+            (base(json!({"task_id":{"value":"a/b"}})), "contains invalid characters"),
+            (base(json!({"agent_id":{"value":"other"}})), "Task uses invalid agent"),
+            (base(json!({"executor":{"executor_id":{"value":"e"}}})), "Custom executors"),
+            (base(json!({"command":{"value":"x","uris":[{"value":"http://x"}]}})), "command.uris"),
+            (base(json!({"command":null})), "neither a command nor a container"),
+            (base(json!({"resources":[]})), "uses no resources"),
+            (base(json!({"resources":[{"name":"gpus","type":"SCALAR","scalar":{"value":1}}]})), "not offered"),
+            (base(json!({"container":{"type":"DOCKER","docker":{"image":"x","privileged":true}}})), "Privileged"),
+            (
+                base(
+                    json!({"container":{"type":"DOCKER","docker":{"image":"x","network":"BRIDGE","port_mappings":[{"host_port":31000,"container_port":80}]}}}),
+                ),
+                "not among the task's port resources",
+            ),
+            (
+                base(
+                    json!({"container":{"type":"DOCKER","docker":{"image":"x","parameters":[{"key":"pid","value":"host"}]}}}),
+                ),
+                "not supported",
+            ),
+        ];
+        for (info, want) in cases {
+            let err = launch(info.clone(), &offer).unwrap_err();
+            assert!(err.contains(want), "{info}: {err}");
+        }
     }
 }
