@@ -6,3 +6,5 @@
 
 pub use mesh_core::model;
 pub use mesh_core::scheduler;
+
+pub mod framework;
