@@ -21,8 +21,10 @@
 //!   the same calls produce the same offers. A cycle costs O(agents × log frameworks) plus the
 //!   frameworks skipped because they filter or are suppressed.
 //! - A decline, or the unused part of an accept, installs a filter on the (framework, agent)
-//!   pair for [`Filters::refuse_seconds`]: the agent is not offered to that framework before the
-//!   filter expires. [`Allocator::revive`] clears a framework's filters.
+//!   pair for [`Filters::refuse_seconds`]: until it expires, the agent is not offered to that
+//!   framework while its free resources lie within the refused ones (Mesos' refused-offer
+//!   filter); resources freed since make it eligible again. [`Allocator::revive`] clears a
+//!   framework's filters.
 //! - Offers count as allocated until accepted, declined, rescinded or expired
 //!   ([`AllocatorConfig::offer_timeout_ms`], unset by default = offers never expire).
 //! - **Fair-share slices** ([`AllocatorConfig::fair_share_slices`], what `mesh` runs with): while
@@ -218,6 +220,11 @@ impl Scalars {
         self.mem = s(self.mem, o.mem);
         self.disk = s(self.disk, o.disk);
     }
+    /// Every component multiplied by `k` (zero components stay zero: no share of nothing).
+    fn times(&self, k: f64) -> Scalars {
+        let m = |x: f64| if x > EPSILON { x * k } else { f64::INFINITY };
+        Scalars { cpus: m(self.cpus), mem: m(self.mem), disk: m(self.disk) }
+    }
     /// The part of `want` that `self` holds (component-wise minimum).
     fn min(self, want: Scalars) -> Scalars {
         Scalars { cpus: self.cpus.min(want.cpus), mem: self.mem.min(want.mem), disk: self.disk.min(want.disk) }
@@ -258,8 +265,10 @@ struct AgentState {
 struct FrameworkState {
     role: String,
     suppressed: bool,
-    /// Agent uid → filter expiry (the filter holds while `now < expiry`).
-    filters: HashMap<u64, Millis>,
+    /// Agent uid → filters: (expiry, refused resources). Like Mesos' refused-offer filters, one
+    /// holds while `now < expiry` and the agent's free resources are within what was refused:
+    /// resources freed since are offered again at once.
+    filters: HashMap<u64, Vec<(Millis, Resources)>>,
     /// Scalars allocated (tasks) plus offered to it on registered agents.
     alloc: Scalars,
     /// The smallest offers it wants (any one of them); empty = the global minimum only.
@@ -277,49 +286,21 @@ impl FrameworkState {
     }
 }
 
-/// The largest fraction (0..=1) of `free` that keeps `alloc + fraction × free` within `limit`.
-fn room(alloc: &Scalars, limit: &Scalars, free: &Scalars) -> f64 {
-    let mut a: f64 = 1.0;
-    for (al, l, fr) in
-        [(alloc.cpus, limit.cpus, free.cpus), (alloc.mem, limit.mem, free.mem), (alloc.disk, limit.disk, free.disk)]
-    {
-        if fr > EPSILON && l.is_finite() {
-            a = a.min((l - al) / fr);
-        }
-    }
-    a.clamp(0.0, 1.0)
+/// How much more of each resource `alloc` may grow by before reaching `limit` (never negative;
+/// infinite where the limit is).
+fn headroom(alloc: &Scalars, limit: &Scalars) -> Scalars {
+    let h = |a: f64, l: f64| if l.is_finite() { (l - a).max(0.0) } else { f64::INFINITY };
+    Scalars { cpus: h(alloc.cpus, limit.cpus), mem: h(alloc.mem, limit.mem), disk: h(alloc.disk, limit.disk) }
 }
 
-/// The largest fraction (0..=1) of `free` that keeps the dominant share of `alloc + fraction ×
-/// free` within `fair`; 0 when the share is already there.
-fn fair_room(alloc: &Scalars, fair: f64, total: &Scalars, free: &Scalars) -> f64 {
-    let mut a: f64 = 1.0;
-    for (al, t, fr) in
-        [(alloc.cpus, total.cpus, free.cpus), (alloc.mem, total.mem, free.mem), (alloc.disk, total.disk, free.disk)]
-    {
-        if t <= EPSILON {
-            continue;
-        }
-        let cap = fair * t - al;
-        if cap <= 1e-9 * t {
-            return 0.0;
-        }
-        if fr > EPSILON {
-            a = a.min(cap / fr);
-        }
-    }
-    a.clamp(0.0, 1.0)
-}
-
-/// `fraction` of the scalars of `r`, and that fraction of its ports (rounded up, lowest first).
-fn scale(r: &Resources, fraction: f64) -> Resources {
+/// `room` of the scalars of `r` (capped at what `r` holds), and ports in proportion to the
+/// largest fraction taken of any scalar (rounded up, lowest first).
+fn take(r: &Resources, room: &Scalars) -> Resources {
+    let (cpus, mem, disk) = (r.cpus.min(room.cpus), r.mem.min(room.mem), r.disk.min(room.disk));
+    let frac = |part: f64, whole: f64| if whole > EPSILON { part / whole } else { 0.0 };
+    let fraction = frac(cpus, r.cpus).max(frac(mem, r.mem)).max(frac(disk, r.disk)).clamp(0.0, 1.0);
     let n = (r.ports.len() as f64 * fraction).ceil() as usize;
-    Resources {
-        cpus: r.cpus * fraction,
-        mem: r.mem * fraction,
-        disk: r.disk * fraction,
-        ports: PortRanges::from_ports(r.ports.iter().take(n)),
-    }
+    Resources { cpus, mem, disk, ports: PortRanges::from_ports(r.ports.iter().take(n)) }
 }
 
 #[derive(Clone, Debug)]
@@ -472,7 +453,14 @@ impl DrfAllocator {
         }
     }
 
-    fn add_filter(&mut self, framework: &FrameworkId, agent: &AgentId, filters: Filters, now: Millis) {
+    fn add_filter(
+        &mut self,
+        framework: &FrameworkId,
+        agent: &AgentId,
+        refused: Resources,
+        filters: Filters,
+        now: Millis,
+    ) {
         let ms = filters.refuse_ms();
         if ms == 0 {
             return;
@@ -480,8 +468,7 @@ impl DrfAllocator {
         let Some(uid) = self.agents.get(agent).map(|a| a.uid) else { return };
         if let Some(f) = self.frameworks.get_mut(framework) {
             let until = now.saturating_add(ms);
-            let e = f.filters.entry(uid).or_insert(until);
-            *e = (*e).max(until);
+            f.filters.entry(uid).or_default().push((until, refused));
         }
     }
 }
@@ -587,7 +574,10 @@ impl Allocator for DrfAllocator {
         let total = self.cluster_total();
         for f in self.frameworks.values_mut() {
             if !f.filters.is_empty() {
-                f.filters.retain(|_, until| *until > now);
+                f.filters.retain(|_, list| {
+                    list.retain(|(until, _)| *until > now);
+                    !list.is_empty()
+                });
             }
         }
         let min = self.config.min_allocatable.clone();
@@ -667,33 +657,33 @@ impl Allocator for DrfAllocator {
                     for &(rk, r) in role_order.iter() {
                         for &(fk, f) in &role_sets[r] {
                             let filters = &fws[f].1.filters;
-                            if !filters.is_empty() && filters.get(&uid).is_some_and(|&until| until > now) {
+                            if !filters.is_empty()
+                                && filters.get(&uid).is_some_and(|list| {
+                                    list.iter().any(|(until, refused)| *until > now && refused.contains(&agent.free))
+                                })
+                            {
                                 continue;
                             }
                             if exhausted.contains(&f) || (capped && served.iter().any(|(s, _)| *s == f)) {
                                 continue;
                             }
-                            let mut alpha = role_limit[r].map_or(1.0, |l| room(&role_alloc[r], &l, &free));
+                            // What it may take of each resource: up to its role's quota and,
+                            // in the capped pass, up to its and its role's fair share.
+                            let quota_room = role_limit[r].as_ref().map(|l| free.min(headroom(&role_alloc[r], l)));
+                            let mut room = quota_room.unwrap_or(free);
                             if capped {
-                                alpha = alpha.min(fair_room(&fw_alloc[f], fw_fair[f], &total, &free)).min(fair_room(
-                                    &role_alloc[r],
-                                    role_fair[r],
-                                    &total,
-                                    &free,
-                                ));
+                                room = room
+                                    .min(headroom(&fw_alloc[f], &total.times(fw_fair[f])))
+                                    .min(headroom(&role_alloc[r], &total.times(role_fair[r])));
                             }
-                            if alpha < 1e-6 {
-                                continue;
-                            }
-                            let slice = if alpha >= 1.0 - 1e-9 {
+                            let slice = if room == free {
                                 agent.free.clone()
                             } else {
-                                let s = scale(&agent.free, alpha);
+                                let s = take(&agent.free, &room);
                                 // Do not leave crumbs nobody can use: all or the slice.
                                 let mut rest = agent.free.clone();
                                 rest.subtract(&s);
-                                let quota_allows_all =
-                                    role_limit[r].is_none_or(|l| room(&role_alloc[r], &l, &free) >= 1.0);
+                                let quota_allows_all = quota_room.is_none_or(|q| q == free);
                                 if !allocatable(&rest) && quota_allows_all { agent.free.clone() } else { s }
                             };
                             if !allocatable(&slice) || !fws[f].1.wants(&slice) {
@@ -780,7 +770,7 @@ impl Allocator for DrfAllocator {
             }
         }
         if !remainder.is_empty() {
-            self.add_filter(&o.framework_id, &o.agent_id, filters, now);
+            self.add_filter(&o.framework_id, &o.agent_id, remainder, filters, now);
         }
         self.refresh_agent(&o.agent_id);
         Ok(())
@@ -790,7 +780,8 @@ impl Allocator for DrfAllocator {
         let seq = *self.offer_index.get(offer).ok_or_else(|| AllocatorError::UnknownOffer(offer.clone()))?;
         let Some(o) = self.take_offer(seq) else { return Err(AllocatorError::UnknownOffer(offer.clone())) };
         if !o.resources.is_empty() {
-            self.add_filter(&o.framework_id, &o.agent_id, filters, now);
+            let refused = o.resources.clone();
+            self.add_filter(&o.framework_id, &o.agent_id, refused, filters, now);
         }
         self.refresh_agent(&o.agent_id);
         Ok(())
@@ -1389,7 +1380,8 @@ mod tests {
                 if rng.next(4) == 0 {
                     let n = ag(&format!("n{i:02}"));
                     let uid = a.agents[&n].uid;
-                    a.frameworks.get_mut(&fw(&f)).unwrap().filters.insert(uid, 10);
+                    let total = a.agents[&n].total.clone();
+                    a.frameworks.get_mut(&fw(&f)).unwrap().filters.insert(uid, vec![(10, total)]);
                     filtered.insert((n.0.clone(), f.clone()));
                 }
             }
@@ -1543,20 +1535,23 @@ mod tests {
         for o in offers.iter().skip(1) {
             a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
         }
-        let m = offered(&a.allocate(1));
+        let half = a.allocate(1);
+        let m = offered(&half);
         assert!((m["greedy"].0 - 0.5).abs() < 1e-9, "{m:?}");
+        assert_eq!(m["greedy"].1, 4096.0 - 10.0, "memory is not limited: all of it comes along");
         assert_eq!(a.quotas()["capped"].cpus, 1.5);
         // removing the quota: the rest of the cluster is offered
+        a.decline(&half[0].id, Filters::refuse(0.0), 1).unwrap();
         a.set_quota("capped", None);
         let m = offered(&a.allocate(2));
-        assert!((m["greedy"].0 - 6.5).abs() < 1e-9, "{m:?}");
+        assert!((m["greedy"].0 - 7.0).abs() < 1e-9, "{m:?}");
         // quota applies without fair slices too
         let mut b = alloc();
         agent(&mut b, "n0", 4.0, 4096.0);
         b.add_framework(fw("x"), "r".into());
         b.set_quota("r", Some(&Resources::scalars(f64::INFINITY, 1024.0, f64::INFINITY)));
         let m = offered(&b.allocate(0));
-        assert_eq!((m["x"].0, m["x"].1), (1.0, 1024.0));
+        assert_eq!((m["x"].0, m["x"].1), (4.0, 1024.0), "only mem is limited");
     }
 
     #[test]
@@ -1577,5 +1572,37 @@ mod tests {
         // with small filtered, big gets the whole agent (it holds its minimum)
         let m = offered(&a.allocate(1));
         assert_eq!(m["big"].0, 4.0);
+    }
+
+    #[test]
+    fn a_filter_covers_only_the_refused_resources() {
+        let mut a = alloc();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        let o = a.allocate(0).pop().unwrap();
+        // use 3 cpus, refuse the rest for a minute
+        a.accept(&o.id, &Resources::scalars(3.0, 1024.0, 0.0), Filters::refuse(60.0), 0).unwrap();
+        assert!(a.allocate(1_000).is_empty(), "only the refused rest is free");
+        // a task ends: the freed cpus are offered at once, with the refused rest
+        a.recover(&ag("n0"), &fw("a"), &Resources::scalars(1.0, 0.0, 0.0));
+        let o = a.allocate(2_000).pop().expect("freed resources are not filtered");
+        assert_eq!(o.resources.cpus, 2.0);
+        a.decline(&o.id, Filters::refuse(60.0), 2_000).unwrap();
+        assert!(a.allocate(3_000).is_empty(), "declined whole: filtered");
+    }
+
+    #[test]
+    fn fair_slices_cap_each_resource_not_the_whole_agent_proportionally() {
+        // Tasks use much CPU and little memory: the slice is bounded by CPU, memory comes along.
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "b".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(2.0, 128.0, 0.0));
+        a.track_used(&ag("n0"), &fw("b"), &Resources::scalars(1.5, 192.0, 0.0));
+        let m = offered(&a.allocate(0));
+        // b may grow to 2 cpus and 2048 MiB: it gets the free 0.5 cpus and memory up to its half
+        assert_eq!(m["b"].0, 0.5, "{m:?}");
+        assert!(!m.contains_key("a"), "a holds its half of the cpus: {m:?}");
     }
 }

@@ -330,6 +330,7 @@ impl Control {
                     for oid in d.offer_ids {
                         let oid = mesh_core::model::OfferId(oid.value);
                         if self.allocator.offer(&oid).is_some_and(|o| o.framework_id == fid) {
+                            debug!(framework = %fid, offer = %oid, refuse_seconds = filters.refuse_seconds, "declined");
                             let _ = self.allocator.decline(&oid, filters, now);
                         } else {
                             debug!(framework = %fid, offer = %oid, "DECLINE of an offer that is no longer valid: ignored");
@@ -714,6 +715,9 @@ impl Control {
             let role = self.store.state().mesos.frameworks.get(&fid).map(|f| f.info.effective_role());
             match (role, self.mesos.streams.contains_key(&fid)) {
                 (Some(role), true) => {
+                    for o in &list {
+                        debug!(framework = %fid, offer = %o.id, resources = %o.resources, "offer");
+                    }
                     let offers = list.iter().map(|o| mesos::Offer::from_allocation(o, &role)).collect();
                     self.mesos_send(&fid, Event::Offers(Offers { offers }));
                 }
