@@ -243,7 +243,9 @@ impl Control {
                 FrameworkId(format!("{}-{:04}", self.mesos.master_id, self.mesos.next_id - 1))
             }
         };
-        let refusal = if id.0 == "marathon" || self.store.state().mesos.is_removed(&id) {
+        let refusal = if id.0 == "marathon" {
+            Some("Framework id 'marathon' belongs to the stock Marathon scheduler".to_owned())
+        } else if self.store.state().mesos.is_removed(&id) {
             Some("Framework has been removed".to_owned())
         } else {
             role_error(&info.effective_role())
