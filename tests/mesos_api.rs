@@ -462,3 +462,26 @@ async fn frameworks_tasks_and_weights_survive_a_restart() {
     eventually(20, "the task process is killed", || async { tagged_pids(&tag, "sleep").is_empty().then_some(()) })
         .await;
 }
+
+#[tokio::test]
+async fn hoarded_offers_are_rescinded_after_the_offer_timeout_and_go_to_others() {
+    let node = MeshNode::start(&["--runtime", "process", "--offer-timeout", "1s", "--mesos-heartbeat", "1s"]);
+    let t = HttpTransport::new(&node.url("")).unwrap();
+    // The hoarder gets the whole node and never answers.
+    let mut hoarder = Sub::open(&t, info("hoarder", 60.0)).await;
+    let held = hoarder.offer().await;
+    assert_eq!(scalar(&held, "cpus"), 4.0);
+    let mut other = Sub::open(&t, info("patient", 60.0)).await;
+    let ev = hoarder.next(10, "RESCIND", |e| matches!(e, Event::Rescind(_))).await;
+    let Event::Rescind(r) = ev else { unreachable!() };
+    assert_eq!(r.offer_id, held.id);
+    // The rescinded offer cannot be used any more ...
+    t.call(&hoarder.stream, accept(&hoarder, &[&held.id.value], vec![task("late", &held, "true", 0.1, "x")], 0.0))
+        .await
+        .unwrap();
+    let st = hoarder.update("late", |_| true).await;
+    assert_eq!(st.state, TaskState::Lost);
+    // ... and the other framework gets its share of the node.
+    let o = other.offer().await;
+    assert!(scalar(&o, "cpus") >= 2.0, "{o:?}");
+}
