@@ -634,6 +634,7 @@ impl Allocator for DrfAllocator {
         // weights of roles with a not-suppressed framework), split evenly among its frameworks.
         let active_weight: f64 = role_order.iter().map(|&(_, r)| role_weight[r]).sum();
         let role_fair: Vec<f64> = (0..nroles).map(|r| role_weight[r] / active_weight).collect();
+        let fair_key = 1.0 / active_weight;
         let fw_fair: Vec<f64> =
             (0..fws.len()).map(|i| role_fair[fw_role[i]] / role_sets[fw_role[i]].len().max(1) as f64).collect();
 
@@ -655,7 +656,16 @@ impl Allocator for DrfAllocator {
                 let mut chosen = None;
                 'passes: for &capped in passes {
                     for &(rk, r) in role_order.iter() {
+                        // Roles are in weighted-share order and a role is at its fair share when
+                        // its weighted share reaches 1 / (active weight): the rest are too.
+                        if capped && f64::from_bits(rk) >= fair_key - 1e-12 {
+                            break;
+                        }
                         for &(fk, f) in &role_sets[r] {
+                            // Likewise frameworks within a role, in share order.
+                            if capped && f64::from_bits(fk) >= fw_fair[f] - 1e-12 {
+                                break;
+                            }
                             let filters = &fws[f].1.filters;
                             if !filters.is_empty()
                                 && filters.get(&uid).is_some_and(|list| {
