@@ -485,3 +485,21 @@ async fn hoarded_offers_are_rescinded_after_the_offer_timeout_and_go_to_others()
     let o = other.offer().await;
     assert!(scalar(&o, "cpus") >= 2.0, "{o:?}");
 }
+
+#[tokio::test]
+async fn a_second_subscription_with_the_same_id_fails_the_first_over() {
+    let node = MeshNode::start(&["--runtime", "process"]);
+    let t = HttpTransport::new(&node.url("")).unwrap();
+    let mut first = Sub::open(&t, info("twice", 60.0)).await;
+    let second = Sub::open(&t, FrameworkInfo { id: Some(first.fid.clone()), ..info("twice", 60.0) }).await;
+    assert_eq!(second.fid, first.fid);
+    let ev = first.next(10, "ERROR", |e| matches!(e, Event::Error(_))).await;
+    assert!(matches!(&ev, Event::Error(e) if e.message == "Framework failed over"), "{ev:?}");
+    let rest: Vec<_> = first.sub.events.by_ref().collect().await;
+    assert!(rest.is_empty(), "the old stream ends after the ERROR: {rest:?}");
+    // Calls on the old stream are refused; on the new one they are accepted.
+    let (s, m) = rejected(&t, &first.stream, first.call(CallType::Revive)).await;
+    assert_eq!(s, 400);
+    assert!(m.contains("didn't match the stream ID"), "{m}");
+    t.call(&second.stream, second.call(CallType::Revive)).await.unwrap();
+}

@@ -100,6 +100,9 @@ pub enum FrameworkError {
     /// The framework was torn down (by TEARDOWN or after its failover timeout) and may not come back.
     #[error("the framework has been removed: {0}")]
     Removed(String),
+    /// Another scheduler subscribed with this framework's id and took over.
+    #[error("another scheduler took over the framework: {0}")]
+    FailedOver(String),
     /// No subscription could be made for [`DriverOptions::give_up_after`].
     #[error("no subscription for {0:?}; giving up")]
     GaveUp(Duration),
@@ -638,6 +641,10 @@ impl<T: Transport> Driver<T> {
                     framework.error(&e.message);
                     if e.message.contains("removed") {
                         return Err(FrameworkError::Removed(e.message));
+                    }
+                    if e.message.contains("failed over") {
+                        // Re-subscribing would take the framework back from its new scheduler.
+                        return Err(FrameworkError::FailedOver(e.message));
                     }
                     return Ok(StreamEnd::Lost(format!("ERROR event: {}", e.message)));
                 }
