@@ -52,11 +52,20 @@ async fn shares(node: &MeshNode) -> (f64, f64) {
 /// more and the batch framework gets its share back.
 async fn converge(node: &MeshNode, want: f64, what: &str) -> Duration {
     let t0 = Instant::now();
-    eventually(60, what, || async {
+    let mut last = (0.0, 0.0);
+    loop {
         let (m, b) = shares(node).await;
-        ((m - want).abs() < 1e-6 && b <= 4.0 - want + 1e-6).then_some(())
-    })
-    .await;
+        if (m - want).abs() < 1e-6 && b <= 4.0 - want + 1e-6 {
+            break;
+        }
+        last = (m, b);
+        if t0.elapsed() > Duration::from_secs(60) {
+            let (_, state) = node.get("/master/state").await;
+            panic!("timed out after 60 s waiting for: {what}; last (marathon, batch) CPUs {last:?}; state: {state}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = last;
     let took = t0.elapsed();
     let mut batch_max: f64 = 0.0;
     let until = Instant::now() + Duration::from_secs(4);

@@ -31,8 +31,9 @@
 //!   several frameworks want offers, a framework is offered only the part of an agent that
 //!   brings it up to its fair share: its role's weight over the summed weights of the roles with
 //!   a not-suppressed framework, split evenly among the role's frameworks. What nobody below its
-//!   fair share takes goes, whole, to the framework with the lowest share (work conserving), so
-//!   an agent is never left idle. This makes a single saturated node shared by weight within one
+//!   fair share takes goes, whole, to the framework that *uses* the least (tasks, weighted;
+//!   outstanding offers not counted, as they may hold more than will be used), so an agent is
+//!   never left idle. This makes a single saturated node shared by weight within one
 //!   cycle, which whole-agent offers cannot do; in a large cluster it only splits the few agents
 //!   at a framework's boundary. With one framework, offers are whole agents as before.
 //! - **Quota** ([`DrfAllocator::set_quota`]): a role's allocated plus offered scalars never exceed
@@ -635,6 +636,24 @@ impl Allocator for DrfAllocator {
         let active_weight: f64 = role_order.iter().map(|&(_, r)| role_weight[r]).sum();
         let role_fair: Vec<f64> = (0..nroles).map(|r| role_weight[r] / active_weight).collect();
         let fair_key = 1.0 / active_weight;
+        // The order of the work-conserving pass with fair-share slices: by weighted dominant
+        // share of what frameworks use (allocated minus outstanding offers), then role, then id.
+        let fair = passes.len() > 1;
+        let leftover_order: Vec<usize> = if fair {
+            let index: HashMap<&FrameworkId, usize> = fws.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+            let mut used = fw_alloc.clone();
+            for e in offers.values() {
+                if let Some(&i) = index.get(&e.offer.framework_id) {
+                    used[i].sub(Scalars::of(&e.offer.resources));
+                }
+            }
+            let mut order: Vec<usize> = (0..fws.len()).filter(|&i| !fws[i].1.suppressed).collect();
+            let key = |i: usize| used[i].dominant_share(&total) / role_weight[fw_role[i]];
+            order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(fw_role[a].cmp(&fw_role[b])).then(a.cmp(&b)));
+            order
+        } else {
+            Vec::new()
+        };
         let fw_fair: Vec<f64> =
             (0..fws.len()).map(|i| role_fair[fw_role[i]] / role_sets[fw_role[i]].len().max(1) as f64).collect();
 
@@ -653,8 +672,56 @@ impl Allocator for DrfAllocator {
                 // share gets the part of the agent that brings it up to that share.
                 // Pass 2 (work-conserving): nobody below its fair share wants this agent; the
                 // furthest below gets what its quota allows.
+                // What framework `f` (of role `r`) would be offered of this agent, if anything.
+                let consider = |r: usize, f: usize, capped: bool| -> Option<Resources> {
+                    let filters = &fws[f].1.filters;
+                    if !filters.is_empty()
+                        && filters.get(&uid).is_some_and(|list| {
+                            list.iter().any(|(until, refused)| *until > now && refused.contains(&agent.free))
+                        })
+                    {
+                        return None;
+                    }
+                    if exhausted.contains(&f) || (capped && served.iter().any(|(s, _)| *s == f)) {
+                        return None;
+                    }
+                    // What it may take of each resource: up to its role's quota and, in the
+                    // capped pass, up to its and its role's fair share.
+                    let quota_room = role_limit[r].as_ref().map(|l| free.min(headroom(&role_alloc[r], l)));
+                    let mut room = quota_room.unwrap_or(free);
+                    if capped {
+                        room = room
+                            .min(headroom(&fw_alloc[f], &total.times(fw_fair[f])))
+                            .min(headroom(&role_alloc[r], &total.times(role_fair[r])));
+                    }
+                    let slice = if room == free {
+                        agent.free.clone()
+                    } else {
+                        let s = take(&agent.free, &room);
+                        // Do not leave crumbs nobody can use: all or the slice.
+                        let mut rest = agent.free.clone();
+                        rest.subtract(&s);
+                        let quota_allows_all = quota_room.is_none_or(|q| q == free);
+                        if !allocatable(&rest) && quota_allows_all { agent.free.clone() } else { s }
+                    };
+                    (allocatable(&slice) && fws[f].1.wants(&slice)).then_some(slice)
+                };
                 let mut chosen = None;
                 'passes: for &capped in passes {
+                    if !capped && fair {
+                        // Work-conserving leftovers go to the framework that *uses* the least
+                        // (tasks only): outstanding offers may hold more than they will use.
+                        for &f in &leftover_order {
+                            let r = fw_role[f];
+                            if let Some(slice) = consider(r, f, false) {
+                                let rk = role_key(&role_alloc[r], r, &role_weight);
+                                let fk = share_key(fw_alloc[f].dominant_share(&total));
+                                chosen = Some((rk, r, fk, f, slice, false));
+                                break 'passes;
+                            }
+                        }
+                        continue;
+                    }
                     for &(rk, r) in role_order.iter() {
                         // Roles are in weighted-share order and a role is at its fair share when
                         // its weighted share reaches 1 / (active weight): the rest are too.
@@ -666,41 +733,10 @@ impl Allocator for DrfAllocator {
                             if capped && f64::from_bits(fk) >= fw_fair[f] - 1e-12 {
                                 break;
                             }
-                            let filters = &fws[f].1.filters;
-                            if !filters.is_empty()
-                                && filters.get(&uid).is_some_and(|list| {
-                                    list.iter().any(|(until, refused)| *until > now && refused.contains(&agent.free))
-                                })
-                            {
-                                continue;
+                            if let Some(slice) = consider(r, f, capped) {
+                                chosen = Some((rk, r, fk, f, slice, capped));
+                                break 'passes;
                             }
-                            if exhausted.contains(&f) || (capped && served.iter().any(|(s, _)| *s == f)) {
-                                continue;
-                            }
-                            // What it may take of each resource: up to its role's quota and,
-                            // in the capped pass, up to its and its role's fair share.
-                            let quota_room = role_limit[r].as_ref().map(|l| free.min(headroom(&role_alloc[r], l)));
-                            let mut room = quota_room.unwrap_or(free);
-                            if capped {
-                                room = room
-                                    .min(headroom(&fw_alloc[f], &total.times(fw_fair[f])))
-                                    .min(headroom(&role_alloc[r], &total.times(role_fair[r])));
-                            }
-                            let slice = if room == free {
-                                agent.free.clone()
-                            } else {
-                                let s = take(&agent.free, &room);
-                                // Do not leave crumbs nobody can use: all or the slice.
-                                let mut rest = agent.free.clone();
-                                rest.subtract(&s);
-                                let quota_allows_all = quota_room.is_none_or(|q| q == free);
-                                if !allocatable(&rest) && quota_allows_all { agent.free.clone() } else { s }
-                            };
-                            if !allocatable(&slice) || !fws[f].1.wants(&slice) {
-                                continue;
-                            }
-                            chosen = Some((rk, r, fk, f, slice, capped));
-                            break 'passes;
                         }
                     }
                 }
@@ -1614,5 +1650,26 @@ mod tests {
         // b may grow to 2 cpus and 2048 MiB: it gets the free 0.5 cpus and memory up to its half
         assert_eq!(m["b"].0, 0.5, "{m:?}");
         assert!(!m.contains_key("a"), "a holds its half of the cpus: {m:?}");
+    }
+
+    #[test]
+    fn leftovers_go_to_the_framework_that_uses_least_not_to_one_with_a_long_task() {
+        // a runs long tasks at its fair half; b runs short ones and holds an outstanding offer
+        // whose memory makes its dominant share look high. A cpu freed meanwhile must go to b
+        // (which uses less), or a would keep more than its half for as long as its tasks run.
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "b".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(2.0, 128.0, 0.0));
+        a.track_used(&ag("n0"), &fw("b"), &Resources::scalars(1.5, 192.0, 0.0));
+        let o = a.allocate(0).pop().unwrap();
+        assert_eq!((o.framework_id.0.as_str(), o.resources.cpus), ("b", 0.5));
+        assert!(o.resources.mem > 2048.0, "the unusable rest of the memory came along");
+        // one of b's tasks ends while the offer is outstanding
+        a.recover(&ag("n0"), &fw("b"), &Resources::scalars(0.5, 64.0, 0.0));
+        let next = a.allocate(1);
+        assert_eq!(next.len(), 1);
+        assert_eq!((next[0].framework_id.0.as_str(), next[0].resources.cpus), ("b", 0.5), "{next:?}");
     }
 }
