@@ -2,6 +2,7 @@
 //!
 //! - `allocation_cycle/<agents>x<frameworks>`: one full DRF allocation cycle in which every
 //!   agent has free resources, so every agent becomes one offer. Throughput = offers/s.
+//!   `allocation_cycle/fair_slices/...`: the same with fair-share slices on (as `mesh` runs).
 //!   Target (performance.md a5): ≤ 50 ms @ 2k/200, ≤ 500 ms @ 10k/200.
 //! - `placement/<variant>/<agents>`: a greedy framework loop that takes offers and launches many
 //!   small tasks (0.1 cpu, 64 MiB, 1 port) until the cluster is full, with allocation cycles in
@@ -25,7 +26,16 @@ const TASK_MEM: f64 = 64.0;
 /// `agents` heterogeneous agents (2/4/8 cpus, 10 racks, 3 zones, 1,000 ports each) and
 /// `frameworks` frameworks spread over 10 roles (role-0 has weight 2).
 fn cluster(agents: usize, frameworks: usize, min_allocatable: Resources) -> DrfAllocator {
-    let mut a = DrfAllocator::with_offer_prefix(AllocatorConfig { offer_timeout_ms: None, min_allocatable }, "bench-");
+    cluster_with(
+        agents,
+        frameworks,
+        AllocatorConfig { offer_timeout_ms: None, min_allocatable, ..AllocatorConfig::default() },
+    )
+}
+
+/// [`cluster`] with any allocator configuration.
+fn cluster_with(agents: usize, frameworks: usize, config: AllocatorConfig) -> DrfAllocator {
+    let mut a = DrfAllocator::with_offer_prefix(config, "bench-");
     for i in 0..agents {
         let size = [2.0, 4.0, 8.0][i % 3];
         let attrs = BTreeMap::from([
@@ -55,6 +65,25 @@ fn bench_cycle(c: &mut Criterion) {
         assert_eq!(offers, agents, "every agent is offered once");
         g.throughput(Throughput::Elements(offers as u64));
         g.bench_with_input(BenchmarkId::from_parameter(format!("{agents}x{frameworks}")), &base, |b, base| {
+            b.iter_batched(
+                || base.clone(),
+                |mut a| {
+                    let offers = a.allocate(black_box(0));
+                    (a, offers)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    // Fair-share slices (what `mesh` runs with): agents at a framework's fair-share boundary
+    // are split, so a cycle makes a few more offers than there are agents.
+    for (agents, frameworks) in [(2_000, 200), (10_000, 200)] {
+        let cfg = AllocatorConfig { fair_share_slices: true, ..AllocatorConfig::default() };
+        let base = cluster_with(agents, frameworks, cfg);
+        let offers = base.clone().allocate(0).len();
+        assert!(offers >= agents, "every agent is offered");
+        g.throughput(Throughput::Elements(offers as u64));
+        g.bench_with_input(BenchmarkId::new("fair_slices", format!("{agents}x{frameworks}")), &base, |b, base| {
             b.iter_batched(
                 || base.clone(),
                 |mut a| {

@@ -156,7 +156,12 @@ fn fixture() -> Fixture {
     let index = store.state().index;
     let (control, router, base) = rt.block_on(async {
         // A long tick: the first one runs at once (reconcile, allocate: nothing to do), then none.
-        let cfg = ControlConfig { datacenter: "dc1".into(), tick: Duration::from_secs(3600), seed: 4 };
+        let cfg = ControlConfig {
+            datacenter: "dc1".into(),
+            tick: Duration::from_secs(3600),
+            seed: 4,
+            mesos: Default::default(),
+        };
         let (control, _join) = spawn(store, cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

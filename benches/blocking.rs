@@ -58,8 +58,15 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let store = Store::open(Box::new(MemLog::default()), "dc1").unwrap();
-        let (control, _join) =
-            spawn(store, ControlConfig { datacenter: "dc1".into(), tick: Duration::from_secs(3600), seed: 1 });
+        let (control, _join) = spawn(
+            store,
+            ControlConfig {
+                datacenter: "dc1".into(),
+                tick: Duration::from_secs(3600),
+                seed: 1,
+                mesos: Default::default(),
+            },
+        );
         let node = Node {
             name: "bench".into(),
             address: IpAddr::V4(Ipv4Addr::LOCALHOST),

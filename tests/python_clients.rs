@@ -3,10 +3,12 @@
 //! - marathon-python 0.13.0: every client method that touches apps, groups, tasks, deployments,
 //!   queue, info, leader, ping, metrics and the event stream (`test_marathon_client.py` and
 //!   every other file but the Consul ones);
-//! - py-consul 1.8.0: the `test_consul*.py` files (KV, CAS, sessions, locks, lock-delay).
+//! - py-consul 1.8.0: the `test_consul*.py` files (KV, CAS, sessions, locks, lock-delay);
+//! - pymesos 0.3.15: a framework over the Mesos v1 scheduler API (`test_pymesos.py`).
 //!
-//! Needs `python3 -m pip install -r tests/python/requirements.txt`. Without it the test prints
-//! `SKIP: ...` and passes, unless `MESH_REQUIRE_PYTHON=1` (CI sets it), which makes it fail.
+//! Needs `tests/python/install.sh` (pip; pymesos without its unbuildable C dependency). Without it
+//! the test prints `SKIP: ...` and passes, unless `MESH_REQUIRE_PYTHON=1` (CI sets it), which
+//! makes it fail.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,7 +41,7 @@ fn run_suite(what: &str, imports: &str, ports: &str, args: &[String]) {
         if std::env::var("MESH_REQUIRE_PYTHON").as_deref() == Ok("1") {
             panic!(
                 "MESH_REQUIRE_PYTHON=1 but {what} is not importable ({why}); \
-                 run: python3 -m pip install -r tests/python/requirements.txt"
+                 run: bash tests/python/install.sh"
             );
         }
         println!("SKIP: {what} not installed ({why})");
@@ -93,7 +95,7 @@ fn run_suite(what: &str, imports: &str, ports: &str, args: &[String]) {
 #[test]
 fn marathon_python_suite_passes() {
     let args = [".".into(), "--ignore-glob=*test_consul*".into()];
-    run_suite("marathon-python", "marathon, pytest", "45000-45099", &args);
+    run_suite("marathon-python and pymesos", "marathon, pytest, pymesos, http_parser.http", "45000-45099", &args);
 }
 
 #[test]

@@ -21,12 +21,27 @@
 //!   the same calls produce the same offers. A cycle costs O(agents × log frameworks) plus the
 //!   frameworks skipped because they filter or are suppressed.
 //! - A decline, or the unused part of an accept, installs a filter on the (framework, agent)
-//!   pair for [`Filters::refuse_seconds`]: the agent is not offered to that framework before the
-//!   filter expires. [`Allocator::revive`] clears a framework's filters.
+//!   pair for [`Filters::refuse_seconds`]: until it expires, the agent is not offered to that
+//!   framework while its free resources lie within the refused ones (Mesos' refused-offer
+//!   filter); resources freed since make it eligible again. [`Allocator::revive`] clears a
+//!   framework's filters.
 //! - Offers count as allocated until accepted, declined, rescinded or expired
 //!   ([`AllocatorConfig::offer_timeout_ms`], unset by default = offers never expire).
+//! - **Fair-share slices** ([`AllocatorConfig::fair_share_slices`], what `mesh` runs with): while
+//!   several frameworks want offers, a framework is offered only the part of an agent that
+//!   brings it up to its fair share: its role's weight over the summed weights of the roles with
+//!   a not-suppressed framework, split evenly among the role's frameworks. What nobody below its
+//!   fair share takes goes, whole, to the framework that *uses* the least (tasks, weighted;
+//!   outstanding offers not counted, as they may hold more than will be used), so an agent is
+//!   never left idle. This makes a single saturated node shared by weight within one
+//!   cycle, which whole-agent offers cannot do; in a large cluster it only splits the few agents
+//!   at a framework's boundary. With one framework, offers are whole agents as before.
+//! - **Quota** ([`DrfAllocator::set_quota`]): a role's allocated plus offered scalars never exceed
+//!   its limits (Mesos' quota `limits`; guarantees are not implemented).
+//! - **Per-framework minimum** ([`DrfAllocator::set_min_allocatable`]): offers smaller than all of
+//!   a framework's `min_allocatable_resources` alternatives are not made to it.
 
-use crate::model::{AgentId, EPSILON, FrameworkId, Millis, OfferId, Resources};
+use crate::model::{AgentId, EPSILON, FrameworkId, Millis, OfferId, PortRanges, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,11 +183,15 @@ pub struct AllocatorConfig {
     /// An agent is offered only when its free cpus, mem and disk are each at least these
     /// (ports are ignored). Default: 0.01 cpus, 32 MiB mem, 0 disk.
     pub min_allocatable: Resources,
+    /// Offer a framework only the part of an agent that brings it up to its fair share while
+    /// other frameworks want offers too (see the module docs). Off by default: then every
+    /// offer holds all of an agent's free resources, as in Mesos.
+    pub fair_share_slices: bool,
 }
 
 impl Default for AllocatorConfig {
     fn default() -> Self {
-        Self { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 32.0, 0.0) }
+        Self { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 32.0, 0.0), fair_share_slices: false }
     }
 }
 
@@ -201,6 +220,11 @@ impl Scalars {
         self.cpus = s(self.cpus, o.cpus);
         self.mem = s(self.mem, o.mem);
         self.disk = s(self.disk, o.disk);
+    }
+    /// Every component multiplied by `k` (zero components stay zero: no share of nothing).
+    fn times(&self, k: f64) -> Scalars {
+        let m = |x: f64| if x > EPSILON { x * k } else { f64::INFINITY };
+        Scalars { cpus: m(self.cpus), mem: m(self.mem), disk: m(self.disk) }
     }
     /// The part of `want` that `self` holds (component-wise minimum).
     fn min(self, want: Scalars) -> Scalars {
@@ -242,10 +266,42 @@ struct AgentState {
 struct FrameworkState {
     role: String,
     suppressed: bool,
-    /// Agent uid → filter expiry (the filter holds while `now < expiry`).
-    filters: HashMap<u64, Millis>,
+    /// Agent uid → filters: (expiry, refused resources). Like Mesos' refused-offer filters, one
+    /// holds while `now < expiry` and the agent's free resources are within what was refused:
+    /// resources freed since are offered again at once.
+    filters: HashMap<u64, Vec<(Millis, Resources)>>,
     /// Scalars allocated (tasks) plus offered to it on registered agents.
     alloc: Scalars,
+    /// The smallest offers it wants (any one of them); empty = the global minimum only.
+    min_alloc: Vec<Resources>,
+}
+
+impl FrameworkState {
+    /// Whether an offer of `r` is worth making to this framework.
+    fn wants(&self, r: &Resources) -> bool {
+        self.min_alloc.is_empty()
+            || self
+                .min_alloc
+                .iter()
+                .any(|m| r.cpus + EPSILON >= m.cpus && r.mem + EPSILON >= m.mem && r.disk + EPSILON >= m.disk)
+    }
+}
+
+/// How much more of each resource `alloc` may grow by before reaching `limit` (never negative;
+/// infinite where the limit is).
+fn headroom(alloc: &Scalars, limit: &Scalars) -> Scalars {
+    let h = |a: f64, l: f64| if l.is_finite() { (l - a).max(0.0) } else { f64::INFINITY };
+    Scalars { cpus: h(alloc.cpus, limit.cpus), mem: h(alloc.mem, limit.mem), disk: h(alloc.disk, limit.disk) }
+}
+
+/// `room` of the scalars of `r` (capped at what `r` holds), and ports in proportion to the
+/// largest fraction taken of any scalar (rounded up, lowest first).
+fn take(r: &Resources, room: &Scalars) -> Resources {
+    let (cpus, mem, disk) = (r.cpus.min(room.cpus), r.mem.min(room.mem), r.disk.min(room.disk));
+    let frac = |part: f64, whole: f64| if whole > EPSILON { part / whole } else { 0.0 };
+    let fraction = frac(cpus, r.cpus).max(frac(mem, r.mem)).max(frac(disk, r.disk)).clamp(0.0, 1.0);
+    let n = (r.ports.len() as f64 * fraction).ceil() as usize;
+    Resources { cpus, mem, disk, ports: PortRanges::from_ports(r.ports.iter().take(n)) }
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +323,8 @@ pub struct DrfAllocator {
     agents: BTreeMap<AgentId, AgentState>,
     frameworks: BTreeMap<FrameworkId, FrameworkState>,
     weights: BTreeMap<String, f64>,
+    /// Quota limits per role (infinite where unlimited).
+    quotas: BTreeMap<String, Scalars>,
     offers: BTreeMap<u64, OfferEntry>,
     offer_index: HashMap<OfferId, u64>,
 }
@@ -291,6 +349,7 @@ impl DrfAllocator {
             agents: BTreeMap::new(),
             frameworks: BTreeMap::new(),
             weights: BTreeMap::new(),
+            quotas: BTreeMap::new(),
             offers: BTreeMap::new(),
             offer_index: HashMap::new(),
         }
@@ -310,6 +369,37 @@ impl DrfAllocator {
     pub fn framework_share(&self, framework: &FrameworkId) -> Option<f64> {
         let total = self.cluster_total();
         self.frameworks.get(framework).map(|f| f.alloc.dominant_share(&total))
+    }
+
+    /// Limit what `role` holds (allocated plus offered) to `limits` (Mesos quota limits; infinite
+    /// components are unlimited). `None` removes the role's quota.
+    pub fn set_quota(&mut self, role: &str, limits: Option<&Resources>) {
+        match limits {
+            Some(l) => {
+                self.quotas.insert(role.to_owned(), Scalars::of(l));
+            }
+            None => {
+                self.quotas.remove(role);
+            }
+        }
+    }
+
+    /// The roles with a quota and their limits.
+    pub fn quotas(&self) -> BTreeMap<String, Resources> {
+        self.quotas.iter().map(|(r, s)| (r.clone(), Resources::scalars(s.cpus, s.mem, s.disk))).collect()
+    }
+
+    /// Offers to `framework` must hold at least one of `mins` (Mesos'
+    /// `offer_filters.min_allocatable_resources`); empty = only the global minimum applies.
+    pub fn set_min_allocatable(&mut self, framework: &FrameworkId, mins: Vec<Resources>) {
+        if let Some(f) = self.frameworks.get_mut(framework) {
+            f.min_alloc = mins;
+        }
+    }
+
+    /// Scalars allocated to `framework` (tasks) plus offered to it.
+    pub fn framework_allocation(&self, framework: &FrameworkId) -> Option<Resources> {
+        self.frameworks.get(framework).map(|f| Resources::scalars(f.alloc.cpus, f.alloc.mem, f.alloc.disk))
     }
 
     /// Whether the framework is registered and suppressed.
@@ -364,7 +454,14 @@ impl DrfAllocator {
         }
     }
 
-    fn add_filter(&mut self, framework: &FrameworkId, agent: &AgentId, filters: Filters, now: Millis) {
+    fn add_filter(
+        &mut self,
+        framework: &FrameworkId,
+        agent: &AgentId,
+        refused: Resources,
+        filters: Filters,
+        now: Millis,
+    ) {
         let ms = filters.refuse_ms();
         if ms == 0 {
             return;
@@ -372,8 +469,7 @@ impl DrfAllocator {
         let Some(uid) = self.agents.get(agent).map(|a| a.uid) else { return };
         if let Some(f) = self.frameworks.get_mut(framework) {
             let until = now.saturating_add(ms);
-            let e = f.filters.entry(uid).or_insert(until);
-            *e = (*e).max(until);
+            f.filters.entry(uid).or_default().push((until, refused));
         }
     }
 }
@@ -429,7 +525,10 @@ impl Allocator for DrfAllocator {
                 alloc.add(Scalars::of(r));
             }
         }
-        self.frameworks.insert(id, FrameworkState { role, suppressed: false, filters: HashMap::new(), alloc });
+        self.frameworks.insert(
+            id,
+            FrameworkState { role, suppressed: false, filters: HashMap::new(), alloc, min_alloc: Vec::new() },
+        );
     }
 
     fn remove_framework(&mut self, id: &FrameworkId) -> Vec<Offer> {
@@ -476,7 +575,10 @@ impl Allocator for DrfAllocator {
         let total = self.cluster_total();
         for f in self.frameworks.values_mut() {
             if !f.filters.is_empty() {
-                f.filters.retain(|_, until| *until > now);
+                f.filters.retain(|_, list| {
+                    list.retain(|(until, _)| *until > now);
+                    !list.is_empty()
+                });
             }
         }
         let min = self.config.min_allocatable.clone();
@@ -486,7 +588,8 @@ impl Allocator for DrfAllocator {
                 && free.mem + EPSILON >= min.mem
                 && free.disk + EPSILON >= min.disk
         };
-        let Self { prefix, next_offer, agents, frameworks, weights, offers, offer_index, .. } = self;
+        let passes: &[bool] = if self.config.fair_share_slices { &[true, false] } else { &[false] };
+        let Self { prefix, next_offer, agents, frameworks, weights, quotas, offers, offer_index, .. } = self;
 
         // Dense views of frameworks (in id order) and roles (in name order).
         let fws: Vec<(&FrameworkId, &FrameworkState)> = frameworks.iter().collect();
@@ -499,8 +602,10 @@ impl Allocator for DrfAllocator {
         }
         let nroles = role_index.len();
         let mut role_weight = vec![1.0; nroles];
+        let mut role_limit: Vec<Option<Scalars>> = vec![None; nroles];
         for (name, &i) in &role_index {
             role_weight[i] = Self::weight(weights, name);
+            role_limit[i] = quotas.get(*name).copied();
         }
         let fw_role: Vec<usize> = fws.iter().map(|(_, f)| role_index[f.role.as_str()]).collect();
         let mut fw_alloc: Vec<Scalars> = fws.iter().map(|(_, f)| f.alloc).collect();
@@ -526,48 +631,155 @@ impl Allocator for DrfAllocator {
         if role_order.is_empty() {
             return out;
         }
-
-        for (agent_id, agent) in agents.iter_mut() {
-            if !allocatable(&agent.free) {
-                continue;
-            }
-            let uid = agent.uid;
-            let mut chosen = None;
-            'roles: for &(rk, r) in &role_order {
-                for &(fk, f) in &role_sets[r] {
-                    let filters = &fws[f].1.filters;
-                    if !filters.is_empty() && filters.get(&uid).is_some_and(|&until| until > now) {
-                        continue;
-                    }
-                    chosen = Some((rk, r, fk, f));
-                    break 'roles;
+        // Fair shares among the frameworks that want offers: a role gets weight / (sum of the
+        // weights of roles with a not-suppressed framework), split evenly among its frameworks.
+        let active_weight: f64 = role_order.iter().map(|&(_, r)| role_weight[r]).sum();
+        let role_fair: Vec<f64> = (0..nroles).map(|r| role_weight[r] / active_weight).collect();
+        let fair_key = 1.0 / active_weight;
+        // The order of the work-conserving pass with fair-share slices: by weighted dominant
+        // share of what frameworks use (allocated minus outstanding offers), then role, then id.
+        let fair = passes.len() > 1;
+        let leftover_order: Vec<usize> = if fair {
+            let index: HashMap<&FrameworkId, usize> = fws.iter().enumerate().map(|(i, (id, _))| (*id, i)).collect();
+            let mut used = fw_alloc.clone();
+            for e in offers.values() {
+                if let Some(&i) = index.get(&e.offer.framework_id) {
+                    used[i].sub(Scalars::of(&e.offer.resources));
                 }
             }
-            let Some((rk, r, fk, f)) = chosen else { continue };
+            let mut order: Vec<usize> = (0..fws.len()).filter(|&i| !fws[i].1.suppressed).collect();
+            let key = |i: usize| used[i].dominant_share(&total) / role_weight[fw_role[i]];
+            order.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(fw_role[a].cmp(&fw_role[b])).then(a.cmp(&b)));
+            order
+        } else {
+            Vec::new()
+        };
+        let fw_fair: Vec<f64> =
+            (0..fws.len()).map(|i| role_fair[fw_role[i]] / role_sets[fw_role[i]].len().max(1) as f64).collect();
 
-            let resources = std::mem::take(&mut agent.free);
-            let sc = Scalars::of(&resources);
-            role_sets[r].remove(&(fk, f));
-            fw_alloc[f].add(sc);
-            role_sets[r].insert((share_key(fw_alloc[f].dominant_share(&total)), f));
-            role_order.remove(&(rk, r));
-            role_alloc[r].add(sc);
-            role_order.insert((role_key(&role_alloc[r], r, &role_weight), r));
+        for (agent_id, agent) in agents.iter_mut() {
+            let uid = agent.uid;
+            // Frameworks offered this agent in this cycle: (framework, index in `out`).
+            let mut served: Vec<(usize, usize)> = Vec::new();
+            // Frameworks that took all they may of this agent (quota or work-conserving pass).
+            let mut exhausted: Vec<usize> = Vec::new();
+            loop {
+                if !allocatable(&agent.free) {
+                    break;
+                }
+                let free = Scalars::of(&agent.free);
+                // Pass 1: the framework furthest below its share that is also below its fair
+                // share gets the part of the agent that brings it up to that share.
+                // Pass 2 (work-conserving): nobody below its fair share wants this agent; the
+                // furthest below gets what its quota allows.
+                // What framework `f` (of role `r`) would be offered of this agent, if anything.
+                let consider = |r: usize, f: usize, capped: bool| -> Option<Resources> {
+                    let filters = &fws[f].1.filters;
+                    if !filters.is_empty()
+                        && filters.get(&uid).is_some_and(|list| {
+                            list.iter().any(|(until, refused)| *until > now && refused.contains(&agent.free))
+                        })
+                    {
+                        return None;
+                    }
+                    if exhausted.contains(&f) || (capped && served.iter().any(|(s, _)| *s == f)) {
+                        return None;
+                    }
+                    // What it may take of each resource: up to its role's quota and, in the
+                    // capped pass, up to its and its role's fair share.
+                    let quota_room = role_limit[r].as_ref().map(|l| free.min(headroom(&role_alloc[r], l)));
+                    let mut room = quota_room.unwrap_or(free);
+                    if capped {
+                        room = room
+                            .min(headroom(&fw_alloc[f], &total.times(fw_fair[f])))
+                            .min(headroom(&role_alloc[r], &total.times(role_fair[r])));
+                    }
+                    let slice = if room == free {
+                        agent.free.clone()
+                    } else {
+                        let s = take(&agent.free, &room);
+                        // Do not leave crumbs nobody can use: all or the slice.
+                        let mut rest = agent.free.clone();
+                        rest.subtract(&s);
+                        let quota_allows_all = quota_room.is_none_or(|q| q == free);
+                        if !allocatable(&rest) && quota_allows_all { agent.free.clone() } else { s }
+                    };
+                    (allocatable(&slice) && fws[f].1.wants(&slice)).then_some(slice)
+                };
+                let mut chosen = None;
+                'passes: for &capped in passes {
+                    if !capped && fair {
+                        // Work-conserving leftovers go to the framework that *uses* the least
+                        // (tasks only): outstanding offers may hold more than they will use.
+                        for &f in &leftover_order {
+                            let r = fw_role[f];
+                            if let Some(slice) = consider(r, f, false) {
+                                let rk = role_key(&role_alloc[r], r, &role_weight);
+                                let fk = share_key(fw_alloc[f].dominant_share(&total));
+                                chosen = Some((rk, r, fk, f, slice, false));
+                                break 'passes;
+                            }
+                        }
+                        continue;
+                    }
+                    for &(rk, r) in role_order.iter() {
+                        // Roles are in weighted-share order and a role is at its fair share when
+                        // its weighted share reaches 1 / (active weight): the rest are too.
+                        if capped && f64::from_bits(rk) >= fair_key - 1e-12 {
+                            break;
+                        }
+                        for &(fk, f) in &role_sets[r] {
+                            // Likewise frameworks within a role, in share order.
+                            if capped && f64::from_bits(fk) >= fw_fair[f] - 1e-12 {
+                                break;
+                            }
+                            if let Some(slice) = consider(r, f, capped) {
+                                chosen = Some((rk, r, fk, f, slice, capped));
+                                break 'passes;
+                            }
+                        }
+                    }
+                }
+                let Some((rk, r, fk, f, resources, capped)) = chosen else { break };
+                if !capped {
+                    exhausted.push(f);
+                }
+                agent.free.subtract(&resources);
+                let sc = Scalars::of(&resources);
+                role_sets[r].remove(&(fk, f));
+                fw_alloc[f].add(sc);
+                role_sets[r].insert((share_key(fw_alloc[f].dominant_share(&total)), f));
+                role_order.remove(&(rk, r));
+                role_alloc[r].add(sc);
+                role_order.insert((role_key(&role_alloc[r], r, &role_weight), r));
 
-            let seq = *next_offer;
-            *next_offer += 1;
-            let offer = Offer {
-                id: OfferId(format!("{prefix}O-{seq}")),
-                framework_id: fws[f].0.clone(),
-                agent_id: agent_id.clone(),
-                hostname: agent.hostname.clone(),
-                resources,
-                attributes: agent.attributes.clone(),
-            };
-            agent.offers.push(seq);
-            offer_index.insert(offer.id.clone(), seq);
-            offers.insert(seq, OfferEntry { offer: offer.clone(), created: now });
-            out.push(offer);
+                if let Some(&(_, idx)) = served.iter().find(|(s, _)| *s == f) {
+                    // One offer per framework and agent: the work-conserving rest joins it.
+                    let o: &mut Offer = &mut out[idx];
+                    o.resources.add(&resources);
+                    if let Some(seq) = offer_index.get(&o.id)
+                        && let Some(e) = offers.get_mut(seq)
+                    {
+                        e.offer.resources = o.resources.clone();
+                    }
+                    continue;
+                }
+                let seq = *next_offer;
+                *next_offer += 1;
+                let offer = Offer {
+                    id: OfferId(format!("{prefix}O-{seq}")),
+                    framework_id: fws[f].0.clone(),
+                    agent_id: agent_id.clone(),
+                    hostname: agent.hostname.clone(),
+                    resources,
+                    attributes: agent.attributes.clone(),
+                };
+                agent.offers.push(seq);
+                offer_index.insert(offer.id.clone(), seq);
+                offers.insert(seq, OfferEntry { offer: offer.clone(), created: now });
+                served.push((f, out.len()));
+                out.push(offer);
+            }
         }
         drop(fws);
         for (f, a) in frameworks.values_mut().zip(fw_alloc) {
@@ -604,7 +816,7 @@ impl Allocator for DrfAllocator {
             }
         }
         if !remainder.is_empty() {
-            self.add_filter(&o.framework_id, &o.agent_id, filters, now);
+            self.add_filter(&o.framework_id, &o.agent_id, remainder, filters, now);
         }
         self.refresh_agent(&o.agent_id);
         Ok(())
@@ -614,7 +826,8 @@ impl Allocator for DrfAllocator {
         let seq = *self.offer_index.get(offer).ok_or_else(|| AllocatorError::UnknownOffer(offer.clone()))?;
         let Some(o) = self.take_offer(seq) else { return Err(AllocatorError::UnknownOffer(offer.clone())) };
         if !o.resources.is_empty() {
-            self.add_filter(&o.framework_id, &o.agent_id, filters, now);
+            let refused = o.resources.clone();
+            self.add_filter(&o.framework_id, &o.agent_id, refused, filters, now);
         }
         self.refresh_agent(&o.agent_id);
         Ok(())
@@ -674,11 +887,14 @@ impl Allocator for DrfAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PortRanges;
 
     fn alloc() -> DrfAllocator {
         DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.01, 1.0, 0.0) },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.01, 1.0, 0.0),
+                ..AllocatorConfig::default()
+            },
             "t-",
         )
     }
@@ -1074,7 +1290,11 @@ mod tests {
     #[test]
     fn min_allocatable_skips_nearly_full_agents() {
         let mut a = DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::scalars(0.5, 256.0, 0.0) },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.5, 256.0, 0.0),
+                ..AllocatorConfig::default()
+            },
             "m-",
         );
         agent(&mut a, "n0", 1.0, 1024.0);
@@ -1085,7 +1305,11 @@ mod tests {
         assert_eq!(a.allocate(0).len(), 1);
         // a fully used agent is never offered, even with a zero minimum
         let mut b = DrfAllocator::with_offer_prefix(
-            AllocatorConfig { offer_timeout_ms: None, min_allocatable: Resources::default() },
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::default(),
+                ..AllocatorConfig::default()
+            },
             "m-",
         );
         b.add_agent(ag("n0"), "h".into(), Resources::scalars(1.0, 1.0, 0.0), BTreeMap::new());
@@ -1202,7 +1426,8 @@ mod tests {
                 if rng.next(4) == 0 {
                     let n = ag(&format!("n{i:02}"));
                     let uid = a.agents[&n].uid;
-                    a.frameworks.get_mut(&fw(&f)).unwrap().filters.insert(uid, 10);
+                    let total = a.agents[&n].total.clone();
+                    a.frameworks.get_mut(&fw(&f)).unwrap().filters.insert(uid, vec![(10, total)]);
                     filtered.insert((n.0.clone(), f.clone()));
                 }
             }
@@ -1254,5 +1479,197 @@ mod tests {
         assert!(a.allocate(0).is_empty(), "an offered agent is not offered twice");
         a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
         assert_eq!(a.framework_share(&fw("a")), Some(0.0));
+    }
+
+    fn fair() -> DrfAllocator {
+        DrfAllocator::with_offer_prefix(
+            AllocatorConfig {
+                offer_timeout_ms: None,
+                min_allocatable: Resources::scalars(0.01, 1.0, 0.0),
+                fair_share_slices: true,
+            },
+            "f-",
+        )
+    }
+
+    /// Scalars offered per framework in one cycle.
+    fn offered(offers: &[Offer]) -> BTreeMap<String, (f64, f64, usize)> {
+        let mut m: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
+        for o in offers {
+            let e = m.entry(o.framework_id.0.clone()).or_default();
+            e.0 += o.resources.cpus;
+            e.1 += o.resources.mem;
+            e.2 += o.resources.ports.len();
+        }
+        m
+    }
+
+    #[test]
+    fn one_agent_is_shared_by_weight_within_one_cycle() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("marathon"), "*".into());
+        a.add_framework(fw("batch"), "batch".into());
+        let offers = a.allocate(0);
+        let m = offered(&offers);
+        assert_eq!(m["marathon"], (2.0, 2048.0, 5));
+        assert_eq!(m["batch"], (2.0, 2048.0, 5));
+        assert_eq!(offers.len(), 2, "one offer per framework");
+        assert!(a.agent_free(&ag("n0")).unwrap().is_empty());
+        // ports of the two offers do not overlap
+        assert!(offers[0].resources.ports.iter().all(|p| !offers[1].resources.ports.contains(p)));
+        for o in offers {
+            a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
+        }
+        // weight 3 for batch: 3/4 of the node
+        a.set_weight("batch", 3.0);
+        let m = offered(&a.allocate(1));
+        assert_eq!((m["batch"].0, m["marathon"].0), (3.0, 1.0));
+    }
+
+    #[test]
+    fn fair_slices_respect_what_frameworks_already_hold() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "*".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(3.0, 1024.0, 0.0));
+        // a holds 3/4 (above its half): b gets the whole rest (it stays below its half)
+        let m = offered(&a.allocate(0));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["b"].0, 1.0);
+    }
+
+    #[test]
+    fn what_nobody_below_its_share_takes_goes_to_the_others() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "*".into());
+        let offers = a.allocate(0);
+        let ob = offers.iter().find(|o| o.framework_id == fw("b")).unwrap().clone();
+        // b declines for a long time: the half it refused goes to a (work conserving)
+        a.decline(&ob.id, Filters::refuse(60.0), 0).unwrap();
+        let m = offered(&a.allocate(1));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["a"].0, 2.0);
+        assert_eq!(a.framework_share(&fw("a")), Some(1.0));
+        // a suppressed framework does not count: the other gets the whole agent at once
+        let mut c = fair();
+        agent(&mut c, "n0", 4.0, 4096.0);
+        c.add_framework(fw("a"), "*".into());
+        c.add_framework(fw("b"), "*".into());
+        c.suppress(&fw("b"));
+        let m = offered(&c.allocate(0));
+        assert_eq!(m["a"].0, 4.0);
+        assert!(!m.contains_key("b"));
+    }
+
+    #[test]
+    fn quota_limits_what_a_role_holds() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        agent(&mut a, "n1", 4.0, 4096.0);
+        a.add_framework(fw("greedy"), "capped".into());
+        a.set_quota("capped", Some(&Resources::scalars(1.5, f64::INFINITY, f64::INFINITY)));
+        let m = offered(&a.allocate(0));
+        assert!((m["greedy"].0 - 1.5).abs() < 1e-9, "{m:?}");
+        // used resources count too: after accepting 1 cpu, only 0.5 more is offered
+        let offers: Vec<Offer> = a.outstanding().into_iter().cloned().collect();
+        let o = &offers[0];
+        a.accept(&o.id, &Resources::scalars(1.0, 10.0, 0.0), Filters::refuse(0.0), 0).unwrap();
+        for o in offers.iter().skip(1) {
+            a.decline(&o.id, Filters::refuse(0.0), 0).unwrap();
+        }
+        let half = a.allocate(1);
+        let m = offered(&half);
+        assert!((m["greedy"].0 - 0.5).abs() < 1e-9, "{m:?}");
+        assert_eq!(m["greedy"].1, 4096.0 - 10.0, "memory is not limited: all of it comes along");
+        assert_eq!(a.quotas()["capped"].cpus, 1.5);
+        // removing the quota: the rest of the cluster is offered
+        a.decline(&half[0].id, Filters::refuse(0.0), 1).unwrap();
+        a.set_quota("capped", None);
+        let m = offered(&a.allocate(2));
+        assert!((m["greedy"].0 - 7.0).abs() < 1e-9, "{m:?}");
+        // quota applies without fair slices too
+        let mut b = alloc();
+        agent(&mut b, "n0", 4.0, 4096.0);
+        b.add_framework(fw("x"), "r".into());
+        b.set_quota("r", Some(&Resources::scalars(f64::INFINITY, 1024.0, f64::INFINITY)));
+        let m = offered(&b.allocate(0));
+        assert_eq!((m["x"].0, m["x"].1), (4.0, 1024.0), "only mem is limited");
+    }
+
+    #[test]
+    fn per_framework_min_allocatable_skips_small_offers() {
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("big"), "*".into());
+        a.add_framework(fw("small"), "*".into());
+        a.set_min_allocatable(&fw("big"), vec![Resources::scalars(3.0, 0.0, 0.0)]);
+        // big's fair half (2 cpus) is below its minimum: small gets its half, then the rest
+        // (work conserving) goes to whoever wants it: big still does not (2 < 3), small does.
+        let m = offered(&a.allocate(0));
+        assert!(!m.contains_key("big"), "{m:?}");
+        assert_eq!(m["small"].0, 4.0);
+        for o in a.outstanding().into_iter().cloned().collect::<Vec<_>>() {
+            a.decline(&o.id, Filters::refuse(60.0), 0).unwrap();
+        }
+        // with small filtered, big gets the whole agent (it holds its minimum)
+        let m = offered(&a.allocate(1));
+        assert_eq!(m["big"].0, 4.0);
+    }
+
+    #[test]
+    fn a_filter_covers_only_the_refused_resources() {
+        let mut a = alloc();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        let o = a.allocate(0).pop().unwrap();
+        // use 3 cpus, refuse the rest for a minute
+        a.accept(&o.id, &Resources::scalars(3.0, 1024.0, 0.0), Filters::refuse(60.0), 0).unwrap();
+        assert!(a.allocate(1_000).is_empty(), "only the refused rest is free");
+        // a task ends: the freed cpus are offered at once, with the refused rest
+        a.recover(&ag("n0"), &fw("a"), &Resources::scalars(1.0, 0.0, 0.0));
+        let o = a.allocate(2_000).pop().expect("freed resources are not filtered");
+        assert_eq!(o.resources.cpus, 2.0);
+        a.decline(&o.id, Filters::refuse(60.0), 2_000).unwrap();
+        assert!(a.allocate(3_000).is_empty(), "declined whole: filtered");
+    }
+
+    #[test]
+    fn fair_slices_cap_each_resource_not_the_whole_agent_proportionally() {
+        // Tasks use much CPU and little memory: the slice is bounded by CPU, memory comes along.
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "b".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(2.0, 128.0, 0.0));
+        a.track_used(&ag("n0"), &fw("b"), &Resources::scalars(1.5, 192.0, 0.0));
+        let m = offered(&a.allocate(0));
+        // b may grow to 2 cpus and 2048 MiB: it gets the free 0.5 cpus and memory up to its half
+        assert_eq!(m["b"].0, 0.5, "{m:?}");
+        assert!(!m.contains_key("a"), "a holds its half of the cpus: {m:?}");
+    }
+
+    #[test]
+    fn leftovers_go_to_the_framework_that_uses_least_not_to_one_with_a_long_task() {
+        // a runs long tasks at its fair half; b runs short ones and holds an outstanding offer
+        // whose memory makes its dominant share look high. A cpu freed meanwhile must go to b
+        // (which uses less), or a would keep more than its half for as long as its tasks run.
+        let mut a = fair();
+        agent(&mut a, "n0", 4.0, 4096.0);
+        a.add_framework(fw("a"), "*".into());
+        a.add_framework(fw("b"), "b".into());
+        a.track_used(&ag("n0"), &fw("a"), &Resources::scalars(2.0, 128.0, 0.0));
+        a.track_used(&ag("n0"), &fw("b"), &Resources::scalars(1.5, 192.0, 0.0));
+        let o = a.allocate(0).pop().unwrap();
+        assert_eq!((o.framework_id.0.as_str(), o.resources.cpus), ("b", 0.5));
+        assert!(o.resources.mem > 2048.0, "the unusable rest of the memory came along");
+        // one of b's tasks ends while the offer is outstanding
+        a.recover(&ag("n0"), &fw("b"), &Resources::scalars(0.5, 64.0, 0.0));
+        let next = a.allocate(1);
+        assert_eq!(next.len(), 1);
+        assert_eq!((next[0].framework_id.0.as_str(), next[0].resources.cpus), ("b", 0.5), "{next:?}");
     }
 }

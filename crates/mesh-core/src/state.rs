@@ -204,6 +204,9 @@ pub struct State {
     /// Consul's KV store and sessions.
     #[serde(default)]
     pub kv: KvState,
+    /// Frameworks of the Mesos v1 scheduler API, role weights and quota.
+    #[serde(default)]
+    pub mesos: crate::frameworks::MesosState,
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -411,6 +414,41 @@ pub enum Command {
     Kv(KvOp),
     /// A change of Consul's sessions.
     Session(SessionOp),
+    /// A framework subscribed through the Mesos v1 API (first time, or again with its id).
+    SubscribeFramework {
+        /// Its id.
+        id: FrameworkId,
+        /// Its info.
+        info: Box<crate::mesos::FrameworkInfo>,
+        /// When.
+        at: Millis,
+    },
+    /// A framework was torn down (TEARDOWN, or its failover timeout ran out).
+    RemoveFramework {
+        /// Its id.
+        id: FrameworkId,
+        /// When.
+        at: Millis,
+    },
+    /// Tasks a framework launched (STAGING), with their names.
+    LaunchFrameworkTasks {
+        /// The tasks.
+        tasks: Vec<Task>,
+        /// Their names, in the same order.
+        names: Vec<String>,
+    },
+    /// Set role weights (`PUT /master/weights`); other roles keep theirs.
+    SetWeights {
+        /// (role, weight > 0).
+        weights: Vec<(String, f64)>,
+    },
+    /// Set (or, with an empty quota, remove) a role's quota.
+    SetQuota {
+        /// The role.
+        role: String,
+        /// Its limits.
+        quota: crate::frameworks::Quota,
+    },
 }
 
 /// What a [`Command::UpdateCheck`] does to a TTL check's deadline.
@@ -467,6 +505,9 @@ pub enum ApplyError {
     /// A KV or session command was refused.
     #[error(transparent)]
     Kv(#[from] KvError),
+    /// The framework is not registered.
+    #[error("Framework {0} is not registered")]
+    UnknownFramework(FrameworkId),
 }
 
 /// What an applied command changed (for publishing reads and events).
@@ -840,6 +881,7 @@ impl State {
                     }
                     ch.catalog |= self.deregister_task(&task);
                     self.record_failure(&task, *at);
+                    self.mesos.task_ended(&task, *at);
                     ch.ended.push(task);
                 } else {
                     if *state == TaskState::Running && !task.kill_requested {
@@ -1058,6 +1100,30 @@ impl State {
                     return Err(KvError::MissingNode(session.node.clone()).into());
                 }
                 self.kv.apply_session(op, self.index + 1)?
+            }
+            Command::SubscribeFramework { id, info, at } => self.mesos.subscribe(id, info, *at),
+            Command::RemoveFramework { id, at } => {
+                if !self.mesos.remove(id, *at) {
+                    return Err(ApplyError::UnknownFramework(id.clone()));
+                }
+            }
+            Command::LaunchFrameworkTasks { tasks, names } => {
+                for (t, name) in tasks.iter().zip(names) {
+                    self.tasks.insert(t.id.clone(), t.clone());
+                    self.mesos.task_names.insert(t.id.clone(), name.clone());
+                }
+            }
+            Command::SetWeights { weights } => {
+                for (role, w) in weights {
+                    self.mesos.weights.insert(role.clone(), *w);
+                }
+            }
+            Command::SetQuota { role, quota } => {
+                if quota.is_empty() {
+                    self.mesos.quotas.remove(role);
+                } else {
+                    self.mesos.quotas.insert(role.clone(), quota.clone());
+                }
             }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {

@@ -57,5 +57,6 @@ pub use mesh_core::scheduler;
 
 pub mod consul;
 pub mod endpoints;
+pub mod framework;
 pub mod marathon;
 pub mod registry;

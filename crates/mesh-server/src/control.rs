@@ -6,7 +6,7 @@
 
 use crate::events::{Event, EventBus, batch_events};
 use arc_swap::ArcSwap;
-use mesh_core::allocator::{Allocator, AllocatorConfig, DrfAllocator, Filters};
+use mesh_core::allocator::{Allocator, DrfAllocator};
 use mesh_core::app::AppId;
 use mesh_core::catalog::CatalogState;
 use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
@@ -18,6 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
+
+mod frameworks;
+pub use frameworks::{LiveFramework, MesosConfig, MesosError, MesosMsg, MesosView, Subscription};
 
 /// Errors the control side reports to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,8 @@ pub enum ControlMsg {
     FromAgent(ToControl),
     /// Stop launching (shutdown in progress); reply when applied.
     Drain(oneshot::Sender<()>),
+    /// A Mesos v1 scheduler API subscription or call.
+    Mesos(MesosMsg),
 }
 
 /// What readers see: published after every batch.
@@ -60,6 +65,8 @@ pub struct Published {
     pub events: EventBus,
     /// Blocking-query waiters, woken by topic after each publish.
     pub watches: Arc<crate::watch::WatchHub>,
+    /// Mesos-API frameworks' connections and outstanding offers (`/master/state`).
+    pub mesos: Arc<ArcSwap<MesosView>>,
 }
 
 /// A handle to the control task.
@@ -106,6 +113,8 @@ pub struct ControlConfig {
     pub tick: Duration,
     /// Seed for the scheduler's random choices.
     pub seed: u64,
+    /// The Mesos v1 scheduler API and allocation settings.
+    pub mesos: MesosConfig,
 }
 
 struct Control {
@@ -121,6 +130,7 @@ struct Control {
     seen_updates: VecDeque<String>,
     /// The Consul checks last sent to each agent (id and definition), to send only changes.
     sent_checks: HashMap<AgentId, Vec<(String, mesh_core::catalog::CheckDefinition, mesh_core::catalog::Health)>>,
+    mesos: frameworks::Frameworks,
 }
 
 /// Start the control task on `store`. Returns its handle and join handle.
@@ -135,14 +145,13 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         index: index_rx,
         events: EventBus::new(),
         watches: Arc::new(crate::watch::WatchHub::default()),
+        mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
     };
-    let mut allocator = DrfAllocator::new(AllocatorConfig {
-        offer_timeout_ms: Some(30_000),
-        min_allocatable: Resources::scalars(0.001, 0.0, 0.0),
-    });
+    let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
     allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
-    let control = Control {
+    let mesos = frameworks::Frameworks::new(cfg.mesos.clone());
+    let mut control = Control {
         cfg,
         store,
         allocator,
@@ -154,7 +163,9 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         draining: false,
         seen_updates: VecDeque::new(),
         sent_checks: HashMap::new(),
+        mesos,
     };
+    control.mesos_recover(now_millis());
     let join = tokio::spawn(control.run(rx));
     (ControlHandle { tx, published }, join)
 }
@@ -208,6 +219,7 @@ impl Control {
                     self.draining = true;
                     let _ = reply.send(());
                 }
+                ControlMsg::Mesos(m) => self.mesos_msg(m, now),
             }
         }
         if proposals.is_empty() {
@@ -245,6 +257,7 @@ impl Control {
                 let applied: Vec<Command> =
                     cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
                 self.emit(&applied, &before, now_millis());
+                self.mesos_applied(&applied, &before, now_millis());
                 r.into_iter().map(|r| r.map(|_| ())).collect()
             }
             Err(e) => {
@@ -372,6 +385,7 @@ impl Control {
     }
 
     fn step(&mut self, now: Millis) {
+        self.mesos_step(now);
         let ends = MarathonScheduler::finished_deployments(self.store.state());
         self.apply(ends);
         let due = self.store.state().due(now);
@@ -388,17 +402,20 @@ impl Control {
                 }
             }
             self.handle_calls(calls, now);
-            self.allocator.expire_offers(now);
+            let expired = self.allocator.expire_offers(now);
+            self.mesos_rescinded(expired);
             let offers = self.allocator.allocate(now);
             if !offers.is_empty() {
                 let mut mine = Vec::new();
+                let mut others = Vec::new();
                 for o in offers {
                     if &o.framework_id == self.marathon.framework_id() {
                         mine.push(o);
                     } else {
-                        let _ = self.allocator.decline(&o.id, Filters { refuse_seconds: 5.0 }, now);
+                        others.push(o);
                     }
                 }
+                self.mesos_offers(others, now);
                 let view = self.store.state().clone();
                 let calls = self.marathon.offers(&view, mine, now);
                 self.handle_calls(calls, now);
@@ -571,6 +588,7 @@ impl Control {
                             ttl: mesh_core::state::TtlUpdate::Keep,
                         }]);
                         self.publish();
+                        self.mesos_agent_lost(&agent);
                     }
                 }
                 None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),

@@ -5,6 +5,7 @@
 //! - [`agent`]: runs tasks through a runtime and reports their status.
 //! - [`api`]: one HTTP router for Marathon `/v2` and Consul `/v1`; errors mapped in one place.
 //! - [`dns`]: the hickory-server handler over the published catalog.
+//! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
 
 pub mod agent;
 pub mod api;
@@ -12,6 +13,7 @@ pub mod checks;
 pub mod control;
 pub mod dns;
 pub mod events;
+pub mod framework;
 pub mod health;
 pub mod node;
 pub mod registrator;

@@ -112,6 +112,19 @@ struct DevArgs {
     /// How long each recursor gets, e.g. 2s or 500ms.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     dns_recursor_timeout: Duration,
+    /// Outstanding offers are rescinded after this long (e.g. 30s, 500ms; 0 = never), so a
+    /// framework that hoards offers cannot starve the others.
+    #[arg(long, default_value = "30s", value_parser = parse_span)]
+    offer_timeout: std::time::Duration,
+    /// HEARTBEAT interval of Mesos v1 scheduler API streams.
+    #[arg(long, default_value = "15s", value_parser = parse_span)]
+    mesos_heartbeat: std::time::Duration,
+    /// Unacknowledged status updates to Mesos-API frameworks are re-sent after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_span)]
+    status_update_resend: std::time::Duration,
+    /// Smallest offer worth making, Mesos' form `cpus:0.1;mem:32` (cpus, mem, disk).
+    #[arg(long, default_value = "cpus:0.001", value_parser = parse_min_allocatable)]
+    min_allocatable_resources: mesh_core::model::Resources,
 }
 
 fn parse_secs(s: &str) -> Result<u32, String> {
@@ -139,6 +152,43 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         )
     };
     if d.is_zero() { Err(bad()) } else { Ok(d) }
+}
+
+/// `30s`, `30secs`, `500ms`, `2mins`, `1hrs` or plain seconds.
+fn parse_span(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?} (e.g. 30s, 500ms)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => v,
+        "ms" => v / 1000.0,
+        "m" | "min" | "mins" => v * 60.0,
+        "h" | "hr" | "hrs" => v * 3600.0,
+        u => return Err(format!("unknown duration unit {u:?} (ms, s, mins, hrs)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn parse_min_allocatable(s: &str) -> Result<mesh_core::model::Resources, String> {
+    let mut r = mesh_core::model::Resources::default();
+    for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once(':').ok_or_else(|| format!("expected name:value, got {part:?}"))?;
+        let v: f64 = v.trim().parse().map_err(|_| format!("bad amount in {part:?}"))?;
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!("bad amount in {part:?}"));
+        }
+        match k.trim() {
+            "cpus" => r.cpus = v,
+            "mem" => r.mem = v,
+            "disk" => r.disk = v,
+            other => return Err(format!("unknown resource {other:?} (cpus, mem, disk)")),
+        }
+    }
+    Ok(r)
 }
 
 fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
@@ -245,6 +295,13 @@ fn main() -> ExitCode {
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
         dns_options,
+        mesos: mesh_server::control::MesosConfig {
+            offer_timeout: Some(a.offer_timeout).filter(|d| !d.is_zero()),
+            heartbeat: a.mesos_heartbeat.max(std::time::Duration::from_millis(100)),
+            update_resend: a.status_update_resend.max(std::time::Duration::from_millis(100)),
+            min_allocatable: a.min_allocatable_resources,
+            ..Default::default()
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -75,6 +75,9 @@ pub struct NodeConfig {
     pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
     pub dns_options: DnsConfig,
+    /// Mesos v1 API and allocation settings (`allow_privileged` and `hostname` are filled in
+    /// from this config).
+    pub mesos: crate::control::MesosConfig,
 }
 
 /// Errors that stop a node from starting.
@@ -150,7 +153,16 @@ pub async fn run_dev(
     );
     let (control, control_join) = control::spawn(
         store,
-        ControlConfig { datacenter: cfg.datacenter.clone(), tick: Duration::from_millis(200), seed: now_millis() },
+        ControlConfig {
+            datacenter: cfg.datacenter.clone(),
+            tick: Duration::from_millis(200),
+            seed: now_millis(),
+            mesos: crate::control::MesosConfig {
+                allow_privileged: cfg.allow_privileged,
+                hostname: cfg.node.clone(),
+                ..cfg.mesos.clone()
+            },
+        },
     );
 
     // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or

@@ -1,4 +1,5 @@
-//! One HTTP listener serves every API: Marathon `/v2` (and `/ping`), Consul `/v1`.
+//! One HTTP listener serves every API: Marathon `/v2` (and `/ping`), Consul `/v1`, and the Mesos
+//! master (`/api/v1/scheduler`, `/master/*`).
 //!
 //! Errors of every API are values of [`ApiError`], turned into HTTP in exactly one place (its
 //! `IntoResponse`), in the API's own format: Marathon's JSON bodies, Consul's plain text.
@@ -16,6 +17,7 @@ pub mod consul_kv;
 pub mod events;
 pub mod groups;
 pub mod marathon;
+pub mod mesos;
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -89,6 +91,27 @@ pub enum ApiError {
     /// 503: the control side is not running or could not write its log.
     #[error("{0}")]
     Unavailable(String),
+    /// Mesos 400 (plain text, as every Mesos error).
+    #[error("{0}")]
+    MesosBadRequest(String),
+    /// Mesos 403 (e.g. a call of a framework that is not subscribed).
+    #[error("{0}")]
+    MesosForbidden(String),
+    /// Mesos 405.
+    #[error("{0}")]
+    MesosMethodNotAllowed(String),
+    /// Mesos 406.
+    #[error("{0}")]
+    MesosNotAcceptable(String),
+    /// Mesos 415.
+    #[error("{0}")]
+    MesosUnsupportedMediaType(String),
+    /// Mesos 501.
+    #[error("{0}")]
+    MesosNotImplemented(String),
+    /// Mesos 503.
+    #[error("{0}")]
+    MesosUnavailable(String),
 }
 
 impl ApiError {
@@ -163,6 +186,17 @@ impl IntoResponse for ApiError {
                 r
             }
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
+            ApiError::MesosBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
+            ApiError::MesosForbidden(m) => text(StatusCode::FORBIDDEN, m),
+            ApiError::MesosMethodNotAllowed(m) => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, m);
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+                r
+            }
+            ApiError::MesosNotAcceptable(m) => text(StatusCode::NOT_ACCEPTABLE, m),
+            ApiError::MesosUnsupportedMediaType(m) => text(StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
+            ApiError::MesosNotImplemented(m) => text(StatusCode::NOT_IMPLEMENTED, m),
+            ApiError::MesosUnavailable(m) => text(StatusCode::SERVICE_UNAVAILABLE, m),
         }
     }
 }
@@ -199,6 +233,7 @@ pub fn router(api: Api) -> Router {
         .merge(consul_kv::routes())
         .merge(events::routes())
         .merge(groups::routes())
+        .merge(mesos::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
         .with_state(api)
