@@ -29,9 +29,9 @@ enum Cmd {
 
 #[derive(Parser)]
 struct DevArgs {
-    /// HTTP listener; may repeat. Every listener serves every API. By default Marathon's and
-    /// Consul's usual ports, so clients work with their defaults.
-    #[arg(long, default_values = ["127.0.0.1:8080", "127.0.0.1:8500"])]
+    /// HTTP listener; may repeat. Every listener serves every API. By default Marathon's,
+    /// Consul's and the Mesos master's usual ports, so clients work with their defaults.
+    #[arg(long, default_values = ["127.0.0.1:8080", "127.0.0.1:8500", "127.0.0.1:5050"])]
     http: Vec<SocketAddr>,
     /// DNS listener (UDP and TCP).
     #[arg(long, default_value = "127.0.0.1:8600")]
