@@ -52,9 +52,7 @@ pub fn routes() -> Router<Api> {
         .route("/v1/agent/checks", get(agent_checks))
         .route("/v1/agent/check/register", put(agent_check_register))
         .route("/v1/agent/check/deregister/{id}", put(agent_check_deregister))
-        .route("/v1/agent/check/pass/{id}", put(check_pass))
-        .route("/v1/agent/check/warn/{id}", put(check_warn))
-        .route("/v1/agent/check/fail/{id}", put(check_fail))
+        .route("/v1/agent/check/{verb}/{id}", put(check_ttl))
         .route("/v1/agent/check/update/{id}", put(check_update))
         .route("/v1/catalog/register", put(catalog_register))
         .route("/v1/catalog/deregister", put(catalog_deregister))
@@ -939,31 +937,20 @@ async fn ttl_update(api: &Api, id: String, status: Health, output: String) -> Re
     Ok(axum::http::StatusCode::OK.into_response())
 }
 
-async fn check_pass(
+/// `PUT /v1/agent/check/{pass,warn,fail}/:id?note=`.
+async fn check_ttl(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    Path((verb, id)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
-    ttl_update(&api, id, Health::Passing, q.get("note").cloned().unwrap_or_default()).await
-}
-
-async fn check_warn(
-    State(api): State<Api>,
-    Path(id): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let q = Params::parse(raw.as_deref());
-    ttl_update(&api, id, Health::Warning, q.get("note").cloned().unwrap_or_default()).await
-}
-
-async fn check_fail(
-    State(api): State<Api>,
-    Path(id): Path<String>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let q = Params::parse(raw.as_deref());
-    ttl_update(&api, id, Health::Critical, q.get("note").cloned().unwrap_or_default()).await
+    let status = match verb.as_str() {
+        "pass" => Health::Passing,
+        "warn" => Health::Warning,
+        "fail" => Health::Critical,
+        _ => return Err(ApiError::ConsulNotFound(format!("no such endpoint: /v1/agent/check/{verb}"))),
+    };
+    ttl_update(&api, id, status, q.get("note").cloned().unwrap_or_default()).await
 }
 
 async fn check_update(State(api): State<Api>, Path(id): Path<String>, body: Body) -> Result<Response, ApiError> {
