@@ -482,8 +482,13 @@ async fn service_check_attributes_become_checks_that_gate_dns() {
     .await;
     assert!(check["CheckID"].as_str().unwrap().starts_with("service:"), "{check}");
     assert_eq!(resolves(&node, &svc_ok).await.map(|p| p.len()), Some(1));
-    let (_, v) = node.get(&format!("/v1/health/checks/{svc_bad}")).await;
-    let chk = v.as_array().and_then(|a| a.first()).cloned().expect("the check is registered");
+    // The other container is registered on its own engine event: wait for its check too, and
+    // for it to have run at least once (its output says how it failed).
+    let chk = within(started, limit, "the failing container's check to have run", || async {
+        let (_, v) = node.get(&format!("/v1/health/checks/{svc_bad}")).await;
+        v.as_array()?.first().filter(|c| !c["Output"].as_str().unwrap_or_default().is_empty()).cloned()
+    })
+    .await;
     assert_eq!((chk["Type"].as_str(), chk["Status"].as_str()), (Some("http"), Some("critical")), "{chk}");
     assert!(nxdomain(&node, &svc_bad).await, "a critical instance is not answered");
 }
