@@ -248,3 +248,37 @@ async fn marathon_tasks_show_their_health_as_a_check() {
     .await;
     assert!(check["CheckID"].as_str().unwrap().starts_with("marathon:"), "{check}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_dies_with_its_checks_and_releases_its_locks() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let reg = json!({"Name": "leader", "ID": "leader1", "Port": 1, "Check": {"TTL": "60s", "Status": "passing"}});
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg.to_string())).await.0, 200);
+    // A missing or critical check refuses the session, as Consul does.
+    let (code, msg) = node.send("PUT", "/v1/session/create", Some(r#"{"ServiceChecks": ["nope"]}"#)).await;
+    assert_eq!(code, 500, "{msg}");
+    assert!(msg.as_str().unwrap_or_default().contains("Missing check 'nope' registration"), "{msg}");
+    let (code, s) = node
+        .send(
+            "PUT",
+            "/v1/session/create",
+            Some(r#"{"Name": "lock", "ServiceChecks": ["service:leader1"], "LockDelay": "0s"}"#),
+        )
+        .await;
+    assert_eq!(code, 200, "{s}");
+    let id = s["ID"].as_str().unwrap().to_owned();
+    let (code, took) = node.send("PUT", &format!("/v1/kv/service/leader?acquire={id}"), Some("me")).await;
+    assert_eq!((code, took), (200, json!(true)));
+    // The service's check goes critical: the session is invalidated and its lock released.
+    assert_eq!(node.send("PUT", "/v1/agent/check/fail/service:leader1", None).await.0, 200);
+    eventually(10, "the session to be invalidated", || async {
+        let (_, info) = node.get(&format!("/v1/session/info/{id}")).await;
+        (info == json!([])).then_some(())
+    })
+    .await;
+    let (_, entry) = node.get("/v1/kv/service/leader").await;
+    assert!(entry[0].get("Session").is_none_or(|s| s.is_null()), "the lock is released: {entry}");
+    let (code, msg) = node.send("PUT", "/v1/session/create", Some(r#"{"ServiceChecks": ["service:leader1"]}"#)).await;
+    assert_eq!(code, 500);
+    assert!(msg.as_str().unwrap_or_default().contains("critical state"), "{msg}");
+}

@@ -63,6 +63,12 @@ pub enum KvError {
     /// A session for a node the catalog does not know.
     #[error("Missing node registration")]
     MissingNode(String),
+    /// A session listing a check its node does not have.
+    #[error("Missing check '{0}' registration")]
+    MissingCheck(String),
+    /// A session listing a check that is critical.
+    #[error("Check '{0}' is in critical state")]
+    CriticalCheck(String),
     /// A session id that is taken already.
     #[error("Session ID '{0}' already exists")]
     DuplicateSession(String),

@@ -1094,10 +1094,20 @@ impl State {
             }
             Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
             Command::Session(op) => {
-                if let SessionOp::Create { session, .. } = op
-                    && !self.catalog.nodes.contains_key(&session.node)
-                {
-                    return Err(KvError::MissingNode(session.node.clone()).into());
+                if let SessionOp::Create { session, .. } = op {
+                    if !self.catalog.nodes.contains_key(&session.node) {
+                        return Err(KvError::MissingNode(session.node.clone()).into());
+                    }
+                    // As Consul: every listed check must exist on the node and not be critical.
+                    for id in session.node_checks.iter().chain(&session.service_checks) {
+                        match self.catalog.checks.get(&session.node).and_then(|m| m.get(id)) {
+                            None => return Err(KvError::MissingCheck(id.clone()).into()),
+                            Some(c) if c.status == Health::Critical => {
+                                return Err(KvError::CriticalCheck(id.clone()).into());
+                            }
+                            Some(_) => {}
+                        }
+                    }
                 }
                 self.kv.apply_session(op, self.index + 1)?
             }
@@ -1204,8 +1214,16 @@ impl State {
     /// Commands that time makes due at `now`: TTL checks that expired, services whose check has
     /// been critical past its `DeregisterCriticalServiceAfter`.
     pub fn due(&self, now: Millis) -> Vec<Command> {
-        // Consul sessions whose TTL ran out.
+        // Consul sessions whose TTL ran out, or one of whose checks is critical (or gone).
         let mut out = self.kv.due(now);
+        for sess in self.kv.sessions.values() {
+            let failed = sess.node_checks.iter().chain(&sess.service_checks).any(|id| {
+                self.catalog.checks.get(&sess.node).and_then(|m| m.get(id)).is_none_or(|c| c.status == Health::Critical)
+            });
+            if failed {
+                out.push(Command::Session(SessionOp::Destroy { id: sess.id.clone(), now }));
+            }
+        }
         let mut reaped = std::collections::BTreeSet::new();
         for c in self.catalog.checks.values().flat_map(|m| m.values()) {
             if let Some(d) = c.ttl_deadline.filter(|d| *d <= now) {
