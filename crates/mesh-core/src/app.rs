@@ -65,10 +65,10 @@ impl AppId {
         if parts.is_empty() {
             return Err("path id must not be the root group".into());
         }
-        if let Some(last) = parts.last() {
-            if ["restart", "tasks", "versions"].contains(last) {
-                return Err(format!("must not end with '{last}'"));
-            }
+        if let Some(last) = parts.last()
+            && ["restart", "tasks", "versions"].contains(last)
+        {
+            return Err(format!("must not end with '{last}'"));
         }
         Ok(AppId(format!("/{}", parts.join("/"))))
     }
@@ -497,10 +497,10 @@ impl App {
             if p.port > 65535 {
                 bad.add(&format!("/portDefinitions({i})/port"), "got a port above 65535");
             }
-            if let Some(n) = &p.name {
-                if !names.insert(n.clone()) {
-                    bad.add("/portDefinitions", "Port names must be unique.");
-                }
+            if let Some(n) = &p.name
+                && !names.insert(n.clone())
+            {
+                bad.add("/portDefinitions", "Port names must be unique.");
             }
             if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(&p.protocol.as_str()) {
                 bad.add(&format!("/portDefinitions({i})/protocol"), "must be one of tcp, udp, udp,tcp");
@@ -625,20 +625,20 @@ impl App {
         let mut names = std::collections::BTreeSet::new();
         for (i, pm) in mappings.iter().enumerate() {
             for key in ["containerPort", "hostPort", "servicePort"] {
-                if let Some(v) = pm.get(key) {
-                    if !v.as_u64().is_some_and(|p| p <= 65535) {
-                        bad.add(&format!("/container/portMappings({i})/{key}"), "must be a port between 0 and 65535");
-                    }
+                if let Some(v) = pm.get(key)
+                    && v.as_u64().is_none_or(|p| p > 65535)
+                {
+                    bad.add(&format!("/container/portMappings({i})/{key}"), "must be a port between 0 and 65535");
                 }
             }
             let proto = pm.get("protocol").and_then(Value::as_str).unwrap_or("tcp");
             if !["tcp", "udp", "udp,tcp", "tcp,udp"].contains(&proto) {
                 bad.add(&format!("/container/portMappings({i})/protocol"), "must be one of tcp, udp, udp,tcp");
             }
-            if let Some(n) = pm.get("name").and_then(Value::as_str) {
-                if !names.insert(n.to_owned()) {
-                    bad.add("/container/portMappings", "Port names must be unique.");
-                }
+            if let Some(n) = pm.get("name").and_then(Value::as_str)
+                && !names.insert(n.to_owned())
+            {
+                bad.add("/container/portMappings", "Port names must be unique.");
             }
         }
     }
@@ -865,16 +865,16 @@ fn normalize_networking(
             };
             m.insert("networks".into(), mode);
         }
-        if let Some(Value::Object(c)) = m.get_mut("container") {
-            if let Some(pm) = old_mappings.filter(|v| !v.is_null()) {
-                if c.get("portMappings").is_some_and(|v| !v.is_null()) {
-                    bad.add("/container/portMappings", "cannot be combined with container.docker.portMappings");
-                }
-                c.insert("portMappings".into(), pm);
+        if let Some(Value::Object(c)) = m.get_mut("container")
+            && let Some(pm) = old_mappings.filter(|v| !v.is_null())
+        {
+            if c.get("portMappings").is_some_and(|v| !v.is_null()) {
+                bad.add("/container/portMappings", "cannot be combined with container.docker.portMappings");
             }
+            c.insert("portMappings".into(), pm);
         }
     }
-    if !m.get("networks").is_some_and(|v| v.as_array().is_some_and(|a| !a.is_empty())) {
+    if m.get("networks").is_none_or(|v| v.as_array().is_none_or(|a| a.is_empty())) {
         m.insert("networks".into(), serde_json::json!([{"mode": "host"}]));
     }
 }

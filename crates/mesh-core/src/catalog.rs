@@ -28,20 +28,15 @@ pub struct Node {
 }
 
 /// Health of an instance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub enum Health {
     /// All checks pass.
+    #[default]
     Passing,
     /// Some check warns; still answered in DNS by default.
     Warning,
     /// Some check is critical; never answered in DNS.
     Critical,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health::Passing
-    }
 }
 
 impl Health {
@@ -473,11 +468,11 @@ impl CatalogState {
 
     /// Set a TTL check's deadline (no index change on its own; used with a status update).
     pub fn set_ttl_deadline(&mut self, node: &str, id: &str, deadline: Option<Millis>) {
-        if let Some(mut m) = self.checks.get(node).cloned() {
-            if let Some(c) = m.get_mut(id) {
-                c.ttl_deadline = deadline;
-                self.checks.insert(node.to_owned(), m);
-            }
+        if let Some(mut m) = self.checks.get(node).cloned()
+            && let Some(c) = m.get_mut(id)
+        {
+            c.ttl_deadline = deadline;
+            self.checks.insert(node.to_owned(), m);
         }
     }
 

@@ -76,10 +76,10 @@ pub fn validate(checks: &[Value]) -> Vec<(String, String)> {
         }
         for key in ["gracePeriodSeconds", "intervalSeconds", "timeoutSeconds", "maxConsecutiveFailures", "delaySeconds"]
         {
-            if let Some(v) = o.get(key) {
-                if !v.as_f64().is_some_and(|x| x >= 0.0 && x.is_finite()) {
-                    bad.push((format!("{p}/{key}"), "must be a number, 0 or more".into()));
-                }
+            if let Some(v) = o.get(key)
+                && !v.as_f64().is_some_and(|x| x >= 0.0 && x.is_finite())
+            {
+                bad.push((format!("{p}/{key}"), "must be a number, 0 or more".into()));
             }
         }
         if num(c, "intervalSeconds", 60.0) <= 0.0 {

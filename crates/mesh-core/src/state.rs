@@ -831,10 +831,12 @@ impl State {
                 let mut scaled: BTreeMap<AppId, u32> = BTreeMap::new();
                 for id in ids {
                     let t = &self.tasks[id];
-                    if *scale && !t.kill_requested && !t.state.is_terminal() {
-                        if let Some(app) = &t.app_id {
-                            *scaled.entry(app.clone()).or_default() += 1;
-                        }
+                    if *scale
+                        && !t.kill_requested
+                        && !t.state.is_terminal()
+                        && let Some(app) = &t.app_id
+                    {
+                        *scaled.entry(app.clone()).or_default() += 1;
                     }
                     self.mark_kill(id, &mut ch);
                 }
@@ -871,12 +873,12 @@ impl State {
                 }
                 if state.is_terminal() {
                     self.tasks.remove(task_id);
-                    if let Some(app) = &task.app_id {
-                        if let Some(ids) = self.tasks_by_app.get_mut(app) {
-                            ids.remove(task_id);
-                            if ids.is_empty() {
-                                self.tasks_by_app.remove(app);
-                            }
+                    if let Some(app) = &task.app_id
+                        && let Some(ids) = self.tasks_by_app.get_mut(app)
+                    {
+                        ids.remove(task_id);
+                        if ids.is_empty() {
+                            self.tasks_by_app.remove(app);
                         }
                     }
                     ch.catalog |= self.deregister_task(&task);
@@ -1020,10 +1022,10 @@ impl State {
                     let mut inst = inst.clone();
                     inst.node = node.clone();
                     // Another service may hold this id on the node: ids are unique per node.
-                    if let Some(old) = self.catalog.instance(node, &inst.id).cloned() {
-                        if old.service != inst.service {
-                            ch.catalog |= self.catalog.remove_instance(&old.service, &old.id, index);
-                        }
+                    if let Some(old) = self.catalog.instance(node, &inst.id).cloned()
+                        && old.service != inst.service
+                    {
+                        ch.catalog |= self.catalog.remove_instance(&old.service, &old.id, index);
                     }
                     if *replace_checks {
                         let keep: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.id.as_str()).collect();
@@ -1138,10 +1140,10 @@ impl State {
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
                     for app in d.affected_apps {
-                        if let Some(rec) = self.apps.get_mut(&app) {
-                            if rec.deployment.as_deref() == Some(id) {
-                                rec.deployment = None;
-                            }
+                        if let Some(rec) = self.apps.get_mut(&app)
+                            && rec.deployment.as_deref() == Some(id)
+                        {
+                            rec.deployment = None;
                         }
                         ch.apps.push(app);
                     }
@@ -1237,14 +1239,16 @@ impl State {
                 });
             }
             let after = c.definition.deregister_critical_after_ms;
-            if after > 0 && !c.service_id.is_empty() && c.critical_since.is_some_and(|t| t + after <= now) {
-                if reaped.insert((c.node.clone(), c.service_id.clone())) {
-                    out.push(Command::Deregister {
-                        node: c.node.clone(),
-                        service_id: Some(c.service_id.clone()),
-                        check_id: None,
-                    });
-                }
+            if after > 0
+                && !c.service_id.is_empty()
+                && c.critical_since.is_some_and(|t| t + after <= now)
+                && reaped.insert((c.node.clone(), c.service_id.clone()))
+            {
+                out.push(Command::Deregister {
+                    node: c.node.clone(),
+                    service_id: Some(c.service_id.clone()),
+                    check_id: None,
+                });
             }
         }
         out

@@ -55,10 +55,10 @@ impl WatchHub {
                         imbl::ordmap::DiffItem::Update { new: (k, v), .. } => (k, *v),
                         imbl::ordmap::DiffItem::Remove(..) => continue,
                     };
-                    if let Some(tx) = topics.get(topic) {
-                        if index > *tx.borrow() {
-                            tx.send_replace(index);
-                        }
+                    if let Some(tx) = topics.get(topic)
+                        && index > *tx.borrow()
+                    {
+                        tx.send_replace(index);
                     }
                 }
             }
@@ -66,7 +66,7 @@ impl WatchHub {
         self.notify_others(old, new);
         // Forget topics nobody waits on any more, now and then (a sweep is O(topics)).
         let n = self.notifies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n % 256 == 0 {
+        if n.is_multiple_of(256) {
             self.topics.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, tx| tx.receiver_count() > 0);
             self.others.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, tx| tx.receiver_count() > 0);
         }

@@ -409,7 +409,7 @@ fn service_json(i: &ServiceInstance, node: Option<&Node>, dc: &str) -> Value {
 fn ms_str(ms: u64) -> String {
     if ms == 0 {
         String::new()
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -511,10 +511,10 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
     if d.args.is_empty() {
         d.args = src.strings("ScriptArgs")?;
     }
-    if d.args.is_empty() {
-        if let Some(script) = src.str("Script")?.filter(|s| !s.is_empty()) {
-            d.args = vec!["/bin/sh".into(), "-c".into(), script.to_owned()];
-        }
+    if d.args.is_empty()
+        && let Some(script) = src.str("Script")?.filter(|s| !s.is_empty())
+    {
+        d.args = vec!["/bin/sh".into(), "-c".into(), script.to_owned()];
     }
     if let Some(h) = src.obj("Header")? {
         for (k, v) in h.0 {
@@ -924,7 +924,15 @@ async fn ttl_update(api: &Api, id: String, status: Health, output: String) -> Re
     if check.definition.ttl_ms == 0 {
         return Err(ApiError::ConsulStatus(500, format!("CheckID \"{id}\" does not have associated TTL")));
     }
-    let output = if output.len() > 4096 { output[..output.floor_char_boundary(4096)].to_owned() } else { output };
+    // Output is capped at 4 KiB, cut at a character boundary.
+    let mut output = output;
+    if output.len() > 4096 {
+        let mut end = 4096;
+        while !output.is_char_boundary(end) {
+            end -= 1;
+        }
+        output.truncate(end);
+    }
     let cmd = Command::UpdateCheck {
         node: api.info.node.clone(),
         id,

@@ -571,25 +571,18 @@ async fn update_app(
         return Err(no_app(&id));
     }
     // {"version": ts} alone is a rollback.
-    if let Some(obj) = body.as_object() {
-        if obj.len() == 1 {
-            if let Some(v) = obj.get("version").and_then(Value::as_str) {
-                existing.ok_or_else(|| no_app(&id))?;
-                let version = parse_iso8601(v)
-                    .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
-                api.control
-                    .propose(Command::RollbackApp {
-                        id: id.clone(),
-                        version,
-                        now,
-                        deployment_id: deployment_id.clone(),
-                        force,
-                    })
-                    .await
-                    .map_err(ApiError::from_control)?;
-                return Ok(deployment_result(&deployment_id, now));
-            }
-        }
+    if let Some(obj) = body.as_object()
+        && obj.len() == 1
+        && let Some(v) = obj.get("version").and_then(Value::as_str)
+    {
+        existing.ok_or_else(|| no_app(&id))?;
+        let version = parse_iso8601(v)
+            .ok_or_else(|| ApiError::MarathonNotFound(format!("App '{id}' does not exist in version {v}")))?;
+        api.control
+            .propose(Command::RollbackApp { id: id.clone(), version, now, deployment_id: deployment_id.clone(), force })
+            .await
+            .map_err(ApiError::from_control)?;
+        return Ok(deployment_result(&deployment_id, now));
     }
     let app = match existing {
         Some(rec) if partial => App::merge_json(Some(&rec.app), &body, Some(&id)),
