@@ -278,6 +278,32 @@ impl CheckCounter {
     }
 }
 
+/// The watch topic of a service's instances and health (`svc:<lowercased name>`).
+pub fn svc_topic(service: &str) -> String {
+    format!("svc:{}", service.to_ascii_lowercase())
+}
+
+/// The watch topic of a node, its instances and its checks (`node:<lowercased name>`).
+pub fn node_topic(node: &str) -> String {
+    format!("node:{}", node.to_ascii_lowercase())
+}
+
+/// The most of a check's output that is kept, in bytes.
+pub const MAX_CHECK_OUTPUT: usize = 4096;
+
+/// Cut `output` to [`MAX_CHECK_OUTPUT`] bytes at a character boundary; returns whether it was cut.
+pub fn truncate_output(output: &mut String) -> bool {
+    if output.len() <= MAX_CHECK_OUTPUT {
+        return false;
+    }
+    let mut end = MAX_CHECK_OUTPUT;
+    while !output.is_char_boundary(end) {
+        end -= 1;
+    }
+    output.truncate(end);
+    true
+}
+
 /// The id of every node's liveness check (Consul's `serfHealth`).
 pub const SERF_HEALTH: &str = "serfHealth";
 /// The id of a node's maintenance check.
@@ -339,10 +365,10 @@ impl CatalogState {
         }
         node.modify_index = index;
         self.touch("nodes", index);
-        self.touch(&format!("node:{}", node.name.to_ascii_lowercase()), index);
+        self.touch(&node_topic(&node.name), index);
         let services: Vec<String> = self.instances_on(&node.name).map(|i| i.service.clone()).collect();
         for svc in services {
-            self.touch(&format!("svc:{}", svc.to_ascii_lowercase()), index);
+            self.touch(&svc_topic(&svc), index);
         }
         self.nodes.insert(node.name.clone(), node);
         self.index = index;
@@ -399,7 +425,7 @@ impl CatalogState {
                 let mut m = self.services[&svc].clone();
                 m.insert(id, inst);
                 self.services.insert(svc.clone(), m);
-                self.touch(&format!("svc:{}", svc.to_ascii_lowercase()), index);
+                self.touch(&svc_topic(&svc), index);
                 self.index = index;
             }
         }
@@ -491,15 +517,14 @@ impl CatalogState {
 
     fn check_changed(&mut self, node: &str, service_id: &str, index: u64) {
         self.touch("checks", index);
-        self.touch(&format!("node:{}", node.to_ascii_lowercase()), index);
-        if let Some(inst) = self.instance(node, service_id) {
-            let svc = inst.service.to_ascii_lowercase();
-            self.touch(&format!("svc:{svc}"), index);
-        } else if service_id.is_empty() {
-            let services: Vec<String> = self.instances_on(node).map(|i| i.service.to_ascii_lowercase()).collect();
-            for svc in services {
-                self.touch(&format!("svc:{svc}"), index);
-            }
+        self.touch(&node_topic(&node), index);
+        let services: Vec<String> = match self.instance(node, service_id) {
+            Some(inst) => vec![svc_topic(&inst.service)],
+            None if service_id.is_empty() => self.instances_on(node).map(|i| svc_topic(&i.service)).collect(),
+            None => Vec::new(),
+        };
+        for topic in services {
+            self.touch(&topic, index);
         }
         self.index = index;
         self.refresh(node, (!service_id.is_empty()).then_some(service_id), index);
@@ -517,7 +542,7 @@ impl CatalogState {
         self.checks.remove(node);
         self.touch("nodes", index);
         self.touch("checks", index);
-        self.touch(&format!("node:{}", node.to_ascii_lowercase()), index);
+        self.touch(&node_topic(&node), index);
         self.index = index;
         true
     }
@@ -546,8 +571,8 @@ impl CatalogState {
         if tags_changed {
             self.touch("services", index);
         }
-        self.touch(&format!("svc:{}", inst.service.to_ascii_lowercase()), index);
-        self.touch(&format!("node:{}", inst.node.to_ascii_lowercase()), index);
+        self.touch(&svc_topic(&inst.service), index);
+        self.touch(&node_topic(&inst.node), index);
         self.services.insert(inst.service.clone(), svc);
         self.index = index;
         true
@@ -575,8 +600,8 @@ impl CatalogState {
             }
         }
         self.touch("services", index);
-        self.touch(&format!("svc:{}", service.to_ascii_lowercase()), index);
-        self.touch(&format!("node:{}", old.node.to_ascii_lowercase()), index);
+        self.touch(&svc_topic(&service), index);
+        self.touch(&node_topic(&old.node), index);
         if svc.is_empty() {
             self.services.remove(service);
         } else {

@@ -8,7 +8,7 @@
 //! capped at 4 KiB.
 
 use crate::control::{ControlHandle, ControlMsg};
-use mesh_core::catalog::{Check, CheckCounter, CheckDefinition, Health};
+use mesh_core::catalog::{Check, CheckCounter, CheckDefinition, Health, MAX_CHECK_OUTPUT, truncate_output};
 use mesh_core::model::AgentId;
 use mesh_core::proto::ToControl;
 use std::collections::HashMap;
@@ -16,8 +16,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::AbortHandle;
 
-/// Output kept from a check run.
-const MAX_OUTPUT: usize = 4096;
 /// Default per-run timeout (Consul's).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default and minimum interval.
@@ -117,12 +115,7 @@ async fn run(agent: AgentId, check: Check, mut recorded: tokio::sync::watch::Rec
 }
 
 fn cap(mut s: String) -> String {
-    if s.len() > MAX_OUTPUT {
-        let mut end = MAX_OUTPUT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
+    if truncate_output(&mut s) {
         s.push_str(" ...");
     }
     s
@@ -233,7 +226,7 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s.write_all(req).await?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
-    while buf.len() < MAX_OUTPUT + 2048 {
+    while buf.len() < MAX_CHECK_OUTPUT + 2048 {
         match s.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),

@@ -128,8 +128,14 @@ struct Control {
     index_tx: watch::Sender<u64>,
     draining: bool,
     seen_updates: VecDeque<String>,
-    /// The Consul checks last sent to each agent (id and definition), to send only changes.
-    sent_checks: HashMap<AgentId, Vec<(String, mesh_core::catalog::CheckDefinition, mesh_core::catalog::Health)>>,
+    /// The index of each agent's node topic when its Consul checks were last sent: any change of
+    /// a check on the node (status included) moves it, and only then is the set sent again.
+    sent_checks: HashMap<AgentId, u64>,
+    /// `(state index, State::next_deadline)`: deadlines only move when the state does, so the
+    /// scan runs once per change, not once per loop turn.
+    deadline: (u64, Option<Millis>),
+    /// The state index at which `State::due` last ran.
+    due_checked: u64,
     mesos: frameworks::Frameworks,
 }
 
@@ -163,6 +169,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         draining: false,
         seen_updates: VecDeque::new(),
         sent_checks: HashMap::new(),
+        deadline: (u64::MAX, None),
+        due_checked: u64::MAX,
         mesos,
     };
     control.mesos_recover(now_millis());
@@ -177,8 +185,7 @@ impl Control {
         loop {
             let mut batch = Vec::new();
             // TTL expiries and reaping happen on time, not on the next tick.
-            let timer =
-                self.store.state().next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
+            let timer = self.next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => batch.push(m),
@@ -388,8 +395,13 @@ impl Control {
         self.mesos_step(now);
         let ends = MarathonScheduler::finished_deployments(self.store.state());
         self.apply(ends);
-        let due = self.store.state().due(now);
-        self.apply(due);
+        // Due work appears only with a state change or when a deadline passes.
+        let index = self.store.state().index;
+        if index != self.due_checked || self.next_deadline().is_some_and(|d| d <= now) {
+            self.due_checked = index;
+            let due = self.store.state().due(now);
+            self.apply(due);
+        }
         if !self.draining {
             let view = self.store.state().clone();
             let calls = self.marathon.reconcile(&view, now);
@@ -557,16 +569,27 @@ impl Control {
         let state = self.store.state();
         let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
         for agent in ids {
+            // The statuses go with the definitions: the runner learns what is recorded (a
+            // re-registration resets it), and reports only when its result differs.
+            let index = state.catalog.topic_index(&mesh_core::catalog::node_topic(&agent.0));
+            if self.sent_checks.get(&agent) == Some(&index) {
+                continue;
+            }
+            self.sent_checks.insert(agent.clone(), index);
             let checks: Vec<mesh_core::catalog::Check> =
                 state.catalog.node_checks(&agent.0).filter(|c| c.definition.is_active()).cloned().collect();
-            // The status is part of the key: the runner learns what is recorded (a re-registration
-            // resets it), and reports only when its result differs.
-            let key: Vec<_> = checks.iter().map(|c| (c.id.clone(), c.definition.clone(), c.status)).collect();
-            if self.sent_checks.get(&agent) != Some(&key) {
-                self.sent_checks.insert(agent.clone(), key);
-                self.outbox.push_back((agent, ToAgent::NodeChecks { checks }));
-            }
+            self.outbox.push_back((agent, ToAgent::NodeChecks { checks }));
         }
+    }
+
+    /// The earliest timer of the state (TTL expiry, reaping, session TTLs), recomputed only when
+    /// the state changed.
+    fn next_deadline(&mut self) -> Option<Millis> {
+        let state = self.store.state();
+        if self.deadline.0 != state.index {
+            self.deadline = (state.index, state.next_deadline());
+        }
+        self.deadline.1
     }
 
     async fn flush(&mut self) {

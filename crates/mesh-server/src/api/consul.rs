@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use mesh_core::catalog::{
     Catalog, CatalogState, Check, CheckDefinition, Health, NODE_MAINTENANCE, Node, SERVICE_MAINTENANCE_PREFIX,
-    ServiceInstance, Weights,
+    ServiceInstance, Weights, node_topic, svc_topic, truncate_output,
 };
 use mesh_core::registrator::parse_go_duration;
 use mesh_core::state::{Command, SOURCE_META, State as ClusterState, TtlUpdate};
@@ -336,14 +336,6 @@ pub async fn block_until(
     Ok(published.state.load_full())
 }
 
-fn svc_topic(name: &str) -> String {
-    format!("svc:{}", name.to_ascii_lowercase())
-}
-
-fn node_topic(name: &str) -> String {
-    format!("node:{}", name.to_ascii_lowercase())
-}
-
 fn control_err(e: crate::control::ControlError) -> ApiError {
     use crate::control::ControlError;
     use mesh_core::state::ApplyError;
@@ -469,6 +461,17 @@ fn node_level_checks(cat: &CatalogState, node: &str) -> Vec<Value> {
     cat.node_checks(node).filter(|c| c.service_id.is_empty()).map(|c| check_json(c, &[])).collect()
 }
 
+/// Every check of a node: its node-level checks, then its instances' checks by instance id.
+fn all_node_checks(cat: &CatalogState, node: &str) -> Vec<Value> {
+    let mut list = node_level_checks(cat, node);
+    let mut insts: Vec<&ServiceInstance> = cat.instances_on(node).collect();
+    insts.sort_by(|a, b| a.id.cmp(&b.id));
+    for i in insts {
+        list.extend(instance_checks(cat, i));
+    }
+    list
+}
+
 fn tags_match(i: &ServiceInstance, tags: &[&str]) -> bool {
     tags.iter().all(|t| i.tags.iter().any(|x| x.eq_ignore_ascii_case(t)))
 }
@@ -554,13 +557,16 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
             return Err(bad(format!("Invalid check: HTTP must be an http:// or https:// URL, not {:?}", d.http)));
         }
     } else {
-        // Catalog registrations only record data; nothing runs them.
-        d = CheckDefinition { deregister_critical_after_ms: 0, ..d };
-        d.interval_ms = 0;
-        d.http.clear();
-        d.tcp.clear();
-        d.args.clear();
-        d.ttl_ms = 0;
+        // Catalog registrations only record data; nothing runs them, nothing reaps them.
+        d = CheckDefinition {
+            method: d.method,
+            header: d.header,
+            tls_skip_verify: d.tls_skip_verify,
+            timeout_ms: d.timeout_ms,
+            success_before_passing: d.success_before_passing,
+            failures_before_critical: d.failures_before_critical,
+            ..Default::default()
+        };
     }
     let mut check = Check::new(node, &id, &name, status);
     check.notes = c.str("Notes")?.unwrap_or_default().to_owned();
@@ -924,15 +930,8 @@ async fn ttl_update(api: &Api, id: String, status: Health, output: String) -> Re
     if check.definition.ttl_ms == 0 {
         return Err(ApiError::ConsulStatus(500, format!("CheckID \"{id}\" does not have associated TTL")));
     }
-    // Output is capped at 4 KiB, cut at a character boundary.
     let mut output = output;
-    if output.len() > 4096 {
-        let mut end = 4096;
-        while !output.is_char_boundary(end) {
-            end -= 1;
-        }
-        output.truncate(end);
-    }
+    truncate_output(&mut output);
     let cmd = Command::UpdateCheck {
         node: api.info.node.clone(),
         id,
@@ -1206,12 +1205,7 @@ async fn health_node(
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
     let node = cat.node(&name).map(|n| n.name.clone()).unwrap_or(name);
-    let mut list = node_level_checks(cat, &node);
-    let mut insts: Vec<&ServiceInstance> = cat.instances_on(&node).collect();
-    insts.sort_by(|a, b| a.id.cmp(&b.id));
-    for i in insts {
-        list.extend(instance_checks(cat, i));
-    }
+    let list = all_node_checks(cat, &node);
     Ok(indexed(&Value::Array(list), state.topic_index(&topic), &q))
 }
 
@@ -1228,15 +1222,7 @@ async fn health_state(
     };
     let state = block(&api, &q, "checks").await?;
     let cat = &state.catalog;
-    let mut list = Vec::new();
-    for n in cat.nodes.keys() {
-        list.extend(node_level_checks(cat, n));
-        let mut insts: Vec<&ServiceInstance> = cat.instances_on(n).collect();
-        insts.sort_by(|a, b| a.id.cmp(&b.id));
-        for i in insts {
-            list.extend(instance_checks(cat, i));
-        }
-    }
+    let mut list: Vec<Value> = cat.nodes.keys().flat_map(|n| all_node_checks(cat, n)).collect();
     if let Some(f) = filter {
         list.retain(|c| c["Status"] == f.as_str());
     }
