@@ -9,15 +9,7 @@
 //! passes, unless `MESH_REQUIRE_DOCKER=1`, which makes them fail instead. The test image
 //! `mesh-test/busybox:latest` is built by `scripts/build-test-images.sh` (idempotent).
 
-use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::{RData, RecordType};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -63,145 +55,18 @@ macro_rules! require_docker {
     };
 }
 
-/// Every node of this test binary gets its own host port range.
-static NEXT_RANGE: AtomicU16 = AtomicU16::new(0);
+#[path = "../../../tests/support/mod.rs"]
+mod support;
 
-fn port_range() -> (u16, u16) {
-    let base = 40000 + (std::process::id() % 100) as u16 * 100;
-    let lo = base + NEXT_RANGE.fetch_add(1, Ordering::SeqCst) * 10;
-    (lo, lo + 9)
-}
+use support::{MeshNode, http_ok, port_range, srv};
 
-/// A `mesh dev` process (node `testnode`, process runtime) on ephemeral HTTP and DNS ports.
-struct Node {
-    child: Option<Child>,
-    http: SocketAddr,
-    dns: SocketAddr,
-    log: PathBuf,
-    client: reqwest::Client,
-}
-
-impl Node {
-    /// Start a node on `data_dir` (which may hold the state of an earlier node).
-    fn start_on(data_dir: &Path, ports: (u16, u16)) -> Node {
-        let log = data_dir.with_extension("log");
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh"))
-            .args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", "testnode"])
-            .args(["--runtime", "process", "--cpus", "4", "--mem", "4096"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--ports")
-            .arg(format!("{}-{}", ports.0, ports.1))
-            .env("RUST_LOG", "info,mesh_server=debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .expect("spawn mesh");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("mesh dev did not become ready; log:\n{}", tail(&log)));
-        let rest = line.strip_prefix("mesh dev ready: ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        let (mut http, mut dns) = (None, None);
-        for part in rest.split_whitespace() {
-            if let Some(v) = part.strip_prefix("http=") {
-                http = v.split(',').next().and_then(|s| s.parse().ok());
-            }
-            if let Some(v) = part.strip_prefix("dns=") {
-                dns = v.parse().ok();
-            }
-        }
-        Node {
-            child: Some(child),
-            http: http.expect("http addr"),
-            dns: dns.expect("dns addr"),
-            log,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client"),
-        }
-    }
-
-    /// GET a path of the HTTP API: status and JSON body.
-    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = self.client.get(format!("http://{}{path}", self.http)).send().await.expect("GET");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(serde_json::Value::Null))
-    }
-
-    /// Send `signal` to the node and wait for it to exit.
-    fn stop_with(&mut self, signal: &str) {
-        let Some(mut child) = self.child.take() else { return };
-        let _ = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(child.try_wait(), Ok(Some(_))) {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("mesh did not exit after SIG{signal}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// A resolver that asks only this node, over UDP, without caching.
-    fn resolver(&self) -> TokioResolver {
-        let mut conn = ConnectionConfig::udp();
-        conn.port = self.dns.port();
-        let ns = NameServerConfig::new(self.dns.ip(), true, vec![conn]);
-        let mut b = TokioResolver::builder_with_config(
-            ResolverConfig::from_name_servers(vec![ns]),
-            TokioRuntimeProvider::default(),
-        );
-        b.options_mut().cache_size = 0;
-        b.options_mut().timeout = Duration::from_secs(1);
-        b.options_mut().attempts = 2;
-        b.build().expect("resolver")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- mesh log ({}) ----\n{}", self.log.display(), tail(&self.log));
-        }
-        self.stop_with("TERM");
-    }
-}
-
-fn tail(path: &Path) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(80)..].join("\n")
-}
-
-/// SRV answers for `name`: (target, port), or the resolver error (e.g. NXDOMAIN).
-async fn srv(resolver: &TokioResolver, name: &str) -> Result<Vec<(String, u16)>, hickory_resolver::net::NetError> {
-    let l = resolver.lookup(name, RecordType::SRV).await?;
-    Ok(l.answers()
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::SRV(s) => Some((s.target.to_string(), s.port)),
-            _ => None,
-        })
-        .collect())
-}
-
-/// Whether an HTTP GET to 127.0.0.1:port answers 2xx.
-async fn http_ok(port: u16) -> bool {
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
-    matches!(c.get(format!("http://127.0.0.1:{port}/")).send().await, Ok(r) if r.status().is_success())
-}
+/// The flags of every node here: the process runtime (containers come from `docker run`).
+const NODE_FLAGS: &[&str] = &["--runtime", "process"];
 
 /// A fresh node on a temporary data dir (kept alive by the returned guard).
-fn start_node() -> (Node, tempfile::TempDir) {
+fn start_node() -> (MeshNode, tempfile::TempDir) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let node = Node::start_on(&tmp.path().join("data"), port_range());
+    let node = MeshNode::start_on(&tmp.path().join("data"), port_range(), NODE_FLAGS);
     (node, tmp)
 }
 
@@ -270,14 +135,14 @@ fn fqdn(service: &str) -> String {
 }
 
 /// SRV ports of `service`, once it resolves.
-async fn resolves(node: &Node, service: &str) -> Option<Vec<u16>> {
-    let r = node.resolver();
+async fn resolves(node: &MeshNode, service: &str) -> Option<Vec<u16>> {
+    let r = node.resolver(false);
     srv(&r, &fqdn(service)).await.ok().map(|v| v.into_iter().map(|(_, p)| p).collect())
 }
 
 /// Whether `service` is NXDOMAIN (other errors, e.g. a timeout, are not).
-async fn nxdomain(node: &Node, service: &str) -> bool {
-    let r = node.resolver();
+async fn nxdomain(node: &MeshNode, service: &str) -> bool {
+    let r = node.resolver(false);
     matches!(srv(&r, &fqdn(service)).await, Err(e) if e.is_nx_domain())
 }
 
@@ -302,8 +167,8 @@ async fn a_started_container_resolves_within_2s_and_a_removed_one_is_gone_within
     let (status, body) = node.get(&format!("/v1/catalog/service/{service}")).await;
     assert_eq!(status, 200);
     let entry = &body[0];
-    assert_eq!(entry["ServiceID"], format!("testnode:{name}:8080"), "{body}");
-    assert_eq!(entry["Node"], "testnode");
+    assert_eq!(entry["ServiceID"], format!("{}:{name}:8080", node.name), "{body}");
+    assert_eq!(entry["Node"], node.name.as_str());
     assert_eq!(entry["ServicePort"], port);
 
     // The instance answers HTTP through that port.
@@ -388,7 +253,7 @@ async fn two_published_ports_give_name_dash_port_services() {
     assert_eq!(p8081, [host_port(&name, "8081/tcp")]);
     assert!(nxdomain(&node, &service).await, "no plain <name> service when two ports are published");
     // Tags from SERVICE_TAGS are queryable as <tag>.<service>.service.mesh.
-    let r = node.resolver();
+    let r = node.resolver(false);
     let tagged = srv(&r, &format!("web.{s8080}.service.mesh.")).await.expect("tag lookup");
     assert_eq!(tagged.len(), 1);
 }
@@ -408,7 +273,7 @@ async fn a_restart_registers_earlier_containers_and_forgets_removed_ones() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data_dir = tmp.path().join("data");
     let ports = port_range();
-    let mut node = Node::start_on(&data_dir, ports);
+    let mut node = MeshNode::start_on(&data_dir, ports, NODE_FLAGS);
     within(Instant::now(), SETTLES_WITHIN, "containers started before the node are registered", || async {
         (resolves(&node, &keep).await.is_some() && resolves(&node, &gone).await.is_some()).then_some(())
     })
@@ -417,7 +282,7 @@ async fn a_restart_registers_earlier_containers_and_forgets_removed_ones() {
     // Kill the node hard, remove a container while it is down, start it again on the same state.
     node.stop_with("KILL");
     containers.remove(&gone_container);
-    let node = Node::start_on(&data_dir, ports);
+    let node = MeshNode::start_on(&data_dir, ports, NODE_FLAGS);
     within(Instant::now(), SETTLES_WITHIN, "the container removed while the node was down is gone", || async {
         nxdomain(&node, &gone).await.then_some(())
     })
