@@ -517,7 +517,7 @@ impl CatalogState {
 
     fn check_changed(&mut self, node: &str, service_id: &str, index: u64) {
         self.touch("checks", index);
-        self.touch(&node_topic(&node), index);
+        self.touch(&node_topic(node), index);
         let services: Vec<String> = match self.instance(node, service_id) {
             Some(inst) => vec![svc_topic(&inst.service)],
             None if service_id.is_empty() => self.instances_on(node).map(|i| svc_topic(&i.service)).collect(),
@@ -542,7 +542,7 @@ impl CatalogState {
         self.checks.remove(node);
         self.touch("nodes", index);
         self.touch("checks", index);
-        self.touch(&node_topic(&node), index);
+        self.touch(&node_topic(node), index);
         self.index = index;
         true
     }
@@ -600,7 +600,7 @@ impl CatalogState {
             }
         }
         self.touch("services", index);
-        self.touch(&svc_topic(&service), index);
+        self.touch(&svc_topic(service), index);
         self.touch(&node_topic(&old.node), index);
         if svc.is_empty() {
             self.services.remove(service);
