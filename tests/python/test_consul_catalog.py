@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import consul
 import pytest
 
+from polling import eventually
 
 @pytest.fixture
 def c(mesh_url):
@@ -46,18 +47,6 @@ def http_target():
     srv.shutdown()
 
 
-def wait_for(what, pred, timeout=15.0):
-    """Poll `pred` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}; last value {last!r}")
-
-
 def statuses(c, service):
     _, checks = c.health.checks(service)
     return {ch["CheckID"]: ch["Status"] for ch in checks}
@@ -70,14 +59,14 @@ def test_http_and_ttl_checks_go_through_passing_warning_critical(c, http_target)
     try:
         # Both start critical (Consul's default initial status).
         assert statuses(c, "web")["web1-ttl"] == "critical"
-        wait_for("HTTP check passing", lambda: statuses(c, "web").get("service:web1") == "passing")
+        eventually("HTTP check passing", lambda: statuses(c, "web").get("service:web1") == "passing")
 
         Flippable.status = 429
-        wait_for("HTTP check warning on 429", lambda: statuses(c, "web").get("service:web1") == "warning")
+        eventually("HTTP check warning on 429", lambda: statuses(c, "web").get("service:web1") == "warning")
         Flippable.status = 503
-        wait_for("HTTP check critical on 503", lambda: statuses(c, "web").get("service:web1") == "critical")
+        eventually("HTTP check critical on 503", lambda: statuses(c, "web").get("service:web1") == "critical")
         Flippable.status = 200
-        wait_for("HTTP check passing again", lambda: statuses(c, "web").get("service:web1") == "passing")
+        eventually("HTTP check passing again", lambda: statuses(c, "web").get("service:web1") == "passing")
 
         assert c.agent.check.ttl_pass("web1-ttl", notes="all good")
         assert statuses(c, "web")["web1-ttl"] == "passing"
@@ -110,7 +99,7 @@ def test_ttl_check_expires_to_critical_without_updates(c):
     try:
         assert c.agent.check.ttl_pass("service:ttl1")
         assert statuses(c, "ttlsvc")["service:ttl1"] == "passing"
-        wait_for("TTL expiry", lambda: statuses(c, "ttlsvc")["service:ttl1"] == "critical", timeout=5)
+        eventually("TTL expiry", lambda: statuses(c, "ttlsvc")["service:ttl1"] == "critical", timeout=5)
         _, checks = c.health.checks("ttlsvc")
         assert checks[0]["Output"] == "TTL expired"
     finally:

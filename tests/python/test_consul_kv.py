@@ -8,21 +8,10 @@ conftest.py. Every wait is a deadline-bounded poll.
 
 import struct
 import threading
-import time
 
 import pytest
 from consul import ConsulException, NotFound
-
-
-def poll(what, fn, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(0.1)
+from polling import eventually
 
 
 def test_kv_get_put_and_values(consul):
@@ -129,7 +118,7 @@ def test_lock_contended_by_two_sessions(consul):
     assert data.get("Session") is None
     assert data["Value"] == b"candidate-2"
     assert consul.kv.put("service/leader", "candidate-1", acquire=s1) is False, "inside the lock-delay"
-    poll(
+    eventually(
         "candidate-1 acquires once the lock-delay is over",
         lambda: consul.kv.put("service/leader", "candidate-1", acquire=s1),
     )

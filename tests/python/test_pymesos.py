@@ -8,11 +8,10 @@ fails the test.
 
 import logging
 import threading
-import time
 
-import pytest
 import requests
 from pymesos import MesosSchedulerDriver, Scheduler
+from polling import eventually
 
 JOBS = 3
 
@@ -91,17 +90,6 @@ class Batch(Scheduler):
         self.errors.append(message)
 
 
-def wait_for(what, pred, secs=30):
-    deadline = time.monotonic() + secs
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {secs}s waiting for: {what}")
-        time.sleep(0.1)
-
-
 def framework_entry(mesh_url, fid):
     r = requests.get(f"{mesh_url}/master/frameworks", timeout=5).json()
     for f in r["frameworks"]:
@@ -121,14 +109,14 @@ def test_pymesos_framework_runs_tasks_to_finished_and_tears_down(mesh_url):
     driver = MesosSchedulerDriver(sched, {"user": "", "name": "pymesos-batch", "hostname": "test"}, master)
     driver.start()
     try:
-        wait_for("SUBSCRIBED", lambda: sched.framework_id)
+        eventually("SUBSCRIBED", lambda: sched.framework_id)
         assert driver.version == "1.11.0", "pymesos read /version"
         assert sched.finished.wait(60), f"jobs did not all finish: {sched.states} errors={sched.errors}"
         assert sched.offers_seen >= 1
         # Every update carried a uuid and was acknowledged: mesh holds none back.
         assert all("uuid" in u for u in sched.updates), sched.updates
         fid = sched.framework_id
-        wait_for(
+        eventually(
             "every status update acknowledged",
             lambda: framework_entry(mesh_url, fid)[1]["unacknowledged_updates"] == 0,
         )
@@ -147,6 +135,6 @@ def test_pymesos_framework_runs_tasks_to_finished_and_tears_down(mesh_url):
         driver.join()
         logging.getLogger("pymesos").removeHandler(errors)
     # stop() without failover sends TEARDOWN: the framework is completed at once.
-    wait_for("framework torn down", lambda: framework_entry(mesh_url, sched.framework_id)[0] == "completed", 10)
+    eventually("framework torn down", lambda: framework_entry(mesh_url, sched.framework_id)[0] == "completed", 10)
     assert sched.errors == [], sched.errors
     assert errors.records == [], errors.records
