@@ -1732,6 +1732,19 @@ mod tests {
             params(&mut s, &[("init", "true")]);
             f.rt.launch(s).await.unwrap();
             f.ev.started(id).await;
+            // "started" is the container's start, not docker-init's: a SIGTERM that arrives before
+            // init has spawned its child (and set up forwarding) is ignored by PID 1. Wait for
+            // `sleep` to run, so the test measures forwarding, not that race.
+            let name = container_name(&id.as_str().into());
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let top = f.docker.top_processes(&name, None).await.ok().and_then(|t| t.processes).unwrap_or_default();
+                if top.iter().flatten().any(|col| col.contains("sleep 1000")) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "sleep never ran in {name}: {top:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         assert_eq!(f.rt.running().len(), 2);
         f.rt.kill_all(Duration::from_secs(5)).await;
