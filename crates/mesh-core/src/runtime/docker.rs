@@ -656,9 +656,11 @@ impl Inner {
                     state.exit_code.map(|c| c as i32).or_else(|| *w.die_code.lock().unwrap_or_else(|e| e.into_inner()));
                 let mut oom = state.oom_killed == Some(true) || w.oom.load(Ordering::SeqCst);
                 // The engine can report `die` (137) a moment before it learns of the OOM kill
-                // (the `oom` event, `State.OOMKilled`): give it a short, bounded while.
+                // (the `oom` event, `State.OOMKilled`): give it a short, bounded while (up to 2 s:
+                // 500 ms was seen to be too short on a loaded machine). Only a 137 that mesh did
+                // not cause waits.
                 if code == Some(137) && !oom && !w.killed.load(Ordering::SeqCst) {
-                    for _ in 0..5 {
+                    for _ in 0..20 {
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         let again = self.docker.inspect_container(&w.container, None::<InspectContainerOptions>).await;
                         oom = w.oom.load(Ordering::SeqCst)
