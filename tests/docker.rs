@@ -298,3 +298,64 @@ async fn docker_apps_wait_with_a_reason_on_a_node_without_docker() {
     assert_eq!(s, 422, "{v}");
     assert_eq!(v["details"][0]["path"], "/container/docker/privileged");
 }
+
+/// Issue 10, item 10: two nodes with the same name on one engine (the default name is the host
+/// name) must neither adopt nor kill each other's containers, and the second one warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_one_name_leave_each_others_containers_alone() {
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let name = node_name(&tmp.path().join("shared-name"));
+    let _cleanup = Cleanup(name.clone());
+    let tag = uuid::Uuid::new_v4().to_string();
+    let a = MeshNode::start_named(&tmp.path().join("a"), port_range(), &name, &["--runtime", "docker"]);
+    let (s, v) = a.send("POST", "/v2/apps", Some(&host_app("/twin", &tag))).await;
+    assert_eq!(s, 201, "{v}");
+    let before = running(&a, "/twin", 1).await;
+    let containers = tagged_containers(&tag);
+    assert_eq!(containers.len(), 1);
+
+    let mut b = MeshNode::start_named(&tmp.path().join("b"), port_range(), &name, &["--runtime", "docker"]);
+    eventually(30, "the second node warns about the name clash", || async {
+        b.log().contains("is already used by another mesh node").then_some(())
+    })
+    .await;
+    let log = b.log();
+    let starting = log.lines().find(|l| l.contains("agent starting")).expect("agent log line");
+    assert!(starting.contains("recovered=0"), "b adopted a's container: {starting}");
+    let (s, v) = b.get("/v2/apps").await;
+    assert_eq!((s, v["apps"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
+    // A clean SIGTERM kills every task b runs: none of them is a's.
+    b.stop_with("TERM");
+    assert_eq!(tagged_containers(&tag), containers, "a's container survives b's start, reconcile and stop");
+    let after = running(&a, "/twin", 1).await;
+    assert_eq!(after[0]["id"], before[0]["id"], "a's task was never replaced");
+    let (s, _) = a.send("DELETE", "/v2/apps/twin", None).await;
+    assert_eq!(s, 200);
+    eventually(30, "a's container is gone after DELETE", || async { tagged_containers(&tag).is_empty().then_some(()) })
+        .await;
+}
+
+/// Removes every container of a node name when dropped, even after a failed assertion.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = docker(&["ps", "-aq", "--filter", &format!("label=mesh.node={}", self.0)]);
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+fn host_app(id: &str, tag: &str) -> String {
+    json!({
+        "id": id, "cmd": "exec sleep 1000", "instances": 1, "cpus": 0.1, "mem": 32,
+        "env": {"MESH_TEST_TAG": tag},
+        "container": {"type": "DOCKER", "docker": {"image": IMAGE, "network": "HOST"}},
+    })
+    .to_string()
+}

@@ -133,6 +133,25 @@ async fn bind_dns(addr: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net
     Err(NodeError::Bind { addr, source: std::io::Error::other("no port free for both UDP and TCP") })
 }
 
+/// The node id of a data dir (`<data dir>/node-id`): a UUID generated on first use and kept, so
+/// that two nodes with the same name (on one Docker engine) never take each other's containers.
+pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
+    let path = data_dir.join("node-id");
+    let err = |source| NodeError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let tmp = data_dir.join("node-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    info!(node_id = %id, "generated the node id of this data dir");
+    Ok(id)
+}
+
 /// Run a `mesh dev` node until `shutdown` resolves. `ready` is called with the bound addresses
 /// once every API answers.
 pub async fn run_dev(
@@ -169,14 +188,15 @@ pub async fn run_dev(
     // when asked for (docker).
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     let process = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx.clone())?;
-    info!(isolation = process.isolation(), "process runtime");
+    info!(isolation = process.isolation(), tracking = process.tracking(), "process runtime");
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
         RuntimeKind::Docker => true,
         RuntimeKind::Auto => DockerRuntime::available().await,
     };
     let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
-        match DockerRuntime::connect(events_tx.clone(), &cfg.node).await {
+        let node_id = node_id(&cfg.data_dir)?;
+        match DockerRuntime::connect(events_tx.clone(), &cfg.node, &node_id).await {
             Ok(rt) => Some(Arc::new(rt)),
             Err(e) if cfg.runtime == RuntimeKind::Docker => return Err(NodeError::Runtime(e)),
             Err(e) => {
