@@ -127,7 +127,8 @@ async fn processes_that_leave_the_group_die_on_delete_and_on_sigterm() {
     let mut node = MeshNode::start(&["--runtime", "process"]);
     let (tag1, tag2) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
     for (id, tag) in [("/esc/one", &tag1), ("/esc/two", &tag2)] {
-        let app = json!({"id": id, "cmd": escape, "instances": 1, "cpus": 0.1, "mem": 32, "env": {"MESH_TEST_TAG": tag}});
+        let app =
+            json!({"id": id, "cmd": escape, "instances": 1, "cpus": 0.1, "mem": 32, "env": {"MESH_TEST_TAG": tag}});
         let (s, v) = node.send("POST", "/v2/apps", Some(&app.to_string())).await;
         assert_eq!(s, 201, "{v}");
     }

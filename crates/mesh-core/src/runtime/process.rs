@@ -4,8 +4,10 @@
 //!
 //! Every task gets a sandbox `work_dir/<task_id>/` that is its working directory and holds
 //! `stdout`, `stderr` and `task.json` (pid, pgid, process start time, labels, ports, grace,
-//! cgroup). `MESOS_SANDBOX` points at the sandbox. The environment is cleared except `PATH`,
-//! `HOME` and `LANG` of the agent, then the spec's env is added. A `Command::Shell` runs as
+//! cgroups). `MESOS_SANDBOX` points at the sandbox. The environment is cleared except `PATH`,
+//! `HOME` and `LANG` of the agent, then the spec's env is added, then `MESOS_SANDBOX` and
+//! [`MARKER_ENV`] (`MESH_TASK_MARKER=<hash of work_dir>/<task id>`, see below), which the spec
+//! cannot override. A `Command::Shell` runs as
 //! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). Each task
 //! leads its own process group, so a kill reaches its children and grandchildren too.
 //!
@@ -36,11 +38,49 @@
 //! hybrid layout: a tmpfs with cgroup v1 hierarchies for `memory`, `cpu`, ... and a cgroup v2
 //! mount at `/sys/fs/cgroup/unified` that only carries `hugetlb`. So the mode there is `"rlimit"`.
 //!
+//! # Tracking: finding every process of a task
+//!
+//! A process can leave its task's process group (`setsid`, a double fork) and ignore SIGTERM;
+//! it must still die with the task. [`ProcessRuntime::tracking`] says how processes are found:
+//!
+//! - `"cgroup-v2"` (with the `"cgroup-v2"` isolation): the task's cgroup; killed by writing
+//!   `cgroup.kill` (SIGKILL to every pid listed on kernels without it), until it is empty.
+//! - `"cgroup-v1-freezer"` otherwise, when a cgroup v1 hierarchy with the `freezer` controller is
+//!   mounted (found in `/proc/self/mountinfo`) and a runtime cgroup
+//!   `<freezer mount>/<own freezer cgroup>/mesh-<hash of work_dir>` can be created (root on the
+//!   machine this was written on). Each task gets `mesh-<hash>/<task_id>`, joined before `exec`
+//!   like the v2 cgroup. It is killed the way Mesos's Linux launcher destroys a container:
+//!   write `FROZEN` to `freezer.state` (so nothing forks meanwhile), SIGKILL every pid in
+//!   `cgroup.procs`, write `THAWED` (the kills are delivered), repeat until empty.
+//! - `"environ"` otherwise (or when asked for with [`TaskTracking::Environ`]): only the scan below.
+//!
+//! In every mode, `/proc/*/environ` is also scanned for the task's [`MARKER_ENV`] (the scan
+//! also finds processes that left a cgroup); each one found is killed through a pidfd opened
+//! before its marker is read again, so a pid reused in between is never hit; scans repeat until
+//! one finds nothing. A process that both leaves the cgroup (needs the privileges to write
+//! `cgroup.procs`) and drops its environment (`env -i`, `execve` with a new one) escapes; in
+//! `"environ"` mode dropping the environment suffices, and a process forking faster than the
+//! bounded kill rounds can outrun them.
+//!
+//! Everything of a task is killed when its leader ends, and by [`Runtime::recover`] for tasks it
+//! does not adopt. The scans and cgroup writes block, so they run on tokio's blocking pool.
+//!
+//! # Crash safety: the record comes first
+//!
+//! `start` writes `task.json` with `launching: true` and no pid (the intent) *before* the
+//! spawn, and completes it (pid, pgid, start time, `launching: false`) right after, so no task
+//! process can exist without a record that a restart finds. A restart that finds an intent
+//! (the agent died between the spawn and the completion) does not adopt the task (its leader
+//! is not known for sure) but kills everything it started, found by cgroup and marker.
+//! Recovery then sweeps: every process carrying this runtime's marker, and every task cgroup
+//! below the runtime's cgroups, that belongs to no adopted (or launching) task is killed, and
+//! the empty cgroups are removed.
+//!
 //! # Ending, killing, re-adoption
 //!
 //! A watcher task per task sends [`RuntimeEvent::Started`] and waits for the process; when the
-//! group leader ends, whatever is left of its process group (and cgroup) is SIGKILLed, as Mesos
-//! destroys a container, `task.json` is renamed to `task.done.json` (so a reused pid is never
+//! group leader ends, whatever is left of the task (process group, cgroups, marked processes) is
+//! SIGKILLed, as Mesos destroys a container, `task.json` is renamed to `task.done.json` (so a reused pid is never
 //! adopted) and [`RuntimeEvent::Exited`] is sent.
 //!
 //! [`Runtime::kill`] sends SIGTERM to the group and SIGKILL after the grace period; killing an
@@ -53,7 +93,9 @@
 //! (field 22 of `/proc/<pid>/stat`) matches. An adopted task is watched with a pidfd (polling
 //! `/proc` where `pidfd_open` is unavailable); its exit status is not ours to collect, so it ends
 //! with [`Exit::Unknown`]. Recovery sends no `Started` event: the returned list says what runs.
-//! `task.json` files of dead tasks are renamed to `task.done.json`; sandboxes are kept.
+//! `task.json` files of dead tasks are renamed to `task.done.json` (after what is left of them
+//! has been killed: processes that left the group of a leader that died meanwhile); sandboxes
+//! are kept.
 //!
 //! Launching a task id that this runtime already watches fails with [`RuntimeError::Launch`]
 //! without a `Failed` event (the running task is fine); every other launch failure both returns
