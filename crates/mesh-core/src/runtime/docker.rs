@@ -1734,6 +1734,17 @@ mod tests {
             .output()
             .unwrap();
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        // A container created but never started (the agent died between create and start): its
+        // labels are its record, so recover finds it and removes it too.
+        let created = format!("mesh-{}", unique("created"));
+        let st = std::process::Command::new("docker")
+            .args(["create", "--name", &created, "--label", &format!("{LABEL_TASK}=created"), "--label"])
+            .arg(format!("{LABEL_NODE}={node}"))
+            .args(["--label", &format!("{LABEL_NODE_ID}=id-recover")])
+            .args([IMAGE, "sleep", "1000"])
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
 
         let (tx_b, rx_b) = mpsc::channel(64);
         let mut ev_b = Events::new(rx_b);
@@ -1745,6 +1756,7 @@ mod tests {
         assert_eq!(found[0].ports, vec![port]);
         assert_eq!(b.running(), vec![TaskId::from(id.as_str())]);
         assert!(inspect(&docker, &dead).await.is_none(), "the ended container was removed");
+        assert!(inspect(&docker, &created).await.is_none(), "the never started container was removed");
         assert!(b.recover().await.unwrap().is_empty(), "no double adoption");
 
         b.kill(&id.as_str().into(), Duration::from_secs(10)).await.unwrap();
