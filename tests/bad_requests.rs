@@ -134,7 +134,7 @@ async fn bad_requests_get_marathon_errors_and_change_nothing() {
     let many_map = |n: usize| {
         Value::Object((0..n).map(|i| (format!("K{i}"), Value::from("v"))).collect::<serde_json::Map<_, _>>())
     };
-    let invalid_cases: Vec<(&str, &str, Value, &'static str)> = vec![
+    let mut invalid_cases: Vec<(&str, &str, Value, &'static str)> = vec![
         ("POST", "/v2/apps", app_with(json!({"backoffSeconds": 1e300})), "/backoffSeconds"),
         ("POST", "/v2/apps", app_with(json!({"backoffFactor": 1e300})), "/backoffFactor"),
         ("POST", "/v2/apps", app_with(json!({"maxLaunchDelaySeconds": 1e300})), "/maxLaunchDelaySeconds"),
@@ -231,6 +231,7 @@ async fn bad_requests_get_marathon_errors_and_change_nothing() {
         ),
         ("POST", "/v2/groups", json!({"id": format!("/{}", "g".repeat(1 << 20))}), "/id"),
     ];
+    invalid_cases.push(("PUT", "/v2/groups", json!({"scaleBy": 1e300}), "/scaleBy"));
     let invalid_bodies: Vec<String> = invalid_cases.iter().map(|c| c.2.to_string()).collect();
     for ((method, path, _, at), body) in invalid_cases.into_iter().zip(&invalid_bodies) {
         cases.push((method, path, Some(body.as_str()), 422, Box::new(invalid_at(at))));

@@ -258,16 +258,19 @@ async fn change_group(
         if !state.group_exists(&group) {
             return Err(ApiError::MarathonNotFound(format!("Group '{group}' does not exist")));
         }
-        let apps: Vec<App> = state
-            .apps
-            .values()
-            .filter(|r| r.app.id.in_group(&group) || group == "/")
-            .map(|r| {
-                let mut a = r.app.clone();
-                a.instances = (a.instances as f64 * f).ceil() as u32;
-                a
-            })
-            .collect();
+        let mut apps = Vec::new();
+        for r in state.apps.values().filter(|r| r.app.id.in_group(&group) || group == "/") {
+            let n = (r.app.instances as f64 * f).ceil();
+            if n > limits::MAX_INSTANCES {
+                return Err(ApiError::MarathonInvalid(Invalid::at(
+                    "/scaleBy",
+                    format!("would scale {} to {n} instances; at most {} are allowed", r.app.id, limits::MAX_INSTANCES),
+                )));
+            }
+            let mut a = r.app.clone();
+            a.instances = n as u32;
+            apps.push(a);
+        }
         let cmd = Command::PutGroup {
             group,
             apps,
