@@ -67,6 +67,10 @@ pub mod limits {
     /// Most JSON values (numbers, strings, list items, ...) in one app definition: parts kept as
     /// given (`container`, check definitions) cannot grow past this either.
     pub const MAX_JSON_VALUES: usize = 20_000;
+    /// The most memory a request body may take once parsed, estimated as it is parsed (see
+    /// [`super::parse_json`]): a few bytes of JSON can take hundreds in memory (`{}` is an
+    /// object), so the body size alone does not bound it.
+    pub const MAX_PARSED_BYTES: usize = 32 * 1024 * 1024;
 }
 
 fn valid_label(l: &str) -> bool {
@@ -999,6 +1003,12 @@ pub enum JsonError {
     /// Not JSON at all.
     #[error("{0}")]
     Syntax(String),
+    /// The parsed body would take more than [`limits::MAX_PARSED_BYTES`]; parsing stopped there.
+    #[error(
+        "the request body holds too many JSON values to take in: parsed it would need more than {} MiB",
+        limits::MAX_PARSED_BYTES / (1024 * 1024)
+    )]
+    TooComplex,
     /// An object gives a key twice: which value was meant is unclear, so neither is taken.
     #[error("duplicate key '{key}': each field may be given once")]
     DuplicateKey {
@@ -1011,28 +1021,53 @@ pub enum JsonError {
 }
 
 /// Parse a request body as JSON like `serde_json::from_slice::<Value>`, except that an object
-/// with a duplicate key is an error (serde_json keeps the last value silently).
+/// with a duplicate key is an error (serde_json keeps the last value silently), and that parsing
+/// stops once the result would take more than [`limits::MAX_PARSED_BYTES`] of memory.
 pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
     use serde::de::DeserializeSeed;
     let dup = std::cell::RefCell::new(None);
+    let budget = std::cell::Cell::new(Some(limits::MAX_PARSED_BYTES));
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = StrictValue { depth: 0, dup: &dup }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
-    match (parsed, dup.into_inner()) {
-        (_, Some((path, key))) => Err(JsonError::DuplicateKey { path, key }),
-        (Ok(v), None) => Ok(v),
-        (Err(e), None) => Err(JsonError::Syntax(e.to_string())),
+    let parsed =
+        StrictValue { depth: 0, dup: &dup, budget: &budget }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match (parsed, dup.into_inner(), budget.get()) {
+        (_, Some((path, key)), _) => Err(JsonError::DuplicateKey { path, key }),
+        (_, None, None) => Err(JsonError::TooComplex),
+        (Ok(v), None, _) => Ok(v),
+        (Err(e), None, _) => Err(JsonError::Syntax(e.to_string())),
     }
 }
 
-/// A JSON value visitor that records the first duplicate key (path, key) and fails.
+/// Estimated heap cost of parsed JSON, in bytes: a value slot (in its array or map), an object
+/// (a B-tree node), and the bytes of a string or key plus its header.
+const VALUE_COST: usize = 48;
+const OBJECT_COST: usize = 640;
+const STRING_COST: usize = 24;
+
+/// A JSON value visitor that records the first duplicate key (path, key) and fails, and charges
+/// every value to the budget (`None` once it ran out).
 struct StrictValue<'a> {
     depth: usize,
     dup: &'a std::cell::RefCell<Option<(String, String)>>,
+    budget: &'a std::cell::Cell<Option<usize>>,
 }
 
 impl StrictValue<'_> {
     fn child(&self) -> Self {
-        StrictValue { depth: self.depth + 1, dup: self.dup }
+        StrictValue { depth: self.depth + 1, dup: self.dup, budget: self.budget }
+    }
+
+    fn charge<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
+        match self.budget.get().and_then(|b| b.checked_sub(bytes)) {
+            Some(left) => {
+                self.budget.set(Some(left));
+                Ok(())
+            }
+            None => {
+                self.budget.set(None);
+                Err(E::custom("too complex"))
+            }
+        }
     }
 
     /// On the way out of a failed child: put its segment in front of the recorded path.
@@ -1055,28 +1090,36 @@ impl<'de> serde::de::Visitor<'de> for StrictValue<'_> {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
         Ok(Value::Bool(v))
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
         Ok(Value::from(v))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
         Ok(Value::from(v))
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
         Ok(Value::from(v))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.charge(VALUE_COST + STRING_COST + v.len())?;
         Ok(Value::String(v.to_owned()))
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.charge(VALUE_COST + STRING_COST + v.len())?;
         Ok(Value::String(v))
     }
-    fn visit_unit<E>(self) -> Result<Value, E> {
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
         Ok(Value::Null)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.charge::<A::Error>(VALUE_COST)?;
         let mut out = Vec::new();
         loop {
             match seq.next_element_seed(self.child()) {
@@ -1092,8 +1135,10 @@ impl<'de> serde::de::Visitor<'de> for StrictValue<'_> {
         }
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.charge::<A::Error>(VALUE_COST + OBJECT_COST)?;
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            self.charge::<A::Error>(STRING_COST + key.len())?;
             let v = match map.next_value_seed(self.child()) {
                 Ok(v) => v,
                 Err(e) => {
@@ -1333,6 +1378,11 @@ mod tests {
         assert_eq!(dup(r#"[{"id": "a"}, {"id": "b", "id": "c"}]"#), "/1/id");
         assert_eq!(dup(r#"{"apps": [{"x": 1}, {"y": 1, "y": 2}]}"#), "/apps(1)/y");
         assert!(matches!(parse_json(b"{not json"), Err(JsonError::Syntax(_))));
+        // 1.3 MB of small objects would take ~70 MB parsed: refused part way.
+        let many = format!("[{}{{}}]", "{},".repeat(200_000));
+        assert_eq!(parse_json(many.as_bytes()), Err(JsonError::TooComplex));
+        let fine = format!("[{}0]", "0,".repeat(200_000));
+        assert!(parse_json(fine.as_bytes()).is_ok());
         assert!(matches!(parse_json(b"{} x"), Err(JsonError::Syntax(_))));
     }
 

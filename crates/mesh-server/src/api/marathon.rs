@@ -62,13 +62,15 @@ pub(super) async fn json_bodies_only(req: axum::extract::Request, next: axum::mi
 }
 
 /// Parse a request body as a JSON value, with Marathon's 400 on failure, and a 422 for a
-/// duplicate key (which of the values was meant is unclear).
+/// duplicate key (which of the values was meant is unclear) or for a body whose parsed form
+/// would take more than `limits::MAX_PARSED_BYTES`.
 pub(super) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     mesh_core::app::parse_json(body).map_err(|e| {
         let message = e.to_string();
         match e {
             JsonError::Syntax(error) => ApiError::MarathonBadJson { path: "/".into(), error },
             JsonError::DuplicateKey { path, .. } => ApiError::MarathonInvalid(Invalid::at(&path, message)),
+            JsonError::TooComplex => ApiError::MarathonInvalid(Invalid::at("/", message)),
         }
     })
 }
