@@ -39,7 +39,8 @@ async fn bad_requests_get_marathon_errors_and_change_nothing() {
             v["message"] == "Object is not valid" && v["details"].as_array().unwrap().iter().any(|d| d["path"] == path)
         }
     };
-    let mut cases: Vec<(&str, &str, Option<&str>, u16, Box<dyn Fn(&Value) -> bool>)> = vec![
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, Box<dyn Fn(&Value) -> bool>);
+    let mut cases: Vec<Case> = vec![
         ("POST", "/v2/apps", Some("{not json"), 400, Box::new(|v: &Value| v["message"] == "Invalid JSON")),
         ("POST", "/v2/apps", Some(r#"[1,2]"#), 400, Box::new(|v: &Value| v["message"] == "Invalid JSON")),
         ("POST", "/v2/apps", Some(r#"{"id": "/a", "cmd": "x", "args": ["y"]}"#), 422, Box::new(invalid_at("/"))),

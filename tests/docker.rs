@@ -148,7 +148,7 @@ async fn quickstart_in_docker_bridge_with_limits_and_grace() {
     let term = kills.iter().position(|l| *l == "kill 15");
     let kill = kills.iter().position(|l| *l == "kill 9");
     assert!(term.is_some() && kill.is_some() && term < kill, "SIGTERM then SIGKILL: {events}");
-    assert!(kills.iter().any(|l| *l == "die 137"), "ended by SIGKILL after the grace period: {events}");
+    assert!(kills.contains(&"die 137"), "ended by SIGKILL after the grace period: {events}");
     assert!(tagged_containers(&tag).is_empty());
 }
 
