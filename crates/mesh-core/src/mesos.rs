@@ -1521,5 +1521,11 @@ mod tests {
         {
             assert!(validate_role(bad).is_err(), "{bad}");
         }
+        let sub = |roles: &[&str]| {
+            let info = FrameworkInfo { roles: roles.iter().map(|r| r.to_string()).collect(), ..Default::default() };
+            Call::subscribe(info)
+        };
+        assert!(sub(&["eng/web"]).validate().is_ok());
+        assert!(sub(&["eng", "../.."]).validate().is_err());
     }
 }
