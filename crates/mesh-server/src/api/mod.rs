@@ -208,7 +208,7 @@ impl ApiError {
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
             ApiError::MarathonTooLarge(m) => closing(json_resp(StatusCode::PAYLOAD_TOO_LARGE, json!({"message": m}))),
             ApiError::MarathonUnsupportedMediaType => {
-                json_resp(StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"message": "Unsupported Media Type"}))
+                closing(json_resp(StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"message": "Unsupported Media Type"})))
             }
             ApiError::ConsulTooLarge(m) => closing(text(StatusCode::PAYLOAD_TOO_LARGE, m)),
             ApiError::MesosTooLarge(m) => closing(text(StatusCode::PAYLOAD_TOO_LARGE, m)),
