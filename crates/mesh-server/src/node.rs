@@ -65,8 +65,8 @@ pub struct NodeConfig {
     pub attributes: BTreeMap<String, String>,
     /// On SIGTERM/SIGINT, leave tasks running for the next start to re-adopt.
     pub keep_tasks_on_exit: bool,
-    /// Allow apps to run privileged containers.
-    pub allow_privileged: bool,
+    /// What containers may reach of the host: privileged mode, host paths, added capabilities.
+    pub host_access: mesh_core::runtime::HostAccess,
     /// Register every container on the local Docker engine (Registrator) when one answers.
     pub registrator: bool,
     /// Versions kept per app.
@@ -75,7 +75,7 @@ pub struct NodeConfig {
     pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
     pub dns_options: DnsConfig,
-    /// Mesos v1 API and allocation settings (`allow_privileged` and `hostname` are filled in
+    /// Mesos v1 API and allocation settings (`host_access` and `hostname` are filled in
     /// from this config).
     pub mesos: crate::control::MesosConfig,
 }
@@ -177,7 +177,7 @@ pub async fn run_dev(
             tick: Duration::from_millis(200),
             seed: now_millis(),
             mesos: crate::control::MesosConfig {
-                allow_privileged: cfg.allow_privileged,
+                host_access: cfg.host_access.clone(),
                 hostname: cfg.node.clone(),
                 ..cfg.mesos.clone()
             },
@@ -270,7 +270,7 @@ pub async fn run_dev(
         http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
         domain: cfg.domain.clone(),
         started_at: now_millis(),
-        allow_privileged: cfg.allow_privileged,
+        host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
     };
     let router = api::router(Api { control: control.clone(), info });
