@@ -207,6 +207,7 @@ pub async fn run_dev(
         },
         attributes: cfg.attributes.clone(),
         runtimes,
+        enable_script_checks: cfg.enable_script_checks,
     };
     let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
