@@ -93,7 +93,7 @@ struct Indexed {
     index: DnsIndex,
 }
 
-/// One of the [`MAX_FORWARDS`] slots for a query being forwarded; freed when dropped.
+/// One of the `MAX_FORWARDS` slots for a query being forwarded; freed when dropped.
 pub struct ForwardSlot(Arc<AtomicUsize>);
 
 impl Drop for ForwardSlot {
