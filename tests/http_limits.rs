@@ -252,3 +252,74 @@ async fn an_event_stream_client_that_never_reads_is_dropped_with_event_stream_de
     assert_eq!(detached["eventType"], "event_stream_detached");
     drop(stuck);
 }
+
+/// Out of file descriptors, the node backs off instead of spinning, keeps its listener, and
+/// answers again once connections close. It starts by raising its fd soft limit to the hard one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_fds_the_listener_backs_off_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let name = node_name(&data);
+    // Soft limit 64, hard 160: the node must raise it to 160, then run out with ~150 connections
+    // (the connection limit is set above what the fds allow).
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -Sn 64 && ulimit -Hn 160 && exec "$@""#)
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_mesh"))
+        .args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", &name, "--runtime", "process"])
+        .args(["--no-registrator", "--http-max-conns", "10000", "--http-max-conns-per-client", "0", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let child = Kill(child);
+    let pid = child.0.id();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let http: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .and_then(|a| a.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"));
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+    assert_eq!(files.split_whitespace().nth(3), Some("160"), "soft limit raised to the hard one: {files}");
+
+    // 200 idle connections: more than the node has fds for.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(connect_from(ip(1), http).await);
+    }
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    eventually(10, "the node to run out of fds", || async { (fds() >= 155).then_some(()) }).await;
+    // It backs off rather than spinning on EMFILE: little CPU while out of fds.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> =
+            stat.rsplit(')').next().unwrap().split_whitespace().skip(11).take(2).map(|v| v.parse().unwrap()).collect();
+        f[0] + f[1]
+    };
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ticks = cpu() - before;
+    assert!(ticks < 50, "{ticks} CPU ticks (of 200) in 2 s while out of fds");
+    // Once connections close, the same listener answers again.
+    drop(held);
+    eventually(20, "the node to answer again", || async {
+        let mut s = connect_from(ip(2), http).await;
+        matches!(get(&mut s, "/v2/apps").await, Some((200, _))).then_some(())
+    })
+    .await;
+    drop(child);
+}
