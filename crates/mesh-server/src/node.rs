@@ -304,8 +304,10 @@ pub async fn run_dev(
     shutdown.await;
     info!("shutting down");
     let _ = stop_http_tx.send(true);
+    // One deadline for all listeners: they share the connections they wait for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for s in servers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+        let _ = tokio::time::timeout_at(deadline, s).await;
     }
     trimmer.abort();
     control.drain().await;
