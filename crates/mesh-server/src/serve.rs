@@ -451,7 +451,9 @@ async fn connection(
             Ok::<_, std::convert::Infallible>(resp.map(|b| Body::new(TrackedBody { inner: b, _done: done })))
         }
     });
-    let conn = http1::Builder::new().keep_alive(true).serve_connection(io, svc);
+    // The header timeout is ours (the watchdog): hyper's would also count the idle time between
+    // requests, so idle and header timeouts could not differ.
+    let conn = http1::Builder::new().keep_alive(true).header_read_timeout(None).serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     let mut stopping = false;
     loop {
