@@ -130,6 +130,10 @@ pub struct CheckDefinition {
     /// Script check: the command and its arguments.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Docker check (Consul's `DockerContainerID`): `args` run inside this container
+    /// (`docker exec`), not on the host.
+    #[serde(default)]
+    pub docker_container_id: String,
     /// TTL check: time without an update after which it turns critical.
     #[serde(default)]
     pub ttl_ms: u64,
@@ -157,6 +161,8 @@ impl CheckDefinition {
             "http"
         } else if !self.tcp.is_empty() {
             "tcp"
+        } else if !self.args.is_empty() && !self.docker_container_id.is_empty() {
+            "docker"
         } else if !self.args.is_empty() {
             "script"
         } else if self.ttl_ms > 0 {
@@ -166,9 +172,9 @@ impl CheckDefinition {
         }
     }
 
-    /// Whether an agent runs it periodically (HTTP, TCP, script).
+    /// Whether an agent runs it periodically (HTTP, TCP, script, docker).
     pub fn is_active(&self) -> bool {
-        matches!(self.kind(), "http" | "tcp" | "script")
+        matches!(self.kind(), "http" | "tcp" | "script" | "docker")
     }
 }
 

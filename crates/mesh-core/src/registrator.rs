@@ -210,8 +210,13 @@ pub fn services_for(container: &ContainerView, opts: &RegistratorOptions) -> Vec
         meta.remove("id");
         meta.remove("tags");
         meta.remove("name");
+        // Which container a command or script check runs in is never taken from the attributes.
+        meta.remove(CHECK_CONTAINER);
         if let Ok(Some(check)) = CheckSpec::from_meta(&meta) {
             check.write_meta(&mut meta);
+            if matches!(check.kind, CheckKind::Cmd(_) | CheckKind::Script(_)) {
+                meta.insert(CHECK_CONTAINER.to_owned(), container.id.clone());
+            }
         }
         out.push(ServiceInstance {
             id,
@@ -331,8 +336,11 @@ pub const CHECK_HTTP_METHOD: &str = "check_http_method";
 pub const CHECK_HTTPS_METHOD: &str = "check_https_method";
 /// Well-known meta key: command run inside the container.
 pub const CHECK_CMD: &str = "check_cmd";
-/// Well-known meta key: script run on the host.
+/// Well-known meta key: script run inside the container (`docker exec`).
 pub const CHECK_SCRIPT: &str = "check_script";
+/// Meta key set by the registrator (never from attributes): the id of the container a command or
+/// script check runs in.
+pub const CHECK_CONTAINER: &str = "check_container";
 /// Well-known meta key: TTL of a TTL check (`30s`).
 pub const CHECK_TTL: &str = "check_ttl";
 /// Well-known meta key: TCP check (any non-empty value).
@@ -367,7 +375,8 @@ pub enum CheckKind {
     },
     /// A command run inside the container (`SERVICE_CHECK_CMD`).
     Cmd(String),
-    /// A script run on the host (`SERVICE_CHECK_SCRIPT`; `$SERVICE_IP`, `$SERVICE_PORT` substituted).
+    /// A script run inside the container, never on the host (`SERVICE_CHECK_SCRIPT`; `$SERVICE_IP`,
+    /// `$SERVICE_PORT` substituted). Like `Cmd`, it runs only when script checks are enabled.
     Script(String),
     /// A TTL check: passing only while refreshed within this time.
     Ttl(Duration),
@@ -388,7 +397,7 @@ pub struct CheckSpec {
     pub kind: CheckKind,
     /// Time between probes (`None` for TTL checks).
     pub interval: Option<Duration>,
-    /// Probe timeout (HTTP, HTTPS and TCP only; `None` = the checker's default).
+    /// Probe timeout (HTTP, HTTPS, TCP, cmd and script; `None` = the checker's default).
     pub timeout: Option<Duration>,
     /// Status before the first result (`None` = the checker's default).
     pub initial_status: Option<Health>,
@@ -454,7 +463,9 @@ impl CheckSpec {
             _ => Some(duration_at(meta, CHECK_INTERVAL)?.unwrap_or(DEFAULT_CHECK_INTERVAL)),
         };
         let timeout = match kind {
-            CheckKind::Http { .. } | CheckKind::Tcp => duration_at(meta, CHECK_TIMEOUT)?,
+            CheckKind::Http { .. } | CheckKind::Tcp | CheckKind::Cmd(_) | CheckKind::Script(_) => {
+                duration_at(meta, CHECK_TIMEOUT)?
+            }
             _ => None,
         };
         let initial_status = get(meta, CHECK_INITIAL_STATUS)
@@ -523,8 +534,15 @@ impl CheckSpec {
 
 impl CheckSpec {
     /// The Consul check this declares for an instance reached at `ip:port`, as Registrator would
-    /// register it (`None` for kinds the agent cannot run here: in-container commands, gRPC).
-    pub fn to_definition(&self, ip: std::net::IpAddr, port: u16) -> Option<crate::catalog::CheckDefinition> {
+    /// register it. Commands and scripts become Consul docker checks (`/bin/sh -c` run by
+    /// `docker exec` in `container`); without a container they are `None`, as is gRPC, which the
+    /// agent cannot run.
+    pub fn to_definition(
+        &self,
+        ip: std::net::IpAddr,
+        port: u16,
+        container: Option<&str>,
+    ) -> Option<crate::catalog::CheckDefinition> {
         use crate::catalog::CheckDefinition;
         let host = match ip {
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -549,9 +567,14 @@ impl CheckSpec {
             CheckKind::Ttl(d) => def.ttl_ms = d.as_millis() as u64,
             CheckKind::Script(script) => {
                 let script = script.replace("$SERVICE_IP", &ip.to_string()).replace("$SERVICE_PORT", &port.to_string());
+                def.docker_container_id = container.filter(|c| !c.is_empty())?.to_owned();
                 def.args = vec!["/bin/sh".into(), "-c".into(), script];
             }
-            CheckKind::Cmd(_) | CheckKind::Grpc { .. } => return None,
+            CheckKind::Cmd(cmd) => {
+                def.docker_container_id = container.filter(|c| !c.is_empty())?.to_owned();
+                def.args = vec!["/bin/sh".into(), "-c".into(), cmd.clone()];
+            }
+            CheckKind::Grpc { .. } => return None,
         }
         Some(def)
     }
@@ -1011,6 +1034,33 @@ mod tests {
         );
         assert_eq!(kind(&[(CHECK_GRPC, "true"), (CHECK_GRPC_USE_TLS, "true")]), Some(CheckKind::Grpc { tls: true }));
         assert_eq!(kind(&[(CHECK_TCP, "")]), None, "empty values declare nothing");
+    }
+
+    #[test]
+    fn script_and_cmd_checks_run_in_their_own_container_never_on_the_host() {
+        let c = with_labels(
+            with_env(container("busybox", vec![pub_port(80, Protocol::Tcp, 32000)]), &[("SERVICE_CHECK_SCRIPT", "id")]),
+            // An attribute cannot point the check at another container.
+            &[("SERVICE_CHECK_CONTAINER", "someone-else")],
+        );
+        let inst = &services_for(&c, &opts())[0];
+        assert_eq!(inst.meta.get(CHECK_CONTAINER).map(String::as_str), Some("abc123"));
+        let spec = CheckSpec::from_meta(&inst.meta).unwrap().unwrap();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let def = spec.to_definition(ip, 32000, Some("abc123")).expect("a docker check");
+        assert_eq!(def.kind(), "docker");
+        assert_eq!(def.docker_container_id, "abc123");
+        assert_eq!(def.args, ["/bin/sh", "-c", "id"]);
+        assert_eq!(spec.to_definition(ip, 32000, None), None, "no container, no check: never on the host");
+        let cmd = CheckSpec { kind: CheckKind::Cmd("/bin/health".into()), ..spec };
+        assert_eq!(
+            cmd.to_definition(ip, 32000, Some("abc123")).map(|d| d.args),
+            Some(vec!["/bin/sh".to_owned(), "-c".to_owned(), "/bin/health".to_owned()])
+        );
+        // Other kinds carry no container.
+        let http =
+            with_env(container("busybox", vec![pub_port(80, Protocol::Tcp, 32000)]), &[("SERVICE_CHECK_HTTP", "/")]);
+        assert!(!services_for(&http, &opts())[0].meta.contains_key(CHECK_CONTAINER));
     }
 
     #[test]

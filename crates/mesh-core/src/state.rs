@@ -1206,7 +1206,8 @@ impl State {
     fn registrator_check(&self, inst: &ServiceInstance) -> Option<Check> {
         let spec = crate::registrator::CheckSpec::from_meta(&inst.meta).ok().flatten()?;
         let ip = inst.address.or_else(|| self.catalog.nodes.get(&inst.node).map(|n| n.address))?;
-        let def = spec.to_definition(ip, inst.port)?;
+        let container = inst.meta.get(crate::registrator::CHECK_CONTAINER).map(String::as_str);
+        let def = spec.to_definition(ip, inst.port, container)?;
         let id = format!("service:{}", inst.id);
         let mut c = Check::new(&inst.node, &id, &format!("Service '{}' check", inst.service), Health::Critical);
         c.status = spec.initial_status.unwrap_or(Health::Critical);

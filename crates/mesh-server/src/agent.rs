@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub attributes: BTreeMap<String, String>,
     /// Runtimes offered (`process`, `docker`).
     pub runtimes: Vec<String>,
+    /// Whether Consul script and docker checks may run (`--enable-script-checks`).
+    pub enable_script_checks: bool,
 }
 
 /// A running agent.
@@ -118,7 +120,11 @@ pub async fn start(
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
     let agent_id = cfg.id.clone();
     let mut health = HealthRunner::new(cfg.address, control.clone());
-    let mut consul_checks = crate::checks::CheckRunner::new(cfg.id.clone(), control.clone());
+    let mut consul_checks = crate::checks::CheckRunner::new(
+        cfg.id.clone(),
+        control.clone(),
+        crate::checks::Scripts::new(cfg.enable_script_checks),
+    );
     let join = tokio::spawn(async move {
         let mode = loop {
             tokio::select! {

@@ -6,6 +6,12 @@
 //! Result mapping follows Consul: HTTP 2xx passing, 429 warning, anything else critical; TCP
 //! connect passing or critical; script exit 0 passing, 1 warning, anything else critical. Output is
 //! capped at 4 KiB.
+//!
+//! Script checks run on the host; docker checks (Consul's `DockerContainerID`, which is what
+//! Registrator's `SERVICE_CHECK_SCRIPT` and `SERVICE_CHECK_CMD` become) run their arguments inside
+//! the container with `docker exec`. Both run only with `--enable-script-checks`, the flag the
+//! Consul API obeys: otherwise such a check never runs and reports critical with
+//! [`SCRIPTS_DISABLED`].
 
 use crate::control::{ControlHandle, ControlMsg};
 use mesh_core::catalog::{Check, CheckCounter, CheckDefinition, Health, MAX_CHECK_OUTPUT, truncate_output};
@@ -15,6 +21,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::AbortHandle;
+
+/// The output of a script or docker check that is not run because script checks are disabled.
+pub const SCRIPTS_DISABLED: &str =
+    "Scripts are disabled on this agent; to enable, start mesh with --enable-script-checks";
 
 /// Default per-run timeout (Consul's).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,7 +36,25 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub struct CheckRunner {
     agent: AgentId,
     control: ControlHandle,
+    scripts: Scripts,
     running: HashMap<String, Running>,
+}
+
+/// Whether and where script and docker checks may run.
+#[derive(Clone, Default)]
+pub struct Scripts {
+    /// `--enable-script-checks`.
+    pub enabled: bool,
+    /// The engine docker checks are run on (`None`: none answers).
+    pub docker: Option<bollard::Docker>,
+}
+
+impl Scripts {
+    /// Scripts allowed or not; docker checks go to the local engine.
+    pub fn new(enabled: bool) -> Self {
+        let docker = if enabled { bollard::Docker::connect_with_local_defaults().ok() } else { None };
+        Self { enabled, docker }
+    }
 }
 
 struct Running {
@@ -38,8 +66,8 @@ struct Running {
 
 impl CheckRunner {
     /// A runner for `agent`'s node.
-    pub fn new(agent: AgentId, control: ControlHandle) -> Self {
-        Self { agent, control, running: HashMap::new() }
+    pub fn new(agent: AgentId, control: ControlHandle, scripts: Scripts) -> Self {
+        Self { agent, control, scripts, running: HashMap::new() }
     }
 
     /// Run exactly `checks` from now on: start new or changed ones, stop the others.
@@ -59,7 +87,8 @@ impl CheckRunner {
             }
             let (recorded, rx) = tokio::sync::watch::channel(check.status);
             let definition = check.definition.clone();
-            let task = tokio::spawn(run(self.agent.clone(), check, rx, self.control.clone())).abort_handle();
+            let task = tokio::spawn(run(self.agent.clone(), check, rx, self.control.clone(), self.scripts.clone()))
+                .abort_handle();
             self.running.insert(id, Running { definition, recorded, task });
         }
     }
@@ -73,7 +102,13 @@ impl Drop for CheckRunner {
     }
 }
 
-async fn run(agent: AgentId, check: Check, mut recorded: tokio::sync::watch::Receiver<Health>, control: ControlHandle) {
+async fn run(
+    agent: AgentId,
+    check: Check,
+    mut recorded: tokio::sync::watch::Receiver<Health>,
+    control: ControlHandle,
+    scripts: Scripts,
+) {
     let def = check.definition;
     let interval = match def.interval_ms {
         0 => DEFAULT_INTERVAL,
@@ -91,7 +126,7 @@ async fn run(agent: AgentId, check: Check, mut recorded: tokio::sync::watch::Rec
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (raw, output) = match tokio::time::timeout(timeout, probe(&def)).await {
+        let (raw, output) = match tokio::time::timeout(timeout, probe(&def, &scripts)).await {
             Ok(r) => r,
             Err(_) => (Health::Critical, format!("Timeout exceeded ({} ms)", timeout.as_millis())),
         };
@@ -121,9 +156,22 @@ fn cap(mut s: String) -> String {
     s
 }
 
+/// Exit code to status, as Consul maps script checks.
+fn exit_status(code: Option<i64>) -> Health {
+    match code {
+        Some(0) => Health::Passing,
+        Some(1) => Health::Warning,
+        _ => Health::Critical,
+    }
+}
+
 /// Run a check once: its raw status and output.
-pub async fn probe(def: &CheckDefinition) -> (Health, String) {
-    match def.kind() {
+pub async fn probe(def: &CheckDefinition, scripts: &Scripts) -> (Health, String) {
+    let kind = def.kind();
+    if matches!(kind, "script" | "docker") && !scripts.enabled {
+        return (Health::Critical, SCRIPTS_DISABLED.to_owned());
+    }
+    match kind {
         "http" => http(def).await,
         "tcp" => match tokio::net::lookup_host(def.tcp.as_str()).await.map(|mut a| a.next()) {
             Ok(Some(addr)) => match tokio::net::TcpStream::connect(addr).await {
@@ -140,17 +188,54 @@ pub async fn probe(def: &CheckDefinition) -> (Health, String) {
                 Ok(out) => {
                     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
                     text.push_str(&String::from_utf8_lossy(&out.stderr));
-                    let status = match out.status.code() {
-                        Some(0) => Health::Passing,
-                        Some(1) => Health::Warning,
-                        _ => Health::Critical,
-                    };
-                    (status, text)
+                    (exit_status(out.status.code().map(i64::from)), text)
                 }
                 Err(e) => (Health::Critical, format!("failed to run {:?}: {e}", def.args[0])),
             }
         }
+        "docker" => match &scripts.docker {
+            Some(docker) => docker_exec(docker, &def.docker_container_id, &def.args).await,
+            None => (Health::Critical, "no Docker engine answers".to_owned()),
+        },
         other => (Health::Critical, format!("check type {other:?} is not run by the agent")),
+    }
+}
+
+/// Run `args` inside `container` (`docker exec`): status from the exit code, stdout and stderr as
+/// output. A run cut short by the check's timeout leaves the process to the container.
+async fn docker_exec(docker: &bollard::Docker, container: &str, args: &[String]) -> (Health, String) {
+    use bollard::exec::StartExecResults;
+    use futures_util::StreamExt;
+    let config = bollard::models::ExecConfig {
+        cmd: Some(args.to_vec()),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    let exec = match docker.create_exec(container, config).await {
+        Ok(e) => e,
+        Err(e) => return (Health::Critical, format!("docker exec in {container}: {e}")),
+    };
+    let mut text = String::new();
+    match docker.start_exec(&exec.id, None).await {
+        Ok(StartExecResults::Attached { mut output, .. }) => {
+            while let Some(chunk) = output.next().await {
+                match chunk {
+                    Ok(out) => {
+                        if text.len() <= MAX_CHECK_OUTPUT {
+                            text.push_str(&String::from_utf8_lossy(&out.into_bytes()));
+                        }
+                    }
+                    Err(e) => return (Health::Critical, format!("docker exec in {container}: {e}")),
+                }
+            }
+        }
+        Ok(StartExecResults::Detached) => {}
+        Err(e) => return (Health::Critical, format!("docker exec in {container}: {e}")),
+    }
+    match docker.inspect_exec(&exec.id).await {
+        Ok(i) => (exit_status(i.exit_code), text),
+        Err(e) => (Health::Critical, format!("docker exec in {container}: {e}")),
     }
 }
 

@@ -46,6 +46,9 @@ use tracing::{debug, warn};
 
 /// How long an idle TCP connection is kept open.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most DNS TCP connections served at once; more are closed on accept, so a flood of them cannot
+/// take the process's file descriptors (UDP is not affected).
+pub const MAX_TCP_CONNECTIONS: usize = 1024;
 /// How often an idle UDP thread looks at the stop flag.
 const UDP_POLL: Duration = Duration::from_millis(200);
 /// EDNS payload size we advertise to upstream servers.
@@ -90,7 +93,7 @@ struct Indexed {
     index: DnsIndex,
 }
 
-/// One of the [`MAX_FORWARDS`] slots for a query being forwarded; freed when dropped.
+/// One of the `MAX_FORWARDS` slots for a query being forwarded; freed when dropped.
 pub struct ForwardSlot(Arc<AtomicUsize>);
 
 impl Drop for ForwardSlot {
@@ -427,8 +430,10 @@ async fn tcp_connection(mut stream: TcpStream, dns: Arc<CatalogDns>) {
         framed.clear();
         framed.extend_from_slice(&n.to_be_bytes());
         framed.extend_from_slice(&out);
-        if stream.write_all(&framed).await.is_err() {
-            return;
+        // A client that does not read its answers does not keep the connection.
+        match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
     }
 }
@@ -438,11 +443,18 @@ async fn tcp_loop(listener: TcpListener, dns: Arc<CatalogDns>, mut stop: tokio::
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    while connections.try_join_next().is_some() {}
+                    if connections.len() >= MAX_TCP_CONNECTIONS {
+                        // Over the limit: closed at once, so the fds stay with the others.
+                        debug!(%peer, "DNS TCP connection over the limit closed");
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     connections.spawn(tcp_connection(stream, dns.clone()));
                 }
                 Err(error) => {
+                    // e.g. EMFILE: back off instead of spinning; the listener stays.
                     debug!(%error, "DNS TCP accept");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }

@@ -1,6 +1,6 @@
 //! The event bus behind `GET /v2/events` (Marathon's server-sent events).
 //!
-//! Events are derived from applied commands by a pure function ([`events_for`]) and published
+//! Events are derived from applied commands by a pure function ([`batch_events`]) and published
 //! on a bounded broadcast channel. Publishing never waits: a client that falls more than
 //! [`CLIENT_BUFFER`] events behind is dropped (its stream ends with an
 //! `event_stream_detached`-style close), so a slow consumer can never slow the control loop.

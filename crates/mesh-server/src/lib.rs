@@ -4,6 +4,7 @@
 //! - [`control`]: the single writer of cluster state (log, allocator, Marathon scheduler).
 //! - [`agent`]: runs tasks through a runtime and reports their status.
 //! - [`api`]: one HTTP router for Marathon `/v2` and Consul `/v1`; errors mapped in one place.
+//! - [`serve`]: the HTTP accept loop with connection limits and timeouts.
 //! - [`dns`]: the hickory-server handler over the published catalog.
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
 
@@ -17,4 +18,5 @@ pub mod framework;
 pub mod health;
 pub mod node;
 pub mod registrator;
+pub mod serve;
 pub mod watch;

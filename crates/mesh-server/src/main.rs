@@ -131,6 +131,28 @@ struct DevArgs {
     /// Unacknowledged status updates to Mesos-API frameworks are re-sent after this long.
     #[arg(long, default_value = "10s", value_parser = parse_span)]
     status_update_resend: std::time::Duration,
+    /// Most HTTP connections open at once over all listeners; more are answered 503 and closed
+    /// (default: three quarters of the open-files limit, which is raised to its hard limit).
+    #[arg(long)]
+    http_max_conns: Option<usize>,
+    /// Most HTTP connections open at once from one client IP, as Consul's
+    /// `http_max_conns_per_client`; more are answered 429 and closed (0 = no limit).
+    #[arg(long, default_value_t = 200)]
+    http_max_conns_per_client: usize,
+    /// Time a client has to send a complete request head, from connecting or from the first byte
+    /// of a later request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    http_header_timeout: Duration,
+    /// A keep-alive HTTP connection without a request for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+    /// Time a client has to send a complete request body.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    http_body_timeout: Duration,
+    /// A response the client does not read for this long closes the connection (this drops
+    /// `/v2/events` clients that stopped reading). Long-polls that wait are not affected.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    http_write_timeout: Duration,
     /// Smallest offer worth making, Mesos' form `cpus:0.1;mem:32` (cpus, mem, disk).
     #[arg(long, default_value = "cpus:0.001", value_parser = parse_min_allocatable)]
     min_allocatable_resources: mesh_core::model::Resources,
@@ -278,6 +300,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let Cmd::Dev(a) = cli.cmd;
+    let fd_limit = mesh_server::serve::raise_fd_limit().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+        1024
+    });
     let node = a.node.unwrap_or_else(host_name);
     if let Err(e) = mesh_core::app::AppId::parse(&node) {
         eprintln!("mesh: --node {node:?} is not a valid DNS label: {e}");
@@ -324,6 +350,14 @@ fn main() -> ExitCode {
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
         dns_options,
+        http_limits: mesh_server::serve::HttpLimits {
+            max_conns: a.http_max_conns.unwrap_or_else(|| mesh_server::serve::default_max_conns(fd_limit)),
+            max_conns_per_client: a.http_max_conns_per_client,
+            header_timeout: a.http_header_timeout,
+            idle_timeout: a.http_idle_timeout,
+            body_timeout: a.http_body_timeout,
+            write_timeout: a.http_write_timeout,
+        },
         mesos: mesh_server::control::MesosConfig {
             offer_timeout: Some(a.offer_timeout).filter(|d| !d.is_zero()),
             heartbeat: a.mesos_heartbeat.max(std::time::Duration::from_millis(100)),

@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
     pub dns_options: DnsConfig,
+    /// Connection limits and timeouts of the HTTP listeners.
+    pub http_limits: crate::serve::HttpLimits,
     /// Mesos v1 API and allocation settings (`host_access` and `hostname` are filled in
     /// from this config).
     pub mesos: crate::control::MesosConfig,
@@ -225,6 +227,7 @@ pub async fn run_dev(
         },
         attributes: cfg.attributes.clone(),
         runtimes,
+        enable_script_checks: cfg.enable_script_checks,
     };
     let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
@@ -275,20 +278,11 @@ pub async fn run_dev(
     };
     let router = api::router(Api { control: control.clone(), info });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
+    let http = crate::serve::Http::new(cfg.http_limits.clone());
+    let trimmer = http.spawn_trimmer();
     let mut servers = Vec::new();
     for l in listeners {
-        let mut rx = stop_http_rx.clone();
-        let app = router.clone();
-        servers.push(tokio::spawn(async move {
-            let res = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|v| *v).await;
-                })
-                .await;
-            if let Err(e) = res {
-                warn!(error = %e, "HTTP server ended");
-            }
-        }));
+        servers.push(tokio::spawn(crate::serve::serve(l, router.clone(), http.clone(), stop_http_rx.clone())));
     }
     // The control plane's own service, as Consul servers register `consul` (clients look for it).
     let own = mesh_core::catalog::ServiceInstance {
@@ -330,9 +324,12 @@ pub async fn run_dev(
     shutdown.await;
     info!("shutting down");
     let _ = stop_http_tx.send(true);
+    // One deadline for all listeners: they share the connections they wait for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for s in servers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+        let _ = tokio::time::timeout_at(deadline, s).await;
     }
+    trimmer.abort();
     control.drain().await;
     let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
     agent.stop(mode).await;

@@ -52,6 +52,7 @@ fn agent_cfg() -> AgentConfig {
         resources: Resources { ports: PortRanges::range(47200, 47209), ..Resources::scalars(1.0, 256.0, 0.0) },
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
+        enable_script_checks: false,
     }
 }
 

@@ -66,6 +66,7 @@ async fn an_sdk_framework_runs_in_process_against_the_control_loop() {
         resources: Resources { ports: PortRanges::range(47100, 47109), ..Resources::scalars(1.0, 256.0, 0.0) },
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
+        enable_script_checks: false,
     };
     let agent = agent::start(agent_cfg, runtime, rx, control.clone()).await.unwrap();
 

@@ -357,3 +357,67 @@ async fn service_check_attributes_become_checks_that_gate_dns() {
     assert_eq!((chk["Type"].as_str(), chk["Status"].as_str()), (Some("http"), Some("critical")), "{chk}");
     assert!(nxdomain(&node, &svc_bad).await, "a critical instance is not answered");
 }
+
+/// `SERVICE_CHECK_SCRIPT` obeys `--enable-script-checks` as the Consul API does. Without the flag
+/// the script never runs: the check is registered critical and says why, and the host file the
+/// script would write never appears. (The script only writes when its parent is this test's
+/// node, so other nodes on the same engine cannot make the test pass or fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_checks_do_not_run_without_enable_script_checks() {
+    require_docker!();
+    let (node, tmp) = start_node();
+    let containers = Containers::default();
+    let (name, svc) = (unique("reg-script-off"), unique("scriptoff"));
+    let marker = tmp.path().join("host-marker");
+    let script = format!(
+        "tr '\\0' ' ' < /proc/$PPID/cmdline | grep -q -- '{}' && id > {}; echo ran",
+        node.name,
+        marker.display()
+    );
+    let (e_name, l_script) = (format!("SERVICE_NAME={svc}"), format!("SERVICE_CHECK_SCRIPT={script}"));
+    containers.run(
+        &name,
+        &["-p", "8080", "-e", &e_name, "-l", &l_script, "-l", "SERVICE_CHECK_INTERVAL=1s", IMAGE, "sleep", "600"],
+    );
+    let started = Instant::now();
+    let check = within(started, Duration::from_secs(30), "the script check to report", || async {
+        let (_, v) = node.get(&format!("/v1/health/checks/{svc}")).await;
+        v.as_array()?.first().filter(|c| !c["Output"].as_str().unwrap_or_default().is_empty()).cloned()
+    })
+    .await;
+    assert_eq!(check["Status"], "critical", "{check}");
+    assert!(check["Output"].as_str().unwrap().contains("--enable-script-checks"), "{check}");
+    // Several intervals later the script has still not run on the host.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, v) = node.get(&format!("/v1/health/checks/{svc}")).await;
+    assert!(v[0]["Output"].as_str().unwrap().contains("--enable-script-checks"), "{v}");
+    assert!(!marker.exists(), "the script ran on the host: {:?}", std::fs::read_to_string(&marker));
+}
+
+/// With `--enable-script-checks`, a `SERVICE_CHECK_SCRIPT` runs inside its container
+/// (`docker exec`), as Registrator's convention has it: its `hostname` is the container's, a file
+/// it writes is in the container, and exit code 1 means warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_script_checks_run_inside_the_container() {
+    require_docker!();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node =
+        MeshNode::start_on(&tmp.path().join("data"), port_range(), &["--runtime", "process", "--enable-script-checks"]);
+    let containers = Containers::default();
+    let (name, svc) = (unique("reg-script-on"), unique("scripton"));
+    let inside = format!("/tmp/{}", unique("inside"));
+    let script = format!("touch {inside}; hostname; exit 1");
+    let (e_name, l_script) = (format!("SERVICE_NAME={svc}"), format!("SERVICE_CHECK_SCRIPT={script}"));
+    let id = containers.run(
+        &name,
+        &["-p", "8080", "-e", &e_name, "-l", &l_script, "-l", "SERVICE_CHECK_INTERVAL=1s", IMAGE, "sleep", "600"],
+    );
+    let check = within(Instant::now(), Duration::from_secs(30), "the script check to report", || async {
+        let (_, v) = node.get(&format!("/v1/health/checks/{svc}")).await;
+        v.as_array()?.first().filter(|c| !c["Output"].as_str().unwrap_or_default().is_empty()).cloned()
+    })
+    .await;
+    assert_eq!(check["Output"].as_str().unwrap().trim(), &id[..12], "the script's hostname: {check}");
+    assert_eq!(check["Status"], "warning", "exit 1 is warning: {check}");
+    docker(&["exec", &name, "test", "-f", &inside]);
+}

@@ -426,7 +426,7 @@ fn check_json(c: &Check, tags: &[String]) -> Value {
         "ExposedPort": 0,
         "Definition": {
             "HTTP": d.http, "Method": d.method, "Header": d.header, "TLSSkipVerify": d.tls_skip_verify,
-            "TCP": d.tcp, "ScriptArgs": d.args, "TTL": ms_str(d.ttl_ms),
+            "TCP": d.tcp, "ScriptArgs": d.args, "DockerContainerID": d.docker_container_id, "TTL": ms_str(d.ttl_ms),
             "Interval": ms_str(d.interval_ms), "Timeout": ms_str(d.timeout_ms),
             "DeregisterCriticalServiceAfter": ms_str(d.deregister_critical_after_ms),
         },
@@ -503,6 +503,7 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
         tls_skip_verify: src.bool("TLSSkipVerify")?,
         tcp: src.str("TCP")?.unwrap_or_default().to_owned(),
         args: src.strings("Args")?,
+        docker_container_id: src.str("DockerContainerID")?.unwrap_or_default().to_owned(),
         ttl_ms: src.duration_ms("TTL")?,
         interval_ms: src.duration_ms("Interval")?,
         timeout_ms: src.duration_ms("Timeout")?,

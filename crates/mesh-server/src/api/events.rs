@@ -1,5 +1,7 @@
 //! `GET /v2/events`: Marathon's server-sent event stream, with the `event_type` filter.
-//! Each client reads from its own bounded buffer; one that falls behind is disconnected.
+//! Each client reads from its own bounded buffer; one that falls behind is disconnected. A client
+//! that stops reading altogether is closed by the connection's write timeout
+//! ([`crate::serve`]); either way its stream ends and `event_stream_detached` is published.
 
 use super::Api;
 use crate::events::Event;
@@ -39,7 +41,12 @@ fn frame(e: &Event) -> SseEvent {
     SseEvent::default().event(e.event_type.clone()).data(e.data.clone())
 }
 
-async fn events(State(api): State<Api>, headers: HeaderMap, Query(q): Query<Vec<(String, String)>>) -> Response {
+async fn events(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    extensions: axum::http::Extensions,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("*/*");
     if !accept.contains("text/event-stream") && !accept.contains("*/*") {
         return (StatusCode::METHOD_NOT_ALLOWED, axum::Json(json!({"message": "HTTP 405 Method Not Allowed"})))
@@ -47,7 +54,10 @@ async fn events(State(api): State<Api>, headers: HeaderMap, Query(q): Query<Vec<
     }
     let filter: HashSet<String> =
         q.iter().filter(|(k, _)| k == "event_type" || k == "event_type[]").map(|(_, v)| v.clone()).collect();
-    let remote = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    // Marathon's `remoteAddress`: the client's address (a proxy's `X-Forwarded-For` wins).
+    let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip().to_string());
+    let remote =
+        headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned).or(peer).unwrap_or_default();
     let attached = Event::new("event_stream_attached", json!({"remoteAddress": remote}), now_millis());
     let rx = api.control.published.events.subscribe();
     let detach = Detach { bus: api.control.published.events.clone(), remote: remote.clone() };
