@@ -1450,6 +1450,9 @@ struct ReservedBody {
 const LOG_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
 const META_TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
 
+/// Free space a failed log waits for before it reopens (or the reserve's size, if larger).
+pub const MIN_FREE_TO_RECOVER: u64 = 1024 * 1024;
+
 /// Default size of the reserve file (`--state-reserve-mb`).
 pub const DEFAULT_RESERVE_BYTES: u64 = 1024 * 1024;
 
@@ -1628,11 +1631,27 @@ impl Log for RedbLog {
     }
 
     fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
+        // Reopening works on a full disk too, and the next write would fail at once: wait until
+        // there is room (as much as the reserve holds, at least 1 MiB).
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let need = self.reserve.as_ref().map_or(0, |r| r.capacity).max(MIN_FREE_TO_RECOVER);
+        let vfs = rustix::fs::statvfs(dir).map_err(|e| store_err(format!("{}: {e}", dir.display())))?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        if free < need {
+            return Err(store_err(format!("{free} bytes free in {}, waiting for {need}", dir.display())));
+        }
         // redb refuses every write after an I/O error until the database is opened again; the
         // open checks the file and repairs it when needed.
         self.db = None;
         self.db = Some(open_db(&self.path)?);
         self.drain_reserve()?;
+        // A real commit, so a store that is still failing is not reported healthy.
+        let tx = self.db()?.begin_write().map_err(store_err)?;
+        {
+            let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
+            meta.insert("recovered_at_index", acknowledged.to_le_bytes().as_slice()).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)?;
         let durable = last_index(self.db()?)?;
         if durable != acknowledged {
             return Err(LogError::Diverged { durable, acknowledged });

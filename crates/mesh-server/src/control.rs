@@ -12,7 +12,7 @@ use mesh_core::catalog::CatalogState;
 use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
-use mesh_core::state::{Agent, ApplyError, Command, LogError, State, Store};
+use mesh_core::state::{Agent, ApplyError, Command, State, Store};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +28,10 @@ pub enum ControlError {
     /// The command was rejected by the state machine.
     #[error(transparent)]
     Rejected(#[from] ApplyError),
-    /// The log could not be written; nothing changed.
-    #[error(transparent)]
-    Log(#[from] LogError),
+    /// The log could not be written; nothing changed. Holds the store's message (which names
+    /// the state store once).
+    #[error("{0}")]
+    Log(String),
     /// The control task is gone (shutting down).
     #[error("the control loop is not running")]
     Stopped,
@@ -67,6 +68,8 @@ pub struct Published {
     pub watches: Arc<crate::watch::WatchHub>,
     /// Mesos-API frameworks' connections and outstanding offers (`/master/state`).
     pub mesos: Arc<ArcSwap<MesosView>>,
+    /// Why the state store cannot be written, while it cannot: health endpoints report it.
+    pub store_failure: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
 /// A handle to the control task.
@@ -93,6 +96,11 @@ impl ControlHandle {
     /// The current state snapshot.
     pub fn state(&self) -> Arc<State> {
         self.published.state.load_full()
+    }
+
+    /// Why the state store cannot be written, while it cannot (health endpoints say so).
+    pub fn store_failure(&self) -> Option<Arc<String>> {
+        self.published.store_failure.load_full()
     }
 
     /// Stop launching new tasks.
@@ -137,7 +145,18 @@ struct Control {
     /// The state index at which `State::due` last ran.
     due_checked: u64,
     mesos: frameworks::Frameworks,
+    /// While the store is failed: when to try recovering next, and the current backoff.
+    recovery: (Millis, u64),
+    /// Facts agents reported while the store could not record them (check results, service
+    /// sets, registrations), in order; proposed again once it recovers.
+    deferred: VecDeque<Command>,
 }
+
+/// At most this many deferred facts are kept (the oldest go first).
+const MAX_DEFERRED: usize = 10_000;
+
+/// First and longest wait between attempts to recover a failed state store.
+const RECOVERY_BACKOFF_MS: (u64, u64) = (100, 5_000);
 
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
@@ -152,6 +171,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         events: EventBus::new(),
         watches: Arc::new(crate::watch::WatchHub::default()),
         mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
+        store_failure: Arc::new(arc_swap::ArcSwapOption::empty()),
     };
     let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
@@ -172,6 +192,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         deadline: (u64::MAX, None),
         due_checked: u64::MAX,
         mesos,
+        recovery: (0, RECOVERY_BACKOFF_MS.0),
+        deferred: VecDeque::new(),
     };
     control.mesos_recover(now_millis());
     let join = tokio::spawn(control.run(rx));
@@ -201,8 +223,10 @@ impl Control {
                 }
             }
             let now = now_millis();
+            self.recover_store(now);
             self.handle_batch(batch, now);
             self.step(now);
+            self.publish_store_health();
             self.flush().await;
         }
         debug!("control loop stopped");
@@ -244,12 +268,72 @@ impl Control {
                     let _ = reply.send(res.map(|_| ()).map_err(ControlError::from));
                 }
             }
+            Err(e) if proposals.len() > 1 => {
+                // One refused command must not take the others with it: while the store is
+                // failed, commands that stop work still go through (to the reserve) one by one.
+                debug!(error = %e, "batch refused by the state store; proposing its commands one by one");
+                for (cmd, reply) in proposals.into_iter().zip(replies) {
+                    let before = self.store.state().clone();
+                    let res = self.store.propose(vec![cmd.clone()]);
+                    let res = match res {
+                        Ok(r) => {
+                            let r = r.into_iter().next().map(|r| r.map(|_| ())).unwrap_or(Ok(()));
+                            if r.is_ok() {
+                                self.emit(std::slice::from_ref(&cmd), &before, now);
+                            }
+                            r.map_err(ControlError::from)
+                        }
+                        Err(e) => Err(ControlError::Log(e.to_string())),
+                    };
+                    self.publish();
+                    let _ = reply.send(res);
+                }
+            }
             Err(e) => {
                 warn!(error = %e, "state log write failed; the batch was not applied");
                 for reply in replies {
-                    let _ = reply.send(Err(ControlError::Log(LogError::Store(e.to_string()))));
+                    let _ = reply.send(Err(ControlError::Log(e.to_string())));
                 }
             }
+        }
+    }
+
+    /// While the store is failed, try to recover it (reopen the log, move reserved commands
+    /// in) with backoff: 100 ms doubling to 5 s, back to 100 ms after 30 s of health.
+    fn recover_store(&mut self, now: Millis) {
+        if self.store.failure().is_none() {
+            // The backoff is kept until the store has stayed healthy a while, so a disk that
+            // keeps filling up is not reopened in a tight loop.
+            if self.recovery.1 != RECOVERY_BACKOFF_MS.0 && now >= self.recovery.0 + 30_000 {
+                self.recovery = (0, RECOVERY_BACKOFF_MS.0);
+            }
+            return;
+        }
+        if now < self.recovery.0 {
+            return;
+        }
+        match self.store.recover() {
+            Ok(()) => {
+                info!(deferred = self.deferred.len(), "state store writable again");
+                self.recovery.0 = now;
+                let deferred: Vec<Command> = self.deferred.drain(..).collect();
+                self.apply(deferred);
+            }
+            Err(e) => {
+                let wait = self.recovery.1;
+                debug!(error = %e, retry_ms = wait, "state store not recovered yet");
+                self.recovery = (now + wait, (wait * 2).min(RECOVERY_BACKOFF_MS.1));
+            }
+        }
+        self.publish_store_health();
+    }
+
+    /// Show the store's failure (or its end) to the health endpoints.
+    fn publish_store_health(&self) {
+        let now = self.store.failure();
+        let shown = self.published.store_failure.load();
+        if shown.as_deref().map(String::as_str) != now {
+            self.published.store_failure.store(now.map(|s| Arc::new(s.to_owned())));
         }
     }
 
@@ -269,6 +353,23 @@ impl Control {
             }
             Err(e) => {
                 warn!(error = %e, "state log write failed");
+                // What agents observed is not recomputed later: keep it for after recovery.
+                // Decisions of the control side (launches, kills, timers) are made again.
+                for cmd in cmds {
+                    if matches!(
+                        cmd,
+                        Command::RegisterAgent { .. }
+                            | Command::TaskStatus { .. }
+                            | Command::TaskHealth { .. }
+                            | Command::UpdateCheck { .. }
+                            | Command::SyncServices { .. }
+                    ) {
+                        if self.deferred.len() >= MAX_DEFERRED {
+                            self.deferred.pop_front();
+                        }
+                        self.deferred.push_back(cmd);
+                    }
+                }
                 vec![]
             }
         }

@@ -85,6 +85,10 @@ struct DevArgs {
     /// How many versions of each app are kept (older ones are dropped).
     #[arg(long, default_value_t = mesh_core::state::MAX_APP_VERSIONS)]
     max_app_versions: usize,
+    /// MiB preallocated next to the state log for commands that stop tasks (delete, kill, scale
+    /// down) while the log cannot be written, e.g. on a full disk. 0: none.
+    #[arg(long, default_value_t = 1)]
+    state_reserve_mb: u64,
     /// A second DNS domain answered like --domain (answers use the domain of the query).
     #[arg(long)]
     alt_domain: Option<String>,
@@ -294,6 +298,7 @@ fn main() -> ExitCode {
         registrator: !a.no_registrator,
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
+        state_reserve_mb: a.state_reserve_mb,
         dns_options,
         mesos: mesh_server::control::MesosConfig {
             offer_timeout: Some(a.offer_timeout).filter(|d| !d.is_zero()),

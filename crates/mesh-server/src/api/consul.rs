@@ -344,7 +344,7 @@ fn control_err(e: crate::control::ControlError) -> ApiError {
             e @ (ApplyError::UnknownNode(_) | ApplyError::UnknownService(_) | ApplyError::UnknownCheck(_)),
         ) => ApiError::ConsulNotFound(e.to_string()),
         ControlError::Rejected(e) => ApiError::ConsulBadRequest(e.to_string()),
-        e => ApiError::Unavailable(e.to_string()),
+        e => ApiError::ConsulStatus(503, e.to_string()),
     }
 }
 
@@ -1235,7 +1235,16 @@ async fn health_state(
 async fn leader(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    Ok(reply(&json!(api.info.http_addr), &q))
+    // While the state store cannot be written there is no leader to commit writes: Consul's
+    // answer then is an empty string.
+    if api.control.store_failure().is_some() {
+        let mut r = reply(&json!(""), &q);
+        r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+        return Ok(r);
+    }
+    let mut r = reply(&json!(api.info.http_addr), &q);
+    r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    Ok(r)
 }
 
 async fn peers(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
