@@ -1518,7 +1518,7 @@ impl RedbLog {
             n => Some(Reserve::open(&path.with_extension("reserve"), n)?),
         };
         let mut log = Self { path: path.to_path_buf(), db: Some(db), reserve, durable };
-        log.drain_reserve()?;
+        log.drain_reserve(None)?;
         Ok(log)
     }
 
@@ -1526,42 +1526,49 @@ impl RedbLog {
         self.db.as_ref().ok_or_else(|| store_err("not open after an earlier failure"))
     }
 
-    /// In one write: drop entries past `durable` (never acknowledged) and move the reserved
-    /// commands after it into the log; then empty the reserve.
-    fn drain_reserve(&mut self) -> Result<(), LogError> {
-        let reserved = match &self.reserve {
+    /// Move the reserved commands into the log, in one write that first drops every entry from
+    /// the first reserved index on: the reserve is only written after an append at that index
+    /// failed, so whatever the log holds there was never acknowledged (or, after a drain whose
+    /// reserve could not be emptied, is the same commands). Then empty the reserve.
+    ///
+    /// `expect`: after a failure in this process, the index the reserve must start at (the one
+    /// after the last acknowledged append); entries past it that the log holds are dropped even
+    /// when the reserve is empty. `None` at open, where that is not known.
+    fn drain_reserve(&mut self, expect: Option<u64>) -> Result<(), LogError> {
+        if let Some(r) = &mut self.reserve
+            && r.dirty
+        {
+            // Its commands were moved already; only emptying it failed.
+            return r.clear();
+        }
+        let run = match &self.reserve {
             Some(r) => r.read()?,
             None => Vec::new(),
         };
-        let tail: Vec<(u64, Command)> = reserved.into_iter().filter(|(i, _)| *i > self.durable).collect();
-        let on_disk = last_index(self.db()?)?;
-        if tail.is_empty() && on_disk == self.durable {
-            return Ok(());
-        }
-        if let Some((i, _)) = tail.first()
-            && *i != self.durable + 1
-        {
-            return Err(LogError::Diverged { durable: self.durable, acknowledged: i - 1 });
-        }
+        let from = match (run.first(), expect) {
+            (Some((f, _)), Some(e)) if *f != e => {
+                return Err(LogError::Diverged { durable: e - 1, acknowledged: run.last().map_or(*f, |l| l.0) });
+            }
+            (Some((f, _)), _) => *f,
+            (None, Some(e)) => e,
+            (None, None) => return Ok(()),
+        };
         let tx = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
-            t.retain_in(self.durable + 1.., |_, _| false).map_err(store_err)?;
-            for (i, cmd) in &tail {
+            t.retain_in(from.., |_, _| false).map_err(store_err)?;
+            for (i, cmd) in &run {
                 let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: CmdBody { cmd: cmd.clone() } })?;
                 t.insert(*i, bytes.as_slice()).map_err(store_err)?;
             }
         }
         tx.commit().map_err(store_err)?;
-        if let Some((i, _)) = tail.last() {
-            tracing::info!(commands = tail.len(), "reserved commands moved into the state log");
-            self.durable = *i;
-        }
-        if let Some(r) = &mut self.reserve
-            && let Err(e) = r.clear()
-        {
-            // Harmless: its entries are now at or below `durable` and skipped next time.
-            tracing::warn!(error = %e, "could not empty the state reserve");
+        self.durable = run.last().map_or(from - 1, |l| l.0);
+        if !run.is_empty() {
+            tracing::info!(commands = run.len(), "reserved commands moved into the state log");
+            if let Some(r) = &mut self.reserve {
+                r.clear()?;
+            }
         }
         Ok(())
     }
@@ -1644,7 +1651,8 @@ impl Log for RedbLog {
         // open checks the file and repairs it when needed.
         self.db = None;
         self.db = Some(open_db(&self.path)?);
-        self.drain_reserve()?;
+        let expect = self.durable + 1;
+        self.drain_reserve(Some(expect))?;
         // A real commit, so a store that is still failing is not reported healthy.
         let tx = self.db()?.begin_write().map_err(store_err)?;
         {
@@ -1668,6 +1676,9 @@ struct Reserve {
     file: std::fs::File,
     capacity: u64,
     used: u64,
+    /// Emptying it failed after its commands were moved into the log: refuse appends (they
+    /// would follow stale records) until [`Reserve::clear`] succeeds.
+    dirty: bool,
 }
 
 impl Reserve {
@@ -1692,7 +1703,7 @@ impl Reserve {
                 std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
             }
         }
-        let mut r = Self { file, capacity: len.max(capacity), used: 0 };
+        let mut r = Self { file, capacity: len.max(capacity), used: 0, dirty: false };
         r.used = r.scan()?.1;
         Ok(r)
     }
@@ -1740,6 +1751,9 @@ impl Reserve {
             bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
             bytes.extend_from_slice(&body);
         }
+        if self.dirty {
+            return Err(store_err("reserve not emptied yet"));
+        }
         if self.used + bytes.len() as u64 + 8 > self.capacity {
             return Err(store_err(format!("reserve full ({} bytes)", self.capacity)));
         }
@@ -1749,14 +1763,17 @@ impl Reserve {
         Ok(())
     }
 
+    /// Empty it by zeroing the first record's header: 8 bytes in one sector, so a crash leaves
+    /// either all records or none. Records after it are stale and end the next scan (their
+    /// indexes do not follow the new ones).
     fn clear(&mut self) -> Result<(), LogError> {
         use std::os::unix::fs::FileExt;
-        if self.used == 0 {
-            return Ok(());
-        }
-        self.file.write_all_at(&vec![0u8; self.used as usize], 0).map_err(store_err)?;
-        self.file.sync_data().map_err(store_err)?;
+        self.dirty = true;
+        let err = |e: std::io::Error| store_err(format!("reserve: {e}"));
+        self.file.write_all_at(&[0u8; 8], 0).map_err(err)?;
+        self.file.sync_data().map_err(err)?;
         self.used = 0;
+        self.dirty = false;
         Ok(())
     }
 }
@@ -2093,9 +2110,12 @@ mod tests {
 
     /// A log that fails on demand, with a reserve of `reserve_cap` commands; its contents are
     /// shared so a test can open a new store on what was durably written.
+    /// The durable log and the reserve of a [`FlakyLog`].
+    type Shared = std::sync::Arc<std::sync::Mutex<(MemLog, Vec<(u64, Command)>)>>;
+
     #[derive(Clone, Default)]
     struct FlakyLog {
-        inner: std::sync::Arc<std::sync::Mutex<(MemLog, Vec<(u64, Command)>)>>,
+        inner: Shared,
         failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
         reserve_cap: usize,
     }
@@ -2245,5 +2265,35 @@ mod tests {
         let reopened = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
         assert_eq!(reopened.state(), &state, "acknowledged commands survive, in order");
         assert!(!state.apps.contains_key(&AppId::parse("/a").unwrap()));
+    }
+
+    #[test]
+    fn reserved_commands_replace_unacknowledged_log_entries_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let reset = |a: &str| Command::ResetDelay { id: AppId::parse(a).unwrap() };
+        {
+            let mut log = RedbLog::open(&path).unwrap();
+            log.append(1, &[put(app("/a", 1), 1, "d1"), put(app("/b", 1), 2, "d2")]).unwrap();
+            // A commit that reported failure but landed (never acknowledged) ...
+            log.append(3, &[reset("/a"), reset("/a")]).unwrap();
+            // ... then the acknowledged commands at those indexes went to the reserve; a crash.
+            log.append_reserved(3, &[reset("/b")]).unwrap();
+        }
+        let mut log = RedbLog::open(&path).unwrap();
+        let (_, cmds) = log.load().unwrap();
+        assert_eq!(cmds.len(), 3, "the reserve replaces the unacknowledged tail: {cmds:?}");
+        assert_eq!(cmds[2], reset("/b"));
+        // The reserve is empty now: opening again changes nothing, and it is usable again.
+        log.append(4, &[reset("/a")]).unwrap();
+        log.append_reserved(5, &[reset("/b")]).unwrap();
+        drop(log);
+        let mut log = RedbLog::open(&path).unwrap();
+        assert_eq!(
+            log.load().unwrap().1,
+            vec![cmds[0].clone(), cmds[1].clone(), reset("/b"), reset("/a"), reset("/b")]
+        );
+        drop(log);
+        assert_eq!(RedbLog::open(&path).unwrap().load().unwrap().1.len(), 5);
     }
 }

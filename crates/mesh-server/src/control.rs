@@ -352,7 +352,8 @@ impl Control {
                 r.into_iter().map(|r| r.map(|_| ())).collect()
             }
             Err(e) => {
-                warn!(error = %e, "state log write failed");
+                // The store logged the failure when it began; this repeats every tick meanwhile.
+                debug!(error = %e, "state log write failed");
                 // What agents observed is not recomputed later: keep it for after recovery.
                 // Decisions of the control side (launches, kills, timers) are made again.
                 for cmd in cmds {
