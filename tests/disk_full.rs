@@ -196,3 +196,71 @@ async fn full_disk_fails_writes_clearly_stops_tasks_and_recovers_without_restart
     assert_eq!(s, 200);
     settled(&node, &tag_scale, 1).await;
 }
+
+/// The realistic case: an app fills the disk itself. It can still be deleted (its processes
+/// stop at once); the node reports the failure until space is freed (mesh keeps sandboxes), then
+/// recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_filling_the_disk_can_be_deleted_and_the_node_recovers_once_space_is_freed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _fs = Tmpfs::mount(&data, "16m");
+    let ports = port_range();
+    let extra = ["--runtime", "process"];
+    let tag = uuid::Uuid::new_v4().to_string();
+    let mut node = MeshNode::start_on(&data, ports, &extra);
+    let (s, _, b) = raw(&node, "PUT", "/v1/kv/before", "1").await;
+    assert_eq!((s, b.trim()), (200, "true"));
+    let hog = json!({"id": "/hog", "cmd": "exec sh -c 'while :; do cat /dev/zero >> fill; sleep 0.2; done'",
+                     "instances": 1, "cpus": 0.01, "mem": 8, "env": {"MESH_TEST_TAG": tag}});
+    let (s, v) = node.send("POST", "/v2/apps", Some(&hog.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+
+    // The disk fills up: writes are refused and health says so.
+    eventually(60, "a write refused by the full disk", || async {
+        let (s, _, b) = raw(&node, "PUT", "/v1/kv/probe", "x").await;
+        (s == 503).then(|| store_mentions_once(&b))
+    })
+    .await;
+    let (s, _, _) = raw(&node, "GET", "/ping", "").await;
+    assert_eq!(s, 503);
+
+    // The app can be deleted; every process of it goes.
+    let (s, v) = node.send("DELETE", "/v2/apps/hog", None).await;
+    assert_eq!(s, 200, "delete the app that fills the disk: {v}");
+    eventually(30, "the hog's processes are gone", || async {
+        ["sh", "cat", "sleep"].iter().all(|c| tagged_pids(&tag, c).is_empty()).then_some(())
+    })
+    .await;
+    let (s, _) = node.get("/v2/apps/hog").await;
+    assert_eq!(s, 404);
+    // Its sandbox is kept, so the disk stays full and the node keeps saying so.
+    let (s, _, _) = raw(&node, "GET", "/master/health", "").await;
+    assert_eq!(s, 503);
+
+    // The operator frees the space: the node recovers without a restart.
+    let sandboxes = data.join("sandboxes");
+    let mut freed = 0;
+    for e in std::fs::read_dir(&sandboxes).unwrap().flatten() {
+        if std::fs::remove_file(e.path().join("fill")).is_ok() {
+            freed += 1;
+        }
+    }
+    assert_eq!(freed, 1, "the hog's fill file in its sandbox");
+    eventually(30, "writes work again", || async {
+        let (s, _, _) = raw(&node, "PUT", "/v1/kv/after", "2").await;
+        (s == 200).then_some(())
+    })
+    .await;
+    let (s, _, _) = raw(&node, "GET", "/master/health", "").await;
+    assert_eq!(s, 200);
+
+    node.stop_with("TERM");
+    let node = MeshNode::start_on(&data, ports, &extra);
+    let (s, _) = node.get("/v2/apps/hog").await;
+    assert_eq!(s, 404, "the delete made on the full disk is durable");
+    for key in ["before", "after"] {
+        let (s, _, _) = raw(&node, "GET", &format!("/v1/kv/{key}"), "").await;
+        assert_eq!(s, 200, "{key}");
+    }
+}
