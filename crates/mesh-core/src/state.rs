@@ -1513,12 +1513,17 @@ impl RedbLog {
     pub fn open_with_reserve(path: &Path, reserve_bytes: u64) -> Result<Self, LogError> {
         let db = open_db(path)?;
         let durable = last_index(&db)?;
+        let reserve_path = path.with_extension("reserve");
+        // A reserve left by an earlier run is drained even when none is wanted any more.
         let reserve = match reserve_bytes {
-            0 => None,
-            n => Some(Reserve::open(&path.with_extension("reserve"), n)?),
+            0 if !reserve_path.exists() => None,
+            n => Some(Reserve::open(&reserve_path, n)?),
         };
         let mut log = Self { path: path.to_path_buf(), db: Some(db), reserve, durable };
         log.drain_reserve(None)?;
+        if reserve_bytes == 0 && log.reserve.take().is_some() {
+            std::fs::remove_file(&reserve_path).map_err(|e| store_err(format!("{}: {e}", reserve_path.display())))?;
+        }
         Ok(log)
     }
 
@@ -2295,5 +2300,13 @@ mod tests {
         );
         drop(log);
         assert_eq!(RedbLog::open(&path).unwrap().load().unwrap().1.len(), 5);
+        // Reserved commands are not lost when the next run wants no reserve.
+        let mut log = RedbLog::open(&path).unwrap();
+        log.append_reserved(6, &[reset("/a")]).unwrap();
+        drop(log);
+        let mut log = RedbLog::open_with_reserve(&path, 0).unwrap();
+        assert_eq!(log.load().unwrap().1.len(), 6);
+        assert!(!path.with_extension("reserve").exists());
+        assert!(log.append_reserved(7, &[reset("/a")]).is_err(), "no reserve");
     }
 }
