@@ -135,6 +135,10 @@ async fn full_disk_fails_writes_clearly_stops_tasks_and_recovers_without_restart
     let (s, h, b) = raw(&node, "GET", "/v1/status/leader", "").await;
     assert_eq!((s, b.trim()), (200, r#""""#), "no leader while the store fails");
     assert_eq!(h.get("X-Consul-KnownLeader").and_then(|v| v.to_str().ok()), Some("false"));
+    // Reads still answer, from the last state, without a known leader.
+    let (s, h, _) = raw(&node, "GET", "/v1/kv/before", "").await;
+    assert_eq!(s, 200);
+    assert_eq!(h.get("X-Consul-KnownLeader").and_then(|v| v.to_str().ok()), Some("false"));
 
     // Stopping tasks works: delete one app, scale the other down; the processes go.
     let (s, v) = node.send("DELETE", "/v2/apps/victim", None).await;

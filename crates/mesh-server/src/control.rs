@@ -257,7 +257,10 @@ impl Control {
             return;
         }
         let before = self.store.state().clone();
-        match self.store.propose(proposals.clone()) {
+        let outcome = self.store.propose(proposals.clone());
+        // Health shows a failure before any caller hears of it.
+        self.publish_store_health();
+        match outcome {
             Ok(results) => {
                 let applied: Vec<Command> =
                     proposals.into_iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();

@@ -1237,14 +1237,19 @@ async fn leader(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respo
     check_dc(&api, &q)?;
     // While the state store cannot be written there is no leader to commit writes: Consul's
     // answer then is an empty string.
-    if api.control.store_failure().is_some() {
-        let mut r = reply(&json!(""), &q);
-        r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
-        return Ok(r);
-    }
-    let mut r = reply(&json!(api.info.http_addr), &q);
+    let leader = if api.control.store_failure().is_some() { "" } else { api.info.http_addr.as_str() };
+    let mut r = reply(&json!(leader), &q);
     r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
     Ok(r)
+}
+
+/// Response layer: while the state store cannot be written, every `X-Consul-KnownLeader` says
+/// `false` (reads still answer, from the last state).
+pub async fn known_leader(State(api): State<Api>, mut r: Response) -> Response {
+    if api.control.store_failure().is_some() && r.headers().contains_key("X-Consul-KnownLeader") {
+        r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+    }
+    r
 }
 
 async fn peers(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {

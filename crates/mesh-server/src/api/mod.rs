@@ -240,6 +240,7 @@ pub fn router(api: Api) -> Router {
         .merge(groups::routes())
         .merge(mesos::routes())
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(api.clone(), consul::known_leader))
         .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
         .with_state(api)
 }
