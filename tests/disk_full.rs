@@ -268,3 +268,76 @@ async fn an_app_filling_the_disk_can_be_deleted_and_the_node_recovers_once_space
         assert_eq!(s, 200, "{key}");
     }
 }
+
+/// An HTTP server answering 200 or 500 as told, counting the 200s it gave.
+async fn toggled_server(
+    ok: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    oks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> u16 {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let (ok, oks) = (ok.clone(), oks.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let good = ok.load(Ordering::SeqCst);
+                let status = if good { "200 OK" } else { "500 Internal Server Error" };
+                let _ = c
+                    .write_all(
+                        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+                    )
+                    .await;
+                if good {
+                    oks.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    port
+}
+
+/// What the agent observes while the store cannot record it (here a Consul check turning
+/// passing) is recorded once the store recovers, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_results_reported_during_the_failure_are_recorded_after_recovery() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _fs = Tmpfs::mount(&data, "16m");
+    let node = MeshNode::start_on(&data, port_range(), &["--runtime", "process"]);
+    let ok = std::sync::Arc::new(AtomicBool::new(false));
+    let oks = std::sync::Arc::new(AtomicUsize::new(0));
+    let port = toggled_server(ok.clone(), oks.clone()).await;
+    let reg =
+        json!({"Name": "flip", "Port": port, "Check": {"HTTP": format!("http://127.0.0.1:{port}/"), "Interval": "1s"}});
+    let (s, _, b) = raw(&node, "PUT", "/v1/agent/service/register", &reg.to_string()).await;
+    assert_eq!(s, 200, "{b}");
+    let status = || async {
+        let (_, v) = node.get("/v1/health/checks/flip").await;
+        v[0]["Status"].as_str().unwrap_or("").to_owned()
+    };
+    eventually(30, "the check is critical", || async { (status().await == "critical").then_some(()) }).await;
+
+    let filler = data.join("filler");
+    fill(&filler);
+    let big = "x".repeat(32 * 1024);
+    eventually(30, "a write refused", || async {
+        let (s, _, _) = raw(&node, "PUT", "/v1/kv/k", &big).await;
+        (s == 503).then_some(())
+    })
+    .await;
+    // The service comes up; the agent's check sees it twice (so its first report went out).
+    ok.store(true, Ordering::SeqCst);
+    eventually(30, "two passing check runs", || async { (oks.load(Ordering::SeqCst) >= 2).then_some(()) }).await;
+    assert_eq!(status().await, "critical", "not recorded while the store fails");
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually(30, "the passing result recorded after the recovery", || async {
+        (status().await == "passing").then_some(())
+    })
+    .await;
+}
