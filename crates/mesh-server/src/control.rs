@@ -488,7 +488,9 @@ impl Control {
             message: update.message.clone(),
             at: update.at,
         }]);
-        if res.first().is_some_and(|r| r.is_ok()) && update.state.is_terminal() {
+        // No result: the store could not record it (the update is deferred); the task is gone
+        // all the same, so its resources are free.
+        if res.first().is_none_or(|r| r.is_ok()) && update.state.is_terminal() {
             self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
         }
         let view = self.store.state().clone();
