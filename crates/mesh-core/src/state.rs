@@ -7,8 +7,13 @@
 //! logged; a log that fails to write changes nothing either. On start, [`Store::open`] loads the
 //! last snapshot and replays the log after it.
 //!
-//! [`RedbLog`] is the embedded on-disk log. A Raft log can implement the same trait later; the
-//! scheduler, catalog and APIs only see [`Store`].
+//! When an append fails (a full disk, say), the store refuses ordinary commands until
+//! [`Store::recover`] succeeds, while commands that stop work ([`Command::stops_work`]) go to
+//! the log's reserve ([`Log::append_reserved`]), so a runaway app can still be stopped; either
+//! way a command is visible (and acknowledged) only once durable.
+//!
+//! [`RedbLog`] is the embedded on-disk log, with a preallocated reserve file beside it. A Raft
+//! log can implement the same trait later; the scheduler, catalog and APIs only see [`Store`].
 
 use crate::app::{App, AppId};
 use crate::catalog::{CatalogState, Check, Health, Node, SERF_HEALTH, ServiceInstance};

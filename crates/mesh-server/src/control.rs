@@ -3,6 +3,10 @@
 //! It owns the [`Store`] (state machine + log), the allocator and the Marathon scheduler, and
 //! is driven by messages (API commands, agent reports) and a periodic tick. After every batch it
 //! publishes immutable snapshots that every reader (HTTP, DNS) loads without locking.
+//!
+//! When the store cannot write its log, the loop publishes the failure (health endpoints report
+//! it), retries [`Store::recover`] with backoff, and keeps what agents report meanwhile to
+//! record it after the recovery.
 
 use crate::events::{Event, EventBus, batch_events};
 use arc_swap::ArcSwap;
