@@ -249,7 +249,7 @@ impl Control {
                     self.sent_checks.remove(&id);
                     self.agents.insert(id, tx);
                 }
-                ControlMsg::FromAgent(m) => self.from_agent(m, now),
+                ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
                 ControlMsg::Drain(reply) => {
                     self.draining = true;
                     let _ = reply.send(());
@@ -383,7 +383,7 @@ impl Control {
         }
     }
 
-    fn from_agent(&mut self, msg: ToControl, now: Millis) {
+    fn on_agent_msg(&mut self, msg: ToControl, now: Millis) {
         match msg {
             ToControl::Register { agent_id, hostname, address, resources, attributes, running, runtimes } => {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
