@@ -140,7 +140,15 @@ async fn full_disk_fails_writes_clearly_stops_tasks_and_recovers_without_restart
     assert_eq!(s, 200);
     assert_eq!(h.get("X-Consul-KnownLeader").and_then(|v| v.to_str().ok()), Some("false"));
 
-    // Stopping tasks works: delete one app, scale the other down; the processes go.
+    // Stopping tasks works: kill a task, delete one app, scale the other down; the processes go.
+    let (_, v) = node.get("/v2/apps/shrink/tasks").await;
+    let task = v["tasks"][0]["id"].as_str().expect("a task of /shrink").to_owned();
+    let (s, v) = node.send("DELETE", &format!("/v2/apps/shrink/tasks/{task}"), None).await;
+    assert_eq!(s, 200, "kill a task while the disk is full: {v}");
+    eventually(30, "the killed task's process is gone (no replacement can launch)", || async {
+        (tagged_pids(&tag_scale, "sleep").len() == 2).then_some(())
+    })
+    .await;
     let (s, v) = node.send("DELETE", "/v2/apps/victim", None).await;
     assert_eq!(s, 200, "delete while the disk is full: {v}");
     let (s, v) = node.send("PUT", "/v2/apps/shrink", Some(r#"{"instances": 1}"#)).await;
