@@ -144,7 +144,8 @@ pub async fn run_dev(
 ) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let log = RedbLog::open_with_reserve(&cfg.data_dir.join("state.redb"), cfg.state_reserve_mb * 1024 * 1024)?;
+    let log =
+        RedbLog::open_with_reserve(&cfg.data_dir.join("state.redb"), cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
     store.set_max_versions(cfg.max_app_versions);
     info!(
