@@ -1525,7 +1525,7 @@ impl RedbLog {
         // A reserve left by an earlier run is drained even when none is wanted any more.
         let reserve = match reserve_bytes {
             0 if !reserve_path.exists() => None,
-            n => Some(Reserve::open(&reserve_path, n)?),
+            n => Reserve::open(&reserve_path, n)?,
         };
         let mut log = Self { path: path.to_path_buf(), db: Some(db), reserve, durable };
         log.drain_reserve(None)?;
@@ -1695,30 +1695,49 @@ struct Reserve {
 }
 
 impl Reserve {
-    fn open(path: &Path, capacity: u64) -> Result<Self, LogError> {
-        use std::io::{Seek, SeekFrom, Write};
+    /// Open the reserve at `path`, growing it to `capacity`. When the disk has no room for that
+    /// (a start on a full disk), it keeps what it has, or `None` when that is nothing: the node
+    /// still starts, without a reserve.
+    fn open(path: &Path, capacity: u64) -> Result<Option<Self>, LogError> {
         let err = |e: std::io::Error| store_err(format!("reserve {}: {e}", path.display()));
         let mut file =
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
-        if len < capacity {
-            // Real zeros, not a sparse hole or an fallocate'd range: the blocks must exist now.
-            file.seek(SeekFrom::Start(len)).map_err(err)?;
-            let zeros = vec![0u8; 64 * 1024];
-            let mut left = capacity - len;
-            while left > 0 {
-                let n = left.min(zeros.len() as u64) as usize;
-                file.write_all(&zeros[..n]).map_err(err)?;
-                left -= n as u64;
+        let mut capacity = len.max(capacity);
+        if len < capacity
+            && let Err(e) = Self::preallocate(&mut file, path, len, capacity)
+        {
+            let _ = file.set_len(len);
+            tracing::warn!(error = %e, bytes = len, "no room to preallocate the state reserve; running with what it has");
+            if len == 0 {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Ok(None);
             }
-            file.sync_all().map_err(err)?;
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-            }
+            capacity = len;
         }
-        let mut r = Self { file, capacity: len.max(capacity), used: 0, dirty: false };
+        let mut r = Self { file, capacity, used: 0, dirty: false };
         r.used = r.scan()?.1;
-        Ok(r)
+        Ok(Some(r))
+    }
+
+    /// Write real zeros from `from` to `to` (not a sparse hole or an fallocate'd range: the
+    /// blocks must exist now) and make them durable.
+    fn preallocate(file: &mut std::fs::File, path: &Path, from: u64, to: u64) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        file.seek(SeekFrom::Start(from))?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = to - from;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// The valid records and the offset after the last one.
@@ -2264,6 +2283,10 @@ mod tests {
             }
         }
         let e = refused.expect("the full disk refuses a write");
+        // A reserve cannot be set up on the full disk: none, rather than a node that cannot start.
+        let other = mnt.join("other.reserve");
+        assert!(Reserve::open(&other, DEFAULT_RESERVE_BYTES).unwrap().is_none());
+        assert!(!other.exists());
         assert!(e.to_string().contains("No space left"), "{e}");
         assert_eq!(store.state().index, acked);
         // stopping work goes to the reserve
