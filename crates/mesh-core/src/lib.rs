@@ -4,7 +4,7 @@
 //! Module map (start with [`state`]):
 //! - [`model`]: ids, resources (scalars and port ranges), timestamps.
 //! - [`app`]: the Marathon app definition, its validation and service-name mapping.
-//! - [`state`]: [`state::Command`], the pure [`state::StateMachine`], the [`state::Log`] trait and the redb log.
+//! - [`state`]: [`state::Command`], the pure [`state::State`] machine, the [`state::Log`] trait and the redb log.
 //! - [`allocator`]: Mesos-style offers ordered by weighted DRF, filters, suppress/revive, quota.
 //! - [`mesos`]: the Mesos v1 scheduler API on the wire (calls, events, RecordIO).
 //! - [`frameworks`]: Mesos-API frameworks in the state, and their subscriptions' timers.

@@ -7,8 +7,13 @@
 //! logged; a log that fails to write changes nothing either. On start, [`Store::open`] loads the
 //! last snapshot and replays the log after it.
 //!
-//! [`RedbLog`] is the embedded on-disk log. A Raft log can implement the same trait later; the
-//! scheduler, catalog and APIs only see [`Store`].
+//! When an append fails (a full disk, say), the store refuses ordinary commands until
+//! [`Store::recover`] succeeds, while commands that stop work ([`Command::stops_work`]) go to
+//! the log's reserve ([`Log::append_reserved`]), so a runaway app can still be stopped; either
+//! way a command is visible (and acknowledged) only once durable.
+//!
+//! [`RedbLog`] is the embedded on-disk log, with a preallocated reserve file beside it. A Raft
+//! log can implement the same trait later; the scheduler, catalog and APIs only see [`Store`].
 
 use crate::app::{App, AppId};
 use crate::catalog::{CatalogState, Check, Health, Node, SERF_HEALTH, ServiceInstance};
@@ -211,6 +216,9 @@ pub struct State {
 
 /// A change of cluster state. Commands carry every input they need (time included), so
 /// applying the same log always gives the same state.
+// `PutApp` carries a whole `App` inline. Commands are short-lived (built, applied, logged);
+// boxing it would touch every constructor and match across the crates for little gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Create an app, or replace its definition (scale or config change).
@@ -449,6 +457,28 @@ pub enum Command {
         /// Its limits.
         quota: crate::frameworks::Quota,
     },
+}
+
+impl Command {
+    /// Whether the command only stops or winds down work, so it may go to the log's reserve
+    /// while the log cannot be written: deleting apps and groups, killing tasks, scaling an app
+    /// down without changing its definition, tearing down a framework, and the task states and
+    /// deployment steps that follow from those. Nothing that starts work or stores data.
+    pub fn stops_work(&self, state: &State) -> bool {
+        match self {
+            Command::DeleteApp { .. }
+            | Command::DeleteGroup { .. }
+            | Command::KillTasks { .. }
+            | Command::RemoveFramework { .. }
+            | Command::TaskStatus { .. }
+            | Command::AdvanceDeployment { .. }
+            | Command::EndDeployment { .. } => true,
+            Command::PutApp { app, create_only: false, .. } => {
+                state.apps.get(&app.id).is_some_and(|rec| app.instances < rec.app.instances && rec.app.same_config(app))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What a [`Command::UpdateCheck`] does to a TTL check's deadline.
@@ -1355,6 +1385,31 @@ pub enum LogError {
     /// The on-disk format is newer than this binary understands.
     #[error("state format version {0} is not supported by this binary")]
     Version(u32),
+    /// A write failed earlier and the store has not recovered yet: only commands that stop work
+    /// are accepted meanwhile (into the reserve). Holds the cause.
+    #[error("state store cannot be written ({0}); only commands that stop tasks are accepted until it recovers")]
+    Unwritable(String),
+    /// After a reopen, the durable log does not end where the acknowledged state does.
+    #[error("state store: the durable log ends at index {durable}, but {acknowledged} commands were acknowledged")]
+    Diverged {
+        /// Last index on disk.
+        durable: u64,
+        /// Last index acknowledged to callers.
+        acknowledged: u64,
+    },
+}
+
+impl LogError {
+    /// The error without the "state store" prefix, to be wrapped in another message.
+    pub fn cause(&self) -> String {
+        match self {
+            LogError::Store(s) | LogError::Unwritable(s) => s.clone(),
+            LogError::Diverged { durable, acknowledged } => {
+                format!("durable log ends at {durable}, {acknowledged} acknowledged")
+            }
+            e => e.to_string(),
+        }
+    }
 }
 
 /// The on-disk format version of log entries and snapshots.
@@ -1368,6 +1423,17 @@ pub trait Log: Send {
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError>;
     /// Store a snapshot of `state` and drop the log entries it covers.
     fn snapshot(&mut self, state: &State) -> Result<(), LogError>;
+    /// Append commands durably to the reserve: space set aside in advance, used for commands
+    /// that stop work while [`Log::append`] fails (e.g. the disk is full). Default: no reserve.
+    fn append_reserved(&mut self, _first: u64, _cmds: &[Command]) -> Result<(), LogError> {
+        Err(LogError::Store("no reserve".into()))
+    }
+    /// After a failed write: reopen the log, drop entries past the last acknowledged append (a
+    /// commit that reported failure may still have landed), move the reserved commands into the
+    /// log, and check that the durable log ends at `acknowledged`. Default: nothing to do.
+    fn recover(&mut self, _acknowledged: u64) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1387,35 +1453,147 @@ struct SnapBody {
     state: State,
 }
 
+#[derive(Serialize, Deserialize)]
+struct ReservedBody {
+    index: u64,
+    cmd: Command,
+}
+
 const LOG_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
 const META_TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
 
-/// The embedded log: a redb database with a `log` table (index → command) and a snapshot.
+/// Free space a failed log waits for before it reopens (or the reserve's size, if larger).
+pub const MIN_FREE_TO_RECOVER: u64 = 1024 * 1024;
+
+/// Default size of the reserve file (`--state-reserve-mb`).
+pub const DEFAULT_RESERVE_BYTES: u64 = 1024 * 1024;
+
+/// The embedded log: a redb database with a `log` table (index → command) and a snapshot, plus
+/// a preallocated reserve file next to it for commands that stop work while the database cannot
+/// be written.
 pub struct RedbLog {
-    db: redb::Database,
+    path: std::path::PathBuf,
+    /// `None` after a failed reopen (until the next [`Log::recover`]).
+    db: Option<redb::Database>,
+    reserve: Option<Reserve>,
+    /// Index of the last command durably in the database (log tail, or the snapshot).
+    durable: u64,
 }
 
 fn store_err(e: impl std::fmt::Display) -> LogError {
     LogError::Store(e.to_string())
 }
 
+fn open_db(path: &Path) -> Result<redb::Database, LogError> {
+    let db = redb::Database::create(path).map_err(store_err)?;
+    let tx = db.begin_write().map_err(store_err)?;
+    {
+        tx.open_table(LOG_TABLE).map_err(store_err)?;
+        tx.open_table(META_TABLE).map_err(store_err)?;
+    }
+    tx.commit().map_err(store_err)?;
+    Ok(db)
+}
+
+/// The index of the last command in `db`: the log's last key, or the snapshot's index.
+fn last_index(db: &redb::Database) -> Result<u64, LogError> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let tx = db.begin_read().map_err(store_err)?;
+    let log = tx.open_table(LOG_TABLE).map_err(store_err)?;
+    if let Some((k, _)) = log.last().map_err(store_err)? {
+        return Ok(k.value());
+    }
+    let meta = tx.open_table(META_TABLE).map_err(store_err)?;
+    if let Some(v) = meta.get("snapshot_index").map_err(store_err)? {
+        let b: [u8; 8] = v.value().try_into().map_err(|_| store_err("bad snapshot_index"))?;
+        return Ok(u64::from_le_bytes(b));
+    }
+    match meta.get("snapshot").map_err(store_err)? {
+        Some(v) => Ok(serde_json::from_slice::<Envelope<SnapBody>>(v.value())?.body.state.index),
+        None => Ok(0),
+    }
+}
+
 impl RedbLog {
-    /// Open or create the log at `path`.
+    /// Open or create the log at `path`, with a reserve of [`DEFAULT_RESERVE_BYTES`].
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let db = redb::Database::create(path).map_err(store_err)?;
-        let tx = db.begin_write().map_err(store_err)?;
+        Self::open_with_reserve(path, DEFAULT_RESERVE_BYTES)
+    }
+
+    /// Open or create the log at `path` with a reserve file of `reserve_bytes` next to it
+    /// (`<path>.reserve`; 0: none). Commands a previous run put in the reserve move into the log.
+    pub fn open_with_reserve(path: &Path, reserve_bytes: u64) -> Result<Self, LogError> {
+        let db = open_db(path)?;
+        let durable = last_index(&db)?;
+        let reserve_path = path.with_extension("reserve");
+        // A reserve left by an earlier run is drained even when none is wanted any more.
+        let reserve = match reserve_bytes {
+            0 if !reserve_path.exists() => None,
+            n => Reserve::open(&reserve_path, n)?,
+        };
+        let mut log = Self { path: path.to_path_buf(), db: Some(db), reserve, durable };
+        log.drain_reserve(None)?;
+        if reserve_bytes == 0 && log.reserve.take().is_some() {
+            std::fs::remove_file(&reserve_path).map_err(|e| store_err(format!("{}: {e}", reserve_path.display())))?;
+        }
+        Ok(log)
+    }
+
+    fn db(&self) -> Result<&redb::Database, LogError> {
+        self.db.as_ref().ok_or_else(|| store_err("not open after an earlier failure"))
+    }
+
+    /// Move the reserved commands into the log, in one write that first drops every entry from
+    /// the first reserved index on: the reserve is only written after an append at that index
+    /// failed, so whatever the log holds there was never acknowledged (or, after a drain whose
+    /// reserve could not be emptied, is the same commands). Then empty the reserve.
+    ///
+    /// `expect`: after a failure in this process, the index the reserve must start at (the one
+    /// after the last acknowledged append); entries past it that the log holds are dropped even
+    /// when the reserve is empty. `None` at open, where that is not known.
+    fn drain_reserve(&mut self, expect: Option<u64>) -> Result<(), LogError> {
+        if let Some(r) = &mut self.reserve
+            && r.dirty
         {
-            tx.open_table(LOG_TABLE).map_err(store_err)?;
-            tx.open_table(META_TABLE).map_err(store_err)?;
+            // Its commands were moved already; only emptying it failed.
+            return r.clear();
+        }
+        let run = match &self.reserve {
+            Some(r) => r.read()?,
+            None => Vec::new(),
+        };
+        let from = match (run.first(), expect) {
+            (Some((f, _)), Some(e)) if *f != e => {
+                return Err(LogError::Diverged { durable: e - 1, acknowledged: run.last().map_or(*f, |l| l.0) });
+            }
+            (Some((f, _)), _) => *f,
+            (None, Some(e)) => e,
+            (None, None) => return Ok(()),
+        };
+        let tx = self.db()?.begin_write().map_err(store_err)?;
+        {
+            let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
+            t.retain_in(from.., |_, _| false).map_err(store_err)?;
+            for (i, cmd) in &run {
+                let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: CmdBody { cmd: cmd.clone() } })?;
+                t.insert(*i, bytes.as_slice()).map_err(store_err)?;
+            }
         }
         tx.commit().map_err(store_err)?;
-        Ok(Self { db })
+        self.durable = run.last().map_or(from - 1, |l| l.0);
+        if !run.is_empty() {
+            tracing::info!(commands = run.len(), "reserved commands moved into the state log");
+            if let Some(r) = &mut self.reserve {
+                r.clear()?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl Log for RedbLog {
     fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
-        let tx = self.db.begin_write().map_err(store_err)?;
+        let tx = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
             for (i, cmd) in cmds.iter().enumerate() {
@@ -1423,12 +1601,14 @@ impl Log for RedbLog {
                 t.insert(first + i as u64, bytes.as_slice()).map_err(store_err)?;
             }
         }
-        tx.commit().map_err(store_err)
+        tx.commit().map_err(store_err)?;
+        self.durable = first + cmds.len() as u64 - 1;
+        Ok(())
     }
 
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
         use redb::ReadableDatabase;
-        let tx = self.db.begin_read().map_err(store_err)?;
+        let tx = self.db()?.begin_read().map_err(store_err)?;
         let meta = tx.open_table(META_TABLE).map_err(store_err)?;
         let snap = match meta.get("snapshot").map_err(store_err)? {
             Some(v) => {
@@ -1456,14 +1636,181 @@ impl Log for RedbLog {
 
     fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
         let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: SnapBody { state: state.clone() } })?;
-        let tx = self.db.begin_write().map_err(store_err)?;
+        let tx = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
             meta.insert("snapshot", bytes.as_slice()).map_err(store_err)?;
+            meta.insert("snapshot_index", state.index.to_le_bytes().as_slice()).map_err(store_err)?;
             let mut log = tx.open_table(LOG_TABLE).map_err(store_err)?;
             log.retain_in(..=state.index, |_, _| false).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)
+    }
+
+    fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        match &mut self.reserve {
+            Some(r) => r.append(first, cmds),
+            None => Err(store_err("no reserve (--state-reserve-mb 0)")),
+        }
+    }
+
+    fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
+        // Reopening works on a full disk too, and the next write would fail at once: wait until
+        // there is room (as much as the reserve holds, at least 1 MiB).
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let need = self.reserve.as_ref().map_or(0, |r| r.capacity).max(MIN_FREE_TO_RECOVER);
+        let vfs = rustix::fs::statvfs(dir).map_err(|e| store_err(format!("{}: {e}", dir.display())))?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        if free < need {
+            return Err(store_err(format!("{free} bytes free in {}, waiting for {need}", dir.display())));
+        }
+        // redb refuses every write after an I/O error until the database is opened again; the
+        // open checks the file and repairs it when needed.
+        self.db = None;
+        self.db = Some(open_db(&self.path)?);
+        let expect = self.durable + 1;
+        self.drain_reserve(Some(expect))?;
+        // A real commit, so a store that is still failing is not reported healthy.
+        let tx = self.db()?.begin_write().map_err(store_err)?;
+        {
+            let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
+            meta.insert("recovered_at_index", acknowledged.to_le_bytes().as_slice()).map_err(store_err)?;
+        }
+        tx.commit().map_err(store_err)?;
+        let durable = last_index(self.db()?)?;
+        if durable != acknowledged {
+            return Err(LogError::Diverged { durable, acknowledged });
+        }
+        Ok(())
+    }
+}
+
+/// A preallocated file of records `[len u32][crc32 u32][JSON {v, index, cmd}]`, zero-filled
+/// after the last one. Writing into space allocated in advance needs no new blocks, so it works
+/// on a full disk (on file systems that overwrite in place; on copy-on-write ones it may fail,
+/// and the command is then refused like any other).
+struct Reserve {
+    file: std::fs::File,
+    capacity: u64,
+    used: u64,
+    /// Emptying it failed after its commands were moved into the log: refuse appends (they
+    /// would follow stale records) until [`Reserve::clear`] succeeds.
+    dirty: bool,
+}
+
+impl Reserve {
+    /// Open the reserve at `path`, growing it to `capacity`. When the disk has no room for that
+    /// (a start on a full disk), it keeps what it has, or `None` when that is nothing: the node
+    /// still starts, without a reserve.
+    fn open(path: &Path, capacity: u64) -> Result<Option<Self>, LogError> {
+        let err = |e: std::io::Error| store_err(format!("reserve {}: {e}", path.display()));
+        let mut file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let mut capacity = len.max(capacity);
+        if len < capacity
+            && let Err(e) = Self::preallocate(&mut file, path, len, capacity)
+        {
+            let _ = file.set_len(len);
+            tracing::warn!(error = %e, bytes = len, "no room to preallocate the state reserve; running with what it has");
+            if len == 0 {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Ok(None);
+            }
+            capacity = len;
+        }
+        let mut r = Self { file, capacity, used: 0, dirty: false };
+        r.used = r.scan()?.1;
+        Ok(Some(r))
+    }
+
+    /// Write real zeros from `from` to `to` (not a sparse hole or an fallocate'd range: the
+    /// blocks must exist now) and make them durable.
+    fn preallocate(file: &mut std::fs::File, path: &Path, from: u64, to: u64) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        file.seek(SeekFrom::Start(from))?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = to - from;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The valid records and the offset after the last one.
+    fn scan(&self) -> Result<(Vec<(u64, Command)>, u64), LogError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.capacity as usize];
+        self.file.read_exact_at(&mut buf, 0).map_err(store_err)?;
+        let mut out: Vec<(u64, Command)> = Vec::new();
+        let mut at = 0usize;
+        while at + 8 <= buf.len() {
+            let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+            let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
+            let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
+            if len == 0 || crc32fast::hash(body) != crc {
+                break; // the end, or a record whose write did not finish (never acknowledged)
+            }
+            let Ok(env) = serde_json::from_slice::<Envelope<ReservedBody>>(body) else { break };
+            if env.v > FORMAT_VERSION {
+                return Err(LogError::Version(env.v));
+            }
+            if out.last().is_some_and(|(i, _)| *i + 1 != env.body.index) {
+                break;
+            }
+            out.push((env.body.index, env.body.cmd));
+            at += 8 + len;
+        }
+        Ok((out, at as u64))
+    }
+
+    fn read(&self) -> Result<Vec<(u64, Command)>, LogError> {
+        Ok(self.scan()?.0)
+    }
+
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = Vec::new();
+        for (i, cmd) in cmds.iter().enumerate() {
+            let body = serde_json::to_vec(&Envelope {
+                v: FORMAT_VERSION,
+                body: ReservedBody { index: first + i as u64, cmd: cmd.clone() },
+            })?;
+            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            bytes.extend_from_slice(&body);
+        }
+        if self.dirty {
+            return Err(store_err("reserve not emptied yet"));
+        }
+        if self.used + bytes.len() as u64 + 8 > self.capacity {
+            return Err(store_err(format!("reserve full ({} bytes)", self.capacity)));
+        }
+        self.file.write_all_at(&bytes, self.used).map_err(|e| store_err(format!("reserve: {e}")))?;
+        self.file.sync_data().map_err(|e| store_err(format!("reserve: {e}")))?;
+        self.used += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Empty it by zeroing the first record's header: 8 bytes in one sector, so a crash leaves
+    /// either all records or none. Records after it are stale and end the next scan (their
+    /// indexes do not follow the new ones).
+    fn clear(&mut self) -> Result<(), LogError> {
+        use std::os::unix::fs::FileExt;
+        self.dirty = true;
+        let err = |e: std::io::Error| store_err(format!("reserve: {e}"));
+        self.file.write_all_at(&[0u8; 8], 0).map_err(err)?;
+        self.file.sync_data().map_err(err)?;
+        self.used = 0;
+        self.dirty = false;
+        Ok(())
     }
 }
 
@@ -1496,10 +1843,18 @@ impl Log for MemLog {
 pub const SNAPSHOT_EVERY: u64 = 1000;
 
 /// The state plus the log that makes it durable.
+///
+/// When an append fails (say the disk is full) the store enters a failed mode, shown by
+/// [`Store::failure`]: ordinary commands are refused with [`LogError::Unwritable`], while
+/// commands that stop work ([`Command::stops_work`]) are written to the log's reserve and
+/// applied, so a runaway app can still be stopped. [`Store::recover`] (the driver retries it
+/// with backoff) reopens the log and moves the reserved commands into it; nothing acknowledged
+/// is lost, and nothing refused was applied.
 pub struct Store {
     log: Box<dyn Log>,
     state: State,
     last_snapshot: u64,
+    failure: Option<String>,
 }
 
 impl Store {
@@ -1516,7 +1871,7 @@ impl Store {
                 state.index += 1;
             }
         }
-        Ok(Self { log, state, last_snapshot })
+        Ok(Self { log, state, last_snapshot, failure: None })
     }
 
     /// Keep at most `n` versions of each app from now on (at least 1).
@@ -1529,8 +1884,15 @@ impl Store {
         &self.state
     }
 
+    /// Why the log cannot be written, while it cannot (until [`Store::recover`] succeeds).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
     /// Apply a batch: each command either applies (and is logged) or is rejected with its
     /// error. Everything that applied is written in one durable append before it is visible.
+    /// While the log fails, a batch applies only if every command in it stops work and fits in
+    /// the reserve; otherwise nothing of it applies.
     pub fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
         let mut next = self.state.clone();
         let first = next.index + 1;
@@ -1545,18 +1907,58 @@ impl Store {
                 Err(e) => results.push(Err(e)),
             }
         }
-        if !applied.is_empty() {
-            self.log.append(first, &applied)?;
-            self.state = next;
-            if self.state.index - self.last_snapshot >= SNAPSHOT_EVERY {
-                if let Err(e) = self.log.snapshot(&self.state) {
-                    tracing::warn!(error = %e, "snapshot failed; the log keeps growing until the next try");
-                } else {
-                    self.last_snapshot = self.state.index;
+        if applied.is_empty() {
+            return Ok(results);
+        }
+        if self.failure.is_none() {
+            match self.log.append(first, &applied) {
+                Ok(()) => {
+                    self.state = next;
+                    self.maybe_snapshot();
+                    return Ok(results);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "state log write failed; only commands that stop tasks are accepted until it recovers");
+                    self.failure = Some(e.cause());
                 }
             }
         }
-        Ok(results)
+        let cause = self.failure.clone().unwrap_or_default();
+        if !applied.iter().all(|c| c.stops_work(&self.state)) {
+            return Err(LogError::Unwritable(cause));
+        }
+        match self.log.append_reserved(first, &applied) {
+            Ok(()) => {
+                self.state = next;
+                Ok(results)
+            }
+            Err(e) => Err(LogError::Unwritable(format!("{cause}; {}", e.cause()))),
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.state.index - self.last_snapshot >= SNAPSHOT_EVERY {
+            if let Err(e) = self.log.snapshot(&self.state) {
+                // A failed write may leave the database refusing writes until it is reopened.
+                tracing::warn!(error = %e, "snapshot failed; the log keeps growing until the next try");
+                self.failure = Some(e.cause());
+            } else {
+                self.last_snapshot = self.state.index;
+            }
+        }
+    }
+
+    /// After a failure: reopen the log, move the reserved commands into it and check that it
+    /// holds exactly what was acknowledged. On success the store accepts every command again;
+    /// on error it stays failed (call again later).
+    pub fn recover(&mut self) -> Result<(), LogError> {
+        if self.failure.is_none() {
+            return Ok(());
+        }
+        self.log.recover(self.state.index)?;
+        tracing::info!(index = self.state.index, "state log recovered");
+        self.failure = None;
+        Ok(())
     }
 }
 
@@ -1771,5 +2173,206 @@ mod tests {
         log.append(3, &[Command::ResetDelay { id: AppId::parse("/a").unwrap() }]).unwrap();
         let store = Store::open(Box::new(log), "dc1").unwrap();
         assert_eq!(store.state().index, 3);
+    }
+
+    /// A log that fails on demand, with a reserve of `reserve_cap` commands; its contents are
+    /// shared so a test can open a new store on what was durably written.
+    /// The durable log and the reserve of a [`FlakyLog`].
+    type Shared = std::sync::Arc<std::sync::Mutex<(MemLog, Vec<(u64, Command)>)>>;
+
+    #[derive(Clone, Default)]
+    struct FlakyLog {
+        inner: Shared,
+        failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        reserve_cap: usize,
+    }
+
+    impl Log for FlakyLog {
+        fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(LogError::Store("I/O error: No space left on device (os error 28)".into()));
+            }
+            self.inner.lock().unwrap().0.append(first, cmds)
+        }
+        fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+            self.inner.lock().unwrap().0.load()
+        }
+        fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
+            self.inner.lock().unwrap().0.snapshot(state)
+        }
+        fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+            let mut g = self.inner.lock().unwrap();
+            if g.1.len() + cmds.len() > self.reserve_cap {
+                return Err(LogError::Store("reserve full".into()));
+            }
+            g.1.extend(cmds.iter().enumerate().map(|(i, c)| (first + i as u64, c.clone())));
+            Ok(())
+        }
+        fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(LogError::Store("I/O error: No space left on device (os error 28)".into()));
+            }
+            let mut g = self.inner.lock().unwrap();
+            let reserved = std::mem::take(&mut g.1);
+            for (i, c) in reserved {
+                g.0.append(i, &[c])?;
+            }
+            let last = g.0.cmds.last().map(|(i, _)| *i).unwrap_or(0);
+            if last != acknowledged {
+                return Err(LogError::Diverged { durable: last, acknowledged });
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_log_refuses_work_takes_stops_and_recovers_without_losing_anything() {
+        let log = FlakyLog { reserve_cap: 2, ..Default::default() };
+        let mut store = Store::open(Box::new(log.clone()), "dc1").unwrap();
+        store.propose(vec![put(app("/a", 3), 1, "d1"), put(app("/b", 1), 2, "d2")]).unwrap();
+        store.propose(vec![Command::EndDeployment { id: "d1".into() }]).unwrap();
+        assert!(store.failure().is_none());
+
+        log.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let before = store.state().clone();
+        let e = store.propose(vec![put(app("/c", 1), 3, "d3")]).unwrap_err();
+        assert!(matches!(e, LogError::Unwritable(_)), "{e}");
+        assert_eq!(e.to_string().matches("state store").count(), 1, "{e}");
+        assert_eq!(store.state(), &before, "a refused write changes nothing");
+        assert!(store.failure().unwrap().contains("No space left"));
+        // scaling up is refused, scaling down (same definition) goes to the reserve
+        let scale = |n| Command::PutApp {
+            app: app("/a", n),
+            now: 4,
+            deployment_id: format!("s{n}"),
+            create_only: false,
+            force: true,
+        };
+        assert!(store.propose(vec![scale(5)]).is_err());
+        store.propose(vec![scale(1)]).unwrap()[0].as_ref().unwrap();
+        assert_eq!(store.state().apps[&AppId::parse("/a").unwrap()].app.instances, 1);
+        let del =
+            Command::DeleteApp { id: AppId::parse("/b").unwrap(), now: 5, deployment_id: "x".into(), force: true };
+        store.propose(vec![del]).unwrap()[0].as_ref().unwrap();
+        assert!(!store.state().apps.contains_key(&AppId::parse("/b").unwrap()));
+        // the reserve is full now
+        let kill = Command::KillTasks { ids: vec![], scale: false, now: 6, deployment_id: None };
+        assert!(store.propose(vec![kill]).is_err());
+        assert!(store.recover().is_err(), "no recovery while writes still fail");
+        assert!(store.failure().is_some());
+
+        log.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        store.recover().unwrap();
+        assert!(store.failure().is_none());
+        store.propose(vec![put(app("/c", 1), 7, "d3")]).unwrap()[0].as_ref().unwrap();
+        let reopened = Store::open(Box::new(log.clone()), "dc1").unwrap();
+        assert_eq!(reopened.state(), store.state(), "everything acknowledged is durable, nothing else");
+    }
+
+    /// A real full disk: redb on a small tmpfs, filled up, then freed. Needs root (mount);
+    /// skipped without it.
+    #[test]
+    fn redb_log_recovers_after_enospc_without_losing_acknowledged_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("fs");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+            return;
+        }
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _guard = Unmount(mnt.clone());
+        let path = mnt.join("state.redb");
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        store.propose(vec![put(app("/a", 2), 1, "d1")]).unwrap();
+        // fill the disk
+        let filler = mnt.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![1u8; 64 * 1024];
+            while f.write_all(&chunk).is_ok() {}
+            while f.write_all(&[1u8; 512]).is_ok() {}
+        }
+        let mut acked = 1;
+        let mut refused = None;
+        for i in 0..2000u64 {
+            let mut a = app(&format!("/big{i}"), 1);
+            a.env.insert("PAD".into(), serde_json::Value::from("x".repeat(16 * 1024)));
+            match store.propose(vec![put(a, 10 + i, &format!("b{i}"))]) {
+                Ok(_) => acked += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = refused.expect("the full disk refuses a write");
+        // A reserve cannot be set up on the full disk: none, rather than a node that cannot start.
+        let other = mnt.join("other.reserve");
+        assert!(Reserve::open(&other, DEFAULT_RESERVE_BYTES).unwrap().is_none());
+        assert!(!other.exists());
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert_eq!(store.state().index, acked);
+        // stopping work goes to the reserve
+        let del =
+            Command::DeleteApp { id: AppId::parse("/a").unwrap(), now: 9999, deployment_id: "x".into(), force: true };
+        store.propose(vec![del]).unwrap()[0].as_ref().unwrap();
+        std::fs::remove_file(&filler).unwrap();
+        store.recover().unwrap();
+        store.propose(vec![put(app("/after", 1), 99999, "z")]).unwrap()[0].as_ref().unwrap();
+        let state = store.state().clone();
+        drop(store);
+        let reopened = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(reopened.state(), &state, "acknowledged commands survive, in order");
+        assert!(!state.apps.contains_key(&AppId::parse("/a").unwrap()));
+    }
+
+    #[test]
+    fn reserved_commands_replace_unacknowledged_log_entries_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let reset = |a: &str| Command::ResetDelay { id: AppId::parse(a).unwrap() };
+        {
+            let mut log = RedbLog::open(&path).unwrap();
+            log.append(1, &[put(app("/a", 1), 1, "d1"), put(app("/b", 1), 2, "d2")]).unwrap();
+            // A commit that reported failure but landed (never acknowledged) ...
+            log.append(3, &[reset("/a"), reset("/a")]).unwrap();
+            // ... then the acknowledged commands at those indexes went to the reserve; a crash.
+            log.append_reserved(3, &[reset("/b")]).unwrap();
+        }
+        let mut log = RedbLog::open(&path).unwrap();
+        let (_, cmds) = log.load().unwrap();
+        assert_eq!(cmds.len(), 3, "the reserve replaces the unacknowledged tail: {cmds:?}");
+        assert_eq!(cmds[2], reset("/b"));
+        // The reserve is empty now: opening again changes nothing, and it is usable again.
+        log.append(4, &[reset("/a")]).unwrap();
+        log.append_reserved(5, &[reset("/b")]).unwrap();
+        drop(log);
+        let mut log = RedbLog::open(&path).unwrap();
+        assert_eq!(
+            log.load().unwrap().1,
+            vec![cmds[0].clone(), cmds[1].clone(), reset("/b"), reset("/a"), reset("/b")]
+        );
+        drop(log);
+        assert_eq!(RedbLog::open(&path).unwrap().load().unwrap().1.len(), 5);
+        // Reserved commands are not lost when the next run wants no reserve.
+        let mut log = RedbLog::open(&path).unwrap();
+        log.append_reserved(6, &[reset("/a")]).unwrap();
+        drop(log);
+        let mut log = RedbLog::open_with_reserve(&path, 0).unwrap();
+        assert_eq!(log.load().unwrap().1.len(), 6);
+        assert!(!path.with_extension("reserve").exists());
+        assert!(log.append_reserved(7, &[reset("/a")]).is_err(), "no reserve");
     }
 }

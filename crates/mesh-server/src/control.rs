@@ -3,6 +3,10 @@
 //! It owns the [`Store`] (state machine + log), the allocator and the Marathon scheduler, and
 //! is driven by messages (API commands, agent reports) and a periodic tick. After every batch it
 //! publishes immutable snapshots that every reader (HTTP, DNS) loads without locking.
+//!
+//! When the store cannot write its log, the loop publishes the failure (health endpoints report
+//! it), retries [`Store::recover`] with backoff, and keeps what agents report meanwhile to
+//! record it after the recovery.
 
 use crate::events::{Event, EventBus, batch_events};
 use arc_swap::ArcSwap;
@@ -12,7 +16,7 @@ use mesh_core::catalog::CatalogState;
 use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
-use mesh_core::state::{Agent, ApplyError, Command, LogError, State, Store};
+use mesh_core::state::{Agent, ApplyError, Command, State, Store};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +32,10 @@ pub enum ControlError {
     /// The command was rejected by the state machine.
     #[error(transparent)]
     Rejected(#[from] ApplyError),
-    /// The log could not be written; nothing changed.
-    #[error(transparent)]
-    Log(#[from] LogError),
+    /// The log could not be written; nothing changed. Holds the store's message (which names
+    /// the state store once).
+    #[error("{0}")]
+    Log(String),
     /// The control task is gone (shutting down).
     #[error("the control loop is not running")]
     Stopped,
@@ -67,6 +72,8 @@ pub struct Published {
     pub watches: Arc<crate::watch::WatchHub>,
     /// Mesos-API frameworks' connections and outstanding offers (`/master/state`).
     pub mesos: Arc<ArcSwap<MesosView>>,
+    /// Why the state store cannot be written, while it cannot: health endpoints report it.
+    pub store_failure: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
 /// A handle to the control task.
@@ -93,6 +100,11 @@ impl ControlHandle {
     /// The current state snapshot.
     pub fn state(&self) -> Arc<State> {
         self.published.state.load_full()
+    }
+
+    /// Why the state store cannot be written, while it cannot (health endpoints say so).
+    pub fn store_failure(&self) -> Option<Arc<String>> {
+        self.published.store_failure.load_full()
     }
 
     /// Stop launching new tasks.
@@ -137,7 +149,18 @@ struct Control {
     /// The state index at which `State::due` last ran.
     due_checked: u64,
     mesos: frameworks::Frameworks,
+    /// While the store is failed: when to try recovering next, and the current backoff.
+    recovery: (Millis, u64),
+    /// Facts agents reported while the store could not record them (check results, service
+    /// sets, registrations), in order; proposed again once it recovers.
+    deferred: VecDeque<Command>,
 }
+
+/// At most this many deferred facts are kept (the oldest go first).
+const MAX_DEFERRED: usize = 10_000;
+
+/// First and longest wait between attempts to recover a failed state store.
+const RECOVERY_BACKOFF_MS: (u64, u64) = (100, 5_000);
 
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
@@ -152,6 +175,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         events: EventBus::new(),
         watches: Arc::new(crate::watch::WatchHub::default()),
         mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
+        store_failure: Arc::new(arc_swap::ArcSwapOption::empty()),
     };
     let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
@@ -172,6 +196,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         deadline: (u64::MAX, None),
         due_checked: u64::MAX,
         mesos,
+        recovery: (0, RECOVERY_BACKOFF_MS.0),
+        deferred: VecDeque::new(),
     };
     control.mesos_recover(now_millis());
     let join = tokio::spawn(control.run(rx));
@@ -201,8 +227,10 @@ impl Control {
                 }
             }
             let now = now_millis();
+            self.recover_store(now);
             self.handle_batch(batch, now);
             self.step(now);
+            self.publish_store_health();
             self.flush().await;
         }
         debug!("control loop stopped");
@@ -221,7 +249,7 @@ impl Control {
                     self.sent_checks.remove(&id);
                     self.agents.insert(id, tx);
                 }
-                ControlMsg::FromAgent(m) => self.from_agent(m, now),
+                ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
                 ControlMsg::Drain(reply) => {
                     self.draining = true;
                     let _ = reply.send(());
@@ -233,7 +261,10 @@ impl Control {
             return;
         }
         let before = self.store.state().clone();
-        match self.store.propose(proposals.clone()) {
+        let outcome = self.store.propose(proposals.clone());
+        // Health shows a failure before any caller hears of it.
+        self.publish_store_health();
+        match outcome {
             Ok(results) => {
                 let applied: Vec<Command> =
                     proposals.into_iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
@@ -244,12 +275,72 @@ impl Control {
                     let _ = reply.send(res.map(|_| ()).map_err(ControlError::from));
                 }
             }
+            Err(e) if proposals.len() > 1 => {
+                // One refused command must not take the others with it: while the store is
+                // failed, commands that stop work still go through (to the reserve) one by one.
+                debug!(error = %e, "batch refused by the state store; proposing its commands one by one");
+                for (cmd, reply) in proposals.into_iter().zip(replies) {
+                    let before = self.store.state().clone();
+                    let res = self.store.propose(vec![cmd.clone()]);
+                    let res = match res {
+                        Ok(r) => {
+                            let r = r.into_iter().next().map(|r| r.map(|_| ())).unwrap_or(Ok(()));
+                            if r.is_ok() {
+                                self.emit(std::slice::from_ref(&cmd), &before, now);
+                            }
+                            r.map_err(ControlError::from)
+                        }
+                        Err(e) => Err(ControlError::Log(e.to_string())),
+                    };
+                    self.publish();
+                    let _ = reply.send(res);
+                }
+            }
             Err(e) => {
                 warn!(error = %e, "state log write failed; the batch was not applied");
                 for reply in replies {
-                    let _ = reply.send(Err(ControlError::Log(LogError::Store(e.to_string()))));
+                    let _ = reply.send(Err(ControlError::Log(e.to_string())));
                 }
             }
+        }
+    }
+
+    /// While the store is failed, try to recover it (reopen the log, move reserved commands
+    /// in) with backoff: 100 ms doubling to 5 s, back to 100 ms after 30 s of health.
+    fn recover_store(&mut self, now: Millis) {
+        if self.store.failure().is_none() {
+            // The backoff is kept until the store has stayed healthy a while, so a disk that
+            // keeps filling up is not reopened in a tight loop.
+            if self.recovery.1 != RECOVERY_BACKOFF_MS.0 && now >= self.recovery.0 + 30_000 {
+                self.recovery = (0, RECOVERY_BACKOFF_MS.0);
+            }
+            return;
+        }
+        if now < self.recovery.0 {
+            return;
+        }
+        match self.store.recover() {
+            Ok(()) => {
+                info!(deferred = self.deferred.len(), "state store writable again");
+                self.recovery.0 = now;
+                let deferred: Vec<Command> = self.deferred.drain(..).collect();
+                self.apply(deferred);
+            }
+            Err(e) => {
+                let wait = self.recovery.1;
+                debug!(error = %e, retry_ms = wait, "state store not recovered yet");
+                self.recovery = (now + wait, (wait * 2).min(RECOVERY_BACKOFF_MS.1));
+            }
+        }
+        self.publish_store_health();
+    }
+
+    /// Show the store's failure (or its end) to the health endpoints.
+    fn publish_store_health(&self) {
+        let now = self.store.failure();
+        let shown = self.published.store_failure.load();
+        if shown.as_deref().map(String::as_str) != now {
+            self.published.store_failure.store(now.map(|s| Arc::new(s.to_owned())));
         }
     }
 
@@ -268,13 +359,31 @@ impl Control {
                 r.into_iter().map(|r| r.map(|_| ())).collect()
             }
             Err(e) => {
-                warn!(error = %e, "state log write failed");
+                // The store logged the failure when it began; this repeats every tick meanwhile.
+                debug!(error = %e, "state log write failed");
+                // What agents observed is not recomputed later: keep it for after recovery.
+                // Decisions of the control side (launches, kills, timers) are made again.
+                for cmd in cmds {
+                    if matches!(
+                        cmd,
+                        Command::RegisterAgent { .. }
+                            | Command::TaskStatus { .. }
+                            | Command::TaskHealth { .. }
+                            | Command::UpdateCheck { .. }
+                            | Command::SyncServices { .. }
+                    ) {
+                        if self.deferred.len() >= MAX_DEFERRED {
+                            self.deferred.pop_front();
+                        }
+                        self.deferred.push_back(cmd);
+                    }
+                }
                 vec![]
             }
         }
     }
 
-    fn from_agent(&mut self, msg: ToControl, now: Millis) {
+    fn on_agent_msg(&mut self, msg: ToControl, now: Millis) {
         match msg {
             ToControl::Register { agent_id, hostname, address, resources, attributes, running, runtimes } => {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
@@ -383,7 +492,9 @@ impl Control {
             message: update.message.clone(),
             at: update.at,
         }]);
-        if res.first().is_some_and(|r| r.is_ok()) && update.state.is_terminal() {
+        // No result: the store could not record it (the update is deferred); the task is gone
+        // all the same, so its resources are free.
+        if res.first().is_none_or(|r| r.is_ok()) && update.state.is_terminal() {
             self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
         }
         let view = self.store.state().clone();

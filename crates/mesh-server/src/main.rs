@@ -94,6 +94,10 @@ struct DevArgs {
     /// How many versions of each app are kept (older ones are dropped).
     #[arg(long, default_value_t = mesh_core::state::MAX_APP_VERSIONS)]
     max_app_versions: usize,
+    /// MiB preallocated next to the state log for commands that stop tasks (delete, kill, scale
+    /// down) while the log cannot be written, e.g. on a full disk. 0: none.
+    #[arg(long, default_value_t = 1)]
+    state_reserve_mb: u64,
     /// A second DNS domain answered like --domain (answers use the domain of the query).
     #[arg(long)]
     alt_domain: Option<String>,
@@ -349,6 +353,7 @@ fn main() -> ExitCode {
         registrator: !a.no_registrator,
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,
+        state_reserve_mb: a.state_reserve_mb,
         dns_options,
         http_limits: mesh_server::serve::HttpLimits {
             max_conns: a.http_max_conns.unwrap_or_else(|| mesh_server::serve::default_max_conns(fd_limit)),

@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub registrator: bool,
     /// Versions kept per app.
     pub max_app_versions: usize,
+    /// MiB preallocated for commands that stop tasks while the state log cannot be written.
+    pub state_reserve_mb: u64,
     /// Allow Consul script checks (`Args`/`Script`), off by default as in Consul.
     pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
@@ -163,7 +165,8 @@ pub async fn run_dev(
 ) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let log = RedbLog::open(&cfg.data_dir.join("state.redb"))?;
+    let log =
+        RedbLog::open_with_reserve(&cfg.data_dir.join("state.redb"), cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
     store.set_max_versions(cfg.max_app_versions);
     info!(

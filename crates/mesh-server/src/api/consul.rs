@@ -344,7 +344,7 @@ fn control_err(e: crate::control::ControlError) -> ApiError {
             e @ (ApplyError::UnknownNode(_) | ApplyError::UnknownService(_) | ApplyError::UnknownCheck(_)),
         ) => ApiError::ConsulNotFound(e.to_string()),
         ControlError::Rejected(e) => ApiError::ConsulBadRequest(e.to_string()),
-        e => ApiError::Unavailable(e.to_string()),
+        e => ApiError::ConsulStatus(503, e.to_string()),
     }
 }
 
@@ -1236,7 +1236,21 @@ async fn health_state(
 async fn leader(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    Ok(reply(&json!(api.info.http_addr), &q))
+    // While the state store cannot be written there is no leader to commit writes: Consul's
+    // answer then is an empty string.
+    let leader = if api.control.store_failure().is_some() { "" } else { api.info.http_addr.as_str() };
+    let mut r = reply(&json!(leader), &q);
+    r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    Ok(r)
+}
+
+/// Response layer: while the state store cannot be written, every `X-Consul-KnownLeader` says
+/// `false` (reads still answer, from the last state).
+pub async fn known_leader(State(api): State<Api>, mut r: Response) -> Response {
+    if api.control.store_failure().is_some() && r.headers().contains_key("X-Consul-KnownLeader") {
+        r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+    }
+    r
 }
 
 async fn peers(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {

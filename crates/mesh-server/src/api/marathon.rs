@@ -730,12 +730,14 @@ async fn list_tasks(State(api): State<Api>, Query(q): Params) -> Response {
 async fn info(State(api): State<Api>) -> Response {
     let i = &api.info;
     let port: u16 = i.http_addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    // Not elected while the state store cannot be written (as a Marathon without a leader).
+    let elected = api.control.store_failure().is_none();
     axum::Json(json!({
         "name": "mesh",
         "version": "1.10.0",
         "buildref": env!("CARGO_PKG_VERSION"),
-        "elected": true,
-        "leader": i.http_addr,
+        "elected": elected,
+        "leader": elected.then_some(i.http_addr.as_str()),
         "frameworkId": "marathon",
         "marathon_config": {
             "checkpoint": true,

@@ -393,8 +393,12 @@ async fn redirect_sub() -> Response {
     StatusCode::NOT_FOUND.into_response()
 }
 
-async fn health() -> Response {
-    StatusCode::OK.into_response()
+/// 200, or 503 while the state store cannot be written.
+async fn health(State(api): State<Api>) -> Response {
+    match api.control.store_failure() {
+        None => StatusCode::OK.into_response(),
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
 }
 
 fn weights_json(s: &ClusterState) -> Value {
@@ -540,7 +544,10 @@ async fn operator(
     let s = api.control.state();
     let unavailable = |e: crate::control::ControlError| ApiError::MesosUnavailable(e.to_string());
     Ok(match kind {
-        "GET_HEALTH" => axum::Json(json!({"type": "GET_HEALTH", "get_health": {"healthy": true}})).into_response(),
+        "GET_HEALTH" => {
+            let healthy = api.control.store_failure().is_none();
+            axum::Json(json!({"type": "GET_HEALTH", "get_health": {"healthy": healthy}})).into_response()
+        }
         "GET_VERSION" => axum::Json(json!({"type": "GET_VERSION", "get_version": {"version_info": {
             "version": mesos::MESOS_VERSION, "build_user": "mesh", "build_time": secs(api.info.started_at)}}}))
         .into_response(),

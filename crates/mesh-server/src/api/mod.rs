@@ -155,6 +155,7 @@ impl ApiError {
             ControlError::Rejected(ApplyError::Kv(
                 e @ (KvError::InvalidBehavior(_) | KvError::InvalidTtl(_) | KvError::InvalidLockDelay(_)),
             )) => ApiError::ConsulBadRequest(e.to_string()),
+            e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::ConsulStatus(503, e.to_string()),
             // e.g. `invalid session "x"`, `Missing node registration`: Consul's 500s
             e => ApiError::ConsulStatus(500, e.to_string()),
         }
@@ -242,8 +243,12 @@ pub fn flag(v: Option<&String>, default: bool) -> bool {
     }
 }
 
-async fn ping() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "pong")
+/// `pong`, or 503 with the reason while the state store cannot be written.
+async fn ping(axum::extract::State(api): axum::extract::State<Api>) -> Response {
+    match api.control.store_failure() {
+        None => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "pong").into_response(),
+        Some(cause) => text(StatusCode::SERVICE_UNAVAILABLE, format!("state store cannot be written: {cause}")),
+    }
 }
 
 async fn not_found() -> Response {
@@ -284,6 +289,7 @@ pub fn router(api: Api) -> Router {
         .merge(groups::routes())
         .merge(mesos::routes())
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(api.clone(), consul::known_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(body_limit_errors))
         .with_state(api)
