@@ -12,8 +12,10 @@ use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
 use mesh_core::registrator::RegistratorOptions;
 use mesh_core::runtime::Runtime;
 use mesh_core::runtime::docker::DockerRuntime;
+use mesh_core::runtime::gc::GcPolicy;
+use mesh_core::runtime::logger::TaskLogs;
 use mesh_core::runtime::multi::MultiRuntime;
-use mesh_core::runtime::process::ProcessRuntime;
+use mesh_core::runtime::process::{ProcessOptions, ProcessRuntime};
 use mesh_core::state::{RedbLog, Store};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -78,6 +80,12 @@ pub struct NodeConfig {
     /// Mesos v1 API and allocation settings (`allow_privileged` and `hostname` are filled in
     /// from this config).
     pub mesos: crate::control::MesosConfig,
+    /// Where task stdout/stderr go (rotated by a logger process, or straight into the sandbox).
+    pub task_logs: TaskLogs,
+    /// When sandboxes of ended tasks are removed.
+    pub gc: GcPolicy,
+    /// How often a task's sandbox is measured against its `disk`.
+    pub container_disk_watch_interval: Duration,
 }
 
 /// Errors that stop a node from starting.
@@ -168,8 +176,11 @@ pub async fn run_dev(
     // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or
     // when asked for (docker).
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-    let process = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx.clone())?;
+    let process_options =
+        ProcessOptions { logs: cfg.task_logs.clone(), disk_watch_interval: cfg.container_disk_watch_interval };
+    let process = ProcessRuntime::with_options(cfg.data_dir.join("sandboxes"), events_tx.clone(), process_options)?;
     info!(isolation = process.isolation(), "process runtime");
+    let sandbox_gc = process.spawn_gc(cfg.gc);
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
         RuntimeKind::Docker => true,
@@ -177,7 +188,12 @@ pub async fn run_dev(
     };
     let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
         match DockerRuntime::connect(events_tx.clone(), &cfg.node).await {
-            Ok(rt) => Some(Arc::new(rt)),
+            Ok(rt) => {
+                if let TaskLogs::Rotate { rotation, .. } = &cfg.task_logs {
+                    rt.set_log_rotation(Some(*rotation));
+                }
+                Some(Arc::new(rt))
+            }
             Err(e) if cfg.runtime == RuntimeKind::Docker => return Err(NodeError::Runtime(e)),
             Err(e) => {
                 warn!(error = %e, "Docker is not usable; DOCKER apps will wait (NoDockerRuntime)");
@@ -316,6 +332,7 @@ pub async fn run_dev(
     control.drain().await;
     let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
     agent.stop(mode).await;
+    sandbox_gc.abort();
     if let Some(r) = registrator {
         r.shutdown().await;
     }

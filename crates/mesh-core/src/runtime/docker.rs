@@ -80,12 +80,14 @@
 //! version (1.41 for Docker 20.10, the engine this was written against); the request bodies it
 //! serialises only set fields 1.41 knows.
 
+use super::logger::LogRotation;
 use super::{Command, ContainerSpec, Exit, NetworkMode, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
 use crate::model::{TaskId, now_millis};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, EventMessage, HostConfig, PortBinding, ResourcesUlimits,
+    ContainerCreateBody, ContainerSummaryStateEnum, EventMessage, HostConfig, HostConfigLogConfig, PortBinding,
+    ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder, InspectContainerOptions,
@@ -156,6 +158,8 @@ struct Inner {
     tasks: Mutex<HashMap<TaskId, Arc<Watched>>>,
     /// Task ids between the start of `launch` and their entry in `tasks` (or failure).
     launching: Mutex<HashSet<TaskId>>,
+    /// Rotation of container logs (`json-file` `max-size`/`max-file`); `None` keeps the engine's default.
+    log_rotation: Mutex<Option<LogRotation>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,6 +282,7 @@ impl DockerRuntime {
             events,
             tasks: Mutex::new(HashMap::new()),
             launching: Mutex::new(HashSet::new()),
+            log_rotation: Mutex::new(None),
         });
         let mut background = Vec::new();
         if watchers != Watchers::EventsOnly {
@@ -287,6 +292,13 @@ impl DockerRuntime {
             background.push(tokio::spawn(event_loop(inner.clone())).abort_handle());
         }
         Ok(Self { inner, background })
+    }
+
+    /// Rotates the logs of containers launched from now on: the `json-file` driver with
+    /// `max-size` = `max_size` bytes and `max-file` = `max_files + 1` (Docker counts the live
+    /// file), the same bound as the process runtime's logger. `None` leaves the engine's default.
+    pub fn set_log_rotation(&self, rotation: Option<LogRotation>) {
+        *self.inner.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) = rotation;
     }
 
     /// Whether a Docker engine answers a ping (within 2 s); for `--runtime auto`.
@@ -472,7 +484,10 @@ impl Inner {
     /// Pulls if needed, creates and starts the container, sends `Started`. The error is the
     /// message for `Failed`.
     async fn start(self: &Arc<Self>, spec: &TaskSpec, c: &ContainerSpec) -> Result<(), String> {
-        let body = create_body(spec, c, &self.node)?;
+        let mut body = create_body(spec, c, &self.node)?;
+        if let Some(r) = *self.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) {
+            body.host_config.get_or_insert_with(HostConfig::default).log_config = Some(log_config(r));
+        }
         self.ensure_image(&c.image, c.force_pull).await?;
         let name = container_name(&spec.task_id);
         let id = match self.create(&name, body.clone()).await {
@@ -885,6 +900,15 @@ fn parse_ulimit(value: &str) -> Result<ResourcesUlimits, String> {
     Ok(ResourcesUlimits { name: Some(name.to_owned()), soft: Some(parse(soft)?), hard: Some(parse(hard)?) })
 }
 
+/// The log driver settings that rotate a container's logs like the process runtime's logger.
+fn log_config(r: LogRotation) -> HostConfigLogConfig {
+    let config = HashMap::from([
+        ("max-size".to_owned(), r.max_size.max(1).to_string()),
+        ("max-file".to_owned(), (u64::from(r.max_files) + 1).to_string()),
+    ]);
+    HostConfigLogConfig { typ: Some("json-file".to_owned()), config: Some(config) }
+}
+
 /// The container create body of a task (pure; the error is the message for `Failed`).
 fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str) -> Result<ContainerCreateBody, String> {
     let mut labels: HashMap<String, String> = HashMap::new();
@@ -1028,6 +1052,7 @@ mod tests {
             env: BTreeMap::new(),
             cpus: 0.1,
             mem: 64.0,
+            disk: 0.0,
             ports: vec![],
             kill_grace: Duration::from_secs(5),
             labels: BTreeMap::from([

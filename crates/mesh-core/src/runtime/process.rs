@@ -59,19 +59,21 @@
 //! without a `Failed` event (the running task is fine); every other launch failure both returns
 //! the error and sends [`RuntimeEvent::Failed`].
 
-use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
+use super::gc::{self, GcPolicy};
+use super::logger::{self, Loggers, TaskLogs};
+use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec, disk};
 use crate::model::{Millis, TaskId, now_millis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
@@ -89,6 +91,8 @@ const RLIMIT_SLACK_MIB: f64 = 32.0;
 const PROC_POLL: Duration = Duration::from_millis(250);
 const MIB: f64 = 1024.0 * 1024.0;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// How long a task's end waits for its loggers to write the last output.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
 /// Used when the agent itself has no `PATH`.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -102,6 +106,23 @@ struct Inner {
     events: mpsc::Sender<RuntimeEvent>,
     isolation: Isolation,
     tasks: Mutex<HashMap<TaskId, Entry>>,
+    options: ProcessOptions,
+}
+
+/// Settings of a [`ProcessRuntime`] beyond its directory and channel.
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// Where task stdout/stderr go ([`logger`]); by default straight into the sandbox files.
+    pub logs: TaskLogs,
+    /// How often the sandbox of a task with a `disk` limit is measured ([`disk`]).
+    pub disk_watch_interval: Duration,
+}
+
+impl Default for ProcessOptions {
+    /// Unrotated logs; disk measured every 15 s (Mesos' `--container_disk_watch_interval`).
+    fn default() -> Self {
+        Self { logs: TaskLogs::Sandbox, disk_watch_interval: Duration::from_secs(15) }
+    }
 }
 
 enum Isolation {
@@ -124,6 +145,11 @@ struct TaskShared {
     killed: AtomicBool,
     /// Becomes true once the task has ended and its `Exited` event was sent.
     done: watch::Sender<bool>,
+    /// Set when the runtime killed the task for exceeding a limit: the `Exited` message, and
+    /// the end counts as a failure, not as a kill that was asked for.
+    limit_exceeded: Mutex<Option<String>>,
+    /// The task's logger processes (none for an adopted task).
+    loggers: Loggers,
 }
 
 /// `task.json`.
@@ -140,6 +166,8 @@ struct TaskRecord {
     #[serde(default)]
     mem: f64,
     #[serde(default)]
+    disk: f64,
+    #[serde(default)]
     cgroup: Option<PathBuf>,
     launched_at: Millis,
 }
@@ -148,6 +176,15 @@ impl ProcessRuntime {
     /// A runtime keeping its sandboxes under `work_dir` (created if missing) and reporting on
     /// `events`. Probes the host's isolation (cgroup v2 or rlimits) once.
     pub fn new(work_dir: PathBuf, events: mpsc::Sender<RuntimeEvent>) -> Result<Self, RuntimeError> {
+        Self::with_options(work_dir, events, ProcessOptions::default())
+    }
+
+    /// [`ProcessRuntime::new`] with [`ProcessOptions`].
+    pub fn with_options(
+        work_dir: PathBuf,
+        events: mpsc::Sender<RuntimeEvent>,
+        options: ProcessOptions,
+    ) -> Result<Self, RuntimeError> {
         fs::create_dir_all(&work_dir)?;
         let work_dir = fs::canonicalize(&work_dir)?;
         let isolation = match probe_cgroup(&work_dir) {
@@ -157,7 +194,8 @@ impl ProcessRuntime {
                 Isolation::Rlimit
             }
         };
-        Ok(Self { inner: Arc::new(Inner { work_dir, events, isolation, tasks: Mutex::new(HashMap::new()) }) })
+        let tasks = Mutex::new(HashMap::new());
+        Ok(Self { inner: Arc::new(Inner { work_dir, events, isolation, tasks, options }) })
     }
 
     /// How limits are enforced on this host: `"cgroup-v2"` or `"rlimit"`.
@@ -176,6 +214,23 @@ impl ProcessRuntime {
     /// The sandbox directory of a task (whether or not it exists).
     pub fn sandbox(&self, task_id: &TaskId) -> PathBuf {
         self.inner.sandbox(task_id)
+    }
+
+    /// Starts removing the sandboxes of ended tasks under `policy` ([`gc`]); stops when the
+    /// returned handle is aborted or this runtime is dropped. A sandbox counts as ended when
+    /// its task is not watched by this runtime and it holds no `task.json` (so a task that a
+    /// later runtime may still adopt keeps it); it has been left alone since the directory last
+    /// changed (the rename to `task.done.json` changes it). Must be called inside a tokio runtime.
+    pub fn spawn_gc(&self, policy: GcPolicy) -> AbortHandle {
+        let inner: Weak<Inner> = Arc::downgrade(&self.inner);
+        gc::spawn(self.inner.work_dir.clone(), policy, move |dir: &Path| -> Option<SystemTime> {
+            let inner = inner.upgrade()?;
+            let id = TaskId::from(dir.file_name()?.to_str()?);
+            if inner.lock().contains_key(&id) || dir.join(TASK_FILE).exists() {
+                return None;
+            }
+            gc::dir_changed(dir)
+        })
     }
 }
 
@@ -272,7 +327,10 @@ impl Runtime for ProcessRuntime {
                 mem: record.mem,
                 killed: AtomicBool::new(false),
                 done: watch::channel(false).0,
+                limit_exceeded: Mutex::new(None),
+                loggers: Loggers::default(),
             });
+            self.inner.watch_disk(dir.clone(), record.disk, &shared);
             {
                 let mut tasks = self.inner.lock();
                 let watcher = tokio::spawn(watch_adopted(
@@ -332,10 +390,7 @@ impl Inner {
         }
         let sandbox = self.sandbox(&spec.task_id);
         fs::create_dir_all(&sandbox).map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
-        let open_log = |name: &str| {
-            File::create(sandbox.join(name)).map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
-        };
-        let (stdout, stderr) = (open_log("stdout")?, open_log("stderr")?);
+        let (stdout, stderr, loggers) = logger::open(&self.options.logs, &sandbox)?;
 
         let (mut cmd, program) = match &spec.command {
             Command::Shell(s) => {
@@ -404,6 +459,7 @@ impl Inner {
             ports: spec.ports.clone(),
             grace_ms: spec.kill_grace.as_millis() as u64,
             mem: spec.mem,
+            disk: spec.disk,
             cgroup: cgroup.clone(),
             launched_at: now_millis(),
         };
@@ -417,12 +473,31 @@ impl Inner {
             mem: spec.mem,
             killed: AtomicBool::new(false),
             done: watch::channel(false).0,
+            limit_exceeded: Mutex::new(None),
+            loggers,
         });
+        self.watch_disk(sandbox, spec.disk, &shared);
         let mut tasks = self.lock();
         let watcher =
             tokio::spawn(watch_child(self.clone(), spec.task_id.clone(), shared.clone(), child)).abort_handle();
         tasks.insert(spec.task_id.clone(), Entry { shared, watcher });
         Ok(())
+    }
+
+    /// With a `disk` limit: measures the sandbox until the task ends, and kills the task (as a
+    /// failure) once it is above the limit.
+    fn watch_disk(&self, sandbox: PathBuf, limit_mib: f64, shared: &Arc<TaskShared>) {
+        if limit_mib <= 0.0 {
+            return;
+        }
+        let (shared, interval) = (shared.clone(), self.options.disk_watch_interval);
+        tokio::spawn(async move {
+            if let Some(message) = disk::watch(sandbox, limit_mib, interval, shared.done.subscribe()).await {
+                tracing::info!("{message}; killing the task");
+                *shared.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                kill_now(&shared);
+            }
+        });
     }
 
     /// Common end of a task: clean up the group and cgroup, mark `task.json` done, forget the
@@ -449,6 +524,13 @@ impl Inner {
                 tracing::warn!("cannot remove cgroup {}", cg.display());
             });
         }
+        // The last output is written before anyone is told the task has ended.
+        shared.loggers.drained(LOG_DRAIN).await;
+        let limit = shared.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let killed = limit.is_none() && shared.killed.load(Ordering::SeqCst);
+        if let Some(limit) = limit {
+            message = format!("{limit}; {message}");
+        }
         mark_done(&self.sandbox(&task_id));
         {
             let mut tasks = self.lock();
@@ -456,16 +538,7 @@ impl Inner {
                 tasks.remove(&task_id);
             }
         }
-        let _ = self
-            .events
-            .send(RuntimeEvent::Exited {
-                task_id,
-                exit,
-                killed: shared.killed.load(Ordering::SeqCst),
-                message,
-                at: now_millis(),
-            })
-            .await;
+        let _ = self.events.send(RuntimeEvent::Exited { task_id, exit, killed, message, at: now_millis() }).await;
         shared.done.send_replace(true);
     }
 }
@@ -791,6 +864,7 @@ mod tests {
             env: BTreeMap::new(),
             cpus: 0.1,
             mem: 64.0,
+            disk: 0.0,
             ports: vec![],
             kill_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
