@@ -131,3 +131,67 @@ async fn task_over_its_disk_fails_with_a_message() {
     assert!(v["app"]["lastTaskFailure"].is_null(), "disk 0 means no limit: {v}");
     assert!(size(&sandbox(&node, &free_task).join("blob")).is_some());
 }
+
+/// Pids of `mesh logger` processes writing into `dir`.
+fn logger_pids(dir: &Path) -> Vec<u32> {
+    let needle = dir.join("std").to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.get(1).is_some_and(|a| a == "logger") && args.iter().any(|a| a.starts_with(&needle)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// (stdout, stdout.1) contents.
+fn outputs(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (std::fs::read(dir.join("stdout")).unwrap_or_default(), std::fs::read(dir.join("stdout.1")).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn loggers_outlive_a_killed_agent_and_the_task_keeps_logging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let ports = port_range();
+    let args = ["--runtime", "process", "--task-log-max-size", "64KiB", "--task-log-max-files", "1"];
+    let mut node = MeshNode::start_on(&data, ports, &args);
+    let tag = uuid::Uuid::new_v4().to_string();
+    let app = json!({"id": "/ticker", "cmd": "while :; do seq 1 2000; sleep 0.05; done", "cpus": 0.1, "mem": 32,
+                     "instances": 1, "env": {"MESH_TEST_TAG": tag}});
+    let (s, v) = node.send("POST", "/v2/apps", Some(&app.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    let task = one_running_task(&node, "/ticker").await;
+    let dir = node.data_dir.join("sandboxes").join(&task);
+    eventually(30, "stdout rotated once", || async { dir.join("stdout.1").exists().then_some(()) }).await;
+    assert_eq!(logger_pids(&dir).len(), 2, "one logger per stream");
+
+    node.stop_with("KILL");
+    // With no mesh running, the task is not hit by SIGPIPE and its output is still rotated.
+    let before = outputs(&dir);
+    eventually(30, "output moves on while mesh is down", || async { (outputs(&dir) != before).then_some(()) }).await;
+    assert_eq!(tagged_pids(&tag, "sh").len(), 1, "the task still runs");
+    assert_eq!(logger_pids(&dir).len(), 2, "the loggers still run");
+
+    let node = MeshNode::start_on(&data, ports, &args);
+    eventually(60, "the task is re-adopted", || async {
+        running_tasks(&node, "/ticker").await.iter().any(|(id, _)| *id == task).then_some(())
+    })
+    .await;
+    let before = outputs(&dir);
+    eventually(30, "output moves on after the restart", || async { (outputs(&dir) != before).then_some(()) }).await;
+    for name in ["stdout", "stdout.1", "stderr"] {
+        let len = size(&dir.join(name)).unwrap_or(0);
+        assert!(len <= 64 * 1024, "{name} is {len} bytes");
+    }
+    assert!(!dir.join("stdout.2").exists());
+
+    // When the task ends its loggers end too.
+    let (s, v) = node.send("DELETE", "/v2/apps/ticker", None).await;
+    assert_eq!(s, 200, "{v}");
+    eventually(30, "the loggers exit with the task", || async { logger_pids(&dir).is_empty().then_some(()) }).await;
+    assert!(tagged_pids(&tag, "sh").is_empty());
+}
