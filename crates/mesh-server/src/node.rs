@@ -192,6 +192,7 @@ pub async fn run_dev(
                 if let TaskLogs::Rotate { rotation, .. } = &cfg.task_logs {
                     rt.set_log_rotation(Some(*rotation));
                 }
+                rt.set_disk_watch_interval(cfg.container_disk_watch_interval);
                 Some(Arc::new(rt))
             }
             Err(e) if cfg.runtime == RuntimeKind::Docker => return Err(NodeError::Runtime(e)),

@@ -58,6 +58,18 @@
 //!
 //! `Started` is always sent before `Exited`, even for a container that dies at once.
 //!
+//! # Logs and disk
+//!
+//! With [`DockerRuntime::set_log_rotation`] a container logs through the `json-file` driver
+//! with `max-size`/`max-file` set, the same bound as the process runtime's logger (the engine
+//! rotates; `docker logs` shows the kept part). A task with `disk > 0` carries the label
+//! `mesh.disk` and its container's writable layer (`SizeRw` of an inspect with `size=true`,
+//! what `docker ps -s` shows) is measured every [`DockerRuntime::set_disk_watch_interval`];
+//! above the limit the container is SIGKILLed and the task ends with `killed: false` and the
+//! message `disk limit of N MiB exceeded (used M MiB); exited with status 137`. Not counted:
+//! bind-mounted volumes (host paths, not the container's) and the engine's log files (bounded
+//! by rotation instead).
+//!
 //! # Killing and recovery
 //!
 //! [`Runtime::kill`] marks the task killed and asks Docker to stop the container with
@@ -91,8 +103,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions,
-    StopContainerOptionsBuilder,
+    InspectContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -128,6 +140,8 @@ pub const LABEL_NODE: &str = "mesh.node";
 pub const LABEL_PORTS: &str = "mesh.ports";
 /// The spec's labels as a JSON object.
 pub const LABEL_LABELS: &str = "mesh.labels";
+/// The task's disk limit in MiB, when it has one (so an adopted container is still measured).
+pub const LABEL_DISK: &str = "mesh.disk";
 
 /// How long [`DockerRuntime::connect`] and [`DockerRuntime::available`] wait for the engine.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -160,6 +174,8 @@ struct Inner {
     launching: Mutex<HashSet<TaskId>>,
     /// Rotation of container logs (`json-file` `max-size`/`max-file`); `None` keeps the engine's default.
     log_rotation: Mutex<Option<LogRotation>>,
+    /// How often the writable layer of a container with a `disk` limit is measured.
+    disk_watch_interval: Mutex<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +209,9 @@ struct Watched {
     claimed: AtomicBool,
     /// Becomes true once `Exited` was sent.
     done: watch::Sender<bool>,
+    /// Set when the runtime killed the container for using more than its `disk`: the start of
+    /// the `Exited` message, and the end is a failure, not a kill that was asked for.
+    limit_exceeded: Mutex<Option<String>>,
 }
 
 impl Watched {
@@ -209,6 +228,7 @@ impl Watched {
             die_code: Mutex::new(None),
             claimed: AtomicBool::new(false),
             done: watch::channel(false).0,
+            limit_exceeded: Mutex::new(None),
         })
     }
 
@@ -283,6 +303,7 @@ impl DockerRuntime {
             tasks: Mutex::new(HashMap::new()),
             launching: Mutex::new(HashSet::new()),
             log_rotation: Mutex::new(None),
+            disk_watch_interval: Mutex::new(Duration::from_secs(15)),
         });
         let mut background = Vec::new();
         if watchers != Watchers::EventsOnly {
@@ -299,6 +320,12 @@ impl DockerRuntime {
     /// file), the same bound as the process runtime's logger. `None` leaves the engine's default.
     pub fn set_log_rotation(&self, rotation: Option<LogRotation>) {
         *self.inner.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) = rotation;
+    }
+
+    /// How often the writable layer of a container whose task has a `disk` limit is measured
+    /// (default 15 s); see the module docs' "Disk".
+    pub fn set_disk_watch_interval(&self, interval: Duration) {
+        *self.inner.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner()) = interval;
     }
 
     /// Whether a Docker engine answers a ping (within 2 s); for `--runtime auto`.
@@ -440,12 +467,19 @@ impl Runtime for DockerRuntime {
                 labels.get(LABEL_LABELS).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_else(|| {
                     labels
                         .iter()
-                        .filter(|(k, _)| ![LABEL_TASK, LABEL_NODE, LABEL_PORTS, LABEL_LABELS].contains(&k.as_str()))
+                        .filter(|(k, _)| {
+                            ![LABEL_TASK, LABEL_NODE, LABEL_PORTS, LABEL_LABELS, LABEL_DISK].contains(&k.as_str())
+                        })
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 });
             let w = Watched::new(task_id.clone(), id, name.clone(), mem, Phase::Running);
-            self.inner.lock().insert(task_id.clone(), w);
+            self.inner.lock().insert(task_id.clone(), w.clone());
+            let disk = labels.get(LABEL_DISK).and_then(|d| d.parse::<f64>().ok()).filter(|d| *d > 0.0);
+            if let Some(disk) = disk {
+                let interval = *self.inner.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner());
+                tokio::spawn(self.inner.clone().watch_disk(w, disk, interval));
+            }
             tracing::info!("docker recover: adopted task {task_id} (container {name})");
             found.push(RecoveredTask { task_id, labels: spec_labels, ports });
         }
@@ -514,7 +548,35 @@ impl Inner {
         let _ = self.events.send(RuntimeEvent::Started { task_id: spec.task_id.clone(), at: now_millis() }).await;
         w.phase.send_replace(Phase::Running);
         tracing::info!("docker: task {} runs in container {name}", spec.task_id);
+        if spec.disk > 0.0 {
+            let interval = *self.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner());
+            tokio::spawn(self.clone().watch_disk(w, spec.disk, interval));
+        }
         Ok(())
+    }
+
+    /// Measures the container's writable layer (`SizeRw`) every `interval` until the task ends;
+    /// above `limit_mib` the container is SIGKILLed and the task fails.
+    async fn watch_disk(self: Arc<Self>, w: Arc<Watched>, limit_mib: f64, interval: Duration) {
+        let mut done = w.done.subscribe();
+        let opts = InspectContainerOptionsBuilder::new().size(true).build();
+        loop {
+            tokio::select! {
+                _ = done.wait_for(|d| *d) => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let used = match self.docker.inspect_container(&w.container, Some(opts.clone())).await {
+                Ok(info) => info.size_rw.unwrap_or(0).max(0) as u64,
+                Err(_) => continue,
+            };
+            if used as f64 > limit_mib * 1024.0 * 1024.0 && !*w.done.borrow() {
+                let message = super::disk::exceeded_message(limit_mib, used);
+                tracing::info!("docker: task {}: {message}; killing it", w.task_id);
+                *w.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                self.sigkill(&w).await;
+                return;
+            }
+        }
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
@@ -698,6 +760,12 @@ impl Inner {
                 }
             }
         };
+        let limit = w.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let killed = limit.is_none() && w.killed.load(Ordering::SeqCst);
+        let message = match limit {
+            Some(limit) => format!("{limit}; {message}"),
+            None => message,
+        };
         self.remove(&w.container).await;
         {
             let mut tasks = self.lock();
@@ -708,13 +776,7 @@ impl Inner {
         tracing::info!("docker: task {} ended: {message}", w.task_id);
         let _ = self
             .events
-            .send(RuntimeEvent::Exited {
-                task_id: w.task_id.clone(),
-                exit,
-                killed: w.killed.load(Ordering::SeqCst),
-                message,
-                at: now_millis(),
-            })
+            .send(RuntimeEvent::Exited { task_id: w.task_id.clone(), exit, killed, message, at: now_millis() })
             .await;
         w.done.send_replace(true);
     }
@@ -958,6 +1020,9 @@ fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str) -> Result<Contain
     labels.insert(LABEL_NODE.to_owned(), node.to_owned());
     labels.insert(LABEL_PORTS.to_owned(), spec.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     labels.insert(LABEL_LABELS.to_owned(), serde_json::to_string(&spec.labels).map_err(|e| e.to_string())?);
+    if spec.disk > 0.0 {
+        labels.insert(LABEL_DISK.to_owned(), spec.disk.to_string());
+    }
 
     match &spec.command {
         Command::Shell(s) => {
@@ -1601,6 +1666,39 @@ mod tests {
         }
         f.rt.kill(&id.as_str().into(), Duration::ZERO).await.unwrap();
         f.ev.exited(&id).await;
+    }
+
+    #[tokio::test]
+    async fn container_over_its_disk_fails() {
+        let Some(mut f) = fixture("disk").await else { return };
+        f.rt.set_disk_watch_interval(Duration::from_millis(200));
+        let id = unique("disk");
+        let mut s = shell(&id, "head -c 12582912 /dev/zero > /blob && exec sleep 1000");
+        s.disk = 5.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started(&id).await;
+        let (exit, killed, msg) = f.ev.exited(&id).await;
+        assert!(!killed, "a limit kill is a failure, not a requested kill");
+        assert_eq!(exit, Exit::Code(137));
+        assert!(msg.starts_with("disk limit of 5 MiB exceeded (used "), "{msg}");
+        // Without a limit the same container keeps running.
+        let free = unique("nodisk");
+        f.rt.launch(shell(&free, "head -c 12582912 /dev/zero > /blob && exec sleep 1000")).await.unwrap();
+        f.ev.started(&free).await;
+        // Once the 12 MiB are written, three measurements later it still runs.
+        let opts = InspectContainerOptionsBuilder::new().size(true).build();
+        let name = container_name(&free.as_str().into());
+        timeout(DEADLINE, async {
+            while f.docker.inspect_container(&name, Some(opts.clone())).await.unwrap().size_rw.unwrap_or(0) < 12 << 20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the blob was never written");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(f.rt.running(), vec![TaskId::from(free.as_str())]);
+        f.rt.kill(&free.as_str().into(), Duration::ZERO).await.unwrap();
+        f.ev.exited(&free).await;
     }
 
     #[tokio::test]

@@ -9,6 +9,17 @@
 //! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). Each task
 //! leads its own process group, so a kill reaches its children and grandchildren too.
 //!
+//! # Disk: logs, limits, garbage collection
+//!
+//! - `stdout`/`stderr` are written as [`ProcessOptions::logs`] says ([`logger`]): straight
+//!   into the files, or through a pipe to a rotating logger process per stream that outlives
+//!   the agent. A task's end (`Exited`) waits up to 2 s for its loggers to write the last bytes.
+//! - A task whose spec has `disk > 0` has its sandbox measured every
+//!   [`ProcessOptions::disk_watch_interval`] ([`disk`]); above the limit its group is SIGKILLed
+//!   and it ends with `killed: false` and the message `disk limit of N MiB exceeded (used M MiB);
+//!   killed by signal 9 (SIGKILL)`. `task.json` keeps `disk`, so an adopted task is measured too.
+//! - [`ProcessRuntime::spawn_gc`] removes the sandboxes of ended tasks ([`gc`]).
+//!
 //! # Isolation: which mode is used when
 //!
 //! [`ProcessRuntime::new`] probes the host once; [`ProcessRuntime::isolation`] reports the result.
