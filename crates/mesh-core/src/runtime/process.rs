@@ -1245,6 +1245,53 @@ mod tests {
         assert_eq!(f.ev.exited("fits1").await.0, Exit::Code(0));
     }
 
+    #[tokio::test]
+    async fn a_task_over_its_disk_is_killed_as_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let mut ev = Events::new(rx);
+        let options = ProcessOptions { disk_watch_interval: Duration::from_millis(50), ..Default::default() };
+        let rt = ProcessRuntime::with_options(dir.path().join("work"), tx, options).unwrap();
+        let mut s = shell("fat1", "head -c 3145728 /dev/zero > blob && exec sleep 1000");
+        s.disk = 1.0;
+        rt.launch(s).await.unwrap();
+        ev.started("fat1").await;
+        let (exit, killed, msg) = ev.exited("fat1").await;
+        assert_eq!((exit, killed), (Exit::Signal(9), false), "{msg}");
+        assert!(msg.starts_with("disk limit of 1 MiB exceeded (used "), "{msg}");
+        assert!(msg.ends_with("; killed by signal 9 (SIGKILL)"), "{msg}");
+        let done: TaskRecord =
+            serde_json::from_str(&fs::read_to_string(rt.sandbox(&"fat1".into()).join(DONE_FILE)).unwrap()).unwrap();
+        assert_eq!(done.disk, 1.0, "the limit is recorded for re-adoption");
+    }
+
+    #[tokio::test]
+    async fn gc_removes_ended_sandboxes_and_keeps_running_ones() {
+        let mut f = fixture();
+        f.rt.launch(spec("live1", Command::Args(vec!["sleep".into(), "1000".into()]))).await.unwrap();
+        f.ev.started("live1").await;
+        f.rt.launch(shell("ended1", "echo bye")).await.unwrap();
+        f.ev.started("ended1").await;
+        f.ev.exited("ended1").await;
+        // A sandbox of an earlier run whose task may still be adopted (task.json) is kept too.
+        fs::create_dir_all(f.work.join("adoptable")).unwrap();
+        fs::write(f.work.join("adoptable").join(TASK_FILE), "{}").unwrap();
+        let policy = GcPolicy { delay: Duration::ZERO, headroom: 0.0, interval: Duration::from_millis(20) };
+        let gc = f.rt.spawn_gc(policy);
+        timeout(DEADLINE, async {
+            while f.work.join("ended1").exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the ended task's sandbox was never removed");
+        gc.abort();
+        assert!(f.work.join("live1").join("stdout").exists());
+        assert!(f.work.join("adoptable").join(TASK_FILE).exists());
+        f.rt.kill(&"live1".into(), Duration::ZERO).await.unwrap();
+        f.ev.exited("live1").await;
+    }
+
     #[test]
     fn isolation_mode_matches_the_host() {
         let dir = tempfile::tempdir().unwrap();
