@@ -227,8 +227,8 @@ impl ProcessRuntime {
         self.inner.sandbox(task_id)
     }
 
-    /// Starts removing the sandboxes of ended tasks under `policy` ([`gc`]); stops when the
-    /// returned handle is aborted or this runtime is dropped. A sandbox counts as ended when
+    /// Starts removing the sandboxes of ended tasks under `policy` ([`gc`]) until the returned
+    /// handle is aborted (once this runtime is dropped it removes nothing more). A sandbox counts as ended when
     /// its task is not watched by this runtime and it holds no `task.json` (so a task that a
     /// later runtime may still adopt keeps it); it has been left alone since the directory last
     /// changed (the rename to `task.done.json` changes it). Must be called inside a tokio runtime.
