@@ -180,7 +180,7 @@ pub async fn run_dev(
         ProcessOptions { logs: cfg.task_logs.clone(), disk_watch_interval: cfg.container_disk_watch_interval };
     let process = ProcessRuntime::with_options(cfg.data_dir.join("sandboxes"), events_tx.clone(), process_options)?;
     info!(isolation = process.isolation(), "process runtime");
-    let sandbox_gc = process.spawn_gc(cfg.gc);
+    let process = Arc::new(process);
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
         RuntimeKind::Docker => true,
@@ -207,7 +207,7 @@ pub async fn run_dev(
         }
         None
     };
-    let runtime = MultiRuntime::new(Arc::new(process), docker.clone());
+    let runtime = MultiRuntime::new(process.clone(), docker.clone());
     let runtimes = runtime.runtimes();
     info!(?runtimes, "runtimes");
     let agent_cfg = AgentConfig {
@@ -225,6 +225,8 @@ pub async fn run_dev(
     };
     let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+    // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
+    let sandbox_gc = process.spawn_gc(cfg.gc);
 
     // Registrator: every container on this engine with published ports is a service instance.
     let registrator = match (cfg.registrator, docker.is_some() || DockerRuntime::available().await) {
