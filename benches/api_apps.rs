@@ -171,7 +171,7 @@ fn fixture() -> Fixture {
             http_addr: addr.to_string(),
             domain: "mesh".into(),
             started_at: T0,
-            allow_privileged: false,
+            host_access: Default::default(),
             enable_script_checks: false,
         };
         let router = router(Api { control: control.clone(), info });

@@ -91,7 +91,7 @@ fn main() {
             http_addr: addr.to_string(),
             domain: "mesh".into(),
             started_at: 0,
-            allow_privileged: false,
+            host_access: Default::default(),
             enable_script_checks: false,
         };
         let app = router(Api { control: control.clone(), info });

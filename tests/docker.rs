@@ -148,7 +148,7 @@ async fn quickstart_in_docker_bridge_with_limits_and_grace() {
     let term = kills.iter().position(|l| *l == "kill 15");
     let kill = kills.iter().position(|l| *l == "kill 9");
     assert!(term.is_some() && kill.is_some() && term < kill, "SIGTERM then SIGKILL: {events}");
-    assert!(kills.iter().any(|l| *l == "die 137"), "ended by SIGKILL after the grace period: {events}");
+    assert!(kills.contains(&"die 137"), "ended by SIGKILL after the grace period: {events}");
     assert!(tagged_containers(&tag).is_empty());
 }
 
@@ -297,4 +297,135 @@ async fn docker_apps_wait_with_a_reason_on_a_node_without_docker() {
     let (s, v) = node.send("POST", "/v2/apps", Some(&p.to_string())).await;
     assert_eq!(s, 422, "{v}");
     assert_eq!(v["details"][0]["path"], "/container/docker/privileged");
+}
+
+/// Issue 10, item 10: two nodes with the same name on one engine (the default name is the host
+/// name) must neither adopt nor kill each other's containers, and the second one warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_one_name_leave_each_others_containers_alone() {
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let name = node_name(&tmp.path().join("shared-name"));
+    let _cleanup = Cleanup(name.clone());
+    let tag = uuid::Uuid::new_v4().to_string();
+    let a = MeshNode::start_named(&tmp.path().join("a"), port_range(), &name, &["--runtime", "docker"]);
+    let (s, v) = a.send("POST", "/v2/apps", Some(&host_app("/twin", &tag))).await;
+    assert_eq!(s, 201, "{v}");
+    let before = running(&a, "/twin", 1).await;
+    let containers = tagged_containers(&tag);
+    assert_eq!(containers.len(), 1);
+
+    let mut b = MeshNode::start_named(&tmp.path().join("b"), port_range(), &name, &["--runtime", "docker"]);
+    eventually(30, "the second node warns about the name clash", || async {
+        b.log().contains("is already used by another mesh node").then_some(())
+    })
+    .await;
+    let log = b.log();
+    let starting = log.lines().find(|l| l.contains("agent starting")).expect("agent log line");
+    assert!(starting.contains("recovered=0"), "b adopted a's container: {starting}");
+    let (s, v) = b.get("/v2/apps").await;
+    assert_eq!((s, v["apps"].as_array().map(Vec::len)), (200, Some(0)), "{v}");
+    // A clean SIGTERM kills every task b runs: none of them is a's.
+    b.stop_with("TERM");
+    assert_eq!(tagged_containers(&tag), containers, "a's container survives b's start, reconcile and stop");
+    let after = running(&a, "/twin", 1).await;
+    assert_eq!(after[0]["id"], before[0]["id"], "a's task was never replaced");
+    let (s, _) = a.send("DELETE", "/v2/apps/twin", None).await;
+    assert_eq!(s, 200);
+    eventually(30, "a's container is gone after DELETE", || async { tagged_containers(&tag).is_empty().then_some(()) })
+        .await;
+}
+
+/// Removes every container of a node name when dropped, even after a failed assertion.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = docker(&["ps", "-aq", "--filter", &format!("label=mesh.node={}", self.0)]);
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+    }
+}
+
+fn host_app(id: &str, tag: &str) -> String {
+    json!({
+        "id": id, "cmd": "exec sleep 1000", "instances": 1, "cpus": 0.1, "mem": 32,
+        "env": {"MESH_TEST_TAG": tag},
+        "container": {"type": "DOCKER", "docker": {"image": IMAGE, "network": "HOST"}},
+    })
+    .to_string()
+}
+
+/// Host paths and added capabilities reach the host: refused unless the operator lists them
+/// (`--allowed-host-path`, `--allowed-cap-add`), and then they work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_and_cap_add_need_operator_flags() {
+    if !docker_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let shared = shared.to_str().unwrap().to_owned();
+    let app = |host_path: &str, cap: &str| {
+        json!({"id": "/hostly", "cmd": "grep CapEff /proc/self/status > /shared/caps; exec sleep 1000",
+            "cpus": 0.1, "mem": 32,
+            "container": {"type": "DOCKER",
+                "docker": {"image": IMAGE, "parameters": [{"key": "cap-add", "value": cap}]},
+                "volumes": [{"containerPath": "/shared", "hostPath": host_path, "mode": "RW"}]}})
+        .to_string()
+    };
+
+    // Without the flags: both refused, each at its own path.
+    let plain = MeshNode::start(&["--runtime", "docker", "--no-registrator"]);
+    let (s, v) = plain.send("POST", "/v2/apps", Some(&app(&shared, "NET_ADMIN"))).await;
+    assert_eq!(s, 422, "{v}");
+    let paths: Vec<&str> = v["details"].as_array().unwrap().iter().filter_map(|d| d["path"].as_str()).collect();
+    assert!(paths.contains(&"/container/volumes(0)/hostPath"), "{v}");
+    assert!(paths.contains(&"/container/docker/parameters(0)/value"), "{v}");
+    let (_, apps) = plain.get("/v2/apps").await;
+    assert_eq!(apps["apps"], json!([]));
+    drop(plain);
+
+    // With them: only what is listed, and no way out of a prefix with `..`.
+    let node = MeshNode::start(&[
+        "--runtime",
+        "docker",
+        "--no-registrator",
+        "--allowed-host-path",
+        tmp.path().to_str().unwrap(),
+        "--allowed-cap-add",
+        "NET_ADMIN",
+    ]);
+    for (host_path, cap, at) in [
+        ("/etc", "NET_ADMIN", "/container/volumes(0)/hostPath"),
+        (&format!("{shared}/../../.."), "NET_ADMIN", "/container/volumes(0)/hostPath"),
+        (&format!("{}-other", tmp.path().display()), "NET_ADMIN", "/container/volumes(0)/hostPath"),
+        (&shared, "SYS_ADMIN", "/container/docker/parameters(0)/value"),
+        (&shared, "ALL", "/container/docker/parameters(0)/value"),
+    ] {
+        let (s, v) = node.send("POST", "/v2/apps", Some(&app(host_path, cap))).await;
+        assert_eq!(s, 422, "{host_path} {cap}: {v}");
+        assert_eq!(v["details"][0]["path"], at, "{v}");
+    }
+    let (s, v) = node.send("POST", "/v2/apps", Some(&app(&shared, "NET_ADMIN"))).await;
+    assert_eq!(s, 201, "{v}");
+    running(&node, "/hostly", 1).await;
+    let caps = eventually(60, "the container writes through the host volume", || async {
+        std::fs::read_to_string(format!("{shared}/caps")).ok().filter(|c| c.ends_with('\n'))
+    })
+    .await;
+    let hex = caps.trim().strip_prefix("CapEff:").expect("CapEff line").trim();
+    let eff = u64::from_str_radix(hex, 16).expect("hex capabilities");
+    const CAP_NET_ADMIN: u64 = 12;
+    const CAP_SYS_ADMIN: u64 = 21;
+    assert!(eff & (1 << CAP_NET_ADMIN) != 0, "NET_ADMIN was added: {caps}");
+    assert!(eff & (1 << CAP_SYS_ADMIN) == 0, "SYS_ADMIN was not: {caps}");
+    let (s, _) = node.send("DELETE", "/v2/apps/hostly", None).await;
+    assert_eq!(s, 200);
+    eventually(60, "the container is gone", || async { tasks(&node, "/hostly").await.is_empty().then_some(()) }).await;
 }

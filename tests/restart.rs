@@ -113,3 +113,34 @@ async fn sigterm_stops_tasks_and_restart_replaces_them() {
 async fn sigterm_with_keep_tasks_readopts() {
     run("TERM", true, false).await;
 }
+
+/// Issue 10, item 2: processes that leave the task's process group (`setsid`, a double fork,
+/// SIGTERM ignored) die with their task, on DELETE of the app and on SIGTERM of `mesh dev`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_leave_the_group_die_on_delete_and_on_sigterm() {
+    let escape = concat!(
+        "setsid sleep 1000 & ",
+        "sh -c '(setsid sleep 1000 &) &'; ",
+        "(setsid sh -c 'trap \"\" TERM; exec sleep 1000' &); ",
+        "exec sleep 1000"
+    );
+    let mut node = MeshNode::start(&["--runtime", "process"]);
+    let (tag1, tag2) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    for (id, tag) in [("/esc/one", &tag1), ("/esc/two", &tag2)] {
+        let app =
+            json!({"id": id, "cmd": escape, "instances": 1, "cpus": 0.1, "mem": 32, "env": {"MESH_TEST_TAG": tag}});
+        let (s, v) = node.send("POST", "/v2/apps", Some(&app.to_string())).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    for tag in [&tag1, &tag2] {
+        eventually(30, "four sleeps per task", || async { (tagged_pids(tag, "sleep").len() == 4).then_some(()) }).await;
+    }
+    let (s, _) = node.send("DELETE", "/v2/apps/esc/one", None).await;
+    assert_eq!(s, 200);
+    eventually(30, "no process of the deleted app is left", || async {
+        tagged_pids(&tag1, "sleep").is_empty().then_some(())
+    })
+    .await;
+    node.stop_with("TERM");
+    assert_eq!(tagged_pids(&tag2, "sleep"), Vec::<u32>::new(), "SIGTERM of mesh dev left processes of its tasks");
+}

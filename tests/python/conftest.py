@@ -74,6 +74,8 @@ def mesh_url():
         "--cpus", "4",
         "--mem", "4096",
         "--no-registrator",
+        # complex_app() mounts this host path (the app never runs: process runtime)
+        "--allowed-host-path", "/etc/stuff",
     ]
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)

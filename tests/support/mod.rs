@@ -49,14 +49,17 @@ impl MeshNode {
 
     /// Start a node on `data_dir` (which may hold state from an earlier node).
     pub fn start_on(data_dir: &Path, ports: (u16, u16), extra: &[&str]) -> MeshNode {
+        Self::start_named(data_dir, ports, &node_name(data_dir), extra)
+    }
+
+    /// Start a node on `data_dir` with the node name `name` (tests of name clashes).
+    pub fn start_named(data_dir: &Path, ports: (u16, u16), name: &str, extra: &[&str]) -> MeshNode {
+        let name = name.to_owned();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("log file");
-        // A node name unique to the data dir (stable across restarts on it), so nodes of tests
-        // running in parallel never adopt each other's containers.
-        let name = node_name(data_dir);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
         cmd.args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", &name])
             .arg("--data-dir")
@@ -173,7 +176,8 @@ impl Drop for MeshNode {
     }
 }
 
-/// `t` + a hash of the data dir: a valid DNS label.
+/// `t` + a hash of the data dir: a valid DNS label. A node name unique to the data dir (stable
+/// across restarts on it), so nodes of tests running in parallel never share a name.
 pub fn node_name(data_dir: &Path) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

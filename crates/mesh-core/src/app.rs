@@ -1,7 +1,7 @@
 //! The Marathon app definition: its JSON shape (1.4 and 1.5 request formats), validation with
 //! Marathon's error paths, and the mapping from app id to service name.
 
-use crate::runtime::{ContainerSpec, NetworkMode, PortMapping, Volume};
+use crate::runtime::{ContainerSpec, HostAccess, NetworkMode, PortMapping, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -20,6 +20,58 @@ impl fmt::Display for AppId {
 
 /// Why an id is not a valid path id.
 pub const INVALID_PATH_ID: &str = "must fully match regular expression '^(([a-z0-9]|[a-z0-9][a-z0-9\\-]*[a-z0-9])\\.)*([a-z0-9]|[a-z0-9][a-z0-9\\-]*[a-z0-9])|(\\.|\\.\\.)$'";
+
+/// Bounds of an app definition, checked (as 422s) wherever a definition comes in. They keep every
+/// accepted definition launchable and the memory a request can cause proportional to a small
+/// input: a few bytes of JSON per list item would otherwise become a large stored struct (kept
+/// in every app version), so lists and maps have a count limit besides the body size limit.
+pub mod limits {
+    /// Longest app or group id in bytes. A task's sandbox is named
+    /// `<id without the first '/'>.instance-<uuid>._app.1` (53 bytes more), and must fit a file
+    /// name (NAME_MAX, 255 bytes).
+    pub const MAX_ID_LEN: usize = 200;
+    /// Largest `backoffSeconds` (a day). Marathon requires 0 or more.
+    pub const MAX_BACKOFF_SECONDS: f64 = 86_400.0;
+    /// Largest `backoffFactor`. Marathon requires 1.0 or more.
+    pub const MAX_BACKOFF_FACTOR: f64 = 100.0;
+    /// Largest `maxLaunchDelaySeconds` (a day). Marathon requires 0 or more.
+    pub const MAX_LAUNCH_DELAY_SECONDS: f64 = 86_400.0;
+    /// Largest `taskKillGracePeriodSeconds` (an hour, as the runtimes cap it).
+    pub const MAX_KILL_GRACE_SECONDS: f64 = 3_600.0;
+    /// Largest `cpus` per task: more than any single machine offers.
+    pub const MAX_CPUS: f64 = 4_096.0;
+    /// Largest `mem` per task in MiB (16 TiB).
+    pub const MAX_MEM_MIB: f64 = 16.0 * 1024.0 * 1024.0;
+    /// Largest `disk` per task in MiB (1 PiB).
+    pub const MAX_DISK_MIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    /// Largest `gpus` per task.
+    pub const MAX_GPUS: f64 = 128.0;
+    /// Most `instances` of an app.
+    pub const MAX_INSTANCES: f64 = 100_000.0;
+    /// Most ports (`portDefinitions`, `ports`, `portMappings`) of an app: a task can use at most
+    /// an agent's port range.
+    pub const MAX_PORTS: usize = 1_000;
+    /// Most `labels` (of the app, or of one port).
+    pub const MAX_LABELS: usize = 256;
+    /// Most `env` entries.
+    pub const MAX_ENV: usize = 1_024;
+    /// Most `constraints`.
+    pub const MAX_CONSTRAINTS: usize = 64;
+    /// Most `healthChecks` (and `readinessChecks`).
+    pub const MAX_HEALTH_CHECKS: usize = 16;
+    /// Most items of any other list (`args`, `fetch`, `dependencies`, volumes, docker parameters,
+    /// networks, roles).
+    pub const MAX_LIST: usize = 256;
+    /// Most app definitions in one request (`PUT /v2/apps`, a group update).
+    pub const MAX_APPS_PER_REQUEST: usize = 1_000;
+    /// Most JSON values (numbers, strings, list items, ...) in one app definition: parts kept as
+    /// given (`container`, check definitions) cannot grow past this either.
+    pub const MAX_JSON_VALUES: usize = 20_000;
+    /// The most memory a request body may take once parsed, estimated as it is parsed (see
+    /// [`super::parse_json`]): a few bytes of JSON can take hundreds in memory (`{}` is an
+    /// object), so the body size alone does not bound it.
+    pub const MAX_PARSED_BYTES: usize = 32 * 1024 * 1024;
+}
 
 fn valid_label(l: &str) -> bool {
     let b = l.as_bytes();
@@ -46,6 +98,12 @@ impl AppId {
         if raw.is_empty() {
             return Err("path id must not be empty".into());
         }
+        if raw.len() > limits::MAX_ID_LEN {
+            return Err(format!(
+                "path id must be at most {} bytes long (task sandbox names must fit a file name)",
+                limits::MAX_ID_LEN
+            ));
+        }
         let mut parts: Vec<&str> =
             if raw.starts_with('/') { Vec::new() } else { base.split('/').filter(|s| !s.is_empty()).collect() };
         for seg in raw.split('/').filter(|s| !s.is_empty()) {
@@ -64,6 +122,13 @@ impl AppId {
         }
         if parts.is_empty() {
             return Err("path id must not be the root group".into());
+        }
+        let len = parts.iter().map(|p| p.len() + 1).sum::<usize>();
+        if len > limits::MAX_ID_LEN {
+            return Err(format!(
+                "path id must be at most {} bytes long (task sandbox names must fit a file name)",
+                limits::MAX_ID_LEN
+            ));
         }
         if let Some(last) = parts.last()
             && ["restart", "tasks", "versions"].contains(last)
@@ -304,6 +369,81 @@ fn get_f64(v: &Value, path: &str, bad: &mut Violations) -> Option<f64> {
     }
 }
 
+/// How many JSON values `v` holds (itself included), counting no further than `stop`.
+pub fn json_values(v: &Value, stop: usize) -> usize {
+    let mut n = 1;
+    let children: Box<dyn Iterator<Item = &Value>> = match v {
+        Value::Array(a) => Box::new(a.iter()),
+        Value::Object(o) => Box::new(o.values()),
+        _ => return 1,
+    };
+    for c in children {
+        if n > stop {
+            break;
+        }
+        n += json_values(c, stop - n);
+    }
+    n
+}
+
+/// The size limits of [`limits`] on a definition as given (before anything is converted).
+fn check_sizes(obj: &serde_json::Map<String, Value>, bad: &mut Violations) {
+    use limits::*;
+    let len = |v: Option<&Value>| match v {
+        Some(Value::Array(a)) => a.len(),
+        Some(Value::Object(o)) => o.len(),
+        _ => 0,
+    };
+    let mut at_most = |path: &str, v: Option<&Value>, max: usize, what: &str| {
+        let n = len(v);
+        if n > max {
+            bad.add(path, format!("{n} {what} given; at most {max} are allowed"));
+        }
+    };
+    for (key, max, what) in [
+        ("portDefinitions", MAX_PORTS, "port definitions"),
+        ("ports", MAX_PORTS, "ports"),
+        ("labels", MAX_LABELS, "labels"),
+        ("env", MAX_ENV, "environment variables"),
+        ("constraints", MAX_CONSTRAINTS, "constraints"),
+        ("healthChecks", MAX_HEALTH_CHECKS, "health checks"),
+        ("readinessChecks", MAX_HEALTH_CHECKS, "readiness checks"),
+        ("args", MAX_LIST, "arguments"),
+        ("fetch", MAX_LIST, "fetch URIs"),
+        ("uris", MAX_LIST, "URIs"),
+        ("storeUrls", MAX_LIST, "store URLs"),
+        ("dependencies", MAX_LIST, "dependencies"),
+        ("networks", MAX_LIST, "networks"),
+        ("acceptedResourceRoles", MAX_LIST, "roles"),
+    ] {
+        at_most(&format!("/{key}"), obj.get(key), max, what);
+    }
+    let container = obj.get("container");
+    let docker = container.and_then(|c| c.get("docker"));
+    at_most("/container/portMappings", container.and_then(|c| c.get("portMappings")), MAX_PORTS, "port mappings");
+    at_most("/container/docker/portMappings", docker.and_then(|d| d.get("portMappings")), MAX_PORTS, "port mappings");
+    at_most("/container/volumes", container.and_then(|c| c.get("volumes")), MAX_LIST, "volumes");
+    at_most("/container/docker/parameters", docker.and_then(|d| d.get("parameters")), MAX_LIST, "parameters");
+    for (path, list) in [
+        ("/portDefinitions", obj.get("portDefinitions")),
+        ("/container/portMappings", container.and_then(|c| c.get("portMappings"))),
+    ] {
+        for (i, p) in list.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+            at_most(&format!("{path}({i})/labels"), p.get("labels"), MAX_LABELS, "labels");
+        }
+    }
+    for (i, c) in obj.get("constraints").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate()
+    {
+        at_most(&format!("/constraints({i})"), Some(c), 3, "constraint fields");
+    }
+    if bad.0.is_empty() {
+        let n: usize = obj.values().map(|v| json_values(v, MAX_JSON_VALUES)).sum();
+        if n > MAX_JSON_VALUES {
+            bad.add("/", format!("the definition holds more than {MAX_JSON_VALUES} JSON values"));
+        }
+    }
+}
+
 /// The names of fields the definition may carry; anything else is ignored.
 const ONLY_ON_CREATE_DEFAULTS: &[(&str, f64)] = &[("cpus", 1.0), ("mem", 128.0), ("disk", 0.0), ("gpus", 0.0)];
 
@@ -364,23 +504,31 @@ impl App {
             },
         };
 
+        // Sizes first: an oversized list is refused before it is copied or converted.
+        check_sizes(obj, &mut bad);
+        if !bad.0.is_empty() {
+            return Err(Invalid(bad.0));
+        }
         // numbers that must be checked for sign/range before serde sees them
-        for (key, min, msg) in [
-            ("cpus", 0.0, "got {v}, expected 0.0 or more"),
-            ("mem", 0.0, "got {v}, expected 0.0 or more"),
-            ("disk", 0.0, "got {v}, expected 0.0 or more"),
-            ("gpus", 0.0, "got {v}, expected 0 or more"),
-            ("instances", 0.0, "got {v}, expected 0 or more"),
-            ("backoffSeconds", 0.0, "got {v}, expected 0 or more"),
-            ("backoffFactor", 1.0, "got {v}, expected 1.0 or more"),
-            ("maxLaunchDelaySeconds", 0.0, "got {v}, expected 0 or more"),
-            ("taskKillGracePeriodSeconds", 0.0, "got {v}, expected 0 or more"),
+        use limits::*;
+        for (key, min, max) in [
+            ("cpus", 0.0, MAX_CPUS),
+            ("mem", 0.0, MAX_MEM_MIB),
+            ("disk", 0.0, MAX_DISK_MIB),
+            ("gpus", 0.0, MAX_GPUS),
+            ("instances", 0.0, MAX_INSTANCES),
+            ("backoffSeconds", 0.0, MAX_BACKOFF_SECONDS),
+            ("backoffFactor", 1.0, MAX_BACKOFF_FACTOR),
+            ("maxLaunchDelaySeconds", 0.0, MAX_LAUNCH_DELAY_SECONDS),
+            ("taskKillGracePeriodSeconds", 0.0, MAX_KILL_GRACE_SECONDS),
         ] {
             if let Some(v) = obj.get(key) {
                 let path = format!("/{key}");
                 if let Some(x) = get_f64(v, &path, &mut bad) {
                     if x < min || !x.is_finite() {
-                        bad.add(&path, msg.replace("{v}", &v.to_string()));
+                        bad.add(&path, format!("got {v}, expected {min:?} or more"));
+                    } else if x > max {
+                        bad.add(&path, format!("got {v}, expected at most {max}"));
                     } else if key == "instances" && x.fract() != 0.0 {
                         bad.add(&path, "error.expected.jsnumber");
                     }
@@ -814,6 +962,200 @@ impl App {
     }
 }
 
+impl App {
+    /// The checks that depend on what the node lets containers reach of the host
+    /// ([`HostAccess`]): privileged mode, host paths of volumes, added capabilities.
+    pub fn check_host_access(&self, access: &HostAccess) -> Result<(), Invalid> {
+        let mut bad = Violations(Vec::new());
+        if self.privileged() && !access.allow_privileged {
+            bad.add(
+                "/container/docker/privileged",
+                "privileged containers are not allowed on this node (start it with --allow-privileged)",
+            );
+        }
+        let c = self.container.as_ref();
+        let list = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+        for (i, v) in list(c.and_then(|c| c.get("volumes"))).iter().enumerate() {
+            if let Some(hp) = v.get("hostPath").and_then(Value::as_str).filter(|h| !h.is_empty())
+                && let Err(e) = access.check_host_path(hp)
+            {
+                bad.add(&format!("/container/volumes({i})/hostPath"), e);
+            }
+        }
+        let params = list(c.and_then(|c| c.get("docker")).and_then(|d| d.get("parameters")));
+        for (i, p) in params.iter().enumerate() {
+            if p.get("key").and_then(Value::as_str) != Some("cap-add") {
+                continue;
+            }
+            for cap in p.get("value").and_then(Value::as_str).unwrap_or("").split(',') {
+                if let Err(e) = access.check_cap_add(cap) {
+                    bad.add(&format!("/container/docker/parameters({i})/value"), e);
+                }
+            }
+        }
+        if bad.0.is_empty() { Ok(()) } else { Err(Invalid(bad.0)) }
+    }
+}
+
+/// Why a request body is not an acceptable JSON document.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not JSON at all.
+    #[error("{0}")]
+    Syntax(String),
+    /// The parsed body would take more than [`limits::MAX_PARSED_BYTES`]; parsing stopped there.
+    #[error(
+        "the request body holds too many JSON values to take in: parsed it would need more than {} MiB",
+        limits::MAX_PARSED_BYTES / (1024 * 1024)
+    )]
+    TooComplex,
+    /// An object gives a key twice: which value was meant is unclear, so neither is taken.
+    #[error("duplicate key '{key}': each field may be given once")]
+    DuplicateKey {
+        /// Where, in the error paths of [`Invalid`] (`/container/docker/image`, `/0/id`,
+        /// `/apps(1)/cmd`).
+        path: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// Parse a request body as JSON like `serde_json::from_slice::<Value>`, except that an object
+/// with a duplicate key is an error (serde_json keeps the last value silently), and that parsing
+/// stops once the result would take more than [`limits::MAX_PARSED_BYTES`] of memory.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
+    use serde::de::DeserializeSeed;
+    let dup = std::cell::RefCell::new(None);
+    let budget = std::cell::Cell::new(Some(limits::MAX_PARSED_BYTES));
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed =
+        StrictValue { depth: 0, dup: &dup, budget: &budget }.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match (parsed, dup.into_inner(), budget.get()) {
+        (_, Some((path, key)), _) => Err(JsonError::DuplicateKey { path, key }),
+        (_, None, None) => Err(JsonError::TooComplex),
+        (Ok(v), None, _) => Ok(v),
+        (Err(e), None, _) => Err(JsonError::Syntax(e.to_string())),
+    }
+}
+
+/// Estimated heap cost of parsed JSON, in bytes: a value slot (in its array or map), an object
+/// (a B-tree node), and the bytes of a string or key plus its header.
+const VALUE_COST: usize = 48;
+const OBJECT_COST: usize = 640;
+const STRING_COST: usize = 24;
+
+/// A JSON value visitor that records the first duplicate key (path, key) and fails, and charges
+/// every value to the budget (`None` once it ran out).
+struct StrictValue<'a> {
+    depth: usize,
+    dup: &'a std::cell::RefCell<Option<(String, String)>>,
+    budget: &'a std::cell::Cell<Option<usize>>,
+}
+
+impl StrictValue<'_> {
+    fn child(&self) -> Self {
+        StrictValue { depth: self.depth + 1, dup: self.dup, budget: self.budget }
+    }
+
+    fn charge<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
+        match self.budget.get().and_then(|b| b.checked_sub(bytes)) {
+            Some(left) => {
+                self.budget.set(Some(left));
+                Ok(())
+            }
+            None => {
+                self.budget.set(None);
+                Err(E::custom("too complex"))
+            }
+        }
+    }
+
+    /// On the way out of a failed child: put its segment in front of the recorded path.
+    fn prepend(&self, segment: String) {
+        if let Some((path, _)) = self.dup.borrow_mut().as_mut() {
+            path.insert_str(0, &segment);
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictValue<'_> {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictValue<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
+        Ok(Value::from(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.charge(VALUE_COST + STRING_COST + v.len())?;
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.charge(VALUE_COST + STRING_COST + v.len())?;
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.charge(VALUE_COST)?;
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.charge::<A::Error>(VALUE_COST)?;
+        let mut out = Vec::new();
+        loop {
+            match seq.next_element_seed(self.child()) {
+                Ok(Some(v)) => out.push(v),
+                Ok(None) => return Ok(Value::Array(out)),
+                Err(e) => {
+                    // A bulk body's items are `/0`, nested list items `(0)` (Marathon's paths).
+                    let i = out.len();
+                    self.prepend(if self.depth == 0 { format!("/{i}") } else { format!("({i})") });
+                    return Err(e);
+                }
+            }
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.charge::<A::Error>(VALUE_COST + OBJECT_COST)?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            self.charge::<A::Error>(STRING_COST + key.len())?;
+            let v = match map.next_value_seed(self.child()) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.prepend(format!("/{key}"));
+                    return Err(e);
+                }
+            };
+            if out.contains_key(&key) {
+                *self.dup.borrow_mut() = Some((format!("/{key}"), key));
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// The network mode a (normalized) app JSON asks for.
 fn network_of(m: &serde_json::Map<String, Value>) -> NetworkMode {
     let first = m.get("networks").and_then(Value::as_array).and_then(|a| a.first());
@@ -1022,6 +1364,85 @@ mod tests {
             let err = App::from_json(&body, None).expect_err(&body.to_string());
             assert!(err.0.iter().any(|v| v.path == path), "{body}: {err:?}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_with_their_path() {
+        assert_eq!(parse_json(br#"{"a": [1, {"b": 2}], "c": null}"#).unwrap(), json!({"a": [1, {"b": 2}], "c": null}));
+        let dup = |body: &str| match parse_json(body.as_bytes()) {
+            Err(JsonError::DuplicateKey { path, .. }) => path,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert_eq!(dup(r#"{"cmd": "a", "cmd": "b"}"#), "/cmd");
+        assert_eq!(dup(r#"{"container": {"docker": {"image": "i", "image": "j"}}}"#), "/container/docker/image");
+        assert_eq!(dup(r#"[{"id": "a"}, {"id": "b", "id": "c"}]"#), "/1/id");
+        assert_eq!(dup(r#"{"apps": [{"x": 1}, {"y": 1, "y": 2}]}"#), "/apps(1)/y");
+        assert!(matches!(parse_json(b"{not json"), Err(JsonError::Syntax(_))));
+        // 1.3 MB of small objects would take ~70 MB parsed: refused part way.
+        let many = format!("[{}{{}}]", "{},".repeat(200_000));
+        assert_eq!(parse_json(many.as_bytes()), Err(JsonError::TooComplex));
+        let fine = format!("[{}0]", "0,".repeat(200_000));
+        assert!(parse_json(fine.as_bytes()).is_ok());
+        assert!(matches!(parse_json(b"{} x"), Err(JsonError::Syntax(_))));
+    }
+
+    #[test]
+    fn limits_are_422s_at_the_field() {
+        let many = |n: usize| serde_json::Value::Array((0..n).map(|_| json!({"port": 0})).collect());
+        let cases = [
+            (json!({"id": "w", "cmd": "x", "backoffSeconds": 1e300}), "/backoffSeconds"),
+            (json!({"id": "w", "cmd": "x", "backoffFactor": 1e300}), "/backoffFactor"),
+            (json!({"id": "w", "cmd": "x", "maxLaunchDelaySeconds": 86401}), "/maxLaunchDelaySeconds"),
+            (json!({"id": "w", "cmd": "x", "mem": 1e308}), "/mem"),
+            (json!({"id": "w", "cmd": "x", "portDefinitions": many(limits::MAX_PORTS + 1)}), "/portDefinitions"),
+            (json!({"id": "w", "cmd": "x", "constraints": [["a", "LIKE", "b", "c", "d"]]}), "/constraints(0)"),
+            (json!({"id": "w", "container": {"docker": {"image": "i"}, "extra": many(limits::MAX_JSON_VALUES)}}), "/"),
+        ];
+        for (body, path) in cases {
+            let err = App::from_json(&body, None).expect_err(&body.to_string()[..80.min(body.to_string().len())]);
+            assert!(err.0.iter().any(|v| v.path == path), "{path}: {err:?}");
+        }
+        // the limits themselves are fine
+        let ok = json!({"id": "w", "cmd": "x", "backoffSeconds": 86400, "backoffFactor": 100,
+            "maxLaunchDelaySeconds": 86400, "portDefinitions": many(limits::MAX_PORTS)});
+        App::from_json(&ok, None).unwrap();
+        let longest = format!("/{}", "a".repeat(limits::MAX_ID_LEN - 1));
+        let app = App::from_json(&json!({"id": longest, "cmd": "x"}), None).unwrap();
+        assert!(format!("{}.instance-{}._app.1", app.id.task_prefix(), uuid::Uuid::nil()).len() <= 255);
+        assert!(AppId::parse(&format!("{longest}a")).is_err());
+        assert!(AppId::parse(&format!("/{}/{}", "a".repeat(150), "b".repeat(60))).is_err());
+    }
+
+    #[test]
+    fn host_access_is_checked_per_volume_and_capability() {
+        let app = App::from_json(
+            &json!({"id": "w", "container": {"docker": {"image": "i", "privileged": true,
+                "parameters": [{"key": "cap-drop", "value": "ALL"}, {"key": "cap-add", "value": "NET_ADMIN,SYS_ADMIN"}]},
+                "volumes": [{"containerPath": "/a", "hostPath": "/srv/a", "mode": "RO"},
+                            {"containerPath": "/b", "hostPath": "/", "mode": "RW"}]}}),
+            None,
+        )
+        .unwrap();
+        let paths = |access: &HostAccess| -> Vec<String> {
+            app.check_host_access(access).err().map(|e| e.0.into_iter().map(|v| v.path).collect()).unwrap_or_default()
+        };
+        assert_eq!(
+            paths(&HostAccess::default()),
+            [
+                "/container/docker/privileged",
+                "/container/volumes(0)/hostPath",
+                "/container/volumes(1)/hostPath",
+                "/container/docker/parameters(1)/value"
+            ]
+        );
+        let some =
+            HostAccess { host_paths: vec!["/srv".into()], cap_add: vec!["NET_ADMIN".into()], ..Default::default() };
+        assert_eq!(
+            paths(&some),
+            ["/container/docker/privileged", "/container/volumes(1)/hostPath", "/container/docker/parameters(1)/value"]
+        );
+        let all = HostAccess { allow_privileged: true, host_paths: vec!["/".into()], cap_add: vec![] };
+        assert!(paths(&all).is_empty());
     }
 
     #[test]

@@ -391,8 +391,8 @@ pub struct LaunchContext<'a> {
     pub hostname: &'a str,
     /// What the offers still hold.
     pub remaining: &'a Resources,
-    /// Whether the node lets containers run privileged.
-    pub allow_privileged: bool,
+    /// What the node lets containers reach of the host.
+    pub host_access: &'a crate::runtime::HostAccess,
     /// When.
     pub now: Millis,
 }
@@ -484,7 +484,7 @@ pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Res
                     });
                 }
                 let privileged = d.privileged.unwrap_or(false);
-                if privileged && !cx.allow_privileged {
+                if privileged && !cx.host_access.allow_privileged {
                     return Err("Privileged containers are not allowed on this node (--allow-privileged)".into());
                 }
                 let mut parameters = Vec::new();
@@ -496,6 +496,11 @@ pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Res
                             crate::runtime::docker::ALLOWED_PARAMETERS.join(", ")
                         ));
                     }
+                    if p.key == "cap-add" {
+                        for cap in p.value.split(',') {
+                            cx.host_access.check_cap_add(cap)?;
+                        }
+                    }
                     parameters.push((p.key.clone(), p.value.clone()));
                 }
                 let mut volumes = Vec::new();
@@ -503,6 +508,7 @@ pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Res
                     let Some(host) = v.host_path.clone().filter(|h| h.starts_with('/')) else {
                         return Err(format!("Volume '{}' needs an absolute host_path", v.container_path));
                     };
+                    cx.host_access.check_host_path(&host)?;
                     volumes.push(Volume {
                         container_path: v.container_path.clone(),
                         host_path: host,
@@ -726,16 +732,46 @@ mod tests {
     }
 
     fn launch(info: serde_json::Value, remaining: &Resources) -> Result<TaskLaunch, String> {
+        launch_with(info, remaining, &crate::runtime::HostAccess::default())
+    }
+
+    fn launch_with(
+        info: serde_json::Value,
+        remaining: &Resources,
+        host_access: &crate::runtime::HostAccess,
+    ) -> Result<TaskLaunch, String> {
         let info: crate::mesos::TaskInfo = serde_json::from_value(info).unwrap();
         let cx = LaunchContext {
             framework: &fw("f1"),
             agent: &crate::model::AgentId::from("a1"),
             hostname: "h1",
             remaining,
-            allow_privileged: false,
+            host_access,
             now: 5,
         };
         task_launch(&info, &cx)
+    }
+
+    #[test]
+    fn host_paths_and_cap_add_need_the_operator_s_leave() {
+        let r = Resources::scalars(1.0, 128.0, 0.0);
+        let info = |host_path: &str, cap: &str| {
+            serde_json::json!({"name": "t", "task_id": {"value": "t1"}, "agent_id": {"value": "a1"},
+                "resources": [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.1}}],
+                "container": {"type": "DOCKER", "docker": {"image": "i", "parameters": [{"key": "cap-add", "value": cap}]},
+                    "volumes": [{"container_path": "/h", "host_path": host_path, "mode": "RW"}]}})
+        };
+        let e = launch(info("/", "CHOWN"), &r).unwrap_err();
+        assert!(e.contains("--allowed-cap-add"), "{e}");
+        let caps = crate::runtime::HostAccess { cap_add: vec!["ALL".into()], ..Default::default() };
+        let e = launch_with(info("/", "CHOWN"), &r, &caps).unwrap_err();
+        assert!(e.contains("--allowed-host-path"), "{e}");
+        let access = crate::runtime::HostAccess { host_paths: vec!["/srv".into()], ..Default::default() };
+        let e = launch_with(info("/srv/x", "SYS_ADMIN"), &r, &access).unwrap_err();
+        assert!(e.contains("--allowed-cap-add"), "{e}");
+        let access = crate::runtime::HostAccess { cap_add: vec!["SYS_ADMIN".into()], ..access };
+        assert!(launch_with(info("/srv/../etc", "SYS_ADMIN"), &r, &access).is_err());
+        assert!(launch_with(info("/srv/x", "SYS_ADMIN"), &r, &access).is_ok());
     }
 
     #[test]

@@ -393,6 +393,41 @@ pub struct FrameworkInfo {
     pub offer_filters: BTreeMap<String, OfferFilters>,
 }
 
+/// Mesos' role name rules (`roles::validate`): `*`, or `/`-separated components, none of them
+/// empty (no leading, trailing or double `/`), `.`, `..` or `*`, none starting with `-`, and no
+/// whitespace, control characters or backslashes anywhere.
+pub fn validate_role(role: &str) -> Result<(), String> {
+    if role == "*" {
+        return Ok(());
+    }
+    if role.is_empty() {
+        return Err("Empty role name is invalid".into());
+    }
+    if role.starts_with('/') {
+        return Err(format!("Role '{role}' cannot start with a slash"));
+    }
+    if role.ends_with('/') {
+        return Err(format!("Role '{role}' cannot end with a slash"));
+    }
+    if role.contains("//") {
+        return Err(format!("Role '{role}' cannot contain two adjacent slashes"));
+    }
+    for c in role.split('/') {
+        if c == "." || c == ".." || c == "*" {
+            return Err(format!("Role '{role}' cannot contain '{c}' as a path component"));
+        }
+        if c.starts_with('-') {
+            return Err(format!("Role component '{c}' is invalid because it starts with a dash"));
+        }
+        if c.chars().any(|ch| ch.is_whitespace() || ch.is_control() || ch == '\\') {
+            return Err(format!(
+                "Role component '{c}' is invalid because it contains backslash, whitespace or control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl FrameworkInfo {
     /// The role mesh allocates the framework under: `roles[0]`, else `role`, else `*`.
     pub fn effective_role(&self) -> String {
@@ -1020,6 +1055,9 @@ impl Call {
             {
                 return Err("'framework_id' differs from 'subscribe.framework_info.id'".into());
             }
+            for role in s.framework_info.roles.iter().chain(&s.framework_info.role) {
+                validate_role(role)?;
+            }
             return Ok(());
         }
         need(self.framework_id.is_some(), "framework_id")?;
@@ -1471,5 +1509,23 @@ mod tests {
         let u = encode_uuid([1; 16]);
         assert_eq!(decode_uuid(&u).unwrap(), [1; 16]);
         assert!(decode_uuid("AAAA").is_err());
+    }
+
+    #[test]
+    fn role_names_follow_mesos_rules() {
+        for ok in ["*", "eng", "eng/web", "a.b", "a-b", "a/b/c"] {
+            assert!(validate_role(ok).is_ok(), "{ok}");
+        }
+        for bad in
+            ["", "..", ".", "../..", "a/../b", "a/./b", "/a", "a/", "a//b", "-a", "a/-b", "a b", "a\\b", "a\tb", "a/*"]
+        {
+            assert!(validate_role(bad).is_err(), "{bad}");
+        }
+        let sub = |roles: &[&str]| {
+            let info = FrameworkInfo { roles: roles.iter().map(|r| r.to_string()).collect(), ..Default::default() };
+            Call::subscribe(info)
+        };
+        assert!(sub(&["eng/web"]).validate().is_ok());
+        assert!(sub(&["eng", "../.."]).validate().is_err());
     }
 }

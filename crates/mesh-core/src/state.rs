@@ -1189,14 +1189,17 @@ impl State {
             at,
             version: task.version,
         });
-        // Launch backoff: the delay grows with every failure, up to the cap.
+        // Launch backoff: the delay grows with every failure, up to the cap. The API bounds the
+        // fields (app::limits), and every step here saturates besides, so no value can wrap the
+        // delay around to "already due": float-to-int `as` saturates (NaN gives 0), the delay
+        // never shrinks between failures, and the deadline is a saturating sum.
         let app = &rec.app;
         let base = (app.backoff_seconds * 1000.0) as u64;
         let cap = (app.max_launch_delay_seconds * 1000.0) as u64;
-        let next =
-            if rec.delay.delay_ms == 0 { base } else { ((rec.delay.delay_ms as f64) * app.backoff_factor) as u64 };
+        let current = rec.delay.delay_ms;
+        let next = if current == 0 { base } else { ((current as f64) * app.backoff_factor) as u64 }.max(current);
         rec.delay.delay_ms = next.min(cap);
-        rec.delay.until = at + rec.delay.delay_ms;
+        rec.delay.until = at.saturating_add(rec.delay.delay_ms);
     }
 
     /// The Consul check a Registrator instance declares through its `check_*` meta.
@@ -1620,6 +1623,37 @@ mod tests {
             .unwrap();
         assert!(r[0].is_ok());
         assert!(!store.state().deployments.contains_key("d1"));
+    }
+
+    /// Even a definition that bypassed validation (or a very late failure time) cannot make the
+    /// delay wrap around to "already due": the arithmetic saturates.
+    #[test]
+    fn launch_delay_arithmetic_saturates() {
+        for (backoff, factor, max) in [(1e300, 1.15, 1e300), (1.0, 1e300, 1e300), (f64::MAX, f64::MAX, f64::MAX)] {
+            let mut s = State::new("dc1");
+            let mut a = app("/crash", 1);
+            a.backoff_seconds = backoff;
+            a.backoff_factor = factor;
+            a.max_launch_delay_seconds = max;
+            s.apply(&put(a, 0, "d")).unwrap();
+            let mut last = 0;
+            for i in 0..4u64 {
+                let id = format!("t{i}");
+                s.apply(&Command::LaunchTasks { tasks: vec![task(&id, "/crash")] }).unwrap();
+                let at = 1_000_000 + i;
+                s.apply(&Command::TaskStatus {
+                    task_id: TaskId::from(id.as_str()),
+                    state: TaskState::Failed,
+                    message: "exited with status 1".into(),
+                    at,
+                })
+                .unwrap();
+                let rec = &s.apps[&AppId::parse("/crash").unwrap()];
+                assert!(rec.delay.delay_ms >= last, "{backoff} {factor} {max}: the delay never shrinks");
+                assert!(rec.delay.until > at, "{backoff} {factor} {max}: launch after {at} is still delayed");
+                last = rec.delay.delay_ms;
+            }
+        }
     }
 
     #[test]

@@ -107,6 +107,14 @@ pub async fn start(
             runtimes: cfg.runtimes.clone(),
         }))
         .await;
+    // The agent may have died before a task's RUNNING reached the control side (it would stay
+    // STAGING forever, and its deployment with it): say again that every re-adopted task runs,
+    // as a Mesos agent re-sends its tasks' latest status when it re-registers.
+    for r in &recovered {
+        let msg = "running (re-adopted after an agent restart)".to_owned();
+        let up = update(&cfg.id, r.task_id.clone(), TaskState::Running, msg, now_millis());
+        let _ = control.send(ControlMsg::FromAgent(up)).await;
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
     let agent_id = cfg.id.clone();
     let mut health = HealthRunner::new(cfg.address, control.clone());

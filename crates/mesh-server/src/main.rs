@@ -88,9 +88,18 @@ struct DevArgs {
     /// On SIGTERM/SIGINT leave tasks running; the next start on the same data dir adopts them.
     #[arg(long)]
     keep_tasks_on_exit: bool,
-    /// Allow apps to run privileged containers (`container.docker.privileged`).
+    /// Allow apps to run privileged containers (`container.docker.privileged`); this also
+    /// allows every `cap-add`.
     #[arg(long)]
     allow_privileged: bool,
+    /// A host path under which container volumes (`hostPath`) may be mounted; may repeat. None
+    /// by default: a volume of `/` is a way out of the container.
+    #[arg(long = "allowed-host-path", value_parser = parse_host_path)]
+    allowed_host_paths: Vec<PathBuf>,
+    /// A capability containers may add (docker parameter `cap-add`), e.g. NET_ADMIN; may
+    /// repeat; ALL allows any. None by default.
+    #[arg(long = "allowed-cap-add", value_parser = parse_capability)]
+    allowed_cap_add: Vec<String>,
     /// Do not register the containers of the local Docker engine in the catalog.
     #[arg(long)]
     no_registrator: bool,
@@ -270,6 +279,22 @@ fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
     }
 }
 
+fn parse_host_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!("expected an absolute path without '..', not {s:?}"));
+    }
+    Ok(p)
+}
+
+fn parse_capability(s: &str) -> Result<String, String> {
+    let name = mesh_core::runtime::capability_name(s);
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+        return Err(format!("expected a capability name such as NET_ADMIN, or ALL, not {s:?}"));
+    }
+    Ok(name)
+}
+
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("expected LOW-HIGH, e.g. 31000-32000")?;
     let lo: u16 = a.trim().parse().map_err(|_| format!("bad port {a}"))?;
@@ -389,7 +414,11 @@ fn main() -> ExitCode {
         disk: a.disk,
         attributes: a.attrs.into_iter().collect::<BTreeMap<_, _>>(),
         keep_tasks_on_exit: a.keep_tasks_on_exit,
-        allow_privileged: a.allow_privileged,
+        host_access: mesh_core::runtime::HostAccess {
+            allow_privileged: a.allow_privileged,
+            host_paths: a.allowed_host_paths,
+            cap_add: a.allowed_cap_add,
+        },
         registrator: !a.no_registrator,
         enable_script_checks: a.enable_script_checks,
         max_app_versions: a.max_app_versions,

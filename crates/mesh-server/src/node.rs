@@ -67,8 +67,8 @@ pub struct NodeConfig {
     pub attributes: BTreeMap<String, String>,
     /// On SIGTERM/SIGINT, leave tasks running for the next start to re-adopt.
     pub keep_tasks_on_exit: bool,
-    /// Allow apps to run privileged containers.
-    pub allow_privileged: bool,
+    /// What containers may reach of the host: privileged mode, host paths, added capabilities.
+    pub host_access: mesh_core::runtime::HostAccess,
     /// Register every container on the local Docker engine (Registrator) when one answers.
     pub registrator: bool,
     /// Versions kept per app.
@@ -77,7 +77,7 @@ pub struct NodeConfig {
     pub enable_script_checks: bool,
     /// DNS settings other than the domain, datacenter and servers (which come from the fields above).
     pub dns_options: DnsConfig,
-    /// Mesos v1 API and allocation settings (`allow_privileged` and `hostname` are filled in
+    /// Mesos v1 API and allocation settings (`host_access` and `hostname` are filled in
     /// from this config).
     pub mesos: crate::control::MesosConfig,
     /// Where task stdout/stderr go (rotated by a logger process, or straight into the sandbox).
@@ -141,6 +141,25 @@ async fn bind_dns(addr: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net
     Err(NodeError::Bind { addr, source: std::io::Error::other("no port free for both UDP and TCP") })
 }
 
+/// The node id of a data dir (`<data dir>/node-id`): a UUID generated on first use and kept, so
+/// that two nodes with the same name (on one Docker engine) never take each other's containers.
+pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
+    let path = data_dir.join("node-id");
+    let err = |source| NodeError::DataDir { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let tmp = data_dir.join("node-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    info!(node_id = %id, "generated the node id of this data dir");
+    Ok(id)
+}
+
 /// Run a `mesh dev` node until `shutdown` resolves. `ready` is called with the bound addresses
 /// once every API answers.
 pub async fn run_dev(
@@ -166,7 +185,7 @@ pub async fn run_dev(
             tick: Duration::from_millis(200),
             seed: now_millis(),
             mesos: crate::control::MesosConfig {
-                allow_privileged: cfg.allow_privileged,
+                host_access: cfg.host_access.clone(),
                 hostname: cfg.node.clone(),
                 ..cfg.mesos.clone()
             },
@@ -179,7 +198,7 @@ pub async fn run_dev(
     let process_options =
         ProcessOptions { logs: cfg.task_logs.clone(), disk_watch_interval: cfg.container_disk_watch_interval };
     let process = ProcessRuntime::with_options(cfg.data_dir.join("sandboxes"), events_tx.clone(), process_options)?;
-    info!(isolation = process.isolation(), "process runtime");
+    info!(isolation = process.isolation(), tracking = process.tracking(), "process runtime");
     let process = Arc::new(process);
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
@@ -187,7 +206,8 @@ pub async fn run_dev(
         RuntimeKind::Auto => DockerRuntime::available().await,
     };
     let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
-        match DockerRuntime::connect(events_tx.clone(), &cfg.node).await {
+        let node_id = node_id(&cfg.data_dir)?;
+        match DockerRuntime::connect(events_tx.clone(), &cfg.node, &node_id).await {
             Ok(rt) => {
                 if let TaskLogs::Rotate { rotation, .. } = &cfg.task_logs {
                     rt.set_log_rotation(Some(*rotation));
@@ -269,7 +289,7 @@ pub async fn run_dev(
         http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
         domain: cfg.domain.clone(),
         started_at: now_millis(),
-        allow_privileged: cfg.allow_privileged,
+        host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
     };
     let router = api::router(Api { control: control.clone(), info });

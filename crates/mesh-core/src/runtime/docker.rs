@@ -7,8 +7,13 @@
 //! not allow in names become `-`, and then a short hash of the real id is appended so two ids
 //! never share a name). Every container carries the labels
 //!
-//! - `mesh.task=<task id>` and `mesh.node=<node>`: what this runtime watches and recovers (only
-//!   containers of its own node, so several runtimes can share one engine);
+//! - `mesh.task=<task id>`, `mesh.node=<node name>` and `mesh.node-id=<node id>`: the node id
+//!   is generated once per data dir (`<data dir>/node-id`, a UUID) and is what this runtime
+//!   adopts, watches and kills by: only containers with its own node id, so several nodes can
+//!   share one engine even under the same name (the name defaults to the host name). When
+//!   [`DockerRuntime::connect`] finds running containers with its name but another node id (or
+//!   none: made by a mesh without node ids) it logs a warning naming them and leaves them alone;
+//!   they are never adopted or removed by this node (remove them by hand if they are leftovers);
 //! - `mesh.ports=<p1,p2,...>`: the host ports the scheduler assigned (for [`Runtime::recover`]);
 //! - `mesh.labels=<JSON object>`: the spec's labels exactly as launched (for `recover`);
 //! - every entry of `spec.labels` (`mesh.app`, `mesh.app_version`, ...) and of the `label`
@@ -80,8 +85,14 @@
 //! client whose per-request timeout is longer than the grace (bollard's default would cut a
 //! long stop short).
 //!
+//! A container's labels are written by the engine atomically with the container itself, so
+//! there is no window in which a container exists without the record a restart needs: a
+//! container created but not started when the agent died is found by the next `recover` (not
+//! running: removed), one started but not yet reported is adopted (and killed by the control
+//! side if the state does not know its task).
+//!
 //! Dropping a [`DockerRuntime`] stops watching and leaves the containers running. A new runtime
-//! for the same node adopts them with [`Runtime::recover`]: running containers labelled with
+//! with the same node id adopts them with [`Runtime::recover`]: running containers labelled with
 //! its node are watched again and returned (their labels from `mesh.labels`, ports from
 //! `mesh.ports`, else from the port bindings); containers of the node that no longer run are
 //! removed and not returned. Recovery sends no `Started` events.
@@ -134,8 +145,10 @@ pub const ALLOWED_PARAMETERS: &[&str] = &[
 
 /// The task id label.
 pub const LABEL_TASK: &str = "mesh.task";
-/// The node label.
+/// The node label (the node's name, for people and `docker ps --filter`).
 pub const LABEL_NODE: &str = "mesh.node";
+/// The node id label: what a runtime adopts, watches and kills by (see the [module docs](self)).
+pub const LABEL_NODE_ID: &str = "mesh.node-id";
 /// The host ports label (comma separated).
 pub const LABEL_PORTS: &str = "mesh.ports";
 /// The spec's labels as a JSON object.
@@ -163,11 +176,14 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub struct DockerRuntime {
     inner: Arc<Inner>,
     background: Vec<AbortHandle>,
+    /// Node ids (or `"none"`) of other nodes with this node's name that run containers here.
+    name_clashes: Vec<String>,
 }
 
 struct Inner {
     docker: Docker,
     node: String,
+    node_id: String,
     events: mpsc::Sender<RuntimeEvent>,
     tasks: Mutex<HashMap<TaskId, Arc<Watched>>>,
     /// Task ids between the start of `launch` and their entry in `tasks` (or failure).
@@ -280,15 +296,19 @@ fn io_error(kind: io::ErrorKind, message: String) -> RuntimeError {
 
 impl DockerRuntime {
     /// Connects to the local engine (honouring `DOCKER_HOST`) and checks that it answers a ping
-    /// within 2 s; tasks of this runtime are labelled `mesh.node=<node>`. Starts the watchers
-    /// (event stream and periodic listing); must be called inside a tokio runtime.
-    pub async fn connect(events: mpsc::Sender<RuntimeEvent>, node: &str) -> Result<Self, RuntimeError> {
-        Self::connect_with(events, node, Watchers::Both).await
+    /// within 2 s; tasks of this runtime are labelled `mesh.node=<node>` and
+    /// `mesh.node-id=<node_id>`, and only containers with this `node_id` are adopted, watched or
+    /// killed. Warns when containers of another node id with the same name run on the engine.
+    /// Starts the watchers (event stream and periodic listing); must be called inside a tokio
+    /// runtime.
+    pub async fn connect(events: mpsc::Sender<RuntimeEvent>, node: &str, node_id: &str) -> Result<Self, RuntimeError> {
+        Self::connect_with(events, node, node_id, Watchers::Both).await
     }
 
     async fn connect_with(
         events: mpsc::Sender<RuntimeEvent>,
         node: &str,
+        node_id: &str,
         watchers: Watchers,
     ) -> Result<Self, RuntimeError> {
         let docker = client()
@@ -299,6 +319,7 @@ impl DockerRuntime {
         let inner = Arc::new(Inner {
             docker,
             node: node.to_owned(),
+            node_id: node_id.to_owned(),
             events,
             tasks: Mutex::new(HashMap::new()),
             launching: Mutex::new(HashSet::new()),
@@ -312,7 +333,14 @@ impl DockerRuntime {
         if watchers != Watchers::ListingOnly {
             background.push(tokio::spawn(event_loop(inner.clone())).abort_handle());
         }
-        Ok(Self { inner, background })
+        let name_clashes = inner.name_clashes().await;
+        Ok(Self { inner, background, name_clashes })
+    }
+
+    /// Other nodes with this node's name that had running containers on the engine when this
+    /// runtime connected: their node ids (`"none"` for containers of a mesh without node ids).
+    pub fn name_clashes(&self) -> &[String] {
+        &self.name_clashes
     }
 
     /// Rotates the logs of containers launched from now on: the `json-file` driver with
@@ -339,6 +367,11 @@ impl DockerRuntime {
     /// The node whose containers this runtime runs and recovers.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    /// The node id whose containers this runtime runs and recovers.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
     }
 }
 
@@ -468,7 +501,8 @@ impl Runtime for DockerRuntime {
                     labels
                         .iter()
                         .filter(|(k, _)| {
-                            ![LABEL_TASK, LABEL_NODE, LABEL_PORTS, LABEL_LABELS, LABEL_DISK].contains(&k.as_str())
+                            ![LABEL_TASK, LABEL_NODE, LABEL_NODE_ID, LABEL_PORTS, LABEL_LABELS, LABEL_DISK]
+                                .contains(&k.as_str())
                         })
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
@@ -518,7 +552,7 @@ impl Inner {
     /// Pulls if needed, creates and starts the container, sends `Started`. The error is the
     /// message for `Failed`.
     async fn start(self: &Arc<Self>, spec: &TaskSpec, c: &ContainerSpec) -> Result<(), String> {
-        let mut body = create_body(spec, c, &self.node)?;
+        let mut body = create_body(spec, c, &self.node, &self.node_id)?;
         if let Some(r) = *self.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) {
             body.host_config.get_or_insert_with(HostConfig::default).log_config = Some(log_config(r));
         }
@@ -651,11 +685,47 @@ impl Inner {
         }
     }
 
-    /// All containers (running or not) labelled `mesh.task` and `mesh.node=<node>`.
+    /// All containers (running or not) labelled `mesh.task` and `mesh.node-id=<node id>`.
     async fn list_mesh_containers(&self) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
-        let filters = HashMap::from([("label", vec![LABEL_TASK.to_owned(), format!("{LABEL_NODE}={}", self.node)])]);
+        let filters = HashMap::from([("label", self.own_labels())]);
         let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         self.docker.list_containers(Some(opts)).await
+    }
+
+    /// The label filter of this node's task containers.
+    fn own_labels(&self) -> Vec<String> {
+        vec![LABEL_TASK.to_owned(), format!("{LABEL_NODE_ID}={}", self.node_id)]
+    }
+
+    /// Node ids of the running mesh containers with this node's name but another node id; warns
+    /// about each (a listing error is only logged).
+    async fn name_clashes(&self) -> Vec<String> {
+        let filters = HashMap::from([("label", vec![LABEL_TASK.to_owned(), format!("{LABEL_NODE}={}", self.node)])]);
+        let opts = ListContainersOptionsBuilder::new().filters(&filters).build();
+        let list = match self.docker.list_containers(Some(opts)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("docker: cannot list containers to check the node name: {e}");
+                return Vec::new();
+            }
+        };
+        let mut others: BTreeMap<String, usize> = BTreeMap::new();
+        for c in list {
+            let id = c.labels.as_ref().and_then(|l| l.get(LABEL_NODE_ID)).cloned().unwrap_or_else(|| "none".into());
+            if id != self.node_id {
+                *others.entry(id).or_default() += 1;
+            }
+        }
+        for (id, n) in &others {
+            tracing::warn!(
+                "docker: the node name {:?} is already used by another mesh node on this Docker engine \
+                 (node id {id}, {n} running container(s)); this node (id {}) neither adopts nor kills them. \
+                 Give every node sharing an engine its own --node (the default is the host name).",
+                self.node,
+                self.node_id
+            );
+        }
+        others.into_keys().collect()
     }
 
     /// Stop the container: SIGTERM, SIGKILL after `grace` (see the module docs).
@@ -844,7 +914,7 @@ async fn event_loop(inner: Arc<Inner>) {
     let filters = HashMap::from([
         ("type", vec!["container".to_owned()]),
         ("event", vec!["die".to_owned(), "oom".to_owned(), "destroy".to_owned()]),
-        ("label", vec![LABEL_TASK.to_owned(), format!("{LABEL_NODE}={}", inner.node)]),
+        ("label", inner.own_labels()),
     ]);
     let mut since: Option<String> = None;
     loop {
@@ -972,7 +1042,7 @@ fn log_config(r: LogRotation) -> HostConfigLogConfig {
 }
 
 /// The container create body of a task (pure; the error is the message for `Failed`).
-fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str) -> Result<ContainerCreateBody, String> {
+fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str, node_id: &str) -> Result<ContainerCreateBody, String> {
     let mut labels: HashMap<String, String> = HashMap::new();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut body = ContainerCreateBody { image: Some(c.image.clone()), ..Default::default() };
@@ -1018,6 +1088,7 @@ fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str) -> Result<Contain
     labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     labels.insert(LABEL_TASK.to_owned(), spec.task_id.to_string());
     labels.insert(LABEL_NODE.to_owned(), node.to_owned());
+    labels.insert(LABEL_NODE_ID.to_owned(), node_id.to_owned());
     labels.insert(LABEL_PORTS.to_owned(), spec.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     labels.insert(LABEL_LABELS.to_owned(), serde_json::to_string(&spec.labels).map_err(|e| e.to_string())?);
     if spec.disk > 0.0 {
@@ -1202,7 +1273,7 @@ mod tests {
             ],
         );
         let c = s.container.clone().unwrap();
-        let b = create_body(&s, &c, "n1").unwrap();
+        let b = create_body(&s, &c, "n1", "id1").unwrap();
         assert_eq!(b.image.as_deref(), Some(IMAGE));
         assert_eq!(b.entrypoint, Some(vec!["/bin/sh".to_owned(), "-c".to_owned()]));
         assert_eq!(b.cmd, Some(vec!["echo hi".to_owned()]));
@@ -1211,6 +1282,7 @@ mod tests {
         let labels = b.labels.unwrap();
         assert_eq!(labels[LABEL_TASK], "body1");
         assert_eq!(labels[LABEL_NODE], "n1");
+        assert_eq!(labels[LABEL_NODE_ID], "id1");
         assert_eq!(labels[LABEL_PORTS], "31000,31001");
         assert_eq!(labels["mesh.app"], "/docker-test");
         assert_eq!(labels["team"], "infra");
@@ -1251,11 +1323,11 @@ mod tests {
     #[test]
     fn create_body_network_modes_commands_and_bad_parameters() {
         let s = spec("b2", Command::Args(vec![]), NetworkMode::Host);
-        let b = create_body(&s, s.container.as_ref().unwrap(), "n").unwrap();
+        let b = create_body(&s, s.container.as_ref().unwrap(), "n", "id").unwrap();
         assert_eq!(b.host_config.as_ref().unwrap().network_mode.as_deref(), Some("host"));
         assert_eq!((b.cmd, b.entrypoint), (None, None), "empty args keep the image's command");
         let s = spec("b3", Command::Args(vec!["httpd".into(), "-f".into()]), NetworkMode::None);
-        let b = create_body(&s, s.container.as_ref().unwrap(), "n").unwrap();
+        let b = create_body(&s, s.container.as_ref().unwrap(), "n", "id").unwrap();
         assert_eq!(b.host_config.as_ref().unwrap().network_mode.as_deref(), Some("none"));
         assert_eq!((b.cmd, b.entrypoint), (Some(vec!["httpd".to_owned(), "-f".to_owned()]), None));
         for bad in
@@ -1263,7 +1335,7 @@ mod tests {
         {
             let mut s = shell("b4", "true");
             params(&mut s, &[bad]);
-            let err = create_body(&s, s.container.as_ref().unwrap(), "n").unwrap_err();
+            let err = create_body(&s, s.container.as_ref().unwrap(), "n", "id").unwrap_err();
             assert!(err.contains(bad.0), "{bad:?}: {err}");
         }
         // Every allowed key has an implementation.
@@ -1277,12 +1349,12 @@ mod tests {
             };
             let mut s = shell("b5", "true");
             params(&mut s, &[(key, value)]);
-            create_body(&s, s.container.as_ref().unwrap(), "n").unwrap_or_else(|e| panic!("{key}: {e}"));
+            create_body(&s, s.container.as_ref().unwrap(), "n", "id").unwrap_or_else(|e| panic!("{key}: {e}"));
         }
         // mesh's own labels cannot be overridden by parameters.
         let mut s = shell("b6", "true");
         params(&mut s, &[("label", "mesh.task=other")]);
-        let b = create_body(&s, s.container.as_ref().unwrap(), "n").unwrap();
+        let b = create_body(&s, s.container.as_ref().unwrap(), "n", "id").unwrap();
         assert_eq!(b.labels.unwrap()[LABEL_TASK], "b6");
     }
 
@@ -1373,7 +1445,7 @@ mod tests {
         engine().await?;
         let node = unique(&format!("test-{test}"));
         let (tx, rx) = mpsc::channel(64);
-        let rt = DockerRuntime::connect_with(tx, &node, watchers).await.unwrap();
+        let rt = DockerRuntime::connect_with(tx, &node, &format!("id-{node}"), watchers).await.unwrap();
         Some(Fixture { rt, ev: Events::new(rx), docker: client().unwrap(), _cleanup: Cleanup(node.clone()), node })
     }
 
@@ -1792,7 +1864,7 @@ mod tests {
         let port = free_port(33200);
         let (tx_a, rx_a) = mpsc::channel(64);
         let mut ev_a = Events::new(rx_a);
-        let a = DockerRuntime::connect(tx_a, &node).await.unwrap();
+        let a = DockerRuntime::connect(tx_a, &node, "id-recover").await.unwrap();
         let mut s = spec(&id, Command::Shell("httpd -f -p 8080 -h /www".into()), NetworkMode::Bridge);
         s.ports = vec![port];
         s.container.as_mut().unwrap().port_mappings =
@@ -1812,14 +1884,26 @@ mod tests {
         let st = std::process::Command::new("docker")
             .args(["run", "--name", &dead, "--label", &format!("{LABEL_TASK}=dead"), "--label"])
             .arg(format!("{LABEL_NODE}={node}"))
+            .args(["--label", &format!("{LABEL_NODE_ID}=id-recover")])
             .args([IMAGE, "true"])
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        // A container created but never started (the agent died between create and start): its
+        // labels are its record, so recover finds it and removes it too.
+        let created = format!("mesh-{}", unique("created"));
+        let st = std::process::Command::new("docker")
+            .args(["create", "--name", &created, "--label", &format!("{LABEL_TASK}=created"), "--label"])
+            .arg(format!("{LABEL_NODE}={node}"))
+            .args(["--label", &format!("{LABEL_NODE_ID}=id-recover")])
+            .args([IMAGE, "sleep", "1000"])
             .output()
             .unwrap();
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
 
         let (tx_b, rx_b) = mpsc::channel(64);
         let mut ev_b = Events::new(rx_b);
-        let b = DockerRuntime::connect(tx_b, &node).await.unwrap();
+        let b = DockerRuntime::connect(tx_b, &node, "id-recover").await.unwrap();
         let found = b.recover().await.unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].task_id, TaskId::from(id.as_str()));
@@ -1827,6 +1911,7 @@ mod tests {
         assert_eq!(found[0].ports, vec![port]);
         assert_eq!(b.running(), vec![TaskId::from(id.as_str())]);
         assert!(inspect(&docker, &dead).await.is_none(), "the ended container was removed");
+        assert!(inspect(&docker, &created).await.is_none(), "the never started container was removed");
         assert!(b.recover().await.unwrap().is_empty(), "no double adoption");
 
         b.kill(&id.as_str().into(), Duration::from_secs(10)).await.unwrap();
@@ -1834,6 +1919,42 @@ mod tests {
         assert!(killed);
         assert!(b.running().is_empty());
         assert!(inspect(&docker, &name).await.is_none());
+    }
+
+    /// Issue 10, item 10: a runtime with the same node name but another node id (a second node
+    /// on the engine) neither adopts, watches nor kills the first one's containers, and says so.
+    #[tokio::test]
+    async fn same_name_other_node_id_is_left_alone() {
+        if engine().await.is_none() {
+            return;
+        }
+        let node = unique("test-twins");
+        let _cleanup = Cleanup(node.clone());
+        let docker = client().unwrap();
+        let id = unique("twin");
+        let (tx_a, rx_a) = mpsc::channel(64);
+        let mut ev_a = Events::new(rx_a);
+        let a = DockerRuntime::connect(tx_a, &node, "id-a").await.unwrap();
+        assert!(a.name_clashes().is_empty());
+        a.launch(shell(&id, "exec sleep 1000")).await.unwrap();
+        ev_a.started(&id).await;
+
+        let (tx_b, rx_b) = mpsc::channel(64);
+        let mut ev_b = Events::new(rx_b);
+        let b = DockerRuntime::connect(tx_b, &node, "id-b").await.unwrap();
+        assert_eq!(b.name_clashes(), ["id-a".to_owned()]);
+        assert!(b.recover().await.unwrap().is_empty(), "b adopted a's container");
+        assert!(b.running().is_empty());
+        b.kill_all(Duration::from_secs(1)).await;
+        drop(b);
+        assert!(ev_b.none_for(&id));
+        let name = container_name(&id.as_str().into());
+        let state = inspect(&docker, &name).await.expect("a's container exists").state.unwrap();
+        assert_eq!(state.running, Some(true), "b stopped a's container");
+
+        a.kill(&id.as_str().into(), Duration::from_secs(1)).await.unwrap();
+        let (_, killed, _) = ev_a.exited(&id).await;
+        assert!(killed);
     }
 
     #[tokio::test]

@@ -199,3 +199,93 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stop every task (used on a clean shutdown that should leave nothing behind).
     async fn kill_all(&self, grace: Duration);
 }
+
+/// What containers may reach of the host, as the operator allows it (`--allow-privileged`,
+/// `--allowed-host-path`, `--allowed-cap-add`). Nothing by default: a bind mount of `/` or an
+/// added `SYS_ADMIN` is a way out of the container, so an API client cannot ask for one unless
+/// the operator listed it. Checked where definitions come in (Marathon's 422, Mesos' TASK_ERROR).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostAccess {
+    /// Whether containers may run privileged (this also allows every `cap-add`).
+    pub allow_privileged: bool,
+    /// Absolute host paths under which volumes may be mounted (the path itself included).
+    pub host_paths: Vec<std::path::PathBuf>,
+    /// Capabilities that may be added (`NET_ADMIN`, without `CAP_`); `ALL` allows any.
+    pub cap_add: Vec<String>,
+}
+
+/// A capability name as Docker takes it: upper case, without the `CAP_` prefix.
+pub fn capability_name(cap: &str) -> String {
+    let up = cap.trim().to_ascii_uppercase();
+    up.strip_prefix("CAP_").map(str::to_owned).unwrap_or(up)
+}
+
+impl HostAccess {
+    /// Whether a volume may mount `host_path`: it must be absolute, have no `..` components
+    /// (which could climb out of a prefix), and lie under an allowed prefix.
+    pub fn check_host_path(&self, host_path: &str) -> Result<(), String> {
+        use std::path::{Component, Path};
+        let p = Path::new(host_path);
+        if !p.is_absolute() {
+            return Err(format!("hostPath '{host_path}' must be an absolute path"));
+        }
+        if p.components().any(|c| c == Component::ParentDir) {
+            return Err(format!("hostPath '{host_path}' must not contain '..' components"));
+        }
+        if self.host_paths.iter().any(|prefix| p.starts_with(prefix)) {
+            return Ok(());
+        }
+        if self.host_paths.is_empty() {
+            Err(format!(
+                "host path '{host_path}' is not allowed: this node allows no host paths (start it with --allowed-host-path)"
+            ))
+        } else {
+            let list: Vec<String> = self.host_paths.iter().map(|p| p.display().to_string()).collect();
+            Err(format!(
+                "host path '{host_path}' is not allowed: it must lie under one of {} (--allowed-host-path)",
+                list.join(", ")
+            ))
+        }
+    }
+
+    /// Whether the capability `cap` may be added (`cap-add`).
+    pub fn check_cap_add(&self, cap: &str) -> Result<(), String> {
+        let name = capability_name(cap);
+        if self.allow_privileged || self.cap_add.iter().any(|c| c == "ALL" || *c == name) {
+            return Ok(());
+        }
+        Err(format!("adding capability '{name}' is not allowed on this node (start it with --allowed-cap-add {name})"))
+    }
+}
+
+#[cfg(test)]
+mod host_access_tests {
+    use super::HostAccess;
+
+    #[test]
+    fn host_paths_need_a_listed_prefix_and_no_dot_components() {
+        let none = HostAccess::default();
+        assert!(none.check_host_path("/").is_err());
+        assert!(none.check_host_path("/srv/data").is_err());
+        let some = HostAccess { host_paths: vec!["/srv/data".into()], ..Default::default() };
+        assert!(some.check_host_path("/srv/data").is_ok());
+        assert!(some.check_host_path("/srv/data/x/y").is_ok());
+        assert!(some.check_host_path("/srv/data/").is_ok());
+        assert!(some.check_host_path("/srv/data/./x").is_ok());
+        for bad in ["/srv/data/../../etc", "/srv/data/x/..", "/srv/database", "/srv", "/", "srv/data", ""] {
+            assert!(some.check_host_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cap_add_needs_a_listed_capability() {
+        assert!(HostAccess::default().check_cap_add("NET_ADMIN").is_err());
+        let some = HostAccess { cap_add: vec!["NET_ADMIN".into()], ..Default::default() };
+        assert!(some.check_cap_add("net_admin").is_ok());
+        assert!(some.check_cap_add("CAP_NET_ADMIN").is_ok());
+        assert!(some.check_cap_add("SYS_ADMIN").is_err());
+        assert!(some.check_cap_add("ALL").is_err());
+        assert!(HostAccess { cap_add: vec!["ALL".into()], ..Default::default() }.check_cap_add("SYS_ADMIN").is_ok());
+        assert!(HostAccess { allow_privileged: true, ..Default::default() }.check_cap_add("ALL").is_ok());
+    }
+}

@@ -4,8 +4,10 @@
 //!
 //! Every task gets a sandbox `work_dir/<task_id>/` that is its working directory and holds
 //! `stdout`, `stderr` and `task.json` (pid, pgid, process start time, labels, ports, grace,
-//! cgroup). `MESOS_SANDBOX` points at the sandbox. The environment is cleared except `PATH`,
-//! `HOME` and `LANG` of the agent, then the spec's env is added. A `Command::Shell` runs as
+//! cgroups). `MESOS_SANDBOX` points at the sandbox. The environment is cleared except `PATH`,
+//! `HOME` and `LANG` of the agent, then the spec's env is added, then `MESOS_SANDBOX` and
+//! [`MARKER_ENV`] (`MESH_TASK_MARKER=<hash of work_dir>/<task id>`, see below), which the spec
+//! cannot override. A `Command::Shell` runs as
 //! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). Each task
 //! leads its own process group, so a kill reaches its children and grandchildren too.
 //!
@@ -47,11 +49,49 @@
 //! hybrid layout: a tmpfs with cgroup v1 hierarchies for `memory`, `cpu`, ... and a cgroup v2
 //! mount at `/sys/fs/cgroup/unified` that only carries `hugetlb`. So the mode there is `"rlimit"`.
 //!
+//! # Tracking: finding every process of a task
+//!
+//! A process can leave its task's process group (`setsid`, a double fork) and ignore SIGTERM;
+//! it must still die with the task. [`ProcessRuntime::tracking`] says how processes are found:
+//!
+//! - `"cgroup-v2"` (with the `"cgroup-v2"` isolation): the task's cgroup; killed by writing
+//!   `cgroup.kill` (SIGKILL to every pid listed on kernels without it), until it is empty.
+//! - `"cgroup-v1-freezer"` otherwise, when a cgroup v1 hierarchy with the `freezer` controller is
+//!   mounted (found in `/proc/self/mountinfo`) and a runtime cgroup
+//!   `<freezer mount>/<own freezer cgroup>/mesh-<hash of work_dir>` can be created (root on the
+//!   machine this was written on). Each task gets `mesh-<hash>/<task_id>`, joined before `exec`
+//!   like the v2 cgroup. It is killed the way Mesos's Linux launcher destroys a container:
+//!   write `FROZEN` to `freezer.state` (so nothing forks meanwhile), SIGKILL every pid in
+//!   `cgroup.procs`, write `THAWED` (the kills are delivered), repeat until empty.
+//! - `"environ"` otherwise (or when asked for with [`TaskTracking::Environ`]): only the scan below.
+//!
+//! In every mode, `/proc/*/environ` is also scanned for the task's [`MARKER_ENV`] (the scan
+//! also finds processes that left a cgroup); each one found is killed through a pidfd opened
+//! before its marker is read again, so a pid reused in between is never hit; scans repeat until
+//! one finds nothing. A process that both leaves the cgroup (needs the privileges to write
+//! `cgroup.procs`) and drops its environment (`env -i`, `execve` with a new one) escapes; in
+//! `"environ"` mode dropping the environment suffices, and a process forking faster than the
+//! bounded kill rounds can outrun them.
+//!
+//! Everything of a task is killed when its leader ends, and by [`Runtime::recover`] for tasks it
+//! does not adopt. The scans and cgroup writes block, so they run on tokio's blocking pool.
+//!
+//! # Crash safety: the record comes first
+//!
+//! `start` writes `task.json` with `launching: true` and no pid (the intent) *before* the
+//! spawn, and completes it (pid, pgid, start time, `launching: false`) right after, so no task
+//! process can exist without a record that a restart finds. A restart that finds an intent
+//! (the agent died between the spawn and the completion) does not adopt the task (its leader
+//! is not known for sure) but kills everything it started, found by cgroup and marker.
+//! Recovery then sweeps: every process carrying this runtime's marker, and every task cgroup
+//! below the runtime's cgroups, that belongs to no adopted (or launching) task is killed, and
+//! the empty cgroups are removed.
+//!
 //! # Ending, killing, re-adoption
 //!
 //! A watcher task per task sends [`RuntimeEvent::Started`] and waits for the process; when the
-//! group leader ends, whatever is left of its process group (and cgroup) is SIGKILLed, as Mesos
-//! destroys a container, `task.json` is renamed to `task.done.json` (so a reused pid is never
+//! group leader ends, whatever is left of the task (process group, cgroups, marked processes) is
+//! SIGKILLed, as Mesos destroys a container, `task.json` is renamed to `task.done.json` (so a reused pid is never
 //! adopted) and [`RuntimeEvent::Exited`] is sent.
 //!
 //! [`Runtime::kill`] sends SIGTERM to the group and SIGKILL after the grace period; killing an
@@ -64,7 +104,9 @@
 //! (field 22 of `/proc/<pid>/stat`) matches. An adopted task is watched with a pidfd (polling
 //! `/proc` where `pidfd_open` is unavailable); its exit status is not ours to collect, so it ends
 //! with [`Exit::Unknown`]. Recovery sends no `Started` event: the returned list says what runs.
-//! `task.json` files of dead tasks are renamed to `task.done.json`; sandboxes are kept.
+//! `task.json` files of dead tasks are renamed to `task.done.json` (after what is left of them
+//! has been killed: processes that left the group of a leader that died meanwhile); sandboxes
+//! are kept.
 //!
 //! Launching a task id that this runtime already watches fails with [`RuntimeError::Launch`]
 //! without a `Failed` event (the running task is fine); every other launch failure both returns
@@ -75,8 +117,8 @@ use super::logger::{self, Loggers, TaskLogs};
 use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec, disk};
 use crate::model::{Millis, TaskId, now_millis};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, OpenOptions};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
@@ -104,6 +146,13 @@ const MIB: f64 = 1024.0 * 1024.0;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// How long a task's end waits for its loggers to write the last output.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// The environment variable every task process carries: `<runtime key>/<task id>`, where the
+/// runtime key is a hash of the work dir (see [`ProcessRuntime::marker`]).
+pub const MARKER_ENV: &str = "MESH_TASK_MARKER";
+/// How many scan-and-kill rounds `destroy` makes before it gives up on a task's processes.
+const DESTROY_ROUNDS: usize = 50;
+/// Pause between two scan-and-kill rounds.
+const DESTROY_PAUSE: Duration = Duration::from_millis(10);
 /// Used when the agent itself has no `PATH`.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -116,7 +165,16 @@ struct Inner {
     work_dir: PathBuf,
     events: mpsc::Sender<RuntimeEvent>,
     isolation: Isolation,
+    tracking: Tracking,
+    /// The runtime key: a hash of `work_dir`, the first half of every task's [`MARKER_ENV`].
+    key: String,
     tasks: Mutex<HashMap<TaskId, Entry>>,
+    /// Task ids between the start of `start` and their entry in `tasks` (or failure): `recover`
+    /// leaves their processes alone.
+    launching: Mutex<HashSet<TaskId>>,
+    /// Test hook: `start` returns right after the spawn, as if the agent died there.
+    #[cfg(test)]
+    halt_after_spawn: AtomicBool,
     options: ProcessOptions,
 }
 
@@ -127,19 +185,41 @@ pub struct ProcessOptions {
     pub logs: TaskLogs,
     /// How often the sandbox of a task with a `disk` limit is measured ([`disk`]).
     pub disk_watch_interval: Duration,
+    /// How every process of a task is found ([`TaskTracking`]).
+    pub tracking: TaskTracking,
 }
 
 impl Default for ProcessOptions {
     /// Unrotated logs; disk measured every 15 s (Mesos' `--container_disk_watch_interval`).
     fn default() -> Self {
-        Self { logs: TaskLogs::Sandbox, disk_watch_interval: Duration::from_secs(15) }
+        Self { logs: TaskLogs::Sandbox, disk_watch_interval: Duration::from_secs(15), tracking: TaskTracking::Auto }
     }
+}
+
+/// How [`ProcessRuntime`] finds every process of a task (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TaskTracking {
+    /// The best the host offers: cgroup v2, else the cgroup v1 freezer, else the environment scan.
+    #[default]
+    Auto,
+    /// Only the environment-marker scan of `/proc` (what a host without usable cgroups gets).
+    Environ,
 }
 
 enum Isolation {
     /// The runtime's cgroup (`<own cgroup>/mesh-<hash>`), with `memory` and `cpu` enabled for children.
     Cgroup(PathBuf),
     Rlimit,
+}
+
+/// How every process of a task is found (and killed), beyond its process group.
+enum Tracking {
+    /// The task's cgroup v2 (the limits cgroup of [`Isolation::Cgroup`]).
+    CgroupV2,
+    /// A cgroup v1 freezer hierarchy: the runtime's cgroup there (`<own>/mesh-<key>`).
+    Freezer(PathBuf),
+    /// Only the [`MARKER_ENV`] scan of `/proc`.
+    Environ,
 }
 
 struct Entry {
@@ -151,6 +231,8 @@ struct Entry {
 struct TaskShared {
     pgid: i32,
     cgroup: Option<PathBuf>,
+    /// The task's cgroup in the v1 freezer hierarchy.
+    freezer: Option<PathBuf>,
     mem: f64,
     /// Set once `kill` was asked for.
     killed: AtomicBool,
@@ -180,7 +262,14 @@ struct TaskRecord {
     disk: f64,
     #[serde(default)]
     cgroup: Option<PathBuf>,
+    /// The task's v1 freezer cgroup.
+    #[serde(default)]
+    freezer: Option<PathBuf>,
     launched_at: Millis,
+    /// True in the record written before the spawn (no pid yet); a restart that finds it kills
+    /// whatever the task started instead of adopting it.
+    #[serde(default)]
+    launching: bool,
 }
 
 impl ProcessRuntime {
@@ -188,6 +277,15 @@ impl ProcessRuntime {
     /// `events`. Probes the host's isolation (cgroup v2 or rlimits) once.
     pub fn new(work_dir: PathBuf, events: mpsc::Sender<RuntimeEvent>) -> Result<Self, RuntimeError> {
         Self::with_options(work_dir, events, ProcessOptions::default())
+    }
+
+    /// Like [`new`](Self::new), with a choice of how task processes are tracked.
+    pub fn with_tracking(
+        work_dir: PathBuf,
+        events: mpsc::Sender<RuntimeEvent>,
+        tracking: TaskTracking,
+    ) -> Result<Self, RuntimeError> {
+        Self::with_options(work_dir, events, ProcessOptions { tracking, ..ProcessOptions::default() })
     }
 
     /// [`ProcessRuntime::new`] with [`ProcessOptions`].
@@ -205,8 +303,32 @@ impl ProcessRuntime {
                 Isolation::Rlimit
             }
         };
-        let tasks = Mutex::new(HashMap::new());
-        Ok(Self { inner: Arc::new(Inner { work_dir, events, isolation, tasks, options }) })
+        let key = format!("{:016x}", fnv1a(work_dir.as_os_str().as_encoded_bytes()));
+        let tracking = match (&isolation, options.tracking) {
+            (_, TaskTracking::Environ) => Tracking::Environ,
+            (Isolation::Cgroup(_), TaskTracking::Auto) => Tracking::CgroupV2,
+            (Isolation::Rlimit, TaskTracking::Auto) => match probe_freezer(&key) {
+                Ok(dir) => Tracking::Freezer(dir),
+                Err(why) => {
+                    tracing::info!("process runtime: no cgroup v1 freezer ({why}); tracking tasks by environment");
+                    Tracking::Environ
+                }
+            },
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                work_dir,
+                events,
+                isolation,
+                tracking,
+                key,
+                tasks: Mutex::new(HashMap::new()),
+                launching: Mutex::new(HashSet::new()),
+                options,
+                #[cfg(test)]
+                halt_after_spawn: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// How limits are enforced on this host: `"cgroup-v2"` or `"rlimit"`.
@@ -220,6 +342,20 @@ impl ProcessRuntime {
     /// The (canonical) directory holding the sandboxes.
     pub fn work_dir(&self) -> &Path {
         &self.inner.work_dir
+    }
+
+    /// How the processes of a task are found: `"cgroup-v2"`, `"cgroup-v1-freezer"` or `"environ"`.
+    pub fn tracking(&self) -> &'static str {
+        match self.inner.tracking {
+            Tracking::CgroupV2 => "cgroup-v2",
+            Tracking::Freezer(_) => "cgroup-v1-freezer",
+            Tracking::Environ => "environ",
+        }
+    }
+
+    /// The [`MARKER_ENV`] value the processes of `task_id` carry.
+    pub fn marker(&self, task_id: &TaskId) -> String {
+        self.inner.marker(task_id)
     }
 
     /// The sandbox directory of a task (whether or not it exists).
@@ -250,6 +386,10 @@ impl Drop for ProcessRuntime {
     fn drop(&mut self) {
         for entry in self.inner.lock().values() {
             entry.watcher.abort();
+        }
+        // The runtime's own cgroup goes once no task cgroup is left in it (rmdir fails otherwise).
+        if let Tracking::Freezer(root) = &self.inner.tracking {
+            let _ = fs::remove_dir(root);
         }
     }
 }
@@ -300,6 +440,8 @@ impl Runtime for ProcessRuntime {
 
     async fn recover(&self) -> Result<Vec<RecoveredTask>, RuntimeError> {
         let mut found = Vec::new();
+        // What is left of tasks that are not adopted; destroyed off the async threads below.
+        let mut doomed: Vec<Remains> = Vec::new();
         for dirent in fs::read_dir(&self.inner.work_dir)? {
             let dir = dirent?.path();
             let file = dir.join(TASK_FILE);
@@ -320,21 +462,30 @@ impl Runtime for ProcessRuntime {
             if self.inner.lock().contains_key(&record.task_id) {
                 continue;
             }
+            if record.launching {
+                // The agent stopped between writing the intent and completing the record: the
+                // process may run, but nobody knows it. Kill everything it started.
+                tracing::info!("recover: task {} was being launched; killing what it started", record.task_id);
+                doomed.push(self.inner.remains(&record.task_id, None, record.cgroup, record.freezer));
+                mark_done(&dir);
+                continue;
+            }
             let adoptable = record.pid > 1
                 && record.pgid == record.pid
                 && dir.file_name().is_some_and(|n| n == record.task_id.as_str())
                 && is_alive(record.pid, record.start_time);
             if !adoptable {
                 tracing::info!("recover: task {} is gone; not adopting", record.task_id);
+                // Its group leader is gone (the pid may be someone else's now: not signalled),
+                // but processes that left the group may still run.
+                doomed.push(self.inner.remains(&record.task_id, None, record.cgroup, record.freezer));
                 mark_done(&dir);
-                if let Some(cg) = record.cgroup {
-                    let _ = fs::remove_dir(cg);
-                }
                 continue;
             }
             let shared = Arc::new(TaskShared {
                 pgid: record.pgid,
                 cgroup: record.cgroup.clone(),
+                freezer: record.freezer.clone(),
                 mem: record.mem,
                 killed: AtomicBool::new(false),
                 done: watch::channel(false).0,
@@ -357,6 +508,16 @@ impl Runtime for ProcessRuntime {
             tracing::info!("recover: adopted task {} (pid {})", record.task_id, record.pid);
             found.push(RecoveredTask { task_id: record.task_id, labels: record.labels, ports: record.ports });
         }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            for r in &doomed {
+                r.destroy();
+                r.remove_cgroups();
+            }
+            inner.sweep();
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(io::Error::other(e)))?;
         Ok(found)
     }
 
@@ -389,16 +550,75 @@ impl Inner {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn launching(&self) -> MutexGuard<'_, HashSet<TaskId>> {
+        self.launching.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn sandbox(&self, task_id: &TaskId) -> PathBuf {
         self.work_dir.join(task_id.as_str())
     }
 
+    fn marker(&self, task_id: &TaskId) -> String {
+        format!("{}/{}", self.key, task_id)
+    }
+
+    /// Whether `recover` must leave the processes of a task alone: watched or being launched.
+    fn wanted(&self, task_id: &TaskId) -> bool {
+        self.lock().contains_key(task_id) || self.launching().contains(task_id)
+    }
+
+    fn remains(
+        &self,
+        task_id: &TaskId,
+        pgid: Option<i32>,
+        cgroup: Option<PathBuf>,
+        freezer: Option<PathBuf>,
+    ) -> Remains {
+        Remains { task_id: task_id.clone(), pgid, cgroup, freezer, key: self.key.clone() }
+    }
+
+    /// Kills every task process of this runtime that belongs to no watched or launching task:
+    /// whatever is in the runtime's task cgroups, and whatever carries its marker (blocking).
+    fn sweep(&self) {
+        let root = match (&self.tracking, &self.isolation) {
+            (Tracking::CgroupV2, Isolation::Cgroup(root)) | (Tracking::Freezer(root), _) => Some(root),
+            _ => None,
+        };
+        if let Some(root) = root {
+            let dirs = fs::read_dir(root).into_iter().flatten().flatten().filter(|d| d.path().is_dir());
+            for d in dirs {
+                let task_id = TaskId::from(d.file_name().to_string_lossy().as_ref());
+                if self.wanted(&task_id) {
+                    continue;
+                }
+                let (cgroup, freezer) = match self.tracking {
+                    Tracking::Freezer(_) => (None, Some(d.path())),
+                    _ => (Some(d.path()), None),
+                };
+                let r = self.remains(&task_id, None, cgroup, freezer);
+                if r.count() > 0 {
+                    tracing::warn!("recover: killing the processes of unknown task {task_id} (its cgroup)");
+                }
+                r.destroy();
+                r.remove_cgroups();
+            }
+        }
+        let strays = kill_marked(&self.key, |id| !self.wanted(&TaskId::from(id)));
+        if strays > 0 {
+            tracing::warn!("recover: killed {strays} task process(es) that no watched task owns");
+        }
+    }
+
     /// Spawns the task and its watcher. The error is the message for `Failed`.
+    ///
+    /// Order (see the module docs): intent record, spawn, complete record, watcher.
     fn start(self: &Arc<Self>, spec: &TaskSpec) -> Result<(), String> {
         let id = spec.task_id.as_str();
         if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
             return Err(format!("task id {id:?} cannot name a sandbox directory"));
         }
+        self.launching().insert(spec.task_id.clone());
+        let _launching = LaunchingGuard { inner: self, task_id: &spec.task_id };
         let sandbox = self.sandbox(&spec.task_id);
         fs::create_dir_all(&sandbox).map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
         let (stdout, stderr, loggers) = logger::open(&self.options.logs, &sandbox)?;
@@ -425,6 +645,7 @@ impl Inner {
         }
         cmd.envs(&spec.env)
             .env("MESOS_SANDBOX", &sandbox)
+            .env(MARKER_ENV, self.marker(&spec.task_id))
             .current_dir(&sandbox)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -437,50 +658,85 @@ impl Inner {
             Isolation::Rlimit if spec.mem > 0.0 => (None, Some(((spec.mem + RLIMIT_SLACK_MIB) * MIB) as u64)),
             Isolation::Rlimit => (None, None),
         };
-        let procs = match &cgroup {
-            Some(cg) => Some(
-                OpenOptions::new()
-                    .write(true)
-                    .open(cg.join("cgroup.procs"))
-                    .map_err(|e| format!("cannot open {}/cgroup.procs: {e}", cg.display()))?,
-            ),
-            None => None,
-        };
-        install_pre_exec(&mut cmd, procs.as_ref().map(|f| f.as_raw_fd()), data_limit);
-        let spawned = cmd.spawn();
-        drop(procs);
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(cg) = &cgroup {
-                    let _ = fs::remove_dir(cg);
+        let freezer = match &self.tracking {
+            Tracking::Freezer(root) => match prepare_freezer(root, &spec.task_id) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    self.remains(&spec.task_id, None, cgroup, None).remove_cgroups();
+                    return Err(e);
                 }
-                return Err(format!("cannot run {program}: {e}"));
-            }
+            },
+            _ => None,
         };
-        // Not reaped until the watcher waits, so the pid is ours and /proc/<pid> exists.
-        let pid = child.id().map(|p| p as i32).ok_or("the spawned process has no pid")?;
-        let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
-        let record = TaskRecord {
+        let mut record = TaskRecord {
             task_id: spec.task_id.clone(),
-            pid,
-            pgid: pid,
-            start_time,
+            pid: 0,
+            pgid: 0,
+            start_time: 0,
             labels: spec.labels.clone(),
             ports: spec.ports.clone(),
             grace_ms: spec.kill_grace.as_millis() as u64,
             mem: spec.mem,
             disk: spec.disk,
             cgroup: cgroup.clone(),
+            freezer: freezer.clone(),
             launched_at: now_millis(),
+            launching: true,
         };
+        let cleanup =
+            |inner: &Inner| inner.remains(&spec.task_id, None, cgroup.clone(), freezer.clone()).remove_cgroups();
+        // The intent: no process of this task can exist without a record that a restart finds.
         if let Err(e) = write_record(&sandbox, &record) {
-            // The task runs and is watched; it just cannot be re-adopted after a restart.
-            tracing::warn!("task {}: cannot write {TASK_FILE}: {e}", spec.task_id);
+            cleanup(self);
+            return Err(format!("cannot write {TASK_FILE} in {}: {e}", sandbox.display()));
+        }
+        let open_procs = |cg: &Option<PathBuf>| -> Result<Option<File>, String> {
+            cg.as_ref()
+                .map(|cg| {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(cg.join("cgroup.procs"))
+                        .map_err(|e| format!("cannot open {}/cgroup.procs: {e}", cg.display()))
+                })
+                .transpose()
+        };
+        let procs = match (open_procs(&cgroup), open_procs(&freezer)) {
+            (Ok(a), Ok(b)) => [a, b],
+            (Err(e), _) | (_, Err(e)) => {
+                cleanup(self);
+                mark_done(&sandbox);
+                return Err(e);
+            }
+        };
+        install_pre_exec(&mut cmd, procs.each_ref().map(|f| f.as_ref().map(|f| f.as_raw_fd())), data_limit);
+        let spawned = cmd.spawn();
+        drop(procs);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                cleanup(self);
+                mark_done(&sandbox);
+                return Err(format!("cannot run {program}: {e}"));
+            }
+        };
+        #[cfg(test)]
+        if self.halt_after_spawn.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Not reaped until the watcher waits, so the pid is ours and /proc/<pid> exists.
+        let pid = child.id().map(|p| p as i32).ok_or("the spawned process has no pid")?;
+        record.pid = pid;
+        record.pgid = pid;
+        record.start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
+        record.launching = false;
+        if let Err(e) = write_record(&sandbox, &record) {
+            // The task runs and is watched; a restart finds the intent and kills it.
+            tracing::warn!("task {}: cannot complete {TASK_FILE}: {e}", spec.task_id);
         }
         let shared = Arc::new(TaskShared {
             pgid: pid,
             cgroup,
+            freezer,
             mem: spec.mem,
             killed: AtomicBool::new(false),
             done: watch::channel(false).0,
@@ -511,30 +767,22 @@ impl Inner {
         });
     }
 
-    /// Common end of a task: clean up the group and cgroup, mark `task.json` done, forget the
-    /// task, send `Exited`, then wake `kill_all`.
+    /// Common end of a task: kill whatever is left of it (group, cgroups, marker), mark
+    /// `task.json` done, forget the task, send `Exited`, then wake `kill_all`.
     async fn finish(&self, task_id: TaskId, shared: Arc<TaskShared>, exit: Exit, message: String) {
-        // Whatever the leader left behind in its group goes with it, as when Mesos destroys a container.
-        let _ = signal_group(shared.pgid, libc::SIGKILL);
         let mut message = message;
-        if let Some(cg) = &shared.cgroup {
-            if cgroup_oom_kills(cg) > 0 {
-                message = format!("memory limit of {} MiB exceeded (OOM killed); {message}", shared.mem);
-            }
-            let _ = fs::write(cg.join("cgroup.kill"), "1");
-            let cg = cg.clone();
-            tokio::spawn(async move {
-                for _ in 0..50 {
-                    match fs::remove_dir(&cg) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        _ => return,
-                    }
-                }
-                tracing::warn!("cannot remove cgroup {}", cg.display());
-            });
+        if let Some(cg) = &shared.cgroup
+            && cgroup_oom_kills(cg) > 0
+        {
+            message = format!("memory limit of {} MiB exceeded (OOM killed); {message}", shared.mem);
         }
+        // Whatever the leader left behind goes with it, as when Mesos destroys a container.
+        let remains = self.remains(&task_id, Some(shared.pgid), shared.cgroup.clone(), shared.freezer.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            remains.destroy();
+            remains.remove_cgroups();
+        })
+        .await;
         // The last output is written before anyone is told the task has ended.
         shared.loggers.drained(LOG_DRAIN).await;
         let limit = shared.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -551,6 +799,78 @@ impl Inner {
         }
         let _ = self.events.send(RuntimeEvent::Exited { task_id, exit, killed, message, at: now_millis() }).await;
         shared.done.send_replace(true);
+    }
+}
+
+/// Removes a task id from `launching` when `start` is over (the task is then in `tasks`, or failed).
+struct LaunchingGuard<'a> {
+    inner: &'a Inner,
+    task_id: &'a TaskId,
+}
+
+impl Drop for LaunchingGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.launching().remove(self.task_id);
+    }
+}
+
+/// Everything that may still hold processes of a task: its process group, its cgroups and its
+/// marker. The methods block (they poll `/proc` and cgroup files); call them off the async threads.
+struct Remains {
+    task_id: TaskId,
+    /// Signalled only when it is known to still be the task's group (not after a restart).
+    pgid: Option<i32>,
+    cgroup: Option<PathBuf>,
+    freezer: Option<PathBuf>,
+    key: String,
+}
+
+impl Remains {
+    /// How many processes of the task are known to be left.
+    fn count(&self) -> usize {
+        let in_cgroups: usize =
+            [&self.cgroup, &self.freezer].into_iter().flatten().map(|cg| cgroup_pids(cg).len()).sum();
+        in_cgroups + marked_processes(&self.key).iter().filter(|(_, id)| id == self.task_id.as_str()).count()
+    }
+
+    /// SIGKILLs every process of the task; true when none is left.
+    fn destroy(&self) -> bool {
+        if let Some(pgid) = self.pgid {
+            let _ = signal_group(pgid, libc::SIGKILL);
+        }
+        let mut clean = true;
+        if let Some(cg) = &self.cgroup {
+            clean &= kill_cgroup_v2(cg);
+        }
+        if let Some(cg) = &self.freezer {
+            clean &= kill_freezer(cg);
+        }
+        let id = self.task_id.as_str();
+        kill_marked(&self.key, |t| t == id);
+        clean &= !marked_processes(&self.key).iter().any(|(_, t)| t == id);
+        if !clean {
+            tracing::warn!("task {}: some of its processes survived {DESTROY_ROUNDS} kill rounds", self.task_id);
+        }
+        clean
+    }
+
+    /// Removes the task's cgroups (retrying while their last processes exit).
+    fn remove_cgroups(&self) {
+        for cg in [&self.cgroup, &self.freezer].into_iter().flatten() {
+            let mut removed = false;
+            for _ in 0..DESTROY_ROUNDS {
+                match fs::remove_dir(cg) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => std::thread::sleep(DESTROY_PAUSE * 2),
+                    _ => {
+                        removed = true;
+                        break;
+                    }
+                }
+            }
+            if !removed {
+                tracing::warn!("cannot remove cgroup {}", cg.display());
+            }
+        }
     }
 }
 
@@ -778,27 +1098,188 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The only unsafe code of this runtime: three thin syscall wrappers.
+// Finding and killing every process of a task
 // ---------------------------------------------------------------------------------------------
 
-/// Makes the child join the task's cgroup (by writing `0` to the already open `cgroup.procs`)
+/// The pids listed in a cgroup's `cgroup.procs` (none when it is unreadable or gone).
+fn cgroup_pids(cg: &Path) -> Vec<i32> {
+    fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Kills everything in a cgroup v2: `cgroup.kill` (Linux 5.14+), else SIGKILL to every listed
+/// pid, until it is empty; true when it is.
+fn kill_cgroup_v2(cg: &Path) -> bool {
+    for _ in 0..DESTROY_ROUNDS {
+        let pids = cgroup_pids(cg);
+        if pids.is_empty() {
+            return true;
+        }
+        if fs::write(cg.join("cgroup.kill"), "1").is_err() {
+            for pid in pids {
+                let _ = signal_pid(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(DESTROY_PAUSE);
+    }
+    cgroup_pids(cg).is_empty()
+}
+
+/// Kills everything in a cgroup v1 freezer cgroup the way Mesos's Linux launcher does: freeze
+/// (so nothing can fork while it is being killed), SIGKILL every pid in `cgroup.procs`, thaw (the
+/// kills are delivered), and again until it is empty; true when it is.
+fn kill_freezer(cg: &Path) -> bool {
+    let state = cg.join("freezer.state");
+    for _ in 0..DESTROY_ROUNDS {
+        if cgroup_pids(cg).is_empty() {
+            return true;
+        }
+        if fs::write(&state, "FROZEN").is_ok() {
+            // FREEZING until every task is frozen; bounded, a task in D state may take a while.
+            for _ in 0..DESTROY_ROUNDS {
+                if fs::read_to_string(&state).is_ok_and(|s| s.trim() == "FROZEN") {
+                    break;
+                }
+                std::thread::sleep(DESTROY_PAUSE);
+            }
+        }
+        for pid in cgroup_pids(cg) {
+            let _ = signal_pid(pid, libc::SIGKILL);
+        }
+        let _ = fs::write(&state, "THAWED");
+        std::thread::sleep(DESTROY_PAUSE);
+    }
+    cgroup_pids(cg).is_empty()
+}
+
+/// Finds (and creates) the runtime's cgroup in the cgroup v1 freezer hierarchy:
+/// `<freezer mount>/<own freezer cgroup>/mesh-<key>`; the error says why there is none.
+fn probe_freezer(key: &str) -> Result<PathBuf, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    // `<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <type> <source> <super options>`
+    let (root, mount) = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
+            if fstype != "cgroup" || !opts.split(',').any(|o| o == "freezer") {
+                return None;
+            }
+            let f: Vec<&str> = left.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+        })
+        .ok_or("no cgroup v1 freezer hierarchy is mounted")?;
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let own = own
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers.split(',').any(|c| c == "freezer").then(|| path.to_owned())
+        })
+        .ok_or("this process is in no freezer cgroup")?;
+    let rel = own.strip_prefix(root.as_str()).unwrap_or(&own);
+    let dir = Path::new(&mount).join(rel.trim_start_matches('/')).join(format!("mesh-{key}"));
+    match fs::create_dir(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(format!("creating {}: {e}", dir.display())),
+        _ => {}
+    }
+    if !dir.join("freezer.state").exists() || !dir.join("cgroup.procs").exists() {
+        return Err(format!("{} has no freezer.state", dir.display()));
+    }
+    Ok(dir)
+}
+
+/// Creates a task's freezer cgroup.
+fn prepare_freezer(root: &Path, task_id: &TaskId) -> Result<PathBuf, String> {
+    let cg = root.join(task_id.as_str());
+    match fs::create_dir(&cg) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(format!("cannot create freezer cgroup {}: {e}", cg.display()))
+        }
+        _ => Ok(cg),
+    }
+}
+
+/// The task id of `pid` if its environment carries this runtime's marker (`<key>/<task id>`).
+fn marker_of(pid: i32, key: &str) -> Option<String> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{MARKER_ENV}={key}/");
+    env.split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        .map(|id| String::from_utf8_lossy(id).into_owned())
+}
+
+/// Live processes carrying this runtime's marker: (pid, task id). Zombies have an empty
+/// environment and are not listed; neither is this process.
+fn marked_processes(key: &str) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| Some((pid, marker_of(pid, key)?)))
+        .collect()
+}
+
+/// SIGKILLs every process with this runtime's marker whose task id satisfies `doomed`, scanning
+/// again until a scan finds none (at most [`DESTROY_ROUNDS`]). Each kill goes through a pidfd
+/// opened before the marker is checked again, so a pid reused in between is never hit.
+/// Returns how many processes were killed.
+fn kill_marked(key: &str, doomed: impl Fn(&str) -> bool) -> usize {
+    let mut killed = 0;
+    for _ in 0..DESTROY_ROUNDS {
+        let victims: Vec<i32> =
+            marked_processes(key).into_iter().filter(|(_, id)| doomed(id)).map(|(pid, _)| pid).collect();
+        if victims.is_empty() {
+            break;
+        }
+        for pid in victims {
+            let still = || marker_of(pid, key).is_some_and(|id| doomed(&id));
+            match pidfd_open(pid) {
+                Ok(fd) => {
+                    if still() && pidfd_kill(&fd).is_ok() {
+                        killed += 1;
+                    }
+                }
+                // No pidfds (Linux < 5.3): a plain kill right after the check.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    if still() && signal_pid(pid, libc::SIGKILL).is_ok() {
+                        killed += 1;
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        std::thread::sleep(DESTROY_PAUSE);
+    }
+    killed
+}
+
+// ---------------------------------------------------------------------------------------------
+// The only unsafe code of this runtime: thin syscall wrappers.
+// ---------------------------------------------------------------------------------------------
+
+/// Makes the child join the task's cgroups (by writing `0` to each already open `cgroup.procs`)
 /// and/or set `RLIMIT_DATA`, after fork and before exec.
 #[allow(unsafe_code)]
-fn install_pre_exec(cmd: &mut tokio::process::Command, cgroup_procs: Option<RawFd>, data_limit: Option<u64>) {
-    if cgroup_procs.is_none() && data_limit.is_none() {
+fn install_pre_exec(cmd: &mut tokio::process::Command, cgroup_procs: [Option<RawFd>; 2], data_limit: Option<u64>) {
+    if cgroup_procs.iter().all(Option::is_none) && data_limit.is_none() {
         return;
     }
     // SAFETY: the closure runs in the forked child between fork and exec, where only
     // async-signal-safe operations are allowed. It only makes the raw `write` and `setrlimit`
-    // syscalls on plain values copied into it (a fd the parent keeps open until `spawn`
+    // syscalls on plain values copied into it (fds the parent keeps open until `spawn`
     // returns, a static one-byte buffer, a stack `rlimit`), never allocates or takes locks,
     // and reports failure via `io::Error::last_os_error`, which does not allocate.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(fd) = cgroup_procs
-                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
-            {
-                return Err(io::Error::last_os_error());
+            for fd in cgroup_procs.into_iter().flatten() {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             if let Some(bytes) = data_limit {
                 let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
@@ -827,9 +1308,25 @@ fn signal_group(pgid: i32, sig: i32) -> io::Result<()> {
     if err.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(err) }
 }
 
-/// `pidfd_open(pid, 0)` (Linux 5.3+), registered with the tokio reactor for readability.
+/// `kill(pid, sig)`; a process that no longer exists is not an error.
 #[allow(unsafe_code)]
-fn async_pidfd(pid: i32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+fn signal_pid(pid: i32, sig: i32) -> io::Result<()> {
+    // Never 0 (our own group), negative (groups), or init.
+    if pid <= 1 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: kill takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(err) }
+}
+
+/// `pidfd_open(pid, 0)` (Linux 5.3+).
+#[allow(unsafe_code)]
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: pidfd_open takes two integers and touches no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -837,7 +1334,23 @@ fn async_pidfd(pid: i32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: on success the syscall returned a new file descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// SIGKILL through a pidfd: reaches exactly the process the pidfd was opened for.
+#[allow(unsafe_code)]
+fn pidfd_kill(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a descriptor we own, a signal number, a null siginfo
+    // pointer (allowed: the kernel fills in a default) and flags 0.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `pidfd_open(pid, 0)` (Linux 5.3+), registered with the tokio reactor for readability.
+#[allow(unsafe_code)]
+fn async_pidfd(pid: i32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    let fd = pidfd_open(pid)?;
     // SAFETY: an `OwnedFd` keeps its descriptor open and unchanged until it is dropped, which
     // happens only when the `AsyncFd` owning it is dropped.
     let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
@@ -981,6 +1494,7 @@ mod tests {
         assert_eq!(vars.get("MESOS_TASK_ID"), Some(&"envtask"));
         assert_eq!(vars.get("MESOS_SANDBOX"), Some(&sandbox.to_str().unwrap()));
         assert_eq!(vars.get("PWD"), Some(&sandbox.to_str().unwrap()));
+        assert_eq!(vars.get(MARKER_ENV).copied(), Some(f.rt.marker(&"envtask".into()).as_str()));
         assert!(vars.contains_key("PATH"));
         let allowed = [
             "PATH",
@@ -991,6 +1505,7 @@ mod tests {
             "FOO",
             "MESOS_TASK_ID",
             "MESOS_SANDBOX",
+            MARKER_ENV,
             // added by the shell itself
             "PWD",
             "OLDPWD",
@@ -1182,10 +1697,16 @@ mod tests {
         a.launch(spec("reused1", Command::Args(vec!["sleep".into(), "1000".into()]))).await.unwrap();
         rx_a.started("reused1").await;
         let file = a.sandbox(&"reused1".into()).join(TASK_FILE);
+        a.kill_all(Duration::ZERO).await;
         drop(a);
+        // The record is live again, but its pid now belongs to someone else (a process that is
+        // no task of this runtime), which started at another time.
+        let mut foreign = std::process::Command::new("sleep").arg("1000").spawn().unwrap();
+        let pid = foreign.id() as i32;
+        let foreign_start = proc_stat(pid).unwrap().start_time;
+        fs::rename(work.join("reused1").join(DONE_FILE), &file).unwrap();
         let mut record: TaskRecord = serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
-        let real_start = record.start_time;
-        record.start_time += 1;
+        (record.pid, record.pgid, record.start_time) = (pid, pid, foreign_start + 1);
         fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
 
         let (tx_b, _rx_b) = mpsc::channel(64);
@@ -1195,10 +1716,10 @@ mod tests {
         assert!(!file.exists());
         assert!(work.join("reused1").join(DONE_FILE).exists());
 
-        // The process itself is untouched: clean it up.
-        assert!(is_alive(record.pid, real_start));
-        signal_group(record.pgid, libc::SIGKILL).unwrap();
-        timeout(DEADLINE, wait_pid_exit(record.pid, real_start)).await.unwrap();
+        // The foreign process is untouched: clean it up.
+        assert!(is_alive(pid, foreign_start));
+        foreign.kill().unwrap();
+        foreign.wait().unwrap();
     }
 
     #[tokio::test]
@@ -1302,7 +1823,154 @@ mod tests {
             assert_eq!(rt.isolation(), "rlimit");
         }
         assert!(matches!(rt.isolation(), "cgroup-v2" | "rlimit"));
+        // Where cgroup v2 is not usable but a v1 freezer hierarchy is writable (the machine this
+        // was written on), tasks are tracked with the freezer.
+        let freezer = Path::new("/sys/fs/cgroup/freezer");
+        let probe = freezer.join(format!("mesh-probe-{}", std::process::id()));
+        if rt.isolation() == "rlimit" && fs::create_dir(&probe).is_ok() {
+            fs::remove_dir(&probe).unwrap();
+            assert_eq!(rt.tracking(), "cgroup-v1-freezer");
+        }
+        let (tx, _rx) = mpsc::channel(1);
+        let forced = ProcessRuntime::with_tracking(dir.path().join("w2"), tx, TaskTracking::Environ).unwrap();
+        assert_eq!(forced.tracking(), "environ");
         assert_eq!(rt.name(), "process");
+    }
+
+    /// Live (non-zombie) processes whose environment holds `MESH_TEST_TAG=<tag>`.
+    fn tagged(tag: &str) -> Vec<i32> {
+        let needle = format!("MESH_TEST_TAG={tag}");
+        let mut out = Vec::new();
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else { continue };
+            if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Polls until `f` holds, or panics with `what` at the deadline.
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while !f() {
+            assert!(tokio::time::Instant::now() < end, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn tagged_shell(id: &str, s: &str, tag: &str) -> TaskSpec {
+        let mut spec = shell(id, s);
+        spec.env.insert("MESH_TEST_TAG".into(), tag.into());
+        spec
+    }
+
+    /// Issue 10, item 1: an agent that dies between the spawn and the record must not leave a
+    /// process that no restart knows.
+    #[tokio::test]
+    async fn a_crash_between_spawn_and_record_leaves_no_orphan() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let tag = uuid::Uuid::new_v4().to_string();
+        let (tx_a, _rx_a) = mpsc::channel(64);
+        let a = ProcessRuntime::new(work.clone(), tx_a).unwrap();
+        a.inner.halt_after_spawn.store(true, Ordering::SeqCst);
+        a.launch(tagged_shell("crash1", "sleep 1000", &tag)).await.unwrap();
+        until("the task process runs", || !tagged(&tag).is_empty()).await;
+        drop(a);
+
+        let (tx_b, _rx_b) = mpsc::channel(64);
+        let b = ProcessRuntime::new(work.clone(), tx_b).unwrap();
+        assert!(b.recover().await.unwrap().is_empty(), "a half-launched task is not adopted");
+        until("the half-launched task's process is killed by recover", || tagged(&tag).is_empty()).await;
+        assert!(!work.join("crash1").join(TASK_FILE).exists());
+    }
+
+    /// Issue 10, item 2: processes that leave the task's process group (setsid, double fork,
+    /// ignoring SIGTERM) are killed with the task, in every tracking mode.
+    async fn escaped_processes_die_with_the_task(tracking: TaskTracking) {
+        let scripts = [
+            "setsid sleep 1000 & sleep 1000",
+            "sh -c '(setsid sleep 1000 &) &'; sleep 1000",
+            "(setsid sh -c 'trap \"\" TERM; exec sleep 1000' &); sleep 1000",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let rt = ProcessRuntime::with_tracking(dir.path().join("work"), tx, tracking).unwrap();
+        let mut ev = Events::new(rx);
+        for (i, script) in scripts.iter().enumerate() {
+            let tag = uuid::Uuid::new_v4().to_string();
+            let id = format!("esc{i}");
+            rt.launch(tagged_shell(&id, script, &tag)).await.unwrap();
+            ev.started(&id).await;
+            // sh + two sleeps
+            until("both sleeps run", || tagged(&tag).len() >= 3).await;
+            rt.kill(&TaskId::from(id.as_str()), Duration::from_secs(5)).await.unwrap();
+            let (_, killed, _) = ev.exited(&id).await;
+            assert!(killed);
+            until(&format!("every process of {script:?} is gone ({:?})", rt.tracking()), || tagged(&tag).is_empty())
+                .await;
+        }
+        // The same when the task ends on its own and when a restarted runtime adopts the task.
+        let tag = uuid::Uuid::new_v4().to_string();
+        rt.launch(tagged_shell("esc-end", "setsid sleep 1000 & sleep 0.2", &tag)).await.unwrap();
+        ev.started("esc-end").await;
+        assert_eq!(ev.exited("esc-end").await.0, Exit::Code(0));
+        until("the escaped sleep of an ended task is gone", || tagged(&tag).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn escaped_processes_die_with_the_task_auto() {
+        escaped_processes_die_with_the_task(TaskTracking::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn escaped_processes_die_with_the_task_environ() {
+        escaped_processes_die_with_the_task(TaskTracking::Environ).await;
+    }
+
+    /// After a restart, the escaped processes of a task whose leader died while the agent was
+    /// down are killed by `recover`; those of an adopted task die with it.
+    async fn recover_kills_escaped_processes(tracking: TaskTracking) {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let (tag1, tag2) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+        let (tx_a, rx_a) = mpsc::channel(64);
+        let mut ev_a = Events::new(rx_a);
+        let a = ProcessRuntime::with_tracking(work.clone(), tx_a, tracking).unwrap();
+        a.launch(tagged_shell("dead1", "setsid sleep 1000 & sleep 1000", &tag1)).await.unwrap();
+        a.launch(tagged_shell("live1", "setsid sleep 1000 & sleep 1000", &tag2)).await.unwrap();
+        ev_a.started("dead1").await;
+        ev_a.started("live1").await;
+        until("all sleeps run", || tagged(&tag1).len() >= 3 && tagged(&tag2).len() >= 3).await;
+        let file = a.sandbox(&"dead1".into()).join(TASK_FILE);
+        drop(a);
+        let record: TaskRecord = serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+        signal_group(record.pgid, libc::SIGKILL).unwrap();
+        until("the leader's group is gone", || !is_alive(record.pid, record.start_time)).await;
+        assert!(!tagged(&tag1).is_empty(), "the escaped sleep outlives its group");
+
+        let (tx_b, rx_b) = mpsc::channel(64);
+        let mut ev_b = Events::new(rx_b);
+        let b = ProcessRuntime::with_tracking(work, tx_b, tracking).unwrap();
+        let found = b.recover().await.unwrap();
+        assert_eq!(found.iter().map(|r| r.task_id.as_str()).collect::<Vec<_>>(), vec!["live1"]);
+        until("recover kills what is left of the dead task", || tagged(&tag1).is_empty()).await;
+        assert!(tagged(&tag2).len() >= 3, "the adopted task keeps running");
+        b.kill_all(Duration::from_secs(5)).await;
+        ev_b.exited("live1").await;
+        until("kill_all kills the adopted task's escaped process", || tagged(&tag2).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn recover_kills_escaped_processes_auto() {
+        recover_kills_escaped_processes(TaskTracking::Auto).await;
+    }
+
+    #[tokio::test]
+    async fn recover_kills_escaped_processes_environ() {
+        recover_kills_escaped_processes(TaskTracking::Environ).await;
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! explicitly, with dependencies. A group change is one deployment whose steps follow the
 //! apps' `dependencies`: an app starts only once the apps it depends on are healthy.
 
-use super::marathon::{deployment_result, invalid, node_allows, param, parse_body};
+use super::marathon::{deployment_result, invalid, param, parse_body};
 use super::{Api, ApiError, flag};
 use axum::Router;
 use axum::body::Bytes;
@@ -12,8 +12,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use mesh_core::app::{App, AppId, Invalid};
+use mesh_core::app::{App, AppId, Invalid, limits};
 use mesh_core::model::{iso8601, now_millis};
+use mesh_core::runtime::HostAccess;
 use mesh_core::state::{Command, GroupRecord, State as Cluster, parent_of};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -26,6 +27,7 @@ pub fn routes() -> Router<Api> {
         .route("/v2/groups", get(get_root).post(create_group).put(put_root).delete(delete_root))
         .route("/v2/groups/{*rest}", get(get_group).put(put_group).delete(delete_group).post(create_in_group))
         .route("/v2/deployments/{id}", delete(delete_deployment))
+        .route_layer(axum::middleware::from_fn(super::marathon::json_bodies_only))
 }
 
 fn with_status(mut r: Response, status: StatusCode) -> Response {
@@ -135,10 +137,34 @@ struct Flat {
     listed: Vec<(String, BTreeSet<AppId>)>,
 }
 
-fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out: &mut Flat) -> Result<(), ApiError> {
+/// Limits of one group update, besides those of each app definition.
+fn too_many(path: String, n: usize, what: &str) -> ApiError {
+    ApiError::MarathonInvalid(Invalid::at(
+        &path,
+        format!("{n} {what} given; at most {} are allowed in one request", limits::MAX_APPS_PER_REQUEST),
+    ))
+}
+
+fn flatten(
+    body: &Value,
+    group: &str,
+    cx: (&Cluster, &HostAccess),
+    now: u64,
+    path: &str,
+    out: &mut Flat,
+) -> Result<(), ApiError> {
+    let (state, access) = cx;
     let Some(obj) = body.as_object() else {
         return Err(ApiError::MarathonBadJson { path: path.into(), error: "error.expected.jsobject".into() });
     };
+    if let Some(d) = obj.get("dependencies").and_then(Value::as_array)
+        && d.len() > limits::MAX_LIST
+    {
+        return Err(ApiError::MarathonInvalid(Invalid::at(
+            &format!("{path}dependencies"),
+            format!("{} dependencies given; at most {} are allowed", d.len(), limits::MAX_LIST),
+        )));
+    }
     let deps: Vec<String> = obj
         .get("dependencies")
         .and_then(Value::as_array)
@@ -154,6 +180,9 @@ fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out
                 error: "error.expected.jsarray".into(),
             });
         };
+        if out.apps.len() + list.len() > limits::MAX_APPS_PER_REQUEST {
+            return Err(too_many(format!("{path}apps"), out.apps.len() + list.len(), "apps"));
+        }
         let mut ids = BTreeSet::new();
         for (i, a) in list.iter().enumerate() {
             let raw = a.get("id").and_then(Value::as_str).unwrap_or("");
@@ -177,6 +206,8 @@ fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out
                 None => App::from_json(&a, Some(&id)),
             }
             .map_err(|inv| invalid(inv.prefixed(&format!("{path}apps({i})"))))?;
+            app.check_host_access(access)
+                .map_err(|inv| ApiError::MarathonInvalid(inv.prefixed(&format!("{path}apps({i})"))))?;
             ids.insert(id);
             out.apps.push(app);
         }
@@ -189,6 +220,9 @@ fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out
                 error: "error.expected.jsarray".into(),
             });
         };
+        if out.groups.len() + list.len() > limits::MAX_APPS_PER_REQUEST {
+            return Err(too_many(format!("{path}groups"), out.groups.len() + list.len(), "groups"));
+        }
         for (i, g) in list.iter().enumerate() {
             let raw = g.get("id").and_then(Value::as_str).unwrap_or("");
             let child = normalize_group(raw, group)?;
@@ -198,7 +232,7 @@ fn flatten(body: &Value, group: &str, state: &Cluster, now: u64, path: &str, out
                     format!("identifier {child} is not child of {group}. Hint: use relative paths."),
                 )));
             }
-            flatten(g, &child, state, now, &format!("{path}groups({i})/"), out)?;
+            flatten(g, &child, cx, now, &format!("{path}groups({i})/"), out)?;
         }
     }
     Ok(())
@@ -224,16 +258,19 @@ async fn change_group(
         if !state.group_exists(&group) {
             return Err(ApiError::MarathonNotFound(format!("Group '{group}' does not exist")));
         }
-        let apps: Vec<App> = state
-            .apps
-            .values()
-            .filter(|r| r.app.id.in_group(&group) || group == "/")
-            .map(|r| {
-                let mut a = r.app.clone();
-                a.instances = (a.instances as f64 * f).ceil() as u32;
-                a
-            })
-            .collect();
+        let mut apps = Vec::new();
+        for r in state.apps.values().filter(|r| r.app.id.in_group(&group) || group == "/") {
+            let n = (r.app.instances as f64 * f).ceil();
+            if n > limits::MAX_INSTANCES {
+                return Err(ApiError::MarathonInvalid(Invalid::at(
+                    "/scaleBy",
+                    format!("would scale {} to {n} instances; at most {} are allowed", r.app.id, limits::MAX_INSTANCES),
+                )));
+            }
+            let mut a = r.app.clone();
+            a.instances = n as u32;
+            apps.push(a);
+        }
         let cmd = Command::PutGroup {
             group,
             apps,
@@ -254,10 +291,7 @@ async fn change_group(
         )));
     }
     let mut flat = Flat { apps: Vec::new(), groups: Vec::new(), listed: Vec::new() };
-    flatten(&body, &group, &state, now, "/", &mut flat)?;
-    for a in &flat.apps {
-        node_allows(api, a)?;
-    }
+    flatten(&body, &group, (&state, &api.info.host_access), now, "/", &mut flat)?;
     let mut remove = Vec::new();
     if !create {
         for (g, ids) in &flat.listed {

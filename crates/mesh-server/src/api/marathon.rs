@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use mesh_core::app::{App, AppId, Invalid};
+use mesh_core::app::{App, AppId, Invalid, JsonError, limits};
 use mesh_core::model::{TaskId, iso8601, now_millis, parse_iso8601};
 use mesh_core::proto::TaskState;
 use mesh_core::scheduler::MarathonScheduler;
@@ -39,11 +39,40 @@ pub fn routes() -> Router<Api> {
         .route("/v2/deployments", get(deployments))
         .route("/v2/queue", get(queue))
         .route("/v2/queue/{*rest}", delete(queue_delete))
+        .route_layer(axum::middleware::from_fn(json_bodies_only))
 }
 
-/// Parse a request body as a JSON value, with Marathon's 400 on failure.
+/// Marathon takes request bodies only as JSON and answers anything else with 415, before the
+/// body is read (`curl -d` without `-H 'Content-Type: application/json'` sends a form type).
+/// Requests without a body need no type.
+pub(super) async fn json_bodies_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let h = req.headers();
+    let sends_body = [axum::http::Method::POST, axum::http::Method::PUT, axum::http::Method::PATCH];
+    let has_body = sends_body.contains(req.method())
+        && (h.contains_key(header::TRANSFER_ENCODING)
+            || h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0"));
+    let json = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        let media = v.split(';').next().unwrap_or("").trim();
+        media.eq_ignore_ascii_case("application/json")
+    });
+    if has_body && !json {
+        return ApiError::MarathonUnsupportedMediaType.into_response();
+    }
+    next.run(req).await
+}
+
+/// Parse a request body as a JSON value, with Marathon's 400 on failure, and a 422 for a
+/// duplicate key (which of the values was meant is unclear) or for a body whose parsed form
+/// would take more than `limits::MAX_PARSED_BYTES`.
 pub(super) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::MarathonBadJson { path: "/".into(), error: e.to_string() })
+    mesh_core::app::parse_json(body).map_err(|e| {
+        let message = e.to_string();
+        match e {
+            JsonError::Syntax(error) => ApiError::MarathonBadJson { path: "/".into(), error },
+            JsonError::DuplicateKey { path, .. } => ApiError::MarathonInvalid(Invalid::at(&path, message)),
+            JsonError::TooComplex => ApiError::MarathonInvalid(Invalid::at("/", message)),
+        }
+    })
 }
 
 /// Turn validation results into 400 (JSON type errors) or 422 (semantic errors), as Marathon does.
@@ -56,15 +85,10 @@ pub(super) fn invalid(inv: Invalid) -> ApiError {
     ApiError::MarathonInvalid(inv)
 }
 
-/// Checks that depend on the node's settings rather than on the definition alone.
-pub(super) fn node_allows(api: &Api, app: &App) -> Result<(), ApiError> {
-    if app.privileged() && !api.info.allow_privileged {
-        return Err(ApiError::MarathonInvalid(Invalid::at(
-            "/container/docker/privileged",
-            "privileged containers are not allowed on this node (start it with --allow-privileged)",
-        )));
-    }
-    Ok(())
+/// Checks that depend on the node's settings rather than on the definition alone: what
+/// containers may reach of the host (`prefix` places the paths, as for a bulk or group item).
+pub(super) fn node_allows(api: &Api, app: &App, prefix: &str) -> Result<(), ApiError> {
+    app.check_host_access(&api.info.host_access).map_err(|inv| ApiError::MarathonInvalid(inv.prefixed(prefix)))
 }
 
 pub(super) fn deployment_result(id: &str, version: u64) -> Response {
@@ -302,7 +326,7 @@ async fn list_apps(State(api): State<Api>, Query(q): Params) -> Response {
 async fn create_app(State(api): State<Api>, Query(q): Params, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let app = App::from_json(&body, None).map_err(invalid)?;
-    node_allows(&api, &app)?;
+    node_allows(&api, &app, "")?;
     let id = app.id.clone();
     let deployment_id = uuid::Uuid::new_v4().to_string();
     let force = flag(param(&q, "force"), false);
@@ -457,6 +481,12 @@ async fn bulk(api: &Api, q: &[(String, String)], body: &Bytes, must_exist: bool)
     let Some(list) = body.as_array() else {
         return Err(ApiError::MarathonBadJson { path: "/".into(), error: "error.expected.jsarray".into() });
     };
+    if list.len() > limits::MAX_APPS_PER_REQUEST {
+        return Err(ApiError::MarathonInvalid(Invalid::at(
+            "/",
+            format!("{} apps given; at most {} are allowed in one request", list.len(), limits::MAX_APPS_PER_REQUEST),
+        )));
+    }
     let partial = flag(param(q, "partialUpdate"), true);
     let force = flag(param(q, "force"), false);
     let state = api.control.state();
@@ -473,7 +503,7 @@ async fn bulk(api: &Api, q: &[(String, String)], body: &Bytes, must_exist: bool)
             _ => App::from_json(item, Some(&id)),
         }
         .map_err(|inv| invalid(inv.prefixed(&format!("/{i}"))))?;
-        node_allows(api, &app)?;
+        node_allows(api, &app, &format!("/{i}"))?;
         apps.push(app);
     }
     let now = now_millis();
@@ -589,7 +619,7 @@ async fn update_app(
         _ => App::from_json(&body, Some(&id)),
     }
     .map_err(invalid)?;
-    node_allows(&api, &app)?;
+    node_allows(&api, &app, "")?;
     let created = existing.is_none();
     api.control
         .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })

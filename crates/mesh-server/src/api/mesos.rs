@@ -418,9 +418,7 @@ fn parse_weights(v: &Value) -> Result<Vec<(String, f64)>, ApiError> {
         let weight = w.get("weight").and_then(Value::as_f64).ok_or_else(|| {
             bad(format!("Failed to convert weights JSON array into WeightInfo: missing 'weight' in {w}"))
         })?;
-        if role.is_empty() || role.chars().any(|c| c.is_whitespace() || c.is_control()) || role == "." || role == ".." {
-            return Err(bad(format!("Invalid role '{role}'")));
-        }
+        mesh_core::mesos::validate_role(role).map_err(|e| bad(format!("Invalid role: {e}")))?;
         if !weight.is_finite() || weight <= 0.0 {
             return Err(bad(format!("Invalid weight '{weight}' for role '{role}': Weights must be positive")));
         }
@@ -490,9 +488,10 @@ async fn roles(State(api): State<Api>, Query(q): Query<HashMap<String, String>>)
 fn parse_quota_config(c: &Value) -> Result<(String, Quota), ApiError> {
     let bad = |m: String| ApiError::MesosBadRequest(m);
     let role = c.get("role").and_then(Value::as_str).ok_or_else(|| bad("Quota config lacks 'role'".into()))?;
-    if role.is_empty() || role == "*" || role.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if role == "*" {
         return Err(bad(format!("Invalid role '{role}' for quota")));
     }
+    mesh_core::mesos::validate_role(role).map_err(|e| bad(format!("Invalid role for quota: {e}")))?;
     if c.get("guarantees").and_then(Value::as_object).is_some_and(|g| !g.is_empty()) {
         return Err(bad("Quota guarantees are not supported by mesh; set 'limits'".into()));
     }

@@ -41,8 +41,8 @@ pub struct NodeInfo {
     pub domain: String,
     /// Start time.
     pub started_at: u64,
-    /// Whether privileged containers may run.
-    pub allow_privileged: bool,
+    /// What containers may reach of the host (privileged mode, host paths, capabilities).
+    pub host_access: mesh_core::runtime::HostAccess,
     /// Whether Consul script checks may be registered.
     pub enable_script_checks: bool,
 }
@@ -73,6 +73,12 @@ pub enum ApiError {
     /// Marathon 409 (locked by a deployment).
     #[error("locked by {0}")]
     MarathonLocked(String),
+    /// Marathon 413: a request body over the limit.
+    #[error("{0}")]
+    MarathonTooLarge(String),
+    /// Marathon 415: a request body that is not declared as JSON.
+    #[error("Unsupported Media Type")]
+    MarathonUnsupportedMediaType,
     /// Consul 400.
     #[error("{0}")]
     ConsulBadRequest(String),
@@ -106,6 +112,9 @@ pub enum ApiError {
     /// Mesos 415.
     #[error("{0}")]
     MesosUnsupportedMediaType(String),
+    /// Mesos 413: a request body over the limit.
+    #[error("{0}")]
+    MesosTooLarge(String),
     /// Mesos 501.
     #[error("{0}")]
     MesosNotImplemented(String),
@@ -152,8 +161,26 @@ impl ApiError {
     }
 }
 
+/// Marks a response as an [`ApiError`] answer (see [`body_limit_errors`]).
+#[derive(Clone, Copy)]
+struct ApiErrorAnswer;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let mut r = self.answer();
+        r.extensions_mut().insert(ApiErrorAnswer);
+        r
+    }
+}
+
+/// The rest of the body is not read: tell the client not to reuse the connection.
+fn closing(mut r: Response) -> Response {
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+impl ApiError {
+    fn answer(self) -> Response {
         let json_resp = |status: StatusCode, body: serde_json::Value| (status, axum::Json(body)).into_response();
         match self {
             ApiError::MarathonBadJson { path, error } => json_resp(
@@ -179,12 +206,12 @@ impl IntoResponse for ApiError {
                 text(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), m)
             }
             ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
-            ApiError::ConsulTooLarge(m) => {
-                // The rest of the body is not read: tell the client not to reuse the connection.
-                let mut r = text(StatusCode::PAYLOAD_TOO_LARGE, m);
-                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                r
+            ApiError::MarathonTooLarge(m) => closing(json_resp(StatusCode::PAYLOAD_TOO_LARGE, json!({"message": m}))),
+            ApiError::MarathonUnsupportedMediaType => {
+                closing(json_resp(StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"message": "Unsupported Media Type"})))
             }
+            ApiError::ConsulTooLarge(m) => closing(text(StatusCode::PAYLOAD_TOO_LARGE, m)),
+            ApiError::MesosTooLarge(m) => closing(text(StatusCode::PAYLOAD_TOO_LARGE, m)),
             ApiError::Unavailable(m) => json_resp(StatusCode::SERVICE_UNAVAILABLE, json!({"message": m})),
             ApiError::MesosBadRequest(m) => text(StatusCode::BAD_REQUEST, m),
             ApiError::MesosForbidden(m) => text(StatusCode::FORBIDDEN, m),
@@ -224,6 +251,28 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, axum::Json(json!({"message": "URI not found"}))).into_response()
 }
 
+/// The largest request body any API reads (Consul KV values have their own, smaller limit).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// A body over [`MAX_BODY_BYTES`] is refused by the extractors with axum's plain-text 413;
+/// answer it in the format of the API the request was for instead.
+async fn body_limit_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path().to_owned();
+    let r = next.run(req).await;
+    if r.status() != StatusCode::PAYLOAD_TOO_LARGE || r.extensions().get::<ApiErrorAnswer>().is_some() {
+        return r;
+    }
+    let m = format!("Request body too large, max size: {MAX_BODY_BYTES} bytes.");
+    let e = if path.starts_with("/v1/") {
+        ApiError::ConsulTooLarge(m)
+    } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
+        ApiError::MesosTooLarge(m)
+    } else {
+        ApiError::MarathonTooLarge(m)
+    };
+    e.into_response()
+}
+
 /// The router of every API.
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -235,6 +284,7 @@ pub fn router(api: Api) -> Router {
         .merge(groups::routes())
         .merge(mesos::routes())
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(2 * 1024 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(body_limit_errors))
         .with_state(api)
 }

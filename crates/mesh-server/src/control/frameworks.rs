@@ -35,8 +35,8 @@ pub struct MesosConfig {
     pub update_resend: Duration,
     /// An agent is offered only when its free cpus, mem and disk are each at least these.
     pub min_allocatable: Resources,
-    /// Whether framework tasks may run privileged containers.
-    pub allow_privileged: bool,
+    /// What framework tasks' containers may reach of the host.
+    pub host_access: mesh_core::runtime::HostAccess,
     /// Host name reported in `master_info`.
     pub hostname: String,
 }
@@ -48,7 +48,7 @@ impl Default for MesosConfig {
             heartbeat: Duration::from_secs(15),
             update_resend: Duration::from_secs(10),
             min_allocatable: Resources::scalars(0.001, 0.0, 0.0),
-            allow_privileged: false,
+            host_access: Default::default(),
             hostname: "localhost".into(),
         }
     }
@@ -622,7 +622,7 @@ impl Control {
                 agent: &agent,
                 hostname: &hostname,
                 remaining: &remaining,
-                allow_privileged: self.mesos.cfg.allow_privileged,
+                host_access: &self.mesos.cfg.host_access,
                 now,
             };
             let id = TaskId(info.task_id.value.clone());
