@@ -195,8 +195,11 @@ pub async fn run_dev(
     // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or
     // when asked for (docker).
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-    let process_options =
-        ProcessOptions { logs: cfg.task_logs.clone(), disk_watch_interval: cfg.container_disk_watch_interval };
+    let process_options = ProcessOptions {
+        logs: cfg.task_logs.clone(),
+        disk_watch_interval: cfg.container_disk_watch_interval,
+        ..Default::default()
+    };
     let process = ProcessRuntime::with_options(cfg.data_dir.join("sandboxes"), events_tx.clone(), process_options)?;
     info!(isolation = process.isolation(), tracking = process.tracking(), "process runtime");
     let process = Arc::new(process);
