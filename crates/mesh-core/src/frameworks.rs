@@ -586,6 +586,7 @@ pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Res
         env,
         cpus: resources.cpus,
         mem: resources.mem,
+        disk: resources.disk,
         ports,
         kill_grace: grace,
         labels,

@@ -183,6 +183,7 @@ mod tests {
             env: BTreeMap::from([("PORT0".into(), "31000".into())]),
             cpus: 0.1,
             mem: 64.0,
+            disk: 0.0,
             ports: vec![31000],
             kill_grace: Duration::from_secs(3),
             labels: BTreeMap::new(),

@@ -384,6 +384,7 @@ impl MarathonScheduler {
             env,
             cpus: app.cpus,
             mem: app.mem,
+            disk: app.disk,
             ports,
             kill_grace: app.kill_grace(),
             labels,

@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use mesh_core::dns::{DnsConfig, DnsZone, ServiceTtls};
+use mesh_core::runtime::gc::GcPolicy;
+use mesh_core::runtime::logger::{self, LogRotation, TaskLogs};
 use mesh_server::node::{NodeConfig, RuntimeKind, run_dev};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,6 +27,20 @@ struct Cli {
 enum Cmd {
     /// One process that is control node, agent, HTTP API and DNS server.
     Dev(DevArgs),
+    /// Internal: a task's stdout/stderr logger, started by the agent per stream. Copies stdin
+    /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
+    #[command(hide = true)]
+    Logger(LoggerArgs),
+}
+
+#[derive(Parser)]
+struct LoggerArgs {
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long)]
+    max_size: u64,
+    #[arg(long)]
+    max_files: u32,
 }
 
 #[derive(Parser)]
@@ -160,6 +176,58 @@ struct DevArgs {
     /// Smallest offer worth making, Mesos' form `cpus:0.1;mem:32` (cpus, mem, disk).
     #[arg(long, default_value = "cpus:0.001", value_parser = parse_min_allocatable)]
     min_allocatable_resources: mesh_core::model::Resources,
+    /// Task stdout/stderr are rotated before they grow past this size (e.g. 10MiB, 512KiB;
+    /// 0 = no rotation: straight into the sandbox files, unbounded).
+    #[arg(long, default_value = "10MiB", value_parser = parse_size)]
+    task_log_max_size: u64,
+    /// Rotated files kept per stream (stdout.1 ... stdout.N) besides the live one.
+    #[arg(long, default_value_t = 2)]
+    task_log_max_files: u32,
+    /// Sandboxes of ended tasks are removed after this long while the disk has room (Mesos'
+    /// --gc_delay); the delay shrinks as the disk fills.
+    #[arg(long, default_value = "1weeks", value_parser = parse_span)]
+    gc_delay: std::time::Duration,
+    /// Fraction of the disk to keep free: the GC delay is gc-delay * (1 - headroom - disk usage).
+    #[arg(long, default_value = "0.1", value_parser = parse_fraction)]
+    gc_disk_headroom: f64,
+    /// How often the disk usage is checked and ended sandboxes are collected.
+    #[arg(long, default_value = "1mins", value_parser = parse_span)]
+    disk_watch_interval: std::time::Duration,
+    /// How often the sandbox of a task with a `disk` limit is measured; above the limit the task
+    /// is killed and fails.
+    #[arg(long, default_value = "15secs", value_parser = parse_span)]
+    container_disk_watch_interval: std::time::Duration,
+}
+
+/// `10MiB`, `512KiB`, `1GiB`, `100KB`, `2MB` or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad size {s:?} (e.g. 10MiB, 512KiB, 1048576)"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" | "K" | "k" => 1024.0,
+        "MiB" | "M" | "m" => 1024.0 * 1024.0,
+        "GiB" | "G" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        u => return Err(format!("unknown size unit {u:?} (B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let bytes = v * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("bad size {s:?}"));
+    }
+    Ok(bytes as u64)
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| (0.0..=1.0).contains(v))
+        .ok_or_else(|| format!("expected 0.0 to 1.0, not {s:?}"))
 }
 
 fn parse_secs(s: &str) -> Result<u32, String> {
@@ -200,7 +268,9 @@ fn parse_span(s: &str) -> Result<std::time::Duration, String> {
         "ms" => v / 1000.0,
         "m" | "min" | "mins" => v * 60.0,
         "h" | "hr" | "hrs" => v * 3600.0,
-        u => return Err(format!("unknown duration unit {u:?} (ms, s, mins, hrs)")),
+        "d" | "day" | "days" => v * 86400.0,
+        "w" | "week" | "weeks" => v * 7.0 * 86400.0,
+        u => return Err(format!("unknown duration unit {u:?} (ms, s, mins, hrs, days, weeks)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("bad duration {s:?}"));
@@ -294,6 +364,20 @@ async fn shutdown_signal() {
     }
 }
 
+/// `mesh logger`: stdin to the rotated file until the task's side of the pipe is closed.
+fn run_logger(l: LoggerArgs) -> ExitCode {
+    use std::os::fd::AsFd;
+    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(_) => return ExitCode::FAILURE,
+    };
+    let rotation = LogRotation { max_size: l.max_size, max_files: l.max_files };
+    match logger::run(stdin, &l.file, rotation) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -303,7 +387,22 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let Cmd::Dev(a) = cli.cmd;
+    let a = match cli.cmd {
+        Cmd::Dev(a) => a,
+        Cmd::Logger(l) => return run_logger(l),
+    };
+    let task_logs = match a.task_log_max_size {
+        0 => TaskLogs::Sandbox,
+        max_size => match std::env::current_exe() {
+            Ok(program) => {
+                TaskLogs::Rotate { program, rotation: LogRotation { max_size, max_files: a.task_log_max_files } }
+            }
+            Err(e) => {
+                eprintln!("mesh: cannot find the mesh executable to run task loggers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let fd_limit = mesh_server::serve::raise_fd_limit().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot read or raise the open-files limit");
         1024
@@ -370,6 +469,9 @@ fn main() -> ExitCode {
             min_allocatable: a.min_allocatable_resources,
             ..Default::default()
         },
+        task_logs,
+        gc: GcPolicy { delay: a.gc_delay, headroom: a.gc_disk_headroom, interval: a.disk_watch_interval },
+        container_disk_watch_interval: a.container_disk_watch_interval.max(std::time::Duration::from_millis(10)),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -12,8 +12,10 @@ use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
 use mesh_core::registrator::RegistratorOptions;
 use mesh_core::runtime::Runtime;
 use mesh_core::runtime::docker::DockerRuntime;
+use mesh_core::runtime::gc::GcPolicy;
+use mesh_core::runtime::logger::TaskLogs;
 use mesh_core::runtime::multi::MultiRuntime;
-use mesh_core::runtime::process::ProcessRuntime;
+use mesh_core::runtime::process::{ProcessOptions, ProcessRuntime};
 use mesh_core::state::{RedbLog, Store};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -82,6 +84,12 @@ pub struct NodeConfig {
     /// Mesos v1 API and allocation settings (`host_access` and `hostname` are filled in
     /// from this config).
     pub mesos: crate::control::MesosConfig,
+    /// Where task stdout/stderr go (rotated by a logger process, or straight into the sandbox).
+    pub task_logs: TaskLogs,
+    /// When sandboxes of ended tasks are removed.
+    pub gc: GcPolicy,
+    /// How often a task's sandbox is measured against its `disk`.
+    pub container_disk_watch_interval: Duration,
 }
 
 /// Errors that stop a node from starting.
@@ -192,8 +200,14 @@ pub async fn run_dev(
     // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or
     // when asked for (docker).
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
-    let process = ProcessRuntime::new(cfg.data_dir.join("sandboxes"), events_tx.clone())?;
+    let process_options = ProcessOptions {
+        logs: cfg.task_logs.clone(),
+        disk_watch_interval: cfg.container_disk_watch_interval,
+        ..Default::default()
+    };
+    let process = ProcessRuntime::with_options(cfg.data_dir.join("sandboxes"), events_tx.clone(), process_options)?;
     info!(isolation = process.isolation(), tracking = process.tracking(), "process runtime");
+    let process = Arc::new(process);
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
         RuntimeKind::Docker => true,
@@ -202,7 +216,13 @@ pub async fn run_dev(
     let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
         let node_id = node_id(&cfg.data_dir)?;
         match DockerRuntime::connect(events_tx.clone(), &cfg.node, &node_id).await {
-            Ok(rt) => Some(Arc::new(rt)),
+            Ok(rt) => {
+                if let TaskLogs::Rotate { rotation, .. } = &cfg.task_logs {
+                    rt.set_log_rotation(Some(*rotation));
+                }
+                rt.set_disk_watch_interval(cfg.container_disk_watch_interval);
+                Some(Arc::new(rt))
+            }
             Err(e) if cfg.runtime == RuntimeKind::Docker => return Err(NodeError::Runtime(e)),
             Err(e) => {
                 warn!(error = %e, "Docker is not usable; DOCKER apps will wait (NoDockerRuntime)");
@@ -215,7 +235,7 @@ pub async fn run_dev(
         }
         None
     };
-    let runtime = MultiRuntime::new(Arc::new(process), docker.clone());
+    let runtime = MultiRuntime::new(process.clone(), docker.clone());
     let runtimes = runtime.runtimes();
     info!(?runtimes, "runtimes");
     let agent_cfg = AgentConfig {
@@ -234,6 +254,8 @@ pub async fn run_dev(
     };
     let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+    // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
+    let sandbox_gc = process.spawn_gc(cfg.gc);
 
     // Registrator: every container on this engine with published ports is a service instance.
     let registrator = match (cfg.registrator, docker.is_some() || DockerRuntime::available().await) {
@@ -336,6 +358,7 @@ pub async fn run_dev(
     control.drain().await;
     let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
     agent.stop(mode).await;
+    sandbox_gc.abort();
     if let Some(r) = registrator {
         r.shutdown().await;
     }

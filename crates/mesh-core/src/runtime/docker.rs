@@ -63,6 +63,18 @@
 //!
 //! `Started` is always sent before `Exited`, even for a container that dies at once.
 //!
+//! # Logs and disk
+//!
+//! With [`DockerRuntime::set_log_rotation`] a container logs through the `json-file` driver
+//! with `max-size`/`max-file` set, the same bound as the process runtime's logger (the engine
+//! rotates; `docker logs` shows the kept part). A task with `disk > 0` carries the label
+//! `mesh.disk` and its container's writable layer (`SizeRw` of an inspect with `size=true`,
+//! what `docker ps -s` shows) is measured every [`DockerRuntime::set_disk_watch_interval`];
+//! above the limit the container is SIGKILLed and the task ends with `killed: false` and the
+//! message `disk limit of N MiB exceeded (used M MiB); exited with status 137`. Not counted:
+//! bind-mounted volumes (host paths, not the container's) and the engine's log files (bounded
+//! by rotation instead).
+//!
 //! # Killing and recovery
 //!
 //! [`Runtime::kill`] marks the task killed and asks Docker to stop the container with
@@ -91,17 +103,19 @@
 //! version (1.41 for Docker 20.10, the engine this was written against); the request bodies it
 //! serialises only set fields 1.41 knows.
 
+use super::logger::LogRotation;
 use super::{Command, ContainerSpec, Exit, NetworkMode, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
 use crate::model::{TaskId, now_millis};
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, EventMessage, HostConfig, PortBinding, ResourcesUlimits,
+    ContainerCreateBody, ContainerSummaryStateEnum, EventMessage, HostConfig, HostConfigLogConfig, PortBinding,
+    ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions,
-    StopContainerOptionsBuilder,
+    InspectContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -139,6 +153,8 @@ pub const LABEL_NODE_ID: &str = "mesh.node-id";
 pub const LABEL_PORTS: &str = "mesh.ports";
 /// The spec's labels as a JSON object.
 pub const LABEL_LABELS: &str = "mesh.labels";
+/// The task's disk limit in MiB, when it has one (so an adopted container is still measured).
+pub const LABEL_DISK: &str = "mesh.disk";
 
 /// How long [`DockerRuntime::connect`] and [`DockerRuntime::available`] wait for the engine.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -172,6 +188,10 @@ struct Inner {
     tasks: Mutex<HashMap<TaskId, Arc<Watched>>>,
     /// Task ids between the start of `launch` and their entry in `tasks` (or failure).
     launching: Mutex<HashSet<TaskId>>,
+    /// Rotation of container logs (`json-file` `max-size`/`max-file`); `None` keeps the engine's default.
+    log_rotation: Mutex<Option<LogRotation>>,
+    /// How often the writable layer of a container with a `disk` limit is measured.
+    disk_watch_interval: Mutex<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +225,9 @@ struct Watched {
     claimed: AtomicBool,
     /// Becomes true once `Exited` was sent.
     done: watch::Sender<bool>,
+    /// Set when the runtime killed the container for using more than its `disk`: the start of
+    /// the `Exited` message, and the end is a failure, not a kill that was asked for.
+    limit_exceeded: Mutex<Option<String>>,
 }
 
 impl Watched {
@@ -221,6 +244,7 @@ impl Watched {
             die_code: Mutex::new(None),
             claimed: AtomicBool::new(false),
             done: watch::channel(false).0,
+            limit_exceeded: Mutex::new(None),
         })
     }
 
@@ -299,6 +323,8 @@ impl DockerRuntime {
             events,
             tasks: Mutex::new(HashMap::new()),
             launching: Mutex::new(HashSet::new()),
+            log_rotation: Mutex::new(None),
+            disk_watch_interval: Mutex::new(Duration::from_secs(15)),
         });
         let mut background = Vec::new();
         if watchers != Watchers::EventsOnly {
@@ -315,6 +341,19 @@ impl DockerRuntime {
     /// runtime connected: their node ids (`"none"` for containers of a mesh without node ids).
     pub fn name_clashes(&self) -> &[String] {
         &self.name_clashes
+    }
+
+    /// Rotates the logs of containers launched from now on: the `json-file` driver with
+    /// `max-size` = `max_size` bytes and `max-file` = `max_files + 1` (Docker counts the live
+    /// file), the same bound as the process runtime's logger. `None` leaves the engine's default.
+    pub fn set_log_rotation(&self, rotation: Option<LogRotation>) {
+        *self.inner.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) = rotation;
+    }
+
+    /// How often the writable layer of a container whose task has a `disk` limit is measured
+    /// (default 15 s); see the module docs' "Disk".
+    pub fn set_disk_watch_interval(&self, interval: Duration) {
+        *self.inner.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner()) = interval;
     }
 
     /// Whether a Docker engine answers a ping (within 2 s); for `--runtime auto`.
@@ -462,13 +501,19 @@ impl Runtime for DockerRuntime {
                     labels
                         .iter()
                         .filter(|(k, _)| {
-                            ![LABEL_TASK, LABEL_NODE, LABEL_NODE_ID, LABEL_PORTS, LABEL_LABELS].contains(&k.as_str())
+                            ![LABEL_TASK, LABEL_NODE, LABEL_NODE_ID, LABEL_PORTS, LABEL_LABELS, LABEL_DISK]
+                                .contains(&k.as_str())
                         })
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 });
             let w = Watched::new(task_id.clone(), id, name.clone(), mem, Phase::Running);
-            self.inner.lock().insert(task_id.clone(), w);
+            self.inner.lock().insert(task_id.clone(), w.clone());
+            let disk = labels.get(LABEL_DISK).and_then(|d| d.parse::<f64>().ok()).filter(|d| *d > 0.0);
+            if let Some(disk) = disk {
+                let interval = *self.inner.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner());
+                tokio::spawn(self.inner.clone().watch_disk(w, disk, interval));
+            }
             tracing::info!("docker recover: adopted task {task_id} (container {name})");
             found.push(RecoveredTask { task_id, labels: spec_labels, ports });
         }
@@ -507,7 +552,10 @@ impl Inner {
     /// Pulls if needed, creates and starts the container, sends `Started`. The error is the
     /// message for `Failed`.
     async fn start(self: &Arc<Self>, spec: &TaskSpec, c: &ContainerSpec) -> Result<(), String> {
-        let body = create_body(spec, c, &self.node, &self.node_id)?;
+        let mut body = create_body(spec, c, &self.node, &self.node_id)?;
+        if let Some(r) = *self.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) {
+            body.host_config.get_or_insert_with(HostConfig::default).log_config = Some(log_config(r));
+        }
         self.ensure_image(&c.image, c.force_pull).await?;
         let name = container_name(&spec.task_id);
         let id = match self.create(&name, body.clone()).await {
@@ -534,7 +582,35 @@ impl Inner {
         let _ = self.events.send(RuntimeEvent::Started { task_id: spec.task_id.clone(), at: now_millis() }).await;
         w.phase.send_replace(Phase::Running);
         tracing::info!("docker: task {} runs in container {name}", spec.task_id);
+        if spec.disk > 0.0 {
+            let interval = *self.disk_watch_interval.lock().unwrap_or_else(|e| e.into_inner());
+            tokio::spawn(self.clone().watch_disk(w, spec.disk, interval));
+        }
         Ok(())
+    }
+
+    /// Measures the container's writable layer (`SizeRw`) every `interval` until the task ends;
+    /// above `limit_mib` the container is SIGKILLed and the task fails.
+    async fn watch_disk(self: Arc<Self>, w: Arc<Watched>, limit_mib: f64, interval: Duration) {
+        let mut done = w.done.subscribe();
+        let opts = InspectContainerOptionsBuilder::new().size(true).build();
+        loop {
+            tokio::select! {
+                _ = done.wait_for(|d| *d) => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let used = match self.docker.inspect_container(&w.container, Some(opts.clone())).await {
+                Ok(info) => info.size_rw.unwrap_or(0).max(0) as u64,
+                Err(_) => continue,
+            };
+            if used as f64 > limit_mib * 1024.0 * 1024.0 && !*w.done.borrow() {
+                let message = super::disk::exceeded_message(limit_mib, used);
+                tracing::info!("docker: task {}: {message}; killing it", w.task_id);
+                *w.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                self.sigkill(&w).await;
+                return;
+            }
+        }
     }
 
     async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
@@ -754,6 +830,12 @@ impl Inner {
                 }
             }
         };
+        let limit = w.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let killed = limit.is_none() && w.killed.load(Ordering::SeqCst);
+        let message = match limit {
+            Some(limit) => format!("{limit}; {message}"),
+            None => message,
+        };
         self.remove(&w.container).await;
         {
             let mut tasks = self.lock();
@@ -764,13 +846,7 @@ impl Inner {
         tracing::info!("docker: task {} ended: {message}", w.task_id);
         let _ = self
             .events
-            .send(RuntimeEvent::Exited {
-                task_id: w.task_id.clone(),
-                exit,
-                killed: w.killed.load(Ordering::SeqCst),
-                message,
-                at: now_millis(),
-            })
+            .send(RuntimeEvent::Exited { task_id: w.task_id.clone(), exit, killed, message, at: now_millis() })
             .await;
         w.done.send_replace(true);
     }
@@ -956,6 +1032,15 @@ fn parse_ulimit(value: &str) -> Result<ResourcesUlimits, String> {
     Ok(ResourcesUlimits { name: Some(name.to_owned()), soft: Some(parse(soft)?), hard: Some(parse(hard)?) })
 }
 
+/// The log driver settings that rotate a container's logs like the process runtime's logger.
+fn log_config(r: LogRotation) -> HostConfigLogConfig {
+    let config = HashMap::from([
+        ("max-size".to_owned(), r.max_size.max(1).to_string()),
+        ("max-file".to_owned(), (u64::from(r.max_files) + 1).to_string()),
+    ]);
+    HostConfigLogConfig { typ: Some("json-file".to_owned()), config: Some(config) }
+}
+
 /// The container create body of a task (pure; the error is the message for `Failed`).
 fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str, node_id: &str) -> Result<ContainerCreateBody, String> {
     let mut labels: HashMap<String, String> = HashMap::new();
@@ -1006,6 +1091,9 @@ fn create_body(spec: &TaskSpec, c: &ContainerSpec, node: &str, node_id: &str) ->
     labels.insert(LABEL_NODE_ID.to_owned(), node_id.to_owned());
     labels.insert(LABEL_PORTS.to_owned(), spec.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     labels.insert(LABEL_LABELS.to_owned(), serde_json::to_string(&spec.labels).map_err(|e| e.to_string())?);
+    if spec.disk > 0.0 {
+        labels.insert(LABEL_DISK.to_owned(), spec.disk.to_string());
+    }
 
     match &spec.command {
         Command::Shell(s) => {
@@ -1082,7 +1170,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::super::{PortMapping, Volume};
     use super::*;
-    use std::path::Path;
+    use std::fs;
+    use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::time::timeout;
@@ -1100,6 +1189,7 @@ mod tests {
             env: BTreeMap::new(),
             cpus: 0.1,
             mem: 64.0,
+            disk: 0.0,
             ports: vec![],
             kill_grace: Duration::from_secs(5),
             labels: BTreeMap::from([
@@ -1616,6 +1706,71 @@ mod tests {
         f.ev.started(&id).await;
         assert_eq!(f.ev.exited(&id).await.0, Exit::Code(0));
         assert!(f.ev.none_for(&id), "each run reports Exited once");
+    }
+
+    #[tokio::test]
+    async fn container_logs_are_rotated() {
+        let Some(mut f) = fixture("logs").await else { return };
+        f.rt.set_log_rotation(Some(LogRotation { max_size: 64 * 1024, max_files: 1 }));
+        let id = unique("logs");
+        f.rt.launch(shell(&id, "yes 0123456789abcdef | head -c 8388608; echo END; exec sleep 1000")).await.unwrap();
+        f.ev.started(&id).await;
+        let i = inspect(&f.docker, &container_name(&id.as_str().into())).await.expect("container");
+        let lc = i.host_config.and_then(|h| h.log_config).expect("log config");
+        assert_eq!(lc.typ.as_deref(), Some("json-file"));
+        let cfg = lc.config.unwrap_or_default();
+        assert_eq!((cfg["max-size"].as_str(), cfg["max-file"].as_str()), ("65536", "2"));
+        // Where the engine's files are readable (same host, root): 8 MiB of output left two
+        // bounded files.
+        let log = PathBuf::from(i.log_path.unwrap_or_default());
+        if fs::metadata(&log).is_ok() {
+            let deadline = std::time::Instant::now() + DEADLINE;
+            while !fs::read_to_string(&log).unwrap_or_default().contains("END") {
+                assert!(std::time::Instant::now() < deadline, "END never reached {}", log.display());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let len = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            let old = PathBuf::from(format!("{}.1", log.display()));
+            assert!(len(&log) <= 80 * 1024 && len(&old) <= 80 * 1024, "{} / {}", len(&log), len(&old));
+            assert!(!Path::new(&format!("{}.2", log.display())).exists());
+        } else {
+            println!("{} is not readable here; checked the log config only", log.display());
+        }
+        f.rt.kill(&id.as_str().into(), Duration::ZERO).await.unwrap();
+        f.ev.exited(&id).await;
+    }
+
+    #[tokio::test]
+    async fn container_over_its_disk_fails() {
+        let Some(mut f) = fixture("disk").await else { return };
+        f.rt.set_disk_watch_interval(Duration::from_millis(200));
+        let id = unique("disk");
+        let mut s = shell(&id, "head -c 12582912 /dev/zero > /blob && exec sleep 1000");
+        s.disk = 5.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started(&id).await;
+        let (exit, killed, msg) = f.ev.exited(&id).await;
+        assert!(!killed, "a limit kill is a failure, not a requested kill");
+        assert_eq!(exit, Exit::Code(137));
+        assert!(msg.starts_with("disk limit of 5 MiB exceeded (used "), "{msg}");
+        // Without a limit the same container keeps running.
+        let free = unique("nodisk");
+        f.rt.launch(shell(&free, "head -c 12582912 /dev/zero > /blob && exec sleep 1000")).await.unwrap();
+        f.ev.started(&free).await;
+        // Once the 12 MiB are written, three measurements later it still runs.
+        let opts = InspectContainerOptionsBuilder::new().size(true).build();
+        let name = container_name(&free.as_str().into());
+        timeout(DEADLINE, async {
+            while f.docker.inspect_container(&name, Some(opts.clone())).await.unwrap().size_rw.unwrap_or(0) < 12 << 20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the blob was never written");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(f.rt.running(), vec![TaskId::from(free.as_str())]);
+        f.rt.kill(&free.as_str().into(), Duration::ZERO).await.unwrap();
+        f.ev.exited(&free).await;
     }
 
     #[tokio::test]

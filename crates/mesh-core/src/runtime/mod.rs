@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub mod disk;
 pub mod docker;
+pub mod gc;
+pub mod logger;
 pub mod multi;
 pub mod process;
 
@@ -34,6 +37,9 @@ pub struct TaskSpec {
     pub cpus: f64,
     /// Memory limit in MiB; enforced where the host allows.
     pub mem: f64,
+    /// Disk limit of the sandbox in MiB (0 = none); measured and enforced where the runtime can.
+    #[serde(default)]
+    pub disk: f64,
     /// Host ports assigned to the task.
     pub ports: Vec<u16>,
     /// Time between SIGTERM and SIGKILL.

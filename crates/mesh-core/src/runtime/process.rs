@@ -11,6 +11,17 @@
 //! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). Each task
 //! leads its own process group, so a kill reaches its children and grandchildren too.
 //!
+//! # Disk: logs, limits, garbage collection
+//!
+//! - `stdout`/`stderr` are written as [`ProcessOptions::logs`] says ([`logger`]): straight
+//!   into the files, or through a pipe to a rotating logger process per stream that outlives
+//!   the agent. A task's end (`Exited`) waits up to 2 s for its loggers to write the last bytes.
+//! - A task whose spec has `disk > 0` has its sandbox measured every
+//!   [`ProcessOptions::disk_watch_interval`] ([`disk`]); above the limit its group is SIGKILLed
+//!   and it ends with `killed: false` and the message `disk limit of N MiB exceeded (used M MiB);
+//!   killed by signal 9 (SIGKILL)`. `task.json` keeps `disk`, so an adopted task is measured too.
+//! - [`ProcessRuntime::spawn_gc`] removes the sandboxes of ended tasks ([`gc`]).
+//!
 //! # Isolation: which mode is used when
 //!
 //! [`ProcessRuntime::new`] probes the host once; [`ProcessRuntime::isolation`] reports the result.
@@ -101,7 +112,9 @@
 //! without a `Failed` event (the running task is fine); every other launch failure both returns
 //! the error and sends [`RuntimeEvent::Failed`].
 
-use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
+use super::gc::{self, GcPolicy};
+use super::logger::{self, Loggers, TaskLogs};
+use super::{Command, Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec, disk};
 use crate::model::{Millis, TaskId, now_millis};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -112,8 +125,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
@@ -131,6 +144,8 @@ const RLIMIT_SLACK_MIB: f64 = 32.0;
 const PROC_POLL: Duration = Duration::from_millis(250);
 const MIB: f64 = 1024.0 * 1024.0;
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// How long a task's end waits for its loggers to write the last output.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
 /// The environment variable every task process carries: `<runtime key>/<task id>`, where the
 /// runtime key is a hash of the work dir (see [`ProcessRuntime::marker`]).
 pub const MARKER_ENV: &str = "MESH_TASK_MARKER";
@@ -160,6 +175,25 @@ struct Inner {
     /// Test hook: `start` returns right after the spawn, as if the agent died there.
     #[cfg(test)]
     halt_after_spawn: AtomicBool,
+    options: ProcessOptions,
+}
+
+/// Settings of a [`ProcessRuntime`] beyond its directory and channel.
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// Where task stdout/stderr go ([`logger`]); by default straight into the sandbox files.
+    pub logs: TaskLogs,
+    /// How often the sandbox of a task with a `disk` limit is measured ([`disk`]).
+    pub disk_watch_interval: Duration,
+    /// How every process of a task is found ([`TaskTracking`]).
+    pub tracking: TaskTracking,
+}
+
+impl Default for ProcessOptions {
+    /// Unrotated logs; disk measured every 15 s (Mesos' `--container_disk_watch_interval`).
+    fn default() -> Self {
+        Self { logs: TaskLogs::Sandbox, disk_watch_interval: Duration::from_secs(15), tracking: TaskTracking::Auto }
+    }
 }
 
 /// How [`ProcessRuntime`] finds every process of a task (see the [module docs](self)).
@@ -204,6 +238,11 @@ struct TaskShared {
     killed: AtomicBool,
     /// Becomes true once the task has ended and its `Exited` event was sent.
     done: watch::Sender<bool>,
+    /// Set when the runtime killed the task for exceeding a limit: the `Exited` message, and
+    /// the end counts as a failure, not as a kill that was asked for.
+    limit_exceeded: Mutex<Option<String>>,
+    /// The task's logger processes (none for an adopted task).
+    loggers: Loggers,
 }
 
 /// `task.json`.
@@ -220,6 +259,8 @@ struct TaskRecord {
     #[serde(default)]
     mem: f64,
     #[serde(default)]
+    disk: f64,
+    #[serde(default)]
     cgroup: Option<PathBuf>,
     /// The task's v1 freezer cgroup.
     #[serde(default)]
@@ -235,7 +276,7 @@ impl ProcessRuntime {
     /// A runtime keeping its sandboxes under `work_dir` (created if missing) and reporting on
     /// `events`. Probes the host's isolation (cgroup v2 or rlimits) once.
     pub fn new(work_dir: PathBuf, events: mpsc::Sender<RuntimeEvent>) -> Result<Self, RuntimeError> {
-        Self::with_tracking(work_dir, events, TaskTracking::Auto)
+        Self::with_options(work_dir, events, ProcessOptions::default())
     }
 
     /// Like [`new`](Self::new), with a choice of how task processes are tracked.
@@ -243,6 +284,15 @@ impl ProcessRuntime {
         work_dir: PathBuf,
         events: mpsc::Sender<RuntimeEvent>,
         tracking: TaskTracking,
+    ) -> Result<Self, RuntimeError> {
+        Self::with_options(work_dir, events, ProcessOptions { tracking, ..ProcessOptions::default() })
+    }
+
+    /// [`ProcessRuntime::new`] with [`ProcessOptions`].
+    pub fn with_options(
+        work_dir: PathBuf,
+        events: mpsc::Sender<RuntimeEvent>,
+        options: ProcessOptions,
     ) -> Result<Self, RuntimeError> {
         fs::create_dir_all(&work_dir)?;
         let work_dir = fs::canonicalize(&work_dir)?;
@@ -254,7 +304,7 @@ impl ProcessRuntime {
             }
         };
         let key = format!("{:016x}", fnv1a(work_dir.as_os_str().as_encoded_bytes()));
-        let tracking = match (&isolation, tracking) {
+        let tracking = match (&isolation, options.tracking) {
             (_, TaskTracking::Environ) => Tracking::Environ,
             (Isolation::Cgroup(_), TaskTracking::Auto) => Tracking::CgroupV2,
             (Isolation::Rlimit, TaskTracking::Auto) => match probe_freezer(&key) {
@@ -274,6 +324,7 @@ impl ProcessRuntime {
                 key,
                 tasks: Mutex::new(HashMap::new()),
                 launching: Mutex::new(HashSet::new()),
+                options,
                 #[cfg(test)]
                 halt_after_spawn: AtomicBool::new(false),
             }),
@@ -310,6 +361,23 @@ impl ProcessRuntime {
     /// The sandbox directory of a task (whether or not it exists).
     pub fn sandbox(&self, task_id: &TaskId) -> PathBuf {
         self.inner.sandbox(task_id)
+    }
+
+    /// Starts removing the sandboxes of ended tasks under `policy` ([`gc`]) until the returned
+    /// handle is aborted (once this runtime is dropped it removes nothing more). A sandbox counts as ended when
+    /// its task is not watched by this runtime and it holds no `task.json` (so a task that a
+    /// later runtime may still adopt keeps it); it has been left alone since the directory last
+    /// changed (the rename to `task.done.json` changes it). Must be called inside a tokio runtime.
+    pub fn spawn_gc(&self, policy: GcPolicy) -> AbortHandle {
+        let inner: Weak<Inner> = Arc::downgrade(&self.inner);
+        gc::spawn(self.inner.work_dir.clone(), policy, move |dir: &Path| -> Option<SystemTime> {
+            let inner = inner.upgrade()?;
+            let id = TaskId::from(dir.file_name()?.to_str()?);
+            if inner.lock().contains_key(&id) || dir.join(TASK_FILE).exists() {
+                return None;
+            }
+            gc::dir_changed(dir)
+        })
     }
 }
 
@@ -421,7 +489,10 @@ impl Runtime for ProcessRuntime {
                 mem: record.mem,
                 killed: AtomicBool::new(false),
                 done: watch::channel(false).0,
+                limit_exceeded: Mutex::new(None),
+                loggers: Loggers::default(),
             });
+            self.inner.watch_disk(dir.clone(), record.disk, &shared);
             {
                 let mut tasks = self.inner.lock();
                 let watcher = tokio::spawn(watch_adopted(
@@ -550,10 +621,7 @@ impl Inner {
         let _launching = LaunchingGuard { inner: self, task_id: &spec.task_id };
         let sandbox = self.sandbox(&spec.task_id);
         fs::create_dir_all(&sandbox).map_err(|e| format!("cannot create sandbox {}: {e}", sandbox.display()))?;
-        let open_log = |name: &str| {
-            File::create(sandbox.join(name)).map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
-        };
-        let (stdout, stderr) = (open_log("stdout")?, open_log("stderr")?);
+        let (stdout, stderr, loggers) = logger::open(&self.options.logs, &sandbox)?;
 
         let (mut cmd, program) = match &spec.command {
             Command::Shell(s) => {
@@ -609,6 +677,7 @@ impl Inner {
             ports: spec.ports.clone(),
             grace_ms: spec.kill_grace.as_millis() as u64,
             mem: spec.mem,
+            disk: spec.disk,
             cgroup: cgroup.clone(),
             freezer: freezer.clone(),
             launched_at: now_millis(),
@@ -671,12 +740,31 @@ impl Inner {
             mem: spec.mem,
             killed: AtomicBool::new(false),
             done: watch::channel(false).0,
+            limit_exceeded: Mutex::new(None),
+            loggers,
         });
+        self.watch_disk(sandbox, spec.disk, &shared);
         let mut tasks = self.lock();
         let watcher =
             tokio::spawn(watch_child(self.clone(), spec.task_id.clone(), shared.clone(), child)).abort_handle();
         tasks.insert(spec.task_id.clone(), Entry { shared, watcher });
         Ok(())
+    }
+
+    /// With a `disk` limit: measures the sandbox until the task ends, and kills the task (as a
+    /// failure) once it is above the limit.
+    fn watch_disk(&self, sandbox: PathBuf, limit_mib: f64, shared: &Arc<TaskShared>) {
+        if limit_mib <= 0.0 {
+            return;
+        }
+        let (shared, interval) = (shared.clone(), self.options.disk_watch_interval);
+        tokio::spawn(async move {
+            if let Some(message) = disk::watch(sandbox, limit_mib, interval, shared.done.subscribe()).await {
+                tracing::info!("{message}; killing the task");
+                *shared.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                kill_now(&shared);
+            }
+        });
     }
 
     /// Common end of a task: kill whatever is left of it (group, cgroups, marker), mark
@@ -695,6 +783,13 @@ impl Inner {
             remains.remove_cgroups();
         })
         .await;
+        // The last output is written before anyone is told the task has ended.
+        shared.loggers.drained(LOG_DRAIN).await;
+        let limit = shared.limit_exceeded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let killed = limit.is_none() && shared.killed.load(Ordering::SeqCst);
+        if let Some(limit) = limit {
+            message = format!("{limit}; {message}");
+        }
         mark_done(&self.sandbox(&task_id));
         {
             let mut tasks = self.lock();
@@ -702,16 +797,7 @@ impl Inner {
                 tasks.remove(&task_id);
             }
         }
-        let _ = self
-            .events
-            .send(RuntimeEvent::Exited {
-                task_id,
-                exit,
-                killed: shared.killed.load(Ordering::SeqCst),
-                message,
-                at: now_millis(),
-            })
-            .await;
+        let _ = self.events.send(RuntimeEvent::Exited { task_id, exit, killed, message, at: now_millis() }).await;
         shared.done.send_replace(true);
     }
 }
@@ -1302,6 +1388,7 @@ mod tests {
             env: BTreeMap::new(),
             cpus: 0.1,
             mem: 64.0,
+            disk: 0.0,
             ports: vec![],
             kill_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
@@ -1677,6 +1764,53 @@ mod tests {
         f.rt.launch(s).await.unwrap();
         f.ev.started("fits1").await;
         assert_eq!(f.ev.exited("fits1").await.0, Exit::Code(0));
+    }
+
+    #[tokio::test]
+    async fn a_task_over_its_disk_is_killed_as_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let mut ev = Events::new(rx);
+        let options = ProcessOptions { disk_watch_interval: Duration::from_millis(50), ..Default::default() };
+        let rt = ProcessRuntime::with_options(dir.path().join("work"), tx, options).unwrap();
+        let mut s = shell("fat1", "head -c 3145728 /dev/zero > blob && exec sleep 1000");
+        s.disk = 1.0;
+        rt.launch(s).await.unwrap();
+        ev.started("fat1").await;
+        let (exit, killed, msg) = ev.exited("fat1").await;
+        assert_eq!((exit, killed), (Exit::Signal(9), false), "{msg}");
+        assert!(msg.starts_with("disk limit of 1 MiB exceeded (used "), "{msg}");
+        assert!(msg.ends_with("; killed by signal 9 (SIGKILL)"), "{msg}");
+        let done: TaskRecord =
+            serde_json::from_str(&fs::read_to_string(rt.sandbox(&"fat1".into()).join(DONE_FILE)).unwrap()).unwrap();
+        assert_eq!(done.disk, 1.0, "the limit is recorded for re-adoption");
+    }
+
+    #[tokio::test]
+    async fn gc_removes_ended_sandboxes_and_keeps_running_ones() {
+        let mut f = fixture();
+        f.rt.launch(spec("live1", Command::Args(vec!["sleep".into(), "1000".into()]))).await.unwrap();
+        f.ev.started("live1").await;
+        f.rt.launch(shell("ended1", "echo bye")).await.unwrap();
+        f.ev.started("ended1").await;
+        f.ev.exited("ended1").await;
+        // A sandbox of an earlier run whose task may still be adopted (task.json) is kept too.
+        fs::create_dir_all(f.work.join("adoptable")).unwrap();
+        fs::write(f.work.join("adoptable").join(TASK_FILE), "{}").unwrap();
+        let policy = GcPolicy { delay: Duration::ZERO, headroom: 0.0, interval: Duration::from_millis(20) };
+        let gc = f.rt.spawn_gc(policy);
+        timeout(DEADLINE, async {
+            while f.work.join("ended1").exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the ended task's sandbox was never removed");
+        gc.abort();
+        assert!(f.work.join("live1").join("stdout").exists());
+        assert!(f.work.join("adoptable").join(TASK_FILE).exists());
+        f.rt.kill(&"live1".into(), Duration::ZERO).await.unwrap();
+        f.ev.exited("live1").await;
     }
 
     #[test]
