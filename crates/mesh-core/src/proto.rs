@@ -66,6 +66,9 @@ impl TaskState {
 }
 
 /// Control → agent.
+// `Launch` carries a whole `TaskSpec` inline: messages are built once and moved through a
+// channel or serialized, so the enum's size costs nothing worth a box at every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToAgent {
     /// Start this task (ignored when the agent already runs it).

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// One process that is control node, agent, HTTP API and DNS server.
-    Dev(DevArgs),
+    Dev(Box<DevArgs>),
     /// Internal: a task's stdout/stderr logger, started by the agent per stream. Copies stdin
     /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
     #[command(hide = true)]
@@ -388,7 +388,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let a = match cli.cmd {
-        Cmd::Dev(a) => a,
+        Cmd::Dev(a) => *a,
         Cmd::Logger(l) => return run_logger(l),
     };
     let task_logs = match a.task_log_max_size {

@@ -554,7 +554,7 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
         if !d.args.is_empty() && !api.info.enable_script_checks {
             return Err(bad("Scripts are disabled on this agent; to enable, start mesh with --enable-script-checks"));
         }
-        if !d.http.is_empty() && !(d.http.starts_with("http://") || d.http.starts_with("https://")) {
+        if !(d.http.is_empty() || d.http.starts_with("http://") || d.http.starts_with("https://")) {
             return Err(bad(format!("Invalid check: HTTP must be an http:// or https:// URL, not {:?}", d.http)));
         }
     } else {
