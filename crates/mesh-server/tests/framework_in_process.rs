@@ -79,7 +79,17 @@ async fn an_sdk_framework_runs_in_process_against_the_control_loop() {
     done.sort();
     assert_eq!(done, vec!["inproc-0", "inproc-1", "inproc-2"]);
     // It tore itself down: the state lists it among the completed frameworks, with its tasks.
-    let state = control.state();
+    // The driver returns once its TEARDOWN is sent; the control loop publishes the teardown
+    // after applying it, so wait (with a deadline) for the published state to show it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = control.state();
+        if state.mesos.completed.iter().any(|f| f.id.0 == summary.framework_id.value) {
+            break state;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the framework is not among the completed ones");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let completed = state.mesos.completed.iter().find(|f| f.id.0 == summary.framework_id.value).expect("completed");
     assert_eq!(completed.completed_tasks.len(), 3);
     assert!(state.mesos.frameworks.is_empty());
