@@ -168,6 +168,13 @@ async fn full_disk_fails_writes_clearly_stops_tasks_and_recovers_without_restart
     .await;
     let (s, _) = node.get("/v2/apps/victim").await;
     assert_eq!(s, 404);
+    // The scale-down's deployment ends too (its steps go to the reserve); until it has, a
+    // scale-up would meet its lock (409) instead of the store.
+    eventually(30, "the scale-down deployment has ended", || async {
+        let (_, v) = node.get("/v2/deployments").await;
+        v.as_array().is_some_and(|d| d.is_empty()).then_some(())
+    })
+    .await;
     // Scaling up is not a stop: refused while the disk is full.
     let (s, v) = node.send("PUT", "/v2/apps/shrink", Some(r#"{"instances": 5}"#)).await;
     assert_eq!(s, 503, "{v}");
