@@ -260,9 +260,18 @@ impl Control {
                 ControlMsg::Mesos(m) => self.mesos_msg(m, now),
             }
         }
-        if proposals.is_empty() {
-            return;
+        if !proposals.is_empty() {
+            self.propose_and_reply(proposals, replies, now);
         }
+    }
+
+    /// Propose commands from the APIs as one batch and answer each caller.
+    fn propose_and_reply(
+        &mut self,
+        proposals: Vec<Command>,
+        replies: Vec<oneshot::Sender<Result<(), ControlError>>>,
+        now: Millis,
+    ) {
         let before = self.store.state().clone();
         let outcome = self.store.propose(proposals.clone());
         // Health shows a failure before any caller hears of it.
@@ -283,20 +292,7 @@ impl Control {
                 // failed, commands that stop work still go through (to the reserve) one by one.
                 debug!(error = %e, "batch refused by the state store; proposing its commands one by one");
                 for (cmd, reply) in proposals.into_iter().zip(replies) {
-                    let before = self.store.state().clone();
-                    let res = self.store.propose(vec![cmd.clone()]);
-                    let res = match res {
-                        Ok(r) => {
-                            let r = r.into_iter().next().map(|r| r.map(|_| ())).unwrap_or(Ok(()));
-                            if r.is_ok() {
-                                self.emit(std::slice::from_ref(&cmd), &before, now);
-                            }
-                            r.map_err(ControlError::from)
-                        }
-                        Err(e) => Err(ControlError::Log(e.to_string())),
-                    };
-                    self.publish();
-                    let _ = reply.send(res);
+                    self.propose_and_reply(vec![cmd], vec![reply], now);
                 }
             }
             Err(e) => {
