@@ -603,7 +603,7 @@ impl Inner {
                 r.remove_cgroups();
             }
         }
-        let strays = kill_marked(&self.key, |id| !self.wanted(&TaskId::from(id)));
+        let (strays, _) = kill_marked(&self.key, |id| !self.wanted(&TaskId::from(id)));
         if strays > 0 {
             tracing::warn!("recover: killed {strays} task process(es) that no watched task owns");
         }
@@ -846,8 +846,8 @@ impl Remains {
             clean &= kill_freezer(cg);
         }
         let id = self.task_id.as_str();
-        kill_marked(&self.key, |t| t == id);
-        clean &= !marked_processes(&self.key).iter().any(|(_, t)| t == id);
+        // Its last scan found none left, or it gave up: no second scan of /proc to tell.
+        clean &= kill_marked(&self.key, |t| t == id).1;
         if !clean {
             tracing::warn!("task {}: some of its processes survived {DESTROY_ROUNDS} kill rounds", self.task_id);
         }
@@ -1227,14 +1227,15 @@ fn marked_processes(key: &str) -> Vec<(i32, String)> {
 /// SIGKILLs every process with this runtime's marker whose task id satisfies `doomed`, scanning
 /// again until a scan finds none (at most [`DESTROY_ROUNDS`]). Each kill goes through a pidfd
 /// opened before the marker is checked again, so a pid reused in between is never hit.
-/// Returns how many processes were killed.
-fn kill_marked(key: &str, doomed: impl Fn(&str) -> bool) -> usize {
+/// Returns how many processes were killed, and whether the last scan found none left (false:
+/// it gave up after [`DESTROY_ROUNDS`]).
+fn kill_marked(key: &str, doomed: impl Fn(&str) -> bool) -> (usize, bool) {
     let mut killed = 0;
     for _ in 0..DESTROY_ROUNDS {
         let victims: Vec<i32> =
             marked_processes(key).into_iter().filter(|(_, id)| doomed(id)).map(|(pid, _)| pid).collect();
         if victims.is_empty() {
-            break;
+            return (killed, true);
         }
         for pid in victims {
             let still = || marker_of(pid, key).is_some_and(|id| doomed(&id));
@@ -1255,7 +1256,7 @@ fn kill_marked(key: &str, doomed: impl Fn(&str) -> bool) -> usize {
         }
         std::thread::sleep(DESTROY_PAUSE);
     }
-    killed
+    (killed, false)
 }
 
 // ---------------------------------------------------------------------------------------------
