@@ -6,8 +6,8 @@ use crate::control::{ControlHandle, ControlMsg};
 use crate::health::HealthRunner;
 use mesh_core::model::{AgentId, Resources, TaskId, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
-use mesh_core::runtime::{Exit, Runtime, RuntimeError, RuntimeEvent};
-use std::collections::BTreeMap;
+use mesh_core::runtime::{Exit, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,89 +118,217 @@ pub async fn start(
         let _ = control.send(ControlMsg::FromAgent(up)).await;
     }
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
-    let agent_id = cfg.id.clone();
-    let mut health = HealthRunner::new(cfg.address, control.clone());
-    let mut consul_checks = crate::checks::CheckRunner::new(
+    let health = HealthRunner::new(cfg.address, control.clone());
+    let consul_checks = crate::checks::CheckRunner::new(
         cfg.id.clone(),
         control.clone(),
         crate::checks::Scripts::new(cfg.enable_script_checks),
     );
+    let mut agent = AgentLoop {
+        id: cfg.id.clone(),
+        runtime,
+        control,
+        health,
+        consul_checks,
+        inflight: tokio::task::JoinSet::new(),
+        launching: HashMap::new(),
+        queued: VecDeque::new(),
+    };
     let join = tokio::spawn(async move {
         let mode = loop {
             tokio::select! {
-                            mode = &mut stop_rx => break mode.unwrap_or(StopMode::LeaveTasks),
-                            msg = to_agent.recv() => match msg {
-                                Some(ToAgent::Launch(spec)) => {
-                                    if runtime.running().contains(&spec.task_id) {
-                                        continue; // a re-sent launch
-                                    }
-                                    let task_id = spec.task_id.clone();
-            if let Err(e) = runtime.launch(spec).await {
-                                        warn!(task = %task_id, error = %e, "launch failed");
-                                        // The runtime may also report Failed; make sure the control side hears
-                                        // it, with the runtime's own words (a repeat is ignored).
-                                        let message = match e {
-                                            RuntimeError::Launch { message, .. } => message,
-                                            e => e.to_string(),
-                                        };
-                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Failed, message, now_millis()))).await;
-                                    }
-                                }
-                                Some(ToAgent::Kill { task_id, grace }) => {
-                                    if !runtime.running().contains(&task_id) {
-                                        // Nothing to kill: say so, so the control side does not wait forever.
-                                        let msg = "task is not running on this agent".to_owned();
-                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, task_id, TaskState::Killed, msg, now_millis()))).await;
-                                        continue;
-                                    }
-                                    if let Err(e) = runtime.kill(&task_id, grace).await {
-                                        warn!(task = %task_id, error = %e, "kill failed");
-                                    }
-                                }
-                                Some(ToAgent::Checks { task_id, checks, started_at }) => {
-                                    if runtime.running().contains(&task_id) {
-                                        health.watch(task_id, checks, started_at);
-                                    }
-                                }
-                                Some(ToAgent::NodeChecks { checks }) => consul_checks.set(checks),
-                                Some(ToAgent::Reconcile { expected }) => {
-                                    let running = runtime.running();
-                                    for t in running.iter().filter(|t| !expected.contains(t)) {
-                                        let _ = runtime.kill(t, Duration::from_secs(3)).await;
-                                    }
-                                    for t in expected.into_iter().filter(|t| !running.contains(t)) {
-                                        let _ = control.send(ControlMsg::FromAgent(update(&agent_id, t, TaskState::Lost, "not running on its agent".into(), now_millis()))).await;
-                                    }
-                                }
-                                None => break StopMode::LeaveTasks,
-                            },
-                            ev = events.recv() => match ev {
-                                Some(ev) => {
-                                    if let RuntimeEvent::Exited { task_id, .. } | RuntimeEvent::Failed { task_id, .. } = &ev {
-                                        health.unwatch(task_id);
-                                    }
-                                    let _ = control.send(ControlMsg::FromAgent(event_to_update(&agent_id, ev))).await;
-                                }
-                                None => break StopMode::LeaveTasks,
-                            },
-                        }
-        };
-        if mode == StopMode::KillTasks {
-            let running = runtime.running().len();
-            info!(tasks = running, "stopping tasks");
-            let kill = runtime.kill_all(Duration::from_secs(10));
-            tokio::pin!(kill);
-            // Forward the exits while waiting, so the state records them as KILLED.
-            loop {
-                tokio::select! {
-                    _ = &mut kill => break,
-                    Some(ev) = events.recv() => { let _ = control.send(ControlMsg::FromAgent(event_to_update(&agent_id, ev))).await; }
+                mode = &mut stop_rx => break mode.unwrap_or(StopMode::LeaveTasks),
+                msg = to_agent.recv() => match msg {
+                    Some(msg) => agent.on_message(msg).await,
+                    None => break StopMode::LeaveTasks,
+                },
+                Some(done) = agent.inflight.join_next(), if !agent.inflight.is_empty() => {
+                    if let Ok((task_id, result)) = done {
+                        agent.launched(task_id, result).await;
+                    }
                 }
+                ev = events.recv() => match ev {
+                    Some(ev) => agent.on_event(ev).await,
+                    None => break StopMode::LeaveTasks,
+                },
             }
-            while let Ok(ev) = events.try_recv() {
-                let _ = control.send(ControlMsg::FromAgent(event_to_update(&agent_id, ev))).await;
-            }
-        }
+        };
+        agent.stop(mode, &mut events).await;
     });
     Ok(AgentHandle { stop: stop_tx, join })
+}
+
+/// At most this many launches run at once: a deploy of 1,000 instances starts them as fast as
+/// the runtime allows (Docker creates overlap; process spawns use both cores), without 1,000
+/// forks or Docker requests at the same instant.
+const LAUNCH_PARALLELISM: usize = 32;
+
+/// The longest grace a shutdown gives a task (Marathon's `taskKillGracePeriodSeconds` is capped
+/// at the same value); each task gets its own.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+
+/// What arrived for a task while its launch was under way; done once the launch returns.
+enum Deferred {
+    Kill(Duration),
+    Checks(Vec<mesh_core::health::CheckSpec>, u64),
+}
+
+/// The agent's message loop and what it keeps between messages.
+struct AgentLoop {
+    id: AgentId,
+    runtime: Arc<dyn Runtime>,
+    control: ControlHandle,
+    health: HealthRunner,
+    consul_checks: crate::checks::CheckRunner,
+    /// Launches under way (at most [`LAUNCH_PARALLELISM`]).
+    inflight: tokio::task::JoinSet<(TaskId, Result<(), RuntimeError>)>,
+    /// Tasks being launched (in flight or queued), with what must happen once they are.
+    launching: HashMap<TaskId, Vec<Deferred>>,
+    /// Launches waiting for a free slot, in the order they came.
+    queued: VecDeque<TaskSpec>,
+}
+
+impl AgentLoop {
+    async fn report(&self, msg: ToControl) {
+        let _ = self.control.send(ControlMsg::FromAgent(msg)).await;
+    }
+
+    async fn on_message(&mut self, msg: ToAgent) {
+        match msg {
+            ToAgent::Launch(spec) => {
+                if self.launching.contains_key(&spec.task_id) || self.runtime.is_running(&spec.task_id) {
+                    return; // a re-sent launch
+                }
+                self.launching.insert(spec.task_id.clone(), Vec::new());
+                self.queued.push_back(spec);
+                self.start_queued();
+            }
+            ToAgent::Kill { task_id, grace } => {
+                if let Some(deferred) = self.launching.get_mut(&task_id) {
+                    if let Some(i) = self.queued.iter().position(|s| s.task_id == task_id) {
+                        // Not started yet: it never will be.
+                        self.queued.remove(i);
+                        self.launching.remove(&task_id);
+                        let msg = "killed before it was launched".to_owned();
+                        self.report(update(&self.id, task_id, TaskState::Killed, msg, now_millis())).await;
+                    } else {
+                        deferred.push(Deferred::Kill(grace));
+                    }
+                    return;
+                }
+                if !self.runtime.is_running(&task_id) {
+                    // Nothing to kill: say so, so the control side does not wait forever.
+                    let msg = "task is not running on this agent".to_owned();
+                    self.report(update(&self.id, task_id, TaskState::Killed, msg, now_millis())).await;
+                    return;
+                }
+                if let Err(e) = self.runtime.kill(&task_id, grace).await {
+                    warn!(task = %task_id, error = %e, "kill failed");
+                }
+            }
+            ToAgent::Checks { task_id, checks, started_at } => {
+                if let Some(deferred) = self.launching.get_mut(&task_id) {
+                    deferred.push(Deferred::Checks(checks, started_at));
+                } else if self.runtime.is_running(&task_id) {
+                    self.health.watch(task_id, checks, started_at);
+                }
+            }
+            ToAgent::NodeChecks { checks } => self.consul_checks.set(checks),
+            ToAgent::Reconcile { expected } => {
+                let running = self.runtime.running();
+                for t in running.iter().filter(|t| !expected.contains(t)) {
+                    let _ = self.runtime.kill(t, Duration::from_secs(3)).await;
+                }
+                let missing: Vec<TaskId> = expected
+                    .into_iter()
+                    .filter(|t| !running.contains(t) && !self.launching.contains_key(t))
+                    .collect();
+                for t in missing {
+                    let msg = "not running on its agent".to_owned();
+                    self.report(update(&self.id, t, TaskState::Lost, msg, now_millis())).await;
+                }
+            }
+        }
+    }
+
+    /// Starts queued launches while there is a free slot.
+    fn start_queued(&mut self) {
+        while self.inflight.len() < LAUNCH_PARALLELISM {
+            let Some(spec) = self.queued.pop_front() else { break };
+            let runtime = self.runtime.clone();
+            self.inflight.spawn(async move {
+                let task_id = spec.task_id.clone();
+                let result = runtime.launch(spec).await;
+                (task_id, result)
+            });
+        }
+    }
+
+    /// A launch returned: report a failure, then do what waited for it.
+    async fn launched(&mut self, task_id: TaskId, result: Result<(), RuntimeError>) {
+        let deferred = self.launching.remove(&task_id).unwrap_or_default();
+        self.start_queued();
+        if let Err(e) = result {
+            warn!(task = %task_id, error = %e, "launch failed");
+            // The runtime may also report Failed; make sure the control side hears it, with the
+            // runtime's own words (a repeat is ignored).
+            let message = match e {
+                RuntimeError::Launch { message, .. } => message,
+                e => e.to_string(),
+            };
+            self.report(update(&self.id, task_id, TaskState::Failed, message, now_millis())).await;
+            return;
+        }
+        for d in deferred {
+            match d {
+                Deferred::Kill(grace) => {
+                    if let Err(e) = self.runtime.kill(&task_id, grace).await {
+                        warn!(task = %task_id, error = %e, "kill failed");
+                    }
+                }
+                Deferred::Checks(checks, started_at) => {
+                    if self.runtime.is_running(&task_id) {
+                        self.health.watch(task_id.clone(), checks, started_at);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: RuntimeEvent) {
+        if let RuntimeEvent::Exited { task_id, .. } | RuntimeEvent::Failed { task_id, .. } = &ev {
+            self.health.unwatch(task_id);
+        }
+        self.report(event_to_update(&self.id, ev)).await;
+    }
+
+    /// Stops the agent: with [`StopMode::KillTasks`], every task at once, each with its own
+    /// grace, forwarding their ends so the state records them as KILLED.
+    async fn stop(mut self, mode: StopMode, events: &mut mpsc::Receiver<RuntimeEvent>) {
+        // Launches not started are dropped; those under way finish first, so none is left
+        // running untracked.
+        self.queued.clear();
+        while let Some(done) = self.inflight.join_next().await {
+            if let Ok((task_id, result)) = done {
+                self.launched(task_id, result).await;
+            }
+        }
+        if mode != StopMode::KillTasks {
+            return;
+        }
+        let running = self.runtime.running().len();
+        info!(tasks = running, "stopping tasks");
+        let runtime = self.runtime.clone();
+        let kill = runtime.kill_all(MAX_SHUTDOWN_GRACE);
+        tokio::pin!(kill);
+        loop {
+            tokio::select! {
+                _ = &mut kill => break,
+                Some(ev) = events.recv() => self.report(event_to_update(&self.id, ev)).await,
+            }
+        }
+        while let Ok(ev) = events.try_recv() {
+            self.report(event_to_update(&self.id, ev)).await;
+        }
+    }
 }

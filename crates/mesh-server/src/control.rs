@@ -17,7 +17,7 @@ use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
 use mesh_core::state::{Agent, ApplyError, Command, State, Store};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -142,7 +142,9 @@ struct Control {
     published: Published,
     index_tx: watch::Sender<u64>,
     draining: bool,
-    seen_updates: VecDeque<String>,
+    /// Uuids of the last 4,096 status updates (re-sent ones are ignored), and their order.
+    seen_updates: HashSet<String>,
+    seen_order: VecDeque<String>,
     /// The index of each agent's node topic when its Consul checks were last sent: any change of
     /// a check on the node (status included) moves it, and only then is the set sent again.
     sent_checks: HashMap<AgentId, u64>,
@@ -194,7 +196,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         published: published.clone(),
         index_tx,
         draining: false,
-        seen_updates: VecDeque::new(),
+        seen_updates: HashSet::new(),
+        seen_order: VecDeque::new(),
         sent_checks: HashMap::new(),
         deadline: (u64::MAX, None),
         due_checked: u64::MAX,
@@ -242,7 +245,17 @@ impl Control {
     fn handle_batch(&mut self, batch: Vec<ControlMsg>, now: Millis) {
         let mut proposals = Vec::new();
         let mut replies = Vec::new();
+        // Consecutive status updates are recorded together: one log write for a burst of
+        // 1,000 RUNNING (or KILLED, at shutdown) instead of 1,000.
+        let mut updates = Vec::new();
         for msg in batch {
+            if let ControlMsg::FromAgent(ToControl::Status(update)) = msg {
+                updates.push(update);
+                continue;
+            }
+            if !updates.is_empty() {
+                self.status_updates(std::mem::take(&mut updates));
+            }
             match msg {
                 ControlMsg::Propose(cmd, reply) => {
                     proposals.push(cmd);
@@ -259,6 +272,9 @@ impl Control {
                 }
                 ControlMsg::Mesos(m) => self.mesos_msg(m, now),
             }
+        }
+        if !updates.is_empty() {
+            self.status_updates(updates);
         }
         if !proposals.is_empty() {
             self.propose_and_reply(proposals, replies, now);
@@ -432,7 +448,7 @@ impl Control {
                 }
                 self.apply(lost);
             }
-            ToControl::Status(update) => self.status_update(update),
+            ToControl::Status(update) => self.status_updates(vec![update]),
             ToControl::Health { task_id, check, result } => {
                 let before = self.store.state().tasks.get(&task_id).and_then(|t| t.health.get(check).cloned());
                 let res =
@@ -461,44 +477,61 @@ impl Control {
         }
     }
 
-    fn status_update(&mut self, update: StatusUpdate) {
-        if self.seen_updates.contains(&update.uuid) {
-            return; // a re-sent update
-        }
-        self.seen_updates.push_back(update.uuid.clone());
-        if self.seen_updates.len() > 4096 {
-            self.seen_updates.pop_front();
-        }
-        let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
-            if update.state.is_terminal() {
-                self.published.events.publish(Event::new(
-                    "unknown_instance_terminated_event",
-                    serde_json::json!({"instanceId": update.task_id, "runSpecId": "", "condition": update.state.as_str()}),
-                    update.at,
-                ));
-            } else {
-                // A task nobody wants: stop it.
-                self.outbox.push_back((
-                    update.agent_id.clone(),
-                    ToAgent::Kill { task_id: update.task_id.clone(), grace: Duration::from_secs(3) },
-                ));
+    /// Records status updates (re-sent ones are ignored) in one log write, then lets the
+    /// allocator and the scheduler see each.
+    fn status_updates(&mut self, updates: Vec<StatusUpdate>) {
+        let mut known = Vec::with_capacity(updates.len());
+        for update in updates {
+            if !self.seen_updates.insert(update.uuid.clone()) {
+                continue; // a re-sent update
             }
-            return;
-        };
-        let res = self.apply(vec![Command::TaskStatus {
-            task_id: update.task_id.clone(),
-            state: update.state,
-            message: update.message.clone(),
-            at: update.at,
-        }]);
-        // No result: the store could not record it (the update is deferred); the task is gone
-        // all the same, so its resources are free.
-        if res.first().is_none_or(|r| r.is_ok()) && update.state.is_terminal() {
-            self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
+            self.seen_order.push_back(update.uuid.clone());
+            if self.seen_order.len() > 4096
+                && let Some(old) = self.seen_order.pop_front()
+            {
+                self.seen_updates.remove(&old);
+            }
+            let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
+                if update.state.is_terminal() {
+                    self.published.events.publish(Event::new(
+                        "unknown_instance_terminated_event",
+                        serde_json::json!({"instanceId": update.task_id, "runSpecId": "", "condition": update.state.as_str()}),
+                        update.at,
+                    ));
+                } else {
+                    // A task nobody wants: stop it.
+                    self.outbox.push_back((
+                        update.agent_id.clone(),
+                        ToAgent::Kill { task_id: update.task_id.clone(), grace: Duration::from_secs(3) },
+                    ));
+                }
+                continue;
+            };
+            known.push((update, task));
         }
-        let view = self.store.state().clone();
-        let calls = self.marathon.status(&view, &update, update.at);
-        self.handle_calls(calls, update.at);
+        if known.is_empty() {
+            return;
+        }
+        let cmds = known
+            .iter()
+            .map(|(u, _)| Command::TaskStatus {
+                task_id: u.task_id.clone(),
+                state: u.state,
+                message: u.message.clone(),
+                at: u.at,
+            })
+            .collect();
+        let res = self.apply(cmds);
+        for (i, (update, task)) in known.into_iter().enumerate() {
+            // No result: the store could not record it (the update is deferred); the task is
+            // gone all the same, so its resources are free.
+            if res.get(i).is_none_or(|r| r.is_ok()) && update.state.is_terminal() {
+                self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
+            }
+            let view = self.store.state().clone();
+            let calls = self.marathon.status(&view, &update, update.at);
+            self.handle_calls(calls, update.at);
+        }
     }
 
     fn step(&mut self, now: Millis) {

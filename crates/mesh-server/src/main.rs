@@ -301,6 +301,8 @@ fn parse_runtime(s: &str) -> Result<RuntimeKind, String> {
         "auto" => Ok(RuntimeKind::Auto),
         "process" => Ok(RuntimeKind::Process),
         "docker" => Ok(RuntimeKind::Docker),
+        #[cfg(feature = "memory-runtime")]
+        "memory" => Ok(RuntimeKind::Memory),
         _ => Err("expected auto, process or docker".into()),
     }
 }

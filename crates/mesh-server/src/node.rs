@@ -34,6 +34,10 @@ pub enum RuntimeKind {
     Process,
     /// Docker containers.
     Docker,
+    /// Tasks that run nowhere ([`mesh_core::runtime::memory`]): for benchmarks at sizes real
+    /// processes would not fit. Only in builds with the `memory-runtime` feature.
+    #[cfg(feature = "memory-runtime")]
+    Memory,
 }
 
 /// Settings of a node.
@@ -210,6 +214,8 @@ pub async fn run_dev(
     let process = Arc::new(process);
     let docker_wanted = match cfg.runtime {
         RuntimeKind::Process => false,
+        #[cfg(feature = "memory-runtime")]
+        RuntimeKind::Memory => false,
         RuntimeKind::Docker => true,
         RuntimeKind::Auto => DockerRuntime::available().await,
     };
@@ -235,8 +241,21 @@ pub async fn run_dev(
         }
         None
     };
-    let runtime = MultiRuntime::new(process.clone(), docker.clone());
-    let runtimes = runtime.runtimes();
+    let multi = MultiRuntime::new(process.clone(), docker.clone());
+    #[cfg(feature = "memory-runtime")]
+    let (runtime, runtimes): (Arc<dyn Runtime>, Vec<String>) = if cfg.runtime == RuntimeKind::Memory {
+        warn!("memory runtime: tasks run nowhere (benchmarks only)");
+        let memory = mesh_core::runtime::memory::MemoryRuntime::new(events_tx.clone());
+        (Arc::new(memory), vec!["process".into(), "docker".into()])
+    } else {
+        let runtimes = multi.runtimes();
+        (Arc::new(multi), runtimes)
+    };
+    #[cfg(not(feature = "memory-runtime"))]
+    let (runtime, runtimes): (Arc<dyn Runtime>, Vec<String>) = {
+        let runtimes = multi.runtimes();
+        (Arc::new(multi), runtimes)
+    };
     info!(?runtimes, "runtimes");
     let agent_cfg = AgentConfig {
         id: AgentId::from(cfg.node.as_str()),
@@ -252,7 +271,6 @@ pub async fn run_dev(
         runtimes,
         enable_script_checks: cfg.enable_script_checks,
     };
-    let runtime: Arc<dyn Runtime> = Arc::new(runtime);
     let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
     // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
     let sandbox_gc = process.spawn_gc(cfg.gc);

@@ -166,6 +166,9 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Added to the grace for the stop request's timeout.
 const STOP_MARGIN: Duration = Duration::from_secs(30);
+/// The grace of a re-adopted container whose stop timeout cannot be read.
+const DEFAULT_RECOVERED_GRACE: Duration = Duration::from_secs(3);
+
 /// How long `kill_all` waits beyond the grace period.
 const KILL_ALL_MARGIN: Duration = Duration::from_secs(10);
 /// Pause before reconnecting the event stream.
@@ -212,6 +215,8 @@ struct Watched {
     /// The container name (for messages).
     name: String,
     mem: f64,
+    /// The task's own grace period (`kill_all` gives each task its own).
+    grace: Duration,
     phase: watch::Sender<Phase>,
     /// Set once `kill` was asked for.
     killed: AtomicBool,
@@ -231,12 +236,13 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(task_id: TaskId, container: String, name: String, mem: f64, phase: Phase) -> Arc<Self> {
+    fn new(task_id: TaskId, container: String, name: String, mem: f64, grace: Duration, phase: Phase) -> Arc<Self> {
         Arc::new(Self {
             task_id,
             container,
             name,
             mem,
+            grace,
             phase: watch::channel(phase).0,
             killed: AtomicBool::new(false),
             kill_grace_ms: AtomicU64::new(u64::MAX),
@@ -507,7 +513,14 @@ impl Runtime for DockerRuntime {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect()
                 });
-            let w = Watched::new(task_id.clone(), id, name.clone(), mem, Phase::Running);
+            // The grace it was created with is its stop timeout.
+            let grace = info
+                .as_ref()
+                .and_then(|i| i.config.as_ref())
+                .and_then(|c| c.stop_timeout)
+                .and_then(|t| u64::try_from(t).ok())
+                .map_or(DEFAULT_RECOVERED_GRACE, Duration::from_secs);
+            let w = Watched::new(task_id.clone(), id, name.clone(), mem, grace, Phase::Running);
             self.inner.lock().insert(task_id.clone(), w.clone());
             let disk = labels.get(LABEL_DISK).and_then(|d| d.parse::<f64>().ok()).filter(|d| *d > 0.0);
             if let Some(disk) = disk {
@@ -526,13 +539,22 @@ impl Runtime for DockerRuntime {
         ids
     }
 
+    fn is_running(&self, task_id: &TaskId) -> bool {
+        self.inner.lock().contains_key(task_id)
+    }
+
     async fn kill_all(&self, grace: Duration) {
         let all: Vec<Arc<Watched>> = self.inner.lock().values().cloned().collect();
         let mut waits = Vec::with_capacity(all.len());
+        // Every task gets its own grace (at most `grace`), all at once.
+        let mut longest = Duration::ZERO;
         for w in all {
             waits.push(w.done.subscribe());
-            self.inner.start_kill(w, grace);
+            let own = w.grace.min(grace);
+            longest = longest.max(own);
+            self.inner.start_kill(w, own);
         }
+        let grace = longest;
         let wait_all = async {
             for mut done in waits {
                 let _ = done.wait_for(|d| *d).await;
@@ -566,7 +588,7 @@ impl Inner {
             }
             Err(e) => return Err(format!("cannot create container {name}: {e}")),
         };
-        let w = Watched::new(spec.task_id.clone(), id.clone(), name.clone(), spec.mem, Phase::Starting);
+        let w = Watched::new(spec.task_id.clone(), id.clone(), name.clone(), spec.mem, spec.kill_grace, Phase::Starting);
         self.lock().insert(spec.task_id.clone(), w.clone());
         if let Err(e) = self.docker.start_container(&id, None::<StartContainerOptions>).await {
             w.phase.send_replace(Phase::Failed);

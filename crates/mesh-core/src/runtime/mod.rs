@@ -12,6 +12,7 @@ pub mod disk;
 pub mod docker;
 pub mod gc;
 pub mod logger;
+pub mod memory;
 pub mod multi;
 pub mod process;
 
@@ -196,7 +197,14 @@ pub trait Runtime: Send + Sync + 'static {
     async fn recover(&self) -> Result<Vec<RecoveredTask>, RuntimeError>;
     /// The tasks this runtime currently watches.
     fn running(&self) -> Vec<TaskId>;
-    /// Stop every task (used on a clean shutdown that should leave nothing behind).
+    /// Whether this runtime watches `task_id` (what `running().contains(..)` says, without
+    /// listing every task: the agent asks on every message).
+    fn is_running(&self, task_id: &TaskId) -> bool {
+        self.running().contains(task_id)
+    }
+    /// Stop every task at once (used on a clean shutdown that should leave nothing behind): each
+    /// gets its own grace period, at most `grace`, so the wait is the longest of them plus a
+    /// small margin, however many tasks there are.
     async fn kill_all(&self, grace: Duration);
 }
 

@@ -52,7 +52,7 @@ impl Runtime for MultiRuntime {
 
     async fn kill(&self, task_id: &TaskId, grace: Duration) -> Result<(), RuntimeError> {
         for rt in self.all() {
-            if rt.running().contains(task_id) {
+            if rt.is_running(task_id) {
                 return rt.kill(task_id, grace).await;
             }
         }
@@ -69,6 +69,10 @@ impl Runtime for MultiRuntime {
 
     fn running(&self) -> Vec<TaskId> {
         self.all().flat_map(|rt| rt.running()).collect()
+    }
+
+    fn is_running(&self, task_id: &TaskId) -> bool {
+        self.all().any(|rt| rt.is_running(task_id))
     }
 
     async fn kill_all(&self, grace: Duration) {
