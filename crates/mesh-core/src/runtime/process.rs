@@ -1717,6 +1717,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn kill_all_gives_every_task_its_own_grace_at_once() {
+        // Tasks that ignore SIGTERM end only at their SIGKILL, after their own grace (1 s), not
+        // after kill_all's cap (an hour): the waits overlap, so 12 of them end in about one
+        // grace, where one after another would take 12.
+        let mut f = fixture();
+        let ids: Vec<String> = (0..12).map(|i| format!("stubborn{i}")).collect();
+        for id in &ids {
+            let mut s = shell(id, "trap '' TERM; echo ready > ready; while :; do sleep 1; done");
+            s.kill_grace = Duration::from_secs(1);
+            f.rt.launch(s).await.unwrap();
+            f.ev.started(id).await;
+        }
+        for id in &ids {
+            let ready = f.work.join(id).join("ready");
+            until("the TERM trap is set", || ready.exists()).await;
+        }
+        let started = std::time::Instant::now();
+        timeout(Duration::from_secs(8), f.rt.kill_all(Duration::from_secs(3600)))
+            .await
+            .expect("kill_all waits for the tasks' own grace, in parallel");
+        assert!(started.elapsed() >= Duration::from_secs(1), "SIGKILL came before the grace ended");
+        for id in &ids {
+            let (exit, killed, _) = f.ev.exited(id).await;
+            assert_eq!(exit, Exit::Signal(libc::SIGKILL), "{id} ignored SIGTERM");
+            assert!(killed);
+        }
+    }
+
+    #[tokio::test]
     async fn recover_adopts_live_tasks_and_kills_them() {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
