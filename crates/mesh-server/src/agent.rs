@@ -239,10 +239,8 @@ impl AgentLoop {
                 for t in running.iter().filter(|t| !expected.contains(t)) {
                     let _ = self.runtime.kill(t, Duration::from_secs(3)).await;
                 }
-                let missing: Vec<TaskId> = expected
-                    .into_iter()
-                    .filter(|t| !running.contains(t) && !self.launching.contains_key(t))
-                    .collect();
+                let missing: Vec<TaskId> =
+                    expected.into_iter().filter(|t| !running.contains(t) && !self.launching.contains_key(t)).collect();
                 for t in missing {
                     let msg = "not running on its agent".to_owned();
                     self.report(update(&self.id, t, TaskState::Lost, msg, now_millis())).await;

@@ -588,7 +588,8 @@ impl Inner {
             }
             Err(e) => return Err(format!("cannot create container {name}: {e}")),
         };
-        let w = Watched::new(spec.task_id.clone(), id.clone(), name.clone(), spec.mem, spec.kill_grace, Phase::Starting);
+        let w =
+            Watched::new(spec.task_id.clone(), id.clone(), name.clone(), spec.mem, spec.kill_grace, Phase::Starting);
         self.lock().insert(spec.task_id.clone(), w.clone());
         if let Err(e) = self.docker.start_container(&id, None::<StartContainerOptions>).await {
             w.phase.send_replace(Phase::Failed);
