@@ -367,15 +367,21 @@ pub async fn run_dev(
     shutdown.await;
     info!("shutting down");
     let _ = stop_http_tx.send(true);
-    // One deadline for all listeners: they share the connections they wait for.
+    // One deadline for all listeners: they share the connections they wait for. Tasks are
+    // stopped meanwhile, so a shutdown takes the longest of the two, not their sum.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    for s in servers {
-        let _ = tokio::time::timeout_at(deadline, s).await;
-    }
+    let http_done = async {
+        for s in servers {
+            let _ = tokio::time::timeout_at(deadline, s).await;
+        }
+    };
+    let tasks_done = async {
+        control.drain().await;
+        let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
+        agent.stop(mode).await;
+    };
+    tokio::join!(http_done, tasks_done);
     trimmer.abort();
-    control.drain().await;
-    let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
-    agent.stop(mode).await;
     sandbox_gc.abort();
     if let Some(r) = registrator {
         r.shutdown().await;
