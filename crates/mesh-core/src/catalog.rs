@@ -3,7 +3,7 @@
 //! The state machine keeps a [`CatalogState`]; after each applied batch the control side publishes
 //! an immutable [`CatalogState`] (cheap to clone: persistent maps) that DNS and the HTTP reads use.
 
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -318,7 +318,7 @@ pub const NODE_MAINTENANCE: &str = "_node_maintenance";
 pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
 
 /// The catalog's data: a value, cheap to clone.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CatalogState {
     /// The index of the last change to anything in the catalog; only grows.
     pub index: u64,
@@ -336,6 +336,11 @@ pub struct CatalogState {
     /// data it reads. Entries outlive what they describe (a deletion is a change too).
     #[serde(default)]
     pub topics: OrdMap<String, u64>,
+    /// `(instance id, service)` of the instances on each node: finding a node's instances (or
+    /// one by id) costs what is on the node, not a walk of every service. Derived, so not
+    /// stored: rebuilt by [`CatalogState::rebuild_index`] after loading.
+    #[serde(skip)]
+    on_node: OrdMap<String, OrdSet<(String, String)>>,
 }
 
 /// Read access to the catalog.
@@ -351,6 +356,18 @@ pub trait Catalog {
     /// Instances of a service; with `passing_only`, only those whose health is passing. An optional
     /// tag filter keeps instances carrying that tag (case-insensitive).
     fn instances(&self, service: &str, tag: Option<&str>, passing_only: bool) -> Vec<&ServiceInstance>;
+}
+
+/// Equal when the content is (the derived per-node index follows from it).
+impl PartialEq for CatalogState {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index
+            && self.nodes == other.nodes
+            && self.services == other.services
+            && self.datacenter == other.datacenter
+            && self.checks == other.checks
+            && self.topics == other.topics
+    }
 }
 
 impl CatalogState {
@@ -391,14 +408,65 @@ impl CatalogState {
         self.topics.get(topic).copied().unwrap_or(0).max(1)
     }
 
-    /// Every instance on `node`.
+    /// Every instance on `node` (by instance id, then service).
     pub fn instances_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ServiceInstance> + 'a {
-        self.services.values().flat_map(|m| m.values()).filter(move |i| i.node == node)
+        self.on_node
+            .get(node)
+            .into_iter()
+            .flat_map(|set| set.iter())
+            .filter_map(|(id, svc)| self.services.get(svc)?.get(id))
+            .filter(move |i| i.node == node)
     }
 
     /// The instance with `id` on `node`.
-    pub fn instance(&self, node: &str, id: &str) -> Option<&ServiceInstance> {
-        self.services.values().filter_map(|m| m.get(id)).find(|i| i.node == node)
+    pub fn instance<'a>(&'a self, node: &'a str, id: &'a str) -> Option<&'a ServiceInstance> {
+        self.instances_with_id(node, id).next()
+    }
+
+    /// The instances with `id` on `node` (one, unless services share an instance id), found
+    /// through the per-node index in O(log n).
+    pub fn instances_with_id<'a>(
+        &'a self,
+        node: &'a str,
+        id: &'a str,
+    ) -> impl Iterator<Item = &'a ServiceInstance> + 'a {
+        let from = (id.to_owned(), String::new());
+        self.on_node
+            .get(node)
+            .into_iter()
+            .flat_map(move |set| set.range(from.clone()..))
+            .take_while(move |(i, _)| i == id)
+            .filter_map(move |(_, svc)| self.services.get(svc)?.get(id))
+            .filter(move |i| i.node == node)
+    }
+
+    /// Rebuild the derived per-node index (after the catalog was deserialized).
+    pub fn rebuild_index(&mut self) {
+        let mut on_node: OrdMap<String, OrdSet<(String, String)>> = OrdMap::new();
+        for (svc, m) in &self.services {
+            for (id, inst) in m {
+                on_node.entry(inst.node.clone()).or_default().insert((id.clone(), svc.clone()));
+            }
+        }
+        self.on_node = on_node;
+    }
+
+    fn index_add(&mut self, node: &str, id: &str, service: &str) {
+        let mut set = self.on_node.get(node).cloned().unwrap_or_default();
+        if set.insert((id.to_owned(), service.to_owned())).is_none() {
+            self.on_node.insert(node.to_owned(), set);
+        }
+    }
+
+    fn index_remove(&mut self, node: &str, id: &str, service: &str) {
+        let Some(mut set) = self.on_node.get(node).cloned() else { return };
+        if set.remove(&(id.to_owned(), service.to_owned())).is_some() {
+            if set.is_empty() {
+                self.on_node.remove(node);
+            } else {
+                self.on_node.insert(node.to_owned(), set);
+            }
+        }
     }
 
     /// The checks of `node`.
@@ -416,11 +484,10 @@ impl CatalogState {
 
     /// Recompute the aggregated health of the instances on `node` (all, or only `service_id`).
     fn refresh(&mut self, node: &str, service_id: Option<&str>, index: u64) {
-        let targets: Vec<(String, String)> = self
-            .instances_on(node)
-            .filter(|i| service_id.is_none_or(|s| s == i.id))
-            .map(|i| (i.service.clone(), i.id.clone()))
-            .collect();
+        let targets: Vec<(String, String)> = match service_id {
+            Some(sid) => self.instances_with_id(node, sid).map(|i| (i.service.clone(), i.id.clone())).collect(),
+            None => self.instances_on(node).map(|i| (i.service.clone(), i.id.clone())).collect(),
+        };
         for (svc, id) in targets {
             let Some(inst) = self.services.get(&svc).and_then(|m| m.get(&id)) else { continue };
             let h = self.aggregate(inst);
@@ -573,7 +640,12 @@ impl CatalogState {
         }
         inst.modify_index = index;
         let mut svc = svc;
-        svc.insert(inst.id.clone(), inst.clone());
+        if let Some(old) = svc.insert(inst.id.clone(), inst.clone())
+            && old.node != inst.node
+        {
+            self.index_remove(&old.node, &old.id, &old.service);
+        }
+        self.index_add(&inst.node, &inst.id, &inst.service);
         if tags_changed {
             self.touch("services", index);
         }
@@ -590,6 +662,7 @@ impl CatalogState {
         let Some(old) = svc.remove(id) else {
             return false;
         };
+        self.index_remove(&old.node, &old.id, &old.service);
         // Its checks go with it.
         if let Some(mut m) = self.checks.get(&old.node).cloned() {
             let gone: Vec<String> = m.values().filter(|c| c.service_id == id).map(|c| c.id.clone()).collect();
@@ -670,6 +743,59 @@ mod tests {
             weights: Weights::default(),
             create_index: 0,
             modify_index: 0,
+        }
+    }
+
+    #[test]
+    fn the_per_node_index_agrees_with_a_walk_of_every_service() {
+        use rand::{Rng, SeedableRng};
+        let walk_on = |c: &CatalogState, node: &str| -> Vec<(String, String)> {
+            let mut v: Vec<(String, String)> = c
+                .services
+                .values()
+                .flat_map(|m| m.values())
+                .filter(|i| i.node == node)
+                .map(|i| (i.id.clone(), i.service.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut c = CatalogState::new("dc1");
+        for index in 1..3_000u64 {
+            let id = format!("i{}", rng.random_range(0..40));
+            let svc = format!("s{}", rng.random_range(0..6));
+            let node = format!("n{}", rng.random_range(0..4));
+            match rng.random_range(0..4) {
+                0 => {
+                    c.remove_instance(&svc, &id, index);
+                }
+                1 => {
+                    c.remove_node(&node, index);
+                }
+                _ => {
+                    // Instances move between nodes and services share ids, as registrations do.
+                    let mut i = inst(&id, &svc, &[], Health::Passing);
+                    i.node = node.clone();
+                    c.upsert_instance(i, index);
+                }
+            }
+            for n in ["n0", "n1", "n2", "n3"] {
+                let mut got: Vec<(String, String)> =
+                    c.instances_on(n).map(|i| (i.id.clone(), i.service.clone())).collect();
+                got.sort();
+                assert_eq!(got, walk_on(&c, n), "instances on {n} after change {index}");
+                for (id, _) in walk_on(&c, n) {
+                    assert!(c.instance(n, &id).is_some_and(|i| i.node == n && i.id == id));
+                }
+            }
+        }
+        // Not stored: rebuilt after loading.
+        let mut loaded: CatalogState = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        loaded.rebuild_index();
+        assert_eq!(loaded, c);
+        for n in ["n0", "n1", "n2", "n3"] {
+            assert_eq!(loaded.instances_on(n).count(), c.instances_on(n).count());
         }
     }
 

@@ -575,6 +575,7 @@ impl State {
     /// Rebuild the derived indexes (after a snapshot is loaded).
     pub fn rebuild_indexes(&mut self) {
         self.kv.rebuild();
+        self.catalog.rebuild_index();
         self.tasks_by_app = OrdMap::new();
         for t in self.tasks.values() {
             if let Some(app) = &t.app_id {
@@ -962,14 +963,9 @@ impl State {
                 }
                 let stale: Vec<(String, String)> = self
                     .catalog
-                    .services
-                    .iter()
-                    .flat_map(|(svc, insts)| {
-                        insts
-                            .values()
-                            .filter(|i| &i.node == node && i.meta.get(SOURCE_META) == Some(source))
-                            .map(move |i| (svc.clone(), i.id.clone()))
-                    })
+                    .instances_on(node)
+                    .filter(|i| i.meta.get(SOURCE_META) == Some(source))
+                    .map(|i| (i.service.clone(), i.id.clone()))
                     .filter(|k| !keep.contains(k))
                     .collect();
                 for (svc, id) in stale {
@@ -1348,14 +1344,10 @@ impl State {
     }
 
     fn deregister_task(&mut self, task: &Task) -> bool {
-        // The service name may have changed since registration: search by id.
-        let services: Vec<String> = self
-            .catalog
-            .services
-            .iter()
-            .filter(|(_, insts)| insts.contains_key(task.id.as_str()))
-            .map(|(s, _)| s.clone())
-            .collect();
+        // The service name may have changed since registration: search by id, on the task's node
+        // (where it was registered; see `instance_for`).
+        let services: Vec<String> =
+            self.catalog.instances_with_id(&task.agent_id.0, task.id.as_str()).map(|i| i.service.clone()).collect();
         let mut changed = false;
         for s in services {
             changed |= self.catalog.remove_instance(&s, task.id.as_str(), self.index + 1);
