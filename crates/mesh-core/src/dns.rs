@@ -46,10 +46,10 @@ use hickory_proto::op::{Edns, Metadata, Query, ResponseCode, emit_message_parts}
 use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
-use imbl::OrdMap;
+use imbl::{HashMap as ImHashMap, OrdMap, OrdSet};
 use rand::Rng;
 use rand::seq::SliceRandom;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,7 +330,7 @@ impl DnsZone {
                 return a;
             }
             QueryName::Reverse(ip) => {
-                let Some(target) = ip.and_then(|ip| index.ptr.get(&ip)) else {
+                let Some(target) = ip.and_then(|ip| index.ptr_target(ip)) else {
                     let mut a = negative(ResponseCode::NXDomain);
                     a.recurse = true;
                     return a;
@@ -701,7 +701,7 @@ impl DnsAnswer {
 }
 
 /// A node as DNS sees it.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct NodeEntry {
     address: IpAddr,
     /// `<node>.node.<dc>.<domain>.` per domain.
@@ -711,7 +711,7 @@ struct NodeEntry {
 }
 
 /// A service instance as DNS sees it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct InstanceEntry {
     health: Health,
     /// Lowercase tags.
@@ -735,26 +735,56 @@ struct InstanceEntry {
 }
 
 /// The instances of one service (or of several whose names differ only in case).
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct ServiceEntry {
     ttl: u32,
     /// Sorted by address, node and port.
     instances: Vec<InstanceEntry>,
 }
 
-/// What DNS answers from: the catalog rearranged for lookups by lowercase name, built once per
-/// published catalog ([`DnsIndex::build`]).
-#[derive(Debug, Default)]
+/// Who claims an address for reverse lookups: nodes (by name) before services (by name), the
+/// order in which a from-scratch build would have met them.
+type PtrClaim = (bool, String);
+
+/// What DNS answers from: the catalog rearranged for lookups by lowercase name.
+///
+/// Maintained per change ([`DnsIndex::update`]): the catalog maps it was built from are kept, and
+/// an update diffs them against the new catalog's (persistent maps sharing structure: the diff
+/// visits only what changed), then rebuilds the entries of the services and nodes the change
+/// touched, and of the services on a changed node. Every map here is persistent too, so the
+/// updated index shares all the rest with the previous one: an update costs O(change), whatever
+/// the size of the catalog, and the previous index stays whole for whoever still reads it.
+#[derive(Clone, Debug, Default)]
 pub struct DnsIndex {
-    services: HashMap<String, Arc<ServiceEntry>>,
-    nodes: HashMap<String, Arc<NodeEntry>>,
-    /// Reverse lookups: address → PTR target in the primary domain.
-    ptr: HashMap<IpAddr, Name>,
-    /// The catalog maps this was built from, to reuse the entries of unchanged services.
+    services: ImHashMap<String, Arc<ServiceEntry>>,
+    nodes: ImHashMap<String, Arc<NodeEntry>>,
+    /// Reverse lookups: address → its claimants → PTR target in the primary domain; the first
+    /// claimant answers.
+    ptr: ImHashMap<IpAddr, OrdMap<PtrClaim, Name>>,
+    /// The catalog maps this was built from.
     source_nodes: OrdMap<String, Node>,
     source_services: OrdMap<String, OrdMap<String, ServiceInstance>>,
     /// Entry per service as named in the catalog.
-    by_catalog_name: HashMap<String, Arc<ServiceEntry>>,
+    by_catalog_name: ImHashMap<String, Arc<ServiceEntry>>,
+    /// Lowercase name → the catalog's names of nodes, and of services, that differ only in case.
+    node_spellings: ImHashMap<String, OrdSet<String>>,
+    service_spellings: ImHashMap<String, OrdSet<String>>,
+    /// Lowercase node name → the services (catalog names) with an instance on it: their entries
+    /// carry the node's address, names and meta.
+    services_on: ImHashMap<String, OrdSet<String>>,
+}
+
+/// The work an index update did (tests pin its shape: it follows the change, not the catalog).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexUpdateStats {
+    /// Changed entries the catalog diff reported (nodes and services).
+    pub diff_items: usize,
+    /// Node entries rebuilt (by lowercase name).
+    pub nodes_rebuilt: usize,
+    /// Service entries rebuilt (by catalog name).
+    pub services_rebuilt: usize,
+    /// Instances visited to rebuild them (old and new).
+    pub instances_visited: usize,
 }
 
 /// RFC 1464 TXT data of node meta (`key=value`; keys prefixed `rfc1035-` give the bare value).
@@ -767,67 +797,201 @@ fn meta_txt(meta: &BTreeMap<String, String>) -> Arc<[TXT]> {
         .collect()
 }
 
-impl DnsIndex {
-    /// Indexes `catalog` for `zone`. Services whose instances did not change since `previous` (and
-    /// no node changed) keep their entries, so a publish costs about one map walk.
-    pub fn build(catalog: &CatalogState, zone: &DnsZone, previous: Option<&DnsIndex>) -> DnsIndex {
-        let mut nodes: HashMap<String, Arc<NodeEntry>> = HashMap::with_capacity(catalog.nodes.len());
-        let mut ptr: HashMap<IpAddr, Name> = HashMap::new();
-        let nodes_unchanged = previous.filter(|p| p.source_nodes.ptr_eq(&catalog.nodes));
-        for node in catalog.nodes.values() {
-            let lower = node.name.to_ascii_lowercase();
-            let entry = match nodes_unchanged.and_then(|p| p.nodes.get(&lower)) {
-                Some(e) => e.clone(),
-                None => {
-                    let Some(names) = zone.node_names(&node.name) else { continue };
-                    Arc::new(NodeEntry { address: node.address, names, txt: meta_txt(&node.meta) })
-                }
-            };
-            ptr.entry(node.address).or_insert_with(|| entry.names[0].clone());
-            nodes.entry(lower).or_insert(entry);
-        }
+/// Adds (or removes) `name` to the set of spellings at `lower`.
+fn respell(map: &mut ImHashMap<String, OrdSet<String>>, lower: &str, name: &str, present: bool) {
+    let mut set = map.get(lower).cloned().unwrap_or_default();
+    if present {
+        set.insert(name.to_owned());
+    } else {
+        set.remove(name);
+    }
+    if set.is_empty() {
+        map.remove(lower);
+    } else {
+        map.insert(lower.to_owned(), set);
+    }
+}
 
-        let mut services: HashMap<String, Arc<ServiceEntry>> = HashMap::with_capacity(catalog.services.len());
-        let mut by_catalog_name = HashMap::with_capacity(catalog.services.len());
-        for (name, instances) in &catalog.services {
-            let reused = nodes_unchanged.and_then(|p| {
-                let same = p.source_services.get(name).is_some_and(|old| old.ptr_eq(instances));
-                if same { p.by_catalog_name.get(name).cloned() } else { None }
+impl DnsIndex {
+    /// Indexes `catalog` for `zone`: an update of `previous` (see [`DnsIndex::update`]) when given
+    /// (it must have been built for the same zone), else from scratch.
+    pub fn build(catalog: &CatalogState, zone: &DnsZone, previous: Option<&DnsIndex>) -> DnsIndex {
+        match previous {
+            Some(p) => p.update(catalog, zone).0,
+            None => DnsIndex::default().update(catalog, zone).0,
+        }
+    }
+
+    /// The index of `catalog`, made from this one (built for `zone`) by redoing only what changed
+    /// between the catalog this one was built from and `catalog`; with what that took.
+    pub fn update(&self, catalog: &CatalogState, zone: &DnsZone) -> (DnsIndex, IndexUpdateStats) {
+        let mut next = self.clone();
+        let stats = next.apply(catalog, zone);
+        (next, stats)
+    }
+
+    /// Whether this was built from `catalog`'s nodes and services (what DNS reads of it).
+    pub fn is_built_from(&self, catalog: &CatalogState) -> bool {
+        self.source_nodes.ptr_eq(&catalog.nodes) && self.source_services.ptr_eq(&catalog.services)
+    }
+
+    fn claim(&mut self, ip: IpAddr, claim: PtrClaim, target: Option<Name>) {
+        let mut claims = self.ptr.get(&ip).cloned().unwrap_or_default();
+        match target {
+            Some(t) => {
+                claims.insert(claim, t);
+            }
+            None => {
+                claims.remove(&claim);
+            }
+        }
+        if claims.is_empty() {
+            self.ptr.remove(&ip);
+        } else {
+            self.ptr.insert(ip, claims);
+        }
+    }
+
+    fn apply(&mut self, catalog: &CatalogState, zone: &DnsZone) -> IndexUpdateStats {
+        use imbl::ordmap::DiffItem;
+        let mut stats = IndexUpdateStats::default();
+        // Nodes: their spellings and address claims now; their entries below, per lowercase name.
+        let mut dirty_nodes: BTreeSet<String> = BTreeSet::new();
+        let old_nodes = std::mem::take(&mut self.source_nodes);
+        for item in old_nodes.diff(&catalog.nodes) {
+            stats.diff_items += 1;
+            let (old, new) = match item {
+                DiffItem::Add(_, n) => (None, Some(n)),
+                DiffItem::Remove(_, o) => (Some(o), None),
+                DiffItem::Update { old: (_, o), new: (_, n) } => (Some(o), Some(n)),
+            };
+            let name = new.or(old).map(|n| n.name.clone()).unwrap_or_default();
+            let lower = name.to_ascii_lowercase();
+            if let Some(o) = old {
+                self.claim(o.address, (false, name.clone()), None);
+            }
+            if let Some(n) = new
+                && let Some(names) = zone.node_names(&n.name)
+            {
+                self.claim(n.address, (false, name.clone()), names.into_iter().next());
+            }
+            respell(&mut self.node_spellings, &lower, &name, new.is_some());
+            dirty_nodes.insert(lower);
+        }
+        // Services that changed, and those on a node whose entry changed.
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        for lower in &dirty_nodes {
+            stats.nodes_rebuilt += 1;
+            let spellings = self.node_spellings.get(lower).cloned().unwrap_or_default();
+            let entry = spellings.iter().find_map(|name| {
+                let node = catalog.nodes.get(name)?;
+                let names = zone.node_names(name)?;
+                Some(NodeEntry { address: node.address, names, txt: meta_txt(&node.meta) })
             });
-            let entry = reused.unwrap_or_else(|| Arc::new(service_entry(name, instances, &nodes, zone)));
-            let svc_name = zone.name_in_dc([name.as_bytes(), &b"service"[..]], 0);
-            if let Some(svc_name) = svc_name {
-                for inst in instances.values() {
-                    if let Some(ip) = inst.address {
-                        ptr.entry(ip).or_insert_with(|| svc_name.clone());
+            // Names compare without case; the entries carry them as spelled.
+            let changed = match (&entry, self.nodes.get(lower)) {
+                (Some(e), Some(old)) => {
+                    old.address != e.address
+                        || old.txt != e.txt
+                        || old.names.len() != e.names.len()
+                        || old.names.iter().zip(&e.names).any(|(a, b)| !a.eq_case(b))
+                }
+                (None, None) => false,
+                _ => true,
+            };
+            if !changed {
+                continue;
+            }
+            match entry {
+                Some(e) => self.nodes.insert(lower.clone(), Arc::new(e)),
+                None => self.nodes.remove(lower),
+            };
+            if let Some(on) = self.services_on.get(lower) {
+                dirty.extend(on.iter().cloned());
+            }
+        }
+        let old_services = std::mem::take(&mut self.source_services);
+        for item in old_services.diff(&catalog.services) {
+            stats.diff_items += 1;
+            let name = match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k,
+            };
+            dirty.insert(name.clone());
+        }
+        let mut dirty_lower: BTreeSet<String> = BTreeSet::new();
+        let empty = OrdMap::new();
+        for name in &dirty {
+            let old = old_services.get(name).unwrap_or(&empty);
+            let new = catalog.services.get(name);
+            stats.services_rebuilt += 1;
+            stats.instances_visited += old.len() + new.map_or(0, OrdMap::len);
+            // Address claims and the nodes it is on: what it had against what it has.
+            if !old.ptr_eq(new.unwrap_or(&empty)) {
+                let ips = |m: &OrdMap<String, ServiceInstance>| -> BTreeSet<IpAddr> {
+                    m.values().filter_map(|i| i.address).collect()
+                };
+                let on = |m: &OrdMap<String, ServiceInstance>| -> BTreeSet<String> {
+                    m.values().map(|i| i.node.to_ascii_lowercase()).collect()
+                };
+                let (old_ips, new_ips) = (ips(old), new.map(ips).unwrap_or_default());
+                if let Some(target) = zone.name_in_dc([name.as_bytes(), &b"service"[..]], 0) {
+                    for ip in old_ips.difference(&new_ips) {
+                        self.claim(*ip, (true, name.clone()), None);
+                    }
+                    for ip in new_ips.difference(&old_ips) {
+                        self.claim(*ip, (true, name.clone()), Some(target.clone()));
                     }
                 }
-            }
-            by_catalog_name.insert(name.clone(), entry.clone());
-            match services.entry(name.to_ascii_lowercase()) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(entry);
+                let (old_on, new_on) = (on(old), new.map(on).unwrap_or_default());
+                for node in old_on.difference(&new_on) {
+                    respell(&mut self.services_on, node, name, false);
                 }
-                // Names that differ only in case answer together.
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    let merged = merge_entries(o.get(), &entry);
-                    o.insert(Arc::new(merged));
+                for node in new_on.difference(&old_on) {
+                    respell(&mut self.services_on, node, name, true);
                 }
             }
+            let lower = name.to_ascii_lowercase();
+            match new {
+                Some(instances) => {
+                    let entry = Arc::new(service_entry(name, instances, &self.nodes, zone));
+                    self.by_catalog_name.insert(name.clone(), entry);
+                }
+                None => {
+                    self.by_catalog_name.remove(name);
+                }
+            }
+            respell(&mut self.service_spellings, &lower, name, new.is_some());
+            dirty_lower.insert(lower);
         }
-        DnsIndex {
-            services,
-            nodes,
-            ptr,
-            source_nodes: catalog.nodes.clone(),
-            source_services: catalog.services.clone(),
-            by_catalog_name,
+        // Names that differ only in case answer together.
+        for lower in dirty_lower {
+            let spellings = self.service_spellings.get(&lower).cloned().unwrap_or_default();
+            let mut entry: Option<Arc<ServiceEntry>> = None;
+            for name in &spellings {
+                let Some(e) = self.by_catalog_name.get(name) else { continue };
+                entry = Some(match entry {
+                    None => e.clone(),
+                    Some(first) => Arc::new(merge_entries(&first, e)),
+                });
+            }
+            match entry {
+                Some(e) => self.services.insert(lower, e),
+                None => self.services.remove(&lower),
+            };
         }
+        self.source_nodes = catalog.nodes.clone();
+        self.source_services = catalog.services.clone();
+        stats
     }
 
     /// How many services (by lowercase name) are indexed.
     pub fn service_count(&self) -> usize {
         self.services.len()
+    }
+
+    /// The PTR target of `ip`, if anything claims it.
+    fn ptr_target(&self, ip: IpAddr) -> Option<&Name> {
+        self.ptr.get(&ip).and_then(|claims| claims.get_min()).map(|(_, name)| name)
     }
 }
 
@@ -842,7 +1006,7 @@ fn merge_entries(a: &ServiceEntry, b: &ServiceEntry) -> ServiceEntry {
 fn service_entry(
     name: &str,
     instances: &OrdMap<String, ServiceInstance>,
-    nodes: &HashMap<String, Arc<NodeEntry>>,
+    nodes: &ImHashMap<String, Arc<NodeEntry>>,
     zone: &DnsZone,
 ) -> ServiceEntry {
     let ttl = zone.config.service_ttl.ttl(name);
@@ -1295,7 +1459,7 @@ pub fn encode_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Node, Weights};
+    use crate::catalog::{Check, Node, Weights};
     use hickory_proto::op::{Message, MessageType, OpCode};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -2171,5 +2335,176 @@ mod tests {
         ptr.truncate(12);
         ptr.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
         assert!(SimpleQuery::read(&ptr).is_none());
+    }
+
+    /// What a from-scratch build gives (the algorithm the per-change update replaced): services
+    /// and nodes by lowercase name, and the PTR target of each address.
+    type IndexView = (BTreeMap<String, ServiceEntry>, BTreeMap<String, NodeEntry>, BTreeMap<IpAddr, Name>);
+
+    fn scratch_view(catalog: &CatalogState, zone: &DnsZone) -> IndexView {
+        let mut nodes: ImHashMap<String, Arc<NodeEntry>> = ImHashMap::new();
+        let mut ptr: BTreeMap<IpAddr, Name> = BTreeMap::new();
+        for node in catalog.nodes.values() {
+            let Some(names) = zone.node_names(&node.name) else { continue };
+            let entry = Arc::new(NodeEntry { address: node.address, names, txt: meta_txt(&node.meta) });
+            ptr.entry(node.address).or_insert_with(|| entry.names[0].clone());
+            let lower = node.name.to_ascii_lowercase();
+            if !nodes.contains_key(&lower) {
+                nodes.insert(lower, entry);
+            }
+        }
+        let mut services: BTreeMap<String, ServiceEntry> = BTreeMap::new();
+        for (name, instances) in &catalog.services {
+            let entry = service_entry(name, instances, &nodes, zone);
+            if let Some(svc_name) = zone.name_in_dc([name.as_bytes(), &b"service"[..]], 0) {
+                for ip in instances.values().filter_map(|i| i.address) {
+                    ptr.entry(ip).or_insert_with(|| svc_name.clone());
+                }
+            }
+            match services.entry(name.to_ascii_lowercase()) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(entry);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let merged = merge_entries(o.get(), &entry);
+                    o.insert(merged);
+                }
+            }
+        }
+        let nodes = nodes.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
+        (services, nodes, ptr)
+    }
+
+    fn index_view(index: &DnsIndex) -> IndexView {
+        let services = index.services.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
+        let nodes = index.nodes.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect();
+        let ptr = index.ptr.keys().filter_map(|ip| Some((*ip, index.ptr_target(*ip)?.clone()))).collect();
+        (services, nodes, ptr)
+    }
+
+    #[test]
+    fn index_maintained_per_change_equals_a_fresh_build() {
+        use rand::Rng;
+        let cfg = DnsConfig { alt_domain: Some("alt.".into()), ..DnsConfig::default() };
+        let zone = DnsZone::new(cfg).unwrap();
+        let node_names = ["n1", "N1", "n2", "host.rack", "n3"];
+        let services = ["web", "Web", "db", "api", "cache", "WEB", "q"];
+        let ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.1.0.9", "fd00::1"];
+        let tags = ["primary", "Blue", "v1"];
+        for seed in 0..20 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut c = CatalogState::new("dc1");
+            let mut index = DnsIndex::default();
+            for step in 1..=300u64 {
+                let node = node_names[rng.random_range(0..node_names.len())];
+                match rng.random_range(0..10) {
+                    0 | 1 => {
+                        let mut meta = BTreeMap::new();
+                        if rng.random_bool(0.5) {
+                            meta.insert("rack".to_owned(), format!("r{}", rng.random_range(0..3)));
+                        }
+                        let address = ip(ips[rng.random_range(0..ips.len())]);
+                        let n = Node {
+                            name: node.into(),
+                            address,
+                            datacenter: "dc1".into(),
+                            meta,
+                            create_index: 0,
+                            modify_index: 0,
+                        };
+                        c.upsert_node(n, step);
+                    }
+                    2 => {
+                        c.remove_node(node, step);
+                    }
+                    3..=5 => {
+                        let svc = services[rng.random_range(0..services.len())];
+                        let id = format!("{svc}-{}", rng.random_range(0..4));
+                        let addr = rng.random_bool(0.5).then(|| ips[rng.random_range(0..ips.len())]);
+                        let health = [Health::Passing, Health::Warning, Health::Critical][rng.random_range(0..3)];
+                        let mut i = inst(&id, svc, node, addr, rng.random_range(1..4), health);
+                        i.tags = tags.iter().filter(|_| rng.random_bool(0.5)).map(|t| t.to_string()).collect();
+                        i.weights.passing = rng.random_range(1..3);
+                        c.upsert_instance(i, step);
+                    }
+                    6 => {
+                        let svc = services[rng.random_range(0..services.len())];
+                        c.remove_instance(svc, &format!("{svc}-{}", rng.random_range(0..4)), step);
+                    }
+                    _ => {
+                        // A check of the node, or of one of its instances: health changes.
+                        let on: Vec<String> = c.instances_on(node).map(|i| i.id.clone()).collect();
+                        let mut chk = Check::new(node, "chk", "chk", Health::Passing);
+                        if !on.is_empty() && rng.random_bool(0.5) {
+                            chk.service_id = on[rng.random_range(0..on.len())].clone();
+                            chk.id = format!("service:{}", chk.service_id);
+                        }
+                        let status = [Health::Passing, Health::Warning, Health::Critical][rng.random_range(0..3)];
+                        if c.set_check_status(node, &chk.id, status, "", 0, step).is_none() {
+                            chk.status = status;
+                            c.upsert_check(chk, step, true);
+                        }
+                    }
+                }
+                // Sometimes several changes at once.
+                if rng.random_bool(0.3) {
+                    continue;
+                }
+                let (next, _) = index.update(&c, &zone);
+                // Compared as text: names compare without case, but answers carry them as spelled.
+                let (got, want) = (format!("{:?}", index_view(&next)), format!("{:?}", scratch_view(&c, &zone)));
+                assert_eq!(got, want, "seed {seed}, step {step}");
+                assert!(next.is_built_from(&c));
+                index = next;
+            }
+        }
+    }
+    /// A catalog of `n` services with one instance each, on one node.
+    /// A catalog of `n` services with one instance each, on one node.
+    fn many_services(n: usize) -> CatalogState {
+        let mut c = CatalogState::new("dc1");
+        let node = Node {
+            name: "n1".into(),
+            address: ip("127.0.0.1"),
+            datacenter: "dc1".into(),
+            meta: BTreeMap::new(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        c.upsert_node(node, 1);
+        c.services = (0..n)
+            .map(|i| {
+                let name = format!("svc-{i}");
+                let addr = format!("10.{}.{}.1", i / 256 % 256, i % 256);
+                let id = format!("{name}-1");
+                let instance = inst(&id, &name, "n1", Some(&addr), 8080, Health::Passing);
+                (name, OrdMap::unit(id, instance))
+            })
+            .collect();
+        c
+    }
+
+    #[test]
+    fn an_index_update_costs_what_changed_not_the_catalog_size() {
+        let zone = DnsZone::new(DnsConfig::default()).unwrap();
+        let mut work = Vec::new();
+        for n in [1_000, 100_000] {
+            let mut c = many_services(n);
+            let index = DnsIndex::build(&c, &zone, None);
+            assert_eq!(index.service_count(), n);
+            // Register a new service, deregister it, and turn an instance critical.
+            c.upsert_instance(inst("new-1", "new", "n1", Some("10.255.0.1"), 80, Health::Passing), 10);
+            let (index, registered) = index.update(&c, &zone);
+            c.remove_instance("new", "new-1", 11);
+            let (index, deregistered) = index.update(&c, &zone);
+            let mut down = c.services["svc-7"]["svc-7-1"].clone();
+            down.health = Health::Critical;
+            c.upsert_instance(down, 12);
+            let (index, failed) = index.update(&c, &zone);
+            assert_eq!(index_view(&index).0.len(), n);
+            assert_eq!(registered.services_rebuilt, 1);
+            work.push((registered, deregistered, failed));
+        }
+        assert_eq!(work[0], work[1], "the same changes cost the same at 1,000 and 100,000 services");
     }
 }

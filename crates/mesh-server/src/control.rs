@@ -65,6 +65,8 @@ pub struct Published {
     pub state: Arc<ArcSwap<State>>,
     /// The catalog (its own cell, so DNS only reloads when it changed).
     pub catalog: Arc<ArcSwap<CatalogState>>,
+    /// Run after each store of a new catalog, before the publish goes on (DNS updates its index).
+    pub catalog_hooks: Arc<crate::dns::PublishHooks>,
     /// Offer statistics of the Marathon scheduler, for `/v2/queue`.
     pub offer_stats: Arc<ArcSwap<BTreeMap<AppId, OfferStats>>>,
     /// The state index; changes wake waiters.
@@ -174,6 +176,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
     let (index_tx, index_rx) = watch::channel(state.index);
     let published = Published {
         catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
+        catalog_hooks: Arc::default(),
         state: Arc::new(ArcSwap::from_pointee(state)),
         offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
         index: index_rx,
@@ -700,6 +703,7 @@ impl Control {
         }
         if self.published.catalog.load().index != state.catalog.index {
             self.published.catalog.store(Arc::new(state.catalog.clone()));
+            self.published.catalog_hooks.published();
         }
         let previous = self.published.state.swap(Arc::new(state.clone()));
         let _ = self.index_tx.send(state.index);

@@ -1,10 +1,16 @@
 //! The DNS server: UDP and TCP listeners over the published catalog, answering with the pure
 //! [`mesh_core::dns`] (Consul's grammar and answers, the index, truncation).
 //!
-//! - **Index.** Each query loads the published [`CatalogState`] (lock-free) and answers from the
-//!   [`DnsIndex`] built for exactly that catalog. The first query after a publish builds the new
-//!   index (reusing every unchanged service's entry) under a mutex that only index builders take;
-//!   nothing is held across IO.
+//! - **Index.** Queries answer from a published [`DnsIndex`] (one lock-free load), which is
+//!   maintained per change: each update diffs the catalog it was built from against the new one
+//!   and redoes only the entries of what changed ([`DnsIndex::update`]), so a change costs the same
+//!   at 1,000 or 100,000 services. With a source that reports its publishes
+//!   ([`CatalogSource::subscribe`], as the control loop's [`PublishedCatalog`] does), the index is
+//!   updated by the publisher, right after it publishes the catalog and before anything it
+//!   answers (a registration's HTTP reply) goes out; queries never build nor wait, and read the
+//!   complete index of the catalog before until it is swapped in. A source that does not report
+//!   its publishes gets the update done by the first query that sees a new catalog, under a
+//!   mutex only index builders take.
 //! - **Fast path.** A plain query for a service's A, AAAA or SRV records is read and answered in
 //!   wire format from bytes the index prepared ([`mesh_core::dns::DnsZone::answer_fast`]); every
 //!   other request (and any answer that would need cutting) goes through hickory's `Message`.
@@ -75,15 +81,60 @@ pub enum DnsError {
     },
 }
 
+/// Called after each publish of a catalog; returns false once it wants no more calls.
+pub type PublishHook = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Where DNS reads the catalog from.
 pub trait CatalogSource: Send + Sync + 'static {
     /// The catalog to answer from now.
     fn current(&self) -> Result<Arc<CatalogState>, DnsError>;
+
+    /// Calls `hook` after every publish from now on (once the new catalog is what
+    /// [`CatalogSource::current`] gives), before the publisher goes on. Returns false if this
+    /// source cannot (then DNS looks for a new catalog on each query).
+    fn subscribe(&self, hook: PublishHook) -> bool {
+        drop(hook);
+        false
+    }
 }
 
 impl CatalogSource for Arc<ArcSwap<CatalogState>> {
     fn current(&self) -> Result<Arc<CatalogState>, DnsError> {
         Ok(self.load_full())
+    }
+}
+
+/// Who is told of each catalog publish ([`CatalogSource::subscribe`]).
+#[derive(Default)]
+pub struct PublishHooks {
+    hooks: Mutex<Vec<PublishHook>>,
+}
+
+impl PublishHooks {
+    /// Tells every hook that a new catalog is published (call after storing it).
+    pub fn published(&self) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        hooks.retain(|hook| hook());
+    }
+}
+
+/// The control loop's published catalog and its publish hooks.
+#[derive(Clone)]
+pub struct PublishedCatalog {
+    /// The catalog cell.
+    pub catalog: Arc<ArcSwap<CatalogState>>,
+    /// Run after each store into `catalog`.
+    pub hooks: Arc<PublishHooks>,
+}
+
+impl CatalogSource for PublishedCatalog {
+    fn current(&self) -> Result<Arc<CatalogState>, DnsError> {
+        Ok(self.catalog.load_full())
+    }
+
+    fn subscribe(&self, hook: PublishHook) -> bool {
+        self.hooks.hooks.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+        true
     }
 }
 
@@ -119,6 +170,8 @@ pub struct CatalogDns {
     cache: ArcSwapOption<Indexed>,
     /// Taken only to build a new index.
     building: Mutex<()>,
+    /// The source reports its publishes and the index follows them: queries only read it.
+    pushed: AtomicBool,
     /// Queries being forwarded.
     forwards: Arc<AtomicUsize>,
 }
@@ -145,12 +198,19 @@ impl CatalogDns {
             zone: DnsZone::new(config)?,
             cache: ArcSwapOption::empty(),
             building: Mutex::new(()),
+            pushed: AtomicBool::new(false),
             forwards: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Runs `f` on the index of the current catalog, building it first if the catalog changed.
+    /// Runs `f` on the published index. Unless the source reports its publishes, the index is
+    /// first brought up to the current catalog if that changed.
     fn with_index<R>(&self, f: impl FnOnce(&DnsIndex) -> R) -> Result<R, DnsError> {
+        if self.pushed.load(Ordering::Acquire)
+            && let Some(c) = self.cache.load().as_ref()
+        {
+            return Ok(f(&c.index));
+        }
         let catalog = self.source.current()?;
         {
             let cached = self.cache.load();
@@ -160,18 +220,45 @@ impl CatalogDns {
                 return Ok(f(&c.index));
             }
         }
+        let indexed = self.refresh()?;
+        Ok(f(&indexed.index))
+    }
+
+    /// Brings the index up to the source's current catalog (an update of the previous index by
+    /// what changed), unless it is there already; returns it.
+    fn refresh(&self) -> Result<Arc<Indexed>, DnsError> {
         let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: whoever builds, builds from the newest catalog.
+        let catalog = self.source.current()?;
         let previous = self.cache.load_full();
-        if let Some(c) = &previous
+        if let Some(c) = previous
             && Arc::ptr_eq(&c.catalog, &catalog)
         {
-            return Ok(f(&c.index));
+            return Ok(c);
         }
-        let index = DnsIndex::build(&catalog, &self.zone, previous.as_ref().map(|p| &p.index));
-        debug!(catalog_index = catalog.index, services = index.service_count(), "DNS index built");
+        let (index, stats) = match self.cache.load().as_ref() {
+            Some(p) => p.index.update(&catalog, &self.zone),
+            None => DnsIndex::default().update(&catalog, &self.zone),
+        };
+        debug!(
+            catalog_index = catalog.index,
+            services = index.service_count(),
+            rebuilt = stats.services_rebuilt,
+            "DNS index updated"
+        );
         let indexed = Arc::new(Indexed { catalog, index });
         self.cache.store(Some(indexed.clone()));
-        Ok(f(&indexed.index))
+        Ok(indexed)
+    }
+
+    /// The publish hook: the index follows the catalog. A failure keeps the index of the catalog
+    /// before (the next publish tries again).
+    fn follow(&self) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.refresh())) {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => warn!(%error, "DNS index not updated"),
+            Err(_) => warn!("DNS index update panicked"),
+        }
     }
 
     /// The answer to one question; SERVFAIL if the catalog cannot be read or answering panics.
@@ -496,6 +583,24 @@ impl DnsServer {
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(UDP_POLL))?;
         let socket = Arc::new(socket);
+        // The index follows the source's publishes if it reports them: built once here, then
+        // updated by each publish.
+        let weak = Arc::downgrade(&dns);
+        let follows = dns.source.subscribe(Box::new(move || match weak.upgrade() {
+            Some(dns) => {
+                dns.follow();
+                true
+            }
+            None => false,
+        }));
+        if follows {
+            let built = dns.clone();
+            tokio::task::spawn_blocking(move || built.refresh())
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
+            dns.pushed.store(true, Ordering::Release);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Handle::current();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);

@@ -5,7 +5,7 @@
 use crate::agent::{self, AgentConfig, StopMode};
 use crate::api::{self, Api, NodeInfo};
 use crate::control::{self, ControlConfig};
-use crate::dns::DnsServer;
+use crate::dns::{DnsServer, PublishedCatalog};
 use crate::registrator;
 use mesh_core::dns::DnsConfig;
 use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
@@ -299,7 +299,9 @@ pub async fn run_dev(
         servers: vec![cfg.node.clone()],
         ..cfg.dns_options.clone()
     };
-    let dns = DnsServer::start(udp, tcp, control.published.catalog.clone(), dns_cfg)
+    let catalog =
+        PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
+    let dns = DnsServer::start(udp, tcp, catalog, dns_cfg)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
 
