@@ -16,8 +16,8 @@ use mesh_core::catalog::CatalogState;
 use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
-use mesh_core::state::{Agent, ApplyError, Command, State, Store};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use mesh_core::state::{Agent, ApplyError, Changes, Command, LogError, State, Store};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -66,7 +66,7 @@ pub struct Published {
     /// The catalog (its own cell, so DNS only reloads when it changed).
     pub catalog: Arc<ArcSwap<CatalogState>>,
     /// Offer statistics of the Marathon scheduler, for `/v2/queue`.
-    pub offer_stats: Arc<ArcSwap<BTreeMap<AppId, OfferStats>>>,
+    pub offer_stats: Arc<ArcSwap<imbl::OrdMap<AppId, OfferStats>>>,
     /// The state index; changes wake waiters.
     pub index: watch::Receiver<u64>,
     /// Marathon events (`/v2/events`).
@@ -142,7 +142,10 @@ struct Control {
     published: Published,
     index_tx: watch::Sender<u64>,
     draining: bool,
-    seen_updates: VecDeque<String>,
+    /// Uuids of the last [`SEEN_UPDATES`] status updates, in arrival order and as a set.
+    seen_updates: (VecDeque<String>, HashSet<String>),
+    /// The catalog index when node checks were last sent (none sent since: nothing to check).
+    checks_sent_at: Option<u64>,
     /// The index of each agent's node topic when its Consul checks were last sent: any change of
     /// a check on the node (status included) moves it, and only then is the set sent again.
     sent_checks: HashMap<AgentId, u64>,
@@ -159,6 +162,9 @@ struct Control {
     deferred: VecDeque<Command>,
 }
 
+/// How many status update uuids are remembered to drop re-sent updates.
+const SEEN_UPDATES: usize = 4096;
+
 /// At most this many deferred facts are kept (the oldest go first).
 const MAX_DEFERRED: usize = 10_000;
 
@@ -173,7 +179,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
     let published = Published {
         catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
         state: Arc::new(ArcSwap::from_pointee(state)),
-        offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
+        offer_stats: Arc::new(ArcSwap::from_pointee(imbl::OrdMap::new())),
         index: index_rx,
         events: EventBus::new(),
         watches: Arc::new(crate::watch::WatchHub::default()),
@@ -194,7 +200,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         published: published.clone(),
         index_tx,
         draining: false,
-        seen_updates: VecDeque::new(),
+        seen_updates: (VecDeque::new(), HashSet::new()),
+        checks_sent_at: None,
         sent_checks: HashMap::new(),
         deadline: (u64::MAX, None),
         due_checked: u64::MAX,
@@ -250,6 +257,7 @@ impl Control {
                 }
                 ControlMsg::AgentConnected(id, tx) => {
                     self.sent_checks.remove(&id);
+                    self.checks_sent_at = None;
                     self.agents.insert(id, tx);
                 }
                 ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
@@ -273,7 +281,7 @@ impl Control {
         now: Millis,
     ) {
         let before = self.store.state().clone();
-        let outcome = self.store.propose(proposals.clone());
+        let outcome = self.propose(proposals.clone());
         // Health shows a failure before any caller hears of it.
         self.publish_store_health();
         match outcome {
@@ -343,13 +351,22 @@ impl Control {
         }
     }
 
+    /// Propose commands to the store and tell the Marathon scheduler what they changed, so it
+    /// looks only at that. Every write of the control loop goes through here.
+    fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        let from = self.store.state().index;
+        let out = self.store.propose(cmds)?;
+        self.marathon.observe(from, self.store.state(), out.iter().filter_map(|r| r.as_ref().ok()));
+        Ok(out)
+    }
+
     /// Apply commands the control side itself decided on.
     fn apply(&mut self, cmds: Vec<Command>) -> Vec<Result<(), ApplyError>> {
         if cmds.is_empty() {
             return Vec::new();
         }
         let before = self.store.state().clone();
-        match self.store.propose(cmds.clone()) {
+        match self.propose(cmds.clone()) {
             Ok(r) => {
                 let applied: Vec<Command> =
                     cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
@@ -462,12 +479,15 @@ impl Control {
     }
 
     fn status_update(&mut self, update: StatusUpdate) {
-        if self.seen_updates.contains(&update.uuid) {
+        let (order, seen) = &mut self.seen_updates;
+        if !seen.insert(update.uuid.clone()) {
             return; // a re-sent update
         }
-        self.seen_updates.push_back(update.uuid.clone());
-        if self.seen_updates.len() > 4096 {
-            self.seen_updates.pop_front();
+        order.push_back(update.uuid.clone());
+        if order.len() > SEEN_UPDATES
+            && let Some(old) = order.pop_front()
+        {
+            seen.remove(&old);
         }
         let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
             if update.state.is_terminal() {
@@ -503,7 +523,8 @@ impl Control {
 
     fn step(&mut self, now: Millis) {
         self.mesos_step(now);
-        let ends = MarathonScheduler::finished_deployments(self.store.state());
+        // Only deployments whose apps changed are looked at.
+        let ends = self.marathon.deployment_steps(self.store.state(), now);
         self.apply(ends);
         // Due work appears only with a state change or when a deadline passes.
         let index = self.store.state().index;
@@ -538,15 +559,13 @@ impl Control {
                     }
                 }
                 self.mesos_offers(others, now);
-                let view = self.store.state().clone();
-                let calls = self.marathon.offers(&view, mine, now);
-                self.handle_calls(calls, now);
-                let stats: BTreeMap<AppId, OfferStats> = view
-                    .apps
-                    .keys()
-                    .filter_map(|id| self.marathon.offer_stats(id).map(|s| (id.clone(), s.clone())))
-                    .collect();
-                self.published.offer_stats.store(Arc::new(stats));
+                if !mine.is_empty() {
+                    let view = self.store.state().clone();
+                    let calls = self.marathon.offers(&view, mine, now);
+                    self.handle_calls(calls, now);
+                    // A persistent map: the copy is O(1); it holds only apps that exist.
+                    self.published.offer_stats.store(Arc::new(self.marathon.all_offer_stats().clone()));
+                }
             }
         }
         self.publish();
@@ -677,6 +696,12 @@ impl Control {
     /// Tell each agent the Consul checks it must run, when that set changed.
     fn send_node_checks(&mut self) {
         let state = self.store.state();
+        // Nothing in the catalog moved since the last round (and no agent connected since):
+        // every agent has its set.
+        if self.checks_sent_at == Some(state.catalog.index) {
+            return;
+        }
+        self.checks_sent_at = Some(state.catalog.index);
         let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
         for agent in ids {
             // The statuses go with the definitions: the runner learns what is recorded (a
