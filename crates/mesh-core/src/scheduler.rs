@@ -392,6 +392,11 @@ impl MarathonScheduler {
     /// Look at everything once: every app, task and deployment is dirty.
     fn rebuild(&mut self, view: &State) {
         self.visited.rebuilds += 1;
+        tracing::debug!(
+            index = view.index,
+            rebuilds = self.visited.rebuilds,
+            "scheduler indexes rebuilt from the whole state"
+        );
         self.deployments_of.clear();
         self.deployment_apps.clear();
         self.sick.clear();
