@@ -218,6 +218,8 @@ pub struct MarathonScheduler {
     dirty_demand: BTreeSet<AppId>,
     /// Tasks to look at on their own (kill requested, staging, health, orphaned).
     dirty_tasks: BTreeSet<TaskId>,
+    /// Look at every task of the state in the next pass (after a rebuild).
+    all_tasks_dirty: bool,
     /// Deployments whose progress must be checked.
     dirty_deployments: BTreeSet<String>,
     /// Deployments by app (every app named in one of its steps), and their apps.
@@ -279,6 +281,7 @@ impl MarathonScheduler {
             dirty_apps: BTreeSet::new(),
             dirty_demand: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
+            all_tasks_dirty: false,
             dirty_deployments: BTreeSet::new(),
             deployments_of: HashMap::new(),
             deployment_apps: HashMap::new(),
@@ -401,7 +404,8 @@ impl MarathonScheduler {
         self.deployment_apps.clear();
         self.sick.clear();
         self.sick_since.clear();
-        self.app_versions.clear();
+        // Every task is looked at anyway: no app pass needs to send its tasks back.
+        self.app_versions = view.apps.iter().map(|(id, r)| (id.clone(), r.config_version)).collect();
         self.kills_sent.retain(|id, _| view.tasks.contains_key(id));
         let ids: Vec<String> = view.deployments.keys().cloned().collect();
         for d in ids {
@@ -412,7 +416,7 @@ impl MarathonScheduler {
         for app in view.apps.keys().chain(gone.iter()).chain(view.tasks_by_app.keys()) {
             self.touch_app(app);
         }
-        self.dirty_tasks.extend(view.tasks.keys().cloned());
+        self.all_tasks_dirty = true;
         self.synced = Some(Synced::of(view));
     }
 
@@ -986,6 +990,11 @@ impl Scheduler for MarathonScheduler {
         let mut to_kill: Vec<&Task> = Vec::new();
         // A task may send its app back (a kill we asked for was not recorded), an app its tasks
         // (a new configuration): a few rounds settle it.
+        if std::mem::take(&mut self.all_tasks_dirty) {
+            for id in view.tasks.keys() {
+                self.check_task(view, id, now, &mut to_kill);
+            }
+        }
         for _ in 0..3 {
             if self.dirty_tasks.is_empty() && self.dirty_apps.is_empty() {
                 break;
