@@ -9,8 +9,15 @@
 //!   body collected. No socket, no HTTP parsing.
 //! - `api_apps/loopback/<route>`: the same request over a real 127.0.0.1 socket (`axum::serve`)
 //!   with a keep-alive reqwest client, body read to the end.
-//! - `control_tick/reconcile`: one `MarathonScheduler::reconcile` over the same state (what the
-//!   control loop runs every tick, 200 ms in `mesh dev`), for comparison.
+//! - `control_tick/reconcile`: one `MarathonScheduler::reconcile` over the same state with
+//!   nothing changed (what the control loop runs every tick, 200 ms in `mesh dev`, and after
+//!   every batch of writes), for comparison.
+//! - `control_tick/reconcile_rebuild`: the first pass of a fresh scheduler, which builds its
+//!   indexes from the whole state (once, at start; before the incremental reconcile every pass
+//!   cost this).
+//! - `control_write/kv_put`: `PUT /v1/kv/<key>` in-process: one write through the control loop
+//!   (propose to the in-memory log, the loop's step, publish), on the same state. Every write
+//!   paid a whole-state reconcile before it was incremental.
 //!
 //! Routes: `GET /v2/apps?embed=apps.tasks` (target: under 100 ms), `GET /v2/apps`, `GET /v2/tasks`.
 //! Throughput is the response body size, so criterion prints bytes/s; the sizes are printed once.
@@ -290,8 +297,30 @@ fn bench_api(c: &mut Criterion) {
         assert!(calls.iter().all(|c| !matches!(c, mesh_core::scheduler::Call::Kill { .. })), "nothing to kill");
         b.iter(|| black_box(sched.reconcile(&view, T0 + 10)).len())
     });
+    g.bench_function("reconcile_rebuild", |b| {
+        b.iter(|| black_box(MarathonScheduler::new(4).reconcile(&view, T0 + 10)).len())
+    });
     g.finish();
     assert_eq!(f.control.state().index, view.index, "the state did not change while measuring");
+
+    // One write through the control loop over the same state.
+    let mut g = c.benchmark_group("control_write");
+    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    let mut n = 0u64;
+    g.bench_function("kv_put", |b| {
+        b.iter(|| {
+            n += 1;
+            f.rt.block_on(kv_put(&f.router, n))
+        })
+    });
+    g.finish();
+    assert!(f.control.state().index > view.index, "the writes went through");
+}
+
+async fn kv_put(router: &Router, n: u64) {
+    let req = Request::put(format!("/v1/kv/bench/key-{}", n % 100)).body(Body::from(n.to_string())).expect("request");
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 criterion_group!(benches, bench_api);

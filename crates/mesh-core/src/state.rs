@@ -540,15 +540,22 @@ pub enum ApplyError {
     UnknownFramework(FrameworkId),
 }
 
-/// What an applied command changed (for publishing reads and events).
+/// What an applied command changed (for publishing reads and events, and for the scheduler,
+/// which reconciles only what changed).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Changes {
-    /// Apps whose definition or tasks changed.
+    /// Apps whose definition, tasks or deployment changed (the apps of a deployment that was
+    /// removed or advanced included).
     pub apps: Vec<AppId>,
     /// Whether the catalog changed.
     pub catalog: bool,
     /// Tasks that reached a terminal state, with their last record.
     pub ended: Vec<Task>,
+    /// Tasks whose record changed: launched, new status or health result, marked for killing
+    /// (frameworks' tasks included; ended ones too).
+    pub tasks: Vec<TaskId>,
+    /// Deployments started, advanced or removed.
+    pub deployments: Vec<String>,
 }
 
 impl State {
@@ -598,9 +605,17 @@ impl State {
         // A forced change cancels the deployment that held the app.
         let original = self.apps.get(app).map(|r| r.app.clone());
         if let Some(old) = self.apps.get(app).and_then(|r| r.deployment.clone()) {
-            self.deployments.remove(&old);
+            self.drop_deployment(&old, changes);
         }
         self.start_deployment_fresh(id, app, action, now, original, changes);
+    }
+
+    /// Remove a deployment; its apps count as changed (they may no longer wait for a step).
+    fn drop_deployment(&mut self, id: &str, ch: &mut Changes) -> Option<Deployment> {
+        let d = self.deployments.remove(id)?;
+        ch.deployments.push(id.to_owned());
+        ch.apps.extend(d.affected_apps.iter().cloned());
+        Some(d)
     }
 
     fn start_deployment_fresh(
@@ -631,11 +646,12 @@ impl State {
             rec.deployment = Some(id.to_owned());
         }
         changes.apps.push(app.clone());
+        changes.deployments.push(id.to_owned());
     }
 
     /// Create or replace an app's definition (no deployment, no lock check); returns the
     /// deployment action it implies.
-    fn put_app(&mut self, app: &App, now: Millis) -> &'static str {
+    fn put_app(&mut self, app: &App, now: Millis, ch: &mut Changes) -> &'static str {
         let existing = self.apps.get(&app.id).cloned();
         let mut app = app.clone();
         let (config_version, mut versions, delay, last_failure, action) = match &existing {
@@ -660,7 +676,7 @@ impl State {
             versions.drain(..drop);
         }
         if let Some(old) = existing.as_ref().and_then(|r| r.deployment.clone()) {
-            self.deployments.remove(&old);
+            self.drop_deployment(&old, ch);
         }
         let id = app.id.clone();
         self.apps.insert(
@@ -673,7 +689,7 @@ impl State {
     /// Remove an app and mark its tasks for killing.
     fn remove_app(&mut self, id: &AppId, ch: &mut Changes) {
         if let Some(old) = self.apps.get(id).and_then(|r| r.deployment.clone()) {
-            self.deployments.remove(&old);
+            self.drop_deployment(&old, ch);
         }
         self.apps.remove(id);
         let ids: Vec<TaskId> = self.app_tasks(id).map(|t| t.id.clone()).collect();
@@ -732,7 +748,7 @@ impl State {
             let mut step = Vec::new();
             for a in put.iter().filter(|a| level.get(&a.id) == Some(&l)) {
                 original.push((a.id.clone(), self.apps.get(&a.id).map(|r| r.app.clone())));
-                let action = self.put_app(a, now);
+                let action = self.put_app(a, now, ch);
                 step.push(DeploymentAction { action: action.into(), app: a.id.clone() });
                 ch.apps.push(a.id.clone());
             }
@@ -749,6 +765,7 @@ impl State {
                 rec.deployment = Some(deployment_id.to_owned());
             }
         }
+        ch.deployments.push(deployment_id.to_owned());
         self.deployments.insert(
             deployment_id.to_owned(),
             Deployment {
@@ -772,7 +789,7 @@ impl State {
                     return Err(ApplyError::AppExists(app.id.clone()));
                 }
                 self.lock_check(&app.id, *force)?;
-                let action = self.put_app(app, *now);
+                let action = self.put_app(app, *now, &mut ch);
                 self.start_deployment_fresh(deployment_id, &app.id, action, *now, existing.map(|r| r.app), &mut ch);
             }
             Command::RollbackApp { id, version, now, deployment_id, force } => {
@@ -797,7 +814,7 @@ impl State {
                 let mut rec = self.apps.get(id).cloned().ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
                 self.lock_check(id, *force)?;
                 if let Some(old) = rec.deployment.take() {
-                    self.deployments.remove(&old);
+                    self.drop_deployment(&old, &mut ch);
                 }
                 rec.version = *now;
                 rec.config_version = *now;
@@ -847,6 +864,7 @@ impl State {
                     if let Some(app) = &t.app_id {
                         ch.apps.push(app.clone());
                     }
+                    ch.tasks.push(t.id.clone());
                     self.tasks.insert(t.id.clone(), t.clone());
                     if let Some(app) = &t.app_id {
                         self.tasks_by_app.entry(app.clone()).or_default().insert(t.id.clone());
@@ -902,6 +920,7 @@ impl State {
                 if let Some(app) = &task.app_id {
                     ch.apps.push(app.clone());
                 }
+                ch.tasks.push(task_id.clone());
                 if state.is_terminal() {
                     self.tasks.remove(task_id);
                     if let Some(app) = &task.app_id
@@ -937,6 +956,7 @@ impl State {
                 if let Some(app) = &task.app_id {
                     ch.apps.push(app.clone());
                 }
+                ch.tasks.push(task_id.clone());
                 self.tasks.insert(task_id.clone(), task.clone());
                 if task.state == TaskState::Running && !task.kill_requested {
                     ch.catalog |= self.register_task(&task);
@@ -1014,10 +1034,11 @@ impl State {
                 for a in d.affected_apps.clone() {
                     ch.apps.push(a);
                 }
+                ch.deployments.push(id.clone());
             }
             Command::RollbackDeployment { id, deployment_id, now } => {
                 let d = self.deployments.get(id).cloned().ok_or_else(|| ApplyError::UnknownDeployment(id.clone()))?;
-                self.deployments.remove(id);
+                self.drop_deployment(id, &mut ch);
                 let mut put = Vec::new();
                 let mut remove = Vec::new();
                 for (app, before) in &d.original {
@@ -1147,6 +1168,7 @@ impl State {
             }
             Command::LaunchFrameworkTasks { tasks, names } => {
                 for (t, name) in tasks.iter().zip(names) {
+                    ch.tasks.push(t.id.clone());
                     self.tasks.insert(t.id.clone(), t.clone());
                     self.mesos.task_names.insert(t.id.clone(), name.clone());
                 }
@@ -1165,6 +1187,7 @@ impl State {
             }
             Command::EndDeployment { id } => {
                 if let Some(d) = self.deployments.remove(id) {
+                    ch.deployments.push(id.clone());
                     for app in d.affected_apps {
                         if let Some(rec) = self.apps.get_mut(&app)
                             && rec.deployment.as_deref() == Some(id)
@@ -1194,6 +1217,7 @@ impl State {
             if let Some(app) = &t.app_id {
                 ch.apps.push(app.clone());
             }
+            ch.tasks.push(id.clone());
             self.tasks.insert(id.clone(), t);
         }
     }

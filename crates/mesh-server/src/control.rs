@@ -16,8 +16,8 @@ use mesh_core::catalog::CatalogState;
 use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
-use mesh_core::state::{Agent, ApplyError, Command, State, Store};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use mesh_core::state::{Agent, ApplyError, Changes, Command, LogError, State, Store};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -68,7 +68,7 @@ pub struct Published {
     /// Run after each store of a new catalog, before the publish goes on (DNS updates its index).
     pub catalog_hooks: Arc<crate::dns::PublishHooks>,
     /// Offer statistics of the Marathon scheduler, for `/v2/queue`.
-    pub offer_stats: Arc<ArcSwap<BTreeMap<AppId, OfferStats>>>,
+    pub offer_stats: Arc<ArcSwap<imbl::OrdMap<AppId, OfferStats>>>,
     /// The state index; changes wake waiters.
     pub index: watch::Receiver<u64>,
     /// Marathon events (`/v2/events`).
@@ -144,9 +144,10 @@ struct Control {
     published: Published,
     index_tx: watch::Sender<u64>,
     draining: bool,
-    /// Uuids of the last 4,096 status updates (re-sent ones are ignored), and their order.
-    seen_updates: HashSet<String>,
-    seen_order: VecDeque<String>,
+    /// Uuids of the last [`SEEN_UPDATES`] status updates, in arrival order and as a set.
+    seen_updates: (VecDeque<String>, HashSet<String>),
+    /// The catalog index when node checks were last sent (none sent since: nothing to check).
+    checks_sent_at: Option<u64>,
     /// The index of each agent's node topic when its Consul checks were last sent: any change of
     /// a check on the node (status included) moves it, and only then is the set sent again.
     sent_checks: HashMap<AgentId, u64>,
@@ -163,6 +164,9 @@ struct Control {
     deferred: VecDeque<Command>,
 }
 
+/// How many status update uuids are remembered to drop re-sent updates.
+const SEEN_UPDATES: usize = 4096;
+
 /// At most this many deferred facts are kept (the oldest go first).
 const MAX_DEFERRED: usize = 10_000;
 
@@ -178,7 +182,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
         catalog_hooks: Arc::default(),
         state: Arc::new(ArcSwap::from_pointee(state)),
-        offer_stats: Arc::new(ArcSwap::from_pointee(BTreeMap::new())),
+        offer_stats: Arc::new(ArcSwap::from_pointee(imbl::OrdMap::new())),
         index: index_rx,
         events: EventBus::new(),
         watches: Arc::new(crate::watch::WatchHub::default()),
@@ -199,8 +203,8 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         published: published.clone(),
         index_tx,
         draining: false,
-        seen_updates: HashSet::new(),
-        seen_order: VecDeque::new(),
+        seen_updates: (VecDeque::new(), HashSet::new()),
+        checks_sent_at: None,
         sent_checks: HashMap::new(),
         deadline: (u64::MAX, None),
         due_checked: u64::MAX,
@@ -266,6 +270,7 @@ impl Control {
                 }
                 ControlMsg::AgentConnected(id, tx) => {
                     self.sent_checks.remove(&id);
+                    self.checks_sent_at = None;
                     self.agents.insert(id, tx);
                 }
                 ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
@@ -292,7 +297,7 @@ impl Control {
         now: Millis,
     ) {
         let before = self.store.state().clone();
-        let outcome = self.store.propose(proposals.clone());
+        let outcome = self.propose(proposals.clone());
         // Health shows a failure before any caller hears of it.
         self.publish_store_health();
         match outcome {
@@ -362,13 +367,22 @@ impl Control {
         }
     }
 
+    /// Propose commands to the store and tell the Marathon scheduler what they changed, so it
+    /// looks only at that. Every write of the control loop goes through here.
+    fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        let from = self.store.state().index;
+        let out = self.store.propose(cmds)?;
+        self.marathon.observe(from, self.store.state(), out.iter().filter_map(|r| r.as_ref().ok()));
+        Ok(out)
+    }
+
     /// Apply commands the control side itself decided on.
     fn apply(&mut self, cmds: Vec<Command>) -> Vec<Result<(), ApplyError>> {
         if cmds.is_empty() {
             return Vec::new();
         }
         let before = self.store.state().clone();
-        match self.store.propose(cmds.clone()) {
+        match self.propose(cmds.clone()) {
             Ok(r) => {
                 let applied: Vec<Command> =
                     cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
@@ -485,14 +499,15 @@ impl Control {
     fn status_updates(&mut self, updates: Vec<StatusUpdate>) {
         let mut known = Vec::with_capacity(updates.len());
         for update in updates {
-            if !self.seen_updates.insert(update.uuid.clone()) {
+            let (order, seen) = &mut self.seen_updates;
+            if !seen.insert(update.uuid.clone()) {
                 continue; // a re-sent update
             }
-            self.seen_order.push_back(update.uuid.clone());
-            if self.seen_order.len() > 4096
-                && let Some(old) = self.seen_order.pop_front()
+            order.push_back(update.uuid.clone());
+            if order.len() > SEEN_UPDATES
+                && let Some(old) = order.pop_front()
             {
-                self.seen_updates.remove(&old);
+                seen.remove(&old);
             }
             let Some(task) = self.store.state().tasks.get(&update.task_id).cloned() else {
                 if update.state.is_terminal() {
@@ -539,7 +554,8 @@ impl Control {
 
     fn step(&mut self, now: Millis) {
         self.mesos_step(now);
-        let ends = MarathonScheduler::finished_deployments(self.store.state());
+        // Only deployments whose apps changed are looked at.
+        let ends = self.marathon.deployment_steps(self.store.state(), now);
         self.apply(ends);
         // Due work appears only with a state change or when a deadline passes.
         let index = self.store.state().index;
@@ -574,15 +590,13 @@ impl Control {
                     }
                 }
                 self.mesos_offers(others, now);
-                let view = self.store.state().clone();
-                let calls = self.marathon.offers(&view, mine, now);
-                self.handle_calls(calls, now);
-                let stats: BTreeMap<AppId, OfferStats> = view
-                    .apps
-                    .keys()
-                    .filter_map(|id| self.marathon.offer_stats(id).map(|s| (id.clone(), s.clone())))
-                    .collect();
-                self.published.offer_stats.store(Arc::new(stats));
+                if !mine.is_empty() {
+                    let view = self.store.state().clone();
+                    let calls = self.marathon.offers(&view, mine, now);
+                    self.handle_calls(calls, now);
+                    // A persistent map: the copy is O(1); it holds only apps that exist.
+                    self.published.offer_stats.store(Arc::new(self.marathon.all_offer_stats().clone()));
+                }
             }
         }
         self.publish();
@@ -714,6 +728,12 @@ impl Control {
     /// Tell each agent the Consul checks it must run, when that set changed.
     fn send_node_checks(&mut self) {
         let state = self.store.state();
+        // Nothing in the catalog moved since the last round (and no agent connected since):
+        // every agent has its set.
+        if self.checks_sent_at == Some(state.catalog.index) {
+            return;
+        }
+        self.checks_sent_at = Some(state.catalog.index);
         let ids: Vec<AgentId> = self.agents.keys().cloned().collect();
         for agent in ids {
             // The statuses go with the definitions: the runner learns what is recorded (a

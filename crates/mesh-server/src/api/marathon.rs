@@ -787,7 +787,7 @@ async fn leader(State(api): State<Api>) -> Response {
 /// Why an app of a deployment step has not reached its goal yet (for `?embed=reasons`).
 fn waiting_reason(
     state: &Cluster,
-    stats: &std::collections::BTreeMap<AppId, mesh_core::scheduler::OfferStats>,
+    stats: &imbl::OrdMap<AppId, mesh_core::scheduler::OfferStats>,
     app: &AppId,
 ) -> String {
     let Some(rec) = state.apps.get(app) else {
