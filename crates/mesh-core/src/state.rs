@@ -1501,6 +1501,32 @@ impl<W: std::io::Write> std::io::Write for Summing<W> {
     }
 }
 
+/// Writes to a file, syncing every [`SYNC_EVERY`] bytes: a snapshot's hundreds of megabytes
+/// then reach the disk as they are written, instead of all at its final sync, which would
+/// hold up the log's own syncs meanwhile.
+struct Trickle<'a> {
+    file: &'a std::fs::File,
+    unsynced: u64,
+}
+
+/// See [`Trickle`].
+const SYNC_EVERY: u64 = 8 << 20;
+
+impl std::io::Write for Trickle<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::Write::write(&mut self.file, buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Snapshots in a file (`state.snap` beside `state.redb`): written to a temporary file, synced
 /// and renamed over the previous one, so the file is always a whole snapshot.
 pub struct FileSnapshots {
@@ -1572,7 +1598,11 @@ impl SnapshotWriter for FileSnapshots {
         let tmp = self.path.with_extension("snap.tmp");
         let file = std::fs::File::create(&tmp).map_err(|e| self.err(e))?;
         let result = (|| {
-            let mut w = Summing { inner: std::io::BufWriter::with_capacity(1 << 20, &file), crc: Default::default(), len: 0 };
+            let mut w = Summing {
+                inner: std::io::BufWriter::with_capacity(1 << 20, Trickle { file: &file, unsynced: 0 }),
+                crc: Default::default(),
+                len: 0,
+            };
             w.inner.write_all(&[0u8; SNAPSHOT_HEADER]).map_err(|e| self.err(e))?;
             encode_state(&mut w, state)?;
             w.flush().map_err(|e| self.err(e))?;
@@ -1882,7 +1912,9 @@ impl Log for RedbLog {
         if let Some((first, _)) = log.first().map_err(store_err)? {
             let first = first.value();
             if first > from {
-                return Err(store_err(format!("the log starts at index {first}, the state at {from}: entries are missing")));
+                return Err(store_err(format!(
+                    "the log starts at index {first}, the state at {from}: entries are missing"
+                )));
             }
         }
         let mut cmds = Vec::new();
@@ -2306,11 +2338,12 @@ impl Store {
         let writer = self.log.snapshots();
         let state = self.state.clone();
         let index = state.index;
-        let spawned =
-            std::thread::Builder::new().name("mesh-snapshot".into()).spawn(move || writer.write(&state));
+        let spawned = std::thread::Builder::new().name("mesh-snapshot".into()).spawn(move || writer.write(&state));
         match spawned {
             Ok(handle) => self.snapshotting = Some(Snapshotting { index, handle }),
-            Err(e) => tracing::warn!(error = %e, "cannot start a snapshot thread; the log keeps growing until the next try"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a snapshot thread; the log keeps growing until the next try")
+            }
         }
     }
 
