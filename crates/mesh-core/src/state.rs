@@ -2853,7 +2853,7 @@ mod tests {
         for cmd in varied_commands(350) {
             store.propose(vec![cmd]).unwrap()[0].as_ref().unwrap();
             // Now and then, let the snapshot thread finish so the next write compacts the log.
-            if store.state().index % 150 == 0 {
+            if store.state().index.is_multiple_of(150) {
                 store.wait_snapshot();
             }
         }
