@@ -87,7 +87,7 @@ pub enum KvError {
 }
 
 /// A value: bytes shared between state versions (a persistent map copies entries, not values),
-/// base64 in the log, shown by length in debug output.
+/// base64 in the log and in JSON, raw bytes in snapshots, shown by length in debug output.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct KvValue(pub Arc<[u8]>);
 
@@ -123,16 +123,29 @@ impl fmt::Debug for KvValue {
 
 impl Serialize for KvValue {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_base64())
+        // Base64 in JSON (the log, the APIs); raw bytes in binary encodings (snapshots).
+        if s.is_human_readable() { s.serialize_str(&self.to_base64()) } else { s.serialize_bytes(&self.0) }
     }
 }
 
 impl<'de> Deserialize<'de> for KvValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use base64::Engine;
-        let s = String::deserialize(d)?;
-        let v = base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)?;
-        Ok(Self::from(v))
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = KvValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("base64 text or bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<KvValue, E> {
+                use base64::Engine;
+                let v = base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(E::custom)?;
+                Ok(KvValue::from(v))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<KvValue, E> {
+                Ok(KvValue::from(b))
+            }
+        }
+        if d.is_human_readable() { d.deserialize_str(Visit) } else { d.deserialize_bytes(Visit) }
     }
 }
 

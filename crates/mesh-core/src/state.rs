@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
 pub const SOURCE_META: &str = "mesh-source";
@@ -1401,6 +1402,9 @@ pub enum LogError {
     /// The on-disk format is newer than this binary understands.
     #[error("state format version {0} is not supported by this binary")]
     Version(u32),
+    /// A snapshot file could not be encoded, or is not a valid snapshot.
+    #[error("state snapshot: {0}")]
+    Snapshot(String),
     /// A write failed earlier and the store has not recovered yet: only commands that stop work
     /// are accepted meanwhile (into the reserve). Holds the cause.
     #[error("state store cannot be written ({0}); only commands that stop tasks are accepted until it recovers")]
@@ -1428,17 +1432,35 @@ impl LogError {
     }
 }
 
-/// The on-disk format version of log entries and snapshots.
+/// The on-disk format version of log entries and of the JSON snapshot in the database (which
+/// since [`SNAPSHOT_FORMAT`] only points at the snapshot file).
 pub const FORMAT_VERSION: u32 = 1;
 
 /// A durable, ordered log of commands with snapshots.
+///
+/// Snapshots are taken off the writer's path: [`Store`] hands a copy of the state (O(1)) to
+/// the log's [`Log::snapshots`] writer on another thread, keeps appending meanwhile, and calls
+/// [`Log::compact`] once the snapshot is durable. A Raft log can keep the same split: building
+/// (or installing) a snapshot runs beside the log, and only the compaction touches it.
 pub trait Log: Send {
     /// Append commands (indexes `first..first+len`) durably, in one write.
     fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError>;
     /// The last snapshot (if any) and every command after it, in order.
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError>;
-    /// Store a snapshot of `state` and drop the log entries it covers.
-    fn snapshot(&mut self, state: &State) -> Result<(), LogError>;
+    /// The writer of this log's snapshots; it may run on another thread while appends go on.
+    fn snapshots(&self) -> Arc<dyn SnapshotWriter>;
+    /// A snapshot up to `index` written by [`Log::snapshots`] is durable: the entries it covers
+    /// may go. May be deferred (a database log drops them with its next appends).
+    fn compact(&mut self, index: u64) -> Result<(), LogError>;
+    /// Bytes appended since the log was opened (the size bound between snapshots). Default: 0.
+    fn appended_bytes(&self) -> u64 {
+        0
+    }
+    /// Store a snapshot of `state` and drop the log entries it covers, synchronously.
+    fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
+        self.snapshots().write(state)?;
+        self.compact(state.index)
+    }
     /// Append commands durably to the reserve: space set aside in advance, used for commands
     /// that stop work while [`Log::append`] fails (e.g. the disk is full). Default: no reserve.
     fn append_reserved(&mut self, _first: u64, _cmds: &[Command]) -> Result<(), LogError> {
@@ -1449,6 +1471,176 @@ pub trait Log: Send {
     /// log, and check that the durable log ends at `acknowledged`. Default: nothing to do.
     fn recover(&mut self, _acknowledged: u64) -> Result<(), LogError> {
         Ok(())
+    }
+}
+
+/// Writes snapshots durably; shared with the thread that writes them.
+pub trait SnapshotWriter: Send + Sync {
+    /// Write a snapshot of `state` (at `state.index`) durably, replacing the previous one.
+    /// Returns its size in bytes.
+    fn write(&self, state: &State) -> Result<u64, LogError>;
+}
+
+/// Version of the snapshot file format: `[magic "MESHSNAP"][version u32][index u64][length
+/// u64][crc32 u32]` (little endian), then the state in MessagePack (structs as maps, so fields
+/// may be added or skipped as in JSON).
+pub const SNAPSHOT_FORMAT: u32 = 2;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"MESHSNAP";
+const SNAPSHOT_HEADER: usize = 32;
+
+/// Encode `state` as a snapshot file body (no header): MessagePack, structs as maps.
+pub fn encode_state(w: &mut impl std::io::Write, state: &State) -> Result<(), LogError> {
+    state.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map()).map_err(|e| LogError::Snapshot(e.to_string()))
+}
+
+/// Decode a snapshot body written by [`encode_state`]; derived indexes are not rebuilt.
+pub fn decode_state(bytes: &[u8]) -> Result<State, LogError> {
+    rmp_serde::from_slice(bytes).map_err(|e| LogError::Snapshot(e.to_string()))
+}
+
+/// A writer that counts and checksums what goes through it.
+struct Summing<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes to a file, syncing every [`SYNC_EVERY`] bytes: a snapshot's hundreds of megabytes
+/// then reach the disk as they are written, instead of all at its final sync, which would
+/// hold up the log's own syncs meanwhile.
+struct Trickle<'a> {
+    file: &'a std::fs::File,
+    unsynced: u64,
+}
+
+/// See [`Trickle`].
+const SYNC_EVERY: u64 = 8 << 20;
+
+impl std::io::Write for Trickle<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::Write::write(&mut self.file, buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Snapshots in a file (`state.snap` beside `state.redb`): written to a temporary file, synced
+/// and renamed over the previous one, so the file is always a whole snapshot.
+pub struct FileSnapshots {
+    path: std::path::PathBuf,
+}
+
+impl FileSnapshots {
+    /// Snapshots at `path`.
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_path_buf() }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> LogError {
+        LogError::Store(format!("{}: {e}", self.path.display()))
+    }
+
+    /// The index of the snapshot in the file, if there is one (reads the header only).
+    fn index(&self) -> Result<Option<u64>, LogError> {
+        use std::io::Read;
+        let mut header = [0u8; SNAPSHOT_HEADER];
+        match std::fs::File::open(&self.path) {
+            Ok(mut f) => f.read_exact(&mut header).map_err(|e| self.err(e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        }
+        Ok(Some(self.check_header(&header)?.0))
+    }
+
+    /// `(index, body length, crc)` from a header.
+    fn check_header(&self, h: &[u8]) -> Result<(u64, u64, u32), LogError> {
+        let word = |r: std::ops::Range<usize>| h.get(r).unwrap_or_default();
+        if word(0..8) != SNAPSHOT_MAGIC {
+            return Err(LogError::Snapshot(format!("{}: not a snapshot file", self.path.display())));
+        }
+        let version = u32::from_le_bytes(word(8..12).try_into().unwrap_or_default());
+        if version > SNAPSHOT_FORMAT {
+            return Err(LogError::Version(version));
+        }
+        let index = u64::from_le_bytes(word(12..20).try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(word(20..28).try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(word(28..32).try_into().unwrap_or_default());
+        Ok((index, len, crc))
+    }
+
+    /// The snapshot in the file, if there is one.
+    pub fn read(&self) -> Result<Option<State>, LogError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let (index, len, crc) = self.check_header(&bytes)?;
+        let body = &bytes[SNAPSHOT_HEADER.min(bytes.len())..];
+        if body.len() as u64 != len || crc32fast::hash(body) != crc {
+            return Err(LogError::Snapshot(format!("{}: length or checksum does not match", self.path.display())));
+        }
+        let state = decode_state(body)?;
+        if state.index != index {
+            return Err(LogError::Snapshot(format!("{}: header and state disagree on the index", self.path.display())));
+        }
+        Ok(Some(state))
+    }
+}
+
+impl SnapshotWriter for FileSnapshots {
+    fn write(&self, state: &State) -> Result<u64, LogError> {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let tmp = self.path.with_extension("snap.tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| self.err(e))?;
+        let result = (|| {
+            let mut w = Summing {
+                inner: std::io::BufWriter::with_capacity(1 << 20, Trickle { file: &file, unsynced: 0 }),
+                crc: Default::default(),
+                len: 0,
+            };
+            w.inner.write_all(&[0u8; SNAPSHOT_HEADER]).map_err(|e| self.err(e))?;
+            encode_state(&mut w, state)?;
+            w.flush().map_err(|e| self.err(e))?;
+            let (len, crc) = (w.len, w.crc.finalize());
+            let mut header = Vec::with_capacity(SNAPSHOT_HEADER);
+            header.extend_from_slice(SNAPSHOT_MAGIC);
+            header.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
+            header.extend_from_slice(&state.index.to_le_bytes());
+            header.extend_from_slice(&len.to_le_bytes());
+            header.extend_from_slice(&crc.to_le_bytes());
+            file.write_all_at(&header, 0).map_err(|e| self.err(e))?;
+            file.sync_all().map_err(|e| self.err(e))?;
+            std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))?;
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.err(e))?;
+            }
+            Ok(SNAPSHOT_HEADER as u64 + len)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
     }
 }
 
@@ -1469,6 +1661,20 @@ struct SnapBody {
     state: State,
 }
 
+/// The `snapshot` key of the database: a whole state in JSON (format 1, before snapshot files),
+/// or since [`SNAPSHOT_FORMAT`] the index of the snapshot in the file (a binary of format 1
+/// refuses to open it rather than replay a log whose start is gone).
+#[derive(Serialize, Deserialize)]
+struct MetaSnapshot {
+    v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<State>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct ReservedBody {
     index: u64,
@@ -1484,9 +1690,13 @@ pub const MIN_FREE_TO_RECOVER: u64 = 1024 * 1024;
 /// Default size of the reserve file (`--state-reserve-mb`).
 pub const DEFAULT_RESERVE_BYTES: u64 = 1024 * 1024;
 
-/// The embedded log: a redb database with a `log` table (index → command) and a snapshot, plus
-/// a preallocated reserve file next to it for commands that stop work while the database cannot
-/// be written.
+/// At most this many covered log entries are dropped with one append (so dropping what a
+/// snapshot covers never makes one write slow).
+const PURGE_CHUNK: u64 = 4096;
+
+/// The embedded log: a redb database with a `log` table (index → command), snapshots in a file
+/// beside it ([`FileSnapshots`], `<path>.snap`), and a preallocated reserve file for commands
+/// that stop work while the database cannot be written.
 pub struct RedbLog {
     path: std::path::PathBuf,
     /// `None` after a failed reopen (until the next [`Log::recover`]).
@@ -1494,6 +1704,15 @@ pub struct RedbLog {
     reserve: Option<Reserve>,
     /// Index of the last command durably in the database (log tail, or the snapshot).
     durable: u64,
+    snapshots: Arc<FileSnapshots>,
+    /// Entries up to here are covered by a durable snapshot and may be dropped.
+    compact_to: u64,
+    /// Entries up to here are dropped already.
+    purged_to: u64,
+    /// The snapshot index the database's `meta` table names.
+    meta_index: u64,
+    /// Bytes appended since open.
+    appended: u64,
 }
 
 fn store_err(e: impl std::fmt::Display) -> LogError {
@@ -1511,14 +1730,10 @@ fn open_db(path: &Path) -> Result<redb::Database, LogError> {
     Ok(db)
 }
 
-/// The index of the last command in `db`: the log's last key, or the snapshot's index.
-fn last_index(db: &redb::Database) -> Result<u64, LogError> {
-    use redb::{ReadableDatabase, ReadableTable};
+/// The snapshot index the database's `meta` table names (0: none).
+fn meta_snapshot_index(db: &redb::Database) -> Result<u64, LogError> {
+    use redb::ReadableDatabase;
     let tx = db.begin_read().map_err(store_err)?;
-    let log = tx.open_table(LOG_TABLE).map_err(store_err)?;
-    if let Some((k, _)) = log.last().map_err(store_err)? {
-        return Ok(k.value());
-    }
     let meta = tx.open_table(META_TABLE).map_err(store_err)?;
     if let Some(v) = meta.get("snapshot_index").map_err(store_err)? {
         let b: [u8; 8] = v.value().try_into().map_err(|_| store_err("bad snapshot_index"))?;
@@ -1528,6 +1743,25 @@ fn last_index(db: &redb::Database) -> Result<u64, LogError> {
         Some(v) => Ok(serde_json::from_slice::<Envelope<SnapBody>>(v.value())?.body.state.index),
         None => Ok(0),
     }
+}
+
+/// The first and last keys of the log table.
+fn log_bounds(db: &redb::Database) -> Result<Option<(u64, u64)>, LogError> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let tx = db.begin_read().map_err(store_err)?;
+    let log = tx.open_table(LOG_TABLE).map_err(store_err)?;
+    let first = log.first().map_err(store_err)?.map(|(k, _)| k.value());
+    let last = log.last().map_err(store_err)?.map(|(k, _)| k.value());
+    Ok(first.zip(last))
+}
+
+/// The index of the last command in `db`: the log's last key, or the snapshot's index (the
+/// database's or the file's, whichever is newer).
+fn last_index(db: &redb::Database, snapshots: &FileSnapshots) -> Result<u64, LogError> {
+    if let Some((_, last)) = log_bounds(db)? {
+        return Ok(last);
+    }
+    Ok(meta_snapshot_index(db)?.max(snapshots.index()?.unwrap_or(0)))
 }
 
 impl RedbLog {
@@ -1540,14 +1774,30 @@ impl RedbLog {
     /// (`<path>.reserve`; 0: none). Commands a previous run put in the reserve move into the log.
     pub fn open_with_reserve(path: &Path, reserve_bytes: u64) -> Result<Self, LogError> {
         let db = open_db(path)?;
-        let durable = last_index(&db)?;
+        let snapshots = Arc::new(FileSnapshots::new(&path.with_extension("snap")));
+        let durable = last_index(&db, &snapshots)?;
+        let meta_index = meta_snapshot_index(&db)?;
+        // A snapshot written just before a crash may not have been recorded yet: its entries
+        // are dropped with the next appends.
+        let compact_to = snapshots.index()?.unwrap_or(0).max(meta_index);
+        let purged_to = log_bounds(&db)?.map_or(durable, |(first, _)| first - 1);
         let reserve_path = path.with_extension("reserve");
         // A reserve left by an earlier run is drained even when none is wanted any more.
         let reserve = match reserve_bytes {
             0 if !reserve_path.exists() => None,
             n => Reserve::open(&reserve_path, n)?,
         };
-        let mut log = Self { path: path.to_path_buf(), db: Some(db), reserve, durable };
+        let mut log = Self {
+            path: path.to_path_buf(),
+            db: Some(db),
+            reserve,
+            durable,
+            snapshots,
+            compact_to,
+            purged_to,
+            meta_index,
+            appended: 0,
+        };
         log.drain_reserve(None)?;
         if reserve_bytes == 0 && log.reserve.take().is_some() {
             std::fs::remove_file(&reserve_path).map_err(|e| store_err(format!("{}: {e}", reserve_path.display())))?;
@@ -1610,34 +1860,79 @@ impl RedbLog {
 impl Log for RedbLog {
     fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         let tx = self.db()?.begin_write().map_err(store_err)?;
+        let mut bytes_written = 0;
+        // Entries a durable snapshot covers go with this write, a bounded number at a time.
+        let purge = (self.purged_to < self.compact_to).then(|| self.compact_to.min(self.purged_to + PURGE_CHUNK));
         {
             let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
             for (i, cmd) in cmds.iter().enumerate() {
                 let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: CmdBody { cmd: cmd.clone() } })?;
+                bytes_written += bytes.len() as u64;
                 t.insert(first + i as u64, bytes.as_slice()).map_err(store_err)?;
+            }
+            if let Some(to) = purge {
+                t.retain_in(..=to, |_, _| false).map_err(store_err)?;
+            }
+            if self.meta_index < self.compact_to {
+                let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
+                let pointer = MetaSnapshot {
+                    v: SNAPSHOT_FORMAT,
+                    state: None,
+                    index: Some(self.compact_to),
+                    file: self.snapshots.path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                };
+                meta.insert("snapshot", serde_json::to_vec(&pointer)?.as_slice()).map_err(store_err)?;
+                meta.insert("snapshot_index", self.compact_to.to_le_bytes().as_slice()).map_err(store_err)?;
             }
         }
         tx.commit().map_err(store_err)?;
         self.durable = first + cmds.len() as u64 - 1;
+        self.appended += bytes_written;
+        self.meta_index = self.compact_to;
+        if let Some(to) = purge {
+            self.purged_to = to;
+        }
         Ok(())
     }
 
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
-        use redb::ReadableDatabase;
+        use redb::{ReadableDatabase, ReadableTable};
         let tx = self.db()?.begin_read().map_err(store_err)?;
         let meta = tx.open_table(META_TABLE).map_err(store_err)?;
-        let snap = match meta.get("snapshot").map_err(store_err)? {
+        let (legacy, named) = match meta.get("snapshot").map_err(store_err)? {
             Some(v) => {
-                let env: Envelope<SnapBody> = serde_json::from_slice(v.value())?;
-                if env.v > FORMAT_VERSION {
-                    return Err(LogError::Version(env.v));
+                let m: MetaSnapshot = serde_json::from_slice(v.value())?;
+                if m.v > SNAPSHOT_FORMAT {
+                    return Err(LogError::Version(m.v));
                 }
-                Some(env.body.state)
+                (m.state, m.index.unwrap_or(0))
             }
-            None => None,
+            None => (None, 0),
+        };
+        // The file's snapshot is the newest: it is written before the database names it, and
+        // after the JSON one of format 1.
+        let file = self.snapshots.read()?;
+        if file.as_ref().map_or(0, |s| s.index) < named {
+            return Err(LogError::Snapshot(format!(
+                "the state log starts after index {named}, but {} holds no snapshot that far",
+                self.snapshots.path.display()
+            )));
+        }
+        let snap = match (file, legacy) {
+            (Some(f), Some(l)) if l.index > f.index => Some(l),
+            (Some(f), _) => Some(f),
+            (None, l) => l,
         };
         let from = snap.as_ref().map(|s| s.index + 1).unwrap_or(1);
         let log = tx.open_table(LOG_TABLE).map_err(store_err)?;
+        if let Some((first, _)) = log.first().map_err(store_err)? {
+            let first = first.value();
+            if first > from {
+                return Err(store_err(format!(
+                    "the log starts at index {first}, the state at {from}: entries are missing"
+                )));
+            }
+        }
         let mut cmds = Vec::new();
         for item in log.range(from..).map_err(store_err)? {
             let (_, v) = item.map_err(store_err)?;
@@ -1650,17 +1945,17 @@ impl Log for RedbLog {
         Ok((snap, cmds))
     }
 
-    fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
-        let bytes = serde_json::to_vec(&Envelope { v: FORMAT_VERSION, body: SnapBody { state: state.clone() } })?;
-        let tx = self.db()?.begin_write().map_err(store_err)?;
-        {
-            let mut meta = tx.open_table(META_TABLE).map_err(store_err)?;
-            meta.insert("snapshot", bytes.as_slice()).map_err(store_err)?;
-            meta.insert("snapshot_index", state.index.to_le_bytes().as_slice()).map_err(store_err)?;
-            let mut log = tx.open_table(LOG_TABLE).map_err(store_err)?;
-            log.retain_in(..=state.index, |_, _| false).map_err(store_err)?;
-        }
-        tx.commit().map_err(store_err)
+    fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+        self.snapshots.clone()
+    }
+
+    fn compact(&mut self, index: u64) -> Result<(), LogError> {
+        self.compact_to = self.compact_to.max(index);
+        Ok(())
+    }
+
+    fn appended_bytes(&self) -> u64 {
+        self.appended
     }
 
     fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
@@ -1693,7 +1988,7 @@ impl Log for RedbLog {
             meta.insert("recovered_at_index", acknowledged.to_le_bytes().as_slice()).map_err(store_err)?;
         }
         tx.commit().map_err(store_err)?;
-        let durable = last_index(self.db()?)?;
+        let durable = last_index(self.db()?, &self.snapshots)?;
         if durable != acknowledged {
             return Err(LogError::Diverged { durable, acknowledged });
         }
@@ -1833,8 +2128,19 @@ impl Reserve {
 /// An in-memory log (for tests and simulations).
 #[derive(Default)]
 pub struct MemLog {
-    snap: Option<State>,
+    snap: Arc<MemSnapshot>,
     cmds: Vec<(u64, Command)>,
+}
+
+/// The snapshot of a [`MemLog`].
+#[derive(Default)]
+struct MemSnapshot(std::sync::Mutex<Option<State>>);
+
+impl SnapshotWriter for MemSnapshot {
+    fn write(&self, state: &State) -> Result<u64, LogError> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
+        Ok(0)
+    }
 }
 
 impl Log for MemLog {
@@ -1845,18 +2151,51 @@ impl Log for MemLog {
         Ok(())
     }
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
-        let from = self.snap.as_ref().map(|s| s.index).unwrap_or(0);
-        Ok((self.snap.clone(), self.cmds.iter().filter(|(i, _)| *i > from).map(|(_, c)| c.clone()).collect()))
+        let snap = self.snap.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let from = snap.as_ref().map(|s| s.index).unwrap_or(0);
+        Ok((snap, self.cmds.iter().filter(|(i, _)| *i > from).map(|(_, c)| c.clone()).collect()))
     }
-    fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
-        self.cmds.retain(|(i, _)| *i > state.index);
-        self.snap = Some(state.clone());
+    fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+        self.snap.clone()
+    }
+    fn compact(&mut self, index: u64) -> Result<(), LogError> {
+        self.cmds.retain(|(i, _)| *i > index);
         Ok(())
     }
 }
 
-/// Commands between snapshots.
+/// Commands between snapshots (at least; see [`SnapshotPolicy`]).
 pub const SNAPSHOT_EVERY: u64 = 1000;
+
+/// Log bytes after which a snapshot starts whatever the other bounds say.
+pub const SNAPSHOT_LOG_BYTES: u64 = 64 * 1024 * 1024;
+
+/// When [`Store`] starts a snapshot: once the log since the last one holds `every` commands
+/// *and* at least `1/ratio` of the last snapshot's size in bytes, or `max_log_bytes` whatever
+/// the count. The ratio keeps the work of snapshots proportional to the change, not to the
+/// state's size (a 150 MB state is not written again after every 1,000 small writes); the two
+/// bounds keep the log, and so a restart's replay, short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// Commands since the last snapshot.
+    pub every: u64,
+    /// The log since the last snapshot must hold at least this fraction (1/ratio) of its size.
+    pub ratio: u64,
+    /// Log bytes that start a snapshot regardless.
+    pub max_log_bytes: u64,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { every: SNAPSHOT_EVERY, ratio: 4, max_log_bytes: SNAPSHOT_LOG_BYTES }
+    }
+}
+
+/// A snapshot being written on its own thread.
+struct Snapshotting {
+    index: u64,
+    handle: std::thread::JoinHandle<Result<u64, LogError>>,
+}
 
 /// The state plus the log that makes it durable.
 ///
@@ -1869,8 +2208,16 @@ pub const SNAPSHOT_EVERY: u64 = 1000;
 pub struct Store {
     log: Box<dyn Log>,
     state: State,
-    last_snapshot: u64,
     failure: Option<String>,
+    policy: SnapshotPolicy,
+    /// `(index, log bytes)` when the last snapshot was started.
+    last_snapshot: (u64, u64),
+    /// Size of the last snapshot written.
+    snapshot_size: u64,
+    /// The snapshot being written, if any.
+    snapshotting: Option<Snapshotting>,
+    /// Snapshots written since open.
+    snapshots_written: u64,
 }
 
 impl Store {
@@ -1879,7 +2226,7 @@ impl Store {
         let (snap, cmds) = log.load()?;
         let mut state = snap.unwrap_or_else(|| State::new(datacenter));
         state.rebuild_indexes();
-        let last_snapshot = state.index;
+        let last_snapshot = (state.index, log.appended_bytes());
         for cmd in &cmds {
             if state.apply(cmd).is_err() {
                 // A logged command applied once; replaying it cannot fail unless the
@@ -1887,7 +2234,38 @@ impl Store {
                 state.index += 1;
             }
         }
-        Ok(Self { log, state, last_snapshot, failure: None })
+        Ok(Self {
+            log,
+            state,
+            failure: None,
+            policy: SnapshotPolicy::default(),
+            last_snapshot,
+            snapshot_size: 0,
+            snapshotting: None,
+            snapshots_written: 0,
+        })
+    }
+
+    /// When to snapshot from now on.
+    pub fn set_snapshot_policy(&mut self, policy: SnapshotPolicy) {
+        self.policy = policy;
+    }
+
+    /// Snapshots written (durable, log compacted) since open.
+    pub fn snapshots_written(&self) -> u64 {
+        self.snapshots_written
+    }
+
+    /// Whether a snapshot is being written.
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.snapshotting.is_some()
+    }
+
+    /// Wait for the snapshot being written, if any, and compact the log after it.
+    pub fn wait_snapshot(&mut self) {
+        if let Some(s) = self.snapshotting.take() {
+            self.snapshot_done(s);
+        }
     }
 
     /// Keep at most `n` versions of each app from now on (at least 1).
@@ -1910,6 +2288,9 @@ impl Store {
     /// While the log fails, a batch applies only if every command in it stops work and fits in
     /// the reserve; otherwise nothing of it applies.
     pub fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        if self.snapshotting.as_ref().is_some_and(|s| s.handle.is_finished()) {
+            self.wait_snapshot();
+        }
         let mut next = self.state.clone();
         let first = next.index + 1;
         let mut applied = Vec::new();
@@ -1952,15 +2333,47 @@ impl Store {
         }
     }
 
+    /// Start a snapshot on its own thread when the log since the last one is long enough (see
+    /// [`SnapshotPolicy`]). The state is a persistent map, so the copy it writes costs O(1) and
+    /// appends go on meanwhile; the log entries it covers are dropped once it is durable.
     fn maybe_snapshot(&mut self) {
-        if self.state.index - self.last_snapshot >= SNAPSHOT_EVERY {
-            if let Err(e) = self.log.snapshot(&self.state) {
-                // A failed write may leave the database refusing writes until it is reopened.
-                tracing::warn!(error = %e, "snapshot failed; the log keeps growing until the next try");
-                self.failure = Some(e.cause());
-            } else {
-                self.last_snapshot = self.state.index;
+        if self.snapshotting.is_some() {
+            return;
+        }
+        let (index, bytes) = self.last_snapshot;
+        let commands = self.state.index - index;
+        let log_bytes = self.log.appended_bytes().saturating_sub(bytes);
+        let p = self.policy;
+        let due = (commands >= p.every && log_bytes.saturating_mul(p.ratio.max(1)) >= self.snapshot_size)
+            || (commands > 0 && log_bytes >= p.max_log_bytes);
+        if !due {
+            return;
+        }
+        // Counted from the start, so a failing snapshot is tried again only after as much log.
+        self.last_snapshot = (self.state.index, self.log.appended_bytes());
+        let writer = self.log.snapshots();
+        let state = self.state.clone();
+        let index = state.index;
+        let spawned = std::thread::Builder::new().name("mesh-snapshot".into()).spawn(move || writer.write(&state));
+        match spawned {
+            Ok(handle) => self.snapshotting = Some(Snapshotting { index, handle }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a snapshot thread; the log keeps growing until the next try")
             }
+        }
+    }
+
+    /// A snapshot thread ended: on success the log may drop what it covers.
+    fn snapshot_done(&mut self, s: Snapshotting) {
+        let result = s.handle.join().unwrap_or_else(|_| Err(LogError::Snapshot("the snapshot thread panicked".into())));
+        match result.and_then(|size| self.log.compact(s.index).map(|()| size)) {
+            Ok(size) => {
+                tracing::debug!(index = s.index, bytes = size, "snapshot written");
+                self.snapshot_size = size;
+                self.snapshots_written += 1;
+            }
+            // The log is untouched: it keeps growing until a later snapshot succeeds.
+            Err(e) => tracing::warn!(error = %e, "snapshot failed; the log keeps growing until the next try"),
         }
     }
 
@@ -1975,6 +2388,14 @@ impl Store {
         tracing::info!(index = self.state.index, "state log recovered");
         self.failure = None;
         Ok(())
+    }
+}
+
+impl Drop for Store {
+    /// A snapshot being written is finished, so a store opened next on the same files never
+    /// meets a writer of the old one.
+    fn drop(&mut self) {
+        self.wait_snapshot();
     }
 }
 
@@ -2213,8 +2634,11 @@ mod tests {
         fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
             self.inner.lock().unwrap().0.load()
         }
-        fn snapshot(&mut self, state: &State) -> Result<(), LogError> {
-            self.inner.lock().unwrap().0.snapshot(state)
+        fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+            self.inner.lock().unwrap().0.snapshots()
+        }
+        fn compact(&mut self, index: u64) -> Result<(), LogError> {
+            self.inner.lock().unwrap().0.compact(index)
         }
         fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
             let mut g = self.inner.lock().unwrap();
@@ -2390,5 +2814,296 @@ mod tests {
         assert_eq!(log.load().unwrap().1.len(), 6);
         assert!(!path.with_extension("reserve").exists());
         assert!(log.append_reserved(7, &[reset("/a")]).is_err(), "no reserve");
+    }
+
+    /// A state with a bit of everything: apps (with JSON env values), tasks, an agent (an IP
+    /// address), catalog instances and checks, KV keys with binary values and a session.
+    fn varied_commands(n: u64) -> Vec<Command> {
+        use crate::kv::{KvOp, KvValue, SetMode};
+        let mut out = vec![Command::RegisterAgent {
+            agent: Agent {
+                id: AgentId::from("n1"),
+                hostname: "n1".into(),
+                address: "10.1.2.3".parse().unwrap(),
+                resources: Resources::scalars(4.0, 4096.0, 10_000.0),
+                attributes: [("rack".to_owned(), "r1".to_owned())].into_iter().collect(),
+                registered_at: 1,
+                runtimes: vec!["process".into()],
+            },
+            datacenter: "dc1".into(),
+        }];
+        for i in 0..n {
+            match i % 4 {
+                0 => {
+                    let mut a = app(&format!("/app{i}"), 1);
+                    a.env.insert("N".into(), serde_json::Value::from(i));
+                    out.push(put(a, i, &format!("d{i}")));
+                }
+                1 => out.push(Command::LaunchTasks { tasks: vec![task(&format!("t{i}"), &format!("/app{}", i - 1))] }),
+                _ => out.push(Command::Kv(KvOp::Set {
+                    key: format!("k/{}", i % 50),
+                    value: KvValue::from(vec![0u8, 255, (i % 256) as u8, b'"']),
+                    flags: i,
+                    mode: SetMode::Plain,
+                    now: i,
+                })),
+            }
+        }
+        out
+    }
+
+    fn log_keys(path: &Path) -> Vec<u64> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let db = redb::Database::create(path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let t = tx.open_table(LOG_TABLE).unwrap();
+        t.iter().unwrap().map(|e| e.unwrap().0.value()).collect()
+    }
+
+    #[test]
+    fn a_restart_after_a_background_snapshot_replays_to_exactly_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        store.set_snapshot_policy(SnapshotPolicy { every: 100, ratio: 1, max_log_bytes: u64::MAX });
+        for cmd in varied_commands(350) {
+            store.propose(vec![cmd]).unwrap()[0].as_ref().unwrap();
+            // Now and then, let the snapshot thread finish so the next write compacts the log.
+            if store.state().index.is_multiple_of(150) {
+                store.wait_snapshot();
+            }
+        }
+        store.wait_snapshot();
+        let written = store.snapshots_written();
+        assert!(written >= 2, "snapshots were taken: {written}");
+        let state = store.state().clone();
+        drop(store);
+        let keys = log_keys(&path);
+        assert!(keys.len() < 351 && keys.first() > Some(&1), "the log was compacted: {keys:?}");
+        let snap = FileSnapshots::new(&path.with_extension("snap")).read().unwrap().unwrap();
+        assert!(snap.index > 1 && snap.index < state.index, "a snapshot and a tail to replay");
+        let reopened = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(reopened.state(), &state, "snapshot + replay = the state before the restart");
+        // The binary snapshot holds exactly what JSON would.
+        let mut bytes = Vec::new();
+        encode_state(&mut bytes, &state).unwrap();
+        let mut decoded = decode_state(&bytes).unwrap();
+        decoded.rebuild_indexes();
+        assert_eq!(decoded, state);
+    }
+
+    /// A log whose snapshot writer waits at a gate until the test opens it.
+    #[derive(Clone, Default)]
+    struct GatedLog {
+        inner: std::sync::Arc<std::sync::Mutex<MemLog>>,
+        gate: std::sync::Arc<Gate>,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        open: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+        waiting: std::sync::atomic::AtomicUsize,
+        inner: std::sync::Mutex<Option<Arc<dyn SnapshotWriter>>>,
+    }
+
+    impl Gate {
+        fn release(&self) {
+            *self.open.lock().unwrap() = true;
+            self.cv.notify_all();
+        }
+    }
+
+    impl SnapshotWriter for Gate {
+        fn write(&self, state: &State) -> Result<u64, LogError> {
+            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+            drop(open);
+            let inner = self.inner.lock().unwrap().clone().unwrap();
+            inner.write(state)
+        }
+    }
+
+    impl Log for GatedLog {
+        fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+            self.inner.lock().unwrap().append(first, cmds)
+        }
+        fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+            self.inner.lock().unwrap().load()
+        }
+        fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+            *self.gate.inner.lock().unwrap() = Some(self.inner.lock().unwrap().snapshots());
+            self.gate.clone()
+        }
+        fn compact(&mut self, index: u64) -> Result<(), LogError> {
+            self.inner.lock().unwrap().compact(index)
+        }
+    }
+
+    #[test]
+    fn writes_issued_during_a_snapshot_complete_without_waiting_for_it() {
+        let log = GatedLog::default();
+        let mut store = Store::open(Box::new(log.clone()), "dc1").unwrap();
+        store.set_snapshot_policy(SnapshotPolicy { every: 10, ratio: 1, max_log_bytes: u64::MAX });
+        let cmds = varied_commands(200);
+        for cmd in &cmds[..10] {
+            store.propose(vec![cmd.clone()]).unwrap();
+        }
+        assert!(store.snapshot_in_progress(), "the 10th command started a snapshot");
+        // The snapshot is stuck at the gate; every write still completes.
+        for cmd in &cmds[10..] {
+            store.propose(vec![cmd.clone()]).unwrap()[0].as_ref().unwrap();
+        }
+        assert_eq!(store.state().index, 201);
+        assert!(store.snapshot_in_progress());
+        assert_eq!(store.snapshots_written(), 0);
+        assert_eq!(log.inner.lock().unwrap().cmds.len(), 201, "nothing compacted before the snapshot is durable");
+        log.gate.release();
+        store.wait_snapshot();
+        assert_eq!(store.snapshots_written(), 1);
+        assert_eq!(log.gate.waiting.load(std::sync::atomic::Ordering::SeqCst), 1, "one snapshot at a time");
+        assert_eq!(log.inner.lock().unwrap().cmds.first().map(|c| c.0), Some(11), "entries 1..=10 compacted");
+        let state = store.state().clone();
+        drop(store);
+        let reopened = Store::open(Box::new(log.clone()), "dc1").unwrap();
+        assert_eq!(reopened.state(), &state);
+    }
+
+    #[test]
+    fn a_crash_between_the_snapshot_and_the_compaction_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let cmds = varied_commands(40);
+        let state = {
+            let mut log = RedbLog::open(&path).unwrap();
+            log.append(1, &cmds[..30]).unwrap();
+            let mut s = State::new("dc1");
+            for c in &cmds[..30] {
+                s.apply(c).unwrap();
+            }
+            // The snapshot file is durable; the process dies before the log hears of it, and
+            // leaves a half-written next snapshot behind.
+            log.snapshots().write(&s).unwrap();
+            std::fs::write(path.with_extension("snap.tmp"), b"MESHSNAP garbage").unwrap();
+            s
+        };
+        assert_eq!(log_keys(&path).len(), 30);
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(store.state().index, 30);
+        let mut expect = state.clone();
+        expect.rebuild_indexes();
+        assert_eq!(store.state(), &expect);
+        // The next write drops what the snapshot covers.
+        store.propose(cmds[30..].to_vec()).unwrap();
+        let after = store.state().clone();
+        drop(store);
+        assert_eq!(log_keys(&path), (31..=41).collect::<Vec<_>>());
+        let reopened = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(reopened.state(), &after);
+        drop(reopened);
+        // A snapshot file that does not check out is an error, not a silently shorter state.
+        let snap = path.with_extension("snap");
+        let mut bytes = std::fs::read(&snap).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&snap, bytes).unwrap();
+        let e = RedbLog::open(&path).unwrap().load().unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn a_data_dir_with_a_json_snapshot_still_opens_and_moves_to_snapshot_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let cmds = varied_commands(30);
+        {
+            // What the previous release wrote: a JSON snapshot in `meta`, the log after it.
+            let mut s = State::new("dc1");
+            for c in &cmds[..20] {
+                s.apply(c).unwrap();
+            }
+            let db = open_db(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut meta = tx.open_table(META_TABLE).unwrap();
+                let json = serde_json::to_vec(&Envelope { v: 1, body: SnapBody { state: s } }).unwrap();
+                meta.insert("snapshot", json.as_slice()).unwrap();
+                meta.insert("snapshot_index", 20u64.to_le_bytes().as_slice()).unwrap();
+                let mut log = tx.open_table(LOG_TABLE).unwrap();
+                for (i, c) in cmds.iter().enumerate().skip(20) {
+                    let b = serde_json::to_vec(&Envelope { v: 1, body: CmdBody { cmd: c.clone() } }).unwrap();
+                    log.insert(i as u64 + 1, b.as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let mut full = State::new("dc1");
+        for c in &cmds {
+            full.apply(c).unwrap();
+        }
+        full.rebuild_indexes();
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(store.state(), &full);
+        store.set_snapshot_policy(SnapshotPolicy { every: 5, ratio: 1, max_log_bytes: u64::MAX });
+        store.propose(vec![Command::ResetDelay { id: AppId::parse("/app0").unwrap() }]).unwrap();
+        assert!(store.snapshot_in_progress(), "12 commands since the JSON snapshot");
+        store.wait_snapshot();
+        store.propose(vec![Command::ResetDelay { id: AppId::parse("/app0").unwrap() }]).unwrap();
+        let state = store.state().clone();
+        drop(store);
+        assert_eq!(log_keys(&path), vec![33], "the JSON snapshot's log is gone with it");
+        let db = redb::Database::create(&path).unwrap();
+        let meta = {
+            use redb::ReadableDatabase;
+            let tx = db.begin_read().unwrap();
+            let t = tx.open_table(META_TABLE).unwrap();
+            t.get("snapshot").unwrap().unwrap().value().to_vec()
+        };
+        drop(db);
+        let m: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+        assert_eq!(m, json!({"v": SNAPSHOT_FORMAT, "index": 32, "file": "state.snap"}), "a pointer, not a state");
+        let reopened = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(reopened.state(), &state);
+    }
+
+    #[test]
+    fn the_log_size_bounds_the_time_between_snapshots() {
+        use crate::kv::{KvOp, KvValue, SetMode};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        let set = |i: u64, len: usize| {
+            Command::Kv(KvOp::Set {
+                key: format!("k{i}"),
+                value: KvValue::from(vec![7u8; len]),
+                flags: 0,
+                mode: SetMode::Plain,
+                now: 0,
+            })
+        };
+        // By size: far fewer commands than `every`, but 100 KB of log.
+        store.set_snapshot_policy(SnapshotPolicy { every: 1_000_000, ratio: 4, max_log_bytes: 100_000 });
+        let mut i = 0;
+        while store.snapshots_written() == 0 && i < 100 {
+            i += 1;
+            store.propose(vec![set(i, 10_000)]).unwrap();
+            store.wait_snapshot();
+        }
+        assert_eq!(store.snapshots_written(), 1);
+        assert!((7..=12).contains(&i), "snapshot after ~100 KB of log (10 KB values, base64 in JSON): {i}");
+        // By count, in proportion to the state: the last snapshot holds ~100 KB, so 10 small
+        // commands do not start another; once the log holds a quarter of it, one starts.
+        store.set_snapshot_policy(SnapshotPolicy { every: 10, ratio: 4, max_log_bytes: u64::MAX });
+        let mut small = 0;
+        while store.snapshots_written() == 1 && small < 10_000 {
+            small += 1;
+            store.propose(vec![set(1000 + small, 10)]).unwrap();
+            store.wait_snapshot();
+        }
+        assert_eq!(store.snapshots_written(), 2);
+        assert!(small > 100, "small commands until the log is a quarter of the snapshot: {small}");
     }
 }
