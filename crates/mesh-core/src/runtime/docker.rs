@@ -2032,6 +2032,8 @@ mod tests {
         for id in &ids {
             let mut s = shell(id, "exec sleep 1000");
             params(&mut s, &[("init", "true")]);
+            // kill_all gives each task its own grace: a generous one (see below).
+            s.kill_grace = Duration::from_secs(30);
             f.rt.launch(s).await.unwrap();
             f.ev.started(id).await;
             // "started" is the container's start, not docker-init's: a SIGTERM that arrives before
@@ -2049,9 +2051,9 @@ mod tests {
             }
         }
         assert_eq!(f.rt.running().len(), 2);
-        // A generous grace: under load the engine can take seconds to deliver the stop, and the test
-        // is about SIGTERM reaching `sleep` (143), not about how fast.
-        f.rt.kill_all(Duration::from_secs(30)).await;
+        // A generous grace (the tasks' own, capped here): under load the engine can take seconds to
+        // deliver the stop, and the test is about SIGTERM reaching `sleep` (143), not about how fast.
+        f.rt.kill_all(Duration::from_secs(60)).await;
         assert!(f.rt.running().is_empty());
         for id in &ids {
             let (exit, killed, _) = f.ev.exited(id).await;
