@@ -167,6 +167,9 @@ struct Control {
 /// How many status update uuids are remembered to drop re-sent updates.
 const SEEN_UPDATES: usize = 4096;
 
+/// How soon messages that did not fit into an agent's channel are offered again.
+const OUTBOX_RETRY: Duration = Duration::from_millis(2);
+
 /// At most this many deferred facts are kept (the oldest go first).
 const MAX_DEFERRED: usize = 10_000;
 
@@ -246,6 +249,8 @@ impl Control {
                 },
                 _ = tick.tick() => {}
                 _ = tokio::time::sleep(timer.unwrap_or(Duration::from_secs(3600))), if timer.is_some() => {}
+                // Messages an agent had no room for yet (see `flush`).
+                _ = tokio::time::sleep(OUTBOX_RETRY), if !self.outbox.is_empty() => {}
             }
             while batch.len() < 256 {
                 match rx.try_recv() {
@@ -773,11 +778,23 @@ impl Control {
         self.deadline.1
     }
 
+    /// Hands queued messages to their agents, in order, without waiting: when an agent's channel
+    /// is full the rest stays queued for the next loop turn (see `run`). The control loop must
+    /// never wait for an agent, which may itself be waiting to send its reports to this loop
+    /// (with 10,000 launches in flight, both channels fill and each side waited for the other).
     async fn flush(&mut self) {
         while let Some((agent, msg)) = self.outbox.pop_front() {
             match self.agents.get(&agent) {
                 Some(tx) => {
-                    if tx.send(msg).await.is_err() {
+                    let closed = match tx.try_send(msg) {
+                        Ok(()) => false,
+                        Err(mpsc::error::TrySendError::Full(msg)) => {
+                            self.outbox.push_front((agent, msg));
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => true,
+                    };
+                    if closed {
                         warn!(%agent, "agent channel closed");
                         self.agents.remove(&agent);
                         self.sent_checks.remove(&agent);

@@ -17,18 +17,32 @@ use tokio::sync::mpsc;
 /// Tasks that only exist in memory. See the module documentation.
 pub struct MemoryRuntime {
     tasks: Mutex<HashSet<TaskId>>,
-    queue: mpsc::UnboundedSender<RuntimeEvent>,
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+/// What the forwarding task carries: events, and markers that report when everything queued
+/// before them has reached the agent.
+enum Queued {
+    Event(RuntimeEvent),
+    Delivered(tokio::sync::oneshot::Sender<()>),
 }
 
 impl MemoryRuntime {
     /// A runtime reporting to `events`. Must be called inside a tokio runtime (it spawns the
     /// task that forwards events).
     pub fn new(events: mpsc::Sender<RuntimeEvent>) -> Self {
-        let (queue, mut rx) = mpsc::unbounded_channel::<RuntimeEvent>();
+        let (queue, mut rx) = mpsc::unbounded_channel::<Queued>();
         tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                if events.send(ev).await.is_err() {
-                    break;
+            while let Some(q) = rx.recv().await {
+                match q {
+                    Queued::Event(ev) => {
+                        if events.send(ev).await.is_err() {
+                            break;
+                        }
+                    }
+                    Queued::Delivered(done) => {
+                        let _ = done.send(());
+                    }
                 }
             }
         });
@@ -42,7 +56,13 @@ impl MemoryRuntime {
     fn exited(&self, task_id: TaskId) {
         let message = "killed (memory runtime)".to_owned();
         let at = now_millis();
-        let _ = self.queue.send(RuntimeEvent::Exited { task_id, exit: Exit::Signal(15), killed: true, message, at });
+        let _ = self.queue.send(Queued::Event(RuntimeEvent::Exited {
+            task_id,
+            exit: Exit::Signal(15),
+            killed: true,
+            message,
+            at,
+        }));
     }
 }
 
@@ -59,7 +79,7 @@ impl Runtime for MemoryRuntime {
                 message: "a task with this id is already running".into(),
             });
         }
-        let _ = self.queue.send(RuntimeEvent::Started { task_id: spec.task_id, at: now_millis() });
+        let _ = self.queue.send(Queued::Event(RuntimeEvent::Started { task_id: spec.task_id, at: now_millis() }));
         Ok(())
     }
 
@@ -90,6 +110,10 @@ impl Runtime for MemoryRuntime {
         for id in all {
             self.exited(id);
         }
+        // Like the other runtimes, return once every end has been reported.
+        let (done, delivered) = tokio::sync::oneshot::channel();
+        let _ = self.queue.send(Queued::Delivered(done));
+        let _ = delivered.await;
     }
 }
 
