@@ -586,7 +586,7 @@ fn main() {
             }
             println!("{l}");
         };
-        line("deploy (POSTs to all running)", "".into(), &|r| format!("{:.1} s", r.deploy.as_secs_f64()));
+        line("deploy: from the last POST to all running", "".into(), &|r| format!("{:.1} s", r.deploy.as_secs_f64()));
         line("idle CPU (% of a core)", format!("{base_idle:.2}"), &|r| format!("{:.2}", r.idle_cpu));
         line("`POST /v2/apps` p50 / p99 ms", format!("{:.2} / {:.2}", base_post.0, base_post.1), &|r| {
             format!("{:.2} / {:.2}", r.post_app.0, r.post_app.1)
