@@ -2194,7 +2194,8 @@ impl Default for SnapshotPolicy {
 /// A snapshot being written on its own thread.
 struct Snapshotting {
     index: u64,
-    handle: std::thread::JoinHandle<Result<u64, LogError>>,
+    /// The snapshot's size in bytes, and how long writing it took.
+    handle: std::thread::JoinHandle<Result<(u64, std::time::Duration), LogError>>,
 }
 
 /// The state plus the log that makes it durable.
@@ -2354,7 +2355,10 @@ impl Store {
         let writer = self.log.snapshots();
         let state = self.state.clone();
         let index = state.index;
-        let spawned = std::thread::Builder::new().name("mesh-snapshot".into()).spawn(move || writer.write(&state));
+        let spawned = std::thread::Builder::new().name("mesh-snapshot".into()).spawn(move || {
+            let started = std::time::Instant::now();
+            writer.write(&state).map(|size| (size, started.elapsed()))
+        });
         match spawned {
             Ok(handle) => self.snapshotting = Some(Snapshotting { index, handle }),
             Err(e) => {
@@ -2366,9 +2370,9 @@ impl Store {
     /// A snapshot thread ended: on success the log may drop what it covers.
     fn snapshot_done(&mut self, s: Snapshotting) {
         let result = s.handle.join().unwrap_or_else(|_| Err(LogError::Snapshot("the snapshot thread panicked".into())));
-        match result.and_then(|size| self.log.compact(s.index).map(|()| size)) {
-            Ok(size) => {
-                tracing::debug!(index = s.index, bytes = size, "snapshot written");
+        match result.and_then(|written| self.log.compact(s.index).map(|()| written)) {
+            Ok((size, took)) => {
+                tracing::info!(index = s.index, bytes = size, ms = took.as_millis() as u64, "snapshot written");
                 self.snapshot_size = size;
                 self.snapshots_written += 1;
             }
