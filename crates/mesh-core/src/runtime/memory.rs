@@ -140,7 +140,9 @@ mod tests {
 
     #[tokio::test]
     async fn launch_runs_kill_ends_in_order() {
-        let (tx, mut rx) = mpsc::channel(1);
+        // Room for every event of the test: `kill_all` returns only once its events are taken
+        // by the channel.
+        let (tx, mut rx) = mpsc::channel(256);
         let rt = MemoryRuntime::new(tx);
         for i in 0..100 {
             rt.launch(spec(&format!("t{i}"))).await.unwrap();
@@ -157,5 +159,11 @@ mod tests {
         assert!(matches!(&seen[100], RuntimeEvent::Exited { task_id, killed: true, .. } if task_id.0 == "t0"));
         rt.kill_all(Duration::ZERO).await;
         assert!(rt.running().is_empty());
+        for _ in 0..99 {
+            assert!(
+                matches!(rx.try_recv(), Ok(RuntimeEvent::Exited { killed: true, .. })),
+                "reported before kill_all returned"
+            );
+        }
     }
 }
