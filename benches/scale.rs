@@ -200,6 +200,27 @@ impl Node {
         None
     }
 
+    /// The node's CPU use over `window`, in % of one core.
+    async fn idle_cpu(&self, window: Duration) -> f64 {
+        let (c0, t0) = (cpu_ticks(self.pid), Instant::now());
+        tokio::time::sleep(window).await;
+        (cpu_ticks(self.pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0
+    }
+
+    /// p50 and p99 (ms) of 300 sequential KV PUTs and of 50 sequential `POST /v2/apps` (one-task
+    /// apps `/probe<i>` with a port).
+    async fn write_latencies(&self) -> ((f64, f64), (f64, f64)) {
+        let mut kv = sequential(300, |i| async move {
+            self.request(reqwest::Method::PUT, &format!("/v1/kv/probe/{i}"), Some("x".repeat(100))).await;
+        })
+        .await;
+        let mut post = sequential(50, |i| async move {
+            self.post_app(&format!("/probe{i}"), 1, true).await;
+        })
+        .await;
+        ((pct(&mut kv, 50.0), pct(&mut kv, 99.0)), (pct(&mut post, 50.0), pct(&mut post, 99.0)))
+    }
+
     /// The last "snapshot" line of the node's log that carries a duration, as written.
     fn last_snapshot_line(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -293,7 +314,6 @@ async fn size_row(root: &Path, tasks: usize, base_rss: u64) -> SizeRow {
     let data = root.join(format!("mem-{tasks}"));
     let (node, _) = Node::start(&data, "memory", &[]).await;
     let apps = tasks.div_ceil(1000);
-    let t = Instant::now();
     for a in 0..apps {
         node.post_app(&format!("/fill{a}"), tasks / apps, false).await;
     }
@@ -301,29 +321,13 @@ async fn size_row(root: &Path, tasks: usize, base_rss: u64) -> SizeRow {
         .until(Duration::from_secs(900), || async { node.running().await >= tasks as u64 })
         .await
         .expect("tasks running");
-    let _ = t;
     // Let deployments end and the loop settle, then measure a quiet node.
     let _ = node
         .until(Duration::from_secs(60), || async { node.get_json("/v2/deployments").await == serde_json::json!([]) })
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (c0, t0) = (cpu_ticks(node.pid), Instant::now());
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle_cpu = (cpu_ticks(node.pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
-    let mut kv = sequential(300, |i| {
-        let node = &node;
-        async move {
-            node.request(reqwest::Method::PUT, &format!("/v1/kv/probe/{i}"), Some("x".repeat(100))).await;
-        }
-    })
-    .await;
-    let mut post = sequential(50, |i| {
-        let node = &node;
-        async move {
-            node.post_app(&format!("/probe{i}"), 1, true).await;
-        }
-    })
-    .await;
+    let idle_cpu = node.idle_cpu(Duration::from_secs(10)).await;
+    let (kv, post) = node.write_latencies().await;
     node.until(Duration::from_secs(60), || async { node.in_catalog("probe0").await == 1 })
         .await
         .expect("the probe app is in the catalog");
@@ -353,8 +357,8 @@ async fn size_row(root: &Path, tasks: usize, base_rss: u64) -> SizeRow {
         tasks,
         deploy,
         idle_cpu,
-        post_app: (pct(&mut post, 50.0), pct(&mut post, 99.0)),
-        kv_put: (pct(&mut kv, 50.0), pct(&mut kv, 99.0)),
+        post_app: post,
+        kv_put: kv,
         get_apps: (pct(&mut apps_get, 50.0), pct(&mut apps_get, 99.0)),
         health: (pct(&mut health, 50.0), pct(&mut health, 99.0)),
         dns_qps,
@@ -372,25 +376,10 @@ async fn empty_row(root: &Path) -> (u64, (f64, f64), (f64, f64), f64) {
     let (node, _) = Node::start(&root.join("empty"), "memory", &[]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base = rss_kib(node.pid);
-    let (c0, t0) = (cpu_ticks(node.pid), Instant::now());
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let idle = (cpu_ticks(node.pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
-    let mut kv = sequential(300, |i| {
-        let node = &node;
-        async move {
-            node.request(reqwest::Method::PUT, &format!("/v1/kv/probe/{i}"), Some("x".repeat(100))).await;
-        }
-    })
-    .await;
-    let mut post = sequential(50, |i| {
-        let node = &node;
-        async move {
-            node.post_app(&format!("/probe{i}"), 1, true).await;
-        }
-    })
-    .await;
+    let idle = node.idle_cpu(Duration::from_secs(5)).await;
+    let (kv, post) = node.write_latencies().await;
     node.stop().await;
-    (base, (pct(&mut post, 50.0), pct(&mut post, 99.0)), (pct(&mut kv, 50.0), pct(&mut kv, 99.0)), idle)
+    (base, post, kv, idle)
 }
 
 /// Deploys `apps` apps of `instances` each at once; the time until all are in the catalog.
@@ -628,12 +617,10 @@ fn main() {
                 node.request(reqwest::Method::DELETE, &format!("/v2/apps/ten{a}"), None).await;
             }
             let _ = node.until(Duration::from_secs(300), || async { node.running().await == 0 }).await;
-            let t = Instant::now();
             for a in 0..apps {
                 node.post_app(&format!("/many{a}"), shutdown_tasks / apps, false).await;
             }
             let up = node.until(Duration::from_secs(1200), || async { node.running().await >= shutdown_tasks as u64 }).await;
-            let _ = t;
             let rss = rss_kib(node.pid);
             let stop = node.stop().await;
             println!(
