@@ -102,11 +102,16 @@ impl PortRanges {
     }
     /// The set holding exactly these ports.
     pub fn from_ports(ports: impl IntoIterator<Item = u16>) -> Self {
-        let mut s = Self::new();
-        for p in ports {
-            s.insert_range(p, p);
+        let mut v: Vec<u16> = ports.into_iter().collect();
+        v.sort_unstable();
+        let mut out: Vec<(u16, u16)> = Vec::new();
+        for p in v {
+            match out.last_mut() {
+                Some(last) if last.1 as u32 + 1 >= p as u32 => last.1 = last.1.max(p),
+                _ => out.push((p, p)),
+            }
         }
-        s
+        Self(out)
     }
     /// The ranges, sorted and disjoint.
     pub fn ranges(&self) -> &[(u16, u16)] {
@@ -129,62 +134,86 @@ impl PortRanges {
             Err(i) => self.0[i - 1].1 >= port,
         }
     }
-    /// Whether every port of `other` is in `self`.
+    /// Whether every port of `other` is in `self` (a binary search per range of `other`).
     pub fn contains_all(&self, other: &PortRanges) -> bool {
-        other.0.iter().all(|&(lo, hi)| self.0.iter().any(|&(a, b)| a <= lo && hi <= b))
+        other.0.iter().all(|&(lo, hi)| match self.0.binary_search_by(|(a, _)| a.cmp(&lo)) {
+            Ok(i) => self.0[i].1 >= hi,
+            Err(0) => false,
+            Err(i) => self.0[i - 1].1 >= hi,
+        })
     }
     /// Add `lo..=hi`, merging neighbours.
     pub fn insert_range(&mut self, lo: u16, hi: u16) {
-        if lo > hi {
+        if lo <= hi {
+            self.add(&PortRanges(vec![(lo, hi)]));
+        }
+    }
+    /// Union with `other`: one merge of the two sorted lists, O(n + m).
+    pub fn add(&mut self, other: &PortRanges) {
+        if other.0.is_empty() {
             return;
         }
-        let mut out = Vec::with_capacity(self.0.len() + 1);
-        let (mut nlo, mut nhi) = (lo, hi);
-        let mut placed = false;
-        for &(a, b) in &self.0 {
-            if (b as u32) + 1 < nlo as u32 {
-                out.push((a, b));
-            } else if (nhi as u32) + 1 < a as u32 {
-                if !placed {
-                    out.push((nlo, nhi));
-                    placed = true;
+        let (mine, theirs) = (&self.0, &other.0);
+        let mut out: Vec<(u16, u16)> = Vec::with_capacity(mine.len() + theirs.len());
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let next = match (mine.get(i), theirs.get(j)) {
+                (Some(&a), Some(&b)) if a.0 <= b.0 => {
+                    i += 1;
+                    a
                 }
-                out.push((a, b));
-            } else {
-                nlo = nlo.min(a);
-                nhi = nhi.max(b);
+                (_, Some(&b)) => {
+                    j += 1;
+                    b
+                }
+                (Some(&a), None) => {
+                    i += 1;
+                    a
+                }
+                (None, None) => break,
+            };
+            match out.last_mut() {
+                Some(last) if last.1 as u32 + 1 >= next.0 as u32 => last.1 = last.1.max(next.1),
+                _ => out.push(next),
             }
         }
-        if !placed {
-            out.push((nlo, nhi));
-        }
-        out.sort_unstable();
         self.0 = out;
     }
-    /// Union with `other`.
-    pub fn add(&mut self, other: &PortRanges) {
-        for &(a, b) in &other.0 {
-            self.insert_range(a, b);
-        }
-    }
-    /// Remove every port of `other` from `self`.
+    /// Remove every port of `other` from `self`: one pass over both sorted lists, O(n + m).
     pub fn subtract(&mut self, other: &PortRanges) {
-        for &(lo, hi) in &other.0 {
-            let mut out = Vec::with_capacity(self.0.len() + 1);
-            for &(a, b) in &self.0 {
-                if b < lo || a > hi {
-                    out.push((a, b));
-                    continue;
-                }
-                if a < lo {
-                    out.push((a, lo - 1));
-                }
-                if b > hi {
-                    out.push((hi + 1, b));
+        if other.0.is_empty() || self.0.is_empty() {
+            return;
+        }
+        let o = &other.0;
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        let mut j = 0;
+        for &(a, b) in &self.0 {
+            let (mut lo, b) = (a as u32, b as u32);
+            // Ranges of `other` wholly below this one remove nothing from it or any later one.
+            while j < o.len() && (o[j].1 as u32) < lo {
+                j += 1;
+            }
+            let mut k = j;
+            loop {
+                match o.get(k) {
+                    Some(&(olo, ohi)) if olo as u32 <= b => {
+                        if olo as u32 > lo {
+                            out.push((lo as u16, olo - 1));
+                        }
+                        lo = lo.max(ohi as u32 + 1);
+                        if lo > b {
+                            break;
+                        }
+                        k += 1;
+                    }
+                    _ => {
+                        out.push((lo as u16, b as u16));
+                        break;
+                    }
                 }
             }
-            self.0 = out;
         }
+        self.0 = out;
     }
     /// The ports in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
@@ -288,6 +317,36 @@ mod tests {
         p.insert_range(31010, 31010);
         assert_eq!(p.ranges(), &[(31001, 31011)]);
         assert_eq!(p.to_string(), "[31001-31011]");
+    }
+
+    /// The linear merges agree with a set of ports on random inputs (edges 0 and 65535 included).
+    #[test]
+    fn port_ranges_match_a_set_of_ports() {
+        use rand::{Rng, SeedableRng};
+        use std::collections::BTreeSet;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let random = |rng: &mut rand::rngs::StdRng| -> BTreeSet<u16> {
+            let base: u16 = if rng.random_bool(0.2) { 65_500 } else { rng.random_range(0..40) };
+            (0..rng.random_range(0..30)).map(|_| base.saturating_add(rng.random_range(0..36))).collect()
+        };
+        let ranges_of = |set: &BTreeSet<u16>| PortRanges::from_ports(set.iter().copied());
+        for _ in 0..5_000 {
+            let (a, b) = (random(&mut rng), random(&mut rng));
+            let mut sum = ranges_of(&a);
+            sum.add(&ranges_of(&b));
+            assert_eq!(sum, ranges_of(&a.union(&b).copied().collect()), "{a:?} + {b:?}");
+            let mut diff = ranges_of(&a);
+            diff.subtract(&ranges_of(&b));
+            assert_eq!(diff, ranges_of(&a.difference(&b).copied().collect()), "{a:?} - {b:?}");
+            assert_eq!(ranges_of(&a).contains_all(&ranges_of(&b)), b.is_subset(&a), "{a:?} ⊇ {b:?}");
+            let mut one = ranges_of(&a);
+            if let Some(&p) = b.iter().next() {
+                one.insert_range(p, p.saturating_add(3));
+                let want: BTreeSet<u16> = a.iter().copied().chain(p..=p.saturating_add(3)).collect();
+                assert_eq!(one, ranges_of(&want));
+            }
+            assert_eq!(ranges_of(&a).len(), a.len());
+        }
     }
 
     #[test]
