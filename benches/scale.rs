@@ -19,7 +19,8 @@
 //!
 //! Environment: `SCALE_SIZES` (default `1000,10000,100000`), `SCALE_KV_KEYS` (default 1,000,000),
 //! `SCALE_REAL` (`0` skips the real-process part), `SCALE_REAL_SHUTDOWN` (tasks for the shutdown
-//! run, default 10,000), `ETCD` (the etcd binary; default `etcd` on PATH, skipped when missing).
+//! run, default 10,000), `SCALE_REAL_DIR` (where that node's data dir and sandboxes go; default the
+//! bench's temp dir), `ETCD` (the etcd binary; default `etcd` on PATH, skipped when missing).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -207,14 +208,14 @@ impl Node {
         (cpu_ticks(self.pid) - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0
     }
 
-    /// p50 and p99 (ms) of 300 sequential KV PUTs and of 50 sequential `POST /v2/apps` (one-task
+    /// p50 and p99 (ms) of 300 sequential KV PUTs and of 200 sequential `POST /v2/apps` (one-task
     /// apps `/probe<i>` with a port).
     async fn write_latencies(&self) -> ((f64, f64), (f64, f64)) {
         let mut kv = sequential(300, |i| async move {
             self.request(reqwest::Method::PUT, &format!("/v1/kv/probe/{i}"), Some("x".repeat(100))).await;
         })
         .await;
-        let mut post = sequential(50, |i| async move {
+        let mut post = sequential(200, |i| async move {
             self.post_app(&format!("/probe{i}"), 1, true).await;
         })
         .await;
@@ -409,33 +410,103 @@ async fn deploy_to_catalog(node: &Node, prefix: &str, apps: usize, instances: us
 #[derive(Clone)]
 struct Kv {
     name: &'static str,
-    base: String,
+    addr: SocketAddr,
     etcd: bool,
-    client: reqwest::Client,
 }
 
-impl Kv {
-    async fn put(&self, key: u64, value: &str) -> bool {
-        let r = if self.etcd {
-            use base64::Engine;
-            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-            let body = serde_json::json!({"key": b64(&format!("k/{key:08}")), "value": b64(value)}).to_string();
-            self.client.post(format!("{}/v3/kv/put", self.base)).body(body).send().await
-        } else {
-            self.client.put(format!("{}/v1/kv/k/{key:08}", self.base)).body(value.to_owned()).send().await
-        };
-        matches!(r, Ok(r) if r.status().is_success())
+/// One keep-alive HTTP/1.1 connection written and read by hand, so the bench's own client costs
+/// next to nothing and the servers are what is measured (through reqwest the client's share of
+/// a c=1 write was about a third, and pulled both servers' rates toward the client's).
+struct RawConn {
+    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+    line: String,
+}
+
+impl RawConn {
+    async fn open(addr: SocketAddr) -> std::io::Result<Self> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self { stream: tokio::io::BufStream::new(s), line: String::new() })
+    }
+
+    /// Sends one request and reads the whole response; its status.
+    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        self.stream.write_all(body).await?;
+        self.stream.flush().await?;
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        let status: u16 =
+            self.line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("status"))?;
+        let (mut length, mut chunked) = (0usize, false);
+        loop {
+            self.line.clear();
+            if self.stream.read_line(&mut self.line).await? == 0 {
+                return Err(bad("closed in the head"));
+            }
+            let l = self.line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (name, value) = l.split_once(':').unwrap_or((l, ""));
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().map_err(|_| bad("content-length"))?;
+            } else if name.eq_ignore_ascii_case("transfer-encoding") && value.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+        }
+        let mut sink = vec![0u8; length];
+        if !chunked {
+            self.stream.read_exact(&mut sink).await?;
+            return Ok(status);
+        }
+        loop {
+            self.line.clear();
+            self.stream.read_line(&mut self.line).await?;
+            let n = usize::from_str_radix(self.line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad("chunk"))?;
+            sink.resize(n + 2, 0);
+            self.stream.read_exact(&mut sink).await?;
+            if n == 0 {
+                return Ok(status);
+            }
+        }
     }
 }
 
-/// PUTs of new keys from `next` at concurrency `c`, until `until_key` (fill) or for `secs`.
-/// Returns (writes/s, latencies).
+impl Kv {
+    /// PUT of `k/<key>`; true on a 2xx.
+    async fn put(&self, conn: &mut RawConn, key: u64, value: &str) -> bool {
+        let r = if self.etcd {
+            use base64::Engine;
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+            let body = format!(r#"{{"key":"{}","value":"{}"}}"#, b64(&format!("k/{key:08}")), b64(value));
+            conn.request("POST", "/v3/kv/put", body.as_bytes()).await
+        } else {
+            conn.request("PUT", &format!("/v1/kv/k/{key:08}"), value.as_bytes()).await
+        };
+        matches!(r, Ok(s) if (200..300).contains(&s))
+    }
+}
+
+/// PUTs of new keys from `next` at concurrency `c` (one connection each), until `until_key`
+/// (fill) or for `secs`. Returns (writes/s, latencies).
 async fn kv_load(kv: &Kv, next: &Arc<AtomicU64>, c: usize, until_key: Option<u64>, secs: f64) -> (f64, Vec<Duration>) {
     let value = "v".repeat(100);
     let stop = Arc::new(AtomicBool::new(false));
+    let mut conns = Vec::with_capacity(c);
+    for _ in 0..c {
+        conns.push(RawConn::open(kv.addr).await.unwrap_or_else(|e| panic!("{}: connect: {e}", kv.name)));
+    }
     let t = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..c {
+    for mut conn in conns {
         let (kv, next, stop, value) = (kv.clone(), next.clone(), stop.clone(), value.clone());
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -448,7 +519,7 @@ async fn kv_load(kv: &Kv, next: &Arc<AtomicU64>, c: usize, until_key: Option<u64
                     break;
                 }
                 let s = Instant::now();
-                if !kv.put(k, &value).await {
+                if !kv.put(&mut conn, k, &value).await {
                     stop.store(true, Ordering::Relaxed);
                     eprintln!("{}: a PUT failed at key {k}", kv.name);
                 }
@@ -477,8 +548,7 @@ async fn kv_compare(root: &Path, max_keys: u64) -> Vec<KvRow> {
     let etcd_bin = std::env::var("ETCD").unwrap_or_else(|_| "etcd".into());
     let mut systems: Vec<(Kv, Option<Child>, Option<Node>)> = Vec::new();
     let (node, _) = Node::start(&root.join("kv"), "memory", &[]).await;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
-    let mesh = Kv { name: "mesh", base: format!("http://{}", node.http), etcd: false, client: client.clone() };
+    let mesh = Kv { name: "mesh", addr: node.http, etcd: false };
     systems.push((mesh, None, Some(node)));
     let etcd_dir = root.join("etcd");
     let etcd = Command::new(&etcd_bin)
@@ -494,9 +564,12 @@ async fn kv_compare(root: &Path, max_keys: u64) -> Vec<KvRow> {
         .spawn();
     match etcd {
         Ok(child) => {
-            let kv = Kv { name: "etcd", base: "http://127.0.0.1:23790".into(), etcd: true, client };
+            let kv = Kv { name: "etcd", addr: "127.0.0.1:23790".parse().unwrap(), etcd: true };
             let t = Instant::now();
-            while !kv.put(u64::MAX, "ping").await {
+            while !match RawConn::open(kv.addr).await {
+                Ok(mut conn) => kv.put(&mut conn, u64::MAX, "ping").await,
+                Err(_) => false,
+            } {
                 assert!(t.elapsed() < Duration::from_secs(30), "etcd did not start");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -603,7 +676,10 @@ fn main() {
         println!("| 1 x 10,000 in-memory tasks | {} | ≤ 3 s |", big.map_or("timeout".into(), |d| format!("{:.2} s", d.as_secs_f64())));
 
         if real {
-            let (node, _) = Node::start(&root.join("real"), "process", &["--task-log-max-size", "0"]).await;
+            // `SCALE_REAL_DIR`: where the real tasks' data dir (and sandboxes) go; the temp dir by default.
+            let real_root = std::env::var("SCALE_REAL_DIR").map(PathBuf::from).unwrap_or_else(|_| root.clone());
+            println!("| (real processes: data dir under {}) | | |", real_root.display());
+            let (node, _) = Node::start(&real_root.join("real"), "process", &["--task-log-max-size", "0"]).await;
             let one = deploy_to_catalog(&node, "onek", 1, 1_000).await;
             println!("| 1 x 1,000 processes | {} | ≤ 2 s |", one.map_or("timeout".into(), |d| format!("{:.2} s", d.as_secs_f64())));
             for a in 0..1 {
