@@ -240,9 +240,11 @@ async fn an_app_filling_the_disk_can_be_deleted_and_the_node_recovers_once_space
     let (s, v) = node.send("POST", "/v2/apps", Some(&hog.to_string())).await;
     assert_eq!(s, 201, "{v}");
 
-    // The disk fills up: writes are refused and health says so.
+    // The disk fills up: writes are refused and health says so. (The state log's tail is
+    // zero-filled up to 1 MiB ahead, so writes go on into that space first: the probe is big.)
+    let probe = "x".repeat(32 * 1024);
     eventually(60, "a write refused by the full disk", || async {
-        let (s, _, b) = raw(&node, "PUT", "/v1/kv/probe", "x").await;
+        let (s, _, b) = raw(&node, "PUT", "/v1/kv/probe", &probe).await;
         (s == 503).then(|| store_mentions_once(&b))
     })
     .await;

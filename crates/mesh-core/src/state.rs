@@ -27,6 +27,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+mod wal;
+pub use wal::{SEGMENT_BYTES, WAL_DIR, WalLog};
+
 /// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
 pub const SOURCE_META: &str = "mesh-source";
 
@@ -2060,26 +2063,9 @@ impl Reserve {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; self.capacity as usize];
         self.file.read_exact_at(&mut buf, 0).map_err(store_err)?;
-        let mut out: Vec<(u64, Command)> = Vec::new();
-        let mut at = 0usize;
-        while at + 8 <= buf.len() {
-            let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
-            let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
-            if len == 0 || crc32fast::hash(body) != crc {
-                break; // the end, or a record whose write did not finish (never acknowledged)
-            }
-            let Ok(env) = serde_json::from_slice::<Envelope<ReservedBody>>(body) else { break };
-            if env.v > FORMAT_VERSION {
-                return Err(LogError::Version(env.v));
-            }
-            if out.last().is_some_and(|(i, _)| *i + 1 != env.body.index) {
-                break;
-            }
-            out.push((env.body.index, env.body.cmd));
-            at += 8 + len;
-        }
-        Ok((out, at as u64))
+        let records = wal::scan_records(&buf, None)?;
+        let end = records.last().map_or(0, |r| r.2) as u64;
+        Ok((records.into_iter().map(|(i, c, _)| (i, c)).collect(), end))
     }
 
     fn read(&self) -> Result<Vec<(u64, Command)>, LogError> {
@@ -2088,16 +2074,7 @@ impl Reserve {
 
     fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         use std::os::unix::fs::FileExt;
-        let mut bytes = Vec::new();
-        for (i, cmd) in cmds.iter().enumerate() {
-            let body = serde_json::to_vec(&Envelope {
-                v: FORMAT_VERSION,
-                body: ReservedBody { index: first + i as u64, cmd: cmd.clone() },
-            })?;
-            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-            bytes.extend_from_slice(&body);
-        }
+        let bytes = wal::encode_records(first, cmds)?;
         if self.dirty {
             return Err(store_err("reserve not emptied yet"));
         }

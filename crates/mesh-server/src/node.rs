@@ -16,7 +16,7 @@ use mesh_core::runtime::gc::GcPolicy;
 use mesh_core::runtime::logger::TaskLogs;
 use mesh_core::runtime::multi::MultiRuntime;
 use mesh_core::runtime::process::{ProcessOptions, ProcessRuntime};
-use mesh_core::state::{RedbLog, Store};
+use mesh_core::state::{Store, WalLog};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -177,8 +177,7 @@ pub async fn run_dev(
 ) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let log =
-        RedbLog::open_with_reserve(&cfg.data_dir.join("state.redb"), cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
+    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
     store.set_max_versions(cfg.max_app_versions);
     info!(
