@@ -5,7 +5,7 @@
 //!
 //! 1. Encoding: the whole state as JSON (what the snapshot was before) and as the snapshot
 //!    file's MessagePack, with sizes; decoding both; writing a snapshot file (encode + fsync).
-//! 2. Writes while snapshots run: `WRITES` KV PUTs through `Store::propose` on a `RedbLog`, in
+//! 2. Writes while snapshots run: `WRITES` KV PUTs through `Store::propose` on a `WalLog` (the log `mesh dev` uses), in
 //!    batches of 16 (as the control loop batches 16 concurrent clients), once on an empty store
 //!    and once on the big state; per-batch latency p50 / p99 / max and the snapshots taken. A
 //!    synchronous snapshot shows as a max near the encoding time (third row: the same snapshots,
@@ -17,7 +17,7 @@ use mesh_core::app::AppId;
 use mesh_core::kv::{KvOp, KvValue, SetMode};
 use mesh_core::model::{AgentId, FrameworkId, Resources, TaskId};
 use mesh_core::proto::TaskState;
-use mesh_core::state::{Command, FileSnapshots, RedbLog, SnapshotWriter, State, Store, Task};
+use mesh_core::state::{Command, FileSnapshots, SnapshotWriter, State, Store, Task, WalLog};
 use std::time::{Duration, Instant};
 
 const KEYS: usize = 1_000_000;
@@ -79,12 +79,12 @@ fn mb(n: usize) -> String {
 
 fn writes(state: Option<State>, label: &str, wait: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.redb");
+    let path = dir.path().join("state.wal");
     if let Some(s) = &state {
         // Start from a durable snapshot of the big state, as a node restarted on it would.
         FileSnapshots::new(&path.with_extension("snap")).write(s).unwrap();
     }
-    let log = RedbLog::open(&path).unwrap();
+    let log = WalLog::open(&path, 0).unwrap();
     let mut store = Store::open(Box::new(log), "dc1").unwrap();
     let base = store.state().index;
     let mut lat = Vec::with_capacity(WRITES / BATCH);
@@ -144,7 +144,7 @@ fn main() {
     println!("| snapshot file: write + fsync / read + check | | {} | {} |\n", ms(file), ms(read));
     drop((json, bin));
 
-    println!("{WRITES} KV PUTs through Store::propose + RedbLog, batches of {BATCH}:\n");
+    println!("{WRITES} KV PUTs through Store::propose + WalLog, batches of {BATCH}:\n");
     println!("| store | writes/s | batch p50 | batch p99 | batch max | snapshots |");
     println!("|---|---:|---:|---:|---:|---:|");
     writes(None, "empty", false);
