@@ -88,12 +88,12 @@ impl Loggers {
 
 /// The stdout and stderr of a task about to be spawned in `sandbox`, and its loggers. The
 /// error is a message for `Failed`. Must be called inside a tokio runtime.
-pub fn open(logs: &TaskLogs, sandbox: &Path) -> Result<(Stdio, Stdio, Loggers), String> {
+pub fn open(logs: &TaskLogs, sandbox: &Path) -> Result<(OwnedFd, OwnedFd, Loggers), String> {
     match logs {
         TaskLogs::Sandbox => {
             let file = |name: &str| {
                 File::create(sandbox.join(name))
-                    .map(Stdio::from)
+                    .map(OwnedFd::from)
                     .map_err(|e| format!("cannot create {name} in {}: {e}", sandbox.display()))
             };
             Ok((file("stdout")?, file("stderr")?, Loggers::default()))
@@ -102,7 +102,7 @@ pub fn open(logs: &TaskLogs, sandbox: &Path) -> Result<(Stdio, Stdio, Loggers), 
             let loggers = Loggers::default();
             let out = spawn_logger(program, &sandbox.join("stdout"), *rotation, &loggers)?;
             let err = spawn_logger(program, &sandbox.join("stderr"), *rotation, &loggers)?;
-            Ok((Stdio::from(out), Stdio::from(err), loggers))
+            Ok((out, err, loggers))
         }
     }
 }
