@@ -305,7 +305,11 @@ pub enum SessionOp {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KvState {
     /// Keys.
-    pub entries: OrdMap<String, KvEntry>,
+    /// Keys and entries are shared pointers, so that a write's copy of the B-tree nodes on its
+    /// path (imbl nodes hold up to 64 entries, and inner nodes hold entries too) bumps reference
+    /// counts instead of copying two strings per entry: at 1,000,000 keys that was ~10 % of a
+    /// write.
+    pub entries: OrdMap<Arc<str>, Arc<KvEntry>>,
     /// Deleted keys with the index of their deletion, so a prefix's index never goes back.
     pub tombstones: OrdMap<String, u64>,
     /// The highest index of the tombstones dropped to bound memory: every prefix's index is at
@@ -333,12 +337,16 @@ impl KvState {
 
     /// One key.
     pub fn get(&self, key: &str) -> Option<&KvEntry> {
-        self.entries.get(key)
+        self.entries.get(key).map(|e| &**e)
     }
 
     /// Every key starting with `prefix`, in key order.
     pub fn list<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KvEntry> + 'a {
-        self.entries.range(prefix.to_owned()..).take_while(move |(k, _)| k.starts_with(prefix)).map(|(_, e)| e)
+        use std::ops::Bound;
+        self.entries
+            .range::<_, str>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, e)| &**e)
     }
 
     /// Keys starting with `prefix`; with a separator, each key is cut after the first separator
@@ -431,7 +439,7 @@ impl KvState {
                 } else {
                     if let Some(cas) = cas {
                         // Consul: a CAS delete of a missing key "succeeds"; of a changed one fails.
-                        if self.entries.get(key).is_some_and(|e| e.modify_index != *cas) {
+                        if self.entries.get(key.as_str()).is_some_and(|e| e.modify_index != *cas) {
                             return Err(KvError::NotApplied);
                         }
                     }
@@ -563,7 +571,7 @@ impl KvState {
             lock_index,
             session,
         };
-        self.entries.insert(key.to_owned(), entry);
+        self.entries.insert(Arc::from(key), Arc::new(entry));
         self.tombstones.remove(key);
         self.index = idx;
         Ok(())
@@ -607,7 +615,8 @@ impl KvState {
             match s.behavior {
                 Behavior::Delete => self.remove(&key, idx),
                 Behavior::Release => {
-                    if let Some(e) = self.entries.get_mut(&key) {
+                    if let Some(e) = self.entries.get_mut(key.as_str()) {
+                        let e = Arc::make_mut(e);
                         e.session = None;
                         e.modify_index = idx;
                         self.index = idx;
@@ -791,7 +800,7 @@ mod tests {
             put(&mut kv, i as u64 + 1, k, "x", SetMode::Plain, 0).unwrap();
         }
         del(&mut kv, 10, "foo", true, None).unwrap();
-        let left: Vec<&str> = kv.entries.keys().map(String::as_str).collect();
+        let left: Vec<&str> = kv.entries.keys().map(|k| &**k).collect();
         assert_eq!(left, vec!["fo", "zap"]);
         assert_eq!(kv.prefix_index("foo"), 10);
     }

@@ -99,10 +99,10 @@ impl WatchHub {
         } else if ok.index != nk.index {
             use imbl::ordmap::DiffItem;
             let changed_entries = ok.entries.diff(&nk.entries).map(|d| match d {
-                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k,
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => &**k,
             });
             let changed_tombstones = ok.tombstones.diff(&nk.tombstones).map(|d| match d {
-                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k,
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k.as_str(),
             });
             for key in changed_entries.chain(changed_tombstones) {
                 let mut topic = String::with_capacity(3 + key.len());
