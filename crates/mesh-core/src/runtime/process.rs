@@ -10,7 +10,7 @@
 //! cannot override. A `Command::Shell` runs as
 //! `/bin/sh -c <s>`, a `Command::Args` runs `argv[0]` directly (looked up on `PATH`). A
 //! `Command::Shell` that is a simple command (plain words, the first one a program found on the
-//! task's `PATH` and not a shell builtin or keyword, see [`direct_exec`]) is run directly
+//! task's `PATH` and not a shell builtin or keyword, see `direct_exec`) is run directly
 //! instead, with the `PWD` dash would add, as `bash -c` does: the same argv, environment and
 //! exit status, but one process instead of two (dash forks even for the last command). Should
 //! that exec fail, `/bin/sh -c` runs it after all. Each task
