@@ -1821,24 +1821,7 @@ impl RedbLog {
     /// after the last acknowledged append); entries past it that the log holds are dropped even
     /// when the reserve is empty. `None` at open, where that is not known.
     fn drain_reserve(&mut self, expect: Option<u64>) -> Result<(), LogError> {
-        if let Some(r) = &mut self.reserve
-            && r.dirty
-        {
-            // Its commands were moved already; only emptying it failed.
-            return r.clear();
-        }
-        let run = match &self.reserve {
-            Some(r) => r.read()?,
-            None => Vec::new(),
-        };
-        let from = match (run.first(), expect) {
-            (Some((f, _)), Some(e)) if *f != e => {
-                return Err(LogError::Diverged { durable: e - 1, acknowledged: run.last().map_or(*f, |l| l.0) });
-            }
-            (Some((f, _)), _) => *f,
-            (None, Some(e)) => e,
-            (None, None) => return Ok(()),
-        };
+        let Some((from, run)) = Reserve::pending(&mut self.reserve, expect)? else { return Ok(()) };
         let tx = self.db()?.begin_write().map_err(store_err)?;
         {
             let mut t = tx.open_table(LOG_TABLE).map_err(store_err)?;
@@ -1969,15 +1952,7 @@ impl Log for RedbLog {
     }
 
     fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
-        // Reopening works on a full disk too, and the next write would fail at once: wait until
-        // there is room (as much as the reserve holds, at least 1 MiB).
-        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let need = self.reserve.as_ref().map_or(0, |r| r.capacity).max(MIN_FREE_TO_RECOVER);
-        let vfs = rustix::fs::statvfs(dir).map_err(|e| store_err(format!("{}: {e}", dir.display())))?;
-        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-        if free < need {
-            return Err(store_err(format!("{free} bytes free in {}, waiting for {need}", dir.display())));
-        }
+        Reserve::wait_for_room(&self.path, &self.reserve)?;
         // redb refuses every write after an I/O error until the database is opened again; the
         // open checks the file and repairs it when needed.
         self.db = None;
@@ -2013,6 +1988,51 @@ struct Reserve {
 }
 
 impl Reserve {
+    /// Reopening a log works on a full disk too, and its next write would fail at once: wait
+    /// until the file system of `log_path` has room (as much as the reserve holds, at least
+    /// [`MIN_FREE_TO_RECOVER`]).
+    fn wait_for_room(log_path: &Path, reserve: &Option<Reserve>) -> Result<(), LogError> {
+        let dir = log_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let need = reserve.as_ref().map_or(0, |r| r.capacity).max(MIN_FREE_TO_RECOVER);
+        let vfs = rustix::fs::statvfs(dir).map_err(|e| store_err(format!("{}: {e}", dir.display())))?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        if free < need {
+            return Err(store_err(format!("{free} bytes free in {}, waiting for {need}", dir.display())));
+        }
+        Ok(())
+    }
+
+    /// What a log must do to take the reserve in: `None` when nothing (an empty reserve and
+    /// nothing expected, or a reserve whose commands were moved already and that is now
+    /// emptied); else the index from which the log is to be replaced and the reserved commands
+    /// that replace it (none: only drop the log from there). `expect`: after a failure in this
+    /// process, the index the reserve must start at (else [`LogError::Diverged`]).
+    fn pending(
+        reserve: &mut Option<Reserve>,
+        expect: Option<u64>,
+    ) -> Result<Option<(u64, Vec<(u64, Command)>)>, LogError> {
+        if let Some(r) = reserve
+            && r.dirty
+        {
+            // Its commands were moved already; only emptying it failed.
+            r.clear()?;
+            return Ok(None);
+        }
+        let run = match reserve {
+            Some(r) => r.read()?,
+            None => Vec::new(),
+        };
+        let from = match (run.first(), expect) {
+            (Some((f, _)), Some(e)) if *f != e => {
+                return Err(LogError::Diverged { durable: e - 1, acknowledged: run.last().map_or(*f, |l| l.0) });
+            }
+            (Some((f, _)), _) => *f,
+            (None, Some(e)) => e,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some((from, run)))
+    }
+
     /// Open the reserve at `path`, growing it to `capacity`. When the disk has no room for that
     /// (a start on a full disk), it keeps what it has, or `None` when that is nothing: the node
     /// still starts, without a reserve.

@@ -307,23 +307,7 @@ impl WalLog {
     /// Move the reserved commands into the log, replacing whatever the log holds from the
     /// first reserved index on (see [`RedbLog`]'s `drain_reserve`), then empty the reserve.
     fn drain_reserve(&mut self, expect: Option<u64>) -> Result<(), LogError> {
-        if let Some(r) = &mut self.reserve
-            && r.dirty
-        {
-            return r.clear();
-        }
-        let run = match &self.reserve {
-            Some(r) => r.read()?,
-            None => Vec::new(),
-        };
-        let from = match (run.first(), expect) {
-            (Some((f, _)), Some(e)) if *f != e => {
-                return Err(LogError::Diverged { durable: e - 1, acknowledged: run.last().map_or(*f, |l| l.0) });
-            }
-            (Some((f, _)), _) => *f,
-            (None, Some(e)) => e,
-            (None, None) => return Ok(()),
-        };
+        let Some((from, run)) = Reserve::pending(&mut self.reserve, expect)? else { return Ok(()) };
         if self.durable >= from {
             self.truncate_from(from)?;
         }
@@ -456,14 +440,7 @@ impl Log for WalLog {
     }
 
     fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
-        // As for the redb log: reopening works on a full disk too, so first wait for room.
-        let parent = self.dir.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let need = self.reserve.as_ref().map_or(0, |r| r.capacity).max(MIN_FREE_TO_RECOVER);
-        let vfs = rustix::fs::statvfs(parent).map_err(|e| io_err(parent, e))?;
-        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-        if free < need {
-            return Err(store_err(format!("{free} bytes free in {}, waiting for {need}", parent.display())));
-        }
+        Reserve::wait_for_room(&self.dir, &self.reserve)?;
         let acknowledged_len = self.tail_len;
         let acknowledged_durable = self.durable;
         self.reopen()?;
