@@ -1945,10 +1945,7 @@ impl Log for RedbLog {
     }
 
     fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
-        match &mut self.reserve {
-            Some(r) => r.append(first, cmds),
-            None => Err(store_err("no reserve (--state-reserve-mb 0)")),
-        }
+        Reserve::append_to(&mut self.reserve, first, cmds)
     }
 
     fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
@@ -1987,7 +1984,18 @@ struct Reserve {
     dirty: bool,
 }
 
+/// The first index a reserve replaces the log from, and its commands with their indexes.
+type ReservedRun = (u64, Vec<(u64, Command)>);
+
 impl Reserve {
+    /// Append to `reserve`, if there is one.
+    fn append_to(reserve: &mut Option<Reserve>, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        match reserve {
+            Some(r) => r.append(first, cmds),
+            None => Err(store_err("no reserve (--state-reserve-mb 0)")),
+        }
+    }
+
     /// Reopening a log works on a full disk too, and its next write would fail at once: wait
     /// until the file system of `log_path` has room (as much as the reserve holds, at least
     /// [`MIN_FREE_TO_RECOVER`]).
@@ -2007,10 +2015,7 @@ impl Reserve {
     /// emptied); else the index from which the log is to be replaced and the reserved commands
     /// that replace it (none: only drop the log from there). `expect`: after a failure in this
     /// process, the index the reserve must start at (else [`LogError::Diverged`]).
-    fn pending(
-        reserve: &mut Option<Reserve>,
-        expect: Option<u64>,
-    ) -> Result<Option<(u64, Vec<(u64, Command)>)>, LogError> {
+    fn pending(reserve: &mut Option<Reserve>, expect: Option<u64>) -> Result<Option<ReservedRun>, LogError> {
         if let Some(r) = reserve
             && r.dirty
         {

@@ -433,10 +433,7 @@ impl Log for WalLog {
     }
 
     fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
-        match &mut self.reserve {
-            Some(r) => r.append(first, cmds),
-            None => Err(store_err("no reserve (--state-reserve-mb 0)")),
-        }
+        Reserve::append_to(&mut self.reserve, first, cmds)
     }
 
     fn recover(&mut self, acknowledged: u64) -> Result<(), LogError> {
