@@ -2715,29 +2715,39 @@ mod tests {
         assert_eq!(reopened.state(), store.state(), "everything acknowledged is durable, nothing else");
     }
 
+    /// A mounted tmpfs, unmounted when dropped.
+    pub(super) struct Tmpfs(std::path::PathBuf);
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+
+    /// An 8 MiB tmpfs at `mnt` (a full disk within reach). `None` (the test is skipped) where it
+    /// cannot be mounted (not root), unless `MESH_REQUIRE_TMPFS` is set (CI), then it fails.
+    pub(super) fn small_tmpfs(mnt: &Path) -> Option<Tmpfs> {
+        std::fs::create_dir_all(mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(std::env::var_os("MESH_REQUIRE_TMPFS").is_none(), "cannot mount a tmpfs");
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(Tmpfs(mnt.to_path_buf()))
+    }
+
     /// A real full disk: redb on a small tmpfs, filled up, then freed. Needs root (mount);
     /// skipped without it.
     #[test]
     fn redb_log_recovers_after_enospc_without_losing_acknowledged_commands() {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("fs");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: cannot mount a tmpfs (not root?)");
-            return;
-        }
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-        let _guard = Unmount(mnt.clone());
+        let Some(_guard) = small_tmpfs(&mnt) else { return };
         let path = mnt.join("state.redb");
         let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
         store.propose(vec![put(app("/a", 2), 1, "d1")]).unwrap();

@@ -606,24 +606,7 @@ mod tests {
     fn recovers_after_enospc_without_losing_acknowledged_commands() {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("fs");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            assert!(std::env::var_os("MESH_REQUIRE_TMPFS").is_none(), "cannot mount a tmpfs");
-            eprintln!("skipped: cannot mount a tmpfs (not root?)");
-            return;
-        }
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-        let _guard = Unmount(mnt.clone());
+        let Some(_guard) = crate::state::tests::small_tmpfs(&mnt) else { return };
         let wal = mnt.join(WAL_DIR);
         let mut store = Store::open(Box::new(WalLog::open(&wal, DEFAULT_RESERVE_BYTES).unwrap()), "dc1").unwrap();
         store.propose(vec![set(0, 10)]).unwrap();
