@@ -304,8 +304,7 @@ pub enum SessionOp {
 /// The KV store and the sessions. Cloning is O(1).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct KvState {
-    /// Keys.
-    /// Keys and entries are shared pointers, so that a write's copy of the B-tree nodes on its
+    /// Keys, with keys and entries as shared pointers, so that a write's copy of the B-tree nodes on its
     /// path (imbl nodes hold up to 64 entries, and inner nodes hold entries too) bumps reference
     /// counts instead of copying two strings per entry: at 1,000,000 keys that was ~10 % of a
     /// write.
@@ -326,6 +325,10 @@ pub struct KvState {
     /// Sessions by expiry time (derived from `sessions`; rebuilt after a snapshot is loaded).
     #[serde(skip)]
     deadlines: OrdSet<(Millis, String)>,
+    /// The keys each session holds (derived from `entries`; rebuilt after a snapshot is
+    /// loaded), so invalidating a session costs what it holds, not a walk of every key.
+    #[serde(skip)]
+    held: OrdSet<(String, Arc<str>)>,
 }
 
 impl KvState {
@@ -333,6 +336,7 @@ impl KvState {
     pub fn rebuild(&mut self) {
         self.deadlines =
             self.sessions.values().filter_map(|s| s.expires_at.map(|t| (t, s.id.clone()))).collect::<OrdSet<_>>();
+        self.held = self.entries.iter().filter_map(|(k, e)| e.session.clone().map(|s| (s, k.clone()))).collect();
     }
 
     /// One key.
@@ -510,7 +514,8 @@ impl KvState {
         idx: u64,
     ) -> Result<(), KvError> {
         let existing = self.entries.get(key);
-        let mut session = existing.and_then(|e| e.session.clone());
+        let held_before = existing.and_then(|e| e.session.clone());
+        let mut session = held_before.clone();
         let mut lock_index = existing.map_or(0, |e| e.lock_index);
         match mode {
             SetMode::Plain => {}
@@ -571,14 +576,26 @@ impl KvState {
             lock_index,
             session,
         };
-        self.entries.insert(Arc::from(key), Arc::new(entry));
-        self.tombstones.remove(key);
+        let key: Arc<str> = Arc::from(key);
+        if held_before != entry.session {
+            if let Some(s) = held_before {
+                self.held.remove(&(s, key.clone()));
+            }
+            if let Some(s) = &entry.session {
+                self.held.insert((s.clone(), key.clone()));
+            }
+        }
+        self.entries.insert(key.clone(), Arc::new(entry));
+        self.tombstones.remove(&*key);
         self.index = idx;
         Ok(())
     }
 
     fn remove(&mut self, key: &str, idx: u64) {
-        if self.entries.remove(key).is_some() {
+        if let Some((k, e)) = self.entries.remove_with_key(key) {
+            if let Some(s) = &e.session {
+                self.held.remove(&(s.clone(), k));
+            }
             self.tombstones.insert(key.to_owned(), idx);
             self.index = idx;
             self.prune_tombstones();
@@ -608,23 +625,28 @@ impl KvState {
             self.deadlines.remove(&(t, id.to_owned()));
         }
         self.sessions_index = idx;
-        let held: Vec<String> =
-            self.entries.values().filter(|e| e.session.as_deref() == Some(id)).map(|e| e.key.clone()).collect();
+        let held: Vec<Arc<str>> = self
+            .held
+            .range((id.to_owned(), Arc::from(""))..)
+            .take_while(|(s, _)| s == id)
+            .map(|(_, k)| k.clone())
+            .collect();
         let delay_ms = s.lock_delay_ns / 1_000_000;
         for key in held {
             match s.behavior {
                 Behavior::Delete => self.remove(&key, idx),
                 Behavior::Release => {
-                    if let Some(e) = self.entries.get_mut(key.as_str()) {
+                    if let Some(e) = self.entries.get_mut(&*key) {
                         let e = Arc::make_mut(e);
                         e.session = None;
                         e.modify_index = idx;
                         self.index = idx;
                     }
+                    self.held.remove(&(id.to_owned(), key.clone()));
                 }
             }
             if delay_ms > 0 {
-                self.lock_delays.insert(key, now + delay_ms);
+                self.lock_delays.insert(key.to_string(), now + delay_ms);
             }
         }
     }
@@ -897,15 +919,58 @@ mod tests {
         );
     }
 
+    /// The index of the keys each session holds stays equal to a walk of every key through
+    /// random acquires, releases, writes, deletes and session invalidations (both behaviors),
+    /// and an invalidation frees exactly the keys the walk finds.
+    #[test]
+    fn held_keys_index_matches_a_walk_of_every_key() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut kv = KvState::default();
+        let walk = |kv: &KvState| -> OrdSet<(String, Arc<str>)> {
+            kv.entries.iter().filter_map(|(k, e)| e.session.clone().map(|s| (s, k.clone()))).collect()
+        };
+        let (mut idx, mut most) = (0, 0);
+        for _ in 0..3_000 {
+            idx += 1;
+            let key = format!("k/{}", rng.random_range(0..40));
+            let sid = format!("s{}", rng.random_range(0..5));
+            let _ = match rng.random_range(0..7) {
+                0 => put(&mut kv, idx, &key, "v", SetMode::Acquire(sid.clone()), idx),
+                1 => put(&mut kv, idx, &key, "v", SetMode::Release(sid.clone()), idx),
+                2 => put(&mut kv, idx, &key, "w", SetMode::Plain, idx),
+                3 => del(&mut kv, idx, &key, rng.random_bool(0.2), None),
+                4 if !kv.sessions.contains_key(&sid) => {
+                    let behavior = if rng.random_bool(0.5) { Behavior::Release } else { Behavior::Delete };
+                    kv.apply_session(&SessionOp::Create { session: session(&sid, behavior, 0, 0), now: idx }, idx)
+                }
+                _ => {
+                    let freed: Vec<Arc<str>> =
+                        walk(&kv).into_iter().filter(|(s, _)| *s == sid).map(|(_, k)| k).collect();
+                    let r = kv.apply_session(&SessionOp::Destroy { id: sid.clone(), now: idx }, idx);
+                    for k in freed {
+                        assert!(kv.get(&k).is_none_or(|e| e.session.is_none()), "{k} freed");
+                    }
+                    r
+                }
+            };
+            assert_eq!(kv.held, walk(&kv), "after op {idx}");
+            most = most.max(kv.held.len());
+        }
+        assert!(most >= 5, "keys were held along the way: at most {most}");
+    }
+
     #[test]
     fn deadlines_are_rebuilt_after_a_round_trip() {
         let mut kv = KvState::default();
         create(&mut kv, 1, session("s1", Behavior::Release, 0, 10_000), 0);
         put(&mut kv, 2, "bin", "\u{0}\u{ff}", SetMode::Plain, 0).unwrap();
+        put(&mut kv, 3, "lock", "x", SetMode::Acquire("s1".into()), 0).unwrap();
         let mut back: KvState = serde_json::from_str(&serde_json::to_string(&kv).unwrap()).unwrap();
         assert_eq!(back.next_deadline(), None);
         back.rebuild();
-        assert_eq!(back, kv);
+        assert_eq!(back, kv, "the derived indexes (deadlines, held keys) come back");
+        assert_eq!(back.held.len(), 1);
         assert_eq!(back.next_deadline(), Some(20_000));
     }
 
