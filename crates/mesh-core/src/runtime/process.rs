@@ -38,11 +38,13 @@
 //!   agent's own cgroup is not the root and holds processes ("no internal processes" rule), e.g.
 //!   in most containers and systemd services without an extra level of delegation. Each task
 //!   gets a child cgroup `mesh-<hash>/<task_id>` with `memory.max = mem MiB`, `memory.swap.max = 0`,
-//!   `memory.oom.group = 1` and `cpu.max = "<cpus*100000> 100000"`. The child joins it before
-//!   `exec` (it writes `0` to `cgroup.procs`, opened by the parent, in a `pre_exec` hook), so not a
-//!   single allocation escapes the limit. A kernel OOM kill is read from `memory.events`
+//!   `memory.oom.group = 1` and `cpu.max = "<cpus*100000> 100000"`. The task's first process (a
+//!   `/bin/sh`) joins it before anything of the task runs (`echo 0 > cgroup.procs`, then the
+//!   command runs in it or is `exec`ed by it; see `join_prelude`), so nothing of the task escapes
+//!   the limit. The spawn itself is a `posix_spawn` (vfork): a hook in a forked child (as
+//!   before) made every launch copy the agent's page tables, a cost that grew with its size. A kernel OOM kill is read from `memory.events`
 //!   (`oom_kill`) and reported in the `Exited` message ("memory limit of N MiB exceeded").
-//! - `"rlimit"` otherwise: `RLIMIT_DATA = mem + 32 MiB` (set in the child before `exec`). Since
+//! - `"rlimit"` otherwise: `RLIMIT_DATA = mem + 32 MiB` (`ulimit -d` in the same prelude). Since
 //!   Linux 4.7 `RLIMIT_DATA` counts private writable mappings (heap and anonymous `mmap`), not
 //!   shared libraries or `PROT_NONE` reservations, so it does not break Python, unlike a tight
 //!   `RLIMIT_AS`; the 32 MiB slack covers thread stacks and allocator slack. An over-allocation
@@ -64,8 +66,8 @@
 //! - `"cgroup-v1-freezer"` otherwise, when a cgroup v1 hierarchy with the `freezer` controller is
 //!   mounted (found in `/proc/self/mountinfo`) and a runtime cgroup
 //!   `<freezer mount>/<own freezer cgroup>/mesh-<hash of work_dir>` can be created (root on the
-//!   machine this was written on). Each task gets `mesh-<hash>/<task_id>`, joined before `exec`
-//!   like the v2 cgroup. It is killed the way Mesos's Linux launcher destroys a container:
+//!   machine this was written on). Each task gets `mesh-<hash>/<task_id>`, joined before the
+//!   task runs like the v2 cgroup. It is killed the way Mesos's Linux launcher destroys a container:
 //!   write `FROZEN` to `freezer.state` (so nothing forks meanwhile), SIGKILL every pid in
 //!   `cgroup.procs`, write `THAWED` (the kills are delivered), repeat until empty.
 //! - `"environ"` otherwise (or when asked for with [`TaskTracking::Environ`]): only the scan below.
@@ -685,39 +687,6 @@ impl Inner {
                 .process_group(0)
                 .kill_on_drop(false);
         };
-        // A simple shell command runs without the shell: one process instead of `sh` and the
-        // command (dash forks for the last command too), as `bash -c` does.
-        let direct = match &spec.command {
-            Command::Shell(s) => direct_exec(s, &path, &spec.env),
-            Command::Args(_) => None,
-        };
-        // The shell that runs `Command::Shell` when the direct exec fails, and its stdio.
-        let mut fallback = None;
-        let (mut cmd, mut program) = match (&spec.command, direct) {
-            (Command::Shell(s), Some((file, words))) => {
-                let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("cannot duplicate a log fd: {e}"));
-                let mut c = tokio::process::Command::new(file);
-                c.arg0(words[0]).args(&words[1..]);
-                configure(&mut c, dup(&stdout)?.into(), dup(&stderr)?.into());
-                // What dash adds to the environment it passes on (the sandbox is a physical path).
-                c.env("PWD", &sandbox);
-                fallback = Some((s, stdout, stderr));
-                (c, words[0].to_owned())
-            }
-            (Command::Shell(s), None) => {
-                let mut c = shell_command(s);
-                configure(&mut c, stdout.into(), stderr.into());
-                (c, "/bin/sh".to_owned())
-            }
-            (Command::Args(argv), _) => {
-                let (first, rest) = argv.split_first().ok_or("empty argument list")?;
-                let mut c = tokio::process::Command::new(first);
-                c.args(rest);
-                configure(&mut c, stdout.into(), stderr.into());
-                (c, first.clone())
-            }
-        };
-
         let (cgroup, data_limit) = match &self.isolation {
             Isolation::Cgroup(root) => (Some(prepare_task_cgroup(root, spec)?), None),
             Isolation::Rlimit if spec.mem > 0.0 => (None, Some(((spec.mem + RLIMIT_SLACK_MIB) * MIB) as u64)),
@@ -758,6 +727,73 @@ impl Inner {
                 return Err(format!("cannot write {TASK_FILE} in {}: {e}", sandbox.display()));
             }
         };
+        // Joining the task's cgroups and setting its data limit happen in the task's first
+        // process before anything of the task runs: shell builtins ahead of the command (see
+        // `join_prelude`). With no hook to run in a forked child, the spawn is a `posix_spawn`
+        // (vfork): forking this process copied its page tables, a cost that grew with its size.
+        let prelude = join_prelude([cgroup.as_deref(), freezer.as_deref()], data_limit);
+        // A simple shell command runs without the shell when nothing has to happen first: one
+        // process instead of `sh` and the command (dash forks for the last command too), as
+        // `bash -c` does; with a prelude the shell `exec`s it, one process all the same.
+        let direct = match &spec.command {
+            Command::Shell(s) => direct_exec(s, &path, &spec.env),
+            Command::Args(_) => None,
+        };
+        // The shell that runs `Command::Shell` when the direct exec fails, and its stdio.
+        let built = (|| -> Result<_, String> {
+            let mut fallback = None;
+            let (cmd, program) = match (&spec.command, direct, &prelude) {
+                (Command::Shell(s), Some((file, words)), None) => {
+                    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("cannot duplicate a log fd: {e}"));
+                    let mut c = tokio::process::Command::new(file);
+                    c.arg0(words[0]).args(&words[1..]);
+                    configure(&mut c, dup(&stdout)?.into(), dup(&stderr)?.into());
+                    // What dash adds to the environment it passes on (the sandbox is a physical path).
+                    c.env("PWD", &sandbox);
+                    fallback = Some((s, stdout, stderr));
+                    (c, words[0].to_owned())
+                }
+                (Command::Shell(s), Some(_), Some(p)) => {
+                    let mut c = shell_command(&format!("{p}exec {s}"));
+                    configure(&mut c, stdout.into(), stderr.into());
+                    (c, "/bin/sh".to_owned())
+                }
+                (Command::Shell(s), None, p) => {
+                    let mut c = shell_command(&format!("{}{s}", p.as_deref().unwrap_or("")));
+                    configure(&mut c, stdout.into(), stderr.into());
+                    (c, "/bin/sh".to_owned())
+                }
+                (Command::Args(argv), _, Some(p)) => {
+                    let first = argv.first().ok_or("empty argument list")?;
+                    // What the spawn reported before the shell stood in front (the shell would
+                    // only say it with exit status 127).
+                    if !program_found(first, &path, &sandbox) {
+                        return Err(format!("cannot run {first}: not found or not executable"));
+                    }
+                    // `sh -c '<prelude>exec "$@"' sh argv...`: the arguments reach exec untouched.
+                    let mut c = shell_command(&format!("{p}exec \"$@\""));
+                    c.arg("sh").args(argv);
+                    configure(&mut c, stdout.into(), stderr.into());
+                    (c, "/bin/sh".to_owned())
+                }
+                (Command::Args(argv), _, None) => {
+                    let (first, rest) = argv.split_first().ok_or("empty argument list")?;
+                    let mut c = tokio::process::Command::new(first);
+                    c.args(rest);
+                    configure(&mut c, stdout.into(), stderr.into());
+                    (c, first.clone())
+                }
+            };
+            Ok((cmd, program, fallback))
+        })();
+        let (mut cmd, mut program, fallback) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                cleanup(self);
+                mark_done(&sandbox);
+                return Err(e);
+            }
+        };
         let open_procs = |cg: &Option<PathBuf>| -> Result<Option<File>, String> {
             cg.as_ref()
                 .map(|cg| {
@@ -776,20 +812,18 @@ impl Inner {
                 return Err(e);
             }
         };
-        let procs_fds = procs.each_ref().map(|f| f.as_ref().map(|f| f.as_raw_fd()));
-        install_pre_exec(&mut cmd, procs_fds, data_limit);
+        // Opened only to fail the launch with a clear message when the cgroups cannot be joined.
+        drop(procs);
         let mut spawned = cmd.spawn();
         if let (Err(e), Some((s, stdout, stderr))) = (&spawned, fallback) {
             // The shell reports what went wrong (not found: 127, not executable: 126) or runs
-            // what the kernel would not (a script without `#!`).
+            // what the kernel would not (a script without `#!`). No prelude here (see above).
             tracing::debug!("task {}: cannot exec {program} directly ({e}); using /bin/sh", spec.task_id);
             let mut c = shell_command(s);
             configure(&mut c, stdout.into(), stderr.into());
-            install_pre_exec(&mut c, procs_fds, data_limit);
             spawned = c.spawn();
             program = "/bin/sh".to_owned();
         }
-        drop(procs);
         let child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -1150,11 +1184,6 @@ fn direct_exec<'a>(s: &'a str, path: &OsStr, env: &BTreeMap<String, String>) -> 
     if env.contains_key("PWD") {
         return None;
     }
-    let executable = |file: &Path| {
-        file.metadata().is_ok_and(|m| m.is_file())
-            && rustix::fs::accessat(rustix::fs::CWD, file, rustix::fs::Access::EXEC_OK, rustix::fs::AtFlags::EACCESS)
-                .is_ok()
-    };
     let first = words[0];
     if first.starts_with('/') {
         return executable(Path::new(first)).then(|| (PathBuf::from(first), words));
@@ -1172,6 +1201,22 @@ fn direct_exec<'a>(s: &'a str, path: &OsStr, env: &BTreeMap<String, String>) -> 
         }
     }
     None
+}
+
+/// Whether `file` is a regular file this process may execute.
+fn executable(file: &Path) -> bool {
+    file.metadata().is_ok_and(|m| m.is_file())
+        && rustix::fs::accessat(rustix::fs::CWD, file, rustix::fs::Access::EXEC_OK, rustix::fs::AtFlags::EACCESS)
+            .is_ok()
+}
+
+/// Whether `program` (a `Command::Args` `argv[0]`) can be executed by the child: a path (relative
+/// ones from the sandbox), or a name found on `path` as `execvp` searches it.
+fn program_found(program: &str, path: &OsStr, sandbox: &Path) -> bool {
+    if program.contains('/') {
+        return executable(&sandbox.join(program));
+    }
+    std::env::split_paths(path).any(|dir| executable(&sandbox.join(dir).join(program)))
 }
 
 fn write_record(sandbox: &Path, record: &TaskRecord) -> io::Result<()> {
@@ -1570,34 +1615,18 @@ fn kill_marked(key: &str, doomed: impl Fn(&str) -> bool) -> (usize, bool) {
 // The only unsafe code of this runtime: thin syscall wrappers.
 // ---------------------------------------------------------------------------------------------
 
-/// Makes the child join the task's cgroups (by writing `0` to each already open `cgroup.procs`)
-/// and/or set `RLIMIT_DATA`, after fork and before exec.
-#[allow(unsafe_code)]
-fn install_pre_exec(cmd: &mut tokio::process::Command, cgroup_procs: [Option<RawFd>; 2], data_limit: Option<u64>) {
-    if cgroup_procs.iter().all(Option::is_none) && data_limit.is_none() {
-        return;
+/// Shell builtins that put the shell in the task's cgroups (`echo 0 > .../cgroup.procs`: `0` is
+/// the writing process) and set its `RLIMIT_DATA` (`ulimit -d`, KiB, soft and hard), before the
+/// task's command runs in the same shell or is `exec`ed by it; any failure exits 126 before
+/// anything of the task runs. `None` when there is nothing to do. Children inherit all of it.
+fn join_prelude(cgroups: [Option<&Path>; 2], data_limit: Option<u64>) -> Option<String> {
+    let quote = |p: &Path| format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"));
+    let mut steps: Vec<String> =
+        cgroups.into_iter().flatten().map(|cg| format!("echo 0 >{}", quote(&cg.join("cgroup.procs")))).collect();
+    if let Some(bytes) = data_limit {
+        steps.push(format!("ulimit -d {}", bytes.div_ceil(1024)));
     }
-    // SAFETY: the closure runs in the forked child between fork and exec, where only
-    // async-signal-safe operations are allowed. It only makes the raw `write` and `setrlimit`
-    // syscalls on plain values copied into it (fds the parent keeps open until `spawn`
-    // returns, a static one-byte buffer, a stack `rlimit`), never allocates or takes locks,
-    // and reports failure via `io::Error::last_os_error`, which does not allocate.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in cgroup_procs.into_iter().flatten() {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(bytes) = data_limit {
-                let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
-                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    (!steps.is_empty()).then(|| format!("{} || exit 126; ", steps.join(" && ")))
 }
 
 /// `killpg(pgid, sig)`; a group that no longer exists is not an error.
@@ -2417,6 +2446,19 @@ mod tests {
         fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
     }
 
+    /// The process's command once it is `want` (a task's shell prelude `exec`s the command a
+    /// moment after the spawn), or what it is after 10 s.
+    async fn comm_becomes(pid: i32, want: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = comm(pid);
+            if c == want || std::time::Instant::now() > deadline {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn record_of(f: &Fixture, id: &str) -> TaskRecord {
         serde_json::from_str(&fs::read_to_string(f.work.join(id).join(TASK_FILE)).unwrap()).unwrap()
     }
@@ -2429,7 +2471,7 @@ mod tests {
         let record = record_of(&f, "one1");
         assert!(!record.launching);
         assert!(is_alive(record.pid, record.start_time));
-        assert_eq!(comm(record.pid), "sleep", "the task's leader is sleep itself, not a shell");
+        assert_eq!(comm_becomes(record.pid, "sleep").await, "sleep", "the task's leader is sleep itself, not a shell");
         assert_eq!(group_members(record.pgid), vec![record.pid], "one process in the task's group");
         assert_eq!(fs::read(format!("/proc/{}/cmdline", record.pid)).unwrap(), b"sleep\x001000\x00");
         // The record was completed in place: no temporary file is left.
@@ -2518,7 +2560,7 @@ mod tests {
         f.ev.started("again1").await;
         let record = record_of(&f, "again1");
         assert!(!record.launching);
-        assert_eq!(comm(record.pid), "sleep");
+        assert_eq!(comm_becomes(record.pid, "sleep").await, "sleep");
         f.rt.kill(&"again1".into(), Duration::ZERO).await.unwrap();
         f.ev.exited("again1").await;
     }
