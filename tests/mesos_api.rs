@@ -345,7 +345,11 @@ async fn bad_calls_get_mesos_answers_and_leave_allocations_consistent() {
         framework_entry(&node, &f.fid).await.filter(|(_, e)| e["unacknowledged_updates"] == json!(0))
     })
     .await;
-    assert_eq!(tagged_pids(&tag, "sleep").len(), 1, "exactly one task process: the bad calls launched nothing");
+    // Exactly one task process: the bad calls launched nothing. (RUNNING comes once the task's
+    // first process, a shell joining its cgroups, is spawned; it `exec`s `sleep` a moment later.)
+    eventually(10, "exactly one task process", || async { (tagged_pids(&tag, "sleep").len() == 1).then_some(()) })
+        .await;
+    assert_eq!(tagged_pids(&tag, "sh"), Vec::<u32>::new(), "no shell left: it became the task");
     t.call(&f.stream, kill(&f, "real")).await.unwrap();
     let st = f.update("real", |s| s.state.is_terminal()).await;
     assert_eq!(st.state, TaskState::Killed);
