@@ -735,15 +735,15 @@ impl Inner {
         // A simple shell command runs without the shell when nothing has to happen first: one
         // process instead of `sh` and the command (dash forks for the last command too), as
         // `bash -c` does; with a prelude the shell `exec`s it, one process all the same.
-        let direct = match &spec.command {
-            Command::Shell(s) => direct_exec(s, &path, &spec.env),
-            Command::Args(_) => None,
+        let direct = match (&spec.command, &prelude) {
+            (Command::Shell(s), None) => direct_exec(s, &path, &spec.env),
+            _ => None,
         };
-        // The shell that runs `Command::Shell` when the direct exec fails, and its stdio.
         let built = (|| -> Result<_, String> {
+            // The shell that runs `Command::Shell` when the direct exec fails, and its stdio.
             let mut fallback = None;
             let (cmd, program) = match (&spec.command, direct, &prelude) {
-                (Command::Shell(s), Some((file, words)), None) => {
+                (Command::Shell(s), Some((file, words)), _) => {
                     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("cannot duplicate a log fd: {e}"));
                     let mut c = tokio::process::Command::new(file);
                     c.arg0(words[0]).args(&words[1..]);
@@ -753,13 +753,13 @@ impl Inner {
                     fallback = Some((s, stdout, stderr));
                     (c, words[0].to_owned())
                 }
-                (Command::Shell(s), Some(_), Some(p)) => {
-                    let mut c = shell_command(&format!("{p}exec {s}"));
-                    configure(&mut c, stdout.into(), stderr.into());
-                    (c, "/bin/sh".to_owned())
-                }
                 (Command::Shell(s), None, p) => {
-                    let mut c = shell_command(&format!("{}{s}", p.as_deref().unwrap_or("")));
+                    let script = match p {
+                        None => s.clone(),
+                        Some(p) if simple_command(s).is_some() => format!("{p}exec {s}"),
+                        Some(p) => format!("{p}{s}"),
+                    };
+                    let mut c = shell_command(&script);
                     configure(&mut c, stdout.into(), stderr.into());
                     (c, "/bin/sh".to_owned())
                 }

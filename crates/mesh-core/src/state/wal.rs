@@ -387,7 +387,7 @@ impl Log for WalLog {
         let mut cmds = Vec::new();
         let mut next = from;
         let count = self.segments.len();
-        for (i, seg) in self.segments.clone().iter().enumerate() {
+        for (i, seg) in self.segments.iter().enumerate() {
             // Segments a snapshot covers whole (left by a purge a crash interrupted).
             if self.segments.get(i + 1).is_some_and(|n| n.first <= from) {
                 continue;
