@@ -2043,7 +2043,10 @@ mod tests {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
                 let top = f.docker.top_processes(&name, None).await.ok().and_then(|t| t.processes).unwrap_or_default();
-                if top.iter().flatten().any(|col| col.contains("sleep 1000")) {
+                // The CMD column of `sleep` itself: docker-init's own command line
+                // (`/sbin/docker-init -- sh -c exec sleep 1000`) also holds "sleep 1000", and
+                // matching it let the SIGTERM in before init had a child to forward it to.
+                if top.iter().flatten().any(|col| col.starts_with("sleep 1000")) {
                     break;
                 }
                 assert!(std::time::Instant::now() < deadline, "sleep never ran in {name}: {top:?}");
