@@ -6,6 +6,7 @@
 //! - [`api`]: one HTTP router for Marathon `/v2` and Consul `/v1`; errors mapped in one place.
 //! - [`serve`]: the HTTP accept loop with connection limits and timeouts.
 //! - [`dns`]: the hickory-server handler over the published catalog.
+//! - [`rpc`]: the internal RPC between nodes (versioned frames over a [`rpc::Transport`]).
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
 
 pub mod agent;
@@ -18,5 +19,6 @@ pub mod framework;
 pub mod health;
 pub mod node;
 pub mod registrator;
+pub mod rpc;
 pub mod serve;
 pub mod watch;
