@@ -102,6 +102,9 @@ pub enum ToAgent {
         /// Tasks the control side expects.
         expected: Vec<TaskId>,
     },
+    /// Register again (`ToControl::Register` with the tasks running now): sent when the agent's
+    /// connection to a server is new, so the server reconciles with what really runs.
+    Reregister,
 }
 
 /// A task status change, as reported by an agent.

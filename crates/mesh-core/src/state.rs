@@ -2221,7 +2221,12 @@ pub struct Store {
     snapshotting: Option<Snapshotting>,
     /// Snapshots written since open.
     snapshots_written: u64,
+    /// Told of every durable append (replicas stream the commands).
+    feed: Option<Feed>,
 }
+
+/// Called with `(first index, commands)` after each durable append, in order.
+pub type Feed = Box<dyn FnMut(u64, &[Command]) + Send>;
 
 impl Store {
     /// Open: load the snapshot and replay the log after it.
@@ -2246,7 +2251,14 @@ impl Store {
             snapshot_size: 0,
             snapshotting: None,
             snapshots_written: 0,
+            feed: None,
         })
+    }
+
+    /// Tell `feed` of every command appended from now on, after it is durable and before the
+    /// state moves past it (replicas apply the same commands in the same order).
+    pub fn set_feed(&mut self, feed: Feed) {
+        self.feed = Some(feed);
     }
 
     /// When to snapshot from now on.
@@ -2314,6 +2326,9 @@ impl Store {
             match self.log.append(first, &applied) {
                 Ok(()) => {
                     self.state = next;
+                    if let Some(f) = &mut self.feed {
+                        f(first, &applied);
+                    }
                     self.maybe_snapshot();
                     return Ok(results);
                 }
@@ -2330,6 +2345,9 @@ impl Store {
         match self.log.append_reserved(first, &applied) {
             Ok(()) => {
                 self.state = next;
+                if let Some(f) = &mut self.feed {
+                    f(first, &applied);
+                }
                 Ok(results)
             }
             Err(e) => Err(LogError::Unwritable(format!("{cause}; {}", e.cause()))),

@@ -86,6 +86,18 @@ fn event_to_update(agent: &AgentId, ev: RuntimeEvent) -> ToControl {
     }
 }
 
+fn register(cfg: &AgentConfig, running: Vec<TaskId>) -> ToControl {
+    ToControl::Register {
+        agent_id: cfg.id.clone(),
+        hostname: cfg.hostname.clone(),
+        address: cfg.address,
+        resources: cfg.resources.clone(),
+        attributes: cfg.attributes.clone(),
+        running,
+        runtimes: cfg.runtimes.clone(),
+    }
+}
+
 /// Start an agent: recover tasks of a previous run, register with the control side, then
 /// serve launch/kill messages and forward runtime events as status updates.
 pub async fn start(
@@ -99,15 +111,7 @@ pub async fn start(
     let (to_agent_tx, mut to_agent) = mpsc::channel::<ToAgent>(1024);
     let _ = control.send(ControlMsg::AgentConnected(cfg.id.clone(), to_agent_tx)).await;
     let _ = control
-        .send(ControlMsg::FromAgent(ToControl::Register {
-            agent_id: cfg.id.clone(),
-            hostname: cfg.hostname.clone(),
-            address: cfg.address,
-            resources: cfg.resources.clone(),
-            attributes: cfg.attributes.clone(),
-            running: recovered.iter().map(|r| r.task_id.clone()).collect(),
-            runtimes: cfg.runtimes.clone(),
-        }))
+        .send(ControlMsg::FromAgent(register(&cfg, recovered.iter().map(|r| r.task_id.clone()).collect())))
         .await;
     // The agent may have died before a task's RUNNING reached the control side (it would stay
     // STAGING forever, and its deployment with it): say again that every re-adopted task runs,
@@ -125,6 +129,7 @@ pub async fn start(
         crate::checks::Scripts::new(cfg.enable_script_checks),
     );
     let mut agent = AgentLoop {
+        cfg: cfg.clone(),
         id: cfg.id.clone(),
         runtime,
         control,
@@ -175,6 +180,7 @@ enum Deferred {
 
 /// The agent's message loop and what it keeps between messages.
 struct AgentLoop {
+    cfg: AgentConfig,
     id: AgentId,
     runtime: Arc<dyn Runtime>,
     control: ControlHandle,
@@ -234,6 +240,12 @@ impl AgentLoop {
                 }
             }
             ToAgent::NodeChecks { checks } => self.consul_checks.set(checks),
+            ToAgent::Reregister => {
+                // Tasks being launched count as running: their RUNNING (or FAILED) follows.
+                let mut running = self.runtime.running();
+                running.extend(self.launching.keys().filter(|t| !running.contains(t)).cloned().collect::<Vec<_>>());
+                self.report(register(&self.cfg, running)).await;
+            }
             ToAgent::Reconcile { expected } => {
                 let running = self.runtime.running();
                 for t in running.iter().filter(|t| !expected.contains(t)) {

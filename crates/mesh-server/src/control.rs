@@ -50,8 +50,14 @@ pub enum ControlMsg {
     Propose(Command, oneshot::Sender<Result<(), ControlError>>),
     /// An agent connected; this is its transport.
     AgentConnected(AgentId, mpsc::Sender<ToAgent>),
+    /// An agent's connection ended (the transport it was given with [`ControlMsg::AgentConnected`];
+    /// ignored when the agent has connected again since).
+    AgentGone(AgentId, mpsc::Sender<ToAgent>),
     /// A message from an agent.
     FromAgent(ToControl),
+    /// Messages from an agent's outbox; the reply comes once they are recorded durably (never,
+    /// while the state store cannot be written: the agent sends them again).
+    Reports(Vec<ToControl>, oneshot::Sender<()>),
     /// Stop launching (shutdown in progress); reply when applied.
     Drain(oneshot::Sender<()>),
     /// A Mesos v1 scheduler API subscription or call.
@@ -81,6 +87,38 @@ pub struct Published {
     pub store_failure: Arc<arc_swap::ArcSwapOption<String>>,
 }
 
+impl Published {
+    /// What readers of `state` see before anything else happened.
+    pub fn new(state: State) -> (Published, watch::Sender<u64>) {
+        let (index_tx, index) = watch::channel(state.index);
+        let published = Published {
+            catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
+            catalog_hooks: Arc::default(),
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            offer_stats: Arc::new(ArcSwap::from_pointee(imbl::OrdMap::new())),
+            index,
+            events: EventBus::new(),
+            watches: Arc::new(crate::watch::WatchHub::default()),
+            mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
+            store_failure: Arc::new(arc_swap::ArcSwapOption::empty()),
+        };
+        (published, index_tx)
+    }
+
+    /// Show `state` to readers: the catalog (when it moved), the state, the index (waking its
+    /// waiters) and blocking queries. Returns the state it replaced.
+    pub fn publish(&self, state: &State, index_tx: &watch::Sender<u64>) -> Arc<State> {
+        if self.catalog.load().index != state.catalog.index {
+            self.catalog.store(Arc::new(state.catalog.clone()));
+            self.catalog_hooks.published();
+        }
+        let previous = self.state.swap(Arc::new(state.clone()));
+        let _ = index_tx.send(state.index);
+        self.watches.notify_changes(&previous, state);
+        previous
+    }
+}
+
 /// A handle to the control task.
 #[derive(Clone)]
 pub struct ControlHandle {
@@ -90,6 +128,12 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
+    /// A handle whose messages go to `tx` and whose reads come from `published`: an agent's
+    /// uplink and catalog replica stand in for the control task this way.
+    pub fn from_parts(tx: mpsc::Sender<ControlMsg>, published: Published) -> ControlHandle {
+        ControlHandle { tx, published }
+    }
+
     /// Apply a command; returns once it is durable and visible to readers.
     pub async fn propose(&self, cmd: Command) -> Result<(), ControlError> {
         let (tx, rx) = oneshot::channel();
@@ -193,19 +237,7 @@ fn propose_off_worker(
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(1024);
-    let state = store.state().clone();
-    let (index_tx, index_rx) = watch::channel(state.index);
-    let published = Published {
-        catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
-        catalog_hooks: Arc::default(),
-        state: Arc::new(ArcSwap::from_pointee(state)),
-        offer_stats: Arc::new(ArcSwap::from_pointee(imbl::OrdMap::new())),
-        index: index_rx,
-        events: EventBus::new(),
-        watches: Arc::new(crate::watch::WatchHub::default()),
-        mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
-        store_failure: Arc::new(arc_swap::ArcSwapOption::empty()),
-    };
+    let (published, index_tx) = Published::new(store.state().clone());
     let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
     allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
@@ -274,6 +306,7 @@ impl Control {
         // Consecutive status updates are recorded together: one log write for a burst of
         // 1,000 RUNNING (or KILLED, at shutdown) instead of 1,000.
         let mut updates = Vec::new();
+        let mut acks = Vec::new();
         for msg in batch {
             if let ControlMsg::FromAgent(ToControl::Status(update)) = msg {
                 updates.push(update);
@@ -292,7 +325,25 @@ impl Control {
                     self.checks_sent_at = None;
                     self.agents.insert(id, tx);
                 }
+                ControlMsg::AgentGone(id, tx) => {
+                    if self.agents.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+                        self.agent_gone(&id);
+                    }
+                }
                 ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
+                ControlMsg::Reports(msgs, reply) => {
+                    for m in msgs {
+                        if let ToControl::Status(update) = m {
+                            updates.push(update);
+                            continue;
+                        }
+                        if !updates.is_empty() {
+                            self.status_updates(std::mem::take(&mut updates));
+                        }
+                        self.on_agent_msg(m, now);
+                    }
+                    acks.push(reply);
+                }
                 ControlMsg::Drain(reply) => {
                     self.draining = true;
                     let _ = reply.send(());
@@ -305,6 +356,13 @@ impl Control {
         }
         if !proposals.is_empty() {
             self.propose_and_reply(proposals, replies, now);
+        }
+        // Recorded durably: the agents may drop them from their outboxes. While the store is
+        // failed they were only kept in memory: no ack, so they come again.
+        if self.store.failure().is_none() && self.deferred.is_empty() {
+            for a in acks {
+                let _ = a.send(());
+            }
         }
     }
 
@@ -544,6 +602,10 @@ impl Control {
                 }
                 continue;
             };
+            if task.agent_id != update.agent_id {
+                warn!(task = %update.task_id, owner = %task.agent_id, from = %update.agent_id, state = update.state.as_str(), "status update from an agent that does not run the task: refused");
+                continue;
+            }
             known.push((update, task));
         }
         if known.is_empty() {
@@ -734,13 +796,7 @@ impl Control {
         if state.index == *self.index_tx.borrow() {
             return;
         }
-        if self.published.catalog.load().index != state.catalog.index {
-            self.published.catalog.store(Arc::new(state.catalog.clone()));
-            self.published.catalog_hooks.published();
-        }
-        let previous = self.published.state.swap(Arc::new(state.clone()));
-        let _ = self.index_tx.send(state.index);
-        self.published.watches.notify_changes(&previous, state);
+        self.published.publish(state, &self.index_tx);
         self.send_node_checks();
     }
 
@@ -778,42 +834,57 @@ impl Control {
         self.deadline.1
     }
 
-    /// Hands queued messages to their agents, in order, without waiting: when an agent's channel
-    /// is full the rest stays queued for the next loop turn (see `run`). The control loop must
-    /// never wait for an agent, which may itself be waiting to send its reports to this loop
-    /// (with 10,000 launches in flight, both channels fill and each side waited for the other).
+    /// Hands queued messages to their agents, in order per agent, without waiting: when an
+    /// agent's channel is full its messages stay queued for the next loop turn (see `run`) and
+    /// the other agents' go on. The control loop never waits for an agent, which may itself be
+    /// waiting to send its reports to this loop, or be slow or gone.
     async fn flush(&mut self) {
+        let mut full: HashSet<AgentId> = HashSet::new();
+        let mut gone: Vec<AgentId> = Vec::new();
+        let mut kept = VecDeque::new();
         while let Some((agent, msg)) = self.outbox.pop_front() {
+            if full.contains(&agent) {
+                kept.push_back((agent, msg));
+                continue;
+            }
             match self.agents.get(&agent) {
-                Some(tx) => {
-                    let closed = match tx.try_send(msg) {
-                        Ok(()) => false,
-                        Err(mpsc::error::TrySendError::Full(msg)) => {
-                            self.outbox.push_front((agent, msg));
-                            break;
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => true,
-                    };
-                    if closed {
-                        warn!(%agent, "agent channel closed");
-                        self.agents.remove(&agent);
-                        self.sent_checks.remove(&agent);
-                        // Like Consul's serfHealth when gossip marks a node failed: its services
-                        // leave DNS until the agent registers again.
-                        self.apply(vec![Command::UpdateCheck {
-                            node: agent.0.clone(),
-                            id: mesh_core::catalog::SERF_HEALTH.into(),
-                            status: mesh_core::catalog::Health::Critical,
-                            output: "Agent not live or unreachable".into(),
-                            now: now_millis(),
-                            ttl: mesh_core::state::TtlUpdate::Keep,
-                        }]);
-                        self.publish();
-                        self.mesos_agent_lost(&agent);
+                Some(tx) => match tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(msg)) => {
+                        full.insert(agent.clone());
+                        kept.push_back((agent, msg));
                     }
-                }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        warn!(%agent, "agent channel closed");
+                        gone.push(agent);
+                    }
+                },
                 None => debug!(%agent, "no connection to agent; message dropped (reconciled on register)"),
             }
         }
+        self.outbox = kept;
+        for agent in gone {
+            self.agent_gone(&agent);
+        }
+    }
+
+    /// An agent's connection is gone: like Consul's serfHealth when gossip marks a node failed,
+    /// its services leave DNS, and its offers are rescinded, until it registers again.
+    fn agent_gone(&mut self, agent: &AgentId) {
+        if self.agents.remove(agent).is_none() {
+            return;
+        }
+        info!(%agent, "agent disconnected");
+        self.sent_checks.remove(agent);
+        self.apply(vec![Command::UpdateCheck {
+            node: agent.0.clone(),
+            id: mesh_core::catalog::SERF_HEALTH.into(),
+            status: mesh_core::catalog::Health::Critical,
+            output: "Agent not live or unreachable".into(),
+            now: now_millis(),
+            ttl: mesh_core::state::TtlUpdate::Keep,
+        }]);
+        self.publish();
+        self.mesos_agent_lost(agent);
     }
 }

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod api;
 pub mod checks;
+pub mod cluster;
 pub mod control;
 pub mod dns;
 pub mod events;

@@ -27,6 +27,13 @@ struct Cli {
 enum Cmd {
     /// One process that is control node, agent, HTTP API and DNS server.
     Dev(Box<DevArgs>),
+    /// A control node: state, scheduler, allocator, every API and DNS, and the internal RPC
+    /// that agents connect to (--rpc).
+    Server(Box<DevArgs>),
+    /// A compute node: runs tasks for the servers it connects to (--server), answers DNS and
+    /// API reads from its replica of the state, and forwards writes. On SIGTERM its tasks keep
+    /// running, to be re-adopted when it starts again on the same data dir.
+    Agent(Box<DevArgs>),
     /// Internal: a task's stdout/stderr logger, started by the agent per stream. Copies stdin
     /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
     #[command(hide = true)]
@@ -52,6 +59,16 @@ struct DevArgs {
     /// DNS listener (UDP and TCP).
     #[arg(long, default_value = "127.0.0.1:8600")]
     dns: SocketAddr,
+    /// Internal RPC listener (server and agent).
+    #[arg(long, default_value = "127.0.0.1:8300")]
+    rpc: SocketAddr,
+    /// The address every listener binds to unless given in full (--http, --dns, --rpc).
+    #[arg(long)]
+    bind: Option<IpAddr>,
+    /// A server's RPC address (IP, IP:PORT or HOST:PORT; port 8300 by default) that an agent
+    /// connects to; may repeat, tried in turn until one answers, with backoff.
+    #[arg(long = "server", value_parser = parse_server)]
+    servers: Vec<SocketAddr>,
     /// Where state and task sandboxes live.
     #[arg(long, default_value = "./mesh-data")]
     data_dir: PathBuf,
@@ -239,6 +256,17 @@ fn parse_service_ttl(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 8300));
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} has no address"))
+}
+
 fn parse_recursor(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
@@ -380,6 +408,13 @@ fn run_logger(l: LoggerArgs) -> ExitCode {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Dev,
+    Server,
+    Agent,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -388,11 +423,37 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    let a = match cli.cmd {
-        Cmd::Dev(a) => *a,
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let (role, mut a) = match cli.cmd {
+        Cmd::Dev(a) => (Role::Dev, *a),
+        Cmd::Server(a) => (Role::Server, *a),
+        Cmd::Agent(a) => (Role::Agent, *a),
         Cmd::Logger(l) => return run_logger(l),
     };
+    // --bind moves every listener that was not given in full.
+    if let (Some(ip), Some((_, sub))) = (a.bind, matches.subcommand()) {
+        let defaulted = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::DefaultValue);
+        if defaulted("http") {
+            a.http.iter_mut().for_each(|h| h.set_ip(ip));
+        }
+        if defaulted("dns") {
+            a.dns.set_ip(ip);
+        }
+        if defaulted("rpc") {
+            a.rpc.set_ip(ip);
+        }
+        if sub.value_source("advertise") == Some(clap::parser::ValueSource::DefaultValue) && !ip.is_unspecified() {
+            a.advertise = ip;
+        }
+    }
+    if role == Role::Agent && a.servers.is_empty() {
+        eprintln!("mesh: an agent needs at least one --server ADDR (a server's RPC address)");
+        return ExitCode::from(2);
+    }
     let task_logs = match a.task_log_max_size {
         0 => TaskLogs::Sandbox,
         max_size => match std::env::current_exe() {
@@ -445,7 +506,8 @@ fn main() -> ExitCode {
         mem: a.mem.unwrap_or_else(host_mem_mib),
         disk: a.disk,
         attributes: a.attrs.into_iter().collect::<BTreeMap<_, _>>(),
-        keep_tasks_on_exit: a.keep_tasks_on_exit,
+        // An agent's tasks outlive it (Mesos agents recover theirs); draining is explicit.
+        keep_tasks_on_exit: a.keep_tasks_on_exit || role == Role::Agent,
         host_access: mesh_core::runtime::HostAccess {
             allow_privileged: a.allow_privileged,
             host_paths: a.allowed_host_paths,
@@ -474,6 +536,8 @@ fn main() -> ExitCode {
         task_logs,
         gc: GcPolicy { delay: a.gc_delay, headroom: a.gc_disk_headroom, interval: a.disk_watch_interval },
         container_disk_watch_interval: a.container_disk_watch_interval.max(std::time::Duration::from_millis(10)),
+        rpc: a.rpc,
+        servers: a.servers,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -482,16 +546,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res = rt.block_on(run_dev(
-        cfg,
-        |b| {
-            let http: Vec<String> = b.http.iter().map(|a| a.to_string()).collect();
-            // A machine-readable line for scripts and tests.
-            println!("mesh dev ready: http={} dns={}", http.join(","), b.dns);
-            let _ = std::io::stdout().flush();
-        },
-        shutdown_signal(),
-    ));
+    let name = match role {
+        Role::Dev => "dev",
+        Role::Server => "server",
+        Role::Agent => "agent",
+    };
+    let ready = |b: &mesh_server::node::Bound| {
+        let http: Vec<String> = b.http.iter().map(|a| a.to_string()).collect();
+        // A machine-readable line for scripts and tests.
+        println!("mesh {name} ready: http={} dns={}", http.join(","), b.dns);
+        let _ = std::io::stdout().flush();
+    };
+    let res = match role {
+        Role::Dev => rt.block_on(run_dev(cfg, ready, shutdown_signal())),
+        Role::Server => rt.block_on(mesh_server::node::run_server(cfg, ready, shutdown_signal())),
+        Role::Agent => rt.block_on(mesh_server::node::run_agent(cfg, ready, shutdown_signal())),
+    };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,7 +4,7 @@
 
 use crate::agent::{self, AgentConfig, StopMode};
 use crate::api::{self, Api, NodeInfo};
-use crate::control::{self, ControlConfig};
+use crate::control::{self, ControlConfig, ControlHandle};
 use crate::dns::{DnsServer, PublishedCatalog};
 use crate::registrator;
 use mesh_core::dns::DnsConfig;
@@ -94,6 +94,10 @@ pub struct NodeConfig {
     pub gc: GcPolicy,
     /// How often a task's sandbox is measured against its `disk`.
     pub container_disk_watch_interval: Duration,
+    /// Internal RPC listener (servers; agents listen too, for what comes later).
+    pub rpc: SocketAddr,
+    /// Servers' RPC addresses an agent connects to (`--server`), tried in turn.
+    pub servers: Vec<SocketAddr>,
 }
 
 /// Errors that stop a node from starting.
@@ -168,41 +172,13 @@ pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
     Ok(id)
 }
 
-/// Run a `mesh dev` node until `shutdown` resolves. `ready` is called with the bound addresses
-/// once every API answers.
-pub async fn run_dev(
-    cfg: NodeConfig,
-    ready: impl FnOnce(&Bound),
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
-    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
-    store.set_max_versions(cfg.max_app_versions);
-    info!(
-        apps = store.state().apps.len(),
-        tasks = store.state().tasks.len(),
-        index = store.state().index,
-        "state loaded"
-    );
-    let (control, control_join) = control::spawn(
-        store,
-        ControlConfig {
-            datacenter: cfg.datacenter.clone(),
-            tick: Duration::from_millis(200),
-            seed: now_millis(),
-            mesos: crate::control::MesosConfig {
-                host_access: cfg.host_access.clone(),
-                hostname: cfg.node.clone(),
-                ..cfg.mesos.clone()
-            },
-        },
-    );
-
-    // Runtimes and agent: plain processes always; Docker when an engine answers (auto) or
-    // when asked for (docker).
-    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+/// The runtimes of an agent: plain processes always; Docker when an engine answers (auto) or
+/// when asked for (docker). Returns the runtime the agent uses, the runtimes it offers, and the
+/// process and Docker runtimes themselves.
+async fn build_runtimes(
+    cfg: &NodeConfig,
+    events_tx: tokio::sync::mpsc::Sender<mesh_core::runtime::RuntimeEvent>,
+) -> Result<(Arc<dyn Runtime>, Vec<String>, Arc<ProcessRuntime>, Option<Arc<dyn Runtime>>), NodeError> {
     let process_options = ProcessOptions {
         logs: cfg.task_logs.clone(),
         disk_watch_interval: cfg.container_disk_watch_interval,
@@ -256,7 +232,87 @@ pub async fn run_dev(
         (Arc::new(multi), runtimes)
     };
     info!(?runtimes, "runtimes");
-    let agent_cfg = AgentConfig {
+    Ok((runtime, runtimes, process, docker))
+}
+
+/// Run a `mesh dev` node until `shutdown` resolves. `ready` is called with the bound addresses
+/// once every API answers.
+pub async fn run_dev(
+    cfg: NodeConfig,
+    ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
+    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
+    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
+    store.set_max_versions(cfg.max_app_versions);
+    info!(
+        apps = store.state().apps.len(),
+        tasks = store.state().tasks.len(),
+        index = store.state().index,
+        "state loaded"
+    );
+    let (control, control_join) = control::spawn(
+        store,
+        ControlConfig {
+            datacenter: cfg.datacenter.clone(),
+            tick: Duration::from_millis(200),
+            seed: now_millis(),
+            mesos: crate::control::MesosConfig {
+                host_access: cfg.host_access.clone(),
+                hostname: cfg.node.clone(),
+                ..cfg.mesos.clone()
+            },
+        },
+    );
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+    let (runtime, runtimes, process, docker) = build_runtimes(&cfg, events_tx).await?;
+    let agent_cfg = agent_config(&cfg, runtimes);
+    let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+    // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
+    let sandbox_gc = process.spawn_gc(cfg.gc);
+
+    let registrator = start_registrator(&cfg, docker.is_some(), &control).await;
+
+    let catalog =
+        PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
+    let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
+
+    let http = start_http(&cfg, |info| api::router(Api { control: control.clone(), info })).await?;
+    let http_addrs = http.addrs.clone();
+
+    register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
+    let bound = Bound { http: http_addrs, dns: dns_addr };
+    info!(http = ?bound.http, dns = %bound.dns, node = %cfg.node, dc = %cfg.datacenter, "mesh dev ready");
+    ready(&bound);
+
+    shutdown.await;
+    info!("shutting down");
+    // Tasks are stopped while HTTP connections drain, so a shutdown takes the longest of the
+    // two, not their sum.
+    let tasks_done = async {
+        control.drain().await;
+        let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
+        agent.stop(mode).await;
+    };
+    tokio::join!(http.stop(), tasks_done);
+    sandbox_gc.abort();
+    if let Some(r) = registrator {
+        r.shutdown().await;
+    }
+    dns.shutdown().await;
+    // Let the control loop apply the last status updates, then stop it.
+    drop(control);
+    control_join.abort();
+    let _ = control_join.await;
+    info!("stopped");
+    Ok(())
+}
+
+fn agent_config(cfg: &NodeConfig, runtimes: Vec<String>) -> AgentConfig {
+    AgentConfig {
         id: AgentId::from(cfg.node.as_str()),
         hostname: cfg.node.clone(),
         address: cfg.advertise,
@@ -269,49 +325,94 @@ pub async fn run_dev(
         attributes: cfg.attributes.clone(),
         runtimes,
         enable_script_checks: cfg.enable_script_checks,
-    };
-    let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
-    // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
-    let sandbox_gc = process.spawn_gc(cfg.gc);
+    }
+}
 
-    // Registrator: every container on this engine with published ports is a service instance.
-    let registrator = match (cfg.registrator, docker.is_some() || DockerRuntime::available().await) {
-        (true, true) => match bollard::Docker::connect_with_local_defaults() {
-            Ok(d) => {
-                let opts = RegistratorOptions { node: cfg.node.clone(), ..Default::default() };
-                Some(registrator::spawn(d, AgentId::from(cfg.node.as_str()), control.clone(), opts))
-            }
-            Err(e) => {
-                warn!(error = %e, "registrator not started");
-                None
-            }
-        },
-        _ => None,
-    };
+/// Registrator: every container on this engine with published ports is a service instance.
+async fn start_registrator(
+    cfg: &NodeConfig,
+    have_docker: bool,
+    control: &ControlHandle,
+) -> Option<registrator::Registrator> {
+    if !cfg.registrator || !(have_docker || DockerRuntime::available().await) {
+        return None;
+    }
+    match bollard::Docker::connect_with_local_defaults() {
+        Ok(d) => {
+            let opts = RegistratorOptions { node: cfg.node.clone(), ..Default::default() };
+            Some(registrator::spawn(d, AgentId::from(cfg.node.as_str()), control.clone(), opts))
+        }
+        Err(e) => {
+            warn!(error = %e, "registrator not started");
+            None
+        }
+    }
+}
 
-    // DNS.
+async fn start_dns(
+    cfg: &NodeConfig,
+    catalog: PublishedCatalog,
+    servers: Vec<String>,
+) -> Result<(DnsServer, SocketAddr), NodeError> {
     let (udp, tcp) = bind_dns(cfg.dns).await?;
     let dns_addr = udp.local_addr().map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
     let dns_cfg = DnsConfig {
         domain: cfg.domain.clone(),
         datacenter: cfg.datacenter.clone(),
-        servers: vec![cfg.node.clone()],
+        servers,
         ..cfg.dns_options.clone()
     };
-    let catalog =
-        PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
     let dns = DnsServer::start(udp, tcp, catalog, dns_cfg)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.dns, source })?;
+    Ok((dns, dns_addr))
+}
 
-    // HTTP.
+/// The HTTP listeners of a node.
+struct HttpListeners {
+    addrs: Vec<SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    trimmer: tokio::task::JoinHandle<()>,
+}
+
+impl HttpListeners {
+    /// Stop accepting and wait (at most 5 s) for the connections to end.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        // One deadline for all listeners: they share the connections they wait for.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for s in self.servers {
+            let _ = tokio::time::timeout_at(deadline, s).await;
+        }
+        self.trimmer.abort();
+    }
+}
+
+/// Bind every HTTP listener and serve `router(node info)` on them.
+async fn start_http(
+    cfg: &NodeConfig,
+    router: impl FnOnce(NodeInfo) -> axum::Router,
+) -> Result<HttpListeners, NodeError> {
     let mut listeners = Vec::new();
     for addr in &cfg.http {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Bind { addr: *addr, source })?;
         listeners.push(l);
     }
-    let http_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let info = NodeInfo {
+    let addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let router = router(node_info(cfg, &addrs));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let http = crate::serve::Http::new(cfg.http_limits.clone());
+    let trimmer = http.spawn_trimmer();
+    let mut servers = Vec::new();
+    for l in listeners {
+        servers.push(tokio::spawn(crate::serve::serve(l, router.clone(), http.clone(), stop_rx.clone())));
+    }
+    Ok(HttpListeners { addrs, stop, servers, trimmer })
+}
+
+fn node_info(cfg: &NodeConfig, http_addrs: &[SocketAddr]) -> NodeInfo {
+    NodeInfo {
         node: cfg.node.clone(),
         datacenter: cfg.datacenter.clone(),
         http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
@@ -319,22 +420,17 @@ pub async fn run_dev(
         started_at: now_millis(),
         host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
-    };
-    let router = api::router(Api { control: control.clone(), info });
-    let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
-    let http = crate::serve::Http::new(cfg.http_limits.clone());
-    let trimmer = http.spawn_trimmer();
-    let mut servers = Vec::new();
-    for l in listeners {
-        servers.push(tokio::spawn(crate::serve::serve(l, router.clone(), http.clone(), stop_http_rx.clone())));
     }
-    // The control plane's own service, as Consul servers register `consul` (clients look for it).
+}
+
+/// The control plane's own service, as Consul servers register `consul` (clients look for it).
+async fn register_own(control: &ControlHandle, cfg: &NodeConfig, http_port: u16) {
     let own = mesh_core::catalog::ServiceInstance {
         id: "consul".into(),
         service: "consul".into(),
         node: cfg.node.clone(),
         address: None,
-        port: http_addrs.first().map(|a| a.port()).unwrap_or(0),
+        port: http_port,
         tags: Vec::new(),
         meta: BTreeMap::new(),
         health: mesh_core::catalog::Health::Passing,
@@ -361,37 +457,158 @@ pub async fn run_dev(
     if let Err(e) = control.propose(register_own).await {
         warn!(error = %e, "could not register the consul service");
     }
+}
+
+/// The node id of the data dir, created if needed.
+fn ensure_data_dir(cfg: &NodeConfig) -> Result<String, NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
+    node_id(&cfg.data_dir)
+}
+
+/// Run a `mesh server` (a control node) until `shutdown` resolves: the state log, the control
+/// loop, every HTTP API, DNS, and the internal RPC listener that agents and replicas use.
+pub async fn run_server(
+    cfg: NodeConfig,
+    ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node_id = ensure_data_dir(&cfg)?;
+    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
+    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
+    store.set_max_versions(cfg.max_app_versions);
+    let replication = crate::cluster::replication::Replication::new(store.state().index);
+    let feed = replication.clone();
+    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
+    info!(
+        apps = store.state().apps.len(),
+        tasks = store.state().tasks.len(),
+        index = store.state().index,
+        "state loaded"
+    );
+    let (control, control_join) = control::spawn(
+        store,
+        ControlConfig {
+            datacenter: cfg.datacenter.clone(),
+            tick: Duration::from_millis(200),
+            seed: now_millis(),
+            mesos: crate::control::MesosConfig {
+                host_access: cfg.host_access.clone(),
+                hostname: cfg.node.clone(),
+                ..cfg.mesos.clone()
+            },
+        },
+    );
+    let catalog =
+        PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
+    let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
+    let http = start_http(&cfg, |info| api::router(Api { control: control.clone(), info })).await?;
+    let http_addrs = http.addrs.clone();
+    let template = node_info(&cfg, &http_addrs);
+    let api_control = control.clone();
+    let executor = crate::cluster::forward::Executor::new(
+        Arc::new(move |node: &str| {
+            api::router(Api {
+                control: api_control.clone(),
+                info: NodeInfo { node: node.to_owned(), ..template.clone() },
+            })
+        }),
+        control.published.clone(),
+    );
+    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
+    let transport = crate::rpc::TcpTransport { bind: Some(cfg.advertise) };
+    let listener = crate::rpc::Transport::listen(&transport, cfg.rpc)
+        .await
+        .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
+    let hello = crate::rpc::Hello {
+        node: cfg.node.clone(),
+        node_id,
+        datacenter: cfg.datacenter.clone(),
+        role: crate::rpc::Role::Server,
+        http: http_addrs.first().map(|a| a.to_string()),
+    };
+    let rpc = crate::rpc::Server::start(listener, hello, handler)
+        .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
+    register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
     let bound = Bound { http: http_addrs, dns: dns_addr };
-    info!(http = ?bound.http, dns = %bound.dns, node = %cfg.node, dc = %cfg.datacenter, "mesh dev ready");
+    info!(http = ?bound.http, dns = %bound.dns, rpc = %rpc.local_addr(), node = %cfg.node, dc = %cfg.datacenter, "mesh server ready");
     ready(&bound);
 
     shutdown.await;
     info!("shutting down");
-    let _ = stop_http_tx.send(true);
-    // One deadline for all listeners: they share the connections they wait for. Tasks are
-    // stopped meanwhile, so a shutdown takes the longest of the two, not their sum.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let http_done = async {
-        for s in servers {
-            let _ = tokio::time::timeout_at(deadline, s).await;
-        }
+    drop(rpc);
+    http.stop().await;
+    dns.shutdown().await;
+    drop(control);
+    control_join.abort();
+    let _ = control_join.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Run a `mesh agent` (a compute node) until `shutdown` resolves: the runtimes and the agent
+/// loop, connected to a server through an uplink; a replica of the state for DNS and the read
+/// APIs; HTTP that answers reads locally and forwards writes. On shutdown tasks keep running
+/// (unless `keep_tasks_on_exit` is off), to be re-adopted by the next start on the data dir.
+pub async fn run_agent(
+    cfg: NodeConfig,
+    ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let node_id = ensure_data_dir(&cfg)?;
+    let outbox_path = cfg.data_dir.join("outbox.jsonl");
+    let outbox = crate::cluster::outbox::Outbox::open(&outbox_path)
+        .map_err(|source| NodeError::DataDir { path: outbox_path.clone(), source })?;
+    let (up_tx, up_rx) = tokio::sync::mpsc::channel(1024);
+    let uplink_cfg = crate::cluster::uplink::UplinkConfig {
+        agent: AgentId::from(cfg.node.as_str()),
+        node_id,
+        datacenter: cfg.datacenter.clone(),
+        servers: Arc::new(std::sync::Mutex::new(cfg.servers.clone())),
+        transport: Arc::new(crate::rpc::TcpTransport { bind: Some(cfg.advertise) }),
     };
+    let (link, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
+    let (published, status, replica_join) = crate::cluster::replica::spawn(&cfg.datacenter, link.clone());
+    let control = ControlHandle::from_parts(up_tx, published.clone());
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
+    let (runtime, runtimes, process, docker) = build_runtimes(&cfg, events_tx).await?;
+    let agent = agent::start(agent_config(&cfg, runtimes), runtime, events_rx, control.clone()).await?;
+    let sandbox_gc = process.spawn_gc(cfg.gc);
+    let registrator = start_registrator(&cfg, docker.is_some(), &control).await;
+
+    let catalog = PublishedCatalog { catalog: published.catalog.clone(), hooks: published.catalog_hooks.clone() };
+    let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
+    let forwarder =
+        crate::cluster::forward::Forwarder { link, node: cfg.node.clone(), published: published.clone(), status };
+    let http = start_http(&cfg, |info| {
+        api::router(Api { control: control.clone(), info })
+            .layer(axum::middleware::from_fn_with_state(forwarder, crate::cluster::forward::layer))
+    })
+    .await?;
+    let bound = Bound { http: http.addrs.clone(), dns: dns_addr };
+    info!(http = ?bound.http, dns = %bound.dns, servers = ?cfg.servers, node = %cfg.node, dc = %cfg.datacenter, "mesh agent ready");
+    ready(&bound);
+
+    shutdown.await;
+    info!("shutting down");
     let tasks_done = async {
-        control.drain().await;
         let mode = if cfg.keep_tasks_on_exit { StopMode::LeaveTasks } else { StopMode::KillTasks };
         agent.stop(mode).await;
     };
-    tokio::join!(http_done, tasks_done);
-    trimmer.abort();
+    tokio::join!(http.stop(), tasks_done);
     sandbox_gc.abort();
     if let Some(r) = registrator {
         r.shutdown().await;
     }
     dns.shutdown().await;
-    // Let the control loop apply the last status updates, then stop it.
-    drop(control);
-    control_join.abort();
-    let _ = control_join.await;
+    // The uplink sends what the agent reported while stopping (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        drop(control);
+        let _ = uplink_join.await;
+    })
+    .await;
+    replica_join.abort();
     info!("stopped");
     Ok(())
 }

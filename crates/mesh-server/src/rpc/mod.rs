@@ -74,6 +74,9 @@ pub struct Hello {
     pub datacenter: String,
     /// Role.
     pub role: Role,
+    /// Its HTTP API (`host:port`), where clients are redirected (Mesos `/master/redirect`).
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 /// A connected peer.
@@ -178,6 +181,7 @@ impl Sink {
 
     /// Queue an item without waiting. `Err(item)` when the send queue is full (the peer is slow)
     /// or the stream is gone: the caller decides (keep it for later, or drop the stream).
+    #[allow(clippy::result_large_err)] // the item goes back to the caller, unboxed as it came
     pub fn try_send(&self, item: Item) -> Result<(), Item> {
         if *self.cancelled.borrow() {
             return Err(item);
@@ -353,6 +357,13 @@ impl Conn {
 
     fn downgrade(&self) -> WeakConn {
         WeakConn { shared: self.shared.clone(), peer: self.peer.clone(), strong_for_replies: self.tx.clone() }
+    }
+
+    /// Close an outgoing connection now (every handle sees it closed).
+    pub fn close(&self) {
+        if let Some(g) = &self._guard {
+            let _ = g.0.send(true);
+        }
     }
 
     /// Who is at the other end.

@@ -29,7 +29,7 @@ impl Handler for Echo {
 }
 
 fn hello(node: &str, dc: &str) -> Hello {
-    Hello { node: node.into(), node_id: format!("id-{node}"), datacenter: dc.into(), role: Role::Agent }
+    Hello { node: node.into(), node_id: format!("id-{node}"), datacenter: dc.into(), role: Role::Agent, http: None }
 }
 
 async fn tcp_server(dc: &str) -> Server {

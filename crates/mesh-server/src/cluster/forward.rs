@@ -1,0 +1,201 @@
+//! HTTP requests sent to an agent that a server must answer: writes (every method but GET and
+//! HEAD) and the few reads that only the control loop knows (`/v2/queue`, the Mesos master's
+//! state). The agent carries them to its server over the internal RPC; the server runs them
+//! through its own router as if they had been sent to it, except that Consul's `/v1/agent/*`
+//! endpoints act for the agent's node. The agent then waits until its replica has the write,
+//! so a client reads what it wrote from the same agent.
+
+use crate::control::Published;
+use crate::rpc::msg::{HttpRequest, HttpResponse};
+use crate::rpc::{Request, Response};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use http_body_util::BodyExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::debug;
+
+/// The longest a forwarded request may take (long-polls are answered locally, not forwarded).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest an agent waits for its replica to catch up with a forwarded write.
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Largest forwarded body, either way.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Routers kept per node (one per agent that forwards).
+const MAX_ROUTERS: usize = 4096;
+
+type MakeRouter = Arc<dyn Fn(&str) -> Router + Send + Sync>;
+
+/// Runs forwarded requests on a server.
+#[derive(Clone)]
+pub struct Executor {
+    make: MakeRouter,
+    routers: Arc<Mutex<HashMap<String, Router>>>,
+    published: Published,
+}
+
+impl Executor {
+    /// `make(node)` builds the server's router acting for `node` (its `/v1/agent/*` endpoints).
+    pub fn new(make: MakeRouter, published: Published) -> Executor {
+        Executor { make, routers: Arc::default(), published }
+    }
+
+    fn router(&self, node: &str) -> Router {
+        let mut routers = self.routers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = routers.get(node) {
+            return r.clone();
+        }
+        if routers.len() >= MAX_ROUTERS {
+            routers.clear();
+        }
+        let r = (self.make)(node);
+        routers.insert(node.to_owned(), r.clone());
+        r
+    }
+
+    /// Run one forwarded request.
+    pub async fn serve(&self, r: HttpRequest) -> HttpResponse {
+        let index = || self.published.state.load().index;
+        let mut b = axum::http::Request::builder().method(r.method.as_str()).uri(r.uri.as_str());
+        for (k, v) in &r.headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        let req = match b.body(Body::from(r.body)) {
+            Ok(req) => req,
+            Err(e) => {
+                return HttpResponse {
+                    status: 400,
+                    headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+                    body: format!("bad forwarded request: {e}").into_bytes(),
+                    index: index(),
+                };
+            }
+        };
+        let resp = match tower::ServiceExt::oneshot(self.router(&r.node), req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let body = match tokio::time::timeout(
+            FORWARD_TIMEOUT,
+            http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes().to_vec(),
+            Ok(Err(e)) => format!("response body: {e}").into_bytes(),
+            Err(_) => b"the response did not end in time".to_vec(),
+        };
+        HttpResponse { status, headers, body, index: index() }
+    }
+}
+
+/// What an agent's HTTP layer needs to forward.
+#[derive(Clone)]
+pub struct Forwarder {
+    /// The connection to a server.
+    pub link: super::Link,
+    /// This node's name (the server acts for it on `/v1/agent/*`).
+    pub node: String,
+    /// The replica (to wait for a forwarded write to arrive).
+    pub published: Published,
+    /// Whether the replica hears from a server.
+    pub status: Arc<super::replica::ReplicaStatus>,
+}
+
+/// Whether a request goes to a server.
+pub fn forwarded(method: &Method, path: &str) -> bool {
+    if method == Method::GET || method == Method::HEAD {
+        return path.starts_with("/v2/queue")
+            || path.starts_with("/v2/leader")
+            || path.starts_with("/master/")
+            || path.starts_with("/api/v1")
+            || path.starts_with("/v1/status/")
+            || path.starts_with("/metrics");
+    }
+    true
+}
+
+fn unavailable(path: &str, why: &str) -> axum::response::Response {
+    if path.starts_with("/v1/") {
+        // Consul's answer when no server can be reached.
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("No cluster leader ({why})")).into_response()
+    } else if path.starts_with("/v2/") {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "message": format!("no server reachable: {why}") })),
+        )
+            .into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no server reachable: {why}")).into_response()
+    }
+}
+
+/// The agent's HTTP layer: forwards what a server must answer, answers the rest locally from
+/// the replica (saying, on Consul endpoints, when it has lost the server).
+pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next: Next) -> axum::response::Response {
+    let path = req.uri().path().to_owned();
+    if !forwarded(req.method(), &path) {
+        let mut resp = next.run(req).await;
+        if !f.status.connected() && resp.headers().contains_key("X-Consul-KnownLeader") {
+            let h = resp.headers_mut();
+            h.insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+            if let Ok(v) = HeaderValue::from_str(&f.status.last_contact_ms().to_string()) {
+                h.insert("X-Consul-LastContact", v);
+            }
+        }
+        return resp;
+    }
+    let conn = f.link.borrow().clone();
+    let Some(conn) = conn.filter(|c| !c.is_closed()) else {
+        return unavailable(&path, "this agent has no connection to a server");
+    };
+    let (parts, body) = req.into_parts();
+    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
+    };
+    let fwd = HttpRequest {
+        method: parts.method.to_string(),
+        uri: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path.clone()),
+        headers: parts
+            .headers
+            .iter()
+            .filter(|(k, _)| *k != axum::http::header::HOST && *k != axum::http::header::CONNECTION)
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        body,
+        node: f.node.clone(),
+    };
+    let r = match conn.call(Request::Http(fwd), FORWARD_TIMEOUT).await {
+        Ok(Response::Http(r)) => r,
+        Ok(other) => return unavailable(&path, &format!("unexpected answer {other:?}")),
+        Err(e) => return unavailable(&path, &e.to_string()),
+    };
+    // Read-your-writes: wait (bounded) for the replica to hold what the server answered from.
+    let mut index = f.published.index.clone();
+    if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
+        debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");
+    }
+    let mut resp = axum::response::Response::new(Body::from(r.body));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (k, v) in r.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::from_str(&v)) {
+            if k == axum::http::header::TRANSFER_ENCODING || k == axum::http::header::CONNECTION {
+                continue;
+            }
+            resp.headers_mut().append(k, v);
+        }
+    }
+    resp
+}

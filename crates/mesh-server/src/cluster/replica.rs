@@ -1,0 +1,129 @@
+//! An agent's read-only replica of the cluster state: a snapshot from a server, then every
+//! command the server applies, applied here in the same order by the same state machine. DNS,
+//! the Consul read endpoints and the Marathon lists on the agent answer from it, and keep
+//! answering what they last knew while no server is reachable.
+
+use super::Link;
+use crate::control::Published;
+use crate::events::batch_events;
+use crate::rpc::{Item, Request};
+use mesh_core::model::now_millis;
+use mesh_core::state::State;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Whether the replica hears from a server, and when it last did.
+#[derive(Debug, Default)]
+pub struct ReplicaStatus {
+    connected: AtomicBool,
+    last_contact: AtomicU64,
+}
+
+impl ReplicaStatus {
+    /// Whether a server streams the state to this replica now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    /// Milliseconds since the replica last heard from a server (0 while connected and fresh).
+    pub fn last_contact_ms(&self) -> u64 {
+        let last = self.last_contact.load(Ordering::Relaxed);
+        if last == 0 { 0 } else { now_millis().saturating_sub(last) }
+    }
+    fn contact(&self) {
+        self.last_contact.store(now_millis(), Ordering::Relaxed);
+    }
+}
+
+/// Start the replica: it follows whichever server `link` is connected to.
+pub fn spawn(datacenter: &str, link: Link) -> (Published, Arc<ReplicaStatus>, tokio::task::JoinHandle<()>) {
+    let state = State::new(datacenter);
+    let (published, index_tx) = Published::new(state.clone());
+    let status = Arc::new(ReplicaStatus::default());
+    let task = tokio::spawn(follow(state, published.clone(), index_tx, status.clone(), link));
+    (published, status, task)
+}
+
+async fn follow(
+    mut state: State,
+    published: Published,
+    index_tx: watch::Sender<u64>,
+    status: Arc<ReplicaStatus>,
+    mut link: Link,
+) {
+    loop {
+        let conn = match link.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed())).await {
+            Ok(c) => c.clone().expect("checked above"),
+            Err(_) => return, // the uplink is gone: the node is stopping
+        };
+        let mut stream = match conn.open(Request::Replicate { from: state.index + 1 }).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "replica: cannot open the state stream");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        status.connected.store(true, Ordering::Relaxed);
+        status.contact();
+        info!(server = %conn.peer().hello.node, from = state.index + 1, "replica: following");
+        let mut snapshot: Vec<u8> = Vec::new();
+        let why = loop {
+            let item = match tokio::time::timeout(super::replication::HEARTBEAT * 5, stream.next()).await {
+                Err(_) => break "no heartbeat from the server".to_owned(),
+                Ok(None) => break "the server ended the stream".to_owned(),
+                Ok(Some(Err(e))) => break e.to_string(),
+                Ok(Some(Ok(item))) => item,
+            };
+            status.contact();
+            match item {
+                Item::Snapshot { index, chunk, last } => {
+                    snapshot.extend_from_slice(&chunk);
+                    if !last {
+                        continue;
+                    }
+                    match mesh_core::state::decode_state(&std::mem::take(&mut snapshot)) {
+                        Ok(mut s) => {
+                            s.rebuild_indexes();
+                            info!(index, "replica: snapshot installed");
+                            state = s;
+                            published.publish(&state, &index_tx);
+                        }
+                        Err(e) => break format!("undecodable snapshot: {e}"),
+                    }
+                }
+                Item::Commands { first, cmds } => {
+                    if first > state.index + 1 {
+                        break format!("a gap in the stream: got {first}, expected {}", state.index + 1);
+                    }
+                    let before = state.clone();
+                    let skip = (state.index + 1 - first) as usize;
+                    let cmds = cmds.get(skip..).unwrap_or_default();
+                    for cmd in cmds {
+                        if state.apply(cmd).is_err() {
+                            // Applied on the server, so it applies here unless the encoding
+                            // changed: keep the indexes aligned, as a log replay does.
+                            state.index += 1;
+                        }
+                    }
+                    if !cmds.is_empty() {
+                        if published.events.clients() > 0 {
+                            for e in batch_events(cmds, &before, &state, now_millis()) {
+                                published.events.publish(e);
+                            }
+                        }
+                        published.publish(&state, &index_tx);
+                    }
+                }
+                Item::Heartbeat { .. } => {}
+                Item::ToAgent(_) => break "unexpected item on the state stream".to_owned(),
+            }
+        };
+        status.connected.store(false, Ordering::Relaxed);
+        warn!(reason = %why, index = state.index, "replica: lost the server; answering from what it last knew");
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

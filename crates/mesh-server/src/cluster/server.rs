@@ -1,0 +1,147 @@
+//! A server's RPC handler: agents' sessions and reports, the state stream, forwarded requests.
+
+use super::forward::Executor;
+use super::replication::Replication;
+use crate::control::{ControlHandle, ControlMsg};
+use crate::rpc::{Handler, Item, Peer, RemoteError, Request, Response, Role, Sink};
+use mesh_core::model::AgentId;
+use mesh_core::proto::{ToAgent, ToControl};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// Messages queued for one agent's session (the control loop never waits on it: when full,
+/// they wait in the control loop's own per-agent queue).
+const SESSION_QUEUE: usize = 1024;
+/// How long the control loop has to record a report before the agent is told to retry.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Serves agents and replicas on a server.
+pub struct ServerHandler {
+    control: ControlHandle,
+    replication: Replication,
+    /// Per agent: its incarnation and the highest report number recorded.
+    acked: Mutex<HashMap<AgentId, (String, u64)>>,
+    http: Executor,
+}
+
+impl ServerHandler {
+    /// A handler over this server's control loop.
+    pub fn new(control: ControlHandle, replication: Replication, http: Executor) -> ServerHandler {
+        ServerHandler { control, replication, acked: Mutex::new(HashMap::new()), http }
+    }
+
+    /// Record reports with numbers above what was recorded; the highest number recorded.
+    async fn report(
+        &self,
+        peer: &Peer,
+        agent: AgentId,
+        incarnation: String,
+        items: Vec<(u64, ToControl)>,
+    ) -> Result<u64, RemoteError> {
+        if peer.hello.role != Role::Agent || peer.hello.node != agent.0 || peer.hello.node_id != incarnation {
+            warn!(peer = %peer.addr, node = %peer.hello.node, claimed = %agent, "reports for another agent: refused");
+            return Err(RemoteError::Refused(format!("node {} cannot report for agent {agent}", peer.hello.node)));
+        }
+        let upto = {
+            let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+            let e = acked.entry(agent.clone()).or_insert_with(|| (incarnation.clone(), 0));
+            if e.0 != incarnation {
+                *e = (incarnation.clone(), 0);
+            }
+            e.1
+        };
+        let last = items.last().map(|(s, _)| *s).unwrap_or(upto);
+        let fresh: Vec<ToControl> =
+            items.into_iter().filter(|(seq, _)| *seq > upto).map(|(_, m)| m).filter(|m| owned_by(m, &agent)).collect();
+        if !fresh.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            self.control
+                .send(ControlMsg::Reports(fresh, tx))
+                .await
+                .map_err(|_| RemoteError::Unavailable("the server is stopping".into()))?;
+            match tokio::time::timeout(RECORD_TIMEOUT, rx).await {
+                Ok(Ok(())) => {}
+                _ => return Err(RemoteError::Unavailable("the reports could not be recorded yet".into())),
+            }
+        }
+        let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = acked.get_mut(&agent)
+            && e.0 == incarnation
+        {
+            e.1 = e.1.max(last);
+        }
+        Ok(last.max(upto))
+    }
+
+    async fn session(&self, peer: Peer, register: ToControl, sink: Sink) {
+        let ToControl::Register { agent_id, .. } = &register else {
+            return sink.end(Some("a session starts with a registration".into()));
+        };
+        if peer.hello.role != Role::Agent || peer.hello.node != agent_id.0 {
+            warn!(peer = %peer.addr, node = %peer.hello.node, claimed = %agent_id, "agent session for another node: refused");
+            return sink.end(Some(format!("node {} cannot register as {agent_id}", peer.hello.node)));
+        }
+        let agent = agent_id.clone();
+        info!(%agent, addr = %peer.addr, incarnation = %peer.hello.node_id, "agent session opened");
+        let (tx, mut rx) = mpsc::channel::<ToAgent>(SESSION_QUEUE);
+        if self.control.send(ControlMsg::AgentConnected(agent.clone(), tx.clone())).await.is_err()
+            || self.control.send(ControlMsg::FromAgent(register)).await.is_err()
+        {
+            return sink.end(Some("the server is stopping".into()));
+        }
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if !sink.send(Item::ToAgent(m)).await { break },
+                    None => break,
+                },
+                () = sink.closed() => break,
+            }
+        }
+        info!(%agent, "agent session closed");
+        let _ = self.control.send(ControlMsg::AgentGone(agent, tx)).await;
+    }
+}
+
+/// Whether a report is about the reporting agent's own node (check results and service sets
+/// name their node; task updates are checked against the task's owner by the control loop).
+fn owned_by(m: &ToControl, agent: &AgentId) -> bool {
+    let ok = match m {
+        ToControl::Register { agent_id, .. }
+        | ToControl::CheckResults { agent_id, .. }
+        | ToControl::Services { agent_id, .. } => agent_id == agent,
+        ToControl::Status(u) => &u.agent_id == agent,
+        ToControl::Health { .. } => true,
+    };
+    if !ok {
+        warn!(%agent, "a report about another node: refused");
+    }
+    ok
+}
+
+#[async_trait::async_trait]
+impl Handler for ServerHandler {
+    async fn call(&self, peer: &Peer, req: Request) -> Result<Response, RemoteError> {
+        match req {
+            Request::Report { agent, incarnation, items } => {
+                self.report(peer, agent, incarnation, items).await.map(|upto| Response::Ack { upto })
+            }
+            Request::Http(r) => Ok(Response::Http(self.http.serve(r).await)),
+            Request::Echo(s) => Ok(Response::Echo(s)),
+            other => Err(RemoteError::NotServed(format!("{} is a stream", other.name()))),
+        }
+    }
+
+    async fn open(&self, peer: Peer, req: Request, sink: Sink) {
+        match req {
+            Request::AgentSession { register } => self.session(peer, register, sink).await,
+            Request::Replicate { from } => {
+                self.replication.serve(&self.control.published, from, &peer.hello.node, sink).await
+            }
+            other => sink.end(Some(format!("{} is not a stream", other.name()))),
+        }
+    }
+}
