@@ -54,6 +54,18 @@ impl MeshNode {
 
     /// Start a node on `data_dir` with the node name `name` (tests of name clashes).
     pub fn start_named(data_dir: &Path, ports: (u16, u16), name: &str, extra: &[&str]) -> MeshNode {
+        Self::start_role("dev", "127.0.0.1", data_dir, ports, name, extra)
+    }
+
+    /// Start a `mesh <role>` (dev, server, agent) whose HTTP and DNS listen on `ip`, port 0.
+    pub fn start_role(
+        role: &str,
+        ip: &str,
+        data_dir: &Path,
+        ports: (u16, u16),
+        name: &str,
+        extra: &[&str],
+    ) -> MeshNode {
         let name = name.to_owned();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -61,7 +73,7 @@ impl MeshNode {
             .open(data_dir.with_extension("log"))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh"));
-        cmd.args(["dev", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--node", &name])
+        cmd.args([role, "--http", &format!("{ip}:0"), "--dns", &format!("{ip}:0"), "--node", &name])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--ports")
@@ -80,9 +92,11 @@ impl MeshNode {
             }
         });
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("mesh dev did not become ready; log:\n{}", tail(&data_dir.with_extension("log")))
+            panic!("mesh {role} did not become ready; log:\n{}", tail(&data_dir.with_extension("log")))
         });
-        let rest = line.strip_prefix("mesh dev ready: ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let rest = line
+            .strip_prefix(&format!("mesh {role} ready: "))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         let mut http = None;
         let mut dns = None;
         for part in rest.split_whitespace() {

@@ -139,10 +139,18 @@ impl Uplink {
                 ControlMsg::AgentGone(..) | ControlMsg::Mesos(_) => {}
             }
         }
-        if !reports.is_empty()
-            && let Err(e) = self.outbox.push(reports)
-        {
-            warn!(error = %e, "outbox: cannot write reports to disk; they are kept in memory");
+        if !reports.is_empty() {
+            let n = reports.len();
+            if let Err(e) = self.outbox.push(reports) {
+                warn!(error = %e, "outbox: cannot write reports to disk; they are kept in memory");
+            }
+            if !self.session {
+                info!(
+                    new = n,
+                    pending = self.outbox.len(),
+                    "uplink: no server; reports kept until one acknowledges them"
+                );
+            }
         }
     }
 
