@@ -116,6 +116,8 @@ fn commands() -> Vec<Vec<Command>> {
                     kill_requested: false,
                     message: String::new(),
                     health: Vec::new(),
+                    unreachable_since: None,
+                    inactive: false,
                 }
             })
             .collect();
@@ -168,6 +170,7 @@ fn fixture() -> Fixture {
             tick: Duration::from_secs(3600),
             seed: 4,
             mesos: Default::default(),
+            ..Default::default()
         };
         let (control, _join) = spawn(store, cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

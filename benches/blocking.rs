@@ -65,6 +65,7 @@ fn main() {
                 tick: Duration::from_secs(3600),
                 seed: 1,
                 mesos: Default::default(),
+                ..Default::default()
             },
         );
         let node = Node {

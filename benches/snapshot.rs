@@ -46,6 +46,8 @@ fn task(i: usize) -> Task {
         kill_requested: false,
         message: String::new(),
         health: vec![],
+        unreachable_since: None,
+        inactive: false,
     }
 }
 

@@ -49,7 +49,14 @@ impl Cluster {
 fn start_server(net: &str, dir: &std::path::Path) -> MeshNode {
     let ip = format!("{net}.1");
     let rpc = format!("{ip}:8300");
-    MeshNode::start_role("server", &ip, dir, port_range(), "server1", &["--bind", &ip, "--rpc", &rpc])
+    MeshNode::start_role(
+        "server",
+        &ip,
+        dir,
+        port_range(),
+        "server1",
+        &["--bind", &ip, "--rpc", &rpc, "--agent-down-after", "2s"],
+    )
 }
 
 fn start_agent(net: &str, dir: &std::path::Path, i: u8) -> MeshNode {
@@ -147,6 +154,7 @@ fn app(id: &str, tag: &str, instances: u32) -> Value {
         "cpus": 0.1,
         "mem": 32,
         "constraints": [["hostname", "MAX_PER", "2"]],
+        "unreachableStrategy": {"inactiveAfterSeconds": 1, "expungeAfterSeconds": 300},
         "env": {"MESH_TEST_TAG": tag},
     })
 }
@@ -292,4 +300,85 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     eventually(30, "6 task processes", || async { (tagged_pids(&tag, "python3").len() == 6).then_some(()) }).await;
     let (_, last) = c.server.get("/v2/apps/web?embed=app.lastTaskFailure").await;
     assert_eq!(last["app"]["lastTaskFailure"]["taskId"], victim.as_str(), "the update sent during the outage arrived");
+
+    // A fourth agent joins; then agent0 is SIGKILLed: its instances leave DNS on every other
+    // node, its tasks become unreachable and are replaced elsewhere (MAX_PER 2 leaves room only
+    // on the new agent).
+    let (c3, c0_dir) = (start_agent(&c.net, &c.agent_dir(3), 3), c.agent_dir(0));
+    c.agents.push(c3);
+    let agent_ip: BTreeMap<String, String> = (0..4u8).map(|i| (format!("agent{i}"), c.ip(10 + i))).collect();
+    let before_kill = tasks(&c.server, "web").await;
+    let on0: BTreeSet<String> =
+        before_kill.iter().filter(|(_, h, _)| h == "agent0").map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(on0.len(), 2);
+    let a0_ip = agent_ip["agent0"].clone();
+    c.agents[0].stop_with("KILL");
+    let killed = Instant::now();
+    let mut left_dns = BTreeMap::new();
+    let mut unreachable_after = None;
+    let mut replaced_after = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while left_dns.len() < 3 || unreachable_after.is_none() || replaced_after.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "agent0's loss not handled: dns {left_dns:?} unreachable {unreachable_after:?} replaced {replaced_after:?}"
+        );
+        for (i, node) in c.agents.iter().enumerate().skip(1).chain(std::iter::once((9, &c.server))) {
+            if left_dns.contains_key(&i) {
+                continue;
+            }
+            if let Some(got) = srv_addrs(node, "web.service.mesh").await
+                && !got.iter().any(|(ip, _)| *ip == a0_ip)
+                && !got.is_empty()
+            {
+                left_dns.insert(i, killed.elapsed());
+            }
+        }
+        if unreachable_after.is_none() {
+            let (_, v) = c.server.get("/v2/apps/web/tasks").await;
+            let states: Vec<&str> = v["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| on0.contains(t["id"].as_str().unwrap_or("")))
+                .filter_map(|t| t["state"].as_str())
+                .collect();
+            if states == ["TASK_UNREACHABLE", "TASK_UNREACHABLE"] {
+                unreachable_after = Some(killed.elapsed());
+            }
+        }
+        if replaced_after.is_none() {
+            let t = tasks(&c.server, "web").await;
+            if t.len() == 6 && t.iter().filter(|(_, h, _)| h == "agent3").count() == 2 {
+                replaced_after = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "agent0 SIGKILLed: out of DNS on every other node after {:?}; tasks unreachable after {:?}; replaced after {:?}",
+        left_dns.values().max().unwrap(),
+        unreachable_after.unwrap(),
+        replaced_after.unwrap()
+    );
+    // agent0 comes back: its two tasks (still running) count again, the surplus is killed, and
+    // the app has exactly 6.
+    c.agents[0] = tokio::task::spawn_blocking(move || start_agent(&net(1), &c0_dir, 0)).await.unwrap();
+    let settled = eventually(60, "exactly 6 instances after agent0 is back", || async {
+        let (_, v) = c.server.get("/v2/apps/web/tasks").await;
+        let all: Vec<&Value> = v["tasks"].as_array()?.iter().collect();
+        let running = all.iter().filter(|t| t["state"] == "TASK_RUNNING").count();
+        (all.len() == 6 && running == 6).then(|| tasks(&c.server, "web"))
+    })
+    .await
+    .await;
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, h, _) in &settled {
+        *per_host.entry(h.clone()).or_default() += 1;
+    }
+    assert!(per_host.values().all(|n| *n <= 2), "MAX_PER 2 holds: {per_host:?}");
+    eventually(30, "6 task processes after the surplus was killed", || async {
+        (tagged_pids(&tag, "python3").len() == 6).then_some(())
+    })
+    .await;
 }

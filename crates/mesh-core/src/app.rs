@@ -1456,3 +1456,41 @@ mod tests {
         assert!(!next.same_config(&app));
     }
 }
+
+/// An app's `unreachableStrategy`: when an unreachable instance is replaced and when it is
+/// forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnreachableStrategy {
+    /// Unreachable this long, the instance is inactive and a replacement launches.
+    pub inactive_after_ms: u64,
+    /// Unreachable this long, the instance is expunged.
+    pub expunge_after_ms: u64,
+}
+
+impl Default for UnreachableStrategy {
+    /// Marathon's defaults for an app without local volumes: 300 s and 600 s.
+    fn default() -> Self {
+        UnreachableStrategy { inactive_after_ms: 300_000, expunge_after_ms: 600_000 }
+    }
+}
+
+impl UnreachableStrategy {
+    /// The app's strategy; `None` for `"disabled"` (unreachable instances are never replaced).
+    pub fn of(app: &App) -> Option<UnreachableStrategy> {
+        let d = UnreachableStrategy::default();
+        match &app.unreachable_strategy {
+            None => Some(d),
+            Some(Value::String(s)) if s == "disabled" => None,
+            Some(Value::Object(o)) => {
+                let secs = |k: &str, dflt: u64| {
+                    o.get(k).and_then(Value::as_f64).map(|v| (v.max(0.0) * 1000.0) as u64).unwrap_or(dflt)
+                };
+                Some(UnreachableStrategy {
+                    inactive_after_ms: secs("inactiveAfterSeconds", d.inactive_after_ms),
+                    expunge_after_ms: secs("expungeAfterSeconds", d.expunge_after_ms),
+                })
+            }
+            Some(_) => Some(d),
+        }
+    }
+}

@@ -579,6 +579,8 @@ pub fn task_launch(info: &crate::mesos::TaskInfo, cx: &LaunchContext<'_>) -> Res
         kill_requested: false,
         message: String::new(),
         health: Vec::new(),
+        unreachable_since: None,
+        inactive: false,
     };
     let spec = TaskSpec {
         task_id,

@@ -738,6 +738,7 @@ impl From<crate::proto::TaskState> for TaskState {
             P::Killed => TaskState::Killed,
             P::Lost => TaskState::Lost,
             P::Error => TaskState::Error,
+            P::Unreachable => TaskState::Unreachable,
         }
     }
 }

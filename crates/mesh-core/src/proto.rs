@@ -42,6 +42,10 @@ pub enum TaskState {
     /// Invalid task description.
     #[serde(rename = "TASK_ERROR")]
     Error,
+    /// Its agent is unreachable: it may still run. Not terminal: it runs again when the agent
+    /// comes back, or is replaced (and later expunged) by its app's `unreachableStrategy`.
+    #[serde(rename = "TASK_UNREACHABLE")]
+    Unreachable,
 }
 
 impl TaskState {
@@ -61,6 +65,30 @@ impl TaskState {
             TaskState::Killed => "TASK_KILLED",
             TaskState::Lost => "TASK_LOST",
             TaskState::Error => "TASK_ERROR",
+            TaskState::Unreachable => "TASK_UNREACHABLE",
+        }
+    }
+
+    /// Whether a task may go from this state to `next`: states only move forward (a re-sent or
+    /// late update never takes a task back), except that a task whose agent was unreachable
+    /// runs again when it comes back. Terminal states are final.
+    pub fn can_become(self, next: TaskState) -> bool {
+        use TaskState::*;
+        let rank = |s: TaskState| match s {
+            Staging => 0,
+            Starting => 1,
+            Running | Unreachable => 2,
+            Killing => 3,
+            _ => 4,
+        };
+        if self.is_terminal() {
+            return false;
+        }
+        match (self, next) {
+            (Unreachable, Running | Killing) => true,
+            (Killing, Unreachable) => true,
+            (_, Unreachable) => true,
+            (a, b) => rank(b) >= rank(a),
         }
     }
 }
@@ -147,6 +175,15 @@ pub enum ToControl {
     },
     /// A task changed state.
     Status(StatusUpdate),
+    /// The agent is stopping. `keep_tasks`: its tasks keep running and it will be back (a
+    /// restart or upgrade): the server keeps them as they are for its re-register timeout.
+    /// Otherwise it stopped its tasks and leaves the cluster.
+    Goodbye {
+        /// The agent.
+        agent_id: AgentId,
+        /// Whether its tasks keep running.
+        keep_tasks: bool,
+    },
     /// The result of one health check of a task changed (or a counted failure happened).
     Health {
         /// Which task.

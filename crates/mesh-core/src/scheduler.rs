@@ -463,7 +463,7 @@ impl MarathonScheduler {
     /// How many tasks the app lacks, ignoring backoff.
     pub fn wanted(view: &State, rec: &AppRecord) -> usize {
         let (mut new, mut total) = (0usize, 0usize);
-        for t in view.app_tasks(&rec.app.id).filter(|t| !t.state.is_terminal()) {
+        for t in view.app_tasks(&rec.app.id).filter(|t| t.counts()) {
             total += 1;
             if !t.kill_requested && t.version == rec.config_version {
                 new += 1;
@@ -495,7 +495,7 @@ impl MarathonScheduler {
             Some(rec) => {
                 let instances = rec.app.instances as usize;
                 let mut n = 0;
-                view.app_tasks(app_id).all(|t| {
+                view.app_tasks(app_id).filter(|t| t.counts()).all(|t| {
                     n += 1;
                     n <= instances && healthy(t, &rec.app) && t.version == rec.config_version
                 }) && n == instances
@@ -638,6 +638,8 @@ impl MarathonScheduler {
             kill_requested: false,
             message: String::new(),
             health: Vec::new(),
+            unreachable_since: None,
+            inactive: false,
         };
         let container = app.container_spec(&ports);
         let spec = TaskSpec {
@@ -700,7 +702,7 @@ pub fn constraints_allow(app: &App, offer: &Offer, view: &State, placed: &[Task]
     };
     let peers: Vec<(&AgentId, &str)> = view
         .app_tasks(&app.id)
-        .filter(|t| !t.kill_requested && !t.state.is_terminal())
+        .filter(|t| !t.kill_requested && t.counts())
         .chain(placed.iter().filter(|t| t.app_id.as_ref() == Some(&app.id)))
         .map(|t| (&t.agent_id, t.host.as_str()))
         .collect();
@@ -776,7 +778,7 @@ impl MarathonScheduler {
         let (mut live, mut killing) = (0usize, false);
         for t in tasks_of(view, app_id) {
             self.visited.tasks += 1;
-            if t.state.is_terminal() {
+            if !t.counts() {
                 continue;
             }
             live += 1;
@@ -1257,6 +1259,8 @@ mod tests {
             kill_requested: false,
             message: String::new(),
             health: Vec::new(),
+            unreachable_since: None,
+            inactive: false,
         }
     }
 

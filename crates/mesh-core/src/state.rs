@@ -117,9 +117,22 @@ pub struct Task {
     /// Results of the app's health checks, by check index (empty until the first report).
     #[serde(default)]
     pub health: Vec<crate::health::CheckResult>,
+    /// Since when its agent is unreachable (state `TASK_UNREACHABLE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<Millis>,
+    /// Unreachable for longer than its app's `inactiveAfterSeconds`: it no longer counts as an
+    /// instance (a replacement is launched), but it is kept until expunged, and counts again if
+    /// its agent comes back with it running (the surplus is then killed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inactive: bool,
 }
 
 impl Task {
+    /// Whether it counts as one of its app's instances: not ended, not inactive.
+    pub fn counts(&self) -> bool {
+        !self.state.is_terminal() && !self.inactive
+    }
+
     /// Whether every health check of the task reports it alive (false before the first result).
     pub fn checks_alive(&self, checks: usize) -> bool {
         self.health.len() >= checks && self.health.iter().take(checks).all(|r| r.alive)
@@ -197,6 +210,9 @@ pub struct State {
     /// derived, so not stored (rebuilt after a snapshot is loaded).
     #[serde(skip)]
     pub tasks_by_app: OrdMap<AppId, imbl::OrdSet<TaskId>>,
+    /// Tasks in `TASK_UNREACHABLE` (their timers are due work); derived, so not stored.
+    #[serde(skip)]
+    pub unreachable: imbl::OrdSet<TaskId>,
     /// Agents by id.
     pub agents: OrdMap<AgentId, Agent>,
     /// Deployments in progress.
@@ -315,6 +331,12 @@ pub enum Command {
         check: usize,
         /// Its result.
         result: crate::health::CheckResult,
+    },
+    /// An unreachable task was away longer than its app's `inactiveAfterSeconds`: it no longer
+    /// counts as an instance (see [`Task::inactive`]).
+    TaskInactive {
+        /// The task.
+        task_id: TaskId,
     },
     /// Reset an app's launch delay (`DELETE /v2/queue/{id}/delay`).
     ResetDelay {
@@ -542,6 +564,9 @@ pub enum ApplyError {
     /// The framework is not registered.
     #[error("Framework {0} is not registered")]
     UnknownFramework(FrameworkId),
+    /// A status that would take a task back (states only move forward).
+    #[error("Task '{0}' is {1}: {2} would take it back")]
+    StaleStatus(TaskId, &'static str, &'static str),
 }
 
 /// What an applied command changed (for publishing reads and events, and for the scheduler,
@@ -588,9 +613,13 @@ impl State {
         self.kv.rebuild();
         self.catalog.rebuild_index();
         self.tasks_by_app = OrdMap::new();
+        self.unreachable = imbl::OrdSet::new();
         for t in self.tasks.values() {
             if let Some(app) = &t.app_id {
                 self.tasks_by_app.entry(app.clone()).or_default().insert(t.id.clone());
+            }
+            if t.state == TaskState::Unreachable {
+                self.unreachable.insert(t.id.clone());
             }
         }
     }
@@ -916,6 +945,19 @@ impl State {
                 let Some(mut task) = self.tasks.get(task_id).cloned() else {
                     return Err(ApplyError::UnknownTask(task_id.clone()));
                 };
+                if !task.state.can_become(*state) {
+                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str(), state.as_str()));
+                }
+                if *state == TaskState::Unreachable {
+                    task.unreachable_since.get_or_insert(*at);
+                    self.unreachable.insert(task_id.clone());
+                    // Its instance leaves DNS until it is back.
+                    ch.catalog |= self.deregister_task(&task);
+                } else {
+                    task.unreachable_since = None;
+                    task.inactive = false;
+                    self.unreachable.remove(task_id);
+                }
                 task.state = *state;
                 task.message = message.clone();
                 if *state == TaskState::Running && task.started_at.is_none() {
@@ -965,6 +1007,20 @@ impl State {
                 if task.state == TaskState::Running && !task.kill_requested {
                     ch.catalog |= self.register_task(&task);
                 }
+            }
+            Command::TaskInactive { task_id } => {
+                let Some(mut task) = self.tasks.get(task_id).cloned() else {
+                    return Err(ApplyError::UnknownTask(task_id.clone()));
+                };
+                if task.state != TaskState::Unreachable {
+                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str(), "inactive"));
+                }
+                task.inactive = true;
+                if let Some(app) = &task.app_id {
+                    ch.apps.push(app.clone());
+                }
+                ch.tasks.push(task_id.clone());
+                self.tasks.insert(task_id.clone(), task);
             }
             Command::ResetDelay { id } => {
                 let rec = self.apps.get_mut(id).ok_or_else(|| ApplyError::UnknownApp(id.clone()))?;
@@ -1284,6 +1340,20 @@ impl State {
                 out.push(Command::Session(SessionOp::Destroy { id: sess.id.clone(), now }));
             }
         }
+        for id in &self.unreachable {
+            let Some(t) = self.tasks.get(id) else { continue };
+            let Some((inactive_at, expunge_at)) = self.unreachable_deadlines(t) else { continue };
+            if expunge_at <= now {
+                out.push(Command::TaskStatus {
+                    task_id: id.clone(),
+                    state: TaskState::Lost,
+                    message: "expunged: unreachable for longer than its app's expungeAfterSeconds".into(),
+                    at: now,
+                });
+            } else if !t.inactive && inactive_at <= now {
+                out.push(Command::TaskInactive { task_id: id.clone() });
+            }
+        }
         let mut reaped = std::collections::BTreeSet::new();
         for c in self.catalog.checks.values().flat_map(|m| m.values()) {
             if let Some(d) = c.ttl_deadline.filter(|d| *d <= now) {
@@ -1325,7 +1395,24 @@ impl State {
             })
             .flatten()
             .chain(self.kv.next_deadline())
+            .chain(self.unreachable.iter().filter_map(|id| {
+                let t = self.tasks.get(id)?;
+                let (inactive_at, expunge_at) = self.unreachable_deadlines(t)?;
+                Some(if t.inactive { expunge_at } else { inactive_at.min(expunge_at) })
+            }))
             .min()
+    }
+
+    /// When an unreachable task becomes inactive and when it is expunged, by its app's
+    /// `unreachableStrategy` (Marathon's defaults: 300 s and 600 s); `None` when disabled (it
+    /// waits for its agent forever) or not unreachable.
+    fn unreachable_deadlines(&self, t: &Task) -> Option<(Millis, Millis)> {
+        let since = t.unreachable_since?;
+        let strategy = match t.app_id.as_ref().and_then(|a| self.apps.get(a)) {
+            Some(rec) => crate::app::UnreachableStrategy::of(&rec.app)?,
+            None => crate::app::UnreachableStrategy::default(),
+        };
+        Some((since.saturating_add(strategy.inactive_after_ms), since.saturating_add(strategy.expunge_after_ms)))
     }
 
     /// The index of the last change to a watchable topic (see [`CatalogState::topics`]; `kv:` and
@@ -2453,6 +2540,8 @@ mod tests {
             kill_requested: false,
             message: String::new(),
             health: Vec::new(),
+            unreachable_since: None,
+            inactive: false,
         }
     }
 

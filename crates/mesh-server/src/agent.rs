@@ -324,6 +324,8 @@ impl AgentLoop {
             }
         }
         if mode != StopMode::KillTasks {
+            // Back soon (a restart or an upgrade): the server keeps the tasks as they are.
+            self.report(ToControl::Goodbye { agent_id: self.id.clone(), keep_tasks: true }).await;
             return;
         }
         let running = self.runtime.running().len();
@@ -340,5 +342,6 @@ impl AgentLoop {
         while let Ok(ev) = events.try_recv() {
             self.report(event_to_update(&self.id, ev)).await;
         }
+        self.report(ToControl::Goodbye { agent_id: self.id.clone(), keep_tasks: false }).await;
     }
 }

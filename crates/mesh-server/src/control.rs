@@ -176,7 +176,31 @@ pub struct ControlConfig {
     pub seed: u64,
     /// The Mesos v1 scheduler API and allocation settings.
     pub mesos: MesosConfig,
+    /// An agent whose connection broke (it did not say goodbye) is lost after this long without
+    /// reconnecting: its node's serfHealth goes critical and its tasks become unreachable.
+    pub agent_down_after: Duration,
+    /// An agent that said it restarts (SIGTERM, upgrade) keeps its tasks as they are for this
+    /// long (Mesos' `agent_reregister_timeout`); later it is lost.
+    pub reregister_timeout: Duration,
 }
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            datacenter: "dc1".into(),
+            tick: Duration::from_millis(200),
+            seed: 0,
+            mesos: MesosConfig::default(),
+            agent_down_after: AGENT_DOWN_AFTER,
+            reregister_timeout: REREGISTER_TIMEOUT,
+        }
+    }
+}
+
+/// Default of [`ControlConfig::agent_down_after`].
+pub const AGENT_DOWN_AFTER: Duration = Duration::from_secs(5);
+/// Default of [`ControlConfig::reregister_timeout`] (Mesos' default).
+pub const REREGISTER_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Control {
     cfg: ControlConfig,
@@ -206,6 +230,10 @@ struct Control {
     /// Facts agents reported while the store could not record them (check results, service
     /// sets, registrations), in order; proposed again once it recovers.
     deferred: VecDeque<Command>,
+    /// Agents without a connection: when they count as lost unless they reconnect.
+    down: HashMap<AgentId, Millis>,
+    /// Agents that said goodbye keeping their tasks (a restart): when they did.
+    restarting: HashMap<AgentId, Millis>,
 }
 
 /// How many status update uuids are remembered to drop re-sent updates.
@@ -260,8 +288,17 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         mesos,
         recovery: (0, RECOVERY_BACKOFF_MS.0),
         deferred: VecDeque::new(),
+        down: HashMap::new(),
+        restarting: HashMap::new(),
     };
     control.mesos_recover(now_millis());
+    // After a restart of the server, agents have their re-register timeout to come back (as
+    // Mesos agents after a master failover); one that does not is lost.
+    let deadline = now_millis().saturating_add(control.cfg.reregister_timeout.as_millis() as u64);
+    let known: Vec<AgentId> = control.store.state().agents.keys().cloned().collect();
+    for a in known {
+        control.down.insert(a, deadline);
+    }
     let join = tokio::spawn(control.run(rx));
     (ControlHandle { tx, published }, join)
 }
@@ -327,7 +364,7 @@ impl Control {
                 }
                 ControlMsg::AgentGone(id, tx) => {
                     if self.agents.get(&id).is_some_and(|t| t.same_channel(&tx)) {
-                        self.agent_gone(&id);
+                        self.agent_gone(&id, now);
                     }
                 }
                 ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
@@ -496,6 +533,8 @@ impl Control {
         match msg {
             ToControl::Register { agent_id, hostname, address, resources, attributes, running, runtimes } => {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
+                self.down.remove(&agent_id);
+                self.restarting.remove(&agent_id);
                 let agent = Agent {
                     id: agent_id.clone(),
                     hostname: hostname.clone(),
@@ -515,6 +554,15 @@ impl Control {
                 for t in state.tasks.values().filter(|t| t.agent_id == agent_id) {
                     if running.contains(&t.id) {
                         self.allocator.track_used(&agent_id, &t.framework_id, &t.resources);
+                        if t.state == TaskState::Unreachable {
+                            // Back: it counts again (a surplus over the app's instances is killed).
+                            lost.push(Command::TaskStatus {
+                                task_id: t.id.clone(),
+                                state: TaskState::Running,
+                                message: "running again: its agent is back".into(),
+                                at: now,
+                            });
+                        }
                         let checks = self.checks_of(t);
                         if !checks.is_empty() {
                             let started_at = t.started_at.unwrap_or(now);
@@ -543,6 +591,21 @@ impl Control {
                 self.apply(lost);
             }
             ToControl::Status(update) => self.status_updates(vec![update]),
+            ToControl::Goodbye { agent_id, keep_tasks } => {
+                if keep_tasks {
+                    info!(agent = %agent_id, timeout = ?self.cfg.reregister_timeout, "agent restarting; its tasks are kept meanwhile");
+                    self.restarting.insert(agent_id, now);
+                } else {
+                    // It stopped its tasks and leaves (Consul's graceful leave).
+                    self.down.remove(&agent_id);
+                    self.restarting.remove(&agent_id);
+                    if let Some(tx) = self.agents.remove(&agent_id) {
+                        drop(tx);
+                        self.allocator.remove_agent(&agent_id);
+                    }
+                    self.agent_lost(&agent_id, "Agent left the cluster", now);
+                }
+            }
             ToControl::Health { task_id, check, result } => {
                 let before = self.store.state().tasks.get(&task_id).and_then(|t| t.health.get(check).cloned());
                 let res =
@@ -634,6 +697,7 @@ impl Control {
     }
 
     fn step(&mut self, now: Millis) {
+        self.lost_agents(now);
         self.mesos_step(now);
         // Only deployments whose apps changed are looked at.
         let ends = self.marathon.deployment_steps(self.store.state(), now);
@@ -717,6 +781,18 @@ impl Control {
                     let _ = self.allocator.decline(&offer_id, filters, now);
                 }
                 Call::Kill { task_id, agent_id, grace } => {
+                    if self.store.state().tasks.get(&task_id).is_some_and(|t| t.state == TaskState::Unreachable) {
+                        // Nothing can reach it: it is gone for the state now (Marathon expunges
+                        // an unreachable instance it kills); if its agent comes back running it,
+                        // the agent is told to kill it.
+                        self.apply(vec![Command::TaskStatus {
+                            task_id,
+                            state: TaskState::Killed,
+                            message: "killed while its agent was unreachable".into(),
+                            at: now,
+                        }]);
+                        continue;
+                    }
                     let needs_mark = self.store.state().tasks.get(&task_id).is_some_and(|t| !t.kill_requested);
                     if needs_mark {
                         self.apply(vec![Command::KillTasks {
@@ -863,27 +939,67 @@ impl Control {
             }
         }
         self.outbox = kept;
+        let now = now_millis();
         for agent in gone {
-            self.agent_gone(&agent);
+            self.agent_gone(&agent, now);
         }
     }
 
-    /// An agent's connection is gone: like Consul's serfHealth when gossip marks a node failed,
-    /// its services leave DNS, and its offers are rescinded, until it registers again.
-    fn agent_gone(&mut self, agent: &AgentId) {
+    /// An agent's connection is gone. It gets no offers meanwhile; unless it reconnects within
+    /// [`ControlConfig::agent_down_after`] (or its re-register timeout, when it said it
+    /// restarts), it is lost (see [`Control::agent_lost`]).
+    fn agent_gone(&mut self, agent: &AgentId, now: Millis) {
         if self.agents.remove(agent).is_none() {
             return;
         }
-        info!(%agent, "agent disconnected");
         self.sent_checks.remove(agent);
+        let rescinded = self.allocator.remove_agent(agent);
+        self.mesos_rescinded(rescinded);
+        let deadline = match self.restarting.get(agent) {
+            Some(at) => at.saturating_add(self.cfg.reregister_timeout.as_millis() as u64),
+            None => now.saturating_add(self.cfg.agent_down_after.as_millis() as u64),
+        };
+        info!(%agent, lost_in_ms = deadline.saturating_sub(now), "agent disconnected");
+        self.down.insert(agent.clone(), deadline);
+    }
+
+    /// Agents whose time to come back ran out.
+    fn lost_agents(&mut self, now: Millis) {
+        let due: Vec<AgentId> = self.down.iter().filter(|(_, d)| **d <= now).map(|(a, _)| a.clone()).collect();
+        for agent in due {
+            self.down.remove(&agent);
+            self.restarting.remove(&agent);
+            self.agent_lost(&agent, "Agent not live or unreachable", now);
+        }
+    }
+
+    /// An agent is lost (or left): like Consul's serfHealth when gossip marks a node failed, its
+    /// services leave DNS; frameworks hear of it; its tasks become unreachable, to be replaced
+    /// by their apps' `unreachableStrategy` unless it comes back.
+    fn agent_lost(&mut self, agent: &AgentId, why: &str, now: Millis) {
+        warn!(%agent, reason = why, "agent lost");
         self.apply(vec![Command::UpdateCheck {
             node: agent.0.clone(),
             id: mesh_core::catalog::SERF_HEALTH.into(),
             status: mesh_core::catalog::Health::Critical,
-            output: "Agent not live or unreachable".into(),
-            now: now_millis(),
+            output: why.into(),
+            now,
             ttl: mesh_core::state::TtlUpdate::Keep,
         }]);
+        let unreachable: Vec<Command> = self
+            .store
+            .state()
+            .tasks
+            .values()
+            .filter(|t| t.agent_id == *agent && !t.state.is_terminal() && t.state != TaskState::Unreachable)
+            .map(|t| Command::TaskStatus {
+                task_id: t.id.clone(),
+                state: TaskState::Unreachable,
+                message: format!("agent {agent} is unreachable"),
+                at: now,
+            })
+            .collect();
+        self.apply(unreachable);
         self.publish();
         self.mesos_agent_lost(agent);
     }

@@ -69,6 +69,14 @@ struct DevArgs {
     /// connects to; may repeat, tried in turn until one answers, with backoff.
     #[arg(long = "server", value_parser = parse_server)]
     servers: Vec<SocketAddr>,
+    /// (server) An agent whose connection broke is lost after this long without coming back:
+    /// its services leave DNS and its tasks become TASK_UNREACHABLE.
+    #[arg(long, default_value = "5s", value_parser = parse_span)]
+    agent_down_after: std::time::Duration,
+    /// (server) An agent that stopped saying it will be back (SIGTERM) keeps its tasks as they
+    /// are for this long (Mesos' agent_reregister_timeout).
+    #[arg(long, default_value = "10mins", value_parser = parse_span)]
+    agent_reregister_timeout: std::time::Duration,
     /// Where state and task sandboxes live.
     #[arg(long, default_value = "./mesh-data")]
     data_dir: PathBuf,
@@ -538,6 +546,8 @@ fn main() -> ExitCode {
         container_disk_watch_interval: a.container_disk_watch_interval.max(std::time::Duration::from_millis(10)),
         rpc: a.rpc,
         servers: a.servers,
+        agent_down_after: a.agent_down_after,
+        reregister_timeout: a.agent_reregister_timeout,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

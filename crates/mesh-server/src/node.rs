@@ -98,6 +98,10 @@ pub struct NodeConfig {
     pub rpc: SocketAddr,
     /// Servers' RPC addresses an agent connects to (`--server`), tried in turn.
     pub servers: Vec<SocketAddr>,
+    /// See [`ControlConfig::agent_down_after`].
+    pub agent_down_after: Duration,
+    /// See [`ControlConfig::reregister_timeout`].
+    pub reregister_timeout: Duration,
 }
 
 /// Errors that stop a node from starting.
@@ -264,6 +268,8 @@ pub async fn run_dev(
                 hostname: cfg.node.clone(),
                 ..cfg.mesos.clone()
             },
+            agent_down_after: cfg.agent_down_after,
+            reregister_timeout: cfg.reregister_timeout,
         },
     );
 
@@ -497,6 +503,8 @@ pub async fn run_server(
                 hostname: cfg.node.clone(),
                 ..cfg.mesos.clone()
             },
+            agent_down_after: cfg.agent_down_after,
+            reregister_timeout: cfg.reregister_timeout,
         },
     );
     let catalog =
@@ -567,7 +575,7 @@ pub async fn run_agent(
         servers: Arc::new(std::sync::Mutex::new(cfg.servers.clone())),
         transport: Arc::new(crate::rpc::TcpTransport { bind: Some(cfg.advertise) }),
     };
-    let (link, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
+    let (link, mut pending, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
     let (published, status, replica_join) = crate::cluster::replica::spawn(&cfg.datacenter, link.clone());
     let control = ControlHandle::from_parts(up_tx, published.clone());
 
@@ -602,12 +610,11 @@ pub async fn run_agent(
         r.shutdown().await;
     }
     dns.shutdown().await;
-    // The uplink sends what the agent reported while stopping (bounded).
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        drop(control);
-        let _ = uplink_join.await;
-    })
-    .await;
+    // What the agent reported while stopping (its goodbye last) reaches the server, if one is
+    // there to take it (bounded); the rest waits in the outbox for the next start.
+    drop(control);
+    let _ = tokio::time::timeout(Duration::from_secs(3), pending.wait_for(|p| *p == 0)).await;
+    uplink_join.abort();
     replica_join.abort();
     info!("stopped");
     Ok(())

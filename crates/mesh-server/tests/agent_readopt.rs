@@ -70,8 +70,13 @@ async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_readopted_before_its_running_arrived_becomes_running() {
     let store = Store::open(Box::new(MemLog::default()), "dc1").unwrap();
-    let cfg =
-        ControlConfig { datacenter: "dc1".into(), tick: Duration::from_millis(50), seed: 1, mesos: Default::default() };
+    let cfg = ControlConfig {
+        datacenter: "dc1".into(),
+        tick: Duration::from_millis(50),
+        seed: 1,
+        mesos: Default::default(),
+        ..Default::default()
+    };
     let (control, join) = control::spawn(store, cfg);
     let first = Arc::new(Silent::default());
     let (_tx, rx) = tokio::sync::mpsc::channel::<RuntimeEvent>(64);

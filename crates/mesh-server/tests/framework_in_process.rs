@@ -54,8 +54,13 @@ impl Framework for Jobs {
 async fn an_sdk_framework_runs_in_process_against_the_control_loop() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(Box::new(MemLog::default()), "dc1").unwrap();
-    let cfg =
-        ControlConfig { datacenter: "dc1".into(), tick: Duration::from_millis(50), seed: 1, mesos: Default::default() };
+    let cfg = ControlConfig {
+        datacenter: "dc1".into(),
+        tick: Duration::from_millis(50),
+        seed: 1,
+        mesos: Default::default(),
+        ..Default::default()
+    };
     let (control, join) = control::spawn(store, cfg);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(tmp.path().join("sandboxes"), tx).unwrap());

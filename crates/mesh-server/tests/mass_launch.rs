@@ -29,8 +29,13 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_launches_at_once_all_run_and_all_stop() {
     let store = Store::open(Box::new(MemLog::default()), "dc1").unwrap();
-    let cfg =
-        ControlConfig { datacenter: "dc1".into(), tick: Duration::from_millis(50), seed: 1, mesos: Default::default() };
+    let cfg = ControlConfig {
+        datacenter: "dc1".into(),
+        tick: Duration::from_millis(50),
+        seed: 1,
+        mesos: Default::default(),
+        ..Default::default()
+    };
     let (control, join) = control::spawn(store, cfg);
     let (tx, rx) = tokio::sync::mpsc::channel::<RuntimeEvent>(1024);
     let runtime = Arc::new(MemoryRuntime::new(tx));

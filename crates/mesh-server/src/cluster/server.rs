@@ -112,7 +112,8 @@ fn owned_by(m: &ToControl, agent: &AgentId) -> bool {
     let ok = match m {
         ToControl::Register { agent_id, .. }
         | ToControl::CheckResults { agent_id, .. }
-        | ToControl::Services { agent_id, .. } => agent_id == agent,
+        | ToControl::Services { agent_id, .. }
+        | ToControl::Goodbye { agent_id, .. } => agent_id == agent,
         ToControl::Status(u) => &u.agent_id == agent,
         ToControl::Health { .. } => true,
     };

@@ -53,9 +53,11 @@ pub fn spawn(
     cfg: UplinkConfig,
     outbox: Outbox,
     rx: mpsc::Receiver<ControlMsg>,
-) -> (super::Link, tokio::task::JoinHandle<()>) {
+) -> (super::Link, Pending, tokio::task::JoinHandle<()>) {
     let (link_tx, link) = watch::channel(None);
+    let (pending_tx, pending) = watch::channel(outbox.len());
     let up = Uplink {
+        pending: pending_tx,
         cfg,
         outbox,
         link: link_tx,
@@ -68,10 +70,14 @@ pub fn spawn(
         generation: 0,
         backoff: BACKOFF.0,
     };
-    (link, tokio::spawn(up.run(rx)))
+    (link, pending, tokio::spawn(up.run(rx)))
 }
 
+/// How many reports wait for a server's acknowledgement.
+pub type Pending = watch::Receiver<usize>;
+
 struct Uplink {
+    pending: watch::Sender<usize>,
     cfg: UplinkConfig,
     outbox: Outbox,
     link: watch::Sender<Option<Conn>>,
@@ -109,6 +115,7 @@ impl Uplink {
                 Some(e) = ev.recv() => self.event(e, &ev_tx).await,
             }
             self.report(&ev_tx);
+            self.pending.send_if_modified(|p| std::mem::replace(p, self.outbox.len()) != self.outbox.len());
         }
         debug!("uplink stopped");
     }
