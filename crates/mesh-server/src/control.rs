@@ -182,6 +182,10 @@ pub struct ControlConfig {
     /// An agent that said it restarts (SIGTERM, upgrade) keeps its tasks as they are for this
     /// long (Mesos' `agent_reregister_timeout`); later it is lost.
     pub reregister_timeout: Duration,
+    /// How often every connected agent is told which tasks it should run (it kills others and
+    /// reports the missing ones lost), besides at every (re-)registration: what a lost message
+    /// left wrong is put right within this period.
+    pub reconcile_interval: Duration,
 }
 
 impl Default for ControlConfig {
@@ -193,9 +197,13 @@ impl Default for ControlConfig {
             mesos: MesosConfig::default(),
             agent_down_after: AGENT_DOWN_AFTER,
             reregister_timeout: REREGISTER_TIMEOUT,
+            reconcile_interval: RECONCILE_INTERVAL,
         }
     }
 }
+
+/// Default of [`ControlConfig::reconcile_interval`].
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Default of [`ControlConfig::agent_down_after`].
 pub const AGENT_DOWN_AFTER: Duration = Duration::from_secs(5);
@@ -234,6 +242,8 @@ struct Control {
     down: HashMap<AgentId, Millis>,
     /// Agents that said goodbye keeping their tasks (a restart): when they did.
     restarting: HashMap<AgentId, Millis>,
+    /// When connected agents are next told which tasks they should run.
+    next_reconcile: Millis,
 }
 
 /// How many status update uuids are remembered to drop re-sent updates.
@@ -290,6 +300,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         deferred: VecDeque::new(),
         down: HashMap::new(),
         restarting: HashMap::new(),
+        next_reconcile: 0,
     };
     control.mesos_recover(now_millis());
     // After a restart of the server, agents have their re-register timeout to come back (as
@@ -698,6 +709,10 @@ impl Control {
 
     fn step(&mut self, now: Millis) {
         self.lost_agents(now);
+        if now >= self.next_reconcile {
+            self.next_reconcile = now.saturating_add(self.cfg.reconcile_interval.as_millis() as u64);
+            self.reconcile_agents();
+        }
         self.mesos_step(now);
         // Only deployments whose apps changed are looked at.
         let ends = self.marathon.deployment_steps(self.store.state(), now);
@@ -961,6 +976,24 @@ impl Control {
         };
         info!(%agent, lost_in_ms = deadline.saturating_sub(now), "agent disconnected");
         self.down.insert(agent.clone(), deadline);
+    }
+
+    /// Tell every connected agent which tasks it should run (see
+    /// [`ControlConfig::reconcile_interval`]).
+    fn reconcile_agents(&mut self) {
+        let state = self.store.state();
+        let mut expected: HashMap<&AgentId, Vec<mesh_core::model::TaskId>> =
+            self.agents.keys().map(|a| (a, Vec::new())).collect();
+        for t in state.tasks.values() {
+            if let Some(list) = expected.get_mut(&t.agent_id)
+                && !t.state.is_terminal()
+            {
+                list.push(t.id.clone());
+            }
+        }
+        let msgs: Vec<(AgentId, ToAgent)> =
+            expected.into_iter().map(|(a, expected)| (a.clone(), ToAgent::Reconcile { expected })).collect();
+        self.outbox.extend(msgs);
     }
 
     /// Agents whose time to come back ran out.

@@ -270,6 +270,7 @@ pub async fn run_dev(
             },
             agent_down_after: cfg.agent_down_after,
             reregister_timeout: cfg.reregister_timeout,
+            ..Default::default()
         },
     );
 
@@ -505,6 +506,7 @@ pub async fn run_server(
             },
             agent_down_after: cfg.agent_down_after,
             reregister_timeout: cfg.reregister_timeout,
+            ..Default::default()
         },
     );
     let catalog =

@@ -92,12 +92,17 @@ impl ServerHandler {
         {
             return sink.end(Some("the server is stopping".into()));
         }
+        // A heartbeat while nothing else goes: the agent knows its session lives (and opens a
+        // new one when heartbeats stop, e.g. after a lost frame).
+        let mut beat = tokio::time::interval(super::replication::HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => if !sink.send(Item::ToAgent(m)).await { break },
                     None => break,
                 },
+                _ = beat.tick() => if !sink.send(Item::Heartbeat { index: 0 }).await { break },
                 () = sink.closed() => break,
             }
         }

@@ -36,7 +36,7 @@ pub struct UplinkConfig {
 /// Reports per call.
 const REPORT_BATCH: usize = 512;
 /// Time a server has to acknowledge a report.
-const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnect backoff: first and longest wait.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -269,7 +269,10 @@ impl Uplink {
             let why = match conn.open(Request::AgentSession { register }).await {
                 Err(e) => e.to_string(),
                 Ok(mut stream) => loop {
-                    match stream.next().await {
+                    let next = tokio::time::timeout(super::replication::HEARTBEAT * 5, stream.next());
+                    let Ok(next) = next.await else { break "no heartbeat from the server".to_owned() };
+                    match next {
+                        Some(Ok(Item::Heartbeat { .. })) => {}
                         Some(Ok(Item::ToAgent(m))) => {
                             if to_agent.send(m).await.is_err() {
                                 break "the agent stopped".to_owned();

@@ -125,7 +125,7 @@ pub enum RemoteError {
     Unavailable(String),
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 enum Frame {
     Hello(Hello),
     Refused(String),
@@ -137,6 +137,65 @@ enum Frame {
     Cancel { id: u64 },
     Ping,
     Pong,
+}
+
+/// Faults injected into the frames a connection sends, for tests of the protocols above: after
+/// the handshake each frame is dropped, sent twice, held back (so later frames overtake it), or
+/// the connection is cut, with these probabilities, from a seeded random source.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Faults {
+    /// Seed (each connection derives its own from it).
+    pub seed: u64,
+    /// Probability that a frame is dropped.
+    pub drop: f64,
+    /// Probability that a frame is sent twice.
+    pub duplicate: f64,
+    /// Probability that a frame is held back up to `max_delay`.
+    pub delay: f64,
+    /// Longest hold.
+    pub max_delay: Duration,
+    /// Probability that the connection is cut instead of sending a frame.
+    pub disconnect: f64,
+}
+
+struct FaultState {
+    f: Faults,
+    rng: rand::rngs::StdRng,
+}
+
+enum Fault {
+    None,
+    Drop,
+    Duplicate,
+    Delay(Duration),
+    Cut,
+}
+
+impl FaultState {
+    fn new(f: Faults) -> FaultState {
+        use rand::SeedableRng;
+        static CONNS: AtomicU64 = AtomicU64::new(0);
+        let n = CONNS.fetch_add(1, Ordering::Relaxed);
+        FaultState { f, rng: rand::rngs::StdRng::seed_from_u64(f.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) }
+    }
+
+    fn next(&mut self) -> Fault {
+        use rand::Rng;
+        let r: f64 = self.rng.random();
+        let f = &self.f;
+        if r < f.disconnect {
+            Fault::Cut
+        } else if r < f.disconnect + f.drop {
+            Fault::Drop
+        } else if r < f.disconnect + f.drop + f.duplicate {
+            Fault::Duplicate
+        } else if r < f.disconnect + f.drop + f.duplicate + f.delay {
+            let ms = self.rng.random_range(0..=f.max_delay.as_millis().max(1) as u64);
+            Fault::Delay(Duration::from_millis(ms))
+        } else {
+            Fault::None
+        }
+    }
 }
 
 /// Serves what peers ask of this node.
@@ -321,10 +380,17 @@ impl Conn {
             warn!("rpc: refused: {why}");
             return Err(RpcError::Refused(why));
         }
-        Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, true))
+        Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, true, transport.faults()))
     }
 
-    fn start(r: ReadHalf<BoxIo>, w: WriteHalf<BoxIo>, peer: Peer, handler: Arc<dyn Handler>, outgoing: bool) -> Conn {
+    fn start(
+        r: ReadHalf<BoxIo>,
+        w: WriteHalf<BoxIo>,
+        peer: Peer,
+        handler: Arc<dyn Handler>,
+        outgoing: bool,
+        faults: Option<Faults>,
+    ) -> Conn {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let (close_tx, mut close_rx) = tokio::sync::watch::channel(false);
@@ -336,7 +402,7 @@ impl Conn {
             closed,
             _guard: outgoing.then(|| Arc::new(CloseGuard(close_tx))),
         };
-        let writer = tokio::spawn(write_loop(w, rx));
+        let writer = tokio::spawn(write_loop(w, rx, faults.map(FaultState::new), conn.tx.downgrade()));
         let weak = conn.downgrade();
         tokio::spawn(async move {
             let why = tokio::select! {
@@ -498,21 +564,45 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, RpcErr
     rmp_serde::from_slice(&body).map_err(|e| RpcError::Protocol(format!("undecodable frame: {e}")))
 }
 
-async fn write_loop(w: WriteHalf<BoxIo>, mut rx: mpsc::Receiver<Frame>) {
+async fn write_loop(
+    w: WriteHalf<BoxIo>,
+    mut rx: mpsc::Receiver<Frame>,
+    mut faults: Option<FaultState>,
+    again: mpsc::WeakSender<Frame>,
+) {
     let mut w = BufWriter::with_capacity(64 * 1024, w);
     let mut ping = tokio::time::interval(IDLE_TIMEOUT / 3);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Sends one frame, through the fault plan if there is one; `false`: stop.
+    let mut send = async |w: &mut BufWriter<WriteHalf<BoxIo>>, f: Frame| -> bool {
+        let Some(fs) = faults.as_mut() else { return write_buffered(w, &f).await.is_ok() };
+        match fs.next() {
+            Fault::None => write_buffered(w, &f).await.is_ok(),
+            Fault::Drop => true,
+            Fault::Duplicate => write_buffered(w, &f).await.is_ok() && write_buffered(w, &f).await.is_ok(),
+            Fault::Delay(d) => {
+                if let Some(tx) = again.upgrade() {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        let _ = tx.send(f).await;
+                    });
+                }
+                true
+            }
+            Fault::Cut => false,
+        }
+    };
     loop {
         let frame = tokio::select! {
             f = rx.recv() => match f { Some(f) => f, None => break },
             _ = ping.tick() => Frame::Ping,
         };
-        if write_buffered(&mut w, &frame).await.is_err() {
+        if !send(&mut w, frame).await {
             return;
         }
         // Everything queued goes out in one flush.
         while let Ok(f) = rx.try_recv() {
-            if write_buffered(&mut w, &f).await.is_err() {
+            if !send(&mut w, f).await {
                 return;
             }
         }
@@ -629,6 +719,7 @@ impl Server {
     /// Start serving on `listener`.
     pub fn start(mut listener: Box<dyn Listener>, hello: Hello, handler: Arc<dyn Handler>) -> std::io::Result<Server> {
         let local = listener.local_addr()?;
+        let faults = listener.faults();
         let task = tokio::spawn(async move {
             loop {
                 let (io, addr) = match listener.accept().await {
@@ -642,7 +733,7 @@ impl Server {
                 let hello = hello.clone();
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(io, addr, hello, handler)).await {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(io, addr, hello, handler, faults)).await {
                         Ok(Ok(conn)) => {
                             debug!(peer = %addr, node = %conn.peer().hello.node, "rpc: peer connected");
                             // The reader task keeps the connection; this handle is not needed.
@@ -670,7 +761,13 @@ impl Drop for Server {
     }
 }
 
-async fn accept(io: BoxIo, addr: SocketAddr, hello: Hello, handler: Arc<dyn Handler>) -> Result<Conn, RpcError> {
+async fn accept(
+    io: BoxIo,
+    addr: SocketAddr,
+    hello: Hello,
+    handler: Arc<dyn Handler>,
+    faults: Option<Faults>,
+) -> Result<Conn, RpcError> {
     let (mut r, mut w) = tokio::io::split(io);
     // Our preamble first: a peer of another version learns which one it met.
     write_preamble(&mut w).await?;
@@ -689,7 +786,7 @@ async fn accept(io: BoxIo, addr: SocketAddr, hello: Hello, handler: Arc<dyn Hand
     }
     write_frame(&mut w, &Frame::Hello(hello)).await?;
     info!(peer = %addr, node = %theirs.node, role = ?theirs.role, "rpc: connected");
-    Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, false))
+    Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, false, faults))
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ pub trait Listener: Send {
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// The next stream and its peer's address.
     async fn accept(&mut self) -> io::Result<(BoxIo, SocketAddr)>;
+    /// Faults to inject into accepted connections (tests).
+    fn faults(&self) -> Option<super::Faults> {
+        None
+    }
 }
 
 /// How nodes reach each other.
@@ -30,6 +34,10 @@ pub trait Transport: Send + Sync + 'static {
     async fn connect(&self, addr: SocketAddr) -> io::Result<BoxIo>;
     /// Listen on `addr`.
     async fn listen(&self, addr: SocketAddr) -> io::Result<Box<dyn Listener>>;
+    /// Faults to inject into this side's connections (tests).
+    fn faults(&self) -> Option<super::Faults> {
+        None
+    }
 }
 
 /// TCP, with outgoing connections from the node's own address (so a peer on another loopback
@@ -83,6 +91,8 @@ pub struct MemTransport {
     next_port: Arc<std::sync::atomic::AtomicU16>,
     /// This side's address, the source of its connections.
     pub local: Option<IpAddr>,
+    /// Faults in the frames this side sends (its connections and those its listeners accept).
+    pub faults: Option<super::Faults>,
 }
 
 impl MemTransport {
@@ -90,9 +100,15 @@ impl MemTransport {
     pub fn at(&self, ip: IpAddr) -> MemTransport {
         MemTransport { local: Some(ip), ..self.clone() }
     }
+
+    /// The same network, this side sending through `faults`.
+    pub fn with_faults(&self, faults: super::Faults) -> MemTransport {
+        MemTransport { faults: Some(faults), ..self.clone() }
+    }
 }
 
 struct MemListen {
+    faults: Option<super::Faults>,
     addr: SocketAddr,
     rx: mpsc::Receiver<(BoxIo, SocketAddr)>,
     net: Arc<Mutex<HashMap<SocketAddr, Accepts>>>,
@@ -111,6 +127,9 @@ impl Listener for MemListen {
     }
     async fn accept(&mut self) -> io::Result<(BoxIo, SocketAddr)> {
         self.rx.recv().await.ok_or_else(|| io::Error::other("listener closed"))
+    }
+    fn faults(&self) -> Option<super::Faults> {
+        self.faults
     }
 }
 
@@ -135,6 +154,9 @@ impl Transport for MemTransport {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("{addr} is in use")));
         }
         l.insert(addr, tx);
-        Ok(Box::new(MemListen { addr, rx, net: self.listeners.clone() }))
+        Ok(Box::new(MemListen { faults: self.faults, addr, rx, net: self.listeners.clone() }))
+    }
+    fn faults(&self) -> Option<super::Faults> {
+        self.faults
     }
 }
