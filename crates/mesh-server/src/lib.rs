@@ -7,6 +7,7 @@
 //! - [`serve`]: the HTTP accept loop with connection limits and timeouts.
 //! - [`dns`]: the hickory-server handler over the published catalog.
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
+//! - [`gossip`]: LAN membership and failure detection by SWIM gossip (foca).
 
 pub mod agent;
 pub mod api;
@@ -15,6 +16,7 @@ pub mod control;
 pub mod dns;
 pub mod events;
 pub mod framework;
+pub mod gossip;
 pub mod health;
 pub mod node;
 pub mod registrator;

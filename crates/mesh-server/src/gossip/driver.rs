@@ -1,0 +1,417 @@
+//! The task that owns the UDP socket and foca: packets in, timers, inputs from the handle; packets out,
+//! timers scheduled, the member list published.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, State, Timer};
+use rand_foca::SeedableRng;
+use rand_foca::rngs::SmallRng;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::envelope::{self, EnvelopeError};
+use super::identity::{LeaveHandler, LeftNodes, NodeIdentity, encode_leave};
+use super::{DropCounters, GossipConfig, GossipError, GossipTiming, Input, Member, MemberStatus};
+
+/// UDP packets stay below this (envelope included), as foca's LAN default.
+const MAX_DATAGRAM: usize = 1400;
+/// A dropped-packet warning per peer and reason at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Forget rate-limit entries beyond this many peers (spoofed sources must not grow memory).
+const MAX_LOG_ENTRIES: usize = 4096;
+/// Without notifications, the member list is recomputed at most this often (to show Suspect members).
+const REPUBLISH_EVERY: Duration = Duration::from_millis(100);
+
+type Swim = Foca<NodeIdentity, PostcardCodec, SmallRng, LeaveHandler>;
+
+/// Why a packet was dropped, for counters and the rate limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Drop {
+    Garbage,
+    Version,
+    Datacenter,
+    Invalid,
+}
+
+pub(crate) struct Driver {
+    foca: Swim,
+    runtime: AccumulatingRuntime<NodeIdentity>,
+    socket: UdpSocket,
+    inputs: mpsc::Receiver<Input>,
+    members_tx: watch::Sender<Arc<Vec<Member>>>,
+    dropped: Arc<DropCounters>,
+    left: LeftNodes,
+    dc: String,
+    timing: GossipTiming,
+    max_foca_packet: usize,
+    /// The cluster size foca's config was last computed for.
+    configured_size: u32,
+    join: Vec<SocketAddr>,
+    timers: BinaryHeap<Reverse<(Instant, Timer<NodeIdentity>, u64)>>,
+    timer_seq: u64,
+    pending_joins: Vec<(Vec<SocketAddr>, oneshot::Sender<SocketAddr>)>,
+    leaving: bool,
+    last_publish: Instant,
+    log_limits: HashMap<(SocketAddr, Drop), (Instant, u64)>,
+    send_buf: Vec<u8>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        identity: NodeIdentity,
+        config: &GossipConfig,
+        socket: UdpSocket,
+        inputs: mpsc::Receiver<Input>,
+        members_tx: watch::Sender<Arc<Vec<Member>>>,
+        dropped: Arc<DropCounters>,
+    ) -> Result<Self, GossipError> {
+        let max_foca_packet = MAX_DATAGRAM - envelope::header_len(&config.datacenter);
+        // Two identities ride in every header; leave most of the packet for updates.
+        let id_len = postcard_len(&identity)?;
+        if id_len > max_foca_packet / 4 {
+            return Err(GossipError::InvalidConfig(format!("gossip identity is {id_len} bytes, too big for a packet")));
+        }
+        let left = LeftNodes::default();
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            config.timing.foca_config(1, max_foca_packet),
+            SmallRng::seed_from_u64(config.seed),
+            PostcardCodec,
+            LeaveHandler(left.clone()),
+        );
+        let mut driver = Self {
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            socket,
+            inputs,
+            members_tx,
+            dropped,
+            left,
+            dc: config.datacenter.clone(),
+            timing: config.timing.clone(),
+            max_foca_packet,
+            configured_size: 1,
+            join: config.join.clone(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            pending_joins: Vec::new(),
+            leaving: false,
+            last_publish: Instant::now(),
+            log_limits: HashMap::new(),
+            send_buf: Vec::with_capacity(MAX_DATAGRAM),
+        };
+        driver.publish();
+        Ok(driver)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut recv_buf = vec![0u8; 65536];
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            tokio::select! {
+                biased;
+                input = self.inputs.recv() => match input {
+                    None | Some(Input::Shutdown) => break,
+                    Some(input) => self.handle_input(input),
+                },
+                received = self.socket.recv_from(&mut recv_buf) => match received {
+                    Ok((len, src)) => self.handle_packet(&recv_buf[..len], src),
+                    // ICMP errors surface here on some systems; the socket stays usable.
+                    Err(err) => tracing::debug!("gossip: receive error: {err}"),
+                },
+                () = sleep_until(next_timer), if next_timer.is_some() => self.fire_timers(),
+            }
+            self.drain().await;
+        }
+        tracing::debug!("gossip: task stopped");
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Join { addrs, answered } => {
+                let own = self.foca.identity().gossip;
+                for addr in addrs.iter().copied().filter(|a| *a != own) {
+                    if let Err(err) = self.foca.announce(NodeIdentity::placeholder(addr), &mut self.runtime) {
+                        tracing::debug!("gossip: announce to {addr} failed: {err}");
+                    }
+                }
+                self.pending_joins.push((addrs, answered));
+            }
+            Input::Leave(done) => {
+                self.leave();
+                let _ = done.send(());
+            }
+            Input::Shutdown => {}
+        }
+    }
+
+    fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        let me = self.foca.identity().clone();
+        // The leave notice rides along foca's own "down" update, so the others tell a leave from a failure.
+        if let Err(err) = self.foca.add_broadcast(&encode_leave(&me.node_id, me.generation)) {
+            tracing::warn!("gossip: cannot queue the leave notice: {err}");
+        }
+        match self.foca.leave_cluster(&mut self.runtime) {
+            Ok(()) => tracing::info!("gossip: {} left the pool", me.name),
+            Err(err) => tracing::warn!("gossip: leave failed: {err}"),
+        }
+    }
+
+    fn handle_packet(&mut self, packet: &[u8], src: SocketAddr) {
+        let payload = match envelope::decode(packet, &self.dc) {
+            Ok(payload) => payload,
+            Err(err) => {
+                let reason = match err {
+                    EnvelopeError::Garbage { .. } => Drop::Garbage,
+                    EnvelopeError::Version { .. } => Drop::Version,
+                    EnvelopeError::Datacenter { .. } => Drop::Datacenter,
+                };
+                self.dropped_packet(src, reason, &err);
+                return;
+            }
+        };
+        if payload.len() > self.max_foca_packet {
+            self.dropped_packet(src, Drop::Invalid, &format!("{} bytes, larger than a gossip packet", payload.len()));
+            return;
+        }
+        match self.foca.handle_data(payload, &mut self.runtime) {
+            Ok(()) => self.answered(src),
+            Err(
+                err @ (foca::Error::Decode(_)
+                | foca::Error::MalformedPacket
+                | foca::Error::DataTooBig
+                | foca::Error::CustomBroadcast(_)),
+            ) => self.dropped_packet(src, Drop::Invalid, &format!("invalid gossip payload: {err}")),
+            Err(foca::Error::DataFromOurselves) => self.dropped_packet(
+                src,
+                Drop::Invalid,
+                &"it claims to come from this node (two nodes advertising the same address?)",
+            ),
+            Err(err) => tracing::debug!("gossip: packet from {src}: {err}"),
+        }
+    }
+
+    /// Counts a dropped packet and warns, at most once per peer and reason every [`LOG_EVERY`].
+    fn dropped_packet(&mut self, src: SocketAddr, reason: Drop, why: &dyn std::fmt::Display) {
+        let counter = match reason {
+            Drop::Garbage => &self.dropped.garbage,
+            Drop::Version => &self.dropped.version,
+            Drop::Datacenter => &self.dropped.datacenter,
+            Drop::Invalid => &self.dropped.invalid,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if self.log_limits.len() >= MAX_LOG_ENTRIES {
+            self.log_limits.retain(|_, (at, _)| now.duration_since(*at) < LOG_EVERY);
+        }
+        match self.log_limits.get_mut(&(src, reason)) {
+            Some((at, suppressed)) if now.duration_since(*at) < LOG_EVERY => *suppressed += 1,
+            entry => {
+                let suppressed = entry.map(|(_, s)| *s).unwrap_or(0);
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more from this peer since the last report)")
+                } else {
+                    String::new()
+                };
+                tracing::warn!("gossip: dropped packet from {src}: {why}{more}");
+                self.log_limits.insert((src, reason), (now, 0));
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, timer, _))) = self.timers.pop() else { break };
+            if let Err(err) = self.foca.handle_timer(timer, &mut self.runtime) {
+                tracing::debug!("gossip: timer: {err}");
+            }
+        }
+    }
+
+    /// Sends what foca queued, schedules its timers, reacts to its notifications, publishes the members.
+    async fn drain(&mut self) {
+        let mut changed = false;
+        loop {
+            while let Some((dst, data)) = self.runtime.to_send() {
+                self.send_buf.clear();
+                envelope::encode(&self.dc, &data, &mut self.send_buf);
+                if let Err(err) = self.socket.send_to(&self.send_buf, dst.gossip).await {
+                    tracing::debug!("gossip: send to {} failed: {err}", dst.gossip);
+                }
+            }
+            let now = Instant::now();
+            while let Some((after, timer)) = self.runtime.to_schedule() {
+                self.timer_seq += 1;
+                self.timers.push(Reverse((now + after, timer, self.timer_seq)));
+            }
+            let mut more = false;
+            while let Some(notification) = self.runtime.to_notify() {
+                changed = true;
+                more |= self.notified(notification);
+            }
+            if !more && self.runtime.backlog() == 0 {
+                break;
+            }
+        }
+        changed |= self.left.take_changed();
+        if changed {
+            self.resize();
+        }
+        // Suspicion comes without a notification: republish now and then even when nothing was notified.
+        if changed || self.last_publish.elapsed() >= REPUBLISH_EVERY {
+            self.publish();
+        }
+        self.check_pending_joins();
+    }
+
+    /// Reacts to one notification; true when it queued more work for foca's runtime.
+    fn notified(&mut self, notification: OwnedNotification<NodeIdentity>) -> bool {
+        match notification {
+            OwnedNotification::MemberUp(id) => tracing::info!("gossip: member up: {id:?} ({})", id.role),
+            OwnedNotification::MemberDown(id) => tracing::info!("gossip: member down: {id:?}"),
+            OwnedNotification::Rename(old, new) => tracing::info!("gossip: member {old:?} is now {new:?}"),
+            OwnedNotification::Active => tracing::info!("gossip: connected to the pool"),
+            OwnedNotification::Idle => tracing::info!("gossip: no other live member"),
+            OwnedNotification::Rejoin(id) => {
+                tracing::warn!("gossip: the pool declared this node down; rejoined as {id:?}");
+                self.announce_to_join();
+                return true;
+            }
+            OwnedNotification::Defunct if self.leaving => {}
+            OwnedNotification::Defunct => {
+                // foca renews the identity itself (Identity::renew) before going defunct; if it still did, do
+                // it here and announce, so a live node never stays out of the pool.
+                let renewed = foca::Identity::renew(self.foca.identity());
+                if let Some(renewed) = renewed {
+                    tracing::warn!("gossip: declared down by the pool; rejoining as {renewed:?}");
+                    if let Err(err) = self.foca.change_identity(renewed, &mut self.runtime) {
+                        tracing::warn!("gossip: rejoin failed: {err}");
+                    }
+                    self.announce_to_join();
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn announce_to_join(&mut self) {
+        let own = self.foca.identity().gossip;
+        for addr in self.join.clone().into_iter().filter(|a| *a != own) {
+            let _ = self.foca.announce(NodeIdentity::placeholder(addr), &mut self.runtime);
+        }
+    }
+
+    /// Re-applies foca's config for the current pool size (suspicion and transmissions grow with it).
+    fn resize(&mut self) {
+        let size = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        if size != self.configured_size {
+            match self.foca.set_config(self.timing.foca_config(size, self.max_foca_packet)) {
+                Ok(()) => self.configured_size = size,
+                Err(err) => tracing::warn!("gossip: cannot resize the config to {size} members: {err}"),
+            }
+        }
+    }
+
+    /// A packet from `src` was accepted: answer the joins waiting for it.
+    fn answered(&mut self, src: SocketAddr) {
+        let mut i = 0;
+        while i < self.pending_joins.len() {
+            if self.pending_joins[i].0.contains(&src) {
+                let (_, tx) = self.pending_joins.swap_remove(i);
+                let _ = tx.send(src);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Answers joins whose address is now a live member (it may answer from another source address), and
+    /// forgets joins nobody waits for any more.
+    fn check_pending_joins(&mut self) {
+        if self.pending_joins.is_empty() {
+            return;
+        }
+        let live: Vec<SocketAddr> = self.foca.iter_members().map(|m| m.id().gossip).collect();
+        let pending = std::mem::take(&mut self.pending_joins);
+        for (addrs, tx) in pending {
+            if tx.is_closed() {
+                continue;
+            }
+            match addrs.iter().find(|a| live.contains(a)) {
+                Some(addr) => {
+                    let _ = tx.send(*addr);
+                }
+                None => self.pending_joins.push((addrs, tx)),
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.last_publish = Instant::now();
+        let me = self.foca.identity();
+        let own = Member::from_identity(me, if self.leaving { MemberStatus::Left } else { MemberStatus::Alive });
+        let mut by_node: HashMap<String, Member> = HashMap::new();
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            if id.node_id == me.node_id || id.node_id.is_empty() {
+                continue;
+            }
+            let status = match m.state() {
+                State::Alive => MemberStatus::Alive,
+                State::Suspect => MemberStatus::Suspect,
+                State::Down if self.left.has_left(&id.node_id, id.generation) => MemberStatus::Left,
+                State::Down => MemberStatus::Failed,
+            };
+            let member = Member::from_identity(id, status);
+            match by_node.get(&id.node_id) {
+                Some(existing) if existing.generation >= member.generation => {}
+                _ => {
+                    by_node.insert(id.node_id.clone(), member);
+                }
+            }
+        }
+        let mut members: Vec<Member> = by_node.into_values().chain(std::iter::once(own)).collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
+        self.members_tx.send_if_modified(|current| {
+            if current.as_slice() == members.as_slice() {
+                false
+            } else {
+                *current = Arc::new(members);
+                true
+            }
+        });
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The encoded size of an identity (postcard, as foca's codec writes it).
+fn postcard_len(identity: &NodeIdentity) -> Result<usize, GossipError> {
+    use foca::Codec;
+    let mut buf = Vec::new();
+    let member = foca::Member::alive(identity.clone());
+    PostcardCodec
+        .encode_member(&member, &mut buf)
+        .map_err(|err| GossipError::InvalidConfig(format!("gossip identity cannot be encoded: {err}")))?;
+    Ok(buf.len())
+}
