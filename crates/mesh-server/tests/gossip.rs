@@ -41,6 +41,23 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     start.elapsed()
 }
 
+/// Like [`wait_until`] over a pool, printing every node's view when it times out.
+async fn wait_for_pool(nodes: &[Gossip], what: &str, mut cond: impl FnMut(&[Gossip]) -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond(nodes) {
+        if start.elapsed() >= DEADLINE {
+            for g in nodes {
+                let view: Vec<String> =
+                    g.members().iter().map(|m| format!("{}#{}:{:?}", m.name, m.generation, m.status)).collect();
+                eprintln!("view of {}: {view:?}", g.advertise_addr());
+            }
+            panic!("timed out after {DEADLINE:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
 fn status_of(g: &Gossip, name: &str) -> Option<MemberStatus> {
     g.members().into_iter().find(|m| m.name == name).map(|m| m.status)
 }
@@ -214,4 +231,51 @@ async fn bad_configs_are_refused() {
     let mut cfg = config("n2", 6, 2, 0, "dc1", vec![]);
     cfg.timing.probe_rtt = cfg.timing.probe_period;
     assert!(Gossip::start(cfg).await.is_err());
+}
+
+#[tokio::test]
+async fn node_cut_off_and_declared_failed_rejoins_by_itself() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    init_tracing();
+    let mut nodes = cluster(7, 3).await;
+    // n5 binds 127.0.7.5 but is advertised through a relay on 127.0.7.6 that the test can cut: the others'
+    // packets to n5 are lost while n5 itself keeps running (a one-way partition).
+    let relay = Arc::new(tokio::net::UdpSocket::bind(addr(7, 6, 0)).await.unwrap());
+    let mut cfg = config("n5", 7, 5, 0, "dc1", vec![nodes[0].advertise_addr()]);
+    cfg.advertise = relay.local_addr().unwrap();
+    let cut_off = Gossip::start(cfg).await.unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let relay_task = tokio::spawn({
+        let (relay, cut, target) = (relay.clone(), cut.clone(), cut_off.local_addr());
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, _)) = relay.recv_from(&mut buf).await {
+                if !cut.load(Ordering::SeqCst) {
+                    let _ = relay.send_to(&buf[..len], target).await;
+                }
+            }
+        }
+    });
+    nodes.push(cut_off);
+    wait_until("n5 is alive everywhere", || nodes.iter().all(|g| all_alive(g, 4))).await;
+    let generation = nodes[0].members().into_iter().find(|m| m.name == "n5").unwrap().generation;
+
+    cut.store(true, Ordering::SeqCst);
+    let took = wait_until("the others mark n5 failed", || {
+        nodes[..3].iter().all(|g| status_of(g, "n5") == Some(MemberStatus::Failed))
+    })
+    .await;
+    eprintln!("cut-off n5 declared failed in {took:?}");
+
+    cut.store(false, Ordering::SeqCst);
+    let took = wait_for_pool(&nodes, "n5 rejoins by itself with a new generation", |nodes| {
+        nodes.iter().all(|g| all_alive(g, 4) && g.members().iter().any(|m| m.name == "n5" && m.generation > generation))
+    })
+    .await;
+    eprintln!("n5 back in the pool {took:?} after the partition healed");
+    relay_task.abort();
+    for g in &nodes {
+        g.shutdown().await;
+    }
 }

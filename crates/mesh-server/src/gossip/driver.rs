@@ -25,6 +25,8 @@ const MAX_DATAGRAM: usize = 1400;
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Forget rate-limit entries beyond this many peers (spoofed sources must not grow memory).
 const MAX_LOG_ENTRIES: usize = 4096;
+/// At most this many addresses announced to per rejoin attempt.
+const MAX_REJOIN_TARGETS: usize = 8;
 /// Without notifications, the member list is recomputed at most this often (to show Suspect members).
 const REPUBLISH_EVERY: Duration = Duration::from_millis(100);
 
@@ -57,7 +59,13 @@ pub(crate) struct Driver {
     timer_seq: u64,
     pending_joins: Vec<(Vec<SocketAddr>, oneshot::Sender<SocketAddr>)>,
     leaving: bool,
+    /// While no other member is live (foca idle, its own timers stopped): when to announce again and the
+    /// current backoff.
+    rejoin: Option<(Instant, Duration)>,
     last_publish: Instant,
+    /// Members seen Suspect: (identity, incarnation) → since when. foca only times out suspicions it raised
+    /// itself; a suspicion learnt by gossip from a node that then vanished (or renewed) would stay forever.
+    suspects: HashMap<(NodeIdentity, foca::Incarnation), Instant>,
     log_limits: HashMap<(SocketAddr, Drop), (Instant, u64)>,
     send_buf: Vec<u8>,
 }
@@ -102,7 +110,9 @@ impl Driver {
             timer_seq: 0,
             pending_joins: Vec::new(),
             leaving: false,
+            rejoin: None,
             last_publish: Instant::now(),
+            suspects: HashMap::new(),
             log_limits: HashMap::new(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
         };
@@ -114,6 +124,7 @@ impl Driver {
         let mut recv_buf = vec![0u8; 65536];
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            let next_rejoin = self.rejoin.map(|(at, _)| at);
             tokio::select! {
                 biased;
                 input = self.inputs.recv() => match input {
@@ -126,6 +137,7 @@ impl Driver {
                     Err(err) => tracing::debug!("gossip: receive error: {err}"),
                 },
                 () = sleep_until(next_timer), if next_timer.is_some() => self.fire_timers(),
+                () = sleep_until(next_rejoin), if next_rejoin.is_some() => self.rejoin_attempt(),
             }
             self.drain().await;
         }
@@ -245,6 +257,7 @@ impl Driver {
     /// Sends what foca queued, schedules its timers, reacts to its notifications, publishes the members.
     async fn drain(&mut self) {
         let mut changed = false;
+        self.expire_suspects();
         loop {
             while let Some((dst, data)) = self.runtime.to_send() {
                 self.send_buf.clear();
@@ -278,14 +291,43 @@ impl Driver {
         self.check_pending_joins();
     }
 
+    /// Declares failed the members that stayed Suspect (same incarnation) for twice the suspicion timeout
+    /// without refuting: whoever suspected them should have done it after one timeout.
+    fn expire_suspects(&mut self) {
+        if self.suspects.is_empty() || self.leaving {
+            return;
+        }
+        let size = u32::try_from(self.foca.num_members() + 1).unwrap_or(u32::MAX);
+        let limit = self.timing.suspicion(size) * 2 + self.timing.probe_period;
+        let expired: Vec<(NodeIdentity, foca::Incarnation)> =
+            self.suspects.iter().filter(|(_, since)| since.elapsed() >= limit).map(|(k, _)| k.clone()).collect();
+        for (id, incarnation) in expired {
+            self.suspects.remove(&(id.clone(), incarnation));
+            tracing::warn!("gossip: {id:?} stayed suspect for {limit:?} without refuting; declaring it failed");
+            let down = foca::Member::new(id, incarnation, State::Down);
+            if let Err(err) = self.foca.apply_many(std::iter::once(down), true, &mut self.runtime) {
+                tracing::debug!("gossip: cannot declare a suspect failed: {err}");
+            }
+        }
+    }
+
     /// Reacts to one notification; true when it queued more work for foca's runtime.
     fn notified(&mut self, notification: OwnedNotification<NodeIdentity>) -> bool {
         match notification {
             OwnedNotification::MemberUp(id) => tracing::info!("gossip: member up: {id:?} ({})", id.role),
             OwnedNotification::MemberDown(id) => tracing::info!("gossip: member down: {id:?}"),
             OwnedNotification::Rename(old, new) => tracing::info!("gossip: member {old:?} is now {new:?}"),
-            OwnedNotification::Active => tracing::info!("gossip: connected to the pool"),
-            OwnedNotification::Idle => tracing::info!("gossip: no other live member"),
+            OwnedNotification::Active => {
+                tracing::info!("gossip: connected to the pool");
+                self.rejoin = None;
+            }
+            OwnedNotification::Idle => {
+                tracing::info!("gossip: no other live member");
+                if !self.leaving {
+                    let wait = self.timing.retry_join_initial;
+                    self.rejoin = Some((Instant::now() + wait, wait));
+                }
+            }
             OwnedNotification::Rejoin(id) => {
                 tracing::warn!("gossip: the pool declared this node down; rejoined as {id:?}");
                 self.announce_to_join();
@@ -310,10 +352,48 @@ impl Driver {
     }
 
     fn announce_to_join(&mut self) {
-        let own = self.foca.identity().gossip;
-        for addr in self.join.clone().into_iter().filter(|a| *a != own) {
+        for addr in self.rejoin_targets() {
             let _ = self.foca.announce(NodeIdentity::placeholder(addr), &mut self.runtime);
         }
+    }
+
+    /// The join addresses, and the members last seen (now down): whom to announce to when alone.
+    fn rejoin_targets(&self) -> Vec<SocketAddr> {
+        let own = self.foca.identity().gossip;
+        let mut targets: Vec<SocketAddr> = self.join.iter().copied().filter(|a| *a != own).collect();
+        let down = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Down && !self.left.has_left(&m.id().node_id, m.id().generation))
+            .map(|m| m.id().gossip);
+        for addr in down {
+            if targets.len() >= MAX_REJOIN_TARGETS {
+                break;
+            }
+            if addr != own && !targets.contains(&addr) {
+                targets.push(addr);
+            }
+        }
+        targets
+    }
+
+    /// Alone (foca idle): announce to the join addresses and the failed members again, with backoff, so a
+    /// node cut off by a partition comes back by itself once it heals (foca stops its own timers when idle).
+    fn rejoin_attempt(&mut self) {
+        let Some((_, wait)) = self.rejoin else { return };
+        if self.leaving || self.foca.num_members() > 0 {
+            self.rejoin = None;
+            return;
+        }
+        let targets = self.rejoin_targets();
+        if targets.is_empty() {
+            self.rejoin = None;
+            return;
+        }
+        let next = (wait * 2).min(self.timing.retry_join_max.max(self.timing.retry_join_initial));
+        tracing::warn!("gossip: no live member; announcing to {targets:?}, again in {next:?} if alone");
+        self.announce_to_join();
+        self.rejoin = Some((Instant::now() + next, next));
     }
 
     /// Re-applies foca's config for the current pool size (suspicion and transmissions grow with it).
@@ -366,8 +446,15 @@ impl Driver {
         let me = self.foca.identity();
         let own = Member::from_identity(me, if self.leaving { MemberStatus::Left } else { MemberStatus::Alive });
         let mut by_node: HashMap<String, Member> = HashMap::new();
+        let now = Instant::now();
+        let mut suspects = HashMap::new();
         for m in self.foca.iter_membership_state() {
             let id = m.id();
+            if m.state() == State::Suspect {
+                let key = (id.clone(), m.incarnation());
+                let since = self.suspects.get(&key).copied().unwrap_or(now);
+                suspects.insert(key, since);
+            }
             if id.node_id == me.node_id || id.node_id.is_empty() {
                 continue;
             }
@@ -385,6 +472,7 @@ impl Driver {
                 }
             }
         }
+        self.suspects = suspects;
         let mut members: Vec<Member> = by_node.into_values().chain(std::iter::once(own)).collect();
         members.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
         self.members_tx.send_if_modified(|current| {

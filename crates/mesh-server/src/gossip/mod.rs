@@ -129,6 +129,11 @@ impl GossipTiming {
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspicion(cluster_size);
+        // memberlist's retransmit limit, 4 × ceil(log10(n + 1)): foca's 4 × log10(n + 1) sends an update
+        // only twice in a 4-node pool, too few for a suspected member to hear of it and refute.
+        let retransmit = (4.0 * f64::from(cluster_size.saturating_add(1)).log10().ceil()).clamp(4.0, 255.0) as u8;
+        config.max_transmissions =
+            config.max_transmissions.max(std::num::NonZeroU8::new(retransmit).unwrap_or(config.max_transmissions));
         config.max_packet_size = std::num::NonZeroUsize::new(max_packet).unwrap_or(config.max_packet_size);
         if let Some(gossip) = config.periodic_gossip.as_mut() {
             gossip.frequency = self.gossip_interval;
