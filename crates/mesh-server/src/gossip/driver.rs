@@ -66,7 +66,7 @@ pub(crate) struct Driver {
     /// Members seen Suspect: (identity, incarnation) → since when. foca only times out suspicions it raised
     /// itself; a suspicion learnt by gossip from a node that then vanished (or renewed) would stay forever.
     suspects: HashMap<(NodeIdentity, foca::Incarnation), Instant>,
-    log_limits: HashMap<(SocketAddr, Drop), (Instant, u64)>,
+    log_limits: LogLimiter<(SocketAddr, Drop)>,
     send_buf: Vec<u8>,
 }
 
@@ -113,7 +113,7 @@ impl Driver {
             rejoin: None,
             last_publish: Instant::now(),
             suspects: HashMap::new(),
-            log_limits: HashMap::new(),
+            log_limits: LogLimiter::default(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
         };
         driver.publish();
@@ -133,8 +133,12 @@ impl Driver {
                 },
                 received = self.socket.recv_from(&mut recv_buf) => match received {
                     Ok((len, src)) => self.handle_packet(&recv_buf[..len], src),
-                    // ICMP errors surface here on some systems; the socket stays usable.
-                    Err(err) => tracing::debug!("gossip: receive error: {err}"),
+                    // ICMP errors surface here on some systems; the socket stays usable. A pause keeps a
+                    // persistent error from spinning the task.
+                    Err(err) => {
+                        tracing::debug!("gossip: receive error: {err}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 },
                 () = sleep_until(next_timer), if next_timer.is_some() => self.fire_timers(),
                 () = sleep_until(next_rejoin), if next_rejoin.is_some() => self.rejoin_attempt(),
@@ -222,22 +226,13 @@ impl Driver {
             Drop::Invalid => &self.dropped.invalid,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        if self.log_limits.len() >= MAX_LOG_ENTRIES {
-            self.log_limits.retain(|_, (at, _)| now.duration_since(*at) < LOG_EVERY);
-        }
-        match self.log_limits.get_mut(&(src, reason)) {
-            Some((at, suppressed)) if now.duration_since(*at) < LOG_EVERY => *suppressed += 1,
-            entry => {
-                let suppressed = entry.map(|(_, s)| *s).unwrap_or(0);
-                let more = if suppressed > 0 {
-                    format!(" ({suppressed} more from this peer since the last report)")
-                } else {
-                    String::new()
-                };
-                tracing::warn!("gossip: dropped packet from {src}: {why}{more}");
-                self.log_limits.insert((src, reason), (now, 0));
-            }
+        if let Some(suppressed) = self.log_limits.allow((src, reason), Instant::now()) {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} more from this peer since the last report)")
+            } else {
+                String::new()
+            };
+            tracing::warn!("gossip: dropped packet from {src}: {why}{more}");
         }
     }
 
@@ -486,6 +481,37 @@ impl Driver {
     }
 }
 
+/// At most one log line per key every [`LOG_EVERY`], counting what it holds back.
+struct LogLimiter<K> {
+    entries: HashMap<K, (Instant, u64)>,
+}
+
+impl<K> Default for LogLimiter<K> {
+    fn default() -> Self {
+        Self { entries: HashMap::new() }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> LogLimiter<K> {
+    /// `Some(held back since the last line)` when a line for `key` may be logged at `now`, else `None`.
+    fn allow(&mut self, key: K, now: Instant) -> Option<u64> {
+        if self.entries.len() >= MAX_LOG_ENTRIES {
+            self.entries.retain(|_, (at, _)| now.duration_since(*at) < LOG_EVERY);
+        }
+        match self.entries.get_mut(&key) {
+            Some((at, held)) if now.duration_since(*at) < LOG_EVERY => {
+                *held += 1;
+                None
+            }
+            entry => {
+                let held = entry.map(|(_, held)| *held).unwrap_or(0);
+                self.entries.insert(key, (now, 0));
+                Some(held)
+            }
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -502,4 +528,33 @@ fn postcard_len(identity: &NodeIdentity) -> Result<usize, GossipError> {
         .encode_member(&member, &mut buf)
         .map_err(|err| GossipError::InvalidConfig(format!("gossip identity cannot be encoded: {err}")))?;
     Ok(buf.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_reports_once_per_peer_per_period_with_a_count() {
+        let mut limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(limiter.allow("a", t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(limiter.allow("a", t0 + Duration::from_secs(1)), None);
+        }
+        assert_eq!(limiter.allow("b", t0 + Duration::from_secs(1)), Some(0), "another peer has its own line");
+        assert_eq!(limiter.allow("a", t0 + LOG_EVERY), Some(5));
+        assert_eq!(limiter.allow("a", t0 + LOG_EVERY), None);
+    }
+
+    #[test]
+    fn log_limiter_memory_is_bounded() {
+        let mut limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_LOG_ENTRIES {
+            limiter.allow(i, t0);
+        }
+        limiter.allow(usize::MAX, t0 + LOG_EVERY);
+        assert_eq!(limiter.entries.len(), 1);
+    }
 }

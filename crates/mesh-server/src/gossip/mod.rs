@@ -466,3 +466,50 @@ async fn retry_join(tx: mpsc::WeakSender<Input>, addrs: Vec<SocketAddr>, timing:
         wait = (wait * 2).min(timing.retry_join_max.max(timing.retry_join_initial));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_timing_is_foca_lan() {
+        let timing = GossipTiming::default();
+        assert_eq!(timing.suspicion(1), Duration::from_secs(4));
+        assert_eq!(timing.suspicion(10), Duration::from_secs(4));
+        assert_eq!(timing.suspicion(100), Duration::from_secs(8));
+        let lan = foca::Config::new_lan(std::num::NonZeroU32::new(100).unwrap());
+        let ours = timing.foca_config(100, 1400);
+        assert_eq!(ours.probe_period, lan.probe_period);
+        assert_eq!(ours.probe_rtt, lan.probe_rtt);
+        assert_eq!(ours.suspect_to_down_after, lan.suspect_to_down_after);
+        assert_eq!(ours.max_transmissions.get(), 12, "4 x ceil(log10(101))");
+        assert_eq!(timing.foca_config(4, 1400).max_transmissions.get(), 4);
+    }
+
+    #[test]
+    fn config_can_be_reapplied_as_the_pool_grows() {
+        use rand_foca::SeedableRng;
+        let timing = GossipTiming::fast();
+        let id = NodeIdentity::placeholder("127.0.0.2:1".parse().unwrap());
+        let mut foca = foca::Foca::new(
+            id,
+            timing.foca_config(1, 1390),
+            rand_foca::rngs::SmallRng::seed_from_u64(1),
+            foca::PostcardCodec,
+        );
+        for n in [2, 5, 50, 5000, 3] {
+            foca.set_config(timing.foca_config(n, 1390)).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_timing_is_refused() {
+        let mut timing = GossipTiming::fast();
+        timing.suspicion_multiplier = f64::NAN;
+        assert!(timing.validate().is_err());
+        let mut timing = GossipTiming::fast();
+        timing.probe_rtt = Duration::ZERO;
+        assert!(timing.validate().is_err());
+        assert!(GossipTiming::default().validate().is_ok());
+    }
+}
