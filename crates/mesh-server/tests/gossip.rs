@@ -279,3 +279,26 @@ async fn node_cut_off_and_declared_failed_rejoins_by_itself() {
         g.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn restart_on_another_port_replaces_the_old_entry() {
+    init_tracing();
+    let mut nodes = cluster(8, 3).await;
+    let old = nodes.pop().unwrap();
+    let old_addr = old.advertise_addr();
+    old.shutdown().await;
+    wait_until("n4 is failed", || nodes.iter().all(|g| status_of(g, "n4") == Some(MemberStatus::Failed))).await;
+    // Same node id, new port (port 0 again): one entry per node id, the new generation, alive.
+    let restarted = Gossip::start(config("n4", 8, 4, 0, "dc1", vec![nodes[0].advertise_addr()])).await.unwrap();
+    assert_ne!(restarted.advertise_addr(), old_addr);
+    nodes.push(restarted);
+    wait_for_pool(&nodes, "n4 is listed once, alive, at its new address", |nodes| {
+        nodes.iter().all(|g| {
+            all_alive(g, 3) && g.members().iter().any(|m| m.name == "n4" && m.addr == nodes[2].advertise_addr())
+        })
+    })
+    .await;
+    for g in &nodes {
+        g.shutdown().await;
+    }
+}

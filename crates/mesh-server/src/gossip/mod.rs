@@ -405,7 +405,8 @@ impl Gossip {
     }
 
     /// Leaves the pool gracefully: the others mark this node `Left` (not `Failed`). The task keeps running
-    /// (it no longer takes part) until [`Gossip::shutdown`].
+    /// (it no longer takes part) until [`Gossip::shutdown`]; to come back, start a new [`Gossip`] (a new
+    /// generation).
     pub async fn leave(&self) -> Result<(), GossipError> {
         if let Some(task) = self.inner.retry_join.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
