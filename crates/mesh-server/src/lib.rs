@@ -8,6 +8,7 @@
 //! - [`dns`]: the hickory-server handler over the published catalog.
 //! - [`rpc`]: the internal RPC between nodes (versioned frames over a [`rpc::Transport`]).
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
+//! - [`gossip`]: LAN membership and failure detection by SWIM gossip (foca).
 
 pub mod agent;
 pub mod api;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod dns;
 pub mod events;
 pub mod framework;
+pub mod gossip;
 pub mod health;
 pub mod node;
 pub mod registrator;
