@@ -55,13 +55,15 @@ fn start_server(net: &str, dir: &std::path::Path) -> MeshNode {
         dir,
         port_range(),
         "server1",
-        &["--bind", &ip, "--rpc", &rpc, "--agent-down-after", "2s"],
+        &["--bind", &ip, "--rpc", &rpc, "--agent-down-after", "2s", "--gossip-probe-period", "200ms"],
     )
 }
 
 fn start_agent(net: &str, dir: &std::path::Path, i: u8) -> MeshNode {
     let ip = format!("{net}.{}", 10 + i);
-    let server = format!("{net}.1:8300");
+    // Agents find the server through gossip: agent0 joins the server, the others join agent0
+    // (any member will do).
+    let join = if i == 0 { format!("{net}.1:8301") } else { format!("{net}.10:8301") };
     let rpc = format!("{ip}:8300");
     let ports = port_range();
     MeshNode::start_role(
@@ -70,7 +72,19 @@ fn start_agent(net: &str, dir: &std::path::Path, i: u8) -> MeshNode {
         dir,
         ports,
         &format!("agent{i}"),
-        &["--bind", &ip, "--rpc", &rpc, "--server", &server, "--runtime", "process", "--no-registrator"],
+        &[
+            "--bind",
+            &ip,
+            "--rpc",
+            &rpc,
+            "--join",
+            &join,
+            "--gossip-probe-period",
+            "200ms",
+            "--runtime",
+            "process",
+            "--no-registrator",
+        ],
     )
 }
 
@@ -257,7 +271,15 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     // that exits meanwhile is reported once the server is back; nothing lost or duplicated.
     c.server.stop_with("KILL");
     for a in &c.agents {
-        let got = srv_addrs(a, "web.service.mesh").await.expect("DNS without the server");
+        let got = match srv_addrs(a, "web.service.mesh").await {
+            Some(got) => got,
+            None => panic!(
+                "DNS without the server from {}: {:?}",
+                a.name,
+                srv(&a.resolver(false), "web.service.mesh").await
+            ),
+        };
+
         assert_eq!(got, want, "{} answers what it last knew", a.name);
         let r = reqwest::get(format!("http://{}/v1/health/service/web", a.http)).await.unwrap();
         assert_eq!(r.headers()["X-Consul-KnownLeader"], "false");

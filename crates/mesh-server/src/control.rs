@@ -62,6 +62,8 @@ pub enum ControlMsg {
     Drain(oneshot::Sender<()>),
     /// A Mesos v1 scheduler API subscription or call.
     Mesos(MesosMsg),
+    /// What LAN gossip says of the members now.
+    Members(Arc<Vec<crate::gossip::Member>>),
 }
 
 /// What readers see: published after every batch.
@@ -244,6 +246,8 @@ struct Control {
     restarting: HashMap<AgentId, Millis>,
     /// When connected agents are next told which tasks they should run.
     next_reconcile: Millis,
+    /// Agents gossip declared failed or left (handled once per such change).
+    lost: HashSet<AgentId>,
 }
 
 /// How many status update uuids are remembered to drop re-sent updates.
@@ -301,6 +305,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         down: HashMap::new(),
         restarting: HashMap::new(),
         next_reconcile: 0,
+        lost: HashSet::new(),
     };
     control.mesos_recover(now_millis());
     // After a restart of the server, agents have their re-register timeout to come back (as
@@ -397,6 +402,7 @@ impl Control {
                     let _ = reply.send(());
                 }
                 ControlMsg::Mesos(m) => self.mesos_msg(m, now),
+                ControlMsg::Members(m) => self.members(&m, now),
             }
         }
         if !updates.is_empty() {
@@ -546,6 +552,8 @@ impl Control {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
                 self.down.remove(&agent_id);
                 self.restarting.remove(&agent_id);
+                self.lost.remove(&agent_id);
+
                 let agent = Agent {
                     id: agent_id.clone(),
                     hostname: hostname.clone(),
@@ -994,6 +1002,40 @@ impl Control {
         let msgs: Vec<(AgentId, ToAgent)> =
             expected.into_iter().map(|(a, expected)| (a.clone(), ToAgent::Reconcile { expected })).collect();
         self.outbox.extend(msgs);
+    }
+
+    /// Gossip's view of the members: an agent it declares failed is lost at once (unless it said
+    /// it restarts: it has its re-register timeout), one that left is gone; one alive again
+    /// whose session never broke re-registers, which puts its node and tasks back.
+    fn members(&mut self, members: &[crate::gossip::Member], now: Millis) {
+        use crate::gossip::{MemberStatus, Role};
+        for m in members.iter().filter(|m| m.role == Role::Agent) {
+            let agent = AgentId::from(m.name.as_str());
+            let known = self.store.state().agents.contains_key(&agent);
+            match m.status {
+                MemberStatus::Failed | MemberStatus::Left if known && !self.restarting.contains_key(&agent) => {
+                    if self.lost.insert(agent.clone()) {
+                        let why = if m.status == MemberStatus::Left {
+                            "Agent left the cluster"
+                        } else {
+                            "Agent not live or unreachable"
+                        };
+                        // Its session may still look open: it gets no offers either way, and
+                        // re-registers if gossip sees it alive again.
+                        let rescinded = self.allocator.remove_agent(&agent);
+                        self.mesos_rescinded(rescinded);
+                        self.down.remove(&agent);
+                        self.agent_lost(&agent, why, now);
+                    }
+                }
+                MemberStatus::Alive => {
+                    if self.lost.remove(&agent) && self.agents.contains_key(&agent) {
+                        self.outbox.push_back((agent, ToAgent::Reregister));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Agents whose time to come back ran out.

@@ -69,6 +69,17 @@ struct DevArgs {
     /// connects to; may repeat, tried in turn until one answers, with backoff.
     #[arg(long = "server", value_parser = parse_server)]
     servers: Vec<SocketAddr>,
+    /// LAN gossip listener (UDP), server and agent.
+    #[arg(long, default_value = "127.0.0.1:8301")]
+    serf_lan: SocketAddr,
+    /// A member's gossip address to join (IP, IP:PORT or HOST:PORT; port 8301 by default); may
+    /// repeat. Retried with backoff until one answers (Consul's retry_join). An agent finds the
+    /// servers through gossip.
+    #[arg(long = "join", value_parser = parse_join)]
+    join: Vec<SocketAddr>,
+    /// Gossip probe period (default 1 s, as Consul's LAN pool); for tests on one machine.
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    gossip_probe_period: Option<Duration>,
     /// (server) An agent whose connection broke is lost after this long without coming back:
     /// its services leave DNS and its tasks become TASK_UNREACHABLE.
     #[arg(long, default_value = "5s", value_parser = parse_span)]
@@ -264,10 +275,18 @@ fn parse_service_ttl(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+fn parse_join(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, 8301)
+}
+
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, 8300)
+}
+
+fn parse_addr(s: &str, port: u16) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, 8300));
+        return Ok(SocketAddr::new(ip, port));
     }
     s.to_socket_addrs()
         .map_err(|e| format!("cannot resolve {s:?}: {e}"))?
@@ -454,14 +473,20 @@ fn main() -> ExitCode {
         if defaulted("rpc") {
             a.rpc.set_ip(ip);
         }
+        if defaulted("serf_lan") {
+            a.serf_lan.set_ip(ip);
+        }
         if sub.value_source("advertise") == Some(clap::parser::ValueSource::DefaultValue) && !ip.is_unspecified() {
             a.advertise = ip;
         }
     }
-    if role == Role::Agent && a.servers.is_empty() {
-        eprintln!("mesh: an agent needs at least one --server ADDR (a server's RPC address)");
+    if role == Role::Agent && a.servers.is_empty() && a.join.is_empty() {
+        eprintln!(
+            "mesh: an agent needs --join ADDR (any member's gossip address) or --server ADDR (a server's RPC address)"
+        );
         return ExitCode::from(2);
     }
+
     let task_logs = match a.task_log_max_size {
         0 => TaskLogs::Sandbox,
         max_size => match std::env::current_exe() {
@@ -546,6 +571,17 @@ fn main() -> ExitCode {
         container_disk_watch_interval: a.container_disk_watch_interval.max(std::time::Duration::from_millis(10)),
         rpc: a.rpc,
         servers: a.servers,
+        serf_lan: a.serf_lan,
+        join: a.join,
+        gossip_timing: match a.gossip_probe_period {
+            None => mesh_server::gossip::GossipTiming::default(),
+            Some(p) => mesh_server::gossip::GossipTiming {
+                probe_period: p,
+                probe_rtt: p * 2 / 5,
+                gossip_interval: p / 4,
+                ..mesh_server::gossip::GossipTiming::fast()
+            },
+        },
         agent_down_after: a.agent_down_after,
         reregister_timeout: a.agent_reregister_timeout,
     };

@@ -98,6 +98,12 @@ pub struct NodeConfig {
     pub rpc: SocketAddr,
     /// Servers' RPC addresses an agent connects to (`--server`), tried in turn.
     pub servers: Vec<SocketAddr>,
+    /// LAN gossip (UDP) listener of servers and agents.
+    pub serf_lan: SocketAddr,
+    /// Gossip addresses of members to join (`--join`), retried with backoff until one answers.
+    pub join: Vec<SocketAddr>,
+    /// Gossip timing (tests shorten it).
+    pub gossip_timing: crate::gossip::GossipTiming,
     /// See [`ControlConfig::agent_down_after`].
     pub agent_down_after: Duration,
     /// See [`ControlConfig::reregister_timeout`].
@@ -481,6 +487,7 @@ pub async fn run_server(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let node_id = ensure_data_dir(&cfg)?;
+    let node_id_for_gossip = node_id.clone();
     let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
     store.set_max_versions(cfg.max_app_versions);
@@ -539,6 +546,10 @@ pub async fn run_server(
     };
     let rpc = crate::rpc::Server::start(listener, hello, handler)
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
+    let rpc_advertised = SocketAddr::new(cfg.advertise, rpc.local_addr().port());
+    let gossip = start_gossip(&cfg, &node_id_for_gossip, crate::gossip::Role::Server, rpc_advertised).await?;
+    let members_task = report_members(&gossip, control.clone());
+
     register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
     let bound = Bound { http: http_addrs, dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, rpc = %rpc.local_addr(), node = %cfg.node, dc = %cfg.datacenter, "mesh server ready");
@@ -546,6 +557,8 @@ pub async fn run_server(
 
     shutdown.await;
     info!("shutting down");
+    members_task.abort();
+    gossip.shutdown().await;
     drop(rpc);
     http.stop().await;
     dns.shutdown().await;
@@ -566,6 +579,8 @@ pub async fn run_agent(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let node_id = ensure_data_dir(&cfg)?;
+    let rpc_advertised = SocketAddr::new(cfg.advertise, cfg.rpc.port());
+    let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Agent, rpc_advertised).await?;
     let outbox_path = cfg.data_dir.join("outbox.jsonl");
     let outbox = crate::cluster::outbox::Outbox::open(&outbox_path)
         .map_err(|source| NodeError::DataDir { path: outbox_path.clone(), source })?;
@@ -577,6 +592,7 @@ pub async fn run_agent(
         servers: Arc::new(std::sync::Mutex::new(cfg.servers.clone())),
         transport: Arc::new(crate::rpc::TcpTransport { bind: Some(cfg.advertise) }),
     };
+    let servers_task = follow_servers(&gossip, cfg.servers.clone(), uplink_cfg.servers.clone());
     let (link, mut pending, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
     let (published, status, replica_join) = crate::cluster::replica::spawn(&cfg.datacenter, link.clone());
     let control = ControlHandle::from_parts(up_tx, published.clone());
@@ -618,6 +634,82 @@ pub async fn run_agent(
     let _ = tokio::time::timeout(Duration::from_secs(3), pending.wait_for(|p| *p == 0)).await;
     uplink_join.abort();
     replica_join.abort();
+    servers_task.abort();
+    if !cfg.keep_tasks_on_exit {
+        // It stopped its tasks: a graceful leave (the others see it left, not failed).
+        let _ = gossip.leave().await;
+    }
+    gossip.shutdown().await;
     info!("stopped");
+
     Ok(())
+}
+
+/// Join the datacenter's LAN gossip pool.
+async fn start_gossip(
+    cfg: &NodeConfig,
+    node_id: &str,
+    role: crate::gossip::Role,
+    rpc: SocketAddr,
+) -> Result<crate::gossip::Gossip, NodeError> {
+    let advertise = SocketAddr::new(cfg.advertise, cfg.serf_lan.port());
+    let gc = crate::gossip::GossipConfig {
+        node: cfg.node.clone(),
+        node_id: node_id.to_owned(),
+        datacenter: cfg.datacenter.clone(),
+        role,
+        bind: cfg.serf_lan,
+        advertise,
+        rpc,
+        join: cfg.join.clone(),
+        timing: cfg.gossip_timing.clone(),
+        seed: now_millis() ^ u64::from(std::process::id()),
+    };
+    crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
+        crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
+        other => NodeError::Unsupported(format!("gossip: {other}")),
+    })
+}
+
+/// The servers' RPC addresses gossip knows (alive ones), kept in `servers` beside the static
+/// ones (`--server`), for the agent's uplink.
+fn follow_servers(
+    gossip: &crate::gossip::Gossip,
+    fixed: Vec<SocketAddr>,
+    servers: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut members = gossip.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let mut list = fixed.clone();
+            for m in members.borrow_and_update().iter() {
+                if m.role == crate::gossip::Role::Server
+                    && m.status == crate::gossip::MemberStatus::Alive
+                    && !list.contains(&m.rpc)
+                {
+                    list.push(m.rpc);
+                }
+            }
+            *servers.lock().unwrap_or_else(|e| e.into_inner()) = list;
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Tell the control loop what gossip says of the members (failed agents are lost at once).
+fn report_members(gossip: &crate::gossip::Gossip, control: ControlHandle) -> tokio::task::JoinHandle<()> {
+    let mut members = gossip.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let list = members.borrow_and_update().clone();
+            if control.send(crate::control::ControlMsg::Members(list)).await.is_err() {
+                return;
+            }
+            if members.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }

@@ -143,7 +143,7 @@ impl Uplink {
                         "an agent does not write the state; send writes to a server".into(),
                     )));
                 }
-                ControlMsg::AgentGone(..) | ControlMsg::Mesos(_) => {}
+                ControlMsg::AgentGone(..) | ControlMsg::Mesos(_) | ControlMsg::Members(_) => {}
             }
         }
         if !reports.is_empty() {

@@ -122,6 +122,11 @@ impl Driver {
 
     pub(crate) async fn run(mut self) {
         let mut recv_buf = vec![0u8; 65536];
+        // Serf's reconnect: now and then announce to failed members and the join addresses even
+        // when not alone, so two parts of a pool that each still have members (e.g. agents
+        // around a server that restarted with a new identity) find each other again.
+        let reconnect_every = self.timing.retry_join_max.max(self.timing.retry_join_initial);
+        let mut next_reconnect = Instant::now() + reconnect_every;
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
             let next_rejoin = self.rejoin.map(|(at, _)| at);
@@ -142,7 +147,14 @@ impl Driver {
                 },
                 () = sleep_until(next_timer), if next_timer.is_some() => self.fire_timers(),
                 () = sleep_until(next_rejoin), if next_rejoin.is_some() => self.rejoin_attempt(),
+                () = tokio::time::sleep_until(next_reconnect.into()) => {
+                    next_reconnect = Instant::now() + reconnect_every;
+                    if !self.leaving {
+                        self.announce_to_join();
+                    }
+                }
             }
+
             self.drain().await;
         }
         tracing::debug!("gossip: task stopped");
