@@ -1009,29 +1009,42 @@ impl Control {
     /// whose session never broke re-registers, which puts its node and tasks back.
     fn members(&mut self, members: &[crate::gossip::Member], now: Millis) {
         use crate::gossip::{MemberStatus, Role};
+        // One status per node name: a node whose data dir was wiped is a new member beside its
+        // failed old self, and the live one speaks for the name.
+        let rank = |s: MemberStatus| match s {
+            MemberStatus::Alive => 3,
+            MemberStatus::Suspect => 2,
+            MemberStatus::Left => 1,
+            MemberStatus::Failed => 0,
+        };
+        let mut by_name: HashMap<&str, MemberStatus> = HashMap::new();
         for m in members.iter().filter(|m| m.role == Role::Agent) {
-            let agent = AgentId::from(m.name.as_str());
+            let e = by_name.entry(m.name.as_str()).or_insert(m.status);
+            if rank(m.status) > rank(*e) {
+                *e = m.status;
+            }
+        }
+        for (name, status) in by_name {
+            let agent = AgentId::from(name);
             let known = self.store.state().agents.contains_key(&agent);
-            match m.status {
-                MemberStatus::Failed | MemberStatus::Left if known && !self.restarting.contains_key(&agent) => {
-                    if self.lost.insert(agent.clone()) {
-                        let why = if m.status == MemberStatus::Left {
-                            "Agent left the cluster"
-                        } else {
-                            "Agent not live or unreachable"
-                        };
-                        // Its session may still look open: it gets no offers either way, and
-                        // re-registers if gossip sees it alive again.
-                        let rescinded = self.allocator.remove_agent(&agent);
-                        self.mesos_rescinded(rescinded);
-                        self.down.remove(&agent);
-                        self.agent_lost(&agent, why, now);
-                    }
+            match status {
+                MemberStatus::Failed | MemberStatus::Left
+                    if known && !self.restarting.contains_key(&agent) && self.lost.insert(agent.clone()) =>
+                {
+                    let why = if status == MemberStatus::Left {
+                        "Agent left the cluster"
+                    } else {
+                        "Agent not live or unreachable"
+                    };
+                    // Its session may still look open: it gets no offers either way, and
+                    // re-registers if gossip sees it alive again.
+                    let rescinded = self.allocator.remove_agent(&agent);
+                    self.mesos_rescinded(rescinded);
+                    self.down.remove(&agent);
+                    self.agent_lost(&agent, why, now);
                 }
-                MemberStatus::Alive => {
-                    if self.lost.remove(&agent) && self.agents.contains_key(&agent) {
-                        self.outbox.push_back((agent, ToAgent::Reregister));
-                    }
+                MemberStatus::Alive if self.lost.remove(&agent) && self.agents.contains_key(&agent) => {
+                    self.outbox.push_back((agent, ToAgent::Reregister));
                 }
                 _ => {}
             }

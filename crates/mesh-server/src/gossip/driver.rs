@@ -147,7 +147,7 @@ impl Driver {
                 },
                 () = sleep_until(next_timer), if next_timer.is_some() => self.fire_timers(),
                 () = sleep_until(next_rejoin), if next_rejoin.is_some() => self.rejoin_attempt(),
-                () = tokio::time::sleep_until(next_reconnect.into()) => {
+                () = tokio::time::sleep_until(next_reconnect) => {
                     next_reconnect = Instant::now() + reconnect_every;
                     if !self.leaving {
                         self.announce_to_join();
