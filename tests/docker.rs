@@ -429,3 +429,68 @@ async fn host_paths_and_cap_add_need_operator_flags() {
     assert_eq!(s, 200);
     eventually(60, "the container is gone", || async { tasks(&node, "/hostly").await.is_empty().then_some(()) }).await;
 }
+
+/// A container started by mesh resolves services through its node: the node answers DNS on
+/// port 53 of the gateway of the containers' Docker network (one this test creates), and every
+/// container gets it as resolver with the search domain `service.mesh`, so busybox's `nslookup`
+/// and `wget` inside reach `web.service.mesh` and plain `web`.
+#[tokio::test]
+async fn containers_resolve_services_through_the_node() {
+    if !docker_ready() {
+        return;
+    }
+    struct Network(String);
+    impl Drop for Network {
+        fn drop(&mut self) {
+            docker(&["network", "rm", &self.0]);
+        }
+    }
+    let net = Network(format!("mesh-dns-{}", std::process::id()));
+    docker(&["network", "rm", &net.0]);
+    let created = Command::new("docker").args(["network", "create", &net.0]).output().expect("docker network create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let gw = docker(&["network", "inspect", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}", &net.0]);
+    assert!(gw.parse::<std::net::Ipv4Addr>().is_ok(), "gateway of {}: {gw:?}", net.0);
+    // Tasks are published on the gateway address, which the containers reach.
+    let node = MeshNode::start(&["--runtime", "docker", "--docker-network", &net.0, "--advertise", &gw]);
+    assert!(node.log().contains("DNS for containers"), "{}", node.log());
+    let tag = uuid::Uuid::new_v4().to_string();
+    let web = json!({
+        "id": "/web", "cmd": "httpd -f -p 8080 -h /www", "cpus": 0.1, "mem": 32, "instances": 1,
+        "env": {"MESH_TEST_TAG": tag},
+        "container": {"type": "DOCKER", "docker": {"image": IMAGE, "network": "BRIDGE",
+            "portMappings": [{"containerPort": 8080, "hostPort": 0}]}},
+    });
+    let (s, v) = node.send("POST", "/v2/apps", Some(&web.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    let t = running(&node, "/web", 1).await;
+    let port = t[0]["ports"][0].as_u64().expect("host port");
+    // The client looks the service up by its full and its short name and fetches the page.
+    let script = format!(
+        "while true; do nslookup web.service.mesh; nslookup web; wget -q -O - http://web:{port}/ && echo FETCHED-BY-SHORT-NAME; sleep 1; done"
+    );
+    let client = json!({
+        "id": "/client", "cmd": script, "cpus": 0.1, "mem": 32, "instances": 1,
+        "env": {"MESH_TEST_TAG": tag},
+        "container": {"type": "DOCKER", "docker": {"image": IMAGE, "network": "BRIDGE"}},
+    });
+    let (s, v) = node.send("POST", "/v2/apps", Some(&client.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    let c = running(&node, "/client", 1).await;
+    let id = c[0]["id"].as_str().unwrap().to_owned();
+    let container = containers_of(&id).pop().expect("the client's container");
+    // On a network of its own, Docker's embedded resolver (127.0.0.11) answers the container
+    // and forwards to the DNS servers the container was given: the node's.
+    let dns = docker(&["inspect", "-f", "{{json .HostConfig.Dns}} {{json .HostConfig.DnsSearch}}", &container]);
+    assert_eq!(dns, format!("[\"{gw}\"] [\"service.mesh\"]"));
+    let resolv = docker(&["exec", &container, "cat", "/etc/resolv.conf"]);
+    assert!(resolv.contains("search service.mesh"), "{resolv}");
+
+    let logs = eventually(60, "the client resolved web and fetched its page", || async {
+        let out = Command::new("docker").args(["logs", &container]).output().ok()?;
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        all.contains("FETCHED-BY-SHORT-NAME").then_some(all)
+    })
+    .await;
+    assert!(logs.contains("web.service.mesh") && logs.contains(&gw), "nslookup answered the node's address: {logs}");
+}

@@ -69,6 +69,14 @@ struct DevArgs {
     /// connects to; may repeat, tried in turn until one answers, with backoff.
     #[arg(long = "server", value_parser = parse_server)]
     servers: Vec<SocketAddr>,
+    /// The Docker network that containers in BRIDGE mode join (default: Docker's `bridge`).
+    #[arg(long)]
+    docker_network: Option<String>,
+    /// Where this node answers DNS for its containers, on port 53: `auto` (the gateway of their
+    /// Docker network), an IP, or `off`. Containers get it as their resolver with the search
+    /// domain `service.<domain>`, so `web.service.mesh` and plain `web` resolve inside them.
+    #[arg(long, default_value = "auto", value_parser = parse_container_dns)]
+    container_dns: mesh_server::node::ContainerDns,
     /// LAN gossip listener (UDP), server and agent.
     #[arg(long, default_value = "127.0.0.1:8301")]
     serf_lan: SocketAddr,
@@ -273,6 +281,15 @@ fn parse_secs(s: &str) -> Result<u32, String> {
 fn parse_service_ttl(s: &str) -> Result<String, String> {
     ServiceTtls::default().add(s).map_err(|e| e.to_string())?;
     Ok(s.to_owned())
+}
+
+fn parse_container_dns(s: &str) -> Result<mesh_server::node::ContainerDns, String> {
+    use mesh_server::node::ContainerDns;
+    match s {
+        "auto" => Ok(ContainerDns::Auto),
+        "off" => Ok(ContainerDns::Off),
+        ip => ip.parse().map(ContainerDns::At).map_err(|_| format!("expected auto, off or an IP address, not {s:?}")),
+    }
 }
 
 fn parse_join(s: &str) -> Result<SocketAddr, String> {
@@ -571,6 +588,8 @@ fn main() -> ExitCode {
         container_disk_watch_interval: a.container_disk_watch_interval.max(std::time::Duration::from_millis(10)),
         rpc: a.rpc,
         servers: a.servers,
+        docker_network: a.docker_network,
+        container_dns: a.container_dns,
         serf_lan: a.serf_lan,
         join: a.join,
         gossip_timing: match a.gossip_probe_period {

@@ -98,6 +98,11 @@ pub struct NodeConfig {
     pub rpc: SocketAddr,
     /// Servers' RPC addresses an agent connects to (`--server`), tried in turn.
     pub servers: Vec<SocketAddr>,
+    /// The Docker network bridge-mode containers join (`None`: Docker's `bridge`).
+    pub docker_network: Option<String>,
+    /// Where the node answers DNS for its containers (port 53): `Auto` is the gateway of the
+    /// containers' Docker network.
+    pub container_dns: ContainerDns,
     /// LAN gossip (UDP) listener of servers and agents.
     pub serf_lan: SocketAddr,
     /// Gossip addresses of members to join (`--join`), retried with backoff until one answers.
@@ -188,7 +193,7 @@ pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
 async fn build_runtimes(
     cfg: &NodeConfig,
     events_tx: tokio::sync::mpsc::Sender<mesh_core::runtime::RuntimeEvent>,
-) -> Result<(Arc<dyn Runtime>, Vec<String>, Arc<ProcessRuntime>, Option<Arc<dyn Runtime>>), NodeError> {
+) -> Result<(Arc<dyn Runtime>, Vec<String>, Arc<ProcessRuntime>, Option<Arc<DockerRuntime>>), NodeError> {
     let process_options = ProcessOptions {
         logs: cfg.task_logs.clone(),
         disk_watch_interval: cfg.container_disk_watch_interval,
@@ -204,7 +209,7 @@ async fn build_runtimes(
         RuntimeKind::Docker => true,
         RuntimeKind::Auto => DockerRuntime::available().await,
     };
-    let docker: Option<Arc<dyn Runtime>> = if docker_wanted {
+    let docker: Option<Arc<DockerRuntime>> = if docker_wanted {
         let node_id = node_id(&cfg.data_dir)?;
         match DockerRuntime::connect(events_tx.clone(), &cfg.node, &node_id).await {
             Ok(rt) => {
@@ -226,7 +231,7 @@ async fn build_runtimes(
         }
         None
     };
-    let multi = MultiRuntime::new(process.clone(), docker.clone());
+    let multi = MultiRuntime::new(process.clone(), docker.clone().map(|d| d as Arc<dyn Runtime>));
     #[cfg(feature = "memory-runtime")]
     let (runtime, runtimes): (Arc<dyn Runtime>, Vec<String>) = if cfg.runtime == RuntimeKind::Memory {
         warn!("memory runtime: tasks run nowhere (benchmarks only)");
@@ -291,7 +296,8 @@ pub async fn run_dev(
 
     let catalog =
         PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
-    let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
+    let (dns, dns_addr) = start_dns(&cfg, catalog.clone(), vec![cfg.node.clone()]).await?;
+    let container_dns = start_container_dns(&cfg, docker.as_deref(), catalog.clone()).await;
 
     let http = start_http(&cfg, |info| api::router(Api { control: control.clone(), info })).await?;
     let http_addrs = http.addrs.clone();
@@ -316,6 +322,9 @@ pub async fn run_dev(
         r.shutdown().await;
     }
     dns.shutdown().await;
+    if let Some(d) = container_dns {
+        d.shutdown().await;
+    }
     // Let the control loop apply the last status updates, then stop it.
     drop(control);
     control_join.abort();
@@ -604,7 +613,8 @@ pub async fn run_agent(
     let registrator = start_registrator(&cfg, docker.is_some(), &control).await;
 
     let catalog = PublishedCatalog { catalog: published.catalog.clone(), hooks: published.catalog_hooks.clone() };
-    let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
+    let (dns, dns_addr) = start_dns(&cfg, catalog.clone(), vec![cfg.node.clone()]).await?;
+    let container_dns = start_container_dns(&cfg, docker.as_deref(), catalog.clone()).await;
     let forwarder =
         crate::cluster::forward::Forwarder { link, node: cfg.node.clone(), published: published.clone(), status };
     let http = start_http(&cfg, |info| {
@@ -628,6 +638,9 @@ pub async fn run_agent(
         r.shutdown().await;
     }
     dns.shutdown().await;
+    if let Some(d) = container_dns {
+        d.shutdown().await;
+    }
     // What the agent reported while stopping (its goodbye last) reaches the server, if one is
     // there to take it (bounded); the rest waits in the outbox for the next start.
     drop(control);
@@ -712,4 +725,63 @@ fn report_members(gossip: &crate::gossip::Gossip, control: ControlHandle) -> tok
             }
         }
     })
+}
+
+/// Where a node answers DNS for its containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerDns {
+    /// On port 53 of the gateway of the containers' Docker network.
+    Auto,
+    /// On port 53 of this address.
+    At(IpAddr),
+    /// Not at all: containers keep Docker's resolver.
+    Off,
+}
+
+/// Answer DNS for containers on port 53 of an address they reach, and give every container
+/// started from now on that resolver with the search domain `service.<domain>`, so a process in
+/// a container reaches `web.service.<domain>` or just `web`. Best effort: without it (no
+/// Docker, the port taken, not root) containers keep Docker's resolver and the node says so.
+async fn start_container_dns(
+    cfg: &NodeConfig,
+    docker: Option<&DockerRuntime>,
+    catalog: PublishedCatalog,
+) -> Option<DnsServer> {
+    let docker = docker?;
+    let mut net = mesh_core::runtime::docker::ContainerNetwork {
+        network: cfg.docker_network.clone(),
+        dns: None,
+        dns_search: vec![format!("service.{}", cfg.domain)],
+    };
+    let ip = match cfg.container_dns {
+        ContainerDns::Off => None,
+        ContainerDns::At(ip) => Some(ip),
+        ContainerDns::Auto => match docker.network_gateway(cfg.docker_network.as_deref()).await {
+            Ok(ip) => Some(ip),
+            Err(e) => {
+                warn!(error = %e, "no DNS for containers: cannot find their network's gateway");
+                None
+            }
+        },
+    };
+    let server = match ip {
+        None => None,
+        Some(ip) => {
+            let addr = SocketAddr::new(ip, 53);
+            let servers = vec![cfg.node.clone()];
+            match start_dns(&NodeConfig { dns: addr, ..cfg.clone() }, catalog, servers).await {
+                Ok((dns, _)) => {
+                    info!(%addr, search = ?net.dns_search, "DNS for containers");
+                    net.dns = Some(ip);
+                    Some(dns)
+                }
+                Err(e) => {
+                    warn!(error = %e, "no DNS for containers (they keep Docker's resolver)");
+                    None
+                }
+            }
+        }
+    };
+    docker.set_network(net);
+    server
 }

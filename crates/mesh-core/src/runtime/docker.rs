@@ -195,6 +195,20 @@ struct Inner {
     log_rotation: Mutex<Option<LogRotation>>,
     /// How often the writable layer of a container with a `disk` limit is measured.
     disk_watch_interval: Mutex<Duration>,
+    /// Where containers run and resolve names (see [`DockerRuntime::set_network`]).
+    network: Mutex<ContainerNetwork>,
+}
+
+/// The Docker network of bridge-mode containers and the DNS server every container is given.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ContainerNetwork {
+    /// The network bridge-mode containers join (`None`: Docker's `bridge`).
+    pub network: Option<String>,
+    /// The node's DNS server for containers (`--dns`), unless a task sets its own `dns`.
+    pub dns: Option<std::net::IpAddr>,
+    /// Search domains for containers (`--dns-search`), e.g. `service.mesh`, so a short name
+    /// such as `web` resolves.
+    pub dns_search: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -331,6 +345,7 @@ impl DockerRuntime {
             launching: Mutex::new(HashSet::new()),
             log_rotation: Mutex::new(None),
             disk_watch_interval: Mutex::new(Duration::from_secs(15)),
+            network: Mutex::new(ContainerNetwork::default()),
         });
         let mut background = Vec::new();
         if watchers != Watchers::EventsOnly {
@@ -354,6 +369,31 @@ impl DockerRuntime {
     /// file), the same bound as the process runtime's logger. `None` leaves the engine's default.
     pub fn set_log_rotation(&self, rotation: Option<LogRotation>) {
         *self.inner.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) = rotation;
+    }
+
+    /// The network bridge-mode containers join and the DNS server containers resolve names with
+    /// (the original platform ran Docker with `--dns <host ip> --dns-search service.consul`).
+    pub fn set_network(&self, network: ContainerNetwork) {
+        *self.inner.network.lock().unwrap_or_else(|e| e.into_inner()) = network;
+    }
+
+    /// The gateway address of a Docker network (`bridge` when `None`): the host's address on it,
+    /// which its containers reach.
+    pub async fn network_gateway(&self, network: Option<&str>) -> Result<std::net::IpAddr, RuntimeError> {
+        let name = network.unwrap_or("bridge");
+        let n = self
+            .inner
+            .docker
+            .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+            .map_err(|e| io_error(io::ErrorKind::NotFound, format!("Docker network {name}: {e}")))?;
+        n.ipam
+            .and_then(|i| i.config)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.gateway)
+            .find_map(|g| g.parse::<std::net::IpAddr>().ok().filter(|ip| ip.is_ipv4()))
+            .ok_or_else(|| io_error(io::ErrorKind::NotFound, format!("Docker network {name} has no IPv4 gateway")))
     }
 
     /// How often the writable layer of a container whose task has a `disk` limit is measured
@@ -578,6 +618,24 @@ impl Inner {
         if let Some(r) = *self.log_rotation.lock().unwrap_or_else(|e| e.into_inner()) {
             body.host_config.get_or_insert_with(HostConfig::default).log_config = Some(log_config(r));
         }
+        let net = self.network.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let host = body.host_config.get_or_insert_with(HostConfig::default);
+        if let Some(name) = &net.network
+            && host.network_mode.as_deref() == Some("bridge")
+        {
+            host.network_mode = Some(name.clone());
+        }
+        // The node's DNS, unless the task chose its own (`dns` parameter) or has no network.
+        if let Some(dns) = net.dns
+            && host.dns.is_none()
+            && host.network_mode.as_deref() != Some("none")
+        {
+            host.dns = Some(vec![dns.to_string()]);
+            if host.dns_search.is_none() && !net.dns_search.is_empty() {
+                host.dns_search = Some(net.dns_search.clone());
+            }
+        }
+
         self.ensure_image(&c.image, c.force_pull).await?;
         let name = container_name(&spec.task_id);
         let id = match self.create(&name, body.clone()).await {
