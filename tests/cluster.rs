@@ -404,3 +404,79 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     })
     .await;
 }
+
+/// Bad peers against a real server: garbage and an unknown protocol version on its RPC port,
+/// garbage and a foreign envelope on its gossip port, and an agent of another datacenter trying
+/// to join its LAN pool. Each is refused with a clear log line; the server keeps serving and a
+/// proper agent still joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_are_refused_with_a_log_line_and_nothing_crashes() {
+    use std::io::{Read, Write};
+    let net = net(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start_server(&net, &tmp.path().join("server"));
+    let rpc = format!("{net}.1:8300");
+    let gossip = format!("{net}.1:8301");
+    // RPC: HTTP instead of the preamble; then a peer that speaks protocol version 9.
+    for bytes in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"MESH\x00\x09\x00\x00"] {
+        let mut s = std::net::TcpStream::connect(&rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(buf.len() <= 8, "refused after at most its own preamble: {buf:?}");
+    }
+    // Gossip: random bytes, and a packet of a future major version.
+    let udp = std::net::UdpSocket::bind(format!("{net}.9:0")).unwrap();
+    udp.send_to(b"\x00\x01garbage that is not gossip", &gossip).unwrap();
+    udp.send_to(b"MSHG\x09\x00\x03dc1whatever", &gossip).unwrap();
+    // An agent of datacenter dc2 joins the dc1 pool (and points its RPC at the dc1 server).
+    let dir = tmp.path().join("foreign");
+    let ip = format!("{net}.20");
+    let foreign = MeshNode::start_role(
+        "agent",
+        &ip,
+        &dir,
+        port_range(),
+        "foreign",
+        &[
+            "--dc",
+            "dc2",
+            "--bind",
+            &ip,
+            "--join",
+            &gossip,
+            "--server",
+            &rpc,
+            "--gossip-probe-period",
+            "200ms",
+            "--runtime",
+            "process",
+            "--no-registrator",
+        ],
+    );
+    let log = |n: &MeshNode| std::fs::read_to_string(n.data_dir.with_extension("log")).unwrap_or_default();
+    eventually(30, "every refusal logged by the server", || async {
+        let l = log(&server);
+        let want = [
+            "does not speak mesh RPC",
+            "protocol version 9.0, this node 1.0",
+            "gossip: dropped packet",
+            "datacenter dc2, this pool is dc1",
+            "is in datacenter dc2, this node in dc1",
+        ];
+        want.iter().all(|w| l.contains(w)).then_some(())
+    })
+    .await;
+    assert!(log(&foreign).contains("refused"), "the foreign agent hears why: {}", log(&foreign));
+    // The server never lists it, and still works: a proper agent joins and registers.
+    let good = start_agent(&net, &tmp.path().join("good"), 0);
+    eventually(30, "the dc1 agent registered, the dc2 one not", || async {
+        let (_, v) = server.get("/v1/catalog/nodes").await;
+        let names: Vec<&str> = v.as_array()?.iter().filter_map(|n| n["Node"].as_str()).collect();
+        (names.contains(&"agent0") && !names.contains(&"foreign")).then_some(())
+    })
+    .await;
+    drop(good);
+    drop(foreign);
+}
