@@ -387,12 +387,23 @@ impl DockerRuntime {
             .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
             .await
             .map_err(|e| io_error(io::ErrorKind::NotFound, format!("Docker network {name}: {e}")))?;
+        // The gateway as configured, or (Docker's default bridge lists only its subnet) the
+        // subnet's first address, which Docker gives the bridge.
+        let first_of = |subnet: &str| -> Option<std::net::IpAddr> {
+            let (net, len) = subnet.split_once('/')?;
+            let net: std::net::Ipv4Addr = net.parse().ok()?;
+            let len: u32 = len.parse().ok().filter(|l| *l < 31)?;
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            Some(std::net::IpAddr::V4(std::net::Ipv4Addr::from((u32::from(net) & mask) + 1)))
+        };
         n.ipam
             .and_then(|i| i.config)
             .into_iter()
             .flatten()
-            .filter_map(|c| c.gateway)
-            .find_map(|g| g.parse::<std::net::IpAddr>().ok().filter(|ip| ip.is_ipv4()))
+            .find_map(|c| match c.gateway.as_deref().and_then(|g| g.parse::<std::net::IpAddr>().ok()) {
+                Some(ip) if ip.is_ipv4() => Some(ip),
+                _ => c.subnet.as_deref().and_then(first_of),
+            })
             .ok_or_else(|| io_error(io::ErrorKind::NotFound, format!("Docker network {name} has no IPv4 gateway")))
     }
 
