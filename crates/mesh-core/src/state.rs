@@ -232,6 +232,10 @@ pub struct State {
     /// Frameworks of the Mesos v1 scheduler API, role weights and quota.
     #[serde(default)]
     pub mesos: crate::frameworks::MesosState,
+    /// Agents being drained (`mesh node drain`): they get no new tasks and their tasks are moved
+    /// elsewhere, until reactivated. Kept across their re-registrations.
+    #[serde(default)]
+    pub draining: imbl::OrdSet<AgentId>,
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -288,6 +292,13 @@ pub enum Command {
         deployment_id: String,
         /// Even during another deployment.
         force: bool,
+    },
+    /// Drain an agent (no new tasks; its tasks are moved elsewhere), or reactivate it.
+    DrainAgent {
+        /// The agent.
+        agent_id: AgentId,
+        /// `true` drains, `false` reactivates.
+        drain: bool,
     },
     /// An agent registered (or re-registered after a restart).
     RegisterAgent {
@@ -875,6 +886,22 @@ impl State {
                 let ids: Vec<TaskId> = self.app_tasks(id).map(|t| t.id.clone()).collect();
                 for t in ids {
                     self.mark_kill(&t, &mut ch);
+                }
+            }
+            Command::DrainAgent { agent_id, drain } => {
+                if !self.agents.contains_key(agent_id) {
+                    return Err(ApplyError::UnknownNode(agent_id.0.clone()));
+                }
+                if *drain {
+                    self.draining.insert(agent_id.clone());
+                } else {
+                    self.draining.remove(agent_id);
+                }
+                // Its tasks' apps are looked at again (the scheduler moves them).
+                for t in self.tasks.values().filter(|t| t.agent_id == *agent_id) {
+                    if let Some(app) = &t.app_id {
+                        ch.apps.push(app.clone());
+                    }
                 }
             }
             Command::RegisterAgent { agent, datacenter } => {

@@ -248,6 +248,8 @@ struct Control {
     next_reconcile: Millis,
     /// Agents gossip declared failed or left (handled once per such change).
     lost: HashSet<AgentId>,
+    /// The drained agents the allocator and scheduler have acted on.
+    drained: imbl::OrdSet<AgentId>,
 }
 
 /// How many status update uuids are remembered to drop re-sent updates.
@@ -306,6 +308,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         restarting: HashMap::new(),
         next_reconcile: 0,
         lost: HashSet::new(),
+        drained: imbl::OrdSet::new(),
     };
     control.mesos_recover(now_millis());
     // After a restart of the server, agents have their re-register timeout to come back (as
@@ -567,12 +570,18 @@ impl Control {
                 self.apply(vec![Command::RegisterAgent { agent, datacenter }]);
                 // Re-registration: rescind its offers, then account for the tasks it runs.
                 self.allocator.remove_agent(&agent_id);
-                self.allocator.add_agent(agent_id.clone(), hostname, resources, attributes);
+                if !self.store.state().draining.contains(&agent_id) {
+                    self.allocator.add_agent(agent_id.clone(), hostname, resources, attributes);
+                }
+
                 let state = self.store.state().clone();
                 let mut lost = Vec::new();
                 for t in state.tasks.values().filter(|t| t.agent_id == agent_id) {
                     if running.contains(&t.id) {
-                        self.allocator.track_used(&agent_id, &t.framework_id, &t.resources);
+                        if !self.store.state().draining.contains(&agent_id) {
+                            self.allocator.track_used(&agent_id, &t.framework_id, &t.resources);
+                        }
+
                         if t.state == TaskState::Unreachable {
                             // Back: it counts again (a surplus over the app's instances is killed).
                             lost.push(Command::TaskStatus {
@@ -717,6 +726,7 @@ impl Control {
 
     fn step(&mut self, now: Millis) {
         self.lost_agents(now);
+        self.follow_drains(now);
         if now >= self.next_reconcile {
             self.next_reconcile = now.saturating_add(self.cfg.reconcile_interval.as_millis() as u64);
             self.reconcile_agents();
@@ -1047,6 +1057,50 @@ impl Control {
                     self.outbox.push_back((agent, ToAgent::Reregister));
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Act on drains and reactivations recorded in the state: a drained agent gets no offers and
+    /// its tasks are killed (their apps launch replacements on other agents); a reactivated one
+    /// is offered again.
+    fn follow_drains(&mut self, now: Millis) {
+        let wanted = self.store.state().draining.clone();
+        if wanted == self.drained {
+            return;
+        }
+        let drained: Vec<AgentId> = wanted.iter().filter(|a| !self.drained.contains(*a)).cloned().collect();
+        let reactivated: Vec<AgentId> = self.drained.iter().filter(|a| !wanted.contains(*a)).cloned().collect();
+        self.drained = wanted;
+        for agent in drained {
+            info!(%agent, "draining: no new tasks, its tasks move elsewhere");
+            let rescinded = self.allocator.remove_agent(&agent);
+            self.mesos_rescinded(rescinded);
+            let state = self.store.state().clone();
+            let calls: Vec<Call> = state
+                .tasks
+                .values()
+                .filter(|t| t.agent_id == agent && !t.state.is_terminal() && !t.kill_requested)
+                .map(|t| {
+                    let grace = t
+                        .app_id
+                        .as_ref()
+                        .and_then(|a| state.apps.get(a))
+                        .map(|r| r.app.kill_grace())
+                        .unwrap_or(Duration::from_secs(3));
+                    Call::Kill { task_id: t.id.clone(), agent_id: agent.clone(), grace }
+                })
+                .collect();
+            self.handle_calls(calls, now);
+        }
+        for agent in reactivated {
+            info!(%agent, "reactivated: offered again");
+            let state = self.store.state().clone();
+            if let (Some(a), true) = (state.agents.get(&agent), self.agents.contains_key(&agent)) {
+                self.allocator.add_agent(agent.clone(), a.hostname.clone(), a.resources.clone(), a.attributes.clone());
+                for t in state.tasks.values().filter(|t| t.agent_id == agent && !t.state.is_terminal()) {
+                    self.allocator.track_used(&agent, &t.framework_id, &t.resources);
+                }
             }
         }
     }
