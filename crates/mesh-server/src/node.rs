@@ -262,6 +262,9 @@ pub async fn run_dev(
     let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
     store.set_max_versions(cfg.max_app_versions);
+    let replication = crate::cluster::replication::Replication::new(store.state().index);
+    let feed = replication.clone();
+    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
     info!(
         apps = store.state().apps.len(),
         tasks = store.state().tasks.len(),
@@ -285,14 +288,60 @@ pub async fn run_dev(
         },
     );
 
+    // The agent talks to the control side as a cluster's agent talks to its server: through an
+    // uplink (numbered reports in an outbox on disk, acknowledged) and the server's RPC handler,
+    // here over an in-memory transport.
+    let node_id = node_id(&cfg.data_dir)?;
+    let net = crate::rpc::MemTransport::default();
+    let server_addr = SocketAddr::new(cfg.advertise, cfg.rpc.port());
+    let executor = {
+        let api_control = control.clone();
+        let template = node_info(&cfg, &[]);
+        crate::cluster::forward::Executor::new(
+            Arc::new(move |node: &str| {
+                api::router(Api {
+                    control: api_control.clone(),
+                    info: NodeInfo { node: node.to_owned(), ..template.clone() },
+                })
+            }),
+            control.published.clone(),
+        )
+    };
+    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
+    let listener = crate::rpc::Transport::listen(&net, server_addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr: server_addr, source })?;
+    let hello = crate::rpc::Hello {
+        node: cfg.node.clone(),
+        node_id: node_id.clone(),
+        datacenter: cfg.datacenter.clone(),
+        role: crate::rpc::Role::Server,
+        http: None,
+    };
+    let rpc = crate::rpc::Server::start(listener, hello, handler)
+        .map_err(|source| NodeError::Bind { addr: server_addr, source })?;
+    let outbox_path = cfg.data_dir.join("outbox.jsonl");
+    let outbox = crate::cluster::outbox::Outbox::open(&outbox_path)
+        .map_err(|source| NodeError::DataDir { path: outbox_path.clone(), source })?;
+    let (up_tx, up_rx) = tokio::sync::mpsc::channel(1024);
+    let uplink_cfg = crate::cluster::uplink::UplinkConfig {
+        agent: AgentId::from(cfg.node.as_str()),
+        node_id,
+        datacenter: cfg.datacenter.clone(),
+        servers: Arc::new(std::sync::Mutex::new(vec![server_addr])),
+        transport: Arc::new(net.at(cfg.advertise)),
+    };
+    let (_link, mut pending, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
+    let agent_control = ControlHandle::from_parts(up_tx, control.published.clone());
+
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     let (runtime, runtimes, process, docker) = build_runtimes(&cfg, events_tx).await?;
     let agent_cfg = agent_config(&cfg, runtimes);
-    let agent = agent::start(agent_cfg, runtime, events_rx, control.clone()).await?;
+    let agent = agent::start(agent_cfg, runtime, events_rx, agent_control.clone()).await?;
     // Only after recovery: sandboxes of tasks the agent re-adopted are never candidates.
     let sandbox_gc = process.spawn_gc(cfg.gc);
 
-    let registrator = start_registrator(&cfg, docker.is_some(), &control).await;
+    let registrator = start_registrator(&cfg, docker.is_some(), &agent_control).await;
 
     let catalog =
         PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
@@ -325,9 +374,15 @@ pub async fn run_dev(
     if let Some(d) = container_dns {
         d.shutdown().await;
     }
-    // Let the control loop apply the last status updates, then stop it.
+    // The control loop records what the agent reported while stopping (its tasks' ends, its
+    // goodbye) before it stops; what it could not take waits in the outbox for the next start.
+    drop(agent_control);
+    let _ = tokio::time::timeout(Duration::from_secs(5), pending.wait_for(|p| *p == 0)).await;
+    uplink_join.abort();
+    drop(rpc);
     drop(control);
     control_join.abort();
+
     let _ = control_join.await;
     info!("stopped");
     Ok(())

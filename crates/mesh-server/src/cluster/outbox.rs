@@ -122,7 +122,21 @@ impl Outbox {
         }
     }
 
+    /// Forget pending reports that `stale` says no longer hold (e.g. the goodbye of an earlier
+    /// run, once the agent is back). They count as acknowledged.
+    pub fn forget(&mut self, stale: impl Fn(&ToControl) -> bool) {
+        let before = self.pending.len();
+        self.pending.retain(|(_, m)| !stale(m));
+        if self.pending.len() != before {
+            self.dead += before - self.pending.len();
+            if let Err(e) = self.rewrite() {
+                warn!(error = %e, "outbox: cannot rewrite the file");
+            }
+        }
+    }
+
     /// Up to `max` of the oldest pending reports.
+
     pub fn batch(&self, max: usize) -> Vec<(u64, ToControl)> {
         self.pending.iter().take(max).cloned().collect()
     }

@@ -51,9 +51,12 @@ enum Event {
 /// connection watch (the replica and the HTTP forwarder use the same connection).
 pub fn spawn(
     cfg: UplinkConfig,
-    outbox: Outbox,
+    mut outbox: Outbox,
     rx: mpsc::Receiver<ControlMsg>,
 ) -> (super::Link, Pending, tokio::task::JoinHandle<()>) {
+    // The agent is back: a goodbye its last run did not deliver no longer holds.
+    outbox.forget(|m| matches!(m, ToControl::Goodbye { .. }));
+
     let (link_tx, link) = watch::channel(None);
     let (pending_tx, pending) = watch::channel(outbox.len());
     let up = Uplink {
@@ -274,10 +277,11 @@ impl Uplink {
                     match next {
                         Some(Ok(Item::Heartbeat { .. })) => {}
                         Some(Ok(Item::ToAgent(m))) => {
-                            if to_agent.send(m).await.is_err() {
-                                break "the agent stopped".to_owned();
-                            }
+                            // A stopping agent reads no more; its reports still go out on this
+                            // connection, so the session stays.
+                            let _ = to_agent.send(m).await;
                         }
+
                         Some(Ok(other)) => debug!(?other, "uplink: unexpected item on the session"),
                         Some(Err(e)) => break e.to_string(),
                         None => break "the server ended the session".to_owned(),
