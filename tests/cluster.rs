@@ -224,7 +224,37 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
         })
         .await;
     }
+    // An app that cannot be placed: /v2/queue says why, naming the nodes whose offers it declined.
+    let (s, v) = c
+        .server
+        .send(
+            "POST",
+            "/v2/apps",
+            Some(
+                &serde_json::json!({"id": "/wide", "cmd": "sleep 1000", "instances": 4, "cpus": 0.01, "mem": 8,
+                "constraints": [["hostname", "UNIQUE"]]})
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let hosts = eventually(30, "the queue names the agents whose offers /wide declined", || async {
+        let (_, q) = c.server.get("/v2/queue?embed=lastUnusedOffers").await;
+        let item = q["queue"].as_array()?.iter().find(|i| i["app"]["id"] == "/wide")?.clone();
+        let hosts: BTreeSet<String> = item["lastUnusedOffers"]
+            .as_array()?
+            .iter()
+            .filter(|o| o["reason"][0] == "UnfulfilledConstraint")
+            .filter_map(|o| o["offer"]["hostname"].as_str().map(str::to_owned))
+            .collect();
+        (hosts.len() == 3).then_some(hosts)
+    })
+    .await;
+    assert_eq!(hosts, agent_ip.keys().cloned().collect::<BTreeSet<_>>());
+    let (s, _) = c.server.send("DELETE", "/v2/apps/wide", None).await;
+    assert_eq!(s, 200);
     // The agents' HTTP API: reads from their replica, writes forwarded to the server.
+
     let a0 = &c.agents[0];
     let (s, v) = a0.get("/v2/apps/web").await;
     assert_eq!((s, v["app"]["instances"].as_u64()), (200, Some(6)), "{v}");

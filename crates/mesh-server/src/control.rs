@@ -369,7 +369,7 @@ impl Control {
                 continue;
             }
             if !updates.is_empty() {
-                self.status_updates(std::mem::take(&mut updates));
+                self.status_updates(std::mem::take(&mut updates), now);
             }
             match msg {
                 ControlMsg::Propose(cmd, reply) => {
@@ -394,7 +394,7 @@ impl Control {
                             continue;
                         }
                         if !updates.is_empty() {
-                            self.status_updates(std::mem::take(&mut updates));
+                            self.status_updates(std::mem::take(&mut updates), now);
                         }
                         self.on_agent_msg(m, now);
                     }
@@ -409,7 +409,7 @@ impl Control {
             }
         }
         if !updates.is_empty() {
-            self.status_updates(updates);
+            self.status_updates(updates, now);
         }
         if !proposals.is_empty() {
             self.propose_and_reply(proposals, replies, now);
@@ -618,7 +618,7 @@ impl Control {
                 }
                 self.apply(lost);
             }
-            ToControl::Status(update) => self.status_updates(vec![update]),
+            ToControl::Status(update) => self.status_updates(vec![update], now),
             ToControl::Goodbye { agent_id, keep_tasks } => {
                 if keep_tasks {
                     info!(agent = %agent_id, timeout = ?self.cfg.reregister_timeout, "agent restarting; its tasks are kept meanwhile");
@@ -664,7 +664,9 @@ impl Control {
 
     /// Records status updates (re-sent ones are ignored) in one log write, then lets the
     /// allocator and the scheduler see each.
-    fn status_updates(&mut self, updates: Vec<StatusUpdate>) {
+    /// The server's clock dates them (`now`): an agent's timestamps are data only, so a skewed
+    /// agent clock never moves a deadline (launch backoff, unreachable timers).
+    fn status_updates(&mut self, updates: Vec<StatusUpdate>, now: Millis) {
         let mut known = Vec::with_capacity(updates.len());
         for update in updates {
             let (order, seen) = &mut self.seen_updates;
@@ -708,7 +710,7 @@ impl Control {
                 task_id: u.task_id.clone(),
                 state: u.state,
                 message: u.message.clone(),
-                at: u.at,
+                at: now,
             })
             .collect();
         let res = self.apply(cmds);
@@ -719,8 +721,8 @@ impl Control {
                 self.allocator.recover(&task.agent_id, &task.framework_id, &task.resources);
             }
             let view = self.store.state().clone();
-            let calls = self.marathon.status(&view, &update, update.at);
-            self.handle_calls(calls, update.at);
+            let calls = self.marathon.status(&view, &update, now);
+            self.handle_calls(calls, now);
         }
     }
 

@@ -160,6 +160,19 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
     let Some(conn) = conn.filter(|c| !c.is_closed()) else {
         return unavailable(&path, "this agent has no connection to a server");
     };
+    // Mesos framework streams live on the server: send the client there, as a Mesos master that
+    // is not the leader does (307 with a scheme-relative Location).
+    if (path == "/api/v1/scheduler" || path == "/master/redirect" || path == "/redirect")
+        && let Some(http) = conn.peer().hello.http.clone()
+    {
+        let target = if path == "/api/v1/scheduler" { path.as_str() } else { "" };
+        let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("//{http}{target}")) {
+            resp.headers_mut().insert(axum::http::header::LOCATION, v);
+        }
+        return resp;
+    }
+
     let (parts, body) = req.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes().to_vec(),
