@@ -200,8 +200,8 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             "PUT",
             "/v1/agent/check/register",
             r#"{"Name": "c", "TTL": "10s", "ServiceID": "nope"}"#,
-            400,
-            "does not exist",
+            404,
+            "ServiceID \"nope\" does not exist",
         ),
         ("PUT", "/v1/agent/check/pass/nope", "", 404, "Unknown check ID"),
         ("PUT", "/v1/agent/check/update/serfHealth", r#"{"Status": "passing"}"#, 500, "does not have associated TTL"),
@@ -220,6 +220,12 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         ("GET", "/v1/health/state/sad", "", 400, "Invalid state"),
         ("GET", "/v1/health/service/web?index=1&wait=forever", "", 400, "Invalid wait"),
         ("GET", "/v1/catalog/nodes?dc=elsewhere", "", 500, "No path to datacenter"),
+        ("GET", "/v1/catalog/nodes?filter=not%20a%20valid%20expression((", "", 400, "boolean expression"),
+        ("GET", "/v1/health/service/web?filter=Service.Tags%20contains", "", 400, "expected a value"),
+        ("GET", "/v1/agent/services?filter=Service%20%3D%20x", "", 400, "expected \"==\" or \"!=\""),
+        ("PUT", "/v1/agent/service/deregister/consul", "", 404, "Unknown service ID"),
+        ("PUT", "/v1/agent/join/127.0.0.1:1", "", 500, "Failed to join 127.0.0.1:1"),
+        ("PUT", "/v1/agent/force-leave/nonexistent-node?prune", "", 500, "No node found with name"),
     ];
     for (method, path, body, want, text) in cases {
         let (code, msg) = node.send(method, path, (!body.is_empty()).then_some(body)).await;
@@ -281,4 +287,74 @@ async fn a_session_dies_with_its_checks_and_releases_its_locks() {
     let (code, msg) = node.send("PUT", "/v1/session/create", Some(r#"{"ServiceChecks": ["service:leader1"]}"#)).await;
     assert_eq!(code, 500);
     assert!(msg.as_str().unwrap_or_default().contains("critical state"), "{msg}");
+}
+
+/// What a Consul user sees: per-node service ids, only agent registrations under /v1/agent,
+/// registrations kept as sent, ?filter= on every listing, check intervals raised to 1 s, and
+/// Consul's `/` and `/ui/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_fidelity_ids_agent_views_filters_and_http_root() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator", "--enable-script-checks"]);
+    // The same service id on two nodes is two instances.
+    for (n, addr) in [("n1", "10.1.10.11"), ("n2", "10.1.10.12")] {
+        let body = json!({"Node": n, "Address": addr, "Service": {"Service": "s1", "Tags": [n]},
+            "TaggedAddresses": {"lan": addr, "wan": "192.0.2.1"}});
+        assert_eq!(node.send("PUT", "/v1/catalog/register", Some(&body.to_string())).await.0, 200);
+    }
+    let (_, list) = node.get("/v1/catalog/service/s1").await;
+    let nodes: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["Node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["n1", "n2"], "{list}");
+    let (_, n1) = node.get("/v1/catalog/node/n1").await;
+    assert_eq!(n1["Node"]["TaggedAddresses"], json!({"lan": "10.1.10.11", "wan": "192.0.2.1"}), "as sent");
+    let (_, one) = node.get("/v1/catalog/service/s1?filter=%22n2%22%20in%20ServiceTags").await;
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["Node"], "n2");
+    let (_, nodes) = node.get("/v1/catalog/nodes?filter=Node%20matches%20%22%5En%5B12%5D%24%22").await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+    let (_, ns) = node.get("/v1/catalog/node-services/n1?filter=Service%20%3D%3D%20s1").await;
+    assert_eq!(ns["Services"].as_array().map(Vec::len), Some(1), "{ns}");
+    let (_, svcs) = node.get("/v1/catalog/services?filter=%22n1%22%20in%20ServiceTags").await;
+    assert_eq!(svcs, json!({"s1": ["n1"]}));
+
+    // Agent views: only what was registered through the agent.
+    let (_, services) = node.get("/v1/agent/services").await;
+    assert_eq!(services, json!({}), "no `consul` service: {services}");
+    let (_, checks) = node.get("/v1/agent/checks").await;
+    assert_eq!(checks, json!({}), "no serfHealth: {checks}");
+    let reg = json!({"Name": "web", "ID": "web1", "Tags": ["keep"], "EnableTagOverride": true,
+        "TaggedAddresses": {"lan": {"Address": "10.10.10.1", "Port": 8080}},
+        // 10 ns, as py-consul sends an integer interval: raised to Consul's 1 s minimum.
+        "Check": {"Args": ["/bin/true"], "Interval": 10}});
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg.to_string())).await.0, 200);
+    let other = json!({"Name": "web", "ID": "web2", "Tags": ["skip"]});
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&other.to_string())).await.0, 200);
+    let (_, services) = node.get("/v1/agent/services").await;
+    let web1 = &services["web1"];
+    assert_eq!(web1["EnableTagOverride"], true);
+    assert_eq!(web1["TaggedAddresses"], json!({"lan": {"Address": "10.10.10.1", "Port": 8080}}));
+    assert!(web1.get("Kind").is_none(), "no empty Kind: {web1}");
+    let (_, kept) = node.get("/v1/agent/services?filter=%22keep%22%20in%20Tags").await;
+    assert_eq!(kept.as_object().unwrap().keys().collect::<Vec<_>>(), ["web1"]);
+    let (_, checks) = node.get("/v1/agent/checks").await;
+    assert_eq!(checks["service:web1"]["Interval"], "1s", "{checks}");
+    let (_, none) = node.get("/v1/health/service/web?filter=Service.ID%20%3D%3D%20%60nope%60").await;
+    assert_eq!(none, json!([]));
+    let (_, hs) =
+        node.get("/v1/health/service/web?filter=Service.ID%20%3D%3D%20web2%20or%20Service.ID%20%3D%3D%20web1").await;
+    assert_eq!(hs.as_array().unwrap().len(), 2);
+    let (_, hc) = node.get("/v1/health/checks/web?filter=CheckID%20%3D%3D%20%22service%3Aweb1%22").await;
+    assert_eq!(hc.as_array().unwrap().len(), 1, "{hc}");
+    let (_, st) = node.get("/v1/health/state/any?filter=ServiceID%20is%20empty").await;
+    assert!(st.as_array().unwrap().iter().all(|c| c["ServiceID"] == ""), "{st}");
+
+    // Consul's HTTP root and UI; reload and leave answer 200 in dev.
+    let no_redirect = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirect.get(node.url("/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 301);
+    assert_eq!(r.headers()["location"], "/ui/");
+    let r = no_redirect.get(node.url("/ui/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("mesh"));
+    assert_eq!(node.send("PUT", "/v1/agent/reload", None).await.0, 200);
+    assert_eq!(node.send("PUT", "/v1/agent/leave", None).await.0, 200);
 }

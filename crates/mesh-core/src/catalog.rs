@@ -21,6 +21,10 @@ pub struct Node {
     pub datacenter: String,
     /// Node metadata.
     pub meta: BTreeMap<String, String>,
+    /// Consul's node `TaggedAddresses` as registered (`lan`, `wan`, ...; the IPv4/IPv6 variants
+    /// are derived when shown).
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, String>,
     /// Raft-style index at which it was created.
     pub create_index: u64,
     /// Index of its last change.
@@ -87,10 +91,36 @@ pub struct ServiceInstance {
     /// DNS SRV weights (Consul's `Weights`).
     #[serde(default)]
     pub weights: Weights,
+    /// What only the Consul API shows: `EnableTagOverride`, `TaggedAddresses`, `Kind`.
+    #[serde(default)]
+    pub extra: ConsulExtra,
     /// Index at which it was created.
     pub create_index: u64,
     /// Index of its last change.
     pub modify_index: u64,
+}
+
+/// Fields of a Consul service registration that mesh keeps and shows but does not act on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsulExtra {
+    /// `EnableTagOverride`.
+    #[serde(default)]
+    pub enable_tag_override: bool,
+    /// `TaggedAddresses`: name (`lan`, `wan`, ...) to address and port.
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, TaggedAddress>,
+    /// `Kind` (empty for a typical service).
+    #[serde(default)]
+    pub kind: String,
+}
+
+/// One entry of a service's `TaggedAddresses`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedAddress {
+    /// The address (an IP or a host name, as registered).
+    pub address: String,
+    /// The port.
+    pub port: u16,
 }
 
 /// Consul's service `Weights`: SRV weights for passing and warning instances.
@@ -386,7 +416,11 @@ impl CatalogState {
     /// Add or replace a node; returns whether anything changed.
     pub fn upsert_node(&mut self, mut node: Node, index: u64) -> bool {
         if let Some(old) = self.nodes.get(&node.name) {
-            if old.address == node.address && old.meta == node.meta && old.datacenter == node.datacenter {
+            if old.address == node.address
+                && old.meta == node.meta
+                && old.datacenter == node.datacenter
+                && old.tagged_addresses == node.tagged_addresses
+            {
                 return false;
             }
             node.create_index = old.create_index;
@@ -761,6 +795,7 @@ mod tests {
             weights: Weights::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         }
     }
 

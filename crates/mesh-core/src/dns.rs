@@ -1581,6 +1581,7 @@ mod tests {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         }
     }
 
@@ -1594,6 +1595,7 @@ mod tests {
                 meta: BTreeMap::new(),
                 create_index: 0,
                 modify_index: 0,
+                tagged_addresses: Default::default(),
             };
             c.upsert_node(node, 1);
         }
@@ -2066,6 +2068,7 @@ mod tests {
                 meta: BTreeMap::new(),
                 create_index: 0,
                 modify_index: 0,
+                tagged_addresses: Default::default(),
             };
             c.upsert_node(node, 1);
             c.upsert_instance(inst(&format!("b{i}"), "big", &format!("node-{i}"), None, 20000 + i, Health::Passing), 2);
@@ -2411,6 +2414,7 @@ mod tests {
                             meta,
                             create_index: 0,
                             modify_index: 0,
+                            tagged_addresses: Default::default(),
                         };
                         c.upsert_node(n, step);
                     }
@@ -2470,6 +2474,7 @@ mod tests {
             meta: BTreeMap::new(),
             create_index: 0,
             modify_index: 0,
+            tagged_addresses: Default::default(),
         };
         c.upsert_node(node, 1);
         c.services = (0..n)

@@ -857,6 +857,7 @@ impl State {
                     meta: BTreeMap::new(),
                     create_index: 0,
                     modify_index: 0,
+                    tagged_addresses: Default::default(),
                 };
                 ch.catalog |= self.catalog.upsert_node(node, self.index + 1);
                 let mut serf = Check::new(&agent.id.0, SERF_HEALTH, "Serf Health Status", Health::Passing);
@@ -1361,6 +1362,7 @@ impl State {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         })
     }
 
@@ -2575,6 +2577,7 @@ mod tests {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         };
         let sync = |v: Vec<ServiceInstance>| Command::SyncServices {
             node: "n1".into(),

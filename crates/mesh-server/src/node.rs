@@ -320,7 +320,7 @@ pub async fn run_dev(
         host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
     };
-    let router = api::router(Api { control: control.clone(), info });
+    let router = api::router(Api { control: control.clone(), info, cluster: None });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
     let http = crate::serve::Http::new(cfg.http_limits.clone());
     let trimmer = http.spawn_trimmer();
@@ -342,6 +342,7 @@ pub async fn run_dev(
         weights: Default::default(),
         create_index: 0,
         modify_index: 0,
+        extra: Default::default(),
     };
     let node_info = mesh_core::catalog::Node {
         name: cfg.node.clone(),
@@ -350,6 +351,7 @@ pub async fn run_dev(
         meta: BTreeMap::new(),
         create_index: 0,
         modify_index: 0,
+        tagged_addresses: Default::default(),
     };
     let register_own = mesh_core::state::Command::Register {
         node: cfg.node.clone(),

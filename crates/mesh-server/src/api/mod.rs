@@ -13,6 +13,7 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_filter;
 pub mod consul_kv;
 pub mod events;
 pub mod groups;
@@ -26,6 +27,32 @@ pub struct Api {
     pub control: ControlHandle,
     /// Node settings shown by the APIs.
     pub info: NodeInfo,
+    /// Cluster membership (join, leave, force-leave) for Consul's `/v1/agent/join|leave|
+    /// force-leave`; `None` in `mesh dev`, a single node with no cluster to join.
+    pub cluster: Option<std::sync::Arc<dyn ClusterOps>>,
+}
+
+/// A failed cluster membership operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterOpError {
+    /// No member has that name (force-leave).
+    #[error("No node found with name '{0}'")]
+    UnknownNode(String),
+    /// The operation failed (e.g. nothing answered at the join address).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Cluster membership as the Consul agent endpoints need it; implemented by the membership
+/// layer of a clustered node.
+#[async_trait::async_trait]
+pub trait ClusterOps: Send + Sync {
+    /// Join the cluster through the member at `addr` (`host:port`).
+    async fn join(&self, addr: &str) -> Result<(), ClusterOpError>;
+    /// Leave the cluster gracefully.
+    async fn leave(&self) -> Result<(), ClusterOpError>;
+    /// Mark the failed member `node` as left (`prune`: forget it at once).
+    async fn force_leave(&self, node: &str, prune: bool) -> Result<(), ClusterOpError>;
 }
 
 /// Facts about the node that the APIs report.
