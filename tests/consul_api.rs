@@ -170,7 +170,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         (
             "PUT",
             "/v1/agent/service/register",
-            r#"{"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s"}}"#,
+            r#"{"Name": "x", "Check": {"H2PING": "127.0.0.1:1", "Interval": "1s"}}"#,
             400,
             "not supported",
         ),
@@ -357,4 +357,72 @@ async fn consul_fidelity_ids_agent_views_filters_and_http_root() {
     assert!(r.text().await.unwrap().contains("mesh"));
     assert_eq!(node.send("PUT", "/v1/agent/reload", None).await.0, 200);
     assert_eq!(node.send("PUT", "/v1/agent/leave", None).await.0, 200);
+}
+
+/// A minimal gRPC health server over h2c: every Check answers `status` (1 SERVING, 2 NOT_SERVING).
+async fn grpc_health_server(status: u8) -> std::net::SocketAddr {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let frames: Vec<Result<Frame<axum::body::Bytes>, std::convert::Infallible>> = vec![
+                    Ok(Frame::data(axum::body::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let body = StreamBody::new(futures_util::stream::iter(frames));
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
+                )
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_checks_ask_the_grpc_health_service() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let serving = grpc_health_server(1).await;
+    let not_serving = grpc_health_server(2).await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let body = json!({"name": "g", "id": "g1", "port": serving.port(), "checks": [
+        {"grpc": serving.to_string(), "interval": "1s"},
+        {"grpc": format!("{not_serving}/my.Service"), "interval": "1s"},
+        // below Consul's 1 s minimum: raised to it, not rejected
+        {"grpc": dead.to_string(), "interval": "100ms"},
+    ]});
+    let (code, msg) = node.send("PUT", "/v1/agent/service/register", Some(&body.to_string())).await;
+    assert_eq!(code, 200, "{msg}");
+    eventually(15, "the SERVING server's check passing", || async {
+        (check_status(&node, "g", "service:g1:1").await.as_deref() == Some("passing")).then_some(())
+    })
+    .await;
+    let (_, checks) = node.get("/v1/health/checks/g").await;
+    let by_id = |id: &str| checks.as_array().unwrap().iter().find(|c| c["CheckID"] == id).unwrap().clone();
+    assert_eq!(by_id("service:g1:1")["Type"], "grpc");
+    let ns = by_id("service:g1:2");
+    assert_eq!(ns["Status"], "critical", "{ns}");
+    let dead_check = by_id("service:g1:3");
+    assert_eq!(dead_check["Status"], "critical");
+    assert_eq!(dead_check["Interval"], "1s");
+    // The NOT_SERVING verdict is the server's, not a connection failure.
+    eventually(15, "NOT_SERVING in the output", || async {
+        let (_, checks) = node.get("/v1/health/checks/g").await;
+        checks
+            .as_array()?
+            .iter()
+            .any(|c| c["CheckID"] == "service:g1:2" && c["Output"].as_str().is_some_and(|o| o.contains("NOT_SERVING")))
+            .then_some(())
+    })
+    .await;
 }

@@ -164,6 +164,12 @@ pub struct CheckDefinition {
     /// (`docker exec`), not on the host.
     #[serde(default)]
     pub docker_container_id: String,
+    /// gRPC check: `host:port` or `host:port/service`, asked `grpc.health.v1.Health/Check`.
+    #[serde(default)]
+    pub grpc: String,
+    /// gRPC over TLS.
+    #[serde(default)]
+    pub grpc_use_tls: bool,
     /// TTL check: time without an update after which it turns critical.
     #[serde(default)]
     pub ttl_ms: u64,
@@ -191,6 +197,8 @@ impl CheckDefinition {
             "http"
         } else if !self.tcp.is_empty() {
             "tcp"
+        } else if !self.grpc.is_empty() {
+            "grpc"
         } else if !self.args.is_empty() && !self.docker_container_id.is_empty() {
             "docker"
         } else if !self.args.is_empty() {
@@ -202,9 +210,9 @@ impl CheckDefinition {
         }
     }
 
-    /// Whether an agent runs it periodically (HTTP, TCP, script, docker).
+    /// Whether an agent runs it periodically (HTTP, TCP, gRPC, script, docker).
     pub fn is_active(&self) -> bool {
-        matches!(self.kind(), "http" | "tcp" | "script" | "docker")
+        matches!(self.kind(), "http" | "tcp" | "grpc" | "script" | "docker")
     }
 }
 

@@ -512,7 +512,7 @@ fn check_json(c: &Check, tags: &[String]) -> Value {
         "ExposedPort": 0,
         "Definition": {
             "HTTP": d.http, "Method": d.method, "Header": d.header, "TLSSkipVerify": d.tls_skip_verify,
-            "TCP": d.tcp, "ScriptArgs": d.args, "DockerContainerID": d.docker_container_id, "TTL": ms_str(d.ttl_ms),
+            "TCP": d.tcp, "GRPC": d.grpc, "GRPCUseTLS": d.grpc_use_tls, "ScriptArgs": d.args, "DockerContainerID": d.docker_container_id, "TTL": ms_str(d.ttl_ms),
             "Interval": ms_str(d.interval_ms), "Timeout": ms_str(d.timeout_ms),
             "DeregisterCriticalServiceAfter": ms_str(d.deregister_critical_after_ms),
         },
@@ -588,6 +588,8 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
         method: src.str("Method")?.unwrap_or_default().to_ascii_uppercase(),
         tls_skip_verify: src.bool("TLSSkipVerify")?,
         tcp: src.str("TCP")?.unwrap_or_default().to_owned(),
+        grpc: src.str("GRPC")?.unwrap_or_default().to_owned(),
+        grpc_use_tls: src.bool("GRPCUseTLS")?,
         args: src.strings("Args")?,
         docker_container_id: src.str("DockerContainerID")?.unwrap_or_default().to_owned(),
         ttl_ms: src.duration_ms("TTL")?,
@@ -616,14 +618,14 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
             d.header.insert(k.clone(), vals);
         }
     }
-    for unsupported in ["GRPC", "DockerContainerID", "H2PING", "AliasService", "AliasNode", "OSService", "UDP"] {
+    for unsupported in ["DockerContainerID", "H2PING", "AliasService", "AliasNode", "OSService", "UDP"] {
         if src.str(unsupported).ok().flatten().is_some_and(|s| !s.is_empty()) {
             return Err(bad(format!("Invalid check: {unsupported} checks are not supported by mesh")));
         }
     }
-    let kinds = [!d.http.is_empty(), !d.tcp.is_empty(), !d.args.is_empty(), d.ttl_ms > 0];
+    let kinds = [!d.http.is_empty(), !d.tcp.is_empty(), !d.grpc.is_empty(), !d.args.is_empty(), d.ttl_ms > 0];
     if kinds.iter().filter(|k| **k).count() > 1 {
-        return Err(bad("Invalid check: only one of HTTP, TCP, Args/Script and TTL may be set"));
+        return Err(bad("Invalid check: only one of HTTP, TCP, GRPC, Args/Script and TTL may be set"));
     }
     if agent_run {
         if kinds.iter().all(|k| !k) {
@@ -632,7 +634,7 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
             ));
         }
         if d.is_active() && d.interval_ms == 0 {
-            return Err(bad("Invalid check: Interval must be > 0 for Script, HTTP, or TCP checks"));
+            return Err(bad("Invalid check: Interval must be > 0 for Script, HTTP, TCP or GRPC checks"));
         }
         if d.is_active() {
             d.interval_ms = d.interval_ms.max(MIN_CHECK_INTERVAL_MS);
