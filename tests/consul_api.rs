@@ -426,3 +426,47 @@ async fn grpc_checks_ask_the_grpc_health_service() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_events_metrics_and_peers() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    // An event for this node is kept; one for another node is not.
+    let (code, ev) = node.send("PUT", "/v1/event/fire/deploy", Some("v42")).await;
+    assert_eq!(code, 200, "{ev}");
+    assert_eq!(ev["Name"], "deploy");
+    assert_eq!(ev["Payload"], "djQy", "base64 of the body");
+    assert_eq!(node.send("PUT", "/v1/event/fire/other?node=%5Eelsewhere%24", None).await.0, 200);
+    assert_eq!(node.send("PUT", "/v1/event/fire/x?node=(", None).await.0, 400, "a bad regex is a 400");
+    assert_eq!(node.send("PUT", "/v1/event/fire/x?tag=a", None).await.0, 400, "tag needs service");
+    let r = node.client.get(node.url("/v1/event/list")).send().await.unwrap();
+    let index: u64 = r.headers()["X-Consul-Index"].to_str().unwrap().parse().unwrap();
+    let list: Value = r.json().await.unwrap();
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["Name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["deploy"], "{list}");
+    let (_, none) = node.get("/v1/event/list?name=nothing").await;
+    assert_eq!(none, json!([]));
+    // A blocking list returns when the next event arrives.
+    let waiter = {
+        let url = node.url(&format!("/v1/event/list?name=later&index={index}&wait=20s"));
+        let client = node.client.clone();
+        tokio::spawn(async move { client.get(url).send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "the blocking list waits for a new event");
+    assert_eq!(node.send("PUT", "/v1/event/fire/later", None).await.0, 200);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await.unwrap().unwrap();
+    assert_eq!(got[0]["Name"], "later");
+
+    let (code, m) = node.get("/v1/agent/metrics").await;
+    assert_eq!(code, 200);
+    assert!(m["Timestamp"].is_string() && m["Gauges"].is_array(), "{m}");
+    let (code, _) = node.get("/v1/agent/metrics?format=prometheus").await;
+    assert_eq!(code, 200);
+
+    // No peerings: a peer has no services.
+    let reg = json!({"Name": "p", "ID": "p1"}).to_string();
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg)).await.0, 200);
+    assert_eq!(node.get("/v1/health/service/p").await.1.as_array().map(Vec::len), Some(1));
+    assert_eq!(node.get("/v1/health/service/p?peer=nobody").await.1, json!([]));
+    assert_eq!(node.get("/v1/catalog/service/p?peer=nobody").await.1, json!([]));
+}

@@ -73,6 +73,7 @@ pub fn routes() -> Router<Api> {
         .route("/v1/catalog/gateway-services/{name}", get(no_connect))
         .route("/v1/health/connect/{name}", get(no_connect))
         .route("/v1/health/ingress/{name}", get(no_connect))
+        .route("/v1/agent/metrics", get(agent_metrics))
         .route("/v1/agent/leave", put(agent_leave))
         .route("/v1/agent/force-leave/{node}", put(agent_force_leave))
         .route("/v1/agent/reload", put(agent_reload))
@@ -111,6 +112,12 @@ async fn no_connect(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<R
     filter_param(&q)?;
     let state = block(&api, &q, "services").await?;
     Ok(indexed(&json!([]), state.topic_index("services"), &q))
+}
+
+/// `?peer=NAME`: services imported from a cluster peer. mesh has no peerings, so such a peer
+/// has no services (Consul answers an empty list for a peer it does not know, too).
+fn has_peer(q: &Params) -> bool {
+    q.get("peer").is_some_and(|p| !p.is_empty())
 }
 
 /// Whether an instance is the node's own `consul` service (registered by the node itself, not
@@ -1241,8 +1248,11 @@ async fn catalog_service(
     let topic = svc_topic(&name);
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
-    let list: Vec<Value> =
-        matching(cat, &name, &q.all("tag")).into_iter().map(|i| catalog_service_entry(cat, i)).collect();
+    let list: Vec<Value> = if has_peer(&q) {
+        Vec::new()
+    } else {
+        matching(cat, &name, &q.all("tag")).into_iter().map(|i| catalog_service_entry(cat, i)).collect()
+    };
     Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
 }
 
@@ -1337,6 +1347,7 @@ async fn health_service(
     let filter = filter_param(&q)?;
     let list: Vec<Value> = matching(cat, &name, &q.all("tag"))
         .into_iter()
+        .filter(|_| !has_peer(&q))
         .filter(|i| !passing || i.health == Health::Passing)
         .map(|i| {
             let node = cat.node(&i.node);
@@ -1468,6 +1479,43 @@ async fn agent_force_leave(
         None => return Err(cluster_err(super::ClusterOpError::UnknownNode(node))),
     }
     Ok(axum::http::StatusCode::OK.into_response())
+}
+
+/// `GET /v1/agent/metrics`: the go-metrics JSON shape with a few gauges of this node's catalog and
+/// KV store (mesh has no telemetry sink). `?format=prometheus` answers 200 with an empty body,
+/// as Consul does when Prometheus retention is not configured.
+async fn agent_metrics(State(api): State<Api>, RawQuery(raw): RawQuery) -> Response {
+    let q = Params::parse(raw.as_deref());
+    if q.get("format").is_some_and(|f| f == "prometheus") {
+        let mut r = axum::http::StatusCode::OK.into_response();
+        r.headers_mut().insert(
+            "X-Consul-Reason",
+            HeaderValue::from_static("Prometheus is not enabled since its retention time is not positive"),
+        );
+        return r;
+    }
+    let state = api.control.published.state.load();
+    let cat = &state.catalog;
+    let gauge = |name: &str, value: usize| json!({"Name": name, "Value": value as f64, "Labels": {}});
+    let now = chrono::Utc::now();
+    // go-metrics reports the start of the current 10 s interval.
+    let start = now.timestamp() - now.timestamp() % 10;
+    let ts = chrono::DateTime::from_timestamp(start, 0).unwrap_or(now).format("%Y-%m-%d %H:%M:%S %z").to_string();
+    reply(
+        &json!({
+            "Timestamp": ts,
+            "Gauges": [
+                gauge("consul.catalog.services", cat.services.len()),
+                gauge("consul.catalog.nodes", cat.nodes.len()),
+                gauge("consul.kv.entries", state.kv.entries.len()),
+                gauge("consul.session_ttl.active", state.kv.sessions.len()),
+            ],
+            "Points": [],
+            "Counters": [],
+            "Samples": [],
+        }),
+        &q,
+    )
 }
 
 /// `PUT /v1/agent/reload`: mesh has no configuration files to re-read.

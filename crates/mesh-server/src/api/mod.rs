@@ -13,6 +13,7 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_event;
 pub mod consul_filter;
 pub mod consul_kv;
 pub mod events;
@@ -30,6 +31,8 @@ pub struct Api {
     /// Cluster membership (join, leave, force-leave) for Consul's `/v1/agent/join|leave|
     /// force-leave`; `None` in `mesh dev`, a single node with no cluster to join.
     pub cluster: Option<std::sync::Arc<dyn ClusterOps>>,
+    /// Consul user events this node received (`/v1/event`).
+    pub user_events: std::sync::Arc<consul_event::UserEvents>,
 }
 
 /// A failed cluster membership operation.
@@ -312,6 +315,7 @@ pub fn router(api: Api) -> Router {
         .merge(marathon::routes())
         .merge(consul::routes())
         .merge(consul_kv::routes())
+        .merge(consul_event::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .merge(mesos::routes())
