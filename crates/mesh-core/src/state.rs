@@ -424,6 +424,8 @@ pub enum Command {
     },
     /// A change of Consul's KV store.
     Kv(KvOp),
+    /// A KV transaction: its operations in order, all applied or none.
+    KvTxn(Vec<crate::kv::TxnOp>),
     /// A change of Consul's sessions.
     Session(SessionOp),
     /// A framework subscribed through the Mesos v1 API (first time, or again with its id).
@@ -1147,6 +1149,7 @@ impl State {
                 ch.catalog |= self.catalog.set_check_status(node, id, *status, output, *now, index).unwrap_or(false);
             }
             Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
+            Command::KvTxn(ops) => self.kv.apply_txn(ops, self.index + 1)?,
             Command::Session(op) => {
                 if let SessionOp::Create { session, .. } = op {
                     if !self.catalog.nodes.contains_key(&session.node) {

@@ -16,6 +16,7 @@ pub mod consul;
 pub mod consul_event;
 pub mod consul_filter;
 pub mod consul_kv;
+pub mod consul_txn;
 pub mod events;
 pub mod groups;
 pub mod marathon;
@@ -316,6 +317,7 @@ pub fn router(api: Api) -> Router {
         .merge(consul::routes())
         .merge(consul_kv::routes())
         .merge(consul_event::routes())
+        .merge(consul_txn::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .merge(mesos::routes())
