@@ -181,7 +181,13 @@ fn fixture() -> Fixture {
             host_access: Default::default(),
             enable_script_checks: false,
         };
-        let router = router(Api { control: control.clone(), info, cluster: None, user_events: Default::default() });
+        let router = router(Api {
+            control: control.clone(),
+            info,
+            cluster: None,
+            user_events: Default::default(),
+            coordinates: Default::default(),
+        });
         let served = router.clone();
         tokio::spawn(async move { axum::serve(listener, served).await.expect("serve") });
         (control, router, format!("http://{addr}"))

@@ -95,7 +95,13 @@ fn main() {
             host_access: Default::default(),
             enable_script_checks: false,
         };
-        let app = router(Api { control: control.clone(), info, cluster: None, user_events: Default::default() });
+        let app = router(Api {
+            control: control.clone(),
+            info,
+            cluster: None,
+            user_events: Default::default(),
+            coordinates: Default::default(),
+        });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let base = format!("http://{addr}");
         let client = reqwest::Client::builder().pool_max_idle_per_host(4).build().unwrap();

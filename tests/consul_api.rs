@@ -333,6 +333,17 @@ async fn consul_fidelity_ids_agent_views_filters_and_http_root() {
     assert_eq!(web1["EnableTagOverride"], true);
     assert_eq!(web1["TaggedAddresses"], json!({"lan": {"Address": "10.10.10.1", "Port": 8080}}));
     assert!(web1.get("Kind").is_none(), "no empty Kind: {web1}");
+    let proxy = json!({"Name": "web-sidecar-proxy", "Port": 21000, "Kind": "connect-proxy",
+        "Proxy": {"DestinationServiceName": "web", "LocalServicePort": 8080},
+        "Locality": {"Region": "us-west-1", "Zone": "us-west-1a"}});
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&proxy.to_string())).await.0, 200);
+    let (_, svc) = node.get("/v1/agent/service/web-sidecar-proxy").await;
+    assert_eq!(svc["Kind"], "connect-proxy");
+    assert_eq!(svc["Proxy"], proxy["Proxy"]);
+    assert_eq!(svc["Locality"], proxy["Locality"]);
+    let bad = json!({"Name": "x", "Proxy": "nope"}).to_string();
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&bad)).await.0, 400);
+    assert_eq!(node.send("PUT", "/v1/agent/service/deregister/web-sidecar-proxy", None).await.0, 200);
     let (_, kept) = node.get("/v1/agent/services?filter=%22keep%22%20in%20Tags").await;
     assert_eq!(kept.as_object().unwrap().keys().collect::<Vec<_>>(), ["web1"]);
     let (_, checks) = node.get("/v1/agent/checks").await;
@@ -462,6 +473,23 @@ async fn user_events_metrics_and_peers() {
     assert!(m["Timestamp"].is_string() && m["Gauges"].is_array(), "{m}");
     let (code, _) = node.get("/v1/agent/metrics?format=prometheus").await;
     assert_eq!(code, 200);
+
+    // Coordinates: every node starts at Consul's initial coordinate; an update is kept.
+    let (_, dcs) = node.get("/v1/coordinate/datacenters").await;
+    let me = dcs[0]["Coordinates"][0]["Node"].as_str().unwrap().to_owned();
+    assert_eq!(dcs[0]["Datacenter"], "dc1");
+    assert_eq!(dcs[0]["Coordinates"][0]["Coord"]["Error"], 1.5);
+    let coord = json!({"Vec": [0.5, 0, 0, 0, 0, 0, 0, 0], "Error": 0.25, "Adjustment": 0, "Height": 0.001});
+    let upd = json!({"Node": me, "Coord": coord}).to_string();
+    assert_eq!(node.send("PUT", "/v1/coordinate/update", Some(&upd)).await.0, 200);
+    let (_, mine) = node.get(&format!("/v1/coordinate/node/{me}")).await;
+    assert_eq!(mine[0]["Coord"]["Vec"][0], 0.5, "{mine}");
+    assert_eq!(mine[0]["Coord"]["Error"], 0.25);
+    assert_eq!(node.get("/v1/coordinate/node/nowhere").await.0, 404);
+    let short = json!({"Node": me, "Coord": {"Vec": [1, 2]}}).to_string();
+    assert_eq!(node.send("PUT", "/v1/coordinate/update", Some(&short)).await.0, 400);
+    let (_, all) = node.get("/v1/coordinate/nodes").await;
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
 
     // No peerings: a peer has no services.
     let reg = json!({"Name": "p", "ID": "p1"}).to_string();

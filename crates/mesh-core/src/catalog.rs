@@ -112,6 +112,12 @@ pub struct ConsulExtra {
     /// `Kind` (empty for a typical service).
     #[serde(default)]
     pub kind: String,
+    /// `Proxy` (for a `connect-proxy`), as JSON text, kept as sent; empty when not given.
+    #[serde(default)]
+    pub proxy_json: String,
+    /// `Locality` (`Region`, `Zone`), as JSON text, kept as sent; empty when not given.
+    #[serde(default)]
+    pub locality_json: String,
 }
 
 /// One entry of a service's `TaggedAddresses`.

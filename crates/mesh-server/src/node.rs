@@ -320,7 +320,13 @@ pub async fn run_dev(
         host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
     };
-    let router = api::router(Api { control: control.clone(), info, cluster: None, user_events: Default::default() });
+    let router = api::router(Api {
+        control: control.clone(),
+        info,
+        cluster: None,
+        user_events: Default::default(),
+        coordinates: Default::default(),
+    });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
     let http = crate::serve::Http::new(cfg.http_limits.clone());
     let trimmer = http.spawn_trimmer();

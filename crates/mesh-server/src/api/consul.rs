@@ -487,6 +487,11 @@ fn service_json(i: &ServiceInstance, _node: Option<&Node>, dc: &str) -> Value {
         if !i.extra.kind.is_empty() {
             o.insert("Kind".into(), json!(i.extra.kind));
         }
+        for (name, text) in [("Proxy", &i.extra.proxy_json), ("Locality", &i.extra.locality_json)] {
+            if let Ok(v) = serde_json::from_str::<Value>(text) {
+                o.insert(name.into(), v);
+            }
+        }
     }
     v
 }
@@ -717,6 +722,13 @@ fn parse_service(s: Ci<'_>, node: &str) -> Result<ServiceInstance, ApiError> {
         kind: s.str("Kind")?.unwrap_or_default().to_owned(),
         ..Default::default()
     };
+    for (name, slot) in [("Proxy", &mut extra.proxy_json), ("Locality", &mut extra.locality_json)] {
+        match s.get(name) {
+            None => {}
+            Some(v @ Value::Object(_)) => *slot = v.to_string(),
+            Some(_) => return Err(bad(format!("Request decode failed: {name} must be an object"))),
+        }
+    }
     if let Some(t) = s.obj("TaggedAddresses")? {
         for (k, v) in t.0 {
             let Value::Object(m) = v else {

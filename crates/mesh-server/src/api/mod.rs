@@ -13,6 +13,7 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_coordinate;
 pub mod consul_event;
 pub mod consul_filter;
 pub mod consul_kv;
@@ -34,6 +35,8 @@ pub struct Api {
     pub cluster: Option<std::sync::Arc<dyn ClusterOps>>,
     /// Consul user events this node received (`/v1/event`).
     pub user_events: std::sync::Arc<consul_event::UserEvents>,
+    /// Consul network coordinates set through `/v1/coordinate/update`.
+    pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
 }
 
 /// A failed cluster membership operation.
@@ -317,6 +320,7 @@ pub fn router(api: Api) -> Router {
         .merge(consul::routes())
         .merge(consul_kv::routes())
         .merge(consul_event::routes())
+        .merge(consul_coordinate::routes())
         .merge(consul_txn::routes())
         .merge(events::routes())
         .merge(groups::routes())
