@@ -316,6 +316,13 @@ async fn consul_fidelity_ids_agent_views_filters_and_http_root() {
     let (_, svcs) = node.get("/v1/catalog/services?filter=%22n1%22%20in%20ServiceTags").await;
     assert_eq!(svcs, json!({"s1": ["n1"]}));
 
+    // The node's own consul service stays, whoever asks.
+    let me = node.get("/v1/agent/self").await.1["Config"]["NodeName"].as_str().unwrap().to_owned();
+    let dereg = json!({"Node": me, "ServiceID": "consul"}).to_string();
+    assert_eq!(node.send("PUT", "/v1/catalog/deregister", Some(&dereg)).await.0, 400);
+    assert_eq!(node.send("PUT", "/v1/agent/service/deregister/consul", None).await.0, 404);
+    assert_eq!(node.get("/v1/catalog/service/consul").await.1.as_array().map(Vec::len), Some(1));
+
     // Agent views: only what was registered through the agent.
     let (_, services) = node.get("/v1/agent/services").await;
     assert_eq!(services, json!({}), "no `consul` service: {services}");

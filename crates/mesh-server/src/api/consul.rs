@@ -1194,6 +1194,10 @@ async fn catalog_deregister(State(api): State<Api>, RawQuery(raw): RawQuery, bod
     }
     let service_id = b.str("ServiceID")?.filter(|s| !s.is_empty()).map(str::to_owned);
     let check_id = b.str("CheckID")?.filter(|s| !s.is_empty()).map(str::to_owned);
+    // The node's own `consul` service is the server's, as Consul's leader keeps registering it.
+    if node == api.info.node && service_id.as_deref() == Some("consul") && check_id.is_none() {
+        return Err(bad("The consul service of this node is registered by the node itself and cannot be deregistered"));
+    }
     match api.control.propose(Command::Deregister { node, service_id, check_id }).await {
         Ok(()) => {}
         // Deregistering what is not there is not an error (idempotent, as Consul).
