@@ -505,3 +505,26 @@ async fn user_events_metrics_and_peers() {
     assert_eq!(node.get("/v1/health/service/p?peer=nobody").await.1, json!([]));
     assert_eq!(node.get("/v1/catalog/service/p?peer=nobody").await.1, json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_monitor_streams_log_lines() {
+    use futures_util::StreamExt;
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let (code, msg) = node.get("/v1/agent/monitor?loglevel=loud").await;
+    assert_eq!(code, 400);
+    assert!(msg.as_str().unwrap_or_default().contains("Unknown log level: loud"), "{msg}");
+    let r = node.client.get(node.url("/v1/agent/monitor?loglevel=debug")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut body = r.bytes_stream();
+    // Something that logs: an app whose task starts (the node runs with mesh_server=debug).
+    let app = json!({"id": "/mon", "cmd": "sleep 600", "cpus": 0.01, "mem": 16, "instances": 1});
+    assert_eq!(node.send("POST", "/v2/apps", Some(&app.to_string())).await.0, 201);
+    let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), body.next())
+        .await
+        .expect("a log line within 20 s")
+        .expect("the stream stays open")
+        .unwrap();
+    let text = String::from_utf8_lossy(&chunk);
+    assert!(["DEBUG", "INFO", "WARN", "ERROR"].iter().any(|l| text.contains(l)), "{text}");
+    assert!(!text.contains('\u{1b}'), "no colour codes: {text:?}");
+}

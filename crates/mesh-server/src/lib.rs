@@ -16,6 +16,7 @@ pub mod dns;
 pub mod events;
 pub mod framework;
 pub mod health;
+pub mod logs;
 pub mod node;
 pub mod registrator;
 pub mod serve;

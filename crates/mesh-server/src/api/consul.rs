@@ -74,6 +74,7 @@ pub fn routes() -> Router<Api> {
         .route("/v1/health/connect/{name}", get(no_connect))
         .route("/v1/health/ingress/{name}", get(no_connect))
         .route("/v1/agent/metrics", get(agent_metrics))
+        .route("/v1/agent/monitor", get(agent_monitor))
         .route("/v1/agent/leave", put(agent_leave))
         .route("/v1/agent/force-leave/{node}", put(agent_force_leave))
         .route("/v1/agent/reload", put(agent_reload))
@@ -1532,6 +1533,32 @@ async fn agent_metrics(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respo
         }),
         &q,
     )
+}
+
+/// `GET /v1/agent/monitor?loglevel=`: this process's log lines at that level or above, streamed
+/// as they are written (plain text, colour codes removed). Lines below the process's own log
+/// filter (`RUST_LOG`, default info) are never written, so never streamed.
+async fn agent_monitor(RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    let level = q.get("loglevel").map(String::as_str).filter(|l| !l.is_empty()).unwrap_or("info");
+    let Some(min) = crate::logs::level_rank(level) else {
+        return Err(bad(format!("Unknown log level: {level}")));
+    };
+    let rx = crate::logs::subscribe();
+    let lines = futures_util::stream::unfold(rx, move |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if crate::logs::line_level(&line).is_none_or(|l| l >= min) => {
+                    let text = crate::logs::strip_ansi(&line);
+                    return Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(text)), rx));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], axum::body::Body::from_stream(lines))
+        .into_response())
 }
 
 /// `PUT /v1/agent/reload`: mesh has no configuration files to re-read.
