@@ -528,3 +528,36 @@ async fn agent_monitor_streams_log_lines() {
     assert!(["DEBUG", "INFO", "WARN", "ERROR"].iter().any(|l| text.contains(l)), "{text}");
     assert!(!text.contains('\u{1b}'), "no colour codes: {text:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_describe_a_single_server() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let me = node.get("/v1/agent/self").await.1["Config"]["NodeName"].as_str().unwrap().to_owned();
+    let (code, raft) = node.get("/v1/operator/raft/configuration").await;
+    assert_eq!(code, 200);
+    let servers = raft["Servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{raft}");
+    assert_eq!(
+        (servers[0]["Node"].as_str(), &servers[0]["Leader"], &servers[0]["Voter"]),
+        (Some(me.as_str()), &json!(true), &json!(true))
+    );
+    let id = servers[0]["ID"].as_str().unwrap().to_owned();
+    let (code, msg) = node.send("DELETE", "/v1/operator/raft/peer?address=10.255.255.1:8300", None).await;
+    assert_eq!(code, 500);
+    assert!(msg.as_str().unwrap().contains("was not found in the Raft configuration"), "{msg}");
+    let (code, msg) = node.send("DELETE", &format!("/v1/operator/raft/peer?id={id}"), None).await;
+    assert_eq!(code, 500, "the only server is not removed");
+    assert!(msg.as_str().unwrap().contains("only server"), "{msg}");
+    assert_eq!(node.send("DELETE", "/v1/operator/raft/peer", None).await.0, 400);
+    assert_eq!(node.send("POST", "/v1/operator/raft/transfer-leader", None).await.0, 500);
+    let (code, health) = node.get("/v1/operator/autopilot/health").await;
+    assert_eq!(code, 200);
+    assert_eq!(health["Healthy"], true);
+    assert_eq!(health["Servers"][0]["ID"], id.as_str());
+    assert_eq!(node.get("/v1/operator/keyring").await.0, 500);
+    let reg = json!({"Name": "u", "ID": "u1"}).to_string();
+    assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg)).await.0, 200);
+    let (_, usage) = node.get("/v1/operator/usage").await;
+    assert_eq!(usage["Usage"]["dc1"]["Nodes"], 1);
+    assert_eq!(usage["Usage"]["dc1"]["Services"], 2, "consul and u: {usage}");
+}

@@ -17,6 +17,7 @@ pub mod consul_coordinate;
 pub mod consul_event;
 pub mod consul_filter;
 pub mod consul_kv;
+pub mod consul_operator;
 pub mod consul_txn;
 pub mod events;
 pub mod groups;
@@ -322,6 +323,7 @@ pub fn router(api: Api) -> Router {
         .merge(consul_event::routes())
         .merge(consul_coordinate::routes())
         .merge(consul_txn::routes())
+        .merge(consul_operator::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .merge(mesos::routes())

@@ -1,0 +1,134 @@
+//! Consul's operator endpoints as they are on a single server with no gossip encryption, which
+//! is what a `mesh dev` node is: `raft/configuration` lists this node as the leader and only
+//! voter; removing a peer or transferring leadership has no other server to act on (500, as
+//! Consul); the keyring answers 500 (no gossip encryption); `autopilot/health` reports this node;
+//! `usage` counts the catalog.
+
+use super::consul::{Params, check_dc, indexed, reply};
+use super::{Api, ApiError};
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::json;
+
+/// Routes of the operator API.
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v1/operator/raft/configuration", get(raft_configuration))
+        .route("/v1/operator/raft/peer", axum::routing::delete(raft_remove_peer))
+        .route("/v1/operator/raft/transfer-leader", axum::routing::post(raft_transfer_leader))
+        .route("/v1/operator/autopilot/health", get(autopilot_health))
+        .route("/v1/operator/keyring", get(keyring).post(keyring).put(keyring).delete(keyring))
+        .route("/v1/operator/usage", get(usage))
+}
+
+fn server_id(api: &Api) -> String {
+    // A stable id per node name (FNV-1a), shaped like Consul's node ids.
+    let fnv = |salt: u8| {
+        api.info
+            .node
+            .bytes()
+            .chain([salt])
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    };
+    uuid::Uuid::from_u64_pair(fnv(1), fnv(2)).to_string()
+}
+
+fn raft_address(api: &Api) -> String {
+    api.info.http_addr.clone()
+}
+
+async fn raft_configuration(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    Ok(reply(
+        &json!({
+            "Servers": [{
+                "ID": server_id(&api), "Node": api.info.node, "Address": raft_address(&api),
+                "Leader": true, "Voter": true, "ProtocolVersion": "3",
+            }],
+            "Index": 0,
+        }),
+        &q,
+    ))
+}
+
+async fn raft_remove_peer(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let (what, value) = match (q.get("id"), q.get("address")) {
+        (Some(id), _) if !id.is_empty() => ("id", id.clone()),
+        (_, Some(a)) if !a.is_empty() => ("address", a.clone()),
+        _ => {
+            return Err(ApiError::ConsulBadRequest(
+                "Must specify either ?id with the server's ID or ?address with IP:port of peer to remove".into(),
+            ));
+        }
+    };
+    let own = if what == "id" { server_id(&api) } else { raft_address(&api) };
+    let msg = if value == own {
+        format!("cannot remove {what} {value:?}: it is this node, the only server")
+    } else {
+        format!("{what} {value:?} was not found in the Raft configuration")
+    };
+    Err(ApiError::ConsulStatus(500, msg))
+}
+
+async fn raft_transfer_leader(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    Err(ApiError::ConsulStatus(500, "cannot transfer leadership: this node is the only voter".into()))
+}
+
+async fn autopilot_health(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let healthy = api.control.store_failure().is_none();
+    let state = api.control.published.state.load();
+    let body = json!({
+        "Healthy": healthy,
+        "FailureTolerance": 0,
+        "Servers": [{
+            "ID": server_id(&api), "Name": api.info.node, "Address": raft_address(&api),
+            "SerfStatus": "alive", "Version": super::consul::CONSUL_API_VERSION, "Leader": true,
+            "LastContact": "0s", "LastTerm": 1, "LastIndex": state.catalog.index,
+            "Healthy": healthy, "Voter": true, "StableSince": chrono::DateTime::from_timestamp_millis(api.info.started_at as i64)
+                .map(|t| t.to_rfc3339()).unwrap_or_default(),
+        }],
+    });
+    let mut r = reply(&body, &q);
+    if !healthy {
+        *r.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+    }
+    Ok(r)
+}
+
+async fn keyring() -> Result<Response, ApiError> {
+    Err(ApiError::ConsulStatus(
+        500,
+        "Gossip encryption is not enabled on this node (mesh has no gossip keyring)".into(),
+    ))
+}
+
+async fn usage(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let state = api.control.published.state.load();
+    let cat = &state.catalog;
+    let instances: usize = cat.services.values().map(|m| m.len()).sum();
+    let body = json!({
+        "Usage": {api.info.datacenter.clone(): {
+            "Services": cat.services.len(),
+            "ServiceInstances": instances,
+            "ConnectServiceInstances": {"api-gateway": 0, "connect-native": 0, "connect-proxy": 0,
+                "ingress-gateway": 0, "mesh-gateway": 0, "terminating-gateway": 0},
+            "BillableServiceInstances": instances,
+            "Nodes": cat.nodes.len(),
+        }},
+        // Consul embeds its query metadata in this answer.
+        "Index": state.topic_index("services"), "LastContact": 0, "KnownLeader": api.control.store_failure().is_none(),
+        "ConsistencyLevel": "leader", "NotModified": false, "ResultsFilteredByACLs": false,
+    });
+    Ok(indexed(&body, state.topic_index("services"), &q))
+}
