@@ -187,6 +187,7 @@ fn fixture() -> Fixture {
             cluster: None,
             user_events: Default::default(),
             coordinates: Default::default(),
+            autopilot: Default::default(),
         });
         let served = router.clone();
         tokio::spawn(async move { axum::serve(listener, served).await.expect("serve") });

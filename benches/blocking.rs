@@ -101,6 +101,7 @@ fn main() {
             cluster: None,
             user_events: Default::default(),
             coordinates: Default::default(),
+            autopilot: Default::default(),
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let base = format!("http://{addr}");

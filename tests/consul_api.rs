@@ -555,6 +555,24 @@ async fn operator_endpoints_describe_a_single_server() {
     assert_eq!(health["Healthy"], true);
     assert_eq!(health["Servers"][0]["ID"], id.as_str());
     assert_eq!(node.get("/v1/operator/keyring").await.0, 500);
+    // Autopilot configuration: Consul's defaults; a PUT replaces it, with an optional cas.
+    let (_, ap) = node.get("/v1/operator/autopilot/configuration").await;
+    assert_eq!(ap["CleanupDeadServers"], true);
+    let idx = ap["ModifyIndex"].as_u64().unwrap();
+    let off = json!({"CleanupDeadServers": false}).to_string();
+    let stale = format!("/v1/operator/autopilot/configuration?cas={}", idx + 1000);
+    assert_eq!(node.send("PUT", &stale, Some(&off)).await.1, json!(false));
+    assert_eq!(node.get("/v1/operator/autopilot/configuration").await.1["CleanupDeadServers"], true);
+    let right = format!("/v1/operator/autopilot/configuration?cas={idx}");
+    assert_eq!(node.send("PUT", &right, Some(&off)).await.1, json!(true));
+    let (_, ap) = node.get("/v1/operator/autopilot/configuration").await;
+    assert_eq!(
+        (ap["CleanupDeadServers"].clone(), ap["MaxTrailingLogs"].clone()),
+        (json!(false), json!(0)),
+        "replaced: {ap}"
+    );
+    let wrong = json!({"MaxTrailingLogs": "many"}).to_string();
+    assert_eq!(node.send("PUT", "/v1/operator/autopilot/configuration", Some(&wrong)).await.0, 400);
     let reg = json!({"Name": "u", "ID": "u1"}).to_string();
     assert_eq!(node.send("PUT", "/v1/agent/service/register", Some(&reg)).await.0, 200);
     let (_, usage) = node.get("/v1/operator/usage").await;

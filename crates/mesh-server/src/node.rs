@@ -326,6 +326,7 @@ pub async fn run_dev(
         cluster: None,
         user_events: Default::default(),
         coordinates: Default::default(),
+        autopilot: Default::default(),
     });
     let (stop_http_tx, stop_http_rx) = tokio::sync::watch::channel(false);
     let http = crate::serve::Http::new(cfg.http_limits.clone());

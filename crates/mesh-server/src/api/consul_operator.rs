@@ -19,8 +19,89 @@ pub fn routes() -> Router<Api> {
         .route("/v1/operator/raft/peer", axum::routing::delete(raft_remove_peer))
         .route("/v1/operator/raft/transfer-leader", axum::routing::post(raft_transfer_leader))
         .route("/v1/operator/autopilot/health", get(autopilot_health))
+        .route("/v1/operator/autopilot/configuration", get(autopilot_get).put(autopilot_put))
         .route("/v1/operator/keyring", get(keyring).post(keyring).put(keyring).delete(keyring))
         .route("/v1/operator/usage", get(usage))
+}
+
+/// Autopilot's configuration: kept (in memory) and shown; mesh's single server has nothing for
+/// autopilot to act on.
+#[derive(Debug)]
+pub struct Autopilot {
+    inner: std::sync::Mutex<(serde_json::Map<String, serde_json::Value>, u64)>,
+}
+
+/// The fields of Consul's `AutopilotConfiguration` with their zero values (a PUT replaces the
+/// whole configuration, as Consul's does).
+const AUTOPILOT_FIELDS: &[(&str, fn() -> serde_json::Value)] = &[
+    ("CleanupDeadServers", || json!(false)),
+    ("LastContactThreshold", || json!("0s")),
+    ("MaxTrailingLogs", || json!(0)),
+    ("MinQuorum", || json!(0)),
+    ("ServerStabilizationTime", || json!("0s")),
+    ("RedundancyZoneTag", || json!("")),
+    ("DisableUpgradeMigration", || json!(false)),
+    ("UpgradeVersionTag", || json!("")),
+];
+
+impl Default for Autopilot {
+    /// Consul's defaults.
+    fn default() -> Self {
+        let v = json!({
+            "CleanupDeadServers": true, "LastContactThreshold": "200ms", "MaxTrailingLogs": 250,
+            "MinQuorum": 0, "ServerStabilizationTime": "10s", "RedundancyZoneTag": "",
+            "DisableUpgradeMigration": false, "UpgradeVersionTag": "",
+        });
+        Self { inner: std::sync::Mutex::new((v.as_object().cloned().unwrap_or_default(), 1)) }
+    }
+}
+
+async fn autopilot_get(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let g = api.autopilot.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v = g.0.clone();
+    v.insert("CreateIndex".into(), json!(1));
+    v.insert("ModifyIndex".into(), json!(g.1));
+    Ok(reply(&serde_json::Value::Object(v), &q))
+}
+
+async fn autopilot_put(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let m = super::consul::json_body(&body)?;
+    let b = super::consul::Ci(&m);
+    let mut next = serde_json::Map::new();
+    for (name, zero) in AUTOPILOT_FIELDS {
+        let z = zero();
+        let v = match b.get(name) {
+            None => z,
+            Some(v) if std::mem::discriminant(v) == std::mem::discriminant(&z) => v.clone(),
+            Some(_) => {
+                return Err(ApiError::ConsulBadRequest(format!(
+                    "Error parsing autopilot config: {name} has the wrong type"
+                )));
+            }
+        };
+        next.insert((*name).to_owned(), v);
+    }
+    let cas = match q.get("cas").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => {
+            Some(c.parse::<u64>().map_err(|_| ApiError::ConsulBadRequest(format!("Error parsing cas value: {c:?}")))?)
+        }
+    };
+    let mut g = api.autopilot.inner.lock().unwrap_or_else(|e| e.into_inner());
+    if cas.is_some_and(|c| c != g.1) {
+        return Ok(reply(&json!(false), &q));
+    }
+    g.0 = next;
+    g.1 += 1;
+    Ok(reply(&json!(true), &q))
 }
 
 fn server_id(api: &Api) -> String {

@@ -38,6 +38,8 @@ pub struct Api {
     pub user_events: std::sync::Arc<consul_event::UserEvents>,
     /// Consul network coordinates set through `/v1/coordinate/update`.
     pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
+    /// Consul autopilot configuration (`/v1/operator/autopilot/configuration`).
+    pub autopilot: std::sync::Arc<consul_operator::Autopilot>,
 }
 
 /// A failed cluster membership operation.
