@@ -33,7 +33,9 @@ pub struct Autopilot {
 
 /// The fields of Consul's `AutopilotConfiguration` with their zero values (a PUT replaces the
 /// whole configuration, as Consul's does).
-const AUTOPILOT_FIELDS: &[(&str, fn() -> serde_json::Value)] = &[
+type ZeroValue = fn() -> serde_json::Value;
+
+const AUTOPILOT_FIELDS: &[(&str, ZeroValue)] = &[
     ("CleanupDeadServers", || json!(false)),
     ("LastContactThreshold", || json!("0s")),
     ("MaxTrailingLogs", || json!(0)),
@@ -185,7 +187,9 @@ async fn autopilot_health(State(api): State<Api>, RawQuery(raw): RawQuery) -> Re
     Ok(r)
 }
 
-async fn keyring() -> Result<Response, ApiError> {
+/// (The body, `{"Key": ...}`, is read before answering: an error sent while the request's
+/// body is unread can reach the client as a connection reset instead of the answer.)
+async fn keyring(_body: axum::body::Bytes) -> Result<Response, ApiError> {
     Err(ApiError::ConsulStatus(
         500,
         "Gossip encryption is not enabled on this node (mesh has no gossip keyring)".into(),
