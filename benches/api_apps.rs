@@ -184,7 +184,7 @@ fn fixture() -> Fixture {
             host_access: Default::default(),
             enable_script_checks: false,
         };
-        let router = router(Api { control: control.clone(), info });
+        let router = router(Api::new(control.clone(), info));
         let served = router.clone();
         tokio::spawn(async move { axum::serve(listener, served).await.expect("serve") });
         (control, router, format!("http://{addr}"))

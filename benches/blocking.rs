@@ -75,6 +75,7 @@ fn main() {
             meta: BTreeMap::new(),
             create_index: 0,
             modify_index: 0,
+            tagged_addresses: Default::default(),
         };
         let cmd = Command::Register {
             node: "bench".into(),
@@ -95,7 +96,7 @@ fn main() {
             host_access: Default::default(),
             enable_script_checks: false,
         };
-        let app = router(Api { control: control.clone(), info });
+        let app = router(Api::new(control.clone(), info));
         tokio::spawn(async move { axum::serve(listener, app).await });
         let base = format!("http://{addr}");
         let client = reqwest::Client::builder().pool_max_idle_per_host(4).build().unwrap();

@@ -88,6 +88,13 @@ fn start_agent(net: &str, dir: &std::path::Path, i: u8) -> MeshNode {
     )
 }
 
+/// Run the `mesh` binary as a client (e.g. `members`); its stdout.
+fn mesh_cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh")).args(args).output().expect("mesh");
+    assert!(out.status.success(), "mesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Whether marathon-python can be used (CI requires it; elsewhere plain HTTP stands in).
 fn have_marathon_python() -> bool {
     let ok = Command::new("python3").args(["-c", "import marathon"]).output().is_ok_and(|o| o.status.success());
@@ -224,7 +231,16 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
         })
         .await;
     }
+    // `mesh members` (through an agent) lists the pool: the server and the three agents, alive.
+    let members = mesh_cli(&["members", "--http-addr", &c.agents[1].http.to_string()]);
+    for (name, kind) in [("server1", "server"), ("agent0", "agent"), ("agent1", "agent"), ("agent2", "agent")] {
+        assert!(
+            members.lines().any(|l| l.starts_with(name) && l.contains(" alive ") && l.contains(kind)),
+            "{name} alive as {kind} in:\n{members}"
+        );
+    }
     // An app that cannot be placed: /v2/queue says why, naming the nodes whose offers it declined.
+
     let (s, v) = c
         .server
         .send(
@@ -433,6 +449,24 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
         (tagged_pids(&tag, "python3").len() == 6).then_some(())
     })
     .await;
+
+    // Draining agent3 moves its tasks elsewhere and it takes no new ones.
+    let said = mesh_cli(&["node", "drain", "agent3", "--http-addr", &c.server.http.to_string()]);
+    assert!(said.contains("draining agent3"), "{said}");
+    eventually(60, "agent3 drained: 6 running elsewhere", || async {
+        let t = tasks(&c.server, "web").await;
+        let (_, all) = c.server.get("/v2/apps/web/tasks").await;
+        let total = all["tasks"].as_array()?.len();
+        (t.len() == 6 && total == 6 && !t.iter().any(|(_, h, _)| h == "agent3")).then_some(())
+    })
+    .await;
+    let (s, v) = c
+        .server
+        .send("POST", "/api/v1", Some(r#"{"type":"DRAIN_AGENT","drain_agent":{"agent_id":{"value":"nobody"}}}"#))
+        .await;
+    assert_eq!(s, 400, "an unknown agent: {v}");
+    let said = mesh_cli(&["node", "reactivate", "agent3", "--http-addr", &c.server.http.to_string()]);
+    assert!(said.contains("reactivated agent3"), "{said}");
 }
 
 /// Bad peers against a real server: garbage and an unknown protocol version on its RPC port,

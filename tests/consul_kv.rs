@@ -470,3 +470,59 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(kv_after.json(), kv_before.json());
     assert_eq!(session_ids(&node).await, vec![s]);
 }
+
+/// `PUT /v1/txn`: KV writes and conditions all or nothing, reads answered, a failed condition a
+/// 409 naming the operation, other operation kinds a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_apply_all_or_nothing() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let ops = json!([
+        {"KV": {"Verb": "set", "Key": "t/a", "Value": b64("1")}},
+        {"KV": {"Verb": "set", "Key": "t/b", "Value": b64("2"), "Flags": 5}},
+    ]);
+    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["Errors"], Value::Null);
+    assert_eq!(v["Results"][1]["KV"]["Key"], "t/b");
+    let index = v["Results"][0]["KV"]["ModifyIndex"].as_u64().unwrap();
+    assert_eq!(v["Results"][1]["KV"]["ModifyIndex"], index, "one index for the whole transaction");
+
+    // A failing condition: 409 with the operation's index, and the write before it not applied.
+    let ops = json!([
+        {"KV": {"Verb": "set", "Key": "t/c", "Value": b64("3")}},
+        {"KV": {"Verb": "check-index", "Key": "t/a", "Index": index + 100}},
+    ]);
+    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(v["Errors"][0]["OpIndex"], 1);
+    assert_eq!(node.get("/v1/kv/t/c").await.0, 404, "nothing of a failed transaction is applied");
+
+    // Reads: get and get-tree; a cas on the right index.
+    let ops = json!([
+        {"KV": {"Verb": "cas", "Key": "t/a", "Value": b64("10"), "Index": index}},
+        {"KV": {"Verb": "get", "Key": "t/a"}},
+        {"KV": {"Verb": "get-tree", "Key": "t/"}},
+    ]);
+    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["Results"][1]["KV"]["Value"], b64("10"));
+    assert_eq!(v["Results"].as_array().unwrap().len(), 4, "cas, get, and the two keys of the tree: {v}");
+    let read_only = json!([{"KV": {"Verb": "get", "Key": "t/missing"}}]);
+    assert_eq!(node.send("PUT", "/v1/txn", Some(&read_only.to_string())).await.0, 409);
+
+    for (body, want) in [
+        (json!([{"Node": {"Verb": "get", "Node": {"Node": "x"}}}]).to_string(), "not supported"),
+        (json!([{"KV": {"Verb": "explode", "Key": "k"}}]).to_string(), "unknown KV verb"),
+        (json!([{"KV": {"Verb": "set", "Key": "k", "Value": "%%%"}}]).to_string(), "base64"),
+        ("{}".to_string(), "list of operations"),
+    ] {
+        let (code, msg) = node.send("PUT", "/v1/txn", Some(&body)).await;
+        assert_eq!(code, 400, "{body}: {msg}");
+        assert!(msg.as_str().unwrap_or_default().contains(want), "{body}: {msg}");
+    }
+    assert_eq!(node.get("/v1/kv/k").await.0, 404);
+}

@@ -507,3 +507,46 @@ async fn a_second_subscription_with_the_same_id_fails_the_first_over() {
     assert!(m.contains("didn't match the stream ID"), "{m}");
     t.call(&second.stream, second.call(CallType::Revive)).await.unwrap();
 }
+
+/// The operator API at `/api/v1/operator` too (where pymesos posts), with GET_STATE,
+/// GET_FRAMEWORKS, GET_AGENTS and GET_TASKS in Mesos' v1 JSON.
+#[tokio::test]
+async fn operator_state_calls_answer_in_v1_json_at_both_paths() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let app = json!({"id": "/op-sleep", "cmd": "sleep 300", "cpus": 0.1, "mem": 16, "instances": 1});
+    let (s, v) = node.send("POST", "/v2/apps", Some(&app.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    let call = |t: &str| json!({"type": t}).to_string();
+    let task = eventually(30, "the task in GET_TASKS, running", || async {
+        let (s, v) = node.send("POST", "/api/v1/operator", Some(&call("GET_TASKS"))).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["type"], "GET_TASKS");
+        v["get_tasks"]["tasks"].as_array()?.iter().find(|t| t["state"] == "TASK_RUNNING").cloned()
+    })
+    .await;
+    assert!(task["task_id"]["value"].as_str().unwrap().starts_with("op-sleep"), "{task}");
+    assert_eq!(task["framework_id"]["value"], "marathon");
+    assert!(
+        task["resources"].as_array().unwrap().iter().any(|r| r["name"] == "cpus" && r["type"] == "SCALAR"),
+        "{task}"
+    );
+
+    for path in ["/api/v1", "/api/v1/operator", "/master/api/v1/operator"] {
+        let (s, v) = node.send("POST", path, Some(&call("GET_AGENTS"))).await;
+        assert_eq!(s, 200, "{path}: {v}");
+        let agents = v["get_agents"]["agents"].as_array().unwrap();
+        assert_eq!(agents.len(), 1, "{v}");
+        assert!(agents[0]["agent_info"]["id"]["value"].is_string(), "{v}");
+    }
+    let (_, v) = node.send("POST", "/api/v1/operator", Some(&call("GET_FRAMEWORKS"))).await;
+    let fws = v["get_frameworks"]["frameworks"].as_array().unwrap();
+    assert!(fws.iter().any(|f| f["framework_info"]["id"]["value"] == "marathon" && f["active"] == true), "{v}");
+    let (_, v) = node.send("POST", "/api/v1/operator", Some(&call("GET_STATE"))).await;
+    let st = &v["get_state"];
+    assert_eq!(v["type"], "GET_STATE");
+    assert_eq!(st["get_tasks"]["tasks"][0]["task_id"], task["task_id"], "{v}");
+    assert_eq!(st["get_agents"]["agents"].as_array().map(Vec::len), Some(1));
+    assert!(st["get_frameworks"]["frameworks"].as_array().is_some_and(|f| !f.is_empty()));
+    let (s, _) = node.send("POST", "/api/v1/operator", Some(&call("GET_NOTHING"))).await;
+    assert_eq!(s, 501);
+}

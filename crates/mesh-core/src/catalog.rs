@@ -21,6 +21,10 @@ pub struct Node {
     pub datacenter: String,
     /// Node metadata.
     pub meta: BTreeMap<String, String>,
+    /// Consul's node `TaggedAddresses` as registered (`lan`, `wan`, ...; the IPv4/IPv6 variants
+    /// are derived when shown).
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, String>,
     /// Raft-style index at which it was created.
     pub create_index: u64,
     /// Index of its last change.
@@ -87,10 +91,42 @@ pub struct ServiceInstance {
     /// DNS SRV weights (Consul's `Weights`).
     #[serde(default)]
     pub weights: Weights,
+    /// What only the Consul API shows: `EnableTagOverride`, `TaggedAddresses`, `Kind`.
+    #[serde(default)]
+    pub extra: ConsulExtra,
     /// Index at which it was created.
     pub create_index: u64,
     /// Index of its last change.
     pub modify_index: u64,
+}
+
+/// Fields of a Consul service registration that mesh keeps and shows but does not act on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsulExtra {
+    /// `EnableTagOverride`.
+    #[serde(default)]
+    pub enable_tag_override: bool,
+    /// `TaggedAddresses`: name (`lan`, `wan`, ...) to address and port.
+    #[serde(default)]
+    pub tagged_addresses: BTreeMap<String, TaggedAddress>,
+    /// `Kind` (empty for a typical service).
+    #[serde(default)]
+    pub kind: String,
+    /// `Proxy` (for a `connect-proxy`), as JSON text, kept as sent; empty when not given.
+    #[serde(default)]
+    pub proxy_json: String,
+    /// `Locality` (`Region`, `Zone`), as JSON text, kept as sent; empty when not given.
+    #[serde(default)]
+    pub locality_json: String,
+}
+
+/// One entry of a service's `TaggedAddresses`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedAddress {
+    /// The address (an IP or a host name, as registered).
+    pub address: String,
+    /// The port.
+    pub port: u16,
 }
 
 /// Consul's service `Weights`: SRV weights for passing and warning instances.
@@ -134,6 +170,12 @@ pub struct CheckDefinition {
     /// (`docker exec`), not on the host.
     #[serde(default)]
     pub docker_container_id: String,
+    /// gRPC check: `host:port` or `host:port/service`, asked `grpc.health.v1.Health/Check`.
+    #[serde(default)]
+    pub grpc: String,
+    /// gRPC over TLS.
+    #[serde(default)]
+    pub grpc_use_tls: bool,
     /// TTL check: time without an update after which it turns critical.
     #[serde(default)]
     pub ttl_ms: u64,
@@ -161,6 +203,8 @@ impl CheckDefinition {
             "http"
         } else if !self.tcp.is_empty() {
             "tcp"
+        } else if !self.grpc.is_empty() {
+            "grpc"
         } else if !self.args.is_empty() && !self.docker_container_id.is_empty() {
             "docker"
         } else if !self.args.is_empty() {
@@ -172,9 +216,9 @@ impl CheckDefinition {
         }
     }
 
-    /// Whether an agent runs it periodically (HTTP, TCP, script, docker).
+    /// Whether an agent runs it periodically (HTTP, TCP, gRPC, script, docker).
     pub fn is_active(&self) -> bool {
-        matches!(self.kind(), "http" | "tcp" | "script" | "docker")
+        matches!(self.kind(), "http" | "tcp" | "grpc" | "script" | "docker")
     }
 }
 
@@ -317,6 +361,12 @@ pub const NODE_MAINTENANCE: &str = "_node_maintenance";
 /// The id prefix of a service's maintenance check.
 pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
 
+/// The key of an instance in [`CatalogState::services`]: its node and id. Consul's service ids
+/// are per node, so `s1` on `n1` and `s1` on `n2` are two instances. Sorts by node, then id.
+pub fn instance_key(node: &str, id: &str) -> String {
+    format!("{node}\u{1f}{id}")
+}
+
 /// The catalog's data: a value, cheap to clone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CatalogState {
@@ -324,7 +374,8 @@ pub struct CatalogState {
     pub index: u64,
     /// Nodes by name.
     pub nodes: OrdMap<String, Node>,
-    /// Instances by service name, then instance id.
+    /// Instances by service name, then [`instance_key`] (node and instance id: as in Consul,
+    /// service ids are unique per node, not in the whole catalog).
     pub services: OrdMap<String, OrdMap<String, ServiceInstance>>,
     /// The datacenter this catalog belongs to.
     pub datacenter: String,
@@ -379,7 +430,11 @@ impl CatalogState {
     /// Add or replace a node; returns whether anything changed.
     pub fn upsert_node(&mut self, mut node: Node, index: u64) -> bool {
         if let Some(old) = self.nodes.get(&node.name) {
-            if old.address == node.address && old.meta == node.meta && old.datacenter == node.datacenter {
+            if old.address == node.address
+                && old.meta == node.meta
+                && old.datacenter == node.datacenter
+                && old.tagged_addresses == node.tagged_addresses
+            {
                 return false;
             }
             node.create_index = old.create_index;
@@ -414,8 +469,7 @@ impl CatalogState {
             .get(node)
             .into_iter()
             .flat_map(|set| set.iter())
-            .filter_map(|(id, svc)| self.services.get(svc)?.get(id))
-            .filter(move |i| i.node == node)
+            .filter_map(move |(id, svc)| self.services.get(svc)?.get(&instance_key(node, id)))
     }
 
     /// The instance with `id` on `node`.
@@ -436,17 +490,30 @@ impl CatalogState {
             .into_iter()
             .flat_map(move |set| set.range(from.clone()..))
             .take_while(move |(i, _)| i == id)
-            .filter_map(move |(_, svc)| self.services.get(svc)?.get(id))
-            .filter(move |i| i.node == node)
+            .filter_map(move |(_, svc)| self.services.get(svc)?.get(&instance_key(node, id)))
     }
 
-    /// Rebuild the derived per-node index (after the catalog was deserialized).
+    /// The instance `id` of `service` on `node`.
+    pub fn get_instance(&self, service: &str, node: &str, id: &str) -> Option<&ServiceInstance> {
+        self.services.get(service)?.get(&instance_key(node, id))
+    }
+
+    /// Rebuild the derived per-node index (after the catalog was deserialized). Instances stored
+    /// under another key (snapshots from before ids were per node were keyed by id alone) are
+    /// re-keyed by [`instance_key`].
     pub fn rebuild_index(&mut self) {
         let mut on_node: OrdMap<String, OrdSet<(String, String)>> = OrdMap::new();
+        let mut services = OrdMap::new();
         for (svc, m) in &self.services {
-            for (id, inst) in m {
-                on_node.entry(inst.node.clone()).or_default().insert((id.clone(), svc.clone()));
+            let mut rekeyed = OrdMap::new();
+            for inst in m.values() {
+                on_node.entry(inst.node.clone()).or_default().insert((inst.id.clone(), svc.clone()));
+                rekeyed.insert(instance_key(&inst.node, &inst.id), inst.clone());
             }
+            services.insert(svc.clone(), rekeyed);
+        }
+        if services != self.services {
+            self.services = services;
         }
         self.on_node = on_node;
     }
@@ -485,8 +552,10 @@ impl CatalogState {
     /// Recompute the aggregated health of the instances on `node` (all, or only `service_id`).
     fn refresh(&mut self, node: &str, service_id: Option<&str>, index: u64) {
         let targets: Vec<(String, String)> = match service_id {
-            Some(sid) => self.instances_with_id(node, sid).map(|i| (i.service.clone(), i.id.clone())).collect(),
-            None => self.instances_on(node).map(|i| (i.service.clone(), i.id.clone())).collect(),
+            Some(sid) => {
+                self.instances_with_id(node, sid).map(|i| (i.service.clone(), instance_key(node, &i.id))).collect()
+            }
+            None => self.instances_on(node).map(|i| (i.service.clone(), instance_key(node, &i.id))).collect(),
         };
         for (svc, id) in targets {
             let Some(inst) = self.services.get(&svc).and_then(|m| m.get(&id)) else { continue };
@@ -610,7 +679,7 @@ impl CatalogState {
         }
         let ids: Vec<(String, String)> = self.instances_on(node).map(|i| (i.service.clone(), i.id.clone())).collect();
         for (svc, id) in ids {
-            self.remove_instance(&svc, &id, index);
+            self.remove_instance(&svc, node, &id, index);
         }
         self.checks.remove(node);
         self.touch("nodes", index);
@@ -625,8 +694,9 @@ impl CatalogState {
         inst.source_health = inst.health;
         inst.health = self.aggregate(&inst);
         let svc = self.services.get(&inst.service).cloned().unwrap_or_default();
+        let key = instance_key(&inst.node, &inst.id);
         let mut tags_changed = true;
-        if let Some(old) = svc.get(&inst.id) {
+        if let Some(old) = svc.get(&key) {
             let mut cmp = inst.clone();
             cmp.create_index = old.create_index;
             cmp.modify_index = old.modify_index;
@@ -640,11 +710,7 @@ impl CatalogState {
         }
         inst.modify_index = index;
         let mut svc = svc;
-        if let Some(old) = svc.insert(inst.id.clone(), inst.clone())
-            && old.node != inst.node
-        {
-            self.index_remove(&old.node, &old.id, &old.service);
-        }
+        svc.insert(key, inst.clone());
         self.index_add(&inst.node, &inst.id, &inst.service);
         if tags_changed {
             self.touch("services", index);
@@ -656,10 +722,10 @@ impl CatalogState {
         true
     }
 
-    /// Remove an instance by service and id; returns whether it existed.
-    pub fn remove_instance(&mut self, service: &str, id: &str, index: u64) -> bool {
+    /// Remove an instance by service, node and id; returns whether it existed.
+    pub fn remove_instance(&mut self, service: &str, node: &str, id: &str, index: u64) -> bool {
         let Some(mut svc) = self.services.get(service).cloned() else { return false };
-        let Some(old) = svc.remove(id) else {
+        let Some(old) = svc.remove(&instance_key(node, id)) else {
             return false;
         };
         self.index_remove(&old.node, &old.id, &old.service);
@@ -743,6 +809,7 @@ mod tests {
             weights: Weights::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         }
     }
 
@@ -768,7 +835,7 @@ mod tests {
             let node = format!("n{}", rng.random_range(0..4));
             match rng.random_range(0..4) {
                 0 => {
-                    c.remove_instance(&svc, &id, index);
+                    c.remove_instance(&svc, &node, &id, index);
                 }
                 1 => {
                     c.remove_node(&node, index);
@@ -826,23 +893,43 @@ mod tests {
         let mut chk = Check::new("n1", "service:a", "web check", Health::Critical);
         chk.service_id = "a".into();
         assert!(c.upsert_check(chk.clone(), 3, false));
-        assert_eq!(c.services["web"]["a"].health, Health::Critical);
-        assert_eq!(c.services["db"]["b"].health, Health::Passing);
+        assert_eq!(c.get_instance("web", "n1", "a").unwrap().health, Health::Critical);
+        assert_eq!(c.get_instance("db", "n1", "b").unwrap().health, Health::Passing);
         assert_eq!(c.topic_index("svc:web"), 3);
         assert_eq!(c.topic_index("svc:db"), 2, "another service's watchers do not wake");
         assert_eq!(c.set_check_status("n1", "service:a", Health::Warning, "slow", 10, 4), Some(true));
-        assert_eq!(c.services["web"]["a"].health, Health::Warning);
+        assert_eq!(c.get_instance("web", "n1", "a").unwrap().health, Health::Warning);
         // Re-registering the same definition keeps the status.
         assert!(!c.upsert_check(chk, 5, false));
         assert_eq!(c.checks["n1"]["service:a"].status, Health::Warning);
         // A node check takes every instance on the node with it.
         let serf = Check::new("n1", SERF_HEALTH, "Serf Health Status", Health::Critical);
         c.upsert_check(serf, 6, false);
-        assert_eq!(c.services["db"]["b"].health, Health::Critical);
+        assert_eq!(c.get_instance("db", "n1", "b").unwrap().health, Health::Critical);
         assert_eq!(c.topic_index("svc:db"), 6);
         // Removing the instance removes its checks.
-        assert!(c.remove_instance("web", "a", 7));
+        assert!(c.remove_instance("web", "n1", "a", 7));
         assert!(!c.checks["n1"].contains_key("service:a"));
+    }
+
+    #[test]
+    fn service_ids_are_per_node() {
+        let mut c = CatalogState::new("dc1");
+        let mut on_n2 = inst("s1", "web", &[], Health::Passing);
+        on_n2.node = "n2".into();
+        c.upsert_instance(inst("s1", "web", &[], Health::Passing), 1);
+        assert!(c.upsert_instance(on_n2, 2));
+        assert_eq!(c.instances("web", None, false).len(), 2, "s1 on n2 does not replace s1 on n1");
+        assert!(c.instance("n1", "s1").is_some() && c.instance("n2", "s1").is_some());
+        assert!(c.remove_instance("web", "n2", "s1", 3));
+        assert_eq!(c.instance("n1", "s1").map(|i| i.node.as_str()), Some("n1"), "only n2's s1 went");
+        // A snapshot keyed by id alone (before ids were per node) is re-keyed on load.
+        let mut old = c.clone();
+        let svc = old.services["web"].values().map(|i| (i.id.clone(), i.clone())).collect();
+        old.services.insert("web".into(), svc);
+        old.rebuild_index();
+        assert_eq!(old, c);
+        assert!(old.instance("n1", "s1").is_some());
     }
 
     #[test]
@@ -853,10 +940,10 @@ mod tests {
         assert!(!c.upsert_instance(inst("a", "web", &["v1"], Health::Passing), 6), "no-op upsert");
         assert_eq!(c.index(), 5);
         assert!(c.upsert_instance(inst("a", "web", &["v2"], Health::Passing), 7));
-        let a = &c.services["web"]["a"];
+        let a = &c.get_instance("web", "n1", "a").unwrap();
         assert_eq!((a.create_index, a.modify_index), (5, 7));
-        assert!(c.remove_instance("web", "a", 8));
-        assert!(!c.remove_instance("web", "a", 9));
+        assert!(c.remove_instance("web", "n1", "a", 8));
+        assert!(!c.remove_instance("web", "n1", "a", 9));
         assert!(c.services.get("web").is_none());
         assert_eq!(c.index(), 8);
     }

@@ -1581,6 +1581,7 @@ mod tests {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         }
     }
 
@@ -1594,6 +1595,7 @@ mod tests {
                 meta: BTreeMap::new(),
                 create_index: 0,
                 modify_index: 0,
+                tagged_addresses: Default::default(),
             };
             c.upsert_node(node, 1);
         }
@@ -2029,7 +2031,7 @@ mod tests {
     fn srv_weights() {
         let mut c = catalog();
         for id in ["w1", "w2"] {
-            let mut i = c.services["web"][id].clone();
+            let mut i = c.services["web"].values().find(|i| i.id == id).unwrap().clone();
             i.weights = Weights { passing: 10, warning: 3 };
             c.upsert_instance(i, 60);
         }
@@ -2066,6 +2068,7 @@ mod tests {
                 meta: BTreeMap::new(),
                 create_index: 0,
                 modify_index: 0,
+                tagged_addresses: Default::default(),
             };
             c.upsert_node(node, 1);
             c.upsert_instance(inst(&format!("b{i}"), "big", &format!("node-{i}"), None, 20000 + i, Health::Passing), 2);
@@ -2411,6 +2414,7 @@ mod tests {
                             meta,
                             create_index: 0,
                             modify_index: 0,
+                            tagged_addresses: Default::default(),
                         };
                         c.upsert_node(n, step);
                     }
@@ -2429,7 +2433,7 @@ mod tests {
                     }
                     6 => {
                         let svc = services[rng.random_range(0..services.len())];
-                        c.remove_instance(svc, &format!("{svc}-{}", rng.random_range(0..4)), step);
+                        c.remove_instance(svc, node, &format!("{svc}-{}", rng.random_range(0..4)), step);
                     }
                     _ => {
                         // A check of the node, or of one of its instances: health changes.
@@ -2470,6 +2474,7 @@ mod tests {
             meta: BTreeMap::new(),
             create_index: 0,
             modify_index: 0,
+            tagged_addresses: Default::default(),
         };
         c.upsert_node(node, 1);
         c.services = (0..n)
@@ -2478,7 +2483,7 @@ mod tests {
                 let addr = format!("10.{}.{}.1", i / 256 % 256, i % 256);
                 let id = format!("{name}-1");
                 let instance = inst(&id, &name, "n1", Some(&addr), 8080, Health::Passing);
-                (name, OrdMap::unit(id, instance))
+                (name, OrdMap::unit(crate::catalog::instance_key("n1", &id), instance))
             })
             .collect();
         c
@@ -2495,9 +2500,9 @@ mod tests {
             // Register a new service, deregister it, and turn an instance critical.
             c.upsert_instance(inst("new-1", "new", "n1", Some("10.255.0.1"), 80, Health::Passing), 10);
             let (index, registered) = index.update(&c, &zone);
-            c.remove_instance("new", "new-1", 11);
+            c.remove_instance("new", "n1", "new-1", 11);
             let (index, deregistered) = index.update(&c, &zone);
-            let mut down = c.services["svc-7"]["svc-7-1"].clone();
+            let mut down = c.services["svc-7"].values().find(|i| i.id == "svc-7-1").unwrap().clone();
             down.health = Health::Critical;
             c.upsert_instance(down, 12);
             let (index, failed) = index.update(&c, &zone);

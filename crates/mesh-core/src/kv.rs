@@ -84,6 +84,41 @@ pub enum KvError {
     /// An expiry for a session that was renewed (or is gone) since it was found due.
     #[error("session {0} is not due")]
     NotDue(String),
+    /// An operation of a transaction failed; none of its operations was applied.
+    #[error("op {op}: {what}")]
+    TxnFailed {
+        /// The index of the failing operation in the transaction.
+        op: usize,
+        /// Why, as Consul says it.
+        what: String,
+    },
+}
+
+/// One operation of a KV transaction (`PUT /v1/txn`): a write, or a condition that must hold
+/// for the transaction to be applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TxnOp {
+    /// A write (set, cas, lock, unlock, delete, delete-tree, delete-cas).
+    Kv(KvOp),
+    /// `check-index`: the key exists with this `ModifyIndex`.
+    CheckIndex {
+        /// The key.
+        key: String,
+        /// Its expected `ModifyIndex`.
+        index: u64,
+    },
+    /// `check-session`: the key is locked by this session.
+    CheckSession {
+        /// The key.
+        key: String,
+        /// The session.
+        session: String,
+    },
+    /// `check-not-exists`: the key does not exist.
+    CheckNotExists {
+        /// The key.
+        key: String,
+    },
 }
 
 /// A value: bytes shared between state versions (a persistent map copies entries, not values),
@@ -96,6 +131,12 @@ impl KvValue {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+    /// Parse Consul's base64 form of a value (standard alphabet, padded).
+    pub fn from_base64(s: &str) -> Result<Self, String> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map(Self::from).map_err(|e| e.to_string())
+    }
+
     /// Base64 (standard alphabet, padded), as Consul's JSON shows values.
     pub fn to_base64(&self) -> String {
         use base64::Engine;
@@ -455,6 +496,50 @@ impl KvState {
         Ok(())
     }
 
+    /// Apply a transaction at index `idx`: every operation in order, all or none (on error
+    /// nothing changed, and the error names the failing operation).
+    pub fn apply_txn(&mut self, ops: &[TxnOp], idx: u64) -> Result<(), KvError> {
+        let mut next = self.clone();
+        for (op, t) in ops.iter().enumerate() {
+            let fail = |what: String| KvError::TxnFailed { op, what };
+            match t {
+                TxnOp::Kv(kv) => next.apply_kv(kv, idx).map_err(|e| {
+                    fail(match (e, kv) {
+                        (KvError::NotApplied, KvOp::Set { key, mode, .. }) => match mode {
+                            SetMode::Cas(_) => format!("failed to set key {key:?}, index is stale"),
+                            SetMode::Acquire(_) => format!("failed to lock key {key:?}, lock is already held"),
+                            SetMode::Release(_) => {
+                                format!("failed to unlock key {key:?}, lock isn't held, or is held by another session")
+                            }
+                            SetMode::Plain => format!("failed to set key {key:?}"),
+                        },
+                        (KvError::NotApplied, KvOp::Delete { key, .. }) => {
+                            format!("failed to delete key {key:?}, index is stale")
+                        }
+                        (e, _) => e.to_string(),
+                    })
+                })?,
+                TxnOp::CheckIndex { key, index } => match next.entries.get(key.as_str()) {
+                    Some(e) if e.modify_index == *index => {}
+                    Some(_) => return Err(fail(format!("current modify index {key:?} is not {index}"))),
+                    None => return Err(fail(format!("key {key:?} doesn't exist"))),
+                },
+                TxnOp::CheckSession { key, session } => match next.entries.get(key.as_str()) {
+                    Some(e) if e.session.as_deref() == Some(session.as_str()) => {}
+                    Some(_) => return Err(fail(format!("key {key:?} is not locked by session {session:?}"))),
+                    None => return Err(fail(format!("key {key:?} doesn't exist"))),
+                },
+                TxnOp::CheckNotExists { key } => {
+                    if next.entries.contains_key(key.as_str()) {
+                        return Err(fail(format!("key {key:?} exists")));
+                    }
+                }
+            }
+        }
+        *self = next;
+        Ok(())
+    }
+
     /// Apply a session change at index `idx`. On error nothing changed. (Whether the session's
     /// node exists is checked by [`crate::state::State::apply`], which knows the catalog.)
     pub fn apply_session(&mut self, op: &SessionOp, idx: u64) -> Result<(), KvError> {
@@ -713,6 +798,44 @@ mod tests {
 
     fn del(kv: &mut KvState, idx: u64, key: &str, recurse: bool, cas: Option<u64>) -> Result<(), KvError> {
         kv.apply_kv(&KvOp::Delete { key: key.into(), recurse, cas, now: 0 }, idx)
+    }
+
+    #[test]
+    fn a_transaction_applies_all_or_nothing() {
+        let mut kv = KvState::default();
+        put(&mut kv, 1, "a", "1", SetMode::Plain, 0).unwrap();
+        let set = |k: &str, v: &str, mode| {
+            TxnOp::Kv(KvOp::Set { key: k.into(), value: KvValue::from(v.as_bytes()), flags: 0, mode, now: 0 })
+        };
+        // The third operation fails: neither earlier write is kept.
+        let failing = [
+            set("b", "2", SetMode::Plain),
+            TxnOp::CheckIndex { key: "a".into(), index: 1 },
+            TxnOp::CheckNotExists { key: "a".into() },
+        ];
+        let before = kv.clone();
+        match kv.apply_txn(&failing, 2) {
+            Err(KvError::TxnFailed { op: 2, what }) => assert!(what.contains("exists"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(kv, before, "nothing applied");
+        let stale = [set("a", "x", SetMode::Cas(7))];
+        match kv.apply_txn(&stale, 2) {
+            Err(KvError::TxnFailed { op: 0, what }) => assert!(what.contains("index is stale"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        // All hold: every write at the transaction's index.
+        let ok = [
+            TxnOp::CheckIndex { key: "a".into(), index: 1 },
+            set("b", "2", SetMode::Plain),
+            set("a", "3", SetMode::Cas(1)),
+            TxnOp::Kv(KvOp::Delete { key: "zz".into(), recurse: false, cas: None, now: 0 }),
+        ];
+        kv.apply_txn(&ok, 3).unwrap();
+        assert_eq!(kv.entries["a"].value.as_bytes(), b"3");
+        assert_eq!((kv.entries["a"].modify_index, kv.entries["b"].modify_index), (3, 3));
+        assert_eq!(KvValue::from_base64("MQ==").unwrap().as_bytes(), b"1");
+        assert!(KvValue::from_base64("not base64!").is_err());
     }
 
     fn session(id: &str, behavior: Behavior, lock_delay_ms: u64, ttl_ms: u64) -> Session {

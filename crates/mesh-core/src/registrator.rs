@@ -231,6 +231,7 @@ pub fn services_for(container: &ContainerView, opts: &RegistratorOptions) -> Vec
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         });
     }
     out

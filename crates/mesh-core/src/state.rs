@@ -457,6 +457,8 @@ pub enum Command {
     },
     /// A change of Consul's KV store.
     Kv(KvOp),
+    /// A KV transaction: its operations in order, all applied or none.
+    KvTxn(Vec<crate::kv::TxnOp>),
     /// A change of Consul's sessions.
     Session(SessionOp),
     /// A framework subscribed through the Mesos v1 API (first time, or again with its id).
@@ -913,6 +915,7 @@ impl State {
                     meta: BTreeMap::new(),
                     create_index: 0,
                     modify_index: 0,
+                    tagged_addresses: Default::default(),
                 };
                 ch.catalog |= self.catalog.upsert_node(node, self.index + 1);
                 let mut serf = Check::new(&agent.id.0, SERF_HEALTH, "Serf Health Status", Health::Passing);
@@ -1076,7 +1079,7 @@ impl State {
                     .filter(|k| !keep.contains(k))
                     .collect();
                 for (svc, id) in stale {
-                    ch.catalog |= self.catalog.remove_instance(&svc, &id, index);
+                    ch.catalog |= self.catalog.remove_instance(&svc, node, &id, index);
                 }
             }
             Command::PutGroup { group, apps, remove, groups, now, deployment_id, create_only, force } => {
@@ -1159,7 +1162,7 @@ impl State {
                     if let Some(old) = self.catalog.instance(node, &inst.id).cloned()
                         && old.service != inst.service
                     {
-                        ch.catalog |= self.catalog.remove_instance(&old.service, &old.id, index);
+                        ch.catalog |= self.catalog.remove_instance(&old.service, node, &old.id, index);
                     }
                     if *replace_checks {
                         let keep: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.id.as_str()).collect();
@@ -1196,7 +1199,7 @@ impl State {
                         let Some(inst) = self.catalog.instance(node, sid).cloned() else {
                             return Err(ApplyError::UnknownService(sid.clone()));
                         };
-                        ch.catalog |= self.catalog.remove_instance(&inst.service, sid, index);
+                        ch.catalog |= self.catalog.remove_instance(&inst.service, node, sid, index);
                         let maint = format!("{}{sid}", crate::catalog::SERVICE_MAINTENANCE_PREFIX);
                         ch.catalog |= self.catalog.remove_check(node, &maint, index);
                     }
@@ -1229,6 +1232,7 @@ impl State {
                 ch.catalog |= self.catalog.set_check_status(node, id, *status, output, *now, index).unwrap_or(false);
             }
             Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
+            Command::KvTxn(ops) => self.kv.apply_txn(ops, self.index + 1)?,
             Command::Session(op) => {
                 if let SessionOp::Create { session, .. } = op {
                     if !self.catalog.nodes.contains_key(&session.node) {
@@ -1475,6 +1479,7 @@ impl State {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         })
     }
 
@@ -1492,7 +1497,7 @@ impl State {
             self.catalog.instances_with_id(&task.agent_id.0, task.id.as_str()).map(|i| i.service.clone()).collect();
         let mut changed = false;
         for s in services {
-            changed |= self.catalog.remove_instance(&s, task.id.as_str(), self.index + 1);
+            changed |= self.catalog.remove_instance(&s, &task.agent_id.0, task.id.as_str(), self.index + 1);
         }
         changed
     }
@@ -2677,7 +2682,7 @@ mod tests {
             })
             .unwrap();
         assert!(ch.catalog);
-        assert_eq!(s.catalog.services["web-prod"]["t1"].port, 31000);
+        assert_eq!(s.catalog.services["web-prod"].values().find(|i| i.id == "t1").unwrap().port, 31000);
         let idx = s.catalog.index;
         s.apply(&Command::KillTasks { ids: vec!["t1".into()], scale: false, now: 6, deployment_id: None }).unwrap();
         assert!(s.catalog.services.get("web-prod").is_none());
@@ -2709,6 +2714,7 @@ mod tests {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         };
         let sync = |v: Vec<ServiceInstance>| Command::SyncServices {
             node: "n1".into(),
@@ -2717,7 +2723,7 @@ mod tests {
         };
         s.apply(&sync(vec![inst("c1:80", "ext"), inst("c2:80", "ext")])).unwrap();
         assert_eq!(s.catalog.services["ext"].len(), 2);
-        assert_eq!(s.catalog.services["ext"]["c1:80"].node, "n1");
+        assert_eq!(s.catalog.services["ext"].values().find(|i| i.id == "c1:80").unwrap().node, "n1");
         let idx = s.catalog.index;
         let ch = s.apply(&sync(vec![inst("c1:80", "ext"), inst("c2:80", "ext")])).unwrap();
         assert!(!ch.catalog, "the same set again changes nothing");

@@ -173,6 +173,7 @@ pub async fn probe(def: &CheckDefinition, scripts: &Scripts) -> (Health, String)
     }
     match kind {
         "http" => http(def).await,
+        "grpc" => grpc(def).await,
         "tcp" => match tokio::net::lookup_host(def.tcp.as_str()).await.map(|mut a| a.next()) {
             Ok(Some(addr)) => match tokio::net::TcpStream::connect(addr).await {
                 Ok(_) => (Health::Passing, format!("TCP connect {}: Success", def.tcp)),
@@ -320,4 +321,130 @@ async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         }
     }
     Ok(buf)
+}
+
+/// A gRPC health check (`grpc.health.v1.Health/Check` over HTTP/2 without TLS): passing when
+/// the server answers SERVING, critical otherwise, as Consul's. `target` is `host:port` or
+/// `host:port/service`.
+async fn grpc(def: &CheckDefinition) -> (Health, String) {
+    let target = def.grpc.as_str();
+    if def.grpc_use_tls {
+        return (Health::Critical, format!("gRPC check {target}: GRPCUseTLS is not supported by mesh's agent"));
+    }
+    match grpc_health(target).await {
+        Ok(1) => (Health::Passing, format!("gRPC check {target}: success")),
+        Ok(status) => {
+            let name = match status {
+                2 => "NOT_SERVING",
+                3 => "SERVICE_UNKNOWN",
+                _ => "UNKNOWN",
+            };
+            (Health::Critical, format!("gRPC check {target}: failed, service status: {name}"))
+        }
+        Err(e) => (Health::Critical, format!("gRPC check {target}: failed, {e}")),
+    }
+}
+
+/// Ask `target` for `grpc.health.v1.Health/Check`; the `ServingStatus` number it answers.
+pub async fn grpc_health(target: &str) -> Result<u64, String> {
+    use http_body_util::BodyExt;
+    let (authority, service) = target.split_once('/').unwrap_or((target, ""));
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("dial tcp {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("dial tcp {authority}: no address"))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("dial tcp {authority}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {authority}: {e}"))?;
+    let driver = tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1; } in a gRPC frame (uncompressed, length-prefixed).
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a);
+        put_varint(&mut msg, service.len() as u64);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = hyper::Request::post(format!("http://{authority}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "mesh-check")
+        .body(http_body_util::Full::new(axum::body::Bytes::from(frame)))
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let head_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let collected = resp.into_body().collect().await.map_err(|e| format!("response: {e}"))?;
+        let trailer_status =
+            collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        match trailer_status.or(head_status).as_deref() {
+            Some("0") => {}
+            Some(code) => return Err(format!("rpc error: code = {code}")),
+            None => return Err("no grpc-status in the response".to_owned()),
+        }
+        let body = collected.to_bytes();
+        let msg = body.get(5..).ok_or("short gRPC response")?;
+        Ok(serving_status(msg))
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Field 1 (varint) of a HealthCheckResponse; 0 (UNKNOWN) when absent.
+fn serving_status(msg: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < msg.len() {
+        let (key, n) = varint(&msg[i..]);
+        i += n;
+        if n == 0 {
+            break;
+        }
+        match key & 7 {
+            0 => {
+                let (v, n) = varint(&msg[i..]);
+                if n == 0 {
+                    break;
+                }
+                i += n;
+                if key >> 3 == 1 {
+                    return v;
+                }
+            }
+            2 => {
+                let (len, n) = varint(&msg[i..]);
+                if n == 0 {
+                    break;
+                }
+                i += n + len as usize;
+            }
+            _ => break,
+        }
+    }
+    0
+}
+
+/// A protobuf varint: value and bytes used (0 when malformed).
+fn varint(b: &[u8]) -> (u64, usize) {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return (v, i + 1);
+        }
+    }
+    (0, 0)
 }

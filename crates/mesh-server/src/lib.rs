@@ -20,6 +20,7 @@ pub mod events;
 pub mod framework;
 pub mod gossip;
 pub mod health;
+pub mod logs;
 pub mod node;
 pub mod registrator;
 pub mod rpc;

@@ -34,10 +34,126 @@ enum Cmd {
     /// API reads from its replica of the state, and forwards writes. On SIGTERM its tasks keep
     /// running, to be re-adopted when it starts again on the same data dir.
     Agent(Box<DevArgs>),
+    /// The members of the LAN gossip pool, as the node at --http-addr sees them (Consul's
+    /// `consul members`).
+    Members(ClientArgs),
+    /// Operate on a node: `drain NODE` (no new tasks; its tasks move elsewhere) or
+    /// `reactivate NODE`.
+    Node(NodeArgs),
     /// Internal: a task's stdout/stderr logger, started by the agent per stream. Copies stdin
     /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
     #[command(hide = true)]
     Logger(LoggerArgs),
+}
+
+#[derive(Parser)]
+struct ClientArgs {
+    /// HTTP address of any node (a server or an agent).
+    #[arg(long, default_value = "127.0.0.1:8500", env = "MESH_HTTP_ADDR")]
+    http_addr: String,
+}
+
+#[derive(Parser)]
+struct NodeArgs {
+    /// `drain` or `reactivate`.
+    #[arg(value_parser = ["drain", "reactivate"])]
+    action: String,
+    /// The node (agent) name.
+    node: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no HTTP status")?;
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked {
+        let mut b = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            b.push_str(&tail[..n]);
+            r = tail[n..].trim_start_matches("\r\n");
+        }
+        b
+    } else {
+        rest.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn run_members(a: ClientArgs) -> ExitCode {
+    match http_request(&a.http_addr, "GET", "/v1/agent/members", None) {
+        Ok((200, body)) => {
+            let members: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+            println!("{:<24} {:<22} {:<8} {:<7} DC", "Node", "Address", "Status", "Type");
+            for m in members {
+                let status = match m["Status"].as_u64() {
+                    Some(1) => "alive",
+                    Some(2) => "leaving",
+                    Some(3) => "left",
+                    Some(4) => "failed",
+                    _ => "none",
+                };
+                let kind = if m["Tags"]["role"] == "consul" { "server" } else { "agent" };
+                let addr = format!("{}:{}", m["Addr"].as_str().unwrap_or(""), m["Port"]);
+                println!(
+                    "{:<24} {:<22} {:<8} {:<7} {}",
+                    m["Name"].as_str().unwrap_or(""),
+                    addr,
+                    status,
+                    kind,
+                    m["Tags"]["dc"].as_str().unwrap_or("")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("mesh: {status}: {}", body.trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_node(a: NodeArgs) -> ExitCode {
+    let (kind, key) =
+        if a.action == "drain" { ("DRAIN_AGENT", "drain_agent") } else { ("REACTIVATE_AGENT", "reactivate_agent") };
+    let call = serde_json::json!({"type": kind, key: {"agent_id": {"value": a.node}}});
+    match http_request(&a.client.http_addr, "POST", "/api/v1", Some(&call.to_string())) {
+        Ok((200 | 202, _)) => {
+            println!("{} {}", if a.action == "drain" { "draining" } else { "reactivated" }, a.node);
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("mesh: {status}: {}", body.trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -464,7 +580,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hickory_server=warn".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(mesh_server::logs::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
@@ -477,6 +593,8 @@ fn main() -> ExitCode {
         Cmd::Server(a) => (Role::Server, *a),
         Cmd::Agent(a) => (Role::Agent, *a),
         Cmd::Logger(l) => return run_logger(l),
+        Cmd::Members(a) => return run_members(a),
+        Cmd::Node(a) => return run_node(a),
     };
     // --bind moves every listener that was not given in full.
     if let (Some(ip), Some((_, sub))) = (a.bind, matches.subcommand()) {

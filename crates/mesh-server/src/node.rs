@@ -298,12 +298,7 @@ pub async fn run_dev(
         let api_control = control.clone();
         let template = node_info(&cfg, &[]);
         crate::cluster::forward::Executor::new(
-            Arc::new(move |node: &str| {
-                api::router(Api {
-                    control: api_control.clone(),
-                    info: NodeInfo { node: node.to_owned(), ..template.clone() },
-                })
-            }),
+            Arc::new(move |node: &str| api::router(Api::new(api_control.clone(), template.clone()).for_node(node))),
             control.published.clone(),
         )
     };
@@ -348,10 +343,11 @@ pub async fn run_dev(
     let (dns, dns_addr) = start_dns(&cfg, catalog.clone(), vec![cfg.node.clone()]).await?;
     let container_dns = start_container_dns(&cfg, docker.as_deref(), catalog.clone()).await;
 
-    let http = start_http(&cfg, |info| api::router(Api { control: control.clone(), info })).await?;
+    let http = start_http(&cfg, |info| api::router(Api::new(control.clone(), info))).await?;
     let http_addrs = http.addrs.clone();
 
     register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
+
     let bound = Bound { http: http_addrs, dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, node = %cfg.node, dc = %cfg.datacenter, "mesh dev ready");
     ready(&bound);
@@ -515,6 +511,7 @@ async fn register_own(control: &ControlHandle, cfg: &NodeConfig, http_port: u16)
         weights: Default::default(),
         create_index: 0,
         modify_index: 0,
+        extra: Default::default(),
     };
     let node_info = mesh_core::catalog::Node {
         name: cfg.node.clone(),
@@ -523,6 +520,7 @@ async fn register_own(control: &ControlHandle, cfg: &NodeConfig, http_port: u16)
         meta: BTreeMap::new(),
         create_index: 0,
         modify_index: 0,
+        tagged_addresses: Default::default(),
     };
     let register_own = mesh_core::state::Command::Register {
         node: cfg.node.clone(),
@@ -583,24 +581,29 @@ pub async fn run_server(
     let catalog =
         PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
     let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
-    let http = start_http(&cfg, |info| api::router(Api { control: control.clone(), info })).await?;
-    let http_addrs = http.addrs.clone();
-    let template = node_info(&cfg, &http_addrs);
-    let api_control = control.clone();
-    let executor = crate::cluster::forward::Executor::new(
-        Arc::new(move |node: &str| {
-            api::router(Api {
-                control: api_control.clone(),
-                info: NodeInfo { node: node.to_owned(), ..template.clone() },
-            })
-        }),
-        control.published.clone(),
-    );
-    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
     let transport = crate::rpc::TcpTransport { bind: Some(cfg.advertise) };
     let listener = crate::rpc::Transport::listen(&transport, cfg.rpc)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
+    let rpc_port = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?.port();
+    let gossip =
+        start_gossip(&cfg, &node_id_for_gossip, crate::gossip::Role::Server, SocketAddr::new(cfg.advertise, rpc_port))
+            .await?;
+    let members_task = report_members(&gossip, control.clone());
+    // One set of API state (and membership) for this node's listeners and for the requests
+    // agents forward, which act for their own node.
+    let base = Api {
+        cluster: Some(Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() })),
+        ..Api::new(control.clone(), node_info(&cfg, &[]))
+    };
+    let http = start_http(&cfg, |info| api::router(Api { info, ..base.clone() })).await?;
+    let http_addrs = http.addrs.clone();
+    let template = Api { info: node_info(&cfg, &http_addrs), ..base };
+    let executor = crate::cluster::forward::Executor::new(
+        Arc::new(move |node: &str| api::router(template.for_node(node))),
+        control.published.clone(),
+    );
+    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
     let hello = crate::rpc::Hello {
         node: cfg.node.clone(),
         node_id,
@@ -610,9 +613,6 @@ pub async fn run_server(
     };
     let rpc = crate::rpc::Server::start(listener, hello, handler)
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
-    let rpc_advertised = SocketAddr::new(cfg.advertise, rpc.local_addr().port());
-    let gossip = start_gossip(&cfg, &node_id_for_gossip, crate::gossip::Role::Server, rpc_advertised).await?;
-    let members_task = report_members(&gossip, control.clone());
 
     register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
     let bound = Bound { http: http_addrs, dns: dns_addr };
@@ -673,7 +673,9 @@ pub async fn run_agent(
     let forwarder =
         crate::cluster::forward::Forwarder { link, node: cfg.node.clone(), published: published.clone(), status };
     let http = start_http(&cfg, |info| {
-        api::router(Api { control: control.clone(), info })
+        let cluster: Arc<dyn crate::api::ClusterOps> =
+            Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() });
+        api::router(Api { cluster: Some(cluster), ..Api::new(control.clone(), info) })
             .layer(axum::middleware::from_fn_with_state(forwarder, crate::cluster::forward::layer))
     })
     .await?;

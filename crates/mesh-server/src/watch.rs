@@ -186,6 +186,7 @@ mod tests {
             weights: Default::default(),
             create_index: 0,
             modify_index: 0,
+            extra: Default::default(),
         };
         let mut old = State::new("dc1");
         old.catalog.upsert_instance(inst("a", "web"), 1);

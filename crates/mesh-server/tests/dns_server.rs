@@ -44,6 +44,7 @@ fn instance(id: &str, address: Option<&str>, port: u16, health: Health) -> Servi
         weights: Default::default(),
         create_index: 0,
         modify_index: 0,
+        extra: Default::default(),
     }
 }
 
@@ -58,6 +59,7 @@ fn catalog() -> CatalogState {
         meta: BTreeMap::new(),
         create_index: 0,
         modify_index: 0,
+        tagged_addresses: Default::default(),
     };
     c.upsert_node(node, 1);
     c.upsert_instance(instance("web-1", None, 31001, Health::Passing), 2);

@@ -11,6 +11,7 @@
 //!   visible to catalog, health and DNS readers) before the reply.
 //! - An unknown `dc` is a 500 `No path to datacenter`.
 
+use super::consul_filter::Filter;
 use super::{Api, ApiError, flag};
 use axum::Router;
 use axum::body::Bytes as Body;
@@ -61,12 +62,69 @@ pub fn routes() -> Router<Api> {
         .route("/v1/catalog/services", get(catalog_services))
         .route("/v1/catalog/service/{name}", get(catalog_service))
         .route("/v1/catalog/node/{node}", get(catalog_node))
+        .route("/v1/catalog/node-services/{node}", get(catalog_node_services))
         .route("/v1/health/service/{name}", get(health_service))
         .route("/v1/health/checks/{service}", get(health_checks))
         .route("/v1/health/node/{node}", get(health_node))
         .route("/v1/health/state/{state}", get(health_state))
         .route("/v1/status/leader", get(leader))
         .route("/v1/status/peers", get(peers))
+        .route("/v1/catalog/connect/{name}", get(no_connect))
+        .route("/v1/catalog/gateway-services/{name}", get(no_connect))
+        .route("/v1/health/connect/{name}", get(no_connect))
+        .route("/v1/health/ingress/{name}", get(no_connect))
+        .route("/v1/agent/metrics", get(agent_metrics))
+        .route("/v1/agent/monitor", get(agent_monitor))
+        .route("/v1/agent/leave", put(agent_leave))
+        .route("/v1/agent/force-leave/{node}", put(agent_force_leave))
+        .route("/v1/agent/reload", put(agent_reload))
+        .route("/v1/agent/join/{addr}", put(agent_join))
+        .route("/", get(root))
+        .route("/ui", get(ui))
+        .route("/ui/", get(ui))
+}
+
+/// The `?filter=` of a request; a malformed expression is a 400.
+fn filter_param(q: &Params) -> Result<Option<Filter>, ApiError> {
+    Filter::from_param(q.get("filter")).map_err(|e| bad(e.to_string()))
+}
+
+/// Keep the elements of a list that match the filter.
+fn filter_list(list: Vec<Value>, f: &Option<Filter>) -> Vec<Value> {
+    match f {
+        None => list,
+        Some(f) => list.into_iter().filter(|v| f.matches(v)).collect(),
+    }
+}
+
+/// Keep the values of a map that match the filter.
+fn filter_map(map: Map<String, Value>, f: &Option<Filter>) -> Map<String, Value> {
+    match f {
+        None => map,
+        Some(f) => map.into_iter().filter(|(_, v)| f.matches(v)).collect(),
+    }
+}
+
+/// Connect (service mesh) endpoints: mesh registers no Connect-capable services, proxies or
+/// gateways, so these lists are empty (the parameters are still checked).
+async fn no_connect(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    filter_param(&q)?;
+    let state = block(&api, &q, "services").await?;
+    Ok(indexed(&json!([]), state.topic_index("services"), &q))
+}
+
+/// `?peer=NAME`: services imported from a cluster peer. mesh has no peerings, so such a peer
+/// has no services (Consul answers an empty list for a peer it does not know, too).
+fn has_peer(q: &Params) -> bool {
+    q.get("peer").is_some_and(|p| !p.is_empty())
+}
+
+/// Whether an instance is the node's own `consul` service (registered by the node itself, not
+/// through the agent API: not listed, not deregistrable by clients).
+fn is_own_consul(api: &Api, i: &ServiceInstance) -> bool {
+    i.node == api.info.node && i.id == "consul" && i.service == "consul"
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,9 +273,12 @@ impl<'a> Ci<'a> {
             Some(Value::String(s)) => parse_go_duration(s)
                 .map(|d| d.as_millis() as u64)
                 .map_err(|e| bad(format!("Request decode failed: {name}: {e}"))),
+            // Nanoseconds, as Go's time.Duration marshals (py-consul sends `interval=10` for
+            // 10 ns); a part of a millisecond counts as one, so a tiny value is not read as
+            // "none" (an interval is then raised to the minimum).
             Some(v) => v
                 .as_u64()
-                .map(|ns| ns / 1_000_000)
+                .map(|ns| ns.div_ceil(1_000_000))
                 .ok_or_else(|| bad(format!("Request decode failed: {name} must be a duration"))),
         }
     }
@@ -355,6 +416,17 @@ async fn propose(api: &Api, cmd: Command) -> Result<(), ApiError> {
 // ---------------------------------------------------------------------------------------------
 // JSON shapes
 
+/// A node's `TaggedAddresses`: as registered; otherwise `lan` and `wan` are its address, with
+/// the `_ipv4` (or `_ipv6`) variants for the address's family, as a Consul agent fills them in.
+fn node_tagged_addresses(n: &Node) -> Value {
+    if !n.tagged_addresses.is_empty() {
+        return json!(n.tagged_addresses);
+    }
+    let addr = n.address.to_string();
+    let fam = if n.address.is_ipv4() { "ipv4" } else { "ipv6" };
+    json!({"lan": addr, format!("lan_{fam}"): addr, "wan": addr, format!("wan_{fam}"): addr})
+}
+
 fn node_json(n: &Node) -> Value {
     let addr = n.address.to_string();
     json!({
@@ -362,7 +434,7 @@ fn node_json(n: &Node) -> Value {
         "Node": n.name,
         "Address": addr,
         "Datacenter": n.datacenter,
-        "TaggedAddresses": {"lan": addr, "lan_ipv4": addr, "wan": addr, "wan_ipv4": addr},
+        "TaggedAddresses": node_tagged_addresses(n),
         "Meta": n.meta,
         "CreateIndex": n.create_index,
         "ModifyIndex": n.modify_index,
@@ -375,27 +447,54 @@ fn visible_meta(i: &ServiceInstance) -> BTreeMap<String, String> {
     m
 }
 
-fn service_json(i: &ServiceInstance, node: Option<&Node>, dc: &str) -> Value {
+/// A service's `TaggedAddresses`: as registered, plus, when the service has an address of its
+/// own, `lan_ipv4`/`wan_ipv4` (or `_ipv6`) for it, as a Consul agent adds them. `None` when empty
+/// (Consul then leaves the field out).
+fn service_tagged_addresses(i: &ServiceInstance) -> Option<Value> {
+    let mut m: Map<String, Value> = i
+        .extra
+        .tagged_addresses
+        .iter()
+        .map(|(k, t)| (k.clone(), json!({"Address": t.address, "Port": t.port})))
+        .collect();
+    if let Some(a) = i.address {
+        let fam = if a.is_ipv4() { "ipv4" } else { "ipv6" };
+        for k in [format!("lan_{fam}"), format!("wan_{fam}")] {
+            m.entry(k).or_insert_with(|| json!({"Address": a.to_string(), "Port": i.port}));
+        }
+    }
+    (!m.is_empty()).then_some(Value::Object(m))
+}
+
+fn service_json(i: &ServiceInstance, _node: Option<&Node>, dc: &str) -> Value {
     let addr = i.address.map(|a| a.to_string()).unwrap_or_default();
-    let effective = i.address.or(node.map(|n| n.address)).map(|a| a.to_string()).unwrap_or_default();
-    json!({
+    let mut v = json!({
         "ID": i.id,
         "Service": i.service,
         "Tags": i.tags,
         "Address": addr,
         "Port": i.port,
         "Meta": visible_meta(i),
-        "TaggedAddresses": {
-            "lan_ipv4": {"Address": effective, "Port": i.port},
-            "wan_ipv4": {"Address": effective, "Port": i.port},
-        },
         "Weights": {"Passing": i.weights.passing, "Warning": i.weights.warning},
-        "EnableTagOverride": false,
+        "EnableTagOverride": i.extra.enable_tag_override,
         "Datacenter": dc,
-        "Kind": "",
         "CreateIndex": i.create_index,
         "ModifyIndex": i.modify_index,
-    })
+    });
+    if let Some(o) = v.as_object_mut() {
+        if let Some(t) = service_tagged_addresses(i) {
+            o.insert("TaggedAddresses".into(), t);
+        }
+        if !i.extra.kind.is_empty() {
+            o.insert("Kind".into(), json!(i.extra.kind));
+        }
+        for (name, text) in [("Proxy", &i.extra.proxy_json), ("Locality", &i.extra.locality_json)] {
+            if let Ok(v) = serde_json::from_str::<Value>(text) {
+                o.insert(name.into(), v);
+            }
+        }
+    }
+    v
 }
 
 fn ms_str(ms: u64) -> String {
@@ -426,7 +525,7 @@ fn check_json(c: &Check, tags: &[String]) -> Value {
         "ExposedPort": 0,
         "Definition": {
             "HTTP": d.http, "Method": d.method, "Header": d.header, "TLSSkipVerify": d.tls_skip_verify,
-            "TCP": d.tcp, "ScriptArgs": d.args, "DockerContainerID": d.docker_container_id, "TTL": ms_str(d.ttl_ms),
+            "TCP": d.tcp, "GRPC": d.grpc, "GRPCUseTLS": d.grpc_use_tls, "ScriptArgs": d.args, "DockerContainerID": d.docker_container_id, "TTL": ms_str(d.ttl_ms),
             "Interval": ms_str(d.interval_ms), "Timeout": ms_str(d.timeout_ms),
             "DeregisterCriticalServiceAfter": ms_str(d.deregister_critical_after_ms),
         },
@@ -502,6 +601,8 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
         method: src.str("Method")?.unwrap_or_default().to_ascii_uppercase(),
         tls_skip_verify: src.bool("TLSSkipVerify")?,
         tcp: src.str("TCP")?.unwrap_or_default().to_owned(),
+        grpc: src.str("GRPC")?.unwrap_or_default().to_owned(),
+        grpc_use_tls: src.bool("GRPCUseTLS")?,
         args: src.strings("Args")?,
         docker_container_id: src.str("DockerContainerID")?.unwrap_or_default().to_owned(),
         ttl_ms: src.duration_ms("TTL")?,
@@ -530,14 +631,14 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
             d.header.insert(k.clone(), vals);
         }
     }
-    for unsupported in ["GRPC", "DockerContainerID", "H2PING", "AliasService", "AliasNode", "OSService", "UDP"] {
+    for unsupported in ["DockerContainerID", "H2PING", "AliasService", "AliasNode", "OSService", "UDP"] {
         if src.str(unsupported).ok().flatten().is_some_and(|s| !s.is_empty()) {
             return Err(bad(format!("Invalid check: {unsupported} checks are not supported by mesh")));
         }
     }
-    let kinds = [!d.http.is_empty(), !d.tcp.is_empty(), !d.args.is_empty(), d.ttl_ms > 0];
+    let kinds = [!d.http.is_empty(), !d.tcp.is_empty(), !d.grpc.is_empty(), !d.args.is_empty(), d.ttl_ms > 0];
     if kinds.iter().filter(|k| **k).count() > 1 {
-        return Err(bad("Invalid check: only one of HTTP, TCP, Args/Script and TTL may be set"));
+        return Err(bad("Invalid check: only one of HTTP, TCP, GRPC, Args/Script and TTL may be set"));
     }
     if agent_run {
         if kinds.iter().all(|k| !k) {
@@ -546,7 +647,7 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
             ));
         }
         if d.is_active() && d.interval_ms == 0 {
-            return Err(bad("Invalid check: Interval must be > 0 for Script, HTTP, or TCP checks"));
+            return Err(bad("Invalid check: Interval must be > 0 for Script, HTTP, TCP or GRPC checks"));
         }
         if d.is_active() {
             d.interval_ms = d.interval_ms.max(MIN_CHECK_INTERVAL_MS);
@@ -617,7 +718,34 @@ fn parse_service(s: Ci<'_>, node: &str) -> Result<ServiceInstance, ApiError> {
         weights.passing = w.u64("Passing")?.unwrap_or(1).clamp(1, 65535) as u16;
         weights.warning = w.u64("Warning")?.unwrap_or(1).min(65535) as u16;
     }
+    let mut extra = mesh_core::catalog::ConsulExtra {
+        enable_tag_override: s.bool("EnableTagOverride")?,
+        kind: s.str("Kind")?.unwrap_or_default().to_owned(),
+        ..Default::default()
+    };
+    for (name, slot) in [("Proxy", &mut extra.proxy_json), ("Locality", &mut extra.locality_json)] {
+        match s.get(name) {
+            None => {}
+            Some(v @ Value::Object(_)) => *slot = v.to_string(),
+            Some(_) => return Err(bad(format!("Request decode failed: {name} must be an object"))),
+        }
+    }
+    if let Some(t) = s.obj("TaggedAddresses")? {
+        for (k, v) in t.0 {
+            let Value::Object(m) = v else {
+                return Err(bad(format!("Request decode failed: TaggedAddresses.{k} must be an object")));
+            };
+            let m = Ci(m);
+            let port = m.u64("Port")?.unwrap_or(0);
+            if port > u16::MAX as u64 {
+                return Err(bad(format!("Invalid port {port} in TaggedAddresses.{k}")));
+            }
+            let address = m.str("Address")?.unwrap_or_default().to_owned();
+            extra.tagged_addresses.insert(k.clone(), mesh_core::catalog::TaggedAddress { address, port: port as u16 });
+        }
+    }
     Ok(ServiceInstance {
+        extra,
         id,
         service: name,
         node: node.to_owned(),
@@ -713,7 +841,30 @@ async fn agent_members(State(api): State<Api>, RawQuery(raw): RawQuery) -> Resul
     let q = Params::parse(raw.as_deref());
     let state = api.control.published.state.load();
     let wan = q.flag("wan");
-    let members: Vec<Value> = if wan {
+    let members: Vec<Value> = if let (false, Some(cluster)) = (wan, &api.cluster) {
+        // The LAN gossip pool as this node sees it (Serf's statuses: 1 alive, 3 left, 4 failed;
+        // a suspect member is still alive to Serf).
+        use crate::gossip::{MemberStatus, Role};
+        let mut ms = cluster.members();
+        ms.sort_by(|a, b| a.name.cmp(&b.name));
+        ms.iter()
+            .map(|m| {
+                let mut v = member_json(&api, &m.addr.ip().to_string(), false);
+                v["Name"] = json!(m.name);
+                v["Port"] = json!(m.addr.port());
+                v["Status"] = json!(match m.status {
+                    MemberStatus::Alive | MemberStatus::Suspect => 1,
+                    MemberStatus::Left => 3,
+                    MemberStatus::Failed => 4,
+                });
+                v["Tags"]["dc"] = json!(m.datacenter);
+                v["Tags"]["id"] = json!(m.node_id);
+                v["Tags"]["port"] = json!(m.rpc.port().to_string());
+                v["Tags"]["role"] = json!(if m.role == Role::Server { "consul" } else { "node" });
+                v
+            })
+            .collect()
+    } else if wan {
         let addr = state.catalog.nodes.get(&api.info.node).map(|n| n.address.to_string()).unwrap_or_default();
         vec![member_json(&api, &addr, true)]
     } else {
@@ -748,13 +899,15 @@ fn agent_service_json(i: &ServiceInstance, dc: &str) -> Value {
 
 async fn agent_services(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
+    let filter = filter_param(&q)?;
     let state = api.control.published.state.load();
     let map: Map<String, Value> = state
         .catalog
         .instances_on(&api.info.node)
+        .filter(|i| !is_own_consul(&api, i))
         .map(|i| (i.id.clone(), agent_service_json(i, &api.info.datacenter)))
         .collect();
-    Ok(reply(&Value::Object(map), &q))
+    Ok(reply(&Value::Object(filter_map(map, &filter)), &q))
 }
 
 async fn agent_service(
@@ -764,7 +917,7 @@ async fn agent_service(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     let state = api.control.published.state.load();
-    match state.catalog.instance(&api.info.node, &id) {
+    match state.catalog.instance(&api.info.node, &id).filter(|i| !is_own_consul(&api, i)) {
         Some(i) => Ok(reply(&agent_service_json(i, &api.info.datacenter), &q)),
         None => Err(ApiError::ConsulNotFound(format!("unknown service ID: {id}"))),
     }
@@ -803,6 +956,12 @@ async fn agent_service_deregister(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    let state = api.control.published.state.load();
+    if state.catalog.instance(&api.info.node, &id).is_none_or(|i| is_own_consul(&api, i)) {
+        return Err(ApiError::ConsulNotFound(format!(
+            "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
+        )));
+    }
     let cmd = Command::Deregister { node: api.info.node.clone(), service_id: Some(id), check_id: None };
     propose(&api, cmd).await?;
     Ok(axum::http::StatusCode::OK.into_response())
@@ -869,10 +1028,12 @@ async fn maintenance(
 
 async fn agent_checks(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
+    let filter = filter_param(&q)?;
     let state = api.control.published.state.load();
     let cat = &state.catalog;
     let mut map = Map::new();
-    for c in cat.node_checks(&api.info.node) {
+    // serfHealth belongs to the cluster, not to the agent's registrations.
+    for c in cat.node_checks(&api.info.node).filter(|c| c.id != mesh_core::catalog::SERF_HEALTH) {
         let tags = cat.instance(&c.node, &c.service_id).map(|i| i.tags.clone()).unwrap_or_default();
         map.insert(c.id.clone(), check_json(c, &tags));
     }
@@ -883,7 +1044,7 @@ async fn agent_checks(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result
             }
         }
     }
-    Ok(reply(&Value::Object(map), &q))
+    Ok(reply(&Value::Object(filter_map(map, &filter)), &q))
 }
 
 async fn agent_check_register(
@@ -905,7 +1066,9 @@ async fn agent_check_register(
         let state = api.control.published.state.load();
         match state.catalog.instance(&api.info.node, &check.service_id) {
             Some(i) => check.service_name = i.service.clone(),
-            None => return Err(bad(format!("ServiceID \"{}\" does not exist", check.service_id))),
+            None => {
+                return Err(ApiError::ConsulNotFound(format!("ServiceID \"{}\" does not exist", check.service_id)));
+            }
         }
     }
     let node = api.info.node.clone();
@@ -1002,6 +1165,7 @@ async fn catalog_register(State(api): State<Api>, RawQuery(raw): RawQuery, body:
             address,
             datacenter: api.info.datacenter.clone(),
             meta: b.string_map("NodeMeta")?,
+            tagged_addresses: b.string_map("TaggedAddresses")?,
             create_index: 0,
             modify_index: 0,
         })
@@ -1054,6 +1218,10 @@ async fn catalog_deregister(State(api): State<Api>, RawQuery(raw): RawQuery, bod
     }
     let service_id = b.str("ServiceID")?.filter(|s| !s.is_empty()).map(str::to_owned);
     let check_id = b.str("CheckID")?.filter(|s| !s.is_empty()).map(str::to_owned);
+    // The node's own `consul` service is the server's, as Consul's leader keeps registering it.
+    if node == api.info.node && service_id.as_deref() == Some("consul") && check_id.is_none() {
+        return Err(bad("The consul service of this node is registered by the node itself and cannot be deregistered"));
+    }
     match api.control.propose(Command::Deregister { node, service_id, check_id }).await {
         Ok(()) => {}
         // Deregistering what is not there is not an error (idempotent, as Consul).
@@ -1075,16 +1243,37 @@ async fn datacenters(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respons
 async fn catalog_nodes(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    let filter = filter_param(&q)?;
     let state = block(&api, &q, "nodes").await?;
     let list: Vec<Value> = state.catalog.nodes().into_iter().map(node_json).collect();
-    Ok(indexed(&Value::Array(list), state.topic_index("nodes"), &q))
+    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index("nodes"), &q))
 }
 
 async fn catalog_services(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    let filter = filter_param(&q)?;
     let state = block(&api, &q, "services").await?;
-    let body = serde_json::to_value(state.catalog.services()).unwrap_or(Value::Null);
+    let body = match &filter {
+        None => serde_json::to_value(state.catalog.services()).unwrap_or(Value::Null),
+        // As Consul: the filter applies to each instance (a catalog/service entry); a service
+        // is listed with the tags of its matching instances.
+        Some(f) => {
+            let cat = &state.catalog;
+            let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (name, insts) in &cat.services {
+                for i in insts.values() {
+                    if f.matches(&catalog_service_entry(cat, i)) {
+                        let tags = out.entry(name.clone()).or_default();
+                        tags.extend(i.tags.iter().cloned());
+                        tags.sort();
+                        tags.dedup();
+                    }
+                }
+            }
+            serde_json::to_value(out).unwrap_or(Value::Null)
+        }
+    };
     Ok(indexed(&body, state.topic_index("services"), &q))
 }
 
@@ -1095,38 +1284,43 @@ async fn catalog_service(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    let filter = filter_param(&q)?;
     let topic = svc_topic(&name);
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
-    let list: Vec<Value> = matching(cat, &name, &q.all("tag"))
-        .into_iter()
-        .map(|i| {
-            let node = cat.node(&i.node);
-            let addr = node.map(|n| n.address.to_string()).unwrap_or_default();
-            let svc = service_json(i, node, &cat.datacenter);
-            json!({
-                "ID": "",
-                "Node": i.node,
-                "Address": addr,
-                "Datacenter": cat.datacenter,
-                "TaggedAddresses": {"lan": addr, "wan": addr},
-                "NodeMeta": node.map(|n| n.meta.clone()).unwrap_or_default(),
-                "ServiceKind": "",
-                "ServiceID": i.id,
-                "ServiceName": i.service,
-                "ServiceTags": i.tags,
-                "ServiceAddress": svc["Address"],
-                "ServicePort": i.port,
-                "ServiceMeta": svc["Meta"],
-                "ServiceTaggedAddresses": svc["TaggedAddresses"],
-                "ServiceWeights": svc["Weights"],
-                "ServiceEnableTagOverride": false,
-                "CreateIndex": i.create_index,
-                "ModifyIndex": i.modify_index,
-            })
-        })
-        .collect();
-    Ok(indexed(&Value::Array(list), state.topic_index(&topic), &q))
+    let list: Vec<Value> = if has_peer(&q) {
+        Vec::new()
+    } else {
+        matching(cat, &name, &q.all("tag")).into_iter().map(|i| catalog_service_entry(cat, i)).collect()
+    };
+    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
+}
+
+/// One entry of `/v1/catalog/service/:name` (Consul's `ServiceNode`).
+fn catalog_service_entry(cat: &CatalogState, i: &ServiceInstance) -> Value {
+    let node = cat.node(&i.node);
+    let addr = node.map(|n| n.address.to_string()).unwrap_or_default();
+    let svc = service_json(i, node, &cat.datacenter);
+    json!({
+        "ID": "",
+        "Node": i.node,
+        "Address": addr,
+        "Datacenter": cat.datacenter,
+        "TaggedAddresses": node.map(node_tagged_addresses).unwrap_or(Value::Null),
+        "NodeMeta": node.map(|n| n.meta.clone()).unwrap_or_default(),
+        "ServiceKind": i.extra.kind,
+        "ServiceID": i.id,
+        "ServiceName": i.service,
+        "ServiceTags": i.tags,
+        "ServiceAddress": svc["Address"],
+        "ServicePort": i.port,
+        "ServiceMeta": svc["Meta"],
+        "ServiceTaggedAddresses": svc.get("TaggedAddresses").cloned().unwrap_or(Value::Null),
+        "ServiceWeights": svc["Weights"],
+        "ServiceEnableTagOverride": i.extra.enable_tag_override,
+        "CreateIndex": i.create_index,
+        "ModifyIndex": i.modify_index,
+    })
 }
 
 async fn catalog_node(
@@ -1136,6 +1330,7 @@ async fn catalog_node(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    let filter = filter_param(&q)?;
     let topic = node_topic(&name);
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
@@ -1144,7 +1339,32 @@ async fn catalog_node(
         Some(n) => {
             let services: Map<String, Value> =
                 cat.instances_on(&n.name).map(|i| (i.id.clone(), service_json(i, Some(n), &cat.datacenter))).collect();
-            json!({"Node": node_json(n), "Services": services})
+            json!({"Node": node_json(n), "Services": filter_map(services, &filter)})
+        }
+    };
+    Ok(indexed(&body, state.topic_index(&topic), &q))
+}
+
+/// `GET /v1/catalog/node-services/:node`: the node and its services as a list (`null` for an
+/// unknown node).
+async fn catalog_node_services(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let filter = filter_param(&q)?;
+    let topic = node_topic(&name);
+    let state = block(&api, &q, &topic).await?;
+    let cat = &state.catalog;
+    let body = match cat.node(&name) {
+        None => Value::Null,
+        Some(n) => {
+            let mut insts: Vec<&ServiceInstance> = cat.instances_on(&n.name).collect();
+            insts.sort_by(|a, b| a.id.cmp(&b.id));
+            let services: Vec<Value> = insts.into_iter().map(|i| service_json(i, Some(n), &cat.datacenter)).collect();
+            json!({"Node": node_json(n), "Services": filter_list(services, &filter)})
         }
     };
     Ok(indexed(&body, state.topic_index(&topic), &q))
@@ -1164,8 +1384,10 @@ async fn health_service(
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
     let passing = q.flag("passing");
+    let filter = filter_param(&q)?;
     let list: Vec<Value> = matching(cat, &name, &q.all("tag"))
         .into_iter()
+        .filter(|_| !has_peer(&q))
         .filter(|i| !passing || i.health == Health::Passing)
         .map(|i| {
             let node = cat.node(&i.node);
@@ -1178,7 +1400,7 @@ async fn health_service(
             })
         })
         .collect();
-    Ok(indexed(&Value::Array(list), state.topic_index(&topic), &q))
+    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
 }
 
 async fn health_checks(
@@ -1191,8 +1413,9 @@ async fn health_checks(
     let topic = svc_topic(&name);
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
+    let filter = filter_param(&q)?;
     let list: Vec<Value> = matching(cat, &name, &[]).into_iter().flat_map(|i| instance_checks(cat, i)).collect();
-    Ok(indexed(&Value::Array(list), state.topic_index(&topic), &q))
+    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
 }
 
 async fn health_node(
@@ -1205,9 +1428,10 @@ async fn health_node(
     let topic = node_topic(&name);
     let state = block(&api, &q, &topic).await?;
     let cat = &state.catalog;
+    let filter = filter_param(&q)?;
     let node = cat.node(&name).map(|n| n.name.clone()).unwrap_or(name);
     let list = all_node_checks(cat, &node);
-    Ok(indexed(&Value::Array(list), state.topic_index(&topic), &q))
+    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
 }
 
 async fn health_state(
@@ -1221,13 +1445,169 @@ async fn health_state(
         "any" => None,
         s => Some(Health::parse(s).ok_or_else(|| bad(format!("Invalid state: \"{s}\"")))?),
     };
+    let expr = filter_param(&q)?;
     let state = block(&api, &q, "checks").await?;
     let cat = &state.catalog;
     let mut list: Vec<Value> = cat.nodes.keys().flat_map(|n| all_node_checks(cat, n)).collect();
     if let Some(f) = filter {
         list.retain(|c| c["Status"] == f.as_str());
     }
-    Ok(indexed(&Value::Array(list), state.topic_index("checks"), &q))
+    Ok(indexed(&Value::Array(filter_list(list, &expr)), state.topic_index("checks"), &q))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership: through the cluster layer when there is one (`Api::cluster`); `mesh dev` is one
+// node with no cluster, and answers as a Consul agent that cannot reach anyone would.
+
+fn cluster_err(e: super::ClusterOpError) -> ApiError {
+    ApiError::ConsulStatus(500, e.to_string())
+}
+
+/// `PUT /v1/agent/join/:addr` (`?wan` is not supported: one datacenter).
+async fn agent_join(State(api): State<Api>, Path(addr): Path<String>) -> Result<Response, ApiError> {
+    match &api.cluster {
+        Some(c) => c.join(&addr).await.map_err(cluster_err)?,
+        None => {
+            return Err(ApiError::ConsulStatus(
+                500,
+                format!(
+                    "1 error occurred:\n\t* Failed to join {addr}: this mesh node runs without a cluster (mesh dev)\n\n"
+                ),
+            ));
+        }
+    }
+    Ok(axum::http::StatusCode::OK.into_response())
+}
+
+/// `PUT /v1/agent/leave`. Without a cluster (`mesh dev`) the node's serfHealth turns critical,
+/// as other members would see a node that left; the process keeps running.
+async fn agent_leave(State(api): State<Api>) -> Result<Response, ApiError> {
+    match &api.cluster {
+        Some(c) => c.leave().await.map_err(cluster_err)?,
+        None => {
+            let cmd = Command::UpdateCheck {
+                node: api.info.node.clone(),
+                id: mesh_core::catalog::SERF_HEALTH.into(),
+                status: Health::Critical,
+                output: "Agent left the cluster (PUT /v1/agent/leave)".into(),
+                now: mesh_core::model::now_millis(),
+                ttl: TtlUpdate::Keep,
+            };
+            match api.control.propose(cmd).await {
+                // A node without a serfHealth check has nothing to mark.
+                Ok(()) | Err(crate::control::ControlError::Rejected(mesh_core::state::ApplyError::UnknownCheck(_))) => {
+                }
+                Err(e) => return Err(control_err(e)),
+            }
+        }
+    }
+    Ok(axum::http::StatusCode::OK.into_response())
+}
+
+/// `PUT /v1/agent/force-leave/:node[?prune]`.
+async fn agent_force_leave(
+    State(api): State<Api>,
+    Path(node): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    match &api.cluster {
+        Some(c) => c.force_leave(&node, q.flag("prune")).await.map_err(cluster_err)?,
+        // The only member is this node, which is alive: force-leave of it is a no-op, as for
+        // any alive member in Consul; every other name is unknown.
+        None if node == api.info.node => {}
+        None => return Err(cluster_err(super::ClusterOpError::UnknownNode(node))),
+    }
+    Ok(axum::http::StatusCode::OK.into_response())
+}
+
+/// `GET /v1/agent/metrics`: the go-metrics JSON shape with a few gauges of this node's catalog and
+/// KV store (mesh has no telemetry sink). `?format=prometheus` answers 200 with an empty body,
+/// as Consul does when Prometheus retention is not configured.
+async fn agent_metrics(State(api): State<Api>, RawQuery(raw): RawQuery) -> Response {
+    let q = Params::parse(raw.as_deref());
+    if q.get("format").is_some_and(|f| f == "prometheus") {
+        let mut r = axum::http::StatusCode::OK.into_response();
+        r.headers_mut().insert(
+            "X-Consul-Reason",
+            HeaderValue::from_static("Prometheus is not enabled since its retention time is not positive"),
+        );
+        return r;
+    }
+    let state = api.control.published.state.load();
+    let cat = &state.catalog;
+    let gauge = |name: &str, value: usize| json!({"Name": name, "Value": value as f64, "Labels": {}});
+    let now = chrono::Utc::now();
+    // go-metrics reports the start of the current 10 s interval.
+    let start = now.timestamp() - now.timestamp() % 10;
+    let ts = chrono::DateTime::from_timestamp(start, 0).unwrap_or(now).format("%Y-%m-%d %H:%M:%S %z").to_string();
+    reply(
+        &json!({
+            "Timestamp": ts,
+            "Gauges": [
+                gauge("consul.catalog.services", cat.services.len()),
+                gauge("consul.catalog.nodes", cat.nodes.len()),
+                gauge("consul.kv.entries", state.kv.entries.len()),
+                gauge("consul.session_ttl.active", state.kv.sessions.len()),
+            ],
+            "Points": [],
+            "Counters": [],
+            "Samples": [],
+        }),
+        &q,
+    )
+}
+
+/// `GET /v1/agent/monitor?loglevel=`: this process's log lines at that level or above, streamed
+/// as they are written (plain text, colour codes removed). Lines below the process's own log
+/// filter (`RUST_LOG`, default info) are never written, so never streamed.
+async fn agent_monitor(RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    let level = q.get("loglevel").map(String::as_str).filter(|l| !l.is_empty()).unwrap_or("info");
+    let Some(min) = crate::logs::level_rank(level) else {
+        return Err(bad(format!("Unknown log level: {level}")));
+    };
+    let rx = crate::logs::subscribe();
+    let lines = futures_util::stream::unfold(rx, move |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(line) if crate::logs::line_level(&line).is_none_or(|l| l >= min) => {
+                    let text = crate::logs::strip_ansi(&line);
+                    return Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(text)), rx));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], axum::body::Body::from_stream(lines))
+        .into_response())
+}
+
+/// `PUT /v1/agent/reload`: mesh has no configuration files to re-read.
+async fn agent_reload() -> Response {
+    axum::http::StatusCode::OK.into_response()
+}
+
+/// `GET /`: as Consul's HTTP server, a redirect to the UI.
+async fn root() -> Response {
+    (axum::http::StatusCode::MOVED_PERMANENTLY, [(axum::http::header::LOCATION, "/ui/")]).into_response()
+}
+
+/// `GET /ui/`: a short page in place of Consul's web UI.
+async fn ui(State(api): State<Api>) -> Response {
+    let page = format!(
+        "<!doctype html><html><head><title>mesh</title></head><body><h1>mesh</h1>\
+         <p>Node {} in datacenter {}. mesh has no web UI; its APIs are Marathon <code>/v2</code>, \
+         Consul <code>/v1</code> and Mesos <code>/api/v1</code>.</p></body></html>\n",
+        html_escape(&api.info.node),
+        html_escape(&api.info.datacenter)
+    );
+    ([(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ pub fn routes() -> Router<Api> {
         .route("/api/v1/scheduler", any(scheduler))
         .route("/master/api/v1/scheduler", any(scheduler))
         .route("/api/v1", any(operator))
+        // pymesos' operator client posts here
+        .route("/api/v1/operator", any(operator))
+        .route("/master/api/v1/operator", any(operator))
         .route("/master/api/v1", any(operator))
         .route("/version", get(version));
     for (path, handler) in [
@@ -520,8 +523,98 @@ fn parse_quota_config(c: &Value) -> Result<(String, Quota), ApiError> {
     Ok((role.to_owned(), q))
 }
 
-/// The operator API calls mesh implements: GET_HEALTH, GET_VERSION, GET_WEIGHTS,
-/// UPDATE_WEIGHTS, GET_QUOTA, UPDATE_QUOTA.
+/// A v0 resource summary (`{"cpus":1,"mem":128,"disk":0,"ports":"[...]"}`) as v1 `Resource`s.
+fn v1_resources(summary: &Value) -> Value {
+    let mut out = Vec::new();
+    for name in ["cpus", "mem", "disk", "gpus"] {
+        if let Some(v) = summary.get(name).and_then(Value::as_f64).filter(|v| *v > 0.0) {
+            out.push(json!({"name": name, "type": "SCALAR", "scalar": {"value": v}, "role": "*"}));
+        }
+    }
+    Value::Array(out)
+}
+
+fn v1_id(v: &Value) -> Value {
+    json!({"value": v.as_str().unwrap_or_default()})
+}
+
+fn v1_time(secs: &Value) -> Value {
+    json!({"nanoseconds": (secs.as_f64().unwrap_or(0.0) * 1e9) as i64})
+}
+
+/// A v0 task (`task_json`) as a v1 `Task`.
+fn v1_task(t: &Value) -> Value {
+    let statuses: Vec<Value> = t["statuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            json!({"task_id": v1_id(&t["id"]), "agent_id": v1_id(&t["agent_id"]), "state": st["state"],
+                          "source": "SOURCE_MASTER", "timestamp": st["timestamp"]})
+        })
+        .collect();
+    json!({
+        "name": t["name"], "task_id": v1_id(&t["id"]), "framework_id": v1_id(&t["framework_id"]),
+        "agent_id": v1_id(&t["agent_id"]), "state": t["state"], "resources": v1_resources(&t["resources"]),
+        "statuses": statuses,
+    })
+}
+
+fn v1_tasks(frameworks: &[Value], completed_frameworks: &[Value]) -> Value {
+    let collect = |fs: &[Value], key: &str| -> Vec<Value> {
+        fs.iter().flat_map(|f| f[key].as_array().cloned().unwrap_or_default()).map(|t| v1_task(&t)).collect()
+    };
+    let mut completed = collect(frameworks, "completed_tasks");
+    completed.extend(collect(completed_frameworks, "completed_tasks"));
+    json!({"tasks": collect(frameworks, "tasks"), "completed_tasks": completed, "orphan_tasks": [], "unreachable_tasks": []})
+}
+
+fn v1_framework(f: &Value) -> Value {
+    json!({
+        "framework_info": {
+            "id": v1_id(&f["id"]), "name": f["name"], "user": f["user"], "role": f["role"], "roles": f["roles"],
+            "hostname": f.get("hostname").cloned().unwrap_or(json!("")),
+            "webui_url": f.get("webui_url").cloned().unwrap_or(json!("")),
+            "failover_timeout": f["failover_timeout"], "checkpoint": f.get("checkpoint").cloned().unwrap_or(json!(false)),
+            "capabilities": f.get("capabilities").and_then(Value::as_array).into_iter().flatten()
+                .map(|c| json!({"type": c})).collect::<Vec<_>>(),
+        },
+        "active": f["active"], "connected": f["connected"], "recovered": f["recovered"],
+        "registered_time": v1_time(&f["registered_time"]),
+        "allocated_resources": v1_resources(&f["used_resources"]),
+        "offered_resources": v1_resources(&f["offered_resources"]),
+    })
+}
+
+fn v1_frameworks(frameworks: &[Value], completed: &[Value]) -> Value {
+    json!({
+        "frameworks": frameworks.iter().map(v1_framework).collect::<Vec<_>>(),
+        "completed_frameworks": completed.iter().map(v1_framework).collect::<Vec<_>>(),
+    })
+}
+
+fn v1_agents(slaves: &[Value]) -> Value {
+    let agents: Vec<Value> = slaves
+        .iter()
+        .map(|a| {
+            json!({
+                "agent_info": {"id": v1_id(&a["id"]), "hostname": a["hostname"], "port": a["port"],
+                               "resources": v1_resources(&a["resources"])},
+                "active": a["active"], "version": a["version"], "pid": a["pid"],
+                "registered_time": v1_time(&a["registered_time"]),
+                "total_resources": v1_resources(&a["resources"]),
+                "allocated_resources": v1_resources(&a["used_resources"]),
+                "offered_resources": v1_resources(&a["offered_resources"]),
+                "capabilities": a["capabilities"].as_array().into_iter().flatten()
+                    .map(|c| json!({"type": c})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"agents": agents, "recovered_agents": []})
+}
+
+/// The operator API calls mesh implements: GET_HEALTH, GET_VERSION, GET_STATE, GET_FRAMEWORKS,
+/// GET_AGENTS, GET_TASKS (Mesos' v1 JSON), GET_WEIGHTS, UPDATE_WEIGHTS, GET_QUOTA, UPDATE_QUOTA.
 async fn operator(
     State(api): State<Api>,
     method: Method,
@@ -543,7 +636,29 @@ async fn operator(
     let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
     let s = api.control.state();
     let unavailable = |e: crate::control::ControlError| ApiError::MesosUnavailable(e.to_string());
+    let view = || api.control.published.mesos.load_full();
     Ok(match kind {
+        "GET_STATE" => {
+            let v = view();
+            let (fw, done) = frameworks_json(&api, &s, &v);
+            let slaves = slaves_json(&api, &s, &v);
+            axum::Json(json!({"type": "GET_STATE", "get_state": {
+                "get_tasks": v1_tasks(&fw, &done), "get_executors": {"executors": []},
+                "get_frameworks": v1_frameworks(&fw, &done), "get_agents": v1_agents(&slaves)}}))
+            .into_response()
+        }
+        "GET_FRAMEWORKS" => {
+            let (fw, done) = frameworks_json(&api, &s, &view());
+            axum::Json(json!({"type": "GET_FRAMEWORKS", "get_frameworks": v1_frameworks(&fw, &done)})).into_response()
+        }
+        "GET_AGENTS" => {
+            let slaves = slaves_json(&api, &s, &view());
+            axum::Json(json!({"type": "GET_AGENTS", "get_agents": v1_agents(&slaves)})).into_response()
+        }
+        "GET_TASKS" => {
+            let (fw, done) = frameworks_json(&api, &s, &view());
+            axum::Json(json!({"type": "GET_TASKS", "get_tasks": v1_tasks(&fw, &done)})).into_response()
+        }
         "GET_HEALTH" => {
             let healthy = api.control.store_failure().is_none();
             axum::Json(json!({"type": "GET_HEALTH", "get_health": {"healthy": healthy}})).into_response()
@@ -573,14 +688,33 @@ async fn operator(
             }
             StatusCode::OK.into_response()
         }
+        "DRAIN_AGENT" | "REACTIVATE_AGENT" => {
+            // Mesos 1.9's agent draining: no new tasks on it; its tasks are killed and their
+            // frameworks (Marathon here) launch replacements elsewhere.
+            let drain = kind == "DRAIN_AGENT";
+            let key = if drain { "/drain_agent/agent_id/value" } else { "/reactivate_agent/agent_id/value" };
+            let Some(agent) = v.pointer(key).and_then(Value::as_str) else {
+                return Err(ApiError::MesosBadRequest(format!(
+                    "Failed to validate master::Call: Expecting '{}' to be present",
+                    key.trim_start_matches('/').replace('/', ".")
+                )));
+            };
+            let agent_id = mesh_core::model::AgentId::from(agent);
+            if !s.agents.contains_key(&agent_id) {
+                return Err(ApiError::MesosBadRequest(format!("Unknown agent {agent}")));
+            }
+            api.control.propose(Command::DrainAgent { agent_id, drain }).await.map_err(unavailable)?;
+            StatusCode::OK.into_response()
+        }
         "" => {
             return Err(ApiError::MesosBadRequest(
                 "Failed to validate master::Call: Expecting 'type' to be present".into(),
             ));
         }
+
         other => {
             return Err(ApiError::MesosNotImplemented(format!(
-                "Operator call '{other}' is not implemented by mesh (GET_HEALTH, GET_VERSION, GET_WEIGHTS, UPDATE_WEIGHTS, GET_QUOTA, UPDATE_QUOTA are)"
+                "Operator call '{other}' is not implemented by mesh (GET_HEALTH, GET_VERSION, GET_STATE, GET_FRAMEWORKS, GET_AGENTS, GET_TASKS, GET_WEIGHTS, UPDATE_WEIGHTS, GET_QUOTA, UPDATE_QUOTA, DRAIN_AGENT, REACTIVATE_AGENT are)"
             )));
         }
     })

@@ -13,7 +13,12 @@ use mesh_core::state::ApplyError;
 use serde_json::json;
 
 pub mod consul;
+pub mod consul_coordinate;
+pub mod consul_event;
+pub mod consul_filter;
 pub mod consul_kv;
+pub mod consul_operator;
+pub mod consul_txn;
 pub mod events;
 pub mod groups;
 pub mod marathon;
@@ -26,6 +31,61 @@ pub struct Api {
     pub control: ControlHandle,
     /// Node settings shown by the APIs.
     pub info: NodeInfo,
+    /// Cluster membership (join, leave, force-leave) for Consul's `/v1/agent/join|leave|
+    /// force-leave`; `None` in `mesh dev`, a single node with no cluster to join.
+    pub cluster: Option<std::sync::Arc<dyn ClusterOps>>,
+    /// Consul user events this node received (`/v1/event`).
+    pub user_events: std::sync::Arc<consul_event::UserEvents>,
+    /// Consul network coordinates set through `/v1/coordinate/update`.
+    pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
+    /// Consul autopilot configuration (`/v1/operator/autopilot/configuration`).
+    pub autopilot: std::sync::Arc<consul_operator::Autopilot>,
+}
+
+impl Api {
+    /// The APIs of a node over `control`, with fresh in-memory Consul extras (events,
+    /// coordinates, autopilot) and no cluster membership.
+    pub fn new(control: ControlHandle, info: NodeInfo) -> Api {
+        Api {
+            control,
+            info,
+            cluster: None,
+            user_events: Default::default(),
+            coordinates: Default::default(),
+            autopilot: Default::default(),
+        }
+    }
+
+    /// The same APIs acting for another node (its `/v1/agent/*` endpoints): requests an agent
+    /// forwarded to a server.
+    pub fn for_node(&self, node: &str) -> Api {
+        Api { info: NodeInfo { node: node.to_owned(), ..self.info.clone() }, ..self.clone() }
+    }
+}
+
+/// A failed cluster membership operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterOpError {
+    /// No member has that name (force-leave).
+    #[error("No node found with name '{0}'")]
+    UnknownNode(String),
+    /// The operation failed (e.g. nothing answered at the join address).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Cluster membership as the Consul agent endpoints need it; implemented by the membership
+/// layer of a clustered node.
+#[async_trait::async_trait]
+pub trait ClusterOps: Send + Sync {
+    /// Join the cluster through the member at `addr` (`host:port`).
+    async fn join(&self, addr: &str) -> Result<(), ClusterOpError>;
+    /// Leave the cluster gracefully.
+    async fn leave(&self) -> Result<(), ClusterOpError>;
+    /// Mark the failed member `node` as left (`prune`: forget it at once).
+    async fn force_leave(&self, node: &str, prune: bool) -> Result<(), ClusterOpError>;
+    /// The members of the LAN pool as this node sees them.
+    fn members(&self) -> Vec<crate::gossip::Member>;
 }
 
 /// Facts about the node that the APIs report.
@@ -285,6 +345,10 @@ pub fn router(api: Api) -> Router {
         .merge(marathon::routes())
         .merge(consul::routes())
         .merge(consul_kv::routes())
+        .merge(consul_event::routes())
+        .merge(consul_coordinate::routes())
+        .merge(consul_txn::routes())
+        .merge(consul_operator::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .merge(mesos::routes())

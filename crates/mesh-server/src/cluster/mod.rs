@@ -9,6 +9,7 @@
 //! - [`forward`]: HTTP writes sent to an agent, carried to a server.
 
 pub mod forward;
+pub mod ops;
 pub mod outbox;
 pub mod replica;
 pub mod replication;

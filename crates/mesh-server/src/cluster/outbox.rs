@@ -136,7 +136,6 @@ impl Outbox {
     }
 
     /// Up to `max` of the oldest pending reports.
-
     pub fn batch(&self, max: usize) -> Vec<(u64, ToControl)> {
         self.pending.iter().take(max).cloned().collect()
     }
