@@ -279,6 +279,29 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     let (s, v) = c.agents[2].get("/v1/kv/cluster/hello?raw").await;
     assert_eq!((s, v.as_str()), (200, Some("from-agent0")), "a write through one agent is read on another");
 
+    // A service registered through an agent belongs to it (Consul's anti-entropy): removed
+    // through the catalog, the agent registers it again; deregistered through the agent, it goes.
+    let a2 = &c.agents[2];
+    let reg = r#"{"ID": "cache1", "Name": "cache", "Port": 6379, "Tags": ["v1"]}"#;
+    let (s, v) = a2.send("PUT", "/v1/agent/service/register", Some(reg)).await;
+    assert_eq!(s, 200, "{v}");
+    let on_agent2 =
+        |v: &Value| v.as_array().is_some_and(|a| a.iter().any(|e| e["Node"] == "agent2" && e["ServiceID"] == "cache1"));
+    let (_, v) = a2.get("/v1/catalog/service/cache").await;
+    assert!(on_agent2(&v), "read from the agent's replica right after the write: {v}");
+    let (s, v) =
+        c.server.send("PUT", "/v1/catalog/deregister", Some(r#"{"Node": "agent2", "ServiceID": "cache1"}"#)).await;
+    assert_eq!(s, 200, "{v}");
+    eventually(30, "agent2 registered cache1 again", || async {
+        let (_, v) = c.server.get("/v1/catalog/service/cache").await;
+        on_agent2(&v).then_some(())
+    })
+    .await;
+    let (s, _) = a2.send("PUT", "/v1/agent/service/deregister/cache1", None).await;
+    assert_eq!(s, 200);
+    let (_, v) = c.server.get("/v1/catalog/service/cache").await;
+    assert!(!on_agent2(&v), "deregistered through its agent: {v}");
+
     // SIGTERM agent1 and start it again: same task ids, same processes, no replacement, and DNS
     // answered by the other nodes throughout.
     let pids = tagged_pids(&tag, "python3");

@@ -670,8 +670,22 @@ pub async fn run_agent(
     let catalog = PublishedCatalog { catalog: published.catalog.clone(), hooks: published.catalog_hooks.clone() };
     let (dns, dns_addr) = start_dns(&cfg, catalog.clone(), vec![cfg.node.clone()]).await?;
     let container_dns = start_container_dns(&cfg, docker.as_deref(), catalog.clone()).await;
-    let forwarder =
-        crate::cluster::forward::Forwarder { link, node: cfg.node.clone(), published: published.clone(), status };
+    let registrations =
+        Arc::new(crate::cluster::antientropy::Registrations::open(cfg.data_dir.join("agent-registrations.json")));
+    let antientropy = crate::cluster::antientropy::spawn(
+        registrations.clone(),
+        cfg.node.clone(),
+        published.clone(),
+        link.clone(),
+        status.clone(),
+    );
+    let forwarder = crate::cluster::forward::Forwarder {
+        link,
+        node: cfg.node.clone(),
+        published: published.clone(),
+        status,
+        registrations,
+    };
     let http = start_http(&cfg, |info| {
         let cluster: Arc<dyn crate::api::ClusterOps> =
             Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() });
@@ -705,6 +719,8 @@ pub async fn run_agent(
     uplink_join.abort();
     replica_join.abort();
     servers_task.abort();
+    antientropy.abort();
+
     if !cfg.keep_tasks_on_exit {
         // It stopped its tasks: a graceful leave (the others see it left, not failed).
         let _ = gossip.leave().await;

@@ -111,6 +111,8 @@ pub struct Forwarder {
     pub published: Published,
     /// Whether the replica hears from a server.
     pub status: Arc<super::replica::ReplicaStatus>,
+    /// The agent's own registrations (Consul's anti-entropy).
+    pub registrations: Arc<super::antientropy::Registrations>,
 }
 
 /// Whether a request goes to a server.
@@ -178,6 +180,11 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
     };
+    let (method, fpath, fbody) = (parts.method.to_string(), path.clone(), body.clone());
+    // A deregistration through the agent ends its claim first, so anti-entropy never races it.
+    if path.contains("/deregister/") {
+        f.registrations.observe(&method, &fpath, &fbody);
+    }
     let fwd = HttpRequest {
         method: parts.method.to_string(),
         uri: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path.clone()),
@@ -195,7 +202,12 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         Ok(other) => return unavailable(&path, &format!("unexpected answer {other:?}")),
         Err(e) => return unavailable(&path, &e.to_string()),
     };
+    if r.status == 200 && !fpath.contains("/deregister/") {
+        f.registrations.observe(&method, &fpath, &fbody);
+    }
+
     // Read-your-writes: wait (bounded) for the replica to hold what the server answered from.
+
     let mut index = f.published.index.clone();
     if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
         debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");

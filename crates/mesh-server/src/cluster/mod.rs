@@ -8,6 +8,7 @@
 //! - [`replication`]: the server side of that copy.
 //! - [`forward`]: HTTP writes sent to an agent, carried to a server.
 
+pub mod antientropy;
 pub mod forward;
 pub mod ops;
 pub mod outbox;
