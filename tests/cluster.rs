@@ -335,6 +335,10 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     let after = tasks(&c.server, "web").await;
     assert_eq!(after.iter().map(|(id, _, _)| id.clone()).collect::<BTreeSet<_>>(), ids, "same task ids, none replaced");
     assert_eq!(tagged_pids(&tag, "python3"), pids, "no task process restarted");
+    eventually(20, "agent1's replica current again", || async {
+        (srv_addrs(&c.agents[1], "web.service.mesh").await? == want).then_some(())
+    })
+    .await;
 
     // SIGKILL the server: every agent keeps answering DNS (stale) and tasks keep serving; a task
     // that exits meanwhile is reported once the server is back; nothing lost or duplicated.

@@ -658,7 +658,8 @@ pub async fn run_agent(
     };
     let servers_task = follow_servers(&gossip, cfg.servers.clone(), uplink_cfg.servers.clone());
     let (link, mut pending, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
-    let (published, status, replica_join) = crate::cluster::replica::spawn(&cfg.datacenter, link.clone());
+    let (published, status, replica_join) =
+        crate::cluster::replica::spawn(&cfg.datacenter, link.clone(), Some(cfg.data_dir.join("replica.snap")));
     let control = ControlHandle::from_parts(up_tx, published.clone());
 
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);

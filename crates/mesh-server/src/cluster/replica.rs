@@ -37,13 +37,67 @@ impl ReplicaStatus {
     }
 }
 
-/// Start the replica: it follows whichever server `link` is connected to.
-pub fn spawn(datacenter: &str, link: Link) -> (Published, Arc<ReplicaStatus>, tokio::task::JoinHandle<()>) {
-    let state = State::new(datacenter);
+/// How often, at most, the replica is written to disk (when it changed).
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// Start the replica: it follows whichever server `link` is connected to. With a `path`, it
+/// starts from the copy an earlier run kept there (so a restarted agent answers what it last
+/// knew even before it reaches a server) and keeps its copy there.
+pub fn spawn(
+    datacenter: &str,
+    link: Link,
+    path: Option<std::path::PathBuf>,
+) -> (Published, Arc<ReplicaStatus>, tokio::task::JoinHandle<()>) {
+    let mut state = State::new(datacenter);
+    if let Some(p) = &path
+        && let Ok(bytes) = std::fs::read(p)
+    {
+        match mesh_core::state::decode_state(&bytes) {
+            Ok(mut s) => {
+                s.rebuild_indexes();
+                info!(index = s.index, "replica: starting from the copy kept on disk");
+                state = s;
+            }
+            Err(e) => warn!(error = %e, "replica: the copy on disk is unreadable; starting empty"),
+        }
+    }
     let (published, index_tx) = Published::new(state.clone());
     let status = Arc::new(ReplicaStatus::default());
     let task = tokio::spawn(follow(state, published.clone(), index_tx, status.clone(), link));
+    if let Some(p) = path {
+        tokio::spawn(keep_on_disk(published.clone(), p));
+    }
     (published, status, task)
+}
+
+/// Write the replica to `path` whenever it changed, at most every [`SAVE_EVERY`], off the
+/// async threads (a large state takes a while to encode).
+async fn keep_on_disk(published: Published, path: std::path::PathBuf) {
+    let mut index = published.index.clone();
+    let mut saved = *index.borrow();
+    loop {
+        if index.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SAVE_EVERY).await;
+        let state = published.state.load_full();
+        if state.index == saved {
+            continue;
+        }
+        saved = state.index;
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let mut bytes = Vec::new();
+            mesh_core::state::encode_state(&mut bytes, &state).map_err(|e| e.to_string())?;
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, &bytes).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &p).map_err(|e| e.to_string())
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            warn!(error = %e, "replica: cannot keep a copy on disk");
+        }
+    }
 }
 
 async fn follow(
