@@ -52,7 +52,65 @@ pub fn now_millis() -> Millis {
     d.as_millis() as Millis
 }
 
+/// Time and fresh ids, injected into the control loop, the agent and the API handlers (never
+/// read from the system inside them), so the same code runs on the wall clock, in one process
+/// and in a seeded simulation with virtual time.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Millis;
+    /// A fresh unique id (task ids, deployment ids, update ids).
+    fn uuid(&self) -> uuid::Uuid;
+}
+
+/// The system's wall clock and random v4 ids.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        now_millis()
+    }
+    fn uuid(&self) -> uuid::Uuid {
+        uuid::Uuid::new_v4()
+    }
+}
+
+/// A clock that moves only when told, with ids from a seeded counter (tests, simulation).
+#[derive(Debug)]
+pub struct ManualClock {
+    now: std::sync::atomic::AtomicU64,
+    ids: std::sync::atomic::AtomicU64,
+    seed: u64,
+}
+
+impl ManualClock {
+    /// Starting at `now`, ids derived from `seed`.
+    pub fn new(now: Millis, seed: u64) -> ManualClock {
+        ManualClock { now: now.into(), ids: 0.into(), seed }
+    }
+    /// Move time forward by `ms`.
+    pub fn advance(&self, ms: u64) {
+        self.now.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Millis {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn uuid(&self) -> uuid::Uuid {
+        let n = self.ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        uuid::Uuid::from_u64_pair(self.seed, n)
+    }
+}
+
+/// The clock everything shares unless told otherwise: the system's.
+pub fn system_clock() -> std::sync::Arc<dyn Clock> {
+    std::sync::Arc::new(SystemClock)
+}
+
 /// Marathon's timestamp format: ISO-8601 UTC with milliseconds and `Z`.
+
 ///
 /// Formatted by hand (civil-from-days): read APIs format three timestamps per task, and
 /// chrono's format string is parsed again at every call.

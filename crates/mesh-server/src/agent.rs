@@ -4,7 +4,7 @@
 
 use crate::control::{ControlHandle, ControlMsg};
 use crate::health::HealthRunner;
-use mesh_core::model::{AgentId, Resources, TaskId, now_millis};
+use mesh_core::model::{AgentId, Resources, TaskId};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::runtime::{Exit, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub runtimes: Vec<String>,
     /// Whether Consul script and docker checks may run (`--enable-script-checks`).
     pub enable_script_checks: bool,
+    /// The agent's clock and id source (its timestamps are data for the server, which decides
+    /// every deadline by its own clock).
+    pub clock: std::sync::Arc<dyn mesh_core::model::Clock>,
 }
 
 /// A running agent.
@@ -56,9 +59,16 @@ impl AgentHandle {
     }
 }
 
-fn update(agent: &AgentId, task_id: TaskId, state: TaskState, message: String, at: u64) -> ToControl {
+fn update(
+    clock: &dyn mesh_core::model::Clock,
+    agent: &AgentId,
+    task_id: TaskId,
+    state: TaskState,
+    message: String,
+    at: u64,
+) -> ToControl {
     ToControl::Status(StatusUpdate {
-        uuid: uuid::Uuid::new_v4().to_string(),
+        uuid: clock.uuid().to_string(),
         task_id,
         agent_id: agent.clone(),
         state,
@@ -67,9 +77,9 @@ fn update(agent: &AgentId, task_id: TaskId, state: TaskState, message: String, a
     })
 }
 
-fn event_to_update(agent: &AgentId, ev: RuntimeEvent) -> ToControl {
+fn event_to_update(clock: &dyn mesh_core::model::Clock, agent: &AgentId, ev: RuntimeEvent) -> ToControl {
     match ev {
-        RuntimeEvent::Started { task_id, at } => update(agent, task_id, TaskState::Running, String::new(), at),
+        RuntimeEvent::Started { task_id, at } => update(clock, agent, task_id, TaskState::Running, String::new(), at),
         RuntimeEvent::Exited { task_id, exit, killed, message, at } => {
             let state = if killed {
                 TaskState::Killed
@@ -80,9 +90,9 @@ fn event_to_update(agent: &AgentId, ev: RuntimeEvent) -> ToControl {
                     _ => TaskState::Failed,
                 }
             };
-            update(agent, task_id, state, message, at)
+            update(clock, agent, task_id, state, message, at)
         }
-        RuntimeEvent::Failed { task_id, message, at } => update(agent, task_id, TaskState::Failed, message, at),
+        RuntimeEvent::Failed { task_id, message, at } => update(clock, agent, task_id, TaskState::Failed, message, at),
     }
 }
 
@@ -118,7 +128,7 @@ pub async fn start(
     // as a Mesos agent re-sends its tasks' latest status when it re-registers.
     for r in &recovered {
         let msg = "running (re-adopted after an agent restart)".to_owned();
-        let up = update(&cfg.id, r.task_id.clone(), TaskState::Running, msg, now_millis());
+        let up = update(cfg.clock.as_ref(), &cfg.id, r.task_id.clone(), TaskState::Running, msg, cfg.clock.now());
         let _ = control.send(ControlMsg::FromAgent(up)).await;
     }
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
@@ -216,7 +226,15 @@ impl AgentLoop {
                         self.queued.remove(i);
                         self.launching.remove(&task_id);
                         let msg = "killed before it was launched".to_owned();
-                        self.report(update(&self.id, task_id, TaskState::Killed, msg, now_millis())).await;
+                        self.report(update(
+                            self.cfg.clock.as_ref(),
+                            &self.id,
+                            task_id,
+                            TaskState::Killed,
+                            msg,
+                            self.cfg.clock.now(),
+                        ))
+                        .await;
                     } else {
                         deferred.push(Deferred::Kill(grace));
                     }
@@ -225,7 +243,15 @@ impl AgentLoop {
                 if !self.runtime.is_running(&task_id) {
                     // Nothing to kill: say so, so the control side does not wait forever.
                     let msg = "task is not running on this agent".to_owned();
-                    self.report(update(&self.id, task_id, TaskState::Killed, msg, now_millis())).await;
+                    self.report(update(
+                        self.cfg.clock.as_ref(),
+                        &self.id,
+                        task_id,
+                        TaskState::Killed,
+                        msg,
+                        self.cfg.clock.now(),
+                    ))
+                    .await;
                     return;
                 }
                 if let Err(e) = self.runtime.kill(&task_id, grace).await {
@@ -255,7 +281,15 @@ impl AgentLoop {
                     expected.into_iter().filter(|t| !running.contains(t) && !self.launching.contains_key(t)).collect();
                 for t in missing {
                     let msg = "not running on its agent".to_owned();
-                    self.report(update(&self.id, t, TaskState::Lost, msg, now_millis())).await;
+                    self.report(update(
+                        self.cfg.clock.as_ref(),
+                        &self.id,
+                        t,
+                        TaskState::Lost,
+                        msg,
+                        self.cfg.clock.now(),
+                    ))
+                    .await;
                 }
             }
         }
@@ -286,7 +320,15 @@ impl AgentLoop {
                 RuntimeError::Launch { message, .. } => message,
                 e => e.to_string(),
             };
-            self.report(update(&self.id, task_id, TaskState::Failed, message, now_millis())).await;
+            self.report(update(
+                self.cfg.clock.as_ref(),
+                &self.id,
+                task_id,
+                TaskState::Failed,
+                message,
+                self.cfg.clock.now(),
+            ))
+            .await;
             return;
         }
         for d in deferred {
@@ -309,7 +351,7 @@ impl AgentLoop {
         if let RuntimeEvent::Exited { task_id, .. } | RuntimeEvent::Failed { task_id, .. } = &ev {
             self.health.unwatch(task_id);
         }
-        self.report(event_to_update(&self.id, ev)).await;
+        self.report(event_to_update(self.cfg.clock.as_ref(), &self.id, ev)).await;
     }
 
     /// Stops the agent: with [`StopMode::KillTasks`], every task at once, each with its own
@@ -336,11 +378,11 @@ impl AgentLoop {
         loop {
             tokio::select! {
                 _ = &mut kill => break,
-                Some(ev) = events.recv() => self.report(event_to_update(&self.id, ev)).await,
+                Some(ev) = events.recv() => self.report(event_to_update(self.cfg.clock.as_ref(), &self.id, ev)).await,
             }
         }
         while let Ok(ev) = events.try_recv() {
-            self.report(event_to_update(&self.id, ev)).await;
+            self.report(event_to_update(self.cfg.clock.as_ref(), &self.id, ev)).await;
         }
         self.report(ToControl::Goodbye { agent_id: self.id.clone(), keep_tasks: false }).await;
     }

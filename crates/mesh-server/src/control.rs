@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use mesh_core::allocator::{Allocator, DrfAllocator};
 use mesh_core::app::AppId;
 use mesh_core::catalog::CatalogState;
-use mesh_core::model::{AgentId, FrameworkId, Millis, Resources, now_millis};
+use mesh_core::model::{AgentId, FrameworkId, Millis, Resources};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
 use mesh_core::state::{Agent, ApplyError, Changes, Command, LogError, State, Store};
@@ -87,11 +87,13 @@ pub struct Published {
     pub mesos: Arc<ArcSwap<MesosView>>,
     /// Why the state store cannot be written, while it cannot: health endpoints report it.
     pub store_failure: Arc<arc_swap::ArcSwapOption<String>>,
+    /// The node's clock and id source (the control loop's; readers date what they write with it).
+    pub clock: Arc<dyn mesh_core::model::Clock>,
 }
 
 impl Published {
     /// What readers of `state` see before anything else happened.
-    pub fn new(state: State) -> (Published, watch::Sender<u64>) {
+    pub fn new(state: State, clock: Arc<dyn mesh_core::model::Clock>) -> (Published, watch::Sender<u64>) {
         let (index_tx, index) = watch::channel(state.index);
         let published = Published {
             catalog: Arc::new(ArcSwap::from_pointee(state.catalog.clone())),
@@ -103,6 +105,7 @@ impl Published {
             watches: Arc::new(crate::watch::WatchHub::default()),
             mesos: Arc::new(ArcSwap::from_pointee(MesosView::default())),
             store_failure: Arc::new(arc_swap::ArcSwapOption::empty()),
+            clock,
         };
         (published, index_tx)
     }
@@ -148,6 +151,17 @@ impl ControlHandle {
         self.tx.send(msg).await.map_err(|_| ControlError::Stopped)
     }
 
+    /// The time, by the node's clock (every deadline is computed from it, never from the
+    /// system's clock directly).
+    pub fn now(&self) -> Millis {
+        self.published.clock.now()
+    }
+
+    /// A fresh unique id, from the node's id source.
+    pub fn uuid(&self) -> uuid::Uuid {
+        self.published.clock.uuid()
+    }
+
     /// The current state snapshot.
     pub fn state(&self) -> Arc<State> {
         self.published.state.load_full()
@@ -184,6 +198,9 @@ pub struct ControlConfig {
     /// An agent that said it restarts (SIGTERM, upgrade) keeps its tasks as they are for this
     /// long (Mesos' `agent_reregister_timeout`); later it is lost.
     pub reregister_timeout: Duration,
+    /// The clock and id source of the control loop (the system's by default; a simulation
+    /// gives its own).
+    pub clock: Arc<dyn mesh_core::model::Clock>,
     /// How often every connected agent is told which tasks it should run (it kills others and
     /// reports the missing ones lost), besides at every (re-)registration: what a lost message
     /// left wrong is put right within this period.
@@ -200,6 +217,7 @@ impl Default for ControlConfig {
             agent_down_after: AGENT_DOWN_AFTER,
             reregister_timeout: REREGISTER_TIMEOUT,
             reconcile_interval: RECONCILE_INTERVAL,
+            clock: mesh_core::model::system_clock(),
         }
     }
 }
@@ -281,7 +299,7 @@ fn propose_off_worker(
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(1024);
-    let (published, index_tx) = Published::new(store.state().clone());
+    let (published, index_tx) = Published::new(store.state().clone(), cfg.clock.clone());
     let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
     allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
@@ -310,10 +328,10 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
         lost: HashSet::new(),
         drained: imbl::OrdSet::new(),
     };
-    control.mesos_recover(now_millis());
+    control.mesos_recover(control.cfg.clock.now());
     // After a restart of the server, agents have their re-register timeout to come back (as
     // Mesos agents after a master failover); one that does not is lost.
-    let deadline = now_millis().saturating_add(control.cfg.reregister_timeout.as_millis() as u64);
+    let deadline = control.cfg.clock.now().saturating_add(control.cfg.reregister_timeout.as_millis() as u64);
     let known: Vec<AgentId> = control.store.state().agents.keys().cloned().collect();
     for a in known {
         control.down.insert(a, deadline);
@@ -329,7 +347,7 @@ impl Control {
         loop {
             let mut batch = Vec::new();
             // TTL expiries and reaping happen on time, not on the next tick.
-            let timer = self.next_deadline().map(|d| Duration::from_millis(d.saturating_sub(now_millis())));
+            let timer = self.next_deadline().map(|d| Duration::from_millis(d.saturating_sub(self.cfg.clock.now())));
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(m) => batch.push(m),
@@ -346,7 +364,7 @@ impl Control {
                     Err(_) => break,
                 }
             }
-            let now = now_millis();
+            let now = self.cfg.clock.now();
             self.recover_store(now);
             self.handle_batch(batch, now);
             self.step(now);
@@ -520,8 +538,9 @@ impl Control {
             Ok(r) => {
                 let applied: Vec<Command> =
                     cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
-                self.emit(&applied, &before, now_millis());
-                self.mesos_applied(&applied, &before, now_millis());
+                let now = self.cfg.clock.now();
+                self.emit(&applied, &before, now);
+                self.mesos_applied(&applied, &before, now);
                 r.into_iter().map(|r| r.map(|_| ())).collect()
             }
             Err(e) => {
@@ -974,7 +993,8 @@ impl Control {
             }
         }
         self.outbox = kept;
-        let now = now_millis();
+        let now = self.cfg.clock.now();
+
         for agent in gone {
             self.agent_gone(&agent, now);
         }

@@ -398,6 +398,7 @@ fn agent_config(cfg: &NodeConfig, runtimes: Vec<String>) -> AgentConfig {
         attributes: cfg.attributes.clone(),
         runtimes,
         enable_script_checks: cfg.enable_script_checks,
+        clock: mesh_core::model::system_clock(),
     }
 }
 

@@ -53,6 +53,7 @@ fn agent_cfg() -> AgentConfig {
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
         enable_script_checks: false,
+        clock: mesh_core::model::system_clock(),
     }
 }
 

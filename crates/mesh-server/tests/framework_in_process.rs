@@ -72,6 +72,7 @@ async fn an_sdk_framework_runs_in_process_against_the_control_loop() {
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
         enable_script_checks: false,
+        clock: mesh_core::model::system_clock(),
     };
     let agent = agent::start(agent_cfg, runtime, rx, control.clone()).await.unwrap();
 

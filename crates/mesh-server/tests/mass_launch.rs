@@ -47,6 +47,7 @@ async fn thousands_of_launches_at_once_all_run_and_all_stop() {
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
         enable_script_checks: false,
+        clock: mesh_core::model::system_clock(),
     };
     let agent = agent::start(agent_cfg, runtime.clone(), rx, control.clone()).await.unwrap();
     let body = serde_json::json!({"id": "/many", "cmd": "sleep 1000", "instances": TASKS, "cpus": 0.01, "mem": 1,

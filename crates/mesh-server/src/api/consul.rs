@@ -677,7 +677,7 @@ fn parse_check(api: &Api, c: Ci<'_>, node: &str, agent_run: bool) -> Result<Chec
     check.definition = d;
     if check.definition.ttl_ms > 0 && agent_run {
         // A TTL check must be updated within its TTL from registration on.
-        check.ttl_deadline = Some(mesh_core::model::now_millis() + check.definition.ttl_ms);
+        check.ttl_deadline = Some(api.control.now() + check.definition.ttl_ms);
     }
     Ok(check)
 }
@@ -1101,7 +1101,7 @@ async fn ttl_update(api: &Api, id: String, status: Health, output: String) -> Re
         id,
         status,
         output,
-        now: mesh_core::model::now_millis(),
+        now: api.control.now(),
         ttl: TtlUpdate::Renew,
     };
     propose(api, cmd).await?;
@@ -1490,7 +1490,7 @@ async fn agent_leave(State(api): State<Api>) -> Result<Response, ApiError> {
                 id: mesh_core::catalog::SERF_HEALTH.into(),
                 status: Health::Critical,
                 output: "Agent left the cluster (PUT /v1/agent/leave)".into(),
-                now: mesh_core::model::now_millis(),
+                now: api.control.now(),
                 ttl: TtlUpdate::Keep,
             };
             match api.control.propose(cmd).await {

@@ -79,7 +79,7 @@ async fn fire(
             .any(|i| s.is_match(&i.service) && tag_re.as_ref().is_none_or(|t| i.tags.iter().any(|x| t.is_match(x))))
     });
     let mut event = json!({
-        "ID": uuid::Uuid::new_v4().to_string(),
+        "ID": api.control.uuid().to_string(),
         "Name": name,
         "Payload": payload,
         "NodeFilter": q.get("node").cloned().unwrap_or_default(),

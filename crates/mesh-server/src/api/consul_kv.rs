@@ -18,7 +18,6 @@ use mesh_core::kv::{
     Behavior, DEFAULT_LOCK_DELAY_NS, KvEntry, KvError, KvOp, KvValue, MAX_VALUE_SIZE, SESSIONS_TOPIC, Session,
     SessionOp, SetMode, parse_lock_delay, parse_ttl,
 };
-use mesh_core::model::now_millis;
 use mesh_core::state::{ApplyError, Command};
 use serde_json::{Value, json};
 
@@ -232,7 +231,7 @@ async fn kv_write(
         SetMode::Plain
     };
     let value = KvValue::from(read_value(&headers, body).await?);
-    let cmd = Command::Kv(KvOp::Set { key, value, flags, mode, now: now_millis() });
+    let cmd = Command::Kv(KvOp::Set { key, value, flags, mode, now: api.control.now() });
     let ok = outcome(api.control.propose(cmd).await)?;
     Ok(axum::Json(json!(ok)).into_response())
 }
@@ -258,7 +257,7 @@ async fn kv_remove(api: Api, key: String, raw: Option<String>) -> Result<Respons
         return Err(ApiError::ConsulBadRequest("Missing key name".into()));
     }
     let cas = parse_u64(&q, "cas")?;
-    let cmd = Command::Kv(KvOp::Delete { key, recurse, cas, now: now_millis() });
+    let cmd = Command::Kv(KvOp::Delete { key, recurse, cas, now: api.control.now() });
     let ok = outcome(api.control.propose(cmd).await)?;
     Ok(axum::Json(json!(ok)).into_response())
 }
@@ -266,7 +265,7 @@ async fn kv_remove(api: Api, key: String, raw: Option<String>) -> Result<Respons
 // ---- sessions ----
 
 /// Build a session from a `session/create` body (fields in any case, snake_case too).
-fn session_from_body(body: &[u8], default_node: &str) -> Result<Session, ApiError> {
+fn session_from_body(body: &[u8], default_node: &str, id: String) -> Result<Session, ApiError> {
     let map = json_body(body)?;
     let o = Ci(&map);
     let kv_bad = |e: KvError| ApiError::ConsulBadRequest(e.to_string());
@@ -303,7 +302,7 @@ fn session_from_body(body: &[u8], default_node: &str) -> Result<Session, ApiErro
         }
     };
     Ok(Session {
-        id: uuid::Uuid::new_v4().to_string(),
+        id,
         name: o.str("Name")?.unwrap_or_default().to_owned(),
         node: o.str("Node")?.filter(|n| !n.is_empty()).unwrap_or(default_node).to_owned(),
         lock_delay_ns,
@@ -321,9 +320,9 @@ fn session_from_body(body: &[u8], default_node: &str) -> Result<Session, ApiErro
 async fn session_create(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let session = session_from_body(&body, &api.info.node)?;
+    let session = session_from_body(&body, &api.info.node, api.control.uuid().to_string())?;
     let id = session.id.clone();
-    let cmd = Command::Session(SessionOp::Create { session, now: now_millis() });
+    let cmd = Command::Session(SessionOp::Create { session, now: api.control.now() });
     api.control.propose(cmd).await.map_err(ApiError::from_consul)?;
     Ok(axum::Json(json!({"ID": id})).into_response())
 }
@@ -334,7 +333,7 @@ async fn session_destroy(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     check_dc(&api, &Params::parse(raw.as_deref()))?;
-    let cmd = Command::Session(SessionOp::Destroy { id, now: now_millis() });
+    let cmd = Command::Session(SessionOp::Destroy { id, now: api.control.now() });
     api.control.propose(cmd).await.map_err(ApiError::from_consul)?;
     Ok(axum::Json(json!(true)).into_response())
 }
@@ -346,7 +345,7 @@ async fn session_renew(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let cmd = Command::Session(SessionOp::Renew { id: id.clone(), now: now_millis() });
+    let cmd = Command::Session(SessionOp::Renew { id: id.clone(), now: api.control.now() });
     api.control.propose(cmd).await.map_err(ApiError::from_consul)?;
     let state = api.control.state();
     let list: Vec<Value> = state.kv.sessions.get(&id).map(session_json).into_iter().collect();
@@ -398,20 +397,23 @@ mod tests {
         let s = session_from_body(
             br#"{"name":"my","node":"n9","lockdelay":"2s","behavior":"delete","ttl":"20s","checks":["serfHealth","c2"]}"#,
             "n1",
+            "s1".into(),
         )
         .unwrap();
         assert_eq!((s.name.as_str(), s.node.as_str(), s.lock_delay_ns), ("my", "n9", 2_000_000_000));
         assert_eq!((s.behavior, s.ttl.as_str(), s.ttl_ms), (Behavior::Delete, "20s", 20_000));
         assert_eq!(s.node_checks, vec!["serfHealth", "c2"]);
-        let s = session_from_body(br#"{"LockDelay": 15000000000, "ServiceChecks": [{"ID": "svc:1"}]}"#, "n1").unwrap();
+        let s =
+            session_from_body(br#"{"LockDelay": 15000000000, "ServiceChecks": [{"ID": "svc:1"}]}"#, "n1", "s1".into())
+                .unwrap();
         assert_eq!((s.node.as_str(), s.lock_delay_ns, s.ttl_ms), ("n1", 15_000_000_000, 0));
         assert_eq!(s.service_checks, vec!["svc:1"]);
         assert_eq!(s.node_checks, vec!["serfHealth"]);
-        let s = session_from_body(b"", "n1").unwrap();
+        let s = session_from_body(b"", "n1", "s1".into()).unwrap();
         assert_eq!((s.lock_delay_ns, s.behavior), (DEFAULT_LOCK_DELAY_NS, Behavior::Release));
         for bad in [&br#"{"ttl": "5s"}"#[..], br#"{"behavior": "keep"}"#, br#"{"name": 3}"#, b"{nope", b"[1]"] {
             assert!(
-                matches!(session_from_body(bad, "n1"), Err(ApiError::ConsulBadRequest(_))),
+                matches!(session_from_body(bad, "n1", "s1".into()), Err(ApiError::ConsulBadRequest(_))),
                 "{}",
                 String::from_utf8_lossy(bad)
             );

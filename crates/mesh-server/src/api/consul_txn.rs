@@ -12,7 +12,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use mesh_core::kv::{KvError, KvOp, KvState, KvValue, MAX_VALUE_SIZE, SetMode, TxnOp};
-use mesh_core::model::now_millis;
 use mesh_core::state::{ApplyError, Command};
 use serde_json::{Map, Value, json};
 
@@ -42,7 +41,7 @@ fn field<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     m.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v).filter(|v| !v.is_null())
 }
 
-fn parse_op(i: usize, op: &Value) -> Result<Parsed, ApiError> {
+fn parse_op(i: usize, op: &Value, now: mesh_core::model::Millis) -> Result<Parsed, ApiError> {
     let Some(o) = op.as_object() else {
         return Err(bad(format!("Failed to parse body: operation {i} is not an object")));
     };
@@ -73,7 +72,6 @@ fn parse_op(i: usize, op: &Value) -> Result<Parsed, ApiError> {
         }
         Ok(v)
     };
-    let now = now_millis();
     let set = |mode: SetMode| -> Result<Parsed, ApiError> {
         let op = KvOp::Set { key: key.clone(), value: value()?, flags: n("Flags")?, mode, now };
         Ok(Parsed::Apply(TxnOp::Kv(op), Some(key.clone())))
@@ -136,7 +134,8 @@ async fn txn(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) -> Re
             format!("Transaction contains too many operations ({} > {MAX_OPS})", ops.len()),
         ));
     }
-    let parsed = ops.iter().enumerate().map(|(i, o)| parse_op(i, o)).collect::<Result<Vec<_>, _>>()?;
+    let parsed =
+        ops.iter().enumerate().map(|(i, o)| parse_op(i, o, api.control.now())).collect::<Result<Vec<_>, _>>()?;
     let apply: Vec<TxnOp> =
         parsed.iter().filter_map(|p| if let Parsed::Apply(t, _) = p { Some(t.clone()) } else { None }).collect();
     let writes = apply.iter().any(|t| matches!(t, TxnOp::Kv(_)));

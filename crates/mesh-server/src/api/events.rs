@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use mesh_core::model::now_millis;
 use serde_json::json;
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -24,11 +23,12 @@ use tokio::sync::broadcast::error::RecvError;
 struct Detach {
     bus: crate::events::EventBus,
     remote: String,
+    clock: Arc<dyn mesh_core::model::Clock>,
 }
 
 impl Drop for Detach {
     fn drop(&mut self) {
-        self.bus.publish(Event::new("event_stream_detached", json!({"remoteAddress": self.remote}), now_millis()));
+        self.bus.publish(Event::new("event_stream_detached", json!({"remoteAddress": self.remote}), self.clock.now()));
     }
 }
 
@@ -58,9 +58,13 @@ async fn events(
     let peer = extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip().to_string());
     let remote =
         headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned).or(peer).unwrap_or_default();
-    let attached = Event::new("event_stream_attached", json!({"remoteAddress": remote}), now_millis());
+    let attached = Event::new("event_stream_attached", json!({"remoteAddress": remote}), api.control.now());
     let rx = api.control.published.events.subscribe();
-    let detach = Detach { bus: api.control.published.events.clone(), remote: remote.clone() };
+    let detach = Detach {
+        bus: api.control.published.events.clone(),
+        remote: remote.clone(),
+        clock: api.control.published.clock.clone(),
+    };
     let wanted = move |e: &Event| filter.is_empty() || filter.contains(&e.event_type);
     let first = wanted(&attached).then(|| frame(&attached));
     let stream =

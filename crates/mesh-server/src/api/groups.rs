@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use mesh_core::app::{App, AppId, Invalid, limits};
-use mesh_core::model::{iso8601, now_millis};
+use mesh_core::model::iso8601;
 use mesh_core::runtime::HostAccess;
 use mesh_core::state::{Command, GroupRecord, State as Cluster, parent_of};
 use serde_json::{Value, json};
@@ -246,9 +246,9 @@ async fn change_group(
     create: bool,
 ) -> Result<Response, ApiError> {
     let state = api.control.state();
-    let now = now_millis();
+    let now = api.control.now();
     let force = flag(param(q, "force"), false);
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let deployment_id = api.control.uuid().to_string();
     // {"scaleBy": f}: scale every app of the group.
     if let Some(f) = body.get("scaleBy").filter(|_| !create) {
         let f = f
@@ -362,8 +362,8 @@ async fn put_group(
 }
 
 async fn remove_group(api: &Api, group: String, q: &[(String, String)]) -> Result<Response, ApiError> {
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let now = api.control.now();
+    let deployment_id = api.control.uuid().to_string();
     let force = flag(param(q, "force"), false);
     let cmd = Command::DeleteGroup { group, now, deployment_id: deployment_id.clone(), force };
     api.control.propose(cmd).await.map_err(ApiError::from_control)?;
@@ -397,8 +397,8 @@ async fn delete_deployment(
         api.control.propose(Command::EndDeployment { id }).await.map_err(ApiError::from_control)?;
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let now = api.control.now();
+    let deployment_id = api.control.uuid().to_string();
     api.control
         .propose(Command::RollbackDeployment { id, deployment_id: deployment_id.clone(), now })
         .await

@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use mesh_core::app::{App, AppId, Invalid, JsonError, limits};
-use mesh_core::model::{TaskId, iso8601, now_millis, parse_iso8601};
+use mesh_core::model::{TaskId, iso8601, parse_iso8601};
 use mesh_core::proto::TaskState;
 use mesh_core::scheduler::MarathonScheduler;
 use mesh_core::state::{AppRecord, Command, State as Cluster, Task};
@@ -328,12 +328,12 @@ async fn create_app(State(api): State<Api>, Query(q): Params, body: Bytes) -> Re
     let app = App::from_json(&body, None).map_err(invalid)?;
     node_allows(&api, &app, "")?;
     let id = app.id.clone();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let deployment_id = api.control.uuid().to_string();
     let force = flag(param(&q, "force"), false);
     api.control
         .propose(Command::PutApp {
             app,
-            now: now_millis(),
+            now: api.control.now(),
             deployment_id: deployment_id.clone(),
             create_only: true,
             force,
@@ -455,8 +455,8 @@ async fn app_post(State(api): State<Api>, Path(rest): Path<String>, Query(q): Pa
     if !api.control.state().apps.contains_key(&id) {
         return Err(no_app(&id));
     }
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let now = api.control.now();
+    let deployment_id = api.control.uuid().to_string();
     let force = flag(param(&q, "force"), false);
     api.control
         .propose(Command::RestartApp { id, now, deployment_id: deployment_id.clone(), force })
@@ -506,8 +506,8 @@ async fn bulk(api: &Api, q: &[(String, String)], body: &Bytes, must_exist: bool)
         node_allows(api, &app, &format!("/{i}"))?;
         apps.push(app);
     }
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let now = api.control.now();
+    let deployment_id = api.control.uuid().to_string();
     for app in apps {
         api.control
             .propose(Command::PutApp { app, now, deployment_id: deployment_id.clone(), create_only: false, force })
@@ -543,7 +543,7 @@ async fn tasks_delete(State(api): State<Api>, Query(q): Params, body: Bytes) -> 
         }
     }
     let scale = flag(param(&q, "scale"), false);
-    kill_tasks(&api, &state, tasks, scale, now_millis()).await
+    kill_tasks(&api, &state, tasks, scale, api.control.now()).await
 }
 
 /// Dropwizard-shaped metrics.
@@ -593,8 +593,8 @@ async fn update_app(
     let body = parse_body(&body)?;
     let force = flag(param(&q, "force"), false);
     let partial = patch || flag(param(&q, "partialUpdate"), true);
-    let now = now_millis();
-    let deployment_id = uuid::Uuid::new_v4().to_string();
+    let now = api.control.now();
+    let deployment_id = api.control.uuid().to_string();
     let state = api.control.state();
     let existing = state.apps.get(&id);
     if patch && existing.is_none() {
@@ -633,14 +633,14 @@ async fn update_app(
 }
 
 async fn app_delete(State(api): State<Api>, Path(rest): Path<String>, Query(q): Params) -> Result<Response, ApiError> {
-    let now = now_millis();
+    let now = api.control.now();
     let state = api.control.state();
     match parse_target(&rest)? {
         Target::App(id) => {
             if !state.apps.contains_key(&id) {
                 return Err(no_app(&id));
             }
-            let deployment_id = uuid::Uuid::new_v4().to_string();
+            let deployment_id = api.control.uuid().to_string();
             let force = flag(param(&q, "force"), true);
             api.control
                 .propose(Command::DeleteApp { id, now, deployment_id: deployment_id.clone(), force })
@@ -687,7 +687,7 @@ async fn kill_tasks(
     now: u64,
 ) -> Result<Response, ApiError> {
     let ids: Vec<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
-    let deployment_id = scale.then(|| uuid::Uuid::new_v4().to_string());
+    let deployment_id = scale.then(|| api.control.uuid().to_string());
     if !ids.is_empty() {
         api.control
             .propose(Command::KillTasks { ids, scale, now, deployment_id: deployment_id.clone() })
@@ -789,6 +789,7 @@ fn waiting_reason(
     state: &Cluster,
     stats: &imbl::OrdMap<AppId, mesh_core::scheduler::OfferStats>,
     app: &AppId,
+    now: mesh_core::model::Millis,
 ) -> String {
     let Some(rec) = state.apps.get(app) else {
         let left = state.app_tasks(app).count();
@@ -797,7 +798,6 @@ fn waiting_reason(
     if MarathonScheduler::gated(state, rec) {
         return "waiting for its dependencies (an earlier step)".into();
     }
-    let now = now_millis();
     if rec.delay.until > now {
         return format!("launch delayed for {} s after failures (backoff)", (rec.delay.until - now).div_ceil(1000));
     }
@@ -842,7 +842,7 @@ async fn deployments(State(api): State<Api>, Query(q): Params) -> Response {
                             let mut v = json!({"action": a.action, "app": a.app, "readinessCheckResults": []});
                             // Only on request: marathon-python rejects fields it does not know.
                             if with_reasons {
-                                v["reason"] = Value::from(waiting_reason(&state, &stats, &a.app));
+                                v["reason"] = Value::from(waiting_reason(&state, &stats, &a.app, api.control.now()));
                             }
                             v
                         })
@@ -868,7 +868,7 @@ async fn queue(State(api): State<Api>, Query(q): Params) -> Response {
     let with_offers = params(&q, "embed").any(|e| e == "lastUnusedOffers");
     let state = api.control.state();
     let stats = api.control.published.offer_stats.load();
-    let now = now_millis();
+    let now = api.control.now();
     let mut items = Vec::new();
     for (id, rec) in state.apps.iter() {
         let count = MarathonScheduler::wanted(&state, rec);

@@ -61,7 +61,7 @@ pub fn spawn(
             Err(e) => warn!(error = %e, "replica: the copy on disk is unreadable; starting empty"),
         }
     }
-    let (published, index_tx) = Published::new(state.clone());
+    let (published, index_tx) = Published::new(state.clone(), mesh_core::model::system_clock());
     let status = Arc::new(ReplicaStatus::default());
     let task = tokio::spawn(follow(state, published.clone(), index_tx, status.clone(), link));
     if let Some(p) = path {

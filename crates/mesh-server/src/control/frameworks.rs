@@ -424,7 +424,7 @@ impl Control {
                 mpsc::error::TrySendError::Closed(_) => "its stream is closed",
             };
             warn!(framework = %fid, why, "framework disconnected");
-            self.mesos_disconnected(fid, now_or_zero());
+            self.mesos_disconnected(fid, self.cfg.clock.now());
         }
     }
 
@@ -812,8 +812,4 @@ impl Control {
         }
         self.published.mesos.store(Arc::new(view));
     }
-}
-
-fn now_or_zero() -> Millis {
-    mesh_core::model::now_millis()
 }
