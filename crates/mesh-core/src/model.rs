@@ -110,7 +110,6 @@ pub fn system_clock() -> std::sync::Arc<dyn Clock> {
 }
 
 /// Marathon's timestamp format: ISO-8601 UTC with milliseconds and `Z`.
-
 ///
 /// Formatted by hand (civil-from-days): read APIs format three timestamps per task, and
 /// chrono's format string is parsed again at every call.
