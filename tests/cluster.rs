@@ -494,6 +494,50 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     assert_eq!(s, 400, "an unknown agent: {v}");
     let said = mesh_cli(&["node", "reactivate", "agent3", "--http-addr", &c.server.http.to_string()]);
     assert!(said.contains("reactivated agent3"), "{said}");
+
+    // A Mesos framework that subscribes at an agent is sent to the server, as a Mesos master
+    // that is not the leader does.
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("http://{}/api/v1/scheduler", c.agents[1].http))
+        .header("Content-Type", "application/json")
+        .body(r#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"user":"u","name":"f"}}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.ends_with("/api/v1/scheduler") && location.contains(&c.ip(1)), "{location}");
+
+    // agent2's machine is wiped (its processes and its data dir gone) and it comes back under
+    // the same name: a new incarnation, which never inherits the tasks it does not run; they are
+    // replaced and the app is back at exactly 6.
+    let before: BTreeSet<String> =
+        tasks(&c.server, "web").await.into_iter().filter(|(_, h, _)| h == "agent2").map(|(id, _, _)| id).collect();
+    assert!(!before.is_empty());
+    let ports2: Vec<u16> =
+        tasks(&c.server, "web").await.into_iter().filter(|(_, h, _)| h == "agent2").map(|(_, _, p)| p).collect();
+    c.agents[2].stop_with("KILL");
+    for pid in tagged_pids(&tag, "python3") {
+        let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
+        if ports2.iter().any(|p| cmd.contains(&p.to_string())) {
+            Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+        }
+    }
+    let dir2 = c.agent_dir(2);
+    std::fs::remove_dir_all(&dir2).unwrap();
+    let net1 = c.net.clone();
+    c.agents[2] = tokio::task::spawn_blocking(move || start_agent(&net1, &dir2, 2)).await.unwrap();
+    eventually(60, "agent2's old tasks replaced, exactly 6 running", || async {
+        let t = tasks(&c.server, "web").await;
+        let (_, all) = c.server.get("/v2/apps/web/tasks").await;
+        let total = all["tasks"].as_array()?.len();
+        (t.len() == 6 && total == 6 && !t.iter().any(|(id, _, _)| before.contains(id))).then_some(())
+    })
+    .await;
+    eventually(30, "6 task processes", || async { (tagged_pids(&tag, "python3").len() == 6).then_some(()) }).await;
 }
 
 /// Bad peers against a real server: garbage and an unknown protocol version on its RPC port,
