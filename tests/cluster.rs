@@ -521,7 +521,8 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
         tasks(&c.server, "web").await.into_iter().filter(|(_, h, _)| h == "agent2").map(|(_, _, p)| p).collect();
     c.agents[2].stop_with("KILL");
     for pid in tagged_pids(&tag, "python3") {
-        let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned();
         if ports2.iter().any(|p| cmd.contains(&p.to_string())) {
             Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
         }

@@ -99,30 +99,11 @@ fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Res
     Ok((status, body))
 }
 
-fn run_members(a: ClientArgs) -> ExitCode {
-    match http_request(&a.http_addr, "GET", "/v1/agent/members", None) {
-        Ok((200, body)) => {
-            let members: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
-            println!("{:<24} {:<22} {:<8} {:<7} DC", "Node", "Address", "Status", "Type");
-            for m in members {
-                let status = match m["Status"].as_u64() {
-                    Some(1) => "alive",
-                    Some(2) => "leaving",
-                    Some(3) => "left",
-                    Some(4) => "failed",
-                    _ => "none",
-                };
-                let kind = if m["Tags"]["role"] == "consul" { "server" } else { "agent" };
-                let addr = format!("{}:{}", m["Addr"].as_str().unwrap_or(""), m["Port"]);
-                println!(
-                    "{:<24} {:<22} {:<8} {:<7} {}",
-                    m["Name"].as_str().unwrap_or(""),
-                    addr,
-                    status,
-                    kind,
-                    m["Tags"]["dc"].as_str().unwrap_or("")
-                );
-            }
+/// Run a client request: `on_ok` prints a 200/202 answer; anything else is an error line.
+fn client_call(addr: &str, method: &str, path: &str, body: Option<&str>, on_ok: impl FnOnce(&str)) -> ExitCode {
+    match http_request(addr, method, path, body) {
+        Ok((200 | 202, body)) => {
+            on_ok(&body);
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
@@ -136,24 +117,33 @@ fn run_members(a: ClientArgs) -> ExitCode {
     }
 }
 
+fn run_members(a: ClientArgs) -> ExitCode {
+    client_call(&a.http_addr, "GET", "/v1/agent/members", None, |body| {
+        let members: Vec<serde_json::Value> = serde_json::from_str(body).unwrap_or_default();
+        println!("{:<24} {:<22} {:<8} {:<7} DC", "Node", "Address", "Status", "Type");
+        for m in members {
+            let status = match m["Status"].as_u64() {
+                Some(1) => "alive",
+                Some(2) => "leaving",
+                Some(3) => "left",
+                Some(4) => "failed",
+                _ => "none",
+            };
+            let kind = if m["Tags"]["role"] == "consul" { "server" } else { "agent" };
+            let addr = format!("{}:{}", m["Addr"].as_str().unwrap_or(""), m["Port"]);
+            let (name, dc) = (m["Name"].as_str().unwrap_or(""), m["Tags"]["dc"].as_str().unwrap_or(""));
+            println!("{name:<24} {addr:<22} {status:<8} {kind:<7} {dc}");
+        }
+    })
+}
+
 fn run_node(a: NodeArgs) -> ExitCode {
     let (kind, key) =
         if a.action == "drain" { ("DRAIN_AGENT", "drain_agent") } else { ("REACTIVATE_AGENT", "reactivate_agent") };
     let call = serde_json::json!({"type": kind, key: {"agent_id": {"value": a.node}}});
-    match http_request(&a.client.http_addr, "POST", "/api/v1", Some(&call.to_string())) {
-        Ok((200 | 202, _)) => {
-            println!("{} {}", if a.action == "drain" { "draining" } else { "reactivated" }, a.node);
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            eprintln!("mesh: {status}: {}", body.trim());
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("mesh: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    client_call(&a.client.http_addr, "POST", "/api/v1", Some(&call.to_string()), |_| {
+        println!("{} {}", if a.action == "drain" { "draining" } else { "reactivated" }, a.node);
+    })
 }
 
 #[derive(Parser)]

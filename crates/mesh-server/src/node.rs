@@ -259,34 +259,7 @@ pub async fn run_dev(
 ) -> Result<(), NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
-    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
-    store.set_max_versions(cfg.max_app_versions);
-    let replication = crate::cluster::replication::Replication::new(store.state().index);
-    let feed = replication.clone();
-    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
-    info!(
-        apps = store.state().apps.len(),
-        tasks = store.state().tasks.len(),
-        index = store.state().index,
-        "state loaded"
-    );
-    let (control, control_join) = control::spawn(
-        store,
-        ControlConfig {
-            datacenter: cfg.datacenter.clone(),
-            tick: Duration::from_millis(200),
-            seed: now_millis(),
-            mesos: crate::control::MesosConfig {
-                host_access: cfg.host_access.clone(),
-                hostname: cfg.node.clone(),
-                ..cfg.mesos.clone()
-            },
-            agent_down_after: cfg.agent_down_after,
-            reregister_timeout: cfg.reregister_timeout,
-            ..Default::default()
-        },
-    );
+    let (control, control_join, replication) = start_control(&cfg)?;
 
     // The agent talks to the control side as a cluster's agent talks to its server: through an
     // uplink (numbered reports in an outbox on disk, acknowledged) and the server's RPC handler,
@@ -551,34 +524,7 @@ pub async fn run_server(
 ) -> Result<(), NodeError> {
     let node_id = ensure_data_dir(&cfg)?;
     let node_id_for_gossip = node_id.clone();
-    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
-    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
-    store.set_max_versions(cfg.max_app_versions);
-    let replication = crate::cluster::replication::Replication::new(store.state().index);
-    let feed = replication.clone();
-    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
-    info!(
-        apps = store.state().apps.len(),
-        tasks = store.state().tasks.len(),
-        index = store.state().index,
-        "state loaded"
-    );
-    let (control, control_join) = control::spawn(
-        store,
-        ControlConfig {
-            datacenter: cfg.datacenter.clone(),
-            tick: Duration::from_millis(200),
-            seed: now_millis(),
-            mesos: crate::control::MesosConfig {
-                host_access: cfg.host_access.clone(),
-                hostname: cfg.node.clone(),
-                ..cfg.mesos.clone()
-            },
-            agent_down_after: cfg.agent_down_after,
-            reregister_timeout: cfg.reregister_timeout,
-            ..Default::default()
-        },
-    );
+    let (control, control_join, replication) = start_control(&cfg)?;
     let catalog =
         PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
     let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
@@ -859,4 +805,40 @@ async fn start_container_dns(
     };
     docker.set_network(net);
     server
+}
+
+/// The control side of a node: the state log in its data dir, the store feeding replication,
+/// and the control loop over them.
+fn start_control(
+    cfg: &NodeConfig,
+) -> Result<(ControlHandle, tokio::task::JoinHandle<()>, crate::cluster::replication::Replication), NodeError> {
+    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
+    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
+    store.set_max_versions(cfg.max_app_versions);
+    let replication = crate::cluster::replication::Replication::new(store.state().index);
+    let feed = replication.clone();
+    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
+    info!(
+        apps = store.state().apps.len(),
+        tasks = store.state().tasks.len(),
+        index = store.state().index,
+        "state loaded"
+    );
+    let (control, join) = control::spawn(
+        store,
+        ControlConfig {
+            datacenter: cfg.datacenter.clone(),
+            tick: Duration::from_millis(200),
+            seed: now_millis(),
+            mesos: crate::control::MesosConfig {
+                host_access: cfg.host_access.clone(),
+                hostname: cfg.node.clone(),
+                ..cfg.mesos.clone()
+            },
+            agent_down_after: cfg.agent_down_after,
+            reregister_timeout: cfg.reregister_timeout,
+            ..Default::default()
+        },
+    );
+    Ok((control, join, replication))
 }
