@@ -171,7 +171,13 @@ async fn follow(
                         published.publish(&state, &index_tx);
                     }
                 }
+                // A lost frame leaves no gap to see while nothing else changes: the heartbeat
+                // says where the server is.
+                Item::Heartbeat { index } if index > state.index => {
+                    break format!("behind the server (at {}, the server at {index})", state.index);
+                }
                 Item::Heartbeat { .. } => {}
+
                 Item::ToAgent(_) => break "unexpected item on the state stream".to_owned(),
             }
         };
