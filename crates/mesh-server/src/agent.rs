@@ -205,6 +205,11 @@ struct AgentLoop {
 }
 
 impl AgentLoop {
+    /// A status update of `task_id`, dated and numbered by the agent's clock.
+    fn status(&self, task_id: TaskId, state: TaskState, message: String) -> ToControl {
+        update(self.cfg.clock.as_ref(), &self.id, task_id, state, message, self.cfg.clock.now())
+    }
+
     async fn report(&self, msg: ToControl) {
         let _ = self.control.send(ControlMsg::FromAgent(msg)).await;
     }
@@ -226,15 +231,7 @@ impl AgentLoop {
                         self.queued.remove(i);
                         self.launching.remove(&task_id);
                         let msg = "killed before it was launched".to_owned();
-                        self.report(update(
-                            self.cfg.clock.as_ref(),
-                            &self.id,
-                            task_id,
-                            TaskState::Killed,
-                            msg,
-                            self.cfg.clock.now(),
-                        ))
-                        .await;
+                        self.report(self.status(task_id, TaskState::Killed, msg)).await;
                     } else {
                         deferred.push(Deferred::Kill(grace));
                     }
@@ -243,15 +240,7 @@ impl AgentLoop {
                 if !self.runtime.is_running(&task_id) {
                     // Nothing to kill: say so, so the control side does not wait forever.
                     let msg = "task is not running on this agent".to_owned();
-                    self.report(update(
-                        self.cfg.clock.as_ref(),
-                        &self.id,
-                        task_id,
-                        TaskState::Killed,
-                        msg,
-                        self.cfg.clock.now(),
-                    ))
-                    .await;
+                    self.report(self.status(task_id, TaskState::Killed, msg)).await;
                     return;
                 }
                 if let Err(e) = self.runtime.kill(&task_id, grace).await {
@@ -281,15 +270,7 @@ impl AgentLoop {
                     expected.into_iter().filter(|t| !running.contains(t) && !self.launching.contains_key(t)).collect();
                 for t in missing {
                     let msg = "not running on its agent".to_owned();
-                    self.report(update(
-                        self.cfg.clock.as_ref(),
-                        &self.id,
-                        t,
-                        TaskState::Lost,
-                        msg,
-                        self.cfg.clock.now(),
-                    ))
-                    .await;
+                    self.report(self.status(t, TaskState::Lost, msg)).await;
                 }
             }
         }
@@ -320,15 +301,7 @@ impl AgentLoop {
                 RuntimeError::Launch { message, .. } => message,
                 e => e.to_string(),
             };
-            self.report(update(
-                self.cfg.clock.as_ref(),
-                &self.id,
-                task_id,
-                TaskState::Failed,
-                message,
-                self.cfg.clock.now(),
-            ))
-            .await;
+            self.report(self.status(task_id, TaskState::Failed, message)).await;
             return;
         }
         for d in deferred {

@@ -335,14 +335,7 @@ pub async fn run_dev(
         agent.stop(mode).await;
     };
     tokio::join!(http.stop(), tasks_done);
-    sandbox_gc.abort();
-    if let Some(r) = registrator {
-        r.shutdown().await;
-    }
-    dns.shutdown().await;
-    if let Some(d) = container_dns {
-        d.shutdown().await;
-    }
+    stop_node_services(sandbox_gc, registrator, dns, container_dns).await;
     // The control loop records what the agent reported while stopping (its tasks' ends, its
     // goodbye) before it stops; what it could not take waits in the outbox for the next start.
     drop(agent_control);
@@ -652,14 +645,7 @@ pub async fn run_agent(
         agent.stop(mode).await;
     };
     tokio::join!(http.stop(), tasks_done);
-    sandbox_gc.abort();
-    if let Some(r) = registrator {
-        r.shutdown().await;
-    }
-    dns.shutdown().await;
-    if let Some(d) = container_dns {
-        d.shutdown().await;
-    }
+    stop_node_services(sandbox_gc, registrator, dns, container_dns).await;
     // What the agent reported while stopping (its goodbye last) reaches the server, if one is
     // there to take it (bounded); the rest waits in the outbox for the next start.
     drop(control);
@@ -841,4 +827,22 @@ fn start_control(
         },
     );
     Ok((control, join, replication))
+}
+
+/// Stop what a node that runs tasks has beside its agent: the sandbox GC, the Registrator
+/// watcher, and its DNS listeners.
+async fn stop_node_services(
+    sandbox_gc: tokio::task::AbortHandle,
+    registrator: Option<registrator::Registrator>,
+    dns: DnsServer,
+    container_dns: Option<DnsServer>,
+) {
+    sandbox_gc.abort();
+    if let Some(r) = registrator {
+        r.shutdown().await;
+    }
+    dns.shutdown().await;
+    if let Some(d) = container_dns {
+        d.shutdown().await;
+    }
 }
