@@ -239,6 +239,19 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
             "{name} alive as {kind} in:\n{members}"
         );
     }
+    // An agent's /v2/events carries what its replica applies, health results included: a
+    // command check of a new app turns its task healthy there.
+    let mut events =
+        EventStream::open(&c.agents[1], "?event_type=health_status_changed_event&event_type=event_stream_attached");
+    events.wait_for("event_stream_attached", 10, |_| true);
+    let checked = serde_json::json!({"id": "/checked", "cmd": "sleep 1000", "instances": 1, "cpus": 0.01, "mem": 8,
+        "healthChecks": [{"protocol": "COMMAND", "command": {"value": "true"}, "intervalSeconds": 1}]});
+    let (s, v) = c.server.send("POST", "/v2/apps", Some(&checked.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    events.wait_for("health_status_changed_event", 30, |e| e["appId"] == "/checked" && e["alive"] == true);
+    let (s, v) = c.server.send("DELETE", "/v2/apps/checked", None).await;
+    assert_eq!(s, 200, "{v}");
+
     // An app that cannot be placed: /v2/queue says why, naming the nodes whose offers it declined.
 
     let (s, v) = c

@@ -132,7 +132,7 @@ pub async fn start(
         let _ = control.send(ControlMsg::FromAgent(up)).await;
     }
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<StopMode>();
-    let health = HealthRunner::new(cfg.address, control.clone());
+    let health = HealthRunner::new(cfg.address, control.clone(), cfg.clock.clone());
     let consul_checks = crate::checks::CheckRunner::new(
         cfg.id.clone(),
         control.clone(),

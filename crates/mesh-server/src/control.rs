@@ -303,7 +303,7 @@ pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::J
     let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
     let marathon = MarathonScheduler::new(cfg.seed);
     allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
-    let mesos = frameworks::Frameworks::new(cfg.mesos.clone());
+    let mesos = frameworks::Frameworks::new(cfg.mesos.clone(), cfg.clock.as_ref());
     let mut control = Control {
         cfg,
         store,
@@ -653,13 +653,10 @@ impl Control {
                     self.agent_lost(&agent_id, "Agent left the cluster", now);
                 }
             }
+            // Its events (failed_health_check_event, health_status_changed_event) come from the
+            // applied command, on the server and on every replica alike.
             ToControl::Health { task_id, check, result } => {
-                let before = self.store.state().tasks.get(&task_id).and_then(|t| t.health.get(check).cloned());
-                let res =
-                    self.apply(vec![Command::TaskHealth { task_id: task_id.clone(), check, result: result.clone() }]);
-                if res.first().is_some_and(|r| r.is_ok()) {
-                    self.health_events(&task_id, check, before, &result, now);
-                }
+                self.apply(vec![Command::TaskHealth { task_id, check, result }]);
             }
             ToControl::CheckResults { agent_id, results } => {
                 let cmds = results
@@ -871,45 +868,6 @@ impl Control {
             .and_then(|a| self.store.state().apps.get(a))
             .map(|r| mesh_core::health::resolve(&r.app.health_checks, &t.ports))
             .unwrap_or_default()
-    }
-
-    fn health_events(
-        &self,
-        task_id: &mesh_core::model::TaskId,
-        check: usize,
-        before: Option<mesh_core::health::CheckResult>,
-        result: &mesh_core::health::CheckResult,
-        now: Millis,
-    ) {
-        let state = self.store.state();
-        let Some(t) = state.tasks.get(task_id) else { return };
-        let app = t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default();
-        let hc = t
-            .app_id
-            .as_ref()
-            .and_then(|a| state.apps.get(a))
-            .and_then(|r| r.app.health_checks.get(check).cloned())
-            .unwrap_or_default();
-        let bus = &self.published.events;
-        if !result.alive {
-            bus.publish(Event::new(
-                "failed_health_check_event",
-                serde_json::json!({"appId": app, "taskId": task_id, "instanceId": task_id, "healthCheck": hc}),
-                now,
-            ));
-        }
-        if before.map(|b| b.alive) != Some(result.alive) {
-            bus.publish(Event::new(
-                "instance_health_changed_event",
-                serde_json::json!({"instanceId": task_id, "runSpecId": app, "runSpecVersion": mesh_core::model::iso8601(t.version), "healthy": result.alive}),
-                now,
-            ));
-            bus.publish(Event::new(
-                "health_status_changed_event",
-                serde_json::json!({"appId": app, "taskId": task_id, "instanceId": task_id, "version": mesh_core::model::iso8601(t.version), "alive": result.alive}),
-                now,
-            ));
-        }
     }
 
     fn emit(&self, applied: &[Command], before: &State, now: Millis) {

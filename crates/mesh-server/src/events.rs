@@ -5,7 +5,7 @@
 //! [`CLIENT_BUFFER`] events behind is dropped (its stream ends with an
 //! `event_stream_detached`-style close), so a slow consumer can never slow the control loop.
 
-use mesh_core::model::{Millis, iso8601};
+use mesh_core::model::{Millis, TaskId, iso8601};
 use mesh_core::state::{Command, Deployment, State};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -132,10 +132,60 @@ pub fn batch_events(cmds: &[Command], before: &State, after: &State, now: Millis
             }
         }
     }
+    // A check's previous result within this batch (a check may report twice in one batch).
+    let mut alive: std::collections::HashMap<(&TaskId, usize), bool> = std::collections::HashMap::new();
     for cmd in cmds {
+        if let Command::TaskHealth { task_id, check, result } = cmd {
+            let was = alive
+                .insert((task_id, *check), result.alive)
+                .or_else(|| before.tasks.get(task_id).and_then(|t| t.health.get(*check)).map(|r| r.alive));
+            health_events(task_id, *check, was, result.alive, after, now, &mut out);
+        }
         command_events(cmd, before, after, now, &mut out);
     }
     out
+}
+
+/// Marathon's events for one health check result: `failed_health_check_event` for a failure,
+/// and `instance_health_changed_event` plus `health_status_changed_event` when the task's
+/// health changed (or is first known).
+fn health_events(
+    task_id: &TaskId,
+    check: usize,
+    was: Option<bool>,
+    alive: bool,
+    after: &State,
+    now: Millis,
+    out: &mut Vec<Event>,
+) {
+    let Some(t) = after.tasks.get(task_id) else { return };
+    let app = t.app_id.as_ref().map(|a| a.to_string()).unwrap_or_default();
+    if !alive {
+        let hc = t
+            .app_id
+            .as_ref()
+            .and_then(|a| after.apps.get(a))
+            .and_then(|r| r.app.health_checks.get(check).cloned())
+            .unwrap_or_default();
+        out.push(Event::new(
+            "failed_health_check_event",
+            json!({"appId": app, "taskId": task_id, "instanceId": task_id, "healthCheck": hc}),
+            now,
+        ));
+    }
+    if was != Some(alive) {
+        let version = iso8601(t.version);
+        out.push(Event::new(
+            "instance_health_changed_event",
+            json!({"instanceId": task_id, "runSpecId": app, "runSpecVersion": version, "healthy": alive}),
+            now,
+        ));
+        out.push(Event::new(
+            "health_status_changed_event",
+            json!({"appId": app, "taskId": task_id, "instanceId": task_id, "version": version, "alive": alive}),
+            now,
+        ));
+    }
 }
 
 fn command_events(cmd: &Command, before: &State, after: &State, now: Millis, out: &mut Vec<Event>) {

@@ -7,10 +7,11 @@
 
 use crate::control::{ControlHandle, ControlMsg};
 use mesh_core::health::{CheckSpec, CheckState, Outcome, Probe, Protocol};
-use mesh_core::model::{Millis, TaskId, now_millis};
+use mesh_core::model::{Clock, Millis, TaskId};
 use mesh_core::proto::ToControl;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::AbortHandle;
 
@@ -18,13 +19,16 @@ use tokio::task::AbortHandle;
 pub struct HealthRunner {
     address: IpAddr,
     control: ControlHandle,
+    /// The agent's clock: dates every result (the grace period and consecutive failures count
+    /// from it).
+    clock: Arc<dyn Clock>,
     running: HashMap<TaskId, Vec<AbortHandle>>,
 }
 
 impl HealthRunner {
-    /// A runner probing tasks at `address` (the agent's address).
-    pub fn new(address: IpAddr, control: ControlHandle) -> Self {
-        Self { address, control, running: HashMap::new() }
+    /// A runner probing tasks at `address` (the agent's address), dating results by `clock`.
+    pub fn new(address: IpAddr, control: ControlHandle, clock: Arc<dyn Clock>) -> Self {
+        Self { address, control, clock, running: HashMap::new() }
     }
 
     /// Start (or restart) the checks of a task.
@@ -36,8 +40,8 @@ impl HealthRunner {
             .map(|(i, spec)| {
                 let control = self.control.clone();
                 let task = task_id.clone();
-                let address = self.address;
-                tokio::spawn(run_check(task, i, spec, started_at, address, control)).abort_handle()
+                let (address, clock) = (self.address, self.clock.clone());
+                tokio::spawn(run_check(task, i, spec, started_at, address, control, clock)).abort_handle()
             })
             .collect();
         self.running.insert(task_id, handles);
@@ -70,6 +74,7 @@ async fn run_check(
     started_at: Millis,
     address: IpAddr,
     control: ControlHandle,
+    clock: Arc<dyn Clock>,
 ) {
     let mut state = CheckState::new(&spec, started_at);
     if spec.protocol_name.starts_with("MESOS_") {
@@ -83,7 +88,7 @@ async fn run_check(
             Ok(p) => p,
             Err(_) => Probe::Fail(format!("timed out after {:?}", spec.timeout)),
         };
-        if state.record(result, now_millis()) == Outcome::Report {
+        if state.record(result, clock.now()) == Outcome::Report {
             let msg = ToControl::Health { task_id: task.clone(), check: index, result: state.result.clone() };
             if control.send(ControlMsg::FromAgent(msg)).await.is_err() {
                 return;

@@ -711,6 +711,7 @@ fn main() -> ExitCode {
         },
         agent_down_after: a.agent_down_after,
         reregister_timeout: a.agent_reregister_timeout,
+        clock: mesh_core::model::system_clock(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

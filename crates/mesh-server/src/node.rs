@@ -8,7 +8,7 @@ use crate::control::{self, ControlConfig, ControlHandle};
 use crate::dns::{DnsServer, PublishedCatalog};
 use crate::registrator;
 use mesh_core::dns::DnsConfig;
-use mesh_core::model::{AgentId, PortRanges, Resources, now_millis};
+use mesh_core::model::{AgentId, Clock, PortRanges, Resources};
 use mesh_core::registrator::RegistratorOptions;
 use mesh_core::runtime::Runtime;
 use mesh_core::runtime::docker::DockerRuntime;
@@ -113,6 +113,8 @@ pub struct NodeConfig {
     pub agent_down_after: Duration,
     /// See [`ControlConfig::reregister_timeout`].
     pub reregister_timeout: Duration,
+    /// The one source of time, ids and seeds of this node (control loop, agent, replica, API).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Errors that stop a node from starting.
@@ -168,9 +170,14 @@ async fn bind_dns(addr: SocketAddr) -> Result<(tokio::net::UdpSocket, tokio::net
     Err(NodeError::Bind { addr, source: std::io::Error::other("no port free for both UDP and TCP") })
 }
 
+/// A seed for a random source (gossip, the scheduler), drawn from the node's id source.
+fn seed(clock: &dyn Clock) -> u64 {
+    clock.uuid().as_u64_pair().0
+}
+
 /// The node id of a data dir (`<data dir>/node-id`): a UUID generated on first use and kept, so
 /// that two nodes with the same name (on one Docker engine) never take each other's containers.
-pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
+pub fn node_id(data_dir: &std::path::Path, clock: &dyn Clock) -> Result<String, NodeError> {
     let path = data_dir.join("node-id");
     let err = |source| NodeError::DataDir { path: path.clone(), source };
     match std::fs::read_to_string(&path) {
@@ -179,7 +186,7 @@ pub fn node_id(data_dir: &std::path::Path) -> Result<String, NodeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = clock.uuid().to_string();
     let tmp = data_dir.join("node-id.tmp");
     std::fs::write(&tmp, format!("{id}\n")).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)?;
@@ -210,7 +217,7 @@ async fn build_runtimes(
         RuntimeKind::Auto => DockerRuntime::available().await,
     };
     let docker: Option<Arc<DockerRuntime>> = if docker_wanted {
-        let node_id = node_id(&cfg.data_dir)?;
+        let node_id = node_id(&cfg.data_dir, cfg.clock.as_ref())?;
         match DockerRuntime::connect(events_tx.clone(), &cfg.node, &node_id).await {
             Ok(rt) => {
                 if let TaskLogs::Rotate { rotation, .. } = &cfg.task_logs {
@@ -264,7 +271,7 @@ pub async fn run_dev(
     // The agent talks to the control side as a cluster's agent talks to its server: through an
     // uplink (numbered reports in an outbox on disk, acknowledged) and the server's RPC handler,
     // here over an in-memory transport.
-    let node_id = node_id(&cfg.data_dir)?;
+    let node_id = node_id(&cfg.data_dir, cfg.clock.as_ref())?;
     let net = crate::rpc::MemTransport::default();
     let server_addr = SocketAddr::new(cfg.advertise, cfg.rpc.port());
     let executor = {
@@ -364,7 +371,7 @@ fn agent_config(cfg: &NodeConfig, runtimes: Vec<String>) -> AgentConfig {
         attributes: cfg.attributes.clone(),
         runtimes,
         enable_script_checks: cfg.enable_script_checks,
-        clock: mesh_core::model::system_clock(),
+        clock: cfg.clock.clone(),
     }
 }
 
@@ -457,7 +464,7 @@ fn node_info(cfg: &NodeConfig, http_addrs: &[SocketAddr]) -> NodeInfo {
         datacenter: cfg.datacenter.clone(),
         http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
         domain: cfg.domain.clone(),
-        started_at: now_millis(),
+        started_at: cfg.clock.now(),
         host_access: cfg.host_access.clone(),
         enable_script_checks: cfg.enable_script_checks,
     }
@@ -505,7 +512,7 @@ async fn register_own(control: &ControlHandle, cfg: &NodeConfig, http_port: u16)
 fn ensure_data_dir(cfg: &NodeConfig) -> Result<String, NodeError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    node_id(&cfg.data_dir)
+    node_id(&cfg.data_dir, cfg.clock.as_ref())
 }
 
 /// Run a `mesh server` (a control node) until `shutdown` resolves: the state log, the control
@@ -598,8 +605,12 @@ pub async fn run_agent(
     };
     let servers_task = follow_servers(&gossip, cfg.servers.clone(), uplink_cfg.servers.clone());
     let (link, mut pending, uplink_join) = crate::cluster::uplink::spawn(uplink_cfg, outbox, up_rx);
-    let (published, status, replica_join) =
-        crate::cluster::replica::spawn(&cfg.datacenter, link.clone(), Some(cfg.data_dir.join("replica.snap")));
+    let (published, status, replica_join) = crate::cluster::replica::spawn(
+        &cfg.datacenter,
+        link.clone(),
+        Some(cfg.data_dir.join("replica.snap")),
+        cfg.clock.clone(),
+    );
     let control = ControlHandle::from_parts(up_tx, published.clone());
 
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
@@ -683,7 +694,7 @@ async fn start_gossip(
         rpc,
         join: cfg.join.clone(),
         timing: cfg.gossip_timing.clone(),
-        seed: now_millis() ^ u64::from(std::process::id()),
+        seed: seed(cfg.clock.as_ref()),
     };
     crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
         crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
@@ -815,7 +826,7 @@ fn start_control(
         ControlConfig {
             datacenter: cfg.datacenter.clone(),
             tick: Duration::from_millis(200),
-            seed: now_millis(),
+            seed: seed(cfg.clock.as_ref()),
             mesos: crate::control::MesosConfig {
                 host_access: cfg.host_access.clone(),
                 hostname: cfg.node.clone(),
@@ -823,6 +834,7 @@ fn start_control(
             },
             agent_down_after: cfg.agent_down_after,
             reregister_timeout: cfg.reregister_timeout,
+            clock: cfg.clock.clone(),
             ..Default::default()
         },
     );

@@ -158,7 +158,7 @@ async fn run(seed: u64) -> Result<Duration, String> {
             transport: Arc::new(net.at(ip).with_faults(faults(seed.wrapping_add(u64::from(i) + 1)))),
         };
         let (link, _pending, uj) = uplink::spawn(ucfg, Outbox::in_memory(), up_rx);
-        let (replica, _status, rj) = replica::spawn("dc1", link, None);
+        let (replica, _status, rj) = replica::spawn("dc1", link, None, mesh_core::model::system_clock());
         let handle = ControlHandle::from_parts(up_tx, replica.clone());
         let acfg = AgentConfig {
             id: id.clone(),

@@ -7,7 +7,7 @@ use super::Link;
 use crate::control::Published;
 use crate::events::batch_events;
 use crate::rpc::{Item, Request};
-use mesh_core::model::now_millis;
+use mesh_core::model::Clock;
 use mesh_core::state::State;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,10 +16,11 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// Whether the replica hears from a server, and when it last did.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReplicaStatus {
     connected: AtomicBool,
     last_contact: AtomicU64,
+    clock: Arc<dyn Clock>,
 }
 
 impl ReplicaStatus {
@@ -30,10 +31,10 @@ impl ReplicaStatus {
     /// Milliseconds since the replica last heard from a server (0 while connected and fresh).
     pub fn last_contact_ms(&self) -> u64 {
         let last = self.last_contact.load(Ordering::Relaxed);
-        if last == 0 { 0 } else { now_millis().saturating_sub(last) }
+        if last == 0 { 0 } else { self.clock.now().saturating_sub(last) }
     }
     fn contact(&self) {
-        self.last_contact.store(now_millis(), Ordering::Relaxed);
+        self.last_contact.store(self.clock.now(), Ordering::Relaxed);
     }
 }
 
@@ -42,11 +43,13 @@ const SAVE_EVERY: Duration = Duration::from_secs(2);
 
 /// Start the replica: it follows whichever server `link` is connected to. With a `path`, it
 /// starts from the copy an earlier run kept there (so a restarted agent answers what it last
-/// knew even before it reaches a server) and keeps its copy there.
+/// knew even before it reaches a server) and keeps its copy there. `clock` dates the events it
+/// publishes and its last contact.
 pub fn spawn(
     datacenter: &str,
     link: Link,
     path: Option<std::path::PathBuf>,
+    clock: Arc<dyn Clock>,
 ) -> (Published, Arc<ReplicaStatus>, tokio::task::JoinHandle<()>) {
     let mut state = State::new(datacenter);
     if let Some(p) = &path
@@ -61,8 +64,12 @@ pub fn spawn(
             Err(e) => warn!(error = %e, "replica: the copy on disk is unreadable; starting empty"),
         }
     }
-    let (published, index_tx) = Published::new(state.clone(), mesh_core::model::system_clock());
-    let status = Arc::new(ReplicaStatus::default());
+    let (published, index_tx) = Published::new(state.clone(), clock.clone());
+    let status = Arc::new(ReplicaStatus {
+        connected: AtomicBool::new(false),
+        last_contact: AtomicU64::new(0),
+        clock: clock.clone(),
+    });
     let task = tokio::spawn(follow(state, published.clone(), index_tx, status.clone(), link));
     if let Some(p) = path {
         tokio::spawn(keep_on_disk(published.clone(), p));
@@ -164,7 +171,7 @@ async fn follow(
                     }
                     if !cmds.is_empty() {
                         if published.events.clients() > 0 {
-                            for e in batch_events(cmds, &before, &state, now_millis()) {
+                            for e in batch_events(cmds, &before, &state, status.clock.now()) {
                                 published.events.publish(e);
                             }
                         }

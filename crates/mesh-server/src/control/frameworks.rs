@@ -125,11 +125,11 @@ pub(super) struct Frameworks {
 }
 
 impl Frameworks {
-    pub(super) fn new(cfg: MesosConfig) -> Self {
+    pub(super) fn new(cfg: MesosConfig, clock: &dyn mesh_core::model::Clock) -> Self {
         let sessions = Sessions::new(cfg.heartbeat.as_millis() as Millis, cfg.update_resend.as_millis() as Millis);
         Self {
             cfg,
-            master_id: uuid::Uuid::new_v4().to_string(),
+            master_id: clock.uuid().to_string(),
             sessions,
             streams: HashMap::new(),
             weights: BTreeMap::new(),
@@ -176,8 +176,9 @@ fn fw_id(id: &Id) -> FrameworkId {
     FrameworkId(id.value.clone())
 }
 
-fn new_uuid() -> String {
-    mesos::encode_uuid(uuid::Uuid::new_v4().into_bytes())
+/// A status update's uuid in Mesos' encoding, from the control loop's id source.
+fn new_uuid(clock: &dyn mesh_core::model::Clock) -> String {
+    mesos::encode_uuid(clock.uuid().into_bytes())
 }
 
 /// Mesos' role name rules (the subset that matters here).
@@ -234,7 +235,7 @@ impl Control {
     fn mesos_subscribe(&mut self, call: Call, now: Millis) -> Result<Subscription, MesosError> {
         let Some(sub) = call.subscribe else { return Err(MesosError::BadRequest("Expecting 'subscribe'".into())) };
         let mut info: FrameworkInfo = sub.framework_info;
-        let stream_id = uuid::Uuid::new_v4().to_string();
+        let stream_id = self.cfg.clock.uuid().to_string();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let id = match &info.id {
             Some(i) if !i.value.is_empty() => fw_id(i),
@@ -699,7 +700,7 @@ impl Control {
                 s.source = Some("SOURCE_MASTER".into());
                 s.reason = Some("REASON_AGENT_RESTARTED".into());
             }
-            s.uuid = Some(new_uuid());
+            s.uuid = Some(new_uuid(self.cfg.clock.as_ref()));
             let fid = t.framework_id.clone();
             if let Some(send) = self.mesos.sessions.enqueue(&fid, s, now) {
                 self.mesos_update(&fid, send);
