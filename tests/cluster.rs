@@ -552,6 +552,12 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     })
     .await;
     eventually(30, "6 task processes", || async { (tagged_pids(&tag, "python3").len() == 6).then_some(()) }).await;
+
+    // Deleting the app stops its processes on every agent (a stopped agent leaves its tasks
+    // running for its next start, so this is also what leaves nothing behind the test).
+    let (s, v) = c.server.send("DELETE", "/v2/apps/web", None).await;
+    assert_eq!(s, 200, "{v}");
+    eventually(60, "no task process left", || async { tagged_pids(&tag, "python3").is_empty().then_some(()) }).await;
 }
 
 /// Bad peers against a real server: garbage and an unknown protocol version on its RPC port,
