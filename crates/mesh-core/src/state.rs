@@ -220,8 +220,8 @@ pub struct State {
     /// Explicitly created groups.
     #[serde(default)]
     pub groups: OrdMap<String, GroupRecord>,
-    /// How many versions of an app are kept (0 = [`MAX_APP_VERSIONS`]); node configuration,
-    /// set by [`Store::set_max_versions`].
+    /// How many versions of an app are kept (0 = [`MAX_APP_VERSIONS`]); set by
+    /// [`Command::SetMaxAppVersions`].
     #[serde(default)]
     pub max_versions: usize,
     /// The service catalog.
@@ -496,6 +496,13 @@ pub enum Command {
         /// Its limits.
         quota: crate::frameworks::Quota,
     },
+    /// How many versions of each app are kept from now on (at least 1; `--max-app-versions`).
+    /// Configuration that decides what apply does is itself a command, so every server and
+    /// every replay of the log keeps the same versions.
+    SetMaxAppVersions {
+        /// Versions kept per app.
+        keep: usize,
+    },
 }
 
 impl Command {
@@ -577,6 +584,10 @@ pub enum ApplyError {
     /// The framework is not registered.
     #[error("Framework {0} is not registered")]
     UnknownFramework(FrameworkId),
+    /// A launch of a task id that exists already (or twice in one launch). A repeated launch
+    /// command (a retry, a duplicated message) is refused, never applied twice.
+    #[error("Task has duplicate ID: {0}")]
+    TaskExists(TaskId),
     /// A status that would take a task back (states only move forward).
     #[error("Task '{0}' is {1}: {2} would take it back")]
     StaleStatus(TaskId, &'static str, &'static str),
@@ -601,6 +612,15 @@ pub struct Changes {
 }
 
 impl State {
+    /// Refuses a launch whose task ids exist already or repeat within it.
+    fn check_new_tasks(&self, tasks: &[Task]) -> Result<(), ApplyError> {
+        let mut seen = std::collections::HashSet::new();
+        match tasks.iter().find(|t| self.tasks.contains_key(&t.id) || !seen.insert(&t.id)) {
+            Some(t) => Err(ApplyError::TaskExists(t.id.clone())),
+            None => Ok(()),
+        }
+    }
+
     /// An empty state for `datacenter`.
     pub fn new(datacenter: &str) -> Self {
         Self { catalog: CatalogState::new(datacenter), ..Default::default() }
@@ -890,6 +910,10 @@ impl State {
                     self.mark_kill(&t, &mut ch);
                 }
             }
+            Command::SetMaxAppVersions { keep } => {
+                // Apps keep what they have; each is trimmed at its next version.
+                self.max_versions = (*keep).max(1);
+            }
             Command::DrainAgent { agent_id, drain } => {
                 if !self.agents.contains_key(agent_id) {
                     return Err(ApplyError::UnknownNode(agent_id.0.clone()));
@@ -923,6 +947,7 @@ impl State {
                 ch.catalog |= self.catalog.upsert_check(serf, self.index + 1, true);
             }
             Command::LaunchTasks { tasks } => {
+                self.check_new_tasks(tasks)?;
                 for t in tasks {
                     if let Some(app) = &t.app_id {
                         ch.apps.push(app.clone());
@@ -1258,6 +1283,7 @@ impl State {
                 }
             }
             Command::LaunchFrameworkTasks { tasks, names } => {
+                self.check_new_tasks(tasks)?;
                 for (t, name) in tasks.iter().zip(names) {
                     ch.tasks.push(t.id.clone());
                     self.tasks.insert(t.id.clone(), t.clone());
@@ -2402,9 +2428,16 @@ impl Store {
         }
     }
 
-    /// Keep at most `n` versions of each app from now on (at least 1).
-    pub fn set_max_versions(&mut self, n: usize) {
-        self.state.max_versions = n.max(1);
+    /// Keep at most `n` versions of each app from now on (at least 1): a logged
+    /// [`Command::SetMaxAppVersions`] when the state keeps another number, nothing otherwise.
+    pub fn set_max_versions(&mut self, n: usize) -> Result<(), LogError> {
+        if self.state.keep_versions() == n.max(1) && self.state.max_versions != 0 {
+            return Ok(());
+        }
+        self.propose(vec![Command::SetMaxAppVersions { keep: n }])?
+            .remove(0)
+            .map(|_| ())
+            .map_err(|e| LogError::Store(e.to_string()))
     }
 
     /// The current state.
@@ -3006,6 +3039,250 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A log in memory that a test can reopen (the store owns its log).
+    #[derive(Clone, Default)]
+    struct SharedLog(std::sync::Arc<std::sync::Mutex<MemLog>>);
+
+    impl Log for SharedLog {
+        fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+            self.0.lock().unwrap().append(first, cmds)
+        }
+        fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+            self.0.lock().unwrap().load()
+        }
+        fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+            self.0.lock().unwrap().snapshots()
+        }
+        fn compact(&mut self, index: u64) -> Result<(), LogError> {
+            self.0.lock().unwrap().compact(index)
+        }
+    }
+
+    /// A random command over a small world (3 apps, 8 tasks, 2 agents, 3 keys, 2 sessions,
+    /// 2 services), so that commands often meet each other's effects, and often are rejected.
+    fn random_command(rng: &mut rand::rngs::StdRng, now: Millis) -> Command {
+        use crate::kv::{KvOp, KvValue, SessionOp, SetMode};
+        use rand::Rng;
+        let app_id = |rng: &mut rand::rngs::StdRng| format!("/a{}", rng.random_range(0..3));
+        let task_id = |rng: &mut rand::rngs::StdRng| format!("t{}", rng.random_range(0..8));
+        let agent = |rng: &mut rand::rngs::StdRng| format!("n{}", rng.random_range(1..3));
+        let dep = |rng: &mut rand::rngs::StdRng| format!("d{}", rng.random_range(0..4));
+        let key = |rng: &mut rand::rngs::StdRng| format!("k/{}", rng.random_range(0..3));
+        let session = |rng: &mut rand::rngs::StdRng| format!("s{}", rng.random_range(0..2));
+        match rng.random_range(0..20) {
+            0 | 1 => {
+                let mut a = app(&app_id(rng), rng.random_range(0..4));
+                a.env.insert("V".into(), serde_json::Value::from(rng.random_range(0..3)));
+                Command::PutApp {
+                    app: a,
+                    now,
+                    deployment_id: dep(rng),
+                    create_only: rng.random_bool(0.5),
+                    force: rng.random_bool(0.5),
+                }
+            }
+            2 => Command::DeleteApp {
+                id: AppId::parse(&app_id(rng)).unwrap(),
+                now,
+                deployment_id: dep(rng),
+                force: rng.random_bool(0.5),
+            },
+            3 => Command::RegisterAgent {
+                agent: Agent {
+                    id: AgentId::from(agent(rng).as_str()),
+                    hostname: "h".into(),
+                    address: "10.0.0.1".parse().unwrap(),
+                    resources: Resources::scalars(4.0, 4096.0, 0.0),
+                    attributes: Default::default(),
+                    registered_at: now,
+                    runtimes: vec!["process".into()],
+                },
+                datacenter: "dc1".into(),
+            },
+            4 => Command::DrainAgent { agent_id: AgentId::from(agent(rng).as_str()), drain: rng.random_bool(0.5) },
+            5 | 6 => {
+                let mut t = task(&task_id(rng), &app_id(rng));
+                t.agent_id = AgentId::from(agent(rng).as_str());
+                t.staged_at = now;
+                Command::LaunchTasks { tasks: vec![t] }
+            }
+            7 | 8 => {
+                let states = [TaskState::Running, TaskState::Finished, TaskState::Failed, TaskState::Killed];
+                Command::TaskStatus {
+                    task_id: TaskId::from(task_id(rng).as_str()),
+                    state: states[rng.random_range(0..states.len())],
+                    message: String::new(),
+                    at: now,
+                }
+            }
+            9 => Command::TaskHealth {
+                task_id: TaskId::from(task_id(rng).as_str()),
+                check: rng.random_range(0..2),
+                result: crate::health::CheckResult { alive: rng.random_bool(0.5), ..Default::default() },
+            },
+            10 => Command::KillTasks {
+                ids: vec![TaskId::from(task_id(rng).as_str())],
+                scale: rng.random_bool(0.5),
+                now,
+                deployment_id: Some(dep(rng)).filter(|_| rng.random_bool(0.3)),
+            },
+            11 => Command::EndDeployment { id: dep(rng) },
+            12 => Command::SetMaxAppVersions { keep: rng.random_range(0..4) },
+            13 | 14 => {
+                let mode = match rng.random_range(0..4) {
+                    0 | 1 => SetMode::Plain,
+                    2 => SetMode::Cas(rng.random_range(0..40)),
+                    _ => SetMode::Acquire(session(rng)),
+                };
+                let value = KvValue::from(vec![rng.random_range(0..255u8)]);
+                Command::Kv(KvOp::Set { key: key(rng), value, flags: 0, mode, now })
+            }
+            15 => Command::Kv(KvOp::Delete {
+                key: key(rng),
+                recurse: rng.random_bool(0.2),
+                cas: Some(rng.random_range(0..40)).filter(|_| rng.random_bool(0.5)),
+                now,
+            }),
+            16 => {
+                let id = session(rng);
+                if rng.random_bool(0.5) {
+                    let s = crate::kv::Session {
+                        id,
+                        name: String::new(),
+                        node: agent(rng),
+                        lock_delay_ns: 0,
+                        behavior: Default::default(),
+                        ttl: String::new(),
+                        ttl_ms: 0,
+                        node_checks: Vec::new(),
+                        service_checks: Vec::new(),
+                        create_index: 0,
+                        modify_index: 0,
+                        expires_at: None,
+                    };
+                    Command::Session(SessionOp::Create { session: s, now })
+                } else {
+                    Command::Session(SessionOp::Destroy { id, now })
+                }
+            }
+            17 => {
+                let node = agent(rng);
+                let inst = ServiceInstance {
+                    id: format!("svc{}", rng.random_range(0..2)),
+                    service: "svc".into(),
+                    node: node.clone(),
+                    address: None,
+                    port: rng.random_range(1..4),
+                    tags: Vec::new(),
+                    meta: Default::default(),
+                    health: Health::Passing,
+                    source_health: Health::Passing,
+                    weights: Default::default(),
+                    extra: Default::default(),
+                    create_index: 0,
+                    modify_index: 0,
+                };
+                Command::Register {
+                    node,
+                    node_info: None,
+                    instance: Some(inst),
+                    checks: Vec::new(),
+                    replace_checks: false,
+                }
+            }
+            18 => Command::Deregister {
+                node: agent(rng),
+                service_id: Some(format!("svc{}", rng.random_range(0..2))),
+                check_id: None,
+            },
+            _ => Command::TaskInactive { task_id: TaskId::from(task_id(rng).as_str()) },
+        }
+    }
+
+    /// Replaying the log gives the state live apply gave, rejections included: for random
+    /// command sequences (proposed in random batches, snapshots taken along the way), applying
+    /// every command in order to a fresh state (as a Raft follower applies committed entries,
+    /// rejected ones included) gives the same results and the same state, a rejected command
+    /// changes nothing, and reopening the log (snapshot + tail) gives the same state again.
+    /// `MESH_REPLAY_CASES` sets the number of sequences (default 300); a failure names its seed.
+    #[test]
+    fn replay_equals_live_apply_for_random_command_sequences() {
+        use rand::{Rng, SeedableRng};
+        let cases: u64 = std::env::var("MESH_REPLAY_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+        let mut rejected = 0usize;
+        let mut total = 0usize;
+        for seed in 0..cases {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let log = SharedLog::default();
+            let mut store = Store::open(Box::new(log.clone()), "dc1").unwrap();
+            store.set_snapshot_policy(SnapshotPolicy { every: 7, ratio: 1, max_log_bytes: u64::MAX });
+            let mut all = Vec::new();
+            let mut live = Vec::new();
+            let mut now = 1_000;
+            for _ in 0..rng.random_range(1..12) {
+                let batch: Vec<Command> = (0..rng.random_range(1..8))
+                    .map(|_| {
+                        now += rng.random_range(0..2_000);
+                        random_command(&mut rng, now)
+                    })
+                    .collect();
+                all.extend(batch.clone());
+                live.extend(store.propose(batch).unwrap());
+                if rng.random_bool(0.3) {
+                    store.wait_snapshot();
+                }
+            }
+            store.wait_snapshot();
+            // Every command applied in order to a fresh state, one at a time.
+            let mut replay = State::new("dc1");
+            for (i, cmd) in all.iter().enumerate() {
+                let before = replay.clone();
+                let r = replay.apply(cmd);
+                assert_eq!(r, live[i], "seed {seed}: command {i} ({cmd:?}) gave another result on replay");
+                if r.is_err() {
+                    rejected += 1;
+                    assert_eq!(replay, before, "seed {seed}: rejected command {i} ({cmd:?}) changed the state");
+                }
+            }
+            total += all.len();
+            assert_eq!(&replay, store.state(), "seed {seed}: replay differs from live apply");
+            drop(store);
+            let reopened = Store::open(Box::new(log), "dc1").unwrap();
+            assert_eq!(reopened.state(), &replay, "seed {seed}: the reopened log differs");
+        }
+        assert!(rejected * 10 > total, "the sequences exercise rejections: {rejected} of {total}");
+    }
+
+    /// `--max-app-versions` is a logged command, so replay and every replica trim versions as
+    /// the live state did; setting the same number again logs nothing.
+    #[test]
+    fn max_app_versions_is_a_logged_command() {
+        let log = SharedLog::default();
+        let mut store = Store::open(Box::new(log.clone()), "dc1").unwrap();
+        store.set_max_versions(2).unwrap();
+        let index = store.state().index;
+        store.set_max_versions(2).unwrap();
+        assert_eq!(store.state().index, index, "the same setting again logs nothing");
+        for (i, n) in [1, 2, 3, 4].into_iter().enumerate() {
+            let cmd = Command::PutApp {
+                app: app("/a", n),
+                now: 10 + i as Millis,
+                deployment_id: format!("d{i}"),
+                create_only: false,
+                force: true,
+            };
+            store.propose(vec![cmd]).unwrap()[0].as_ref().unwrap();
+        }
+        let id = AppId::parse("/a").unwrap();
+        assert_eq!(store.state().apps[&id].versions.len(), 2);
+        let live = store.state().clone();
+        drop(store);
+        // A node started without the setting replays the log to the same versions.
+        let reopened = Store::open(Box::new(log), "dc1").unwrap();
+        assert_eq!(reopened.state(), &live);
+        assert_eq!(reopened.state().keep_versions(), 2);
     }
 
     fn log_keys(path: &Path) -> Vec<u64> {

@@ -811,7 +811,7 @@ fn start_control(
 ) -> Result<(ControlHandle, tokio::task::JoinHandle<()>, crate::cluster::replication::Replication), NodeError> {
     let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
     let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
-    store.set_max_versions(cfg.max_app_versions);
+    store.set_max_versions(cfg.max_app_versions)?;
     let replication = crate::cluster::replication::Replication::new(store.state().index);
     let feed = replication.clone();
     store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
