@@ -92,18 +92,19 @@ pub fn check(ops: &[Op]) -> Result<(), String> {
         let mut advanced = false;
         let mut i = next_candidate;
         while i < n {
-            if !is_done(&done, i) && ops[i].call <= bound {
-                if let Some(after) = step(state, &ops[i].input, ops[i].output.as_ref()) {
-                    let mut with = done.clone();
-                    with[i / 64] |= 1 << (i % 64);
-                    if cache.insert((with.clone(), after)) {
-                        stack.push((i, state));
-                        done = with;
-                        state = after;
-                        next_candidate = 0;
-                        advanced = true;
-                        break;
-                    }
+            if !is_done(&done, i)
+                && ops[i].call <= bound
+                && let Some(after) = step(state, &ops[i].input, ops[i].output.as_ref())
+            {
+                let mut with = done.clone();
+                with[i / 64] |= 1 << (i % 64);
+                if cache.insert((with.clone(), after)) {
+                    stack.push((i, state));
+                    done = with;
+                    state = after;
+                    next_candidate = 0;
+                    advanced = true;
+                    break;
                 }
             }
             i += 1;
