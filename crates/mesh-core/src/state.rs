@@ -977,7 +977,11 @@ impl State {
                     return Err(ApplyError::UnknownTask(task_id.clone()));
                 };
                 if !task.state.can_become(*state) {
-                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str().into(), state.as_str().into()));
+                    return Err(ApplyError::StaleStatus(
+                        task_id.clone(),
+                        task.state.as_str().into(),
+                        state.as_str().into(),
+                    ));
                 }
                 if *state == TaskState::Unreachable {
                     task.unreachable_since.get_or_insert(*at);
@@ -1044,7 +1048,11 @@ impl State {
                     return Err(ApplyError::UnknownTask(task_id.clone()));
                 };
                 if task.state != TaskState::Unreachable {
-                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str().into(), "inactive".into()));
+                    return Err(ApplyError::StaleStatus(
+                        task_id.clone(),
+                        task.state.as_str().into(),
+                        "inactive".into(),
+                    ));
                 }
                 task.inactive = true;
                 if let Some(app) = &task.app_id {

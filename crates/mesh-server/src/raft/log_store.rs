@@ -229,8 +229,8 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), RaftStorageError> {
         // Entries up to `log_id.index`, inclusive, and the new last purged id in one transaction.
-        let purged = serde_json::to_vec(&log_id)
-            .map_err(|e| storage_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
+        let purged =
+            serde_json::to_vec(&log_id).map_err(|e| storage_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
         self.write(ErrorSubject::Log(log_id), move |tx| {
             let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e);
             let mut meta = tx.open_table(META).map_err(|e| err(&e))?;

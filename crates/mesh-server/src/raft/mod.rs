@@ -69,7 +69,11 @@ impl ApplyOutcome {
 }
 
 /// A redb or I/O failure as an openraft storage error about `subject`.
-pub(crate) fn storage_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::fmt::Display) -> RaftStorageError {
+pub(crate) fn storage_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::fmt::Display,
+) -> RaftStorageError {
     StorageIOError::new(subject, verb, AnyError::error(e.to_string())).into()
 }
 

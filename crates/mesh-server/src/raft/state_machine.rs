@@ -49,7 +49,11 @@ impl SnapshotSlot {
         if let Some(path) = &self.file {
             let signature = Some(meta.signature());
             let err = |e: &dyn std::fmt::Display| {
-                storage_err(ErrorSubject::Snapshot(signature.clone()), ErrorVerb::Write, format!("{}: {e}", path.display()))
+                storage_err(
+                    ErrorSubject::Snapshot(signature.clone()),
+                    ErrorVerb::Write,
+                    format!("{}: {e}", path.display()),
+                )
             };
             let file = SnapshotFile { meta: meta.clone(), data };
             let bytes = rmp_serde::to_vec_named(&file).map_err(|e| err(&e))?;
@@ -101,15 +105,13 @@ impl MeshStateMachine {
         let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
         std::fs::create_dir_all(dir).map_err(|e| err(&format!("{}: {e}", dir.display())))?;
         let path = dir.join(SNAPSHOT_FILE);
-        let mut sm =
-            Self::with_slot(datacenter, SnapshotSlot { current: Mutex::new(None), file: Some(path.clone()) });
+        let mut sm = Self::with_slot(datacenter, SnapshotSlot { current: Mutex::new(None), file: Some(path.clone()) });
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: SnapshotFile =
                     rmp_serde::from_slice(&bytes).map_err(|e| err(&format!("{}: {e}", path.display())))?;
                 sm.restore(&file.data)?;
-                *sm.snapshot.current.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((file.meta, Arc::new(file.data)));
+                *sm.snapshot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((file.meta, Arc::new(file.data)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(&format!("{}: {e}", path.display()))),
@@ -168,11 +170,8 @@ impl RaftSnapshotBuilder<TypeConfig> for MeshSnapshotBuilder {
             Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
             None => format!("--{n}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.last_membership.clone(),
-            snapshot_id,
-        };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.last_membership.clone(), snapshot_id };
         let state = self.state.clone();
         let (last_applied, last_membership) = (self.last_applied, self.last_membership.clone());
         let slot = self.snapshot.clone();
@@ -263,9 +262,9 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        Ok(self.snapshot.current().map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data.as_ref().clone())),
-        }))
+        Ok(self
+            .snapshot
+            .current()
+            .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data.as_ref().clone())) }))
     }
 }
