@@ -35,9 +35,12 @@ struct SnapshotFile {
 }
 
 /// The current snapshot and where it is written; shared by the state machine and its builders.
+/// A snapshot's metadata and bytes.
+type StoredSnapshot = (SnapshotMeta<NodeId, MeshNode>, Arc<Vec<u8>>);
+
 #[derive(Debug)]
 struct SnapshotSlot {
-    current: Mutex<Option<(SnapshotMeta<NodeId, MeshNode>, Arc<Vec<u8>>)>>,
+    current: Mutex<Option<StoredSnapshot>>,
     /// `None`: in memory only.
     file: Option<PathBuf>,
 }
@@ -76,7 +79,7 @@ impl SnapshotSlot {
         Ok(())
     }
 
-    fn current(&self) -> Option<(SnapshotMeta<NodeId, MeshNode>, Arc<Vec<u8>>)> {
+    fn current(&self) -> Option<StoredSnapshot> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
