@@ -43,8 +43,9 @@ pub const SESSIONS_TOPIC: &str = "sessions";
 /// Tombstones kept before the oldest half is folded into [`KvState::tombstone_floor`].
 pub const MAX_TOMBSTONES: usize = 8192;
 
-/// Why a KV or session command was not applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a KV or session command was not applied (serializable as part of
+/// [`crate::state::ApplyError`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum KvError {
     /// A condition of the write did not hold (stale `cas`, lock held by another session or still

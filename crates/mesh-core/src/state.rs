@@ -539,8 +539,9 @@ pub enum TtlUpdate {
     Expired(Millis),
 }
 
-/// Why a command was not applied.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a command was not applied. Serializable so that a Raft proposer can hand a client the
+/// exact error the state machine returned on the leader.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ApplyError {
     /// The app does not exist.
@@ -590,7 +591,7 @@ pub enum ApplyError {
     TaskExists(TaskId),
     /// A status that would take a task back (states only move forward).
     #[error("Task '{0}' is {1}: {2} would take it back")]
-    StaleStatus(TaskId, &'static str, &'static str),
+    StaleStatus(TaskId, String, String),
 }
 
 /// What an applied command changed (for publishing reads and events, and for the scheduler,
@@ -1001,7 +1002,11 @@ impl State {
                     return Err(ApplyError::UnknownTask(task_id.clone()));
                 };
                 if !task.state.can_become(*state) {
-                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str(), state.as_str()));
+                    return Err(ApplyError::StaleStatus(
+                        task_id.clone(),
+                        task.state.as_str().into(),
+                        state.as_str().into(),
+                    ));
                 }
                 if *state == TaskState::Unreachable {
                     task.unreachable_since.get_or_insert(*at);
@@ -1068,7 +1073,11 @@ impl State {
                     return Err(ApplyError::UnknownTask(task_id.clone()));
                 };
                 if task.state != TaskState::Unreachable {
-                    return Err(ApplyError::StaleStatus(task_id.clone(), task.state.as_str(), "inactive"));
+                    return Err(ApplyError::StaleStatus(
+                        task_id.clone(),
+                        task.state.as_str().into(),
+                        "inactive".into(),
+                    ));
                 }
                 task.inactive = true;
                 if let Some(app) = &task.app_id {

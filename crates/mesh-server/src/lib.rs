@@ -9,6 +9,7 @@
 //! - [`rpc`]: the internal RPC between nodes (versioned frames over a [`rpc::Transport`]).
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
 //! - [`gossip`]: LAN membership and failure detection by SWIM gossip (foca).
+//! - [`raft`]: openraft storage (redb log, state machine over [`mesh_core::state::State`]); not wired in yet.
 
 pub mod agent;
 pub mod api;
@@ -22,6 +23,7 @@ pub mod gossip;
 pub mod health;
 pub mod logs;
 pub mod node;
+pub mod raft;
 pub mod registrator;
 pub mod rpc;
 pub mod serve;
