@@ -1,7 +1,7 @@
 //! The Raft log on redb: entries by index in one table, the vote, the committed log id and the
 //! last purged log id in a meta table. Every write is committed with
 //! [`Durability::Immediate`] before it is acknowledged, and all redb work runs on tokio's
-//! blocking pool ([`super::blocking`]).
+//! blocking pool (`blocking` in the parent module).
 
 use super::{Entry, LogId, NodeId, RaftStorageError, TypeConfig, blocking, storage_err};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
