@@ -8,8 +8,10 @@ use mesh_core::state::Command;
 use mesh_server::raft::{Applied, MeshNetwork, MeshNode, MeshStateMachine, RaftHandler, RaftTiming, RedbLogStore};
 use mesh_server::raft::{NodeId, TypeConfig};
 use mesh_server::rpc::{Hello, MemTransport, Role, Server, TcpTransport, Transport};
-use openraft::Raft;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RPCError, RaftError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::VoteRequest;
+use openraft::{Config, Raft, Vote};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -45,6 +47,11 @@ impl Node {
 /// Start node `id`: a listener at `listen` through `transport`, a Raft on a redb log and a state
 /// machine in a fresh directory, its RPCs served on the listener.
 async fn start_node(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAddr) -> Node {
+    start_node_with(id, transport, listen, TIMING.config("mesh-test").unwrap()).await
+}
+
+/// [`start_node`] with an openraft configuration of its own.
+async fn start_node_with(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAddr, config: Config) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let log = RedbLogStore::open(dir.path()).unwrap();
     let sm = MeshStateMachine::open(dir.path(), "dc1").unwrap();
@@ -58,7 +65,7 @@ async fn start_node(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAdd
         role: Role::Server,
         http: None,
     };
-    let config = Arc::new(TIMING.config("mesh-test").unwrap());
+    let config = Arc::new(config);
     let net = MeshNetwork::new(id, transport, hello.clone(), &TIMING);
     let raft = Raft::new(id, config, net, log, sm).await.unwrap();
     let handler = RaftHandler::new(raft.clone());
@@ -203,4 +210,76 @@ async fn three_nodes_over_tcp_loopback() {
         nodes.push(start_node(id, Arc::new(TcpTransport { bind: Some(ip) }), SocketAddr::new(ip, 0)).await);
     }
     group_elects_replicates_and_fails_over(nodes).await;
+}
+
+/// A follower that lags behind the leader's purged log catches up from a snapshot, sent in
+/// chunks as `Raft.InstallSnapshot` calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learner_catches_up_from_a_snapshot() {
+    let net = MemTransport::default();
+    // Keep no log once it is in a snapshot; chunks far smaller than the snapshot.
+    let config = Config { max_in_snapshot_log_to_keep: 0, ..TIMING.config("mesh-test").unwrap() };
+    let config = Config { snapshot_max_chunk_size: 64, ..config };
+    let at = |id: u64| IpAddr::from([10, 0, 1, id as u8]);
+    let mut nodes = Vec::new();
+    for id in 1..=3u64 {
+        nodes.push(start_node_with(id, Arc::new(net.at(at(id))), SocketAddr::new(at(id), 8300), config.clone()).await);
+    }
+    initialize(&nodes).await;
+    let all: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
+    let leader = wait_for_leader(&nodes, &all).await;
+    let l = node(&nodes, leader);
+    let mut last = None;
+    for i in 0..20 {
+        let r = l.raft.client_write(put(&format!("k{i}"), &format!("value {i}"))).await.expect("write");
+        last = Some(r.log_id);
+    }
+    let last = last.unwrap();
+    l.raft.trigger().snapshot().await.unwrap();
+    l.raft.wait(Some(DEADLINE)).snapshot(last, "snapshot").await.expect("snapshot built");
+    l.raft.trigger().purge_log(last.index).await.unwrap();
+    l.raft.wait(Some(DEADLINE)).purged(Some(last), "purged").await.expect("log purged");
+
+    let new = start_node_with(4, Arc::new(net.at(at(4))), SocketAddr::new(at(4), 8300), config.clone()).await;
+    let member = MeshNode { name: "n4".into(), rpc: new.addr.to_string() };
+    nodes.push(new);
+    let l = node(&nodes, leader);
+    tokio::time::timeout(DEADLINE, l.raft.add_learner(4, member, true)).await.expect("in time").expect("learner added");
+    let index = l.raft.metrics().borrow().last_applied.unwrap().index;
+    let applied = wait_applied(&nodes, &[1, 2, 3, 4], index).await;
+    assert_eq!(kv(&applied, "k19"), Some(b"value 19".to_vec()));
+    let m4 = node(&nodes, 4).raft.metrics().borrow().clone();
+    assert!(m4.snapshot.is_some_and(|s| s.index >= last.index), "node 4 has no snapshot: {:?}", m4.snapshot);
+    for n in nodes.iter_mut() {
+        n.stop().await;
+    }
+}
+
+/// Failures reach openraft as it expects: nothing listening, or a node whose Raft RPC stopped,
+/// is unreachable (openraft backs off); a connection is opened again after the peer comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_and_stopped_peers_map_to_unreachable() {
+    let net = MemTransport::default();
+    let hello =
+        Hello { node: "c".into(), node_id: "id-c".into(), datacenter: "dc1".into(), role: Role::Server, http: None };
+    let mut factory = MeshNetwork::new(9, Arc::new(net.at(IpAddr::from([10, 0, 2, 9]))), hello, &TIMING);
+    let addr = SocketAddr::new(IpAddr::from([10, 0, 2, 1]), 8300);
+    let target = MeshNode { name: "n1".into(), rpc: addr.to_string() };
+    let mut client = factory.new_client(1, &target).await;
+    let vote = || VoteRequest { vote: Vote::new(1, 9), last_log_id: None };
+    let opt = RPCOption::new(Duration::from_secs(5));
+    match client.vote(vote(), opt.clone()).await {
+        Err(RPCError::Unreachable(_)) => {}
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    // The node appears (uninitialized): the same client connects and gets an answer.
+    let mut n1 = start_node(1, Arc::new(net.at(addr.ip())), addr).await;
+    let r = client.vote(vote(), opt.clone()).await.expect("vote answered");
+    assert_eq!(r.vote, Vote::new(1, 9));
+    // Its Raft RPC stops; the open connection answers "unavailable": unreachable.
+    n1.stop().await;
+    match client.vote(vote(), opt).await {
+        Err(RPCError::Unreachable(_)) => {}
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
 }
