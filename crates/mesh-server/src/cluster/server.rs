@@ -137,6 +137,8 @@ impl Handler for ServerHandler {
             }
             Request::Http(r) => Ok(Response::Http(self.http.serve(r).await)),
             Request::Echo(s) => Ok(Response::Echo(s)),
+            // Not wired in yet: a server running Raft delegates to `crate::raft::RaftHandler::handle`.
+            Request::Raft(r) => Err(RemoteError::NotServed(r.name().into())),
             other => Err(RemoteError::NotServed(format!("{} is a stream", other.name()))),
         }
     }

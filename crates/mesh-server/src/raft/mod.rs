@@ -2,8 +2,12 @@
 //! instantiated with, a durable log on redb ([`RedbLogStore`]) and the state machine that applies
 //! [`Command`]s to a [`State`](mesh_core::state::State) ([`MeshStateMachine`]).
 //!
+//! The Raft RPCs travel over mesh's internal RPC ([`network`]: [`MeshNetwork`] calls, a
+//! [`RaftHandler`] serves); timings are Consul-like ([`RaftTiming`]).
+//!
 //! Nothing here is wired into the running server yet: the control loop still writes its own log.
-//! The storage passes openraft's conformance suite (`tests/raft_storage.rs`).
+//! The storage passes openraft's conformance suite (`tests/raft_storage.rs`); a three-node group
+//! elects, replicates and fails over in `tests/raft_group.rs`.
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes); the helpers here
 // return it as the trait methods must, so boxing it would only add conversions.
@@ -15,10 +19,12 @@ use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 
 pub use log_store::RedbLogStore;
-pub use state_machine::{MeshSnapshotBuilder, MeshStateMachine};
+pub use network::{MeshNetwork, MeshNetworkClient, RaftHandler, RaftTiming};
+pub use state_machine::{Applied, MeshSnapshotBuilder, MeshStateMachine};
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of mesh: log entries carry [`Command`]s, applying one

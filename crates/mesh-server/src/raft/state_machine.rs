@@ -84,9 +84,20 @@ impl SnapshotSlot {
     }
 }
 
+/// The state machine's state as of a log entry, as [`MeshStateMachine::subscribe`] publishes it.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The last applied log entry (`None`: nothing yet).
+    pub log_id: Option<LogId>,
+    /// The state after it (a cheap copy: the state's maps are persistent).
+    pub state: State,
+}
+
 /// The replicated [`State`] as a Raft state machine.
 #[derive(Debug)]
 pub struct MeshStateMachine {
+    /// What has been applied, for readers outside Raft (the state machine itself is Raft's).
+    published: tokio::sync::watch::Sender<Applied>,
     state: State,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
@@ -123,8 +134,10 @@ impl MeshStateMachine {
     }
 
     fn with_slot(datacenter: &str, slot: SnapshotSlot) -> Self {
+        let state = State::new(datacenter);
         Self {
-            state: State::new(datacenter),
+            published: tokio::sync::watch::Sender::new(Applied { log_id: None, state: state.clone() }),
+            state,
             last_applied: None,
             last_membership: StoredMembership::default(),
             snapshot: Arc::new(slot),
@@ -142,6 +155,16 @@ impl MeshStateMachine {
         self.last_applied
     }
 
+    /// The state as applied, now and after every batch of entries or installed snapshot (for
+    /// readers once the state machine belongs to a [`Raft`](openraft::Raft)).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Applied> {
+        self.published.subscribe()
+    }
+
+    fn publish(&self) {
+        self.published.send_replace(Applied { log_id: self.last_applied, state: self.state.clone() });
+    }
+
     /// Replace state, last applied id and membership with a snapshot body.
     fn restore(&mut self, data: &[u8]) -> Result<(), RaftStorageError> {
         let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
@@ -151,6 +174,7 @@ impl MeshStateMachine {
         self.state = state;
         self.last_applied = body.last_applied;
         self.last_membership = body.last_membership;
+        self.publish();
         Ok(())
     }
 }
@@ -221,6 +245,7 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
             };
             out.push(ApplyOutcome { index: self.state.index, result });
         }
+        self.publish();
         Ok(out)
     }
 
@@ -259,6 +284,7 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
         // The metadata is authoritative for what the snapshot covers.
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
+        self.publish();
         let slot = self.snapshot.clone();
         let m = meta.clone();
         blocking(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, move || slot.store(m, data)).await

@@ -23,7 +23,7 @@
 pub mod msg;
 mod transport;
 
-pub use msg::{Item, Request, Response};
+pub use msg::{Item, RaftRequest, RaftResponse, Request, Response};
 pub use transport::{BoxIo, Listener, MemTransport, TcpTransport, Transport};
 
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,8 @@ use tracing::{debug, info, warn};
 /// Major version of the protocol: a peer with another one is refused.
 pub const PROTO_MAJOR: u16 = 1;
 /// Minor version: peers with different minors talk (new fields are optional).
-pub const PROTO_MINOR: u16 = 0;
+/// 1: [`Request::Raft`] and its responses.
+pub const PROTO_MINOR: u16 = 1;
 const MAGIC: &[u8; 4] = b"MESH";
 /// Largest frame accepted (a state snapshot travels in chunks well below it).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;

@@ -1,9 +1,15 @@
 //! The messages of the internal RPC. New fields must be optional (`#[serde(default)]`) within
 //! a major version; anything else bumps [`super::PROTO_MAJOR`].
 
+use crate::raft::{NodeId, TypeConfig};
 use mesh_core::model::AgentId;
 use mesh_core::proto::{ToAgent, ToControl};
 use mesh_core::state::Command;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
 use serde::{Deserialize, Serialize};
 
 /// A call or the opening of a stream.
@@ -37,6 +43,82 @@ pub enum Request {
     Http(HttpRequest),
     /// A test call: echoed back.
     Echo(String),
+    /// Server → server, a call: a Raft RPC of the replicated log (protocol 1.1). Answered with
+    /// [`Response::Raft`].
+    Raft(RaftRequest),
+}
+
+/// The Raft RPCs openraft sends between the members of the group (see [`crate::raft::network`]).
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RaftRequest {
+    /// Replicate log entries (or a heartbeat, with none).
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// A candidate asks for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// One chunk of a snapshot for a follower that lags behind the leader's log.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+// openraft's AppendEntriesRequest has no PartialEq (its fields have).
+impl PartialEq for RaftRequest {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (RaftRequest::AppendEntries(a), RaftRequest::AppendEntries(b)) => {
+                a.vote == b.vote
+                    && a.prev_log_id == b.prev_log_id
+                    && a.entries == b.entries
+                    && a.leader_commit == b.leader_commit
+            }
+            (RaftRequest::Vote(a), RaftRequest::Vote(b)) => a == b,
+            (RaftRequest::InstallSnapshot(a), RaftRequest::InstallSnapshot(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The answer to a [`RaftRequest`] of the same name: openraft's response, or its error (the
+/// receiving Raft has stopped; for a snapshot chunk also a mismatch, after which the leader
+/// starts the snapshot over).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum RaftResponse {
+    /// To [`RaftRequest::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRequest::Vote`].
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To [`RaftRequest::InstallSnapshot`].
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+}
+
+// openraft's AppendEntriesResponse and InstallSnapshotResponse are not Clone (frames are).
+impl Clone for RaftResponse {
+    fn clone(&self) -> Self {
+        match self {
+            RaftResponse::AppendEntries(r) => RaftResponse::AppendEntries(match r {
+                Ok(AppendEntriesResponse::Success) => Ok(AppendEntriesResponse::Success),
+                Ok(AppendEntriesResponse::PartialSuccess(l)) => Ok(AppendEntriesResponse::PartialSuccess(*l)),
+                Ok(AppendEntriesResponse::Conflict) => Ok(AppendEntriesResponse::Conflict),
+                Ok(AppendEntriesResponse::HigherVote(v)) => Ok(AppendEntriesResponse::HigherVote(*v)),
+                Err(e) => Err(e.clone()),
+            }),
+            RaftResponse::Vote(r) => RaftResponse::Vote(r.clone()),
+            RaftResponse::InstallSnapshot(r) => RaftResponse::InstallSnapshot(match r {
+                Ok(i) => Ok(InstallSnapshotResponse { vote: i.vote }),
+                Err(e) => Err(e.clone()),
+            }),
+        }
+    }
+}
+
+impl RaftRequest {
+    /// The request's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RaftRequest::AppendEntries(_) => "Raft.AppendEntries",
+            RaftRequest::Vote(_) => "Raft.Vote",
+            RaftRequest::InstallSnapshot(_) => "Raft.InstallSnapshot",
+        }
+    }
 }
 
 impl Request {
@@ -48,6 +130,7 @@ impl Request {
             Request::Replicate { .. } => "Replicate",
             Request::Http(_) => "Http",
             Request::Echo(_) => "Echo",
+            Request::Raft(r) => r.name(),
         }
     }
 }
@@ -64,6 +147,8 @@ pub enum Response {
     Http(HttpResponse),
     /// The echo.
     Echo(String),
+    /// The answer to a [`Request::Raft`].
+    Raft(RaftResponse),
 }
 
 /// One item of a stream.

@@ -101,11 +101,11 @@ async fn an_unknown_major_version_and_garbage_are_refused_and_the_server_keeps_s
     s.write_all(b"MESH\x00\x02\x00\x00").await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
-    assert_eq!(&buf[..8], b"MESH\x00\x01\x00\x00");
+    assert_eq!(&buf[..8], b"MESH\x00\x01\x00\x01");
     assert_eq!(buf.len(), 8, "nothing after the preamble: refused");
     // The client side names the versions too.
     let err = check_preamble(&mut &b"MESH\x00\x02\x00\x01"[..], srv.local_addr()).await.unwrap_err();
-    assert!(err.to_string().contains("version 2.1, this node 1.0"), "{err}");
+    assert!(err.to_string().contains("version 2.1, this node 1.1"), "{err}");
     // Garbage instead of a preamble; then a good preamble and a frame of garbage; then a frame
     // that claims 4 GiB.
     for bytes in [
