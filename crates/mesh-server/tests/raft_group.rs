@@ -119,25 +119,30 @@ fn node(nodes: &[Node], id: NodeId) -> &Node {
     nodes.iter().find(|n| n.id == id).unwrap()
 }
 
-/// Wait until every node in `live` has applied up to `index`; return their states, checked equal.
+/// Wait until every node in `live` has applied up to `index` and all have applied the same last
+/// entry (a membership or blank entry may follow `index` on some nodes first); return their
+/// state, checked equal.
 async fn wait_applied(nodes: &[Node], live: &[NodeId], index: u64) -> Applied {
-    let mut seen: Vec<Applied> = Vec::new();
-    for n in nodes.iter().filter(|n| live.contains(&n.id)) {
-        let mut rx = n.applied.clone();
-        let a = tokio::time::timeout(DEADLINE, rx.wait_for(|a| a.log_id.is_some_and(|l| l.index >= index)))
-            .await
-            .unwrap_or_else(|_| panic!("node {} did not apply index {index}: {:?}", n.id, n.applied.borrow().log_id))
-            .unwrap()
-            .clone();
-        seen.push(a);
+    let start = std::time::Instant::now();
+    loop {
+        let seen: Vec<(NodeId, Applied)> =
+            nodes.iter().filter(|n| live.contains(&n.id)).map(|n| (n.id, n.applied.borrow().clone())).collect();
+        let first = seen[0].1.clone();
+        let agreed =
+            first.log_id.is_some_and(|l| l.index >= index) && seen.iter().all(|(_, a)| a.log_id == first.log_id);
+        if agreed {
+            for (n, a) in &seen {
+                assert_eq!(a.state, first.state, "node {n} has another state at {:?}", a.log_id);
+            }
+            return first;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the nodes did not all apply index {index}: {:?}",
+            seen.iter().map(|(n, a)| (n, a.log_id)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Entries after `index` may still be arriving: compare the states at the same log id.
-    let first = seen[0].clone();
-    for (a, n) in seen.iter().zip(live) {
-        assert_eq!(a.log_id, first.log_id, "node {n} applied another log id");
-        assert_eq!(a.state, first.state, "node {n} has another state at {:?}", a.log_id);
-    }
-    first
 }
 
 fn kv(a: &Applied, key: &str) -> Option<Vec<u8>> {
