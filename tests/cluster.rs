@@ -615,7 +615,7 @@ async fn bad_peers_are_refused_with_a_log_line_and_nothing_crashes() {
         let l = log(&server);
         let want = [
             "does not speak mesh RPC",
-            "protocol version 9.0, this node 1.0",
+            "protocol version 9.0, this node 1.",
             "gossip: dropped packet",
             "datacenter dc2, this pool is dc1",
             "is in datacenter dc2, this node in dc1",
