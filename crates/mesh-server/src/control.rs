@@ -238,7 +238,12 @@ struct Control {
     agents: HashMap<AgentId, mpsc::Sender<ToAgent>>,
     outbox: VecDeque<(AgentId, ToAgent)>,
     published: Published,
-    index_tx: watch::Sender<u64>,
+    /// `Some`: this loop publishes the state it writes (`mesh dev`). `None`: the Raft state
+    /// machine publishes every committed state (and its events) on every server, this leader's
+    /// included; the loop publishes only its own soft state.
+    index_tx: Option<watch::Sender<u64>>,
+    /// The state index of the last [`Control::publish`].
+    published_index: u64,
     draining: bool,
     /// Uuids of the last [`SEEN_UPDATES`] status updates, in arrival order and as a set.
     seen_updates: (VecDeque<String>, HashSet<String>),
@@ -298,50 +303,88 @@ fn propose_off_worker(
 
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(1024);
+    let (tx, mut rx) = mpsc::channel(1024);
     let (published, index_tx) = Published::new(store.state().clone(), cfg.clock.clone());
-    let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
-    let marathon = MarathonScheduler::new(cfg.seed);
-    allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
-    let mesos = frameworks::Frameworks::new(cfg.mesos.clone(), cfg.clock.as_ref());
-    let mut control = Control {
-        cfg,
-        store,
-        allocator,
-        marathon,
-        agents: HashMap::new(),
-        outbox: VecDeque::new(),
-        published: published.clone(),
-        index_tx,
-        draining: false,
-        seen_updates: (VecDeque::new(), HashSet::new()),
-        checks_sent_at: None,
-        sent_checks: HashMap::new(),
-        deadline: (u64::MAX, None),
-        due_checked: u64::MAX,
-        mesos,
-        recovery: (0, RECOVERY_BACKOFF_MS.0),
-        deferred: VecDeque::new(),
-        down: HashMap::new(),
-        restarting: HashMap::new(),
-        next_reconcile: 0,
-        lost: HashSet::new(),
-        drained: imbl::OrdSet::new(),
-    };
-    control.mesos_recover(control.cfg.clock.now());
-    // After a restart of the server, agents have their re-register timeout to come back (as
-    // Mesos agents after a master failover); one that does not is lost.
-    let deadline = control.cfg.clock.now().saturating_add(control.cfg.reregister_timeout.as_millis() as u64);
-    let known: Vec<AgentId> = control.store.state().agents.keys().cloned().collect();
-    for a in known {
-        control.down.insert(a, deadline);
-    }
-    let join = tokio::spawn(control.run(rx));
+    let control = Control::new(store, cfg, published.clone(), Some(index_tx));
+    let join = tokio::spawn(async move { control.run(&mut rx).await });
     (ControlHandle { tx, published }, join)
 }
 
+/// The control loop's inbox on a server: kept across the loops of successive leaderships, so a
+/// message sent while one loop stops and the next starts waits for the next.
+pub type Inbox = Arc<tokio::sync::Mutex<mpsc::Receiver<ControlMsg>>>;
+
+/// A handle whose reads come from `published` and whose messages wait in the returned inbox
+/// for the leader's control loop ([`spawn_leader`]).
+pub fn handle_with_inbox(published: Published) -> (ControlHandle, Inbox) {
+    let (tx, rx) = mpsc::channel(1024);
+    (ControlHandle { tx, published }, Arc::new(tokio::sync::Mutex::new(rx)))
+}
+
+/// Start the control loop of a Raft leader on `store` (whose log is Raft), reading `inbox`.
+/// The Raft state machine publishes the state into `published`; the loop adds its soft state
+/// (offer statistics, Mesos connections, the store's health). Abort the task when leadership
+/// ends.
+pub fn spawn_leader(
+    store: Store,
+    cfg: ControlConfig,
+    published: Published,
+    inbox: Inbox,
+) -> tokio::task::JoinHandle<()> {
+    let control = Control::new(store, cfg, published, None);
+    tokio::spawn(async move {
+        let mut rx = inbox.lock_owned().await;
+        control.run(&mut rx).await
+    })
+}
+
 impl Control {
-    async fn run(mut self, mut rx: mpsc::Receiver<ControlMsg>) {
+    fn new(store: Store, cfg: ControlConfig, published: Published, index_tx: Option<watch::Sender<u64>>) -> Control {
+        let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
+        let marathon = MarathonScheduler::new(cfg.seed);
+        allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
+        let mesos = frameworks::Frameworks::new(cfg.mesos.clone(), cfg.clock.as_ref());
+        let published_index = store.state().index;
+        let mut control = Control {
+            cfg,
+            store,
+            allocator,
+            marathon,
+            agents: HashMap::new(),
+            outbox: VecDeque::new(),
+            published,
+            index_tx,
+            published_index,
+            draining: false,
+            seen_updates: (VecDeque::new(), HashSet::new()),
+            checks_sent_at: None,
+            sent_checks: HashMap::new(),
+            deadline: (u64::MAX, None),
+            due_checked: u64::MAX,
+            mesos,
+            recovery: (0, RECOVERY_BACKOFF_MS.0),
+            deferred: VecDeque::new(),
+            down: HashMap::new(),
+            restarting: HashMap::new(),
+            next_reconcile: 0,
+            lost: HashSet::new(),
+            drained: imbl::OrdSet::new(),
+        };
+        control.mesos_recover(control.cfg.clock.now());
+        // After a restart of the server (or a new leader), agents have their re-register
+        // timeout to come back (as Mesos agents after a master failover); one that does not is
+        // lost.
+        let deadline = control.cfg.clock.now().saturating_add(control.cfg.reregister_timeout.as_millis() as u64);
+        let known: Vec<AgentId> = control.store.state().agents.keys().cloned().collect();
+        for a in known {
+            control.down.insert(a, deadline);
+        }
+        control
+    }
+}
+
+impl Control {
+    async fn run(mut self, rx: &mut mpsc::Receiver<ControlMsg>) {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -391,6 +434,11 @@ impl Control {
             }
             match msg {
                 ControlMsg::Propose(cmd, reply) => {
+                    // Its caller gave up (e.g. it waited in a server's inbox through an
+                    // election): it was answered with an error, so it must not apply later.
+                    if reply.is_closed() {
+                        continue;
+                    }
                     proposals.push(cmd);
                     replies.push(reply);
                 }
@@ -871,7 +919,8 @@ impl Control {
     }
 
     fn emit(&self, applied: &[Command], before: &State, now: Millis) {
-        if applied.is_empty() || self.published.events.clients() == 0 {
+        // With Raft the state machine emits the events of what it applies.
+        if applied.is_empty() || self.published.events.clients() == 0 || self.index_tx.is_none() {
             return;
         }
         for e in batch_events(applied, before, self.store.state(), now) {
@@ -881,10 +930,13 @@ impl Control {
 
     fn publish(&mut self) {
         let state = self.store.state();
-        if state.index == *self.index_tx.borrow() {
+        if state.index == self.published_index {
             return;
         }
-        self.published.publish(state, &self.index_tx);
+        self.published_index = state.index;
+        if let Some(index_tx) = &self.index_tx {
+            self.published.publish(state, index_tx);
+        }
         self.send_node_checks();
     }
 

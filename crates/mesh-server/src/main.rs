@@ -202,6 +202,14 @@ struct DevArgs {
     /// are for this long (Mesos' agent_reregister_timeout).
     #[arg(long, default_value = "10mins", value_parser = parse_span)]
     agent_reregister_timeout: std::time::Duration,
+    /// (server) Form the Raft group once this many servers found each other through gossip
+    /// (Consul's bootstrap_expect; 1: this server alone, at once). Later servers join it.
+    #[arg(long, default_value_t = 1)]
+    bootstrap_expect: usize,
+    /// (server) Scales every Raft timing (Consul's raft_multiplier): heartbeat 500 ms and
+    /// election timeout 1-2 s at 1; larger tolerates slower machines, smaller fails over faster.
+    #[arg(long, default_value_t = 1.0)]
+    raft_multiplier: f64,
     /// Where state and task sandboxes live.
     #[arg(long, default_value = "./mesh-data")]
     data_dir: PathBuf,
@@ -711,6 +719,8 @@ fn main() -> ExitCode {
         },
         agent_down_after: a.agent_down_after,
         reregister_timeout: a.agent_reregister_timeout,
+        bootstrap_expect: a.bootstrap_expect.max(1),
+        raft_timing: mesh_server::raft::RaftTiming::new(a.raft_multiplier),
         clock: mesh_core::model::system_clock(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

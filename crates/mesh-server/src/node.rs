@@ -113,6 +113,10 @@ pub struct NodeConfig {
     pub agent_down_after: Duration,
     /// See [`ControlConfig::reregister_timeout`].
     pub reregister_timeout: Duration,
+    /// Servers: form the Raft group once this many servers know each other (`--bootstrap-expect`).
+    pub bootstrap_expect: usize,
+    /// Servers: Raft timings (`--raft-multiplier`).
+    pub raft_timing: crate::raft::RaftTiming,
     /// The one source of time, ids and seeds of this node (control loop, agent, replica, API).
     pub clock: Arc<dyn Clock>,
 }
@@ -515,69 +519,153 @@ fn ensure_data_dir(cfg: &NodeConfig) -> Result<String, NodeError> {
     node_id(&cfg.data_dir, cfg.clock.as_ref())
 }
 
-/// Run a `mesh server` (a control node) until `shutdown` resolves: the state log, the control
-/// loop, every HTTP API, DNS, and the internal RPC listener that agents and replicas use.
+/// How long a request that needs the leader waits for one during an election (Consul's
+/// `rpc_hold_timeout`), and how long a write waits for a quorum.
+pub const RPC_HOLD: Duration = Duration::from_secs(7);
+
+/// Run a `mesh server` (a control node) until `shutdown` resolves: a member of the
+/// datacenter's Raft group (formed with `--bootstrap-expect` servers), every HTTP API, DNS, and
+/// the internal RPC listener that agents, replicas and the other servers use. The leader runs
+/// the control loop; the others answer reads from their state machine and send the rest to it.
 pub async fn run_server(
     cfg: NodeConfig,
     ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let node_id = ensure_data_dir(&cfg)?;
-    let node_id_for_gossip = node_id.clone();
-    let (control, control_join, replication) = start_control(&cfg)?;
-    let catalog =
-        PublishedCatalog { catalog: control.published.catalog.clone(), hooks: control.published.catalog_hooks.clone() };
+    // The read side, fed by the Raft state machine on every server.
+    let (published, index_tx) =
+        control::Published::new(mesh_core::state::State::new(&cfg.datacenter), cfg.clock.clone());
+    let replication = crate::cluster::replication::Replication::new(0);
+    let (control, inbox) = control::handle_with_inbox(published.clone());
+    let catalog = PublishedCatalog { catalog: published.catalog.clone(), hooks: published.catalog_hooks.clone() };
     let (dns, dns_addr) = start_dns(&cfg, catalog, vec![cfg.node.clone()]).await?;
-    let transport = crate::rpc::TcpTransport { bind: Some(cfg.advertise) };
-    let listener = crate::rpc::Transport::listen(&transport, cfg.rpc)
+    let transport = Arc::new(crate::rpc::TcpTransport { bind: Some(cfg.advertise) });
+    let listener = crate::rpc::Transport::listen(transport.as_ref(), cfg.rpc)
         .await
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
     let rpc_port = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?.port();
-    let gossip =
-        start_gossip(&cfg, &node_id_for_gossip, crate::gossip::Role::Server, SocketAddr::new(cfg.advertise, rpc_port))
-            .await?;
+    let rpc_advertised = SocketAddr::new(cfg.advertise, rpc_port);
+    let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Server, rpc_advertised).await?;
     let members_task = report_members(&gossip, control.clone());
+    let (route_tx, route) = tokio::sync::watch::channel(crate::cluster::forward::Route::NoLeader);
+    let leader_route = crate::cluster::forward::LeaderRoute {
+        route: route.clone(),
+        node: cfg.node.clone(),
+        published: published.clone(),
+        hold: RPC_HOLD,
+    };
+    let raft_view = crate::api::RaftView { raft: Arc::default(), route: Some(route.clone()) };
     // One set of API state (and membership) for this node's listeners and for the requests
     // agents forward, which act for their own node.
     let base = Api {
         cluster: Some(Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() })),
+        raft: Some(raft_view.clone()),
         ..Api::new(control.clone(), node_info(&cfg, &[]))
     };
-    let http = start_http(&cfg, |info| api::router(Api { info, ..base.clone() })).await?;
+    let layer = {
+        let l = leader_route.clone();
+        move |r: axum::Router| {
+            r.layer(axum::middleware::from_fn_with_state(l.clone(), crate::cluster::forward::leader_layer))
+        }
+    };
+    let http = start_http(&cfg, |info| layer(api::router(Api { info, ..base.clone() }))).await?;
     let http_addrs = http.addrs.clone();
     let template = Api { info: node_info(&cfg, &http_addrs), ..base };
-    let executor = crate::cluster::forward::Executor::new(
-        Arc::new(move |node: &str| api::router(template.for_node(node))),
-        control.published.clone(),
-    );
-    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
+    let executor = {
+        let layer = layer.clone();
+        crate::cluster::forward::Executor::new(
+            Arc::new(move |node: &str| layer(api::router(template.for_node(node)))),
+            published.clone(),
+        )
+    };
     let hello = crate::rpc::Hello {
         node: cfg.node.clone(),
-        node_id,
+        node_id: node_id.clone(),
         datacenter: cfg.datacenter.clone(),
         role: crate::rpc::Role::Server,
         http: http_addrs.first().map(|a| a.to_string()),
     };
+    let raft_cfg = crate::raft::RaftServerConfig {
+        name: cfg.node.clone(),
+        node_id: node_id.clone(),
+        datacenter: cfg.datacenter.clone(),
+        dir: cfg.data_dir.join("raft"),
+        rpc: rpc_advertised,
+        bootstrap_expect: cfg.bootstrap_expect,
+        timing: cfg.raft_timing,
+        write_timeout: RPC_HOLD,
+        transport: transport.clone(),
+        hello: hello.clone(),
+        control: control_config(&cfg),
+        max_app_versions: cfg.max_app_versions,
+    };
+    let raft = crate::raft::RaftServer::start(
+        raft_cfg,
+        published.clone(),
+        index_tx,
+        replication.clone(),
+        inbox,
+        gossip.subscribe(),
+        route_tx,
+    )
+    .await
+    .map_err(|e| NodeError::Unsupported(e.to_string()))?;
+    let _ = raft_view.raft.set(raft.raft.clone());
+    let handler = Arc::new(
+        crate::cluster::server::ServerHandler::new(control.clone(), replication, executor.clone())
+            .with_raft(raft.handler.clone(), route.clone()),
+    );
     let rpc = crate::rpc::Server::start(listener, hello, handler)
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
 
-    register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
+    let own =
+        tokio::spawn(register_own_through(executor, cfg.clone(), http_addrs.first().map(|a| a.port()).unwrap_or(0)));
     let bound = Bound { http: http_addrs, dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, rpc = %rpc.local_addr(), node = %cfg.node, dc = %cfg.datacenter, "mesh server ready");
     ready(&bound);
 
     shutdown.await;
     info!("shutting down");
+    own.abort();
     members_task.abort();
     gossip.shutdown().await;
-    drop(rpc);
     http.stop().await;
+    raft.shutdown().await;
+    drop(rpc);
     dns.shutdown().await;
     drop(control);
-    control_join.abort();
-    let _ = control_join.await;
     info!("stopped");
     Ok(())
+}
+
+/// Register this server's `consul` service (and its node) as Consul servers do, through the
+/// server's own API so that it reaches the leader whichever server that is; retried until it
+/// is recorded.
+async fn register_own_through(executor: crate::cluster::forward::Executor, cfg: NodeConfig, http_port: u16) {
+    let body = serde_json::json!({
+        "Node": cfg.node,
+        "Address": cfg.advertise.to_string(),
+        "Datacenter": cfg.datacenter,
+        "Service": { "ID": "consul", "Service": "consul", "Port": http_port },
+    });
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let req = crate::rpc::msg::HttpRequest {
+            method: "PUT".into(),
+            uri: "/v1/catalog/register".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+            node: cfg.node.clone(),
+        };
+        let r = executor.serve(req).await;
+        if r.status == 200 {
+            return;
+        }
+        tracing::debug!(status = r.status, body = %String::from_utf8_lossy(&r.body), "consul service not registered yet");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Run a `mesh agent` (a compute node) until `shutdown` resolves: the runtimes and the agent
@@ -821,24 +909,26 @@ fn start_control(
         index = store.state().index,
         "state loaded"
     );
-    let (control, join) = control::spawn(
-        store,
-        ControlConfig {
-            datacenter: cfg.datacenter.clone(),
-            tick: Duration::from_millis(200),
-            seed: seed(cfg.clock.as_ref()),
-            mesos: crate::control::MesosConfig {
-                host_access: cfg.host_access.clone(),
-                hostname: cfg.node.clone(),
-                ..cfg.mesos.clone()
-            },
-            agent_down_after: cfg.agent_down_after,
-            reregister_timeout: cfg.reregister_timeout,
-            clock: cfg.clock.clone(),
-            ..Default::default()
-        },
-    );
+    let (control, join) = control::spawn(store, control_config(cfg));
     Ok((control, join, replication))
+}
+
+/// The control loop's settings from a node's.
+fn control_config(cfg: &NodeConfig) -> ControlConfig {
+    ControlConfig {
+        datacenter: cfg.datacenter.clone(),
+        tick: Duration::from_millis(200),
+        seed: seed(cfg.clock.as_ref()),
+        mesos: crate::control::MesosConfig {
+            host_access: cfg.host_access.clone(),
+            hostname: cfg.node.clone(),
+            ..cfg.mesos.clone()
+        },
+        agent_down_after: cfg.agent_down_after,
+        reregister_timeout: cfg.reregister_timeout,
+        clock: cfg.clock.clone(),
+        ..Default::default()
+    }
 }
 
 /// Stop what a node that runs tasks has beside its agent: the sandbox GC, the Registrator

@@ -6,7 +6,7 @@
 use mesh_core::kv::{KvOp, KvValue, SetMode};
 use mesh_core::state::Command;
 use mesh_server::raft::{Applied, MeshNetwork, MeshNode, MeshStateMachine, RaftHandler, RaftTiming, RedbLogStore};
-use mesh_server::raft::{NodeId, TypeConfig};
+use mesh_server::raft::{Batch, NodeId, TypeConfig};
 use mesh_server::rpc::{Hello, MemTransport, Role, Server, TcpTransport, Transport};
 use openraft::error::{ClientWriteError, RPCError, RaftError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -73,14 +73,14 @@ async fn start_node_with(id: NodeId, transport: Arc<dyn Transport>, listen: Sock
     Node { id, addr, raft, handler, server: Some(server), applied, _dir: dir }
 }
 
-fn put(key: &str, value: &str) -> Command {
-    Command::Kv(KvOp::Set {
+fn put(key: &str, value: &str) -> Batch {
+    Batch::from(Command::Kv(KvOp::Set {
         key: key.into(),
         value: KvValue::from(value.as_bytes()),
         flags: 0,
         mode: SetMode::Plain,
         now: 1_000,
-    })
+    }))
 }
 
 /// Initialize the group with every node as a voter.

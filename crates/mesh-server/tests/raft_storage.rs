@@ -5,7 +5,9 @@
 use mesh_core::kv::{KvError, KvOp, KvValue, SetMode};
 use mesh_core::state::{ApplyError, Command};
 use mesh_server::raft::TypeConfig;
-use mesh_server::raft::{ApplyOutcome, Entry, LogId, MeshNode, MeshStateMachine, RaftStorageError, RedbLogStore};
+use mesh_server::raft::{
+    ApplyOutcome, Batch, Entry, LogId, MeshNode, MeshStateMachine, RaftStorageError, RedbLogStore,
+};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, Vote};
@@ -37,14 +39,14 @@ fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
     Entry { log_id: log_id(term, index), payload }
 }
 
-fn put(key: &str, value: &str) -> Command {
-    Command::Kv(KvOp::Set {
+fn put(key: &str, value: &str) -> Batch {
+    Batch::from(Command::Kv(KvOp::Set {
         key: key.into(),
         value: KvValue::from(value.as_bytes()),
         flags: 0,
         mode: SetMode::Plain,
         now: 1_000,
-    })
+    }))
 }
 
 #[test]
@@ -62,13 +64,13 @@ fn vote_committed_entries_and_state_survive_a_reopen() {
         entry(
             2,
             5,
-            EntryPayload::Normal(Command::Kv(KvOp::Set {
+            EntryPayload::Normal(Batch::from(Command::Kv(KvOp::Set {
                 key: "a".into(),
                 value: KvValue::from(&b"x"[..]),
                 flags: 0,
                 mode: SetMode::Cas(0),
                 now: 1_000,
-            })),
+            }))),
         ),
         entry(2, 6, EntryPayload::Normal(put("a", "3"))),
     ];
@@ -82,13 +84,13 @@ fn vote_committed_entries_and_state_survive_a_reopen() {
         log.save_committed(Some(log_id(2, 6))).await.unwrap();
 
         let outcomes = sm.apply(entries.clone()).await.unwrap();
-        let accepted = ApplyOutcome { index: 0, result: Ok(()) };
-        assert_eq!(outcomes[0], accepted);
-        assert_eq!(outcomes[1], accepted);
-        assert_eq!(outcomes[2], ApplyOutcome { index: 1, result: Ok(()) });
-        assert_eq!(outcomes[3], ApplyOutcome { index: 2, result: Ok(()) });
-        assert_eq!(outcomes[4], ApplyOutcome { index: 2, result: Err(ApplyError::Kv(KvError::NotApplied)) });
-        assert_eq!(outcomes[5], ApplyOutcome { index: 3, result: Ok(()) });
+        let no_commands = ApplyOutcome { index: 0, results: vec![] };
+        assert_eq!(outcomes[0], no_commands);
+        assert_eq!(outcomes[1], no_commands);
+        assert_eq!(outcomes[2], ApplyOutcome { index: 1, results: vec![Ok(())] });
+        assert_eq!(outcomes[3], ApplyOutcome { index: 2, results: vec![Ok(())] });
+        assert_eq!(outcomes[4], ApplyOutcome { index: 2, results: vec![Err(ApplyError::Kv(KvError::NotApplied))] });
+        assert_eq!(outcomes[5], ApplyOutcome { index: 3, results: vec![Ok(())] });
         // The proposer can hand the exact error on (responses travel between nodes).
         let wire = rmp_serde::to_vec_named(&outcomes[4]).unwrap();
         assert_eq!(rmp_serde::from_slice::<ApplyOutcome>(&wire).unwrap(), outcomes[4]);

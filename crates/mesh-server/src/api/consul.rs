@@ -1618,7 +1618,12 @@ async fn leader(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respo
     check_dc(&api, &q)?;
     // While the state store cannot be written there is no leader to commit writes: Consul's
     // answer then is an empty string.
-    let leader = if api.control.store_failure().is_some() { "" } else { api.info.http_addr.as_str() };
+    let leader = match &api.raft {
+        // Consul answers the leader's RPC address, or "" while there is none.
+        Some(raft) => raft.leader_rpc().unwrap_or_default(),
+        None if api.control.store_failure().is_some() => String::new(),
+        None => api.info.http_addr.clone(),
+    };
     let mut r = reply(&json!(leader), &q);
     r.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
     Ok(r)
@@ -1636,7 +1641,13 @@ pub async fn known_leader(State(api): State<Api>, mut r: Response) -> Response {
 async fn peers(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    Ok(reply(&json!([api.info.http_addr]), &q))
+    let peers: Vec<String> = match &api.raft {
+        Some(raft) => {
+            raft.peers().map(|(p, _)| p.into_iter().filter(|p| p.voter).map(|p| p.rpc).collect()).unwrap_or_default()
+        }
+        None => vec![api.info.http_addr.clone()],
+    };
+    Ok(reply(&json!(peers), &q))
 }
 
 #[cfg(test)]

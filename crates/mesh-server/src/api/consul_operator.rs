@@ -125,6 +125,18 @@ fn raft_address(api: &Api) -> String {
 async fn raft_configuration(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
+    if let Some((peers, index)) = api.raft.as_ref().and_then(|r| r.peers()) {
+        let servers: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "ID": format!("{:016x}", p.id), "Node": p.name, "Address": p.rpc,
+                    "Leader": p.leader, "Voter": p.voter, "ProtocolVersion": "3",
+                })
+            })
+            .collect();
+        return Ok(reply(&json!({ "Servers": servers, "Index": index }), &q));
+    }
     Ok(reply(
         &json!({
             "Servers": [{

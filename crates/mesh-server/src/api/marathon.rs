@@ -781,7 +781,15 @@ async fn abdicate() -> Response {
 }
 
 async fn leader(State(api): State<Api>) -> Response {
-    axum::Json(json!({"leader": api.info.http_addr})).into_response()
+    match &api.raft {
+        Some(raft) => match raft.leader_http(&api.info.http_addr) {
+            Some(l) => axum::Json(json!({"leader": l})).into_response(),
+            // Marathon's answer while no leader is elected.
+            None => (axum::http::StatusCode::NOT_FOUND, axum::Json(json!({"message": "There is no leader"})))
+                .into_response(),
+        },
+        None => axum::Json(json!({"leader": api.info.http_addr})).into_response(),
+    }
 }
 
 /// Why an app of a deployment step has not reached its goal yet (for `?embed=reasons`).

@@ -40,6 +40,71 @@ pub struct Api {
     pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
     /// Consul autopilot configuration (`/v1/operator/autopilot/configuration`).
     pub autopilot: std::sync::Arc<consul_operator::Autopilot>,
+    /// A server's Raft group (leader, peers, configuration); `None` in `mesh dev` and on agents.
+    pub raft: Option<RaftView>,
+}
+
+/// What the APIs show of a server's Raft group.
+#[derive(Clone, Default)]
+pub struct RaftView {
+    /// The Raft node, once started (the HTTP listeners start first).
+    pub raft: std::sync::Arc<std::sync::OnceLock<openraft::Raft<crate::raft::TypeConfig>>>,
+    /// Where the leader is.
+    pub route: Option<tokio::sync::watch::Receiver<crate::cluster::forward::Route>>,
+}
+
+/// One member of the Raft group as the APIs show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftPeer {
+    /// Raft id.
+    pub id: u64,
+    /// Node name.
+    pub name: String,
+    /// RPC address.
+    pub rpc: String,
+    /// Whether it leads.
+    pub leader: bool,
+    /// Whether it votes (else a learner).
+    pub voter: bool,
+}
+
+impl RaftView {
+    /// The members, voters first; `None` before Raft started.
+    pub fn peers(&self) -> Option<(Vec<RaftPeer>, u64)> {
+        let raft = self.raft.get()?;
+        let m = raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let mut peers: Vec<RaftPeer> = membership
+            .nodes()
+            .map(|(id, n)| RaftPeer {
+                id: *id,
+                name: n.name.clone(),
+                rpc: n.rpc.clone(),
+                leader: m.current_leader == Some(*id),
+                voter: voters.contains(id),
+            })
+            .collect();
+        peers.sort_by_key(|p| (!p.voter, p.name.clone()));
+        let index = m.membership_config.log_id().map(|l| l.index).unwrap_or(0);
+        Some((peers, index))
+    }
+
+    /// The leader's RPC address, if one is known.
+    pub fn leader_rpc(&self) -> Option<String> {
+        let (peers, _) = self.peers()?;
+        peers.into_iter().find(|p| p.leader).map(|p| p.rpc)
+    }
+
+    /// The leader's HTTP address: `own` when this server leads, the leader's as it said when
+    /// this server connected to it otherwise.
+    pub fn leader_http(&self, own: &str) -> Option<String> {
+        match &*self.route.as_ref()?.borrow() {
+            crate::cluster::forward::Route::Local => Some(own.to_owned()),
+            crate::cluster::forward::Route::Remote(c) => c.peer().hello.http.clone(),
+            crate::cluster::forward::Route::NoLeader => None,
+        }
+    }
 }
 
 impl Api {
@@ -53,6 +118,7 @@ impl Api {
             user_events: Default::default(),
             coordinates: Default::default(),
             autopilot: Default::default(),
+            raft: None,
         }
     }
 

@@ -175,40 +175,66 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         return resp;
     }
 
+    let observe = |fpath: &str, method: &str, body: &[u8], status: Option<u16>| {
+        // A deregistration through the agent ends its claim first, so anti-entropy never races
+        // it; a registration is claimed once the server took it.
+        let deregister = fpath.contains("/deregister/");
+        if (status.is_none() && deregister) || (status == Some(200) && !deregister) {
+            f.registrations.observe(method, fpath, body);
+        }
+    };
+    send(&conn, &f.node, &f.published, req, false, observe).await
+}
+
+/// Header on a request a node forwarded: the receiver answers it itself or refuses it, never
+/// forwards it again (no request goes round between two nodes that each think the other leads).
+pub const FORWARDED_HEADER: &str = "x-mesh-forwarded";
+
+/// Carry `req` to the node at the other end of `conn` (as [`HttpRequest`] over the RPC), then
+/// wait (bounded) until `published` holds what it answered from, so a client reads what it
+/// wrote from the node it asked. `observe(path, method, body, status)` sees the request before
+/// (status `None`) and after.
+async fn send(
+    conn: &crate::rpc::Conn,
+    node: &str,
+    published: &Published,
+    req: axum::extract::Request,
+    mark: bool,
+    observe: impl Fn(&str, &str, &[u8], Option<u16>),
+) -> axum::response::Response {
+    let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
     let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
     };
-    let (method, fpath, fbody) = (parts.method.to_string(), path.clone(), body.clone());
-    // A deregistration through the agent ends its claim first, so anti-entropy never races it.
-    if path.contains("/deregister/") {
-        f.registrations.observe(&method, &fpath, &fbody);
+    let method = parts.method.to_string();
+    observe(&path, &method, &body, None);
+    let mut headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != axum::http::header::HOST && *k != axum::http::header::CONNECTION)
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    if mark {
+        headers.push((FORWARDED_HEADER.to_owned(), "1".to_owned()));
     }
     let fwd = HttpRequest {
-        method: parts.method.to_string(),
+        method: method.clone(),
         uri: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path.clone()),
-        headers: parts
-            .headers
-            .iter()
-            .filter(|(k, _)| *k != axum::http::header::HOST && *k != axum::http::header::CONNECTION)
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect(),
-        body,
-        node: f.node.clone(),
+        headers,
+        body: body.clone(),
+        node: node.to_owned(),
     };
     let r = match conn.call(Request::Http(fwd), FORWARD_TIMEOUT).await {
         Ok(Response::Http(r)) => r,
         Ok(other) => return unavailable(&path, &format!("unexpected answer {other:?}")),
         Err(e) => return unavailable(&path, &e.to_string()),
     };
-    if r.status == 200 && !fpath.contains("/deregister/") {
-        f.registrations.observe(&method, &fpath, &fbody);
-    }
+    observe(&path, &method, &body, Some(r.status));
 
     // Read-your-writes: wait (bounded) for the replica to hold what the server answered from.
-
-    let mut index = f.published.index.clone();
+    let mut index = published.index.clone();
     if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
         debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");
     }
@@ -223,4 +249,78 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         }
     }
     resp
+}
+
+/// Where a server sends what only the leader answers, as [`crate::raft::server`] keeps it.
+#[derive(Clone, Default)]
+pub enum Route {
+    /// No leader is known (an election, or no quorum).
+    #[default]
+    NoLeader,
+    /// This server leads and its control loop runs.
+    Local,
+    /// Another server leads; the connection to it.
+    Remote(crate::rpc::Conn),
+}
+
+/// What a server's HTTP layer needs to send requests to the leader.
+#[derive(Clone)]
+pub struct LeaderRoute {
+    /// Where the leader is.
+    pub route: tokio::sync::watch::Receiver<Route>,
+    /// This server's name.
+    pub node: String,
+    /// This server's view (fed by its Raft state machine).
+    pub published: Published,
+    /// How long a request waits for a leader (Consul's `rpc_hold_timeout`).
+    pub hold: Duration,
+}
+
+/// Whether a server answers `req` only as the leader: what an agent forwards, and Consul reads
+/// in the default or `consistent` mode (not `stale`, not blocking queries, which every server
+/// answers from its own state, as Consul's followers do with `stale`).
+fn needs_leader(req: &axum::extract::Request) -> bool {
+    let path = req.uri().path();
+    if forwarded(req.method(), path) {
+        return true;
+    }
+    if req.method() != Method::GET || !path.starts_with("/v1/kv/") {
+        return false;
+    }
+    let query = req.uri().query().unwrap_or("");
+    !query.split('&').any(|kv| {
+        let k = kv.split('=').next().unwrap_or("");
+        k == "stale" || k == "index"
+    })
+}
+
+/// A server's HTTP layer: what only the leader answers runs here when this server leads, goes
+/// to the leader otherwise, and during an election waits up to the hold time for one (then the
+/// API's own "no leader" error).
+pub async fn leader_layer(
+    State(l): State<LeaderRoute>,
+    req: axum::extract::Request,
+    next: Next,
+) -> axum::response::Response {
+    if !needs_leader(&req) {
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_owned();
+    let hop = req.headers().contains_key(FORWARDED_HEADER);
+    let mut route = l.route.clone();
+    let deadline = tokio::time::Instant::now() + l.hold;
+    loop {
+        let now = route.borrow_and_update().clone();
+        match now {
+            Route::Local => return next.run(req).await,
+            Route::Remote(conn) if !hop && !conn.is_closed() => {
+                return send(&conn, &l.node, &l.published, req, true, |_, _, _, _| {}).await;
+            }
+            _ => {}
+        }
+        if hop || tokio::time::timeout_at(deadline, route.changed()).await.is_err() {
+            let why = if hop { "this server does not lead" } else { "none elected in time" };
+            return unavailable(&path, why);
+        }
+    }
 }

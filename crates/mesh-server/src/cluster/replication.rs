@@ -59,6 +59,17 @@ impl Replication {
         self.index.send_replace(last);
     }
 
+    /// The state was replaced at `index` (a Raft snapshot was installed): no recent command
+    /// leads up to it, so replicas behind it get a snapshot.
+    pub fn reset(&self, index: u64) {
+        {
+            let mut r = self.lock();
+            r.batches.clear();
+            r.commands = 0;
+        }
+        self.index.send_replace(index);
+    }
+
     /// The commands from index `from` on, if the recent ones reach back to it (`Some(empty)`:
     /// nothing new yet). `None`: a snapshot is needed.
     fn since(&self, from: u64) -> Option<Vec<(u64, Arc<Vec<Command>>)>> {

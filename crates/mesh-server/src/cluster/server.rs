@@ -25,12 +25,37 @@ pub struct ServerHandler {
     /// Per agent: its incarnation and the highest report number recorded.
     acked: Mutex<HashMap<AgentId, (String, u64)>>,
     http: Executor,
+    /// With Raft: the Raft RPCs, and where the leader is (only the leader's control loop takes
+    /// agents' sessions and reports; the others send agents to it).
+    raft: Option<(crate::raft::RaftHandler, tokio::sync::watch::Receiver<super::forward::Route>)>,
 }
 
 impl ServerHandler {
     /// A handler over this server's control loop.
     pub fn new(control: ControlHandle, replication: Replication, http: Executor) -> ServerHandler {
-        ServerHandler { control, replication, acked: Mutex::new(HashMap::new()), http }
+        ServerHandler { control, replication, acked: Mutex::new(HashMap::new()), http, raft: None }
+    }
+
+    /// Serve Raft's RPCs through `handler`, and take agents only while `route` says this
+    /// server leads.
+    pub fn with_raft(
+        mut self,
+        handler: crate::raft::RaftHandler,
+        route: tokio::sync::watch::Receiver<super::forward::Route>,
+    ) -> ServerHandler {
+        self.raft = Some((handler, route));
+        self
+    }
+
+    /// `Err(why)` when agents must go elsewhere: this server does not lead (the reason names
+    /// the leader's RPC address, as `leader at ADDR`, for the agent to go there).
+    fn not_leading(&self) -> Result<(), String> {
+        let Some((_, route)) = &self.raft else { return Ok(()) };
+        match &*route.borrow() {
+            super::forward::Route::Local => Ok(()),
+            super::forward::Route::Remote(conn) => Err(format!("not the leader; leader at {}", conn.peer().addr)),
+            super::forward::Route::NoLeader => Err("not the leader; no cluster leader yet".into()),
+        }
     }
 
     /// Record reports with numbers above what was recorded; the highest number recorded.
@@ -45,6 +70,7 @@ impl ServerHandler {
             warn!(peer = %peer.addr, node = %peer.hello.node, claimed = %agent, "reports for another agent: refused");
             return Err(RemoteError::Refused(format!("node {} cannot report for agent {agent}", peer.hello.node)));
         }
+        self.not_leading().map_err(RemoteError::Unavailable)?;
         let upto = {
             let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
             let e = acked.entry(agent.clone()).or_insert_with(|| (incarnation.clone(), 0));
@@ -84,6 +110,9 @@ impl ServerHandler {
             warn!(peer = %peer.addr, node = %peer.hello.node, claimed = %agent_id, "agent session for another node: refused");
             return sink.end(Some(format!("node {} cannot register as {agent_id}", peer.hello.node)));
         }
+        if let Err(why) = self.not_leading() {
+            return sink.end(Some(why));
+        }
         let agent = agent_id.clone();
         info!(%agent, addr = %peer.addr, incarnation = %peer.hello.node_id, "agent session opened");
         let (tx, mut rx) = mpsc::channel::<ToAgent>(SESSION_QUEUE);
@@ -96,12 +125,28 @@ impl ServerHandler {
         // new one when heartbeats stop, e.g. after a lost frame).
         let mut beat = tokio::time::interval(super::replication::HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With Raft, the session ends with this server's leadership (the agent finds the next
+        // leader; the next loop here would not know this session).
+        let mut route = self.raft.as_ref().map(|(_, r)| r.clone());
+        let leading_ends = async move {
+            match &mut route {
+                Some(r) => {
+                    let _ = r.wait_for(|r| !matches!(r, super::forward::Route::Local)).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(leading_ends);
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => if !sink.send(Item::ToAgent(m)).await { break },
                     None => break,
                 },
+                () = &mut leading_ends => {
+                    info!(%agent, "this server no longer leads: the agent's session ends");
+                    break;
+                }
                 _ = beat.tick() => if !sink.send(Item::Heartbeat { index: 0 }).await { break },
                 () = sink.closed() => break,
             }
@@ -137,8 +182,10 @@ impl Handler for ServerHandler {
             }
             Request::Http(r) => Ok(Response::Http(self.http.serve(r).await)),
             Request::Echo(s) => Ok(Response::Echo(s)),
-            // Not wired in yet: a server running Raft delegates to `crate::raft::RaftHandler::handle`.
-            Request::Raft(r) => Err(RemoteError::NotServed(r.name().into())),
+            Request::Raft(r) => match &self.raft {
+                Some((raft, _)) => raft.handle(r).await,
+                None => Err(RemoteError::NotServed(r.name().into())),
+            },
             other => Err(RemoteError::NotServed(format!("{} is a stream", other.name()))),
         }
     }

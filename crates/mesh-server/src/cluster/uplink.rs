@@ -72,6 +72,7 @@ pub fn spawn(
         connecting: false,
         generation: 0,
         backoff: BACKOFF.0,
+        hint: None,
     };
     (link, pending, tokio::spawn(up.run(rx)))
 }
@@ -96,6 +97,14 @@ struct Uplink {
     /// Counts connections, so the end of an old one is not taken for the current one's.
     generation: u64,
     backoff: Duration,
+    /// The leader a server that does not lead named: tried first on the next connect.
+    hint: Option<std::net::SocketAddr>,
+}
+
+/// The leader's RPC address in a server's refusal (`... leader at ADDR`).
+fn leader_hint(why: &str) -> Option<std::net::SocketAddr> {
+    let (_, rest) = why.split_once("leader at ")?;
+    rest.split(|c: char| c.is_whitespace() || c == ')' || c == ',').next()?.parse().ok()
 }
 
 impl Uplink {
@@ -207,6 +216,11 @@ impl Uplink {
                 }
                 self.session = false;
                 let _ = self.link.send(None);
+                self.hint = leader_hint(&why);
+                if self.hint.is_none() && why.contains("not the leader") {
+                    // An election: no one to go to yet.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 self.connect(ev_tx);
             }
         }
@@ -221,6 +235,7 @@ impl Uplink {
         let cfg = self.cfg.clone();
         let ev = ev_tx.clone();
         let mut backoff = self.backoff;
+        let hint = self.hint.take();
         tokio::spawn(async move {
             let hello = Hello {
                 node: cfg.agent.0.clone(),
@@ -231,7 +246,18 @@ impl Uplink {
             };
             let mut round = 0u32;
             loop {
-                let servers = cfg.servers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut servers = cfg.servers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if round == 0
+                    && let Some(h) = hint
+                {
+                    servers.retain(|a| *a != h);
+                    servers.insert(0, h);
+                } else if !servers.is_empty() {
+                    // Not always the same first server: one that keeps refusing sessions (it
+                    // does not lead) does not starve the others.
+                    let n = servers.len();
+                    servers.rotate_left(round as usize % n);
+                }
                 for addr in &servers {
                     match Conn::connect(cfg.transport.as_ref(), *addr, hello.clone(), Arc::new(NoHandler)).await {
                         Ok(conn) => {

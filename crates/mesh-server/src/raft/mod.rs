@@ -5,9 +5,11 @@
 //! The Raft RPCs travel over mesh's internal RPC ([`network`]: [`MeshNetwork`] calls, a
 //! [`RaftHandler`] serves); timings are Consul-like ([`RaftTiming`]).
 //!
-//! Nothing here is wired into the running server yet: the control loop still writes its own log.
-//! The storage passes openraft's conformance suite (`tests/raft_storage.rs`); a three-node group
-//! elects, replicates and fails over in `tests/raft_group.rs`.
+//! A `mesh server` runs on it ([`server`]): the leader's control loop writes through
+//! [`RaftLog`], every server's state machine publishes what it applies. The storage passes
+//! openraft's conformance suite (`tests/raft_storage.rs`); a three-node group elects,
+//! replicates and fails over in `tests/raft_group.rs`; `tests/ha.rs` runs three server
+//! processes.
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes); the helpers here
 // return it as the trait methods must, so boxing it would only add conversions.
@@ -18,19 +20,23 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
+pub mod log;
 pub mod log_store;
 pub mod network;
+pub mod server;
 pub mod state_machine;
 
+pub use log::RaftLog;
 pub use log_store::RedbLogStore;
 pub use network::{MeshNetwork, MeshNetworkClient, RaftHandler, RaftTiming};
-pub use state_machine::{Applied, MeshSnapshotBuilder, MeshStateMachine};
+pub use server::{RaftServer, RaftServerConfig, raft_id};
+pub use state_machine::{Applied, ApplyObserver, MeshSnapshotBuilder, MeshStateMachine};
 
 openraft::declare_raft_types!(
-    /// The openraft type configuration of mesh: log entries carry [`Command`]s, applying one
-    /// answers an [`ApplyOutcome`], members are [`MeshNode`]s.
+    /// The openraft type configuration of mesh: log entries carry [`Batch`]es of commands,
+    /// applying one answers an [`ApplyOutcome`], members are [`MeshNode`]s.
     pub TypeConfig:
-        D = Command,
+        D = Batch,
         R = ApplyOutcome,
         NodeId = u64,
         Node = MeshNode,
@@ -59,22 +65,42 @@ pub struct MeshNode {
     pub rpc: String,
 }
 
-/// What applying one log entry did: the state index after it, and whether
-/// [`State::apply`](mesh_core::state::State::apply) accepted the command. A rejected command
-/// leaves the state unchanged; the proposer hands the client the same [`ApplyError`] a
-/// single-node server would. Blank and membership entries are always accepted.
+/// One log entry's commands: the leader writes what its control loop proposed in one turn as one
+/// entry (group commit), so a burst of writes costs one replication round, not one per write.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The commands, applied in order.
+    pub commands: Vec<Command>,
+}
+
+impl From<Vec<Command>> for Batch {
+    fn from(commands: Vec<Command>) -> Self {
+        Batch { commands }
+    }
+}
+
+impl From<Command> for Batch {
+    fn from(command: Command) -> Self {
+        Batch { commands: vec![command] }
+    }
+}
+
+/// What applying one log entry did: the state index after it, and for each command of its
+/// [`Batch`] whether [`State::apply`](mesh_core::state::State::apply) accepted it. A rejected
+/// command leaves the state unchanged; the proposer hands the client the same [`ApplyError`] a
+/// single-node server would. Blank and membership entries have no commands.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplyOutcome {
-    /// The state's index after the entry (unchanged when the command was rejected).
+    /// The state's index after the entry.
     pub index: u64,
-    /// `Ok` when the command was applied, else why not.
-    pub result: Result<(), ApplyError>,
+    /// Per command: `Ok` when it was applied, else why not.
+    pub results: Vec<Result<(), ApplyError>>,
 }
 
 impl ApplyOutcome {
-    /// Whether the command was applied.
+    /// Whether every command was applied.
     pub fn is_accepted(&self) -> bool {
-        self.result.is_ok()
+        self.results.iter().all(Result::is_ok)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::{ApplyOutcome, Entry, LogId, MeshNode, NodeId, RaftStorageError, StoredMembership, TypeConfig};
 use super::{blocking, storage_err};
-use mesh_core::state::{State, decode_state, encode_state};
+use mesh_core::state::{Command, State, decode_state, encode_state};
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
@@ -93,8 +93,18 @@ pub struct Applied {
     pub state: State,
 }
 
+/// Told of every change of the state machine, synchronously, before openraft answers the
+/// proposer: a server publishes its readers' view (HTTP, DNS, events, agents' replication)
+/// here, so a client that hears its write succeeded reads it on the same server at once.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// `commands` (the accepted ones, numbered `before.index + 1..=after.index`) took the
+    /// state from `before` to `after`.
+    fn applied(&self, before: &State, commands: &[Command], after: &State);
+    /// The state was replaced (a snapshot was installed): there is no command history.
+    fn replaced(&self, state: &State);
+}
+
 /// The replicated [`State`] as a Raft state machine.
-#[derive(Debug)]
 pub struct MeshStateMachine {
     /// What has been applied, for readers outside Raft (the state machine itself is Raft's).
     published: tokio::sync::watch::Sender<Applied>,
@@ -104,6 +114,17 @@ pub struct MeshStateMachine {
     snapshot: Arc<SnapshotSlot>,
     /// Snapshots built by this process, for unique snapshot ids.
     built: Arc<std::sync::atomic::AtomicU64>,
+    observer: Option<Arc<dyn ApplyObserver>>,
+}
+
+impl std::fmt::Debug for MeshStateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshStateMachine")
+            .field("index", &self.state.index)
+            .field("last_applied", &self.last_applied)
+            .field("last_membership", &self.last_membership)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MeshStateMachine {
@@ -142,7 +163,14 @@ impl MeshStateMachine {
             last_membership: StoredMembership::default(),
             snapshot: Arc::new(slot),
             built: Arc::default(),
+            observer: None,
         }
+    }
+
+    /// Tell `observer` of every change from now on (it is first told of the current state).
+    pub fn set_observer(&mut self, observer: Arc<dyn ApplyObserver>) {
+        observer.replaced(&self.state);
+        self.observer = Some(observer);
     }
 
     /// The state as applied so far.
@@ -175,6 +203,9 @@ impl MeshStateMachine {
         self.last_applied = body.last_applied;
         self.last_membership = body.last_membership;
         self.publish();
+        if let Some(o) = &self.observer {
+            o.replaced(&self.state);
+        }
         Ok(())
     }
 }
@@ -233,19 +264,36 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
         // State::apply is pure and in memory: deterministic on every member, no I/O to offload.
         let entries = entries.into_iter();
         let mut out = Vec::with_capacity(entries.size_hint().0);
+        let before = self.observer.as_ref().map(|_| self.state.clone());
+        let mut accepted = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
-            let result = match entry.payload {
-                EntryPayload::Blank => Ok(()),
-                EntryPayload::Normal(cmd) => self.state.apply(&cmd).map(drop),
+            let results = match entry.payload {
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(batch) => {
+                    let mut results = Vec::with_capacity(batch.commands.len());
+                    for cmd in batch.commands {
+                        let r = self.state.apply(&cmd).map(drop);
+                        if r.is_ok() && before.is_some() {
+                            accepted.push(cmd);
+                        }
+                        results.push(r);
+                    }
+                    results
+                }
                 EntryPayload::Membership(m) => {
                     self.last_membership = StoredMembership::new(Some(entry.log_id), m);
-                    Ok(())
+                    Vec::new()
                 }
             };
-            out.push(ApplyOutcome { index: self.state.index, result });
+            out.push(ApplyOutcome { index: self.state.index, results });
         }
         self.publish();
+        if let (Some(o), Some(before)) = (&self.observer, before)
+            && !accepted.is_empty()
+        {
+            o.applied(&before, &accepted, &self.state);
+        }
         Ok(out)
     }
 
@@ -285,6 +333,9 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         self.publish();
+        if let Some(o) = &self.observer {
+            o.replaced(&self.state);
+        }
         let slot = self.snapshot.clone();
         let m = meta.clone();
         blocking(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, move || slot.store(m, data)).await

@@ -1,0 +1,105 @@
+//! The leader's [`Log`]: a [`Store`](mesh_core::state::Store) whose appends are Raft writes.
+//!
+//! The control loop keeps its shape: it validates a batch by applying it to a copy of the
+//! state (the store does), and what applied is appended here as one [`Batch`] entry. The append
+//! returns once a quorum has the entry and this server's state machine applied it; the state
+//! machine reached the same state from the same commands, which [`RaftLog::append`] checks.
+//!
+//! Any failure (leadership lost, no quorum in time, a different outcome) poisons the log: the
+//! store refuses every later write and the server drops this control loop and starts a fresh
+//! one from the state machine once it leads again with everything applied (an entry whose
+//! append timed out may still commit; the fresh loop sees it in the state).
+
+use super::{Batch, TypeConfig};
+use mesh_core::state::{Command, Log, LogError, SnapshotWriter, State};
+use openraft::Raft;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// A [`Log`] that writes through Raft (leader only).
+pub struct RaftLog {
+    raft: Raft<TypeConfig>,
+    /// The state to start from (the state machine's, when this leader's loop began).
+    start: Option<State>,
+    /// How long an append may wait for a quorum.
+    timeout: Duration,
+    /// Set (with the reason) on the first failure: the owner restarts the control loop.
+    poisoned: watch::Sender<Option<String>>,
+}
+
+/// Snapshots are Raft's (the state machine builds them): nothing to write here.
+struct RaftSnapshots;
+
+impl SnapshotWriter for RaftSnapshots {
+    fn write(&self, _state: &State) -> Result<u64, LogError> {
+        Ok(0)
+    }
+}
+
+impl RaftLog {
+    /// A log over `raft` starting at `state` (the state machine's, fully applied); appends give
+    /// up after `timeout`. The receiver says when (and why) the log was poisoned.
+    pub fn new(raft: Raft<TypeConfig>, state: State, timeout: Duration) -> (RaftLog, watch::Receiver<Option<String>>) {
+        let (poisoned, rx) = watch::channel(None);
+        (RaftLog { raft, start: Some(state), timeout, poisoned }, rx)
+    }
+
+    fn poison(&self, why: String) -> LogError {
+        tracing::warn!(reason = %why, "raft: this leader's control loop stops writing");
+        self.poisoned.send_replace(Some(why.clone()));
+        LogError::Unwritable(why)
+    }
+}
+
+impl Log for RaftLog {
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        if let Some(why) = self.poisoned.borrow().clone() {
+            return Err(LogError::Unwritable(why));
+        }
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| LogError::Store("a Raft write needs the Tokio runtime".into()))?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            // The control loop blocks its worker on the write (`block_in_place`), which a
+            // single-threaded runtime cannot do without stopping Raft itself.
+            return Err(LogError::Store("a Raft write needs the multi-threaded Tokio runtime".into()));
+        }
+        let batch = Batch { commands: cmds.to_vec() };
+        let raft = self.raft.clone();
+        let timeout = self.timeout;
+        let written = handle.block_on(async move { tokio::time::timeout(timeout, raft.client_write(batch)).await });
+        let resp = match written {
+            Err(_) => {
+                return Err(self.poison(format!("No cluster leader: no quorum confirmed the write within {timeout:?}")));
+            }
+            Ok(Err(e)) => return Err(self.poison(format!("No cluster leader: {e}"))),
+            Ok(Ok(resp)) => resp,
+        };
+        let last = first + cmds.len() as u64 - 1;
+        if !resp.data.is_accepted() || resp.data.index != last {
+            return Err(self.poison(format!(
+                "the replicated state machine disagrees with the leader's (index {} for {first}..={last}: {:?})",
+                resp.data.index,
+                resp.data.results.iter().filter_map(|r| r.as_ref().err()).next()
+            )));
+        }
+        Ok(())
+    }
+
+    fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {
+        Ok((self.start.take(), Vec::new()))
+    }
+
+    fn snapshots(&self) -> Arc<dyn SnapshotWriter> {
+        Arc::new(RaftSnapshots)
+    }
+
+    fn compact(&mut self, _index: u64) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn recover(&mut self, _acknowledged: u64) -> Result<(), LogError> {
+        // A poisoned log never recovers: the server replaces the whole control loop.
+        Err(LogError::Unwritable(self.poisoned.borrow().clone().unwrap_or_default()))
+    }
+}
