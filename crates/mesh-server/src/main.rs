@@ -576,7 +576,12 @@ enum Role {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hickory_server=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // openraft logs every failed heartbeat to an unreachable member (several a
+                // second); mesh's Raft network says once that a member cannot be reached.
+                "info,hickory_server=warn,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=error"
+                    .into()
+            }),
         )
         .with_writer(mesh_server::logs::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -521,7 +521,7 @@ fn ensure_data_dir(cfg: &NodeConfig) -> Result<String, NodeError> {
 
 /// How long a request that needs the leader waits for one during an election (Consul's
 /// `rpc_hold_timeout`), and how long a write waits for a quorum.
-pub const RPC_HOLD: Duration = Duration::from_secs(7);
+pub const RPC_HOLD: Duration = crate::cluster::forward::HOLD;
 
 /// Run a `mesh server` (a control node) until `shutdown` resolves: a member of the
 /// datacenter's Raft group (formed with `--bootstrap-expect` servers), every HTTP API, DNS, and

@@ -24,6 +24,9 @@ use tracing::debug;
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest an agent waits for its replica to catch up with a forwarded write.
 const CATCH_UP: Duration = Duration::from_secs(5);
+/// How long a request waits for a server (an agent) or a leader (a server): Consul's
+/// `rpc_hold_timeout`.
+pub const HOLD: Duration = Duration::from_secs(7);
 /// Largest forwarded body, either way.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Routers kept per node (one per agent that forwards).
@@ -158,9 +161,18 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         }
         return resp;
     }
-    let conn = f.link.borrow().clone();
-    let Some(conn) = conn.filter(|c| !c.is_closed()) else {
-        return unavailable(&path, "this agent has no connection to a server");
+    // No server yet (starting, or between servers): wait for one, as long as a server waits
+    // for a leader.
+    let mut link = f.link.clone();
+    let deadline = tokio::time::Instant::now() + HOLD;
+    let conn = loop {
+        let conn = link.borrow_and_update().clone();
+        if let Some(c) = conn.filter(|c| !c.is_closed()) {
+            break c;
+        }
+        if !matches!(tokio::time::timeout_at(deadline, link.changed()).await, Ok(Ok(()))) {
+            return unavailable(&path, "this agent has no connection to a server");
+        }
     };
     // Mesos framework streams live on the server: send the client there, as a Mesos master that
     // is not the leader does (307 with a scheme-relative Location).
@@ -318,7 +330,7 @@ pub async fn leader_layer(
             }
             _ => {}
         }
-        if hop || tokio::time::timeout_at(deadline, route.changed()).await.is_err() {
+        if hop || !matches!(tokio::time::timeout_at(deadline, route.changed()).await, Ok(Ok(()))) {
             let why = if hop { "this server does not lead" } else { "none elected in time" };
             return unavailable(&path, why);
         }

@@ -45,6 +45,9 @@ enum Event {
     Acked(Result<u64, RpcError>),
     /// The connection of this generation ended.
     SessionEnded(u64, String),
+    /// The server of this generation took the session (it leads): the connection is shown to
+    /// the replica and the HTTP forwarder.
+    SessionUp(u64),
 }
 
 /// Start the uplink. `rx` receives what the agent's components send to "control". Returns the
@@ -184,7 +187,6 @@ impl Uplink {
                 let generation = self.generation;
                 self.session = false;
                 self.register = None;
-                let _ = self.link.send(Some(conn.clone()));
                 // A fresh registration, with what runs now, opens the session.
                 if let Some(tx) = &self.to_agent {
                     let _ = tx.send(ToAgent::Reregister).await;
@@ -194,6 +196,13 @@ impl Uplink {
                     conn.closed().await;
                     let _ = ev.send(Event::SessionEnded(generation, "connection closed".into())).await;
                 });
+            }
+            Event::SessionUp(generation) => {
+                if generation == self.generation
+                    && let Some(conn) = &self.conn
+                {
+                    let _ = self.link.send(Some(conn.clone()));
+                }
             }
             Event::Acked(Ok(upto)) => {
                 self.reporting = false;
@@ -295,11 +304,17 @@ impl Uplink {
         let ev = ev_tx.clone();
         let generation = self.generation;
         tokio::spawn(async move {
+            let mut up = false;
             let why = match conn.open(Request::AgentSession { register }).await {
                 Err(e) => e.to_string(),
                 Ok(mut stream) => loop {
                     let next = tokio::time::timeout(super::replication::HEARTBEAT * 5, stream.next());
                     let Ok(next) = next.await else { break "no heartbeat from the server".to_owned() };
+                    if !up && matches!(next, Some(Ok(_))) {
+                        // The server answers on the session (a refusal ends it at once instead).
+                        up = true;
+                        let _ = ev.send(Event::SessionUp(generation)).await;
+                    }
                     match next {
                         Some(Ok(Item::Heartbeat { .. })) => {}
                         Some(Ok(Item::ToAgent(m))) => {

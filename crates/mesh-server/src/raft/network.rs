@@ -122,6 +122,8 @@ pub struct MeshNetwork {
     handler: Arc<dyn Handler>,
     backoff: Duration,
     conns: Arc<Mutex<HashMap<NodeId, Slot>>>,
+    /// Members that could not be reached since they last could (logged once per outage).
+    unreachable: Arc<Mutex<std::collections::HashSet<NodeId>>>,
 }
 
 impl MeshNetwork {
@@ -136,6 +138,7 @@ impl MeshNetwork {
             handler: Arc::new(NoHandler),
             backoff: timing.backoff(),
             conns: Arc::default(),
+            unreachable: Arc::default(),
         }
     }
 
@@ -237,11 +240,18 @@ impl MeshNetworkClient {
         let conn = match tokio::time::timeout(budget, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                debug!(target = self.target, %addr, error = %e, "raft: cannot connect");
+                if self.net.unreachable.lock().unwrap_or_else(|p| p.into_inner()).insert(self.target) {
+                    tracing::warn!(member = %self.node.name, %addr, error = %e, "raft: cannot reach a member; retrying");
+                } else {
+                    debug!(target = self.target, %addr, error = %e, "raft: cannot connect");
+                }
                 return Err(Failure::Unreachable(e));
             }
             Err(_) => return Err(Failure::Unreachable(RpcError::Timeout(addr, budget))),
         };
+        if self.net.unreachable.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.target) {
+            tracing::info!(member = %self.node.name, %addr, "raft: reached the member again");
+        }
         debug!(target = self.target, %addr, node = %conn.peer().hello.node, "raft: connected");
         *slot = Some((addr, conn.clone()));
         Ok(conn)

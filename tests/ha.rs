@@ -1,0 +1,268 @@
+//! A highly available control plane: three `mesh server`s that form one Raft group by
+//! themselves (`--bootstrap-expect 3`, through gossip) and one `mesh agent`, as separate
+//! processes on loopback addresses. Writes go through followers and the agent; the leader is
+//! SIGKILLed several times and restarted; nothing acknowledged is lost, the app keeps its
+//! tasks (none doubled), and every server names the same leader.
+
+mod support;
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The loopback network of this test: `127.<a>.<b>.<host>`, unique to this process.
+fn net() -> String {
+    format!("127.{}.60", 20 + std::process::id() % 200)
+}
+
+/// Raft timings scaled for tests on a loaded machine: heartbeat 150 ms, elections 300-600 ms.
+const RAFT_MULTIPLIER: &str = "0.3";
+
+fn start_server(net: &str, dir: &Path, i: u8) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let (j1, j2) = (format!("{net}.1:8301"), format!("{net}.2:8301"));
+    MeshNode::start_role(
+        "server",
+        &ip,
+        dir,
+        port_range(),
+        &format!("server{i}"),
+        &[
+            "--bind",
+            &ip,
+            "--rpc",
+            &rpc,
+            "--join",
+            &j1,
+            "--join",
+            &j2,
+            "--bootstrap-expect",
+            "3",
+            "--raft-multiplier",
+            RAFT_MULTIPLIER,
+            "--gossip-probe-period",
+            "200ms",
+        ],
+    )
+}
+
+fn start_agent(net: &str, dir: &Path) -> MeshNode {
+    let ip = format!("{net}.10");
+    let rpc = format!("{ip}:8300");
+    let join = format!("{net}.1:8301");
+    MeshNode::start_role(
+        "agent",
+        &ip,
+        dir,
+        port_range(),
+        "agent0",
+        &[
+            "--bind",
+            &ip,
+            "--rpc",
+            &rpc,
+            "--join",
+            &join,
+            "--gossip-probe-period",
+            "200ms",
+            "--runtime",
+            "process",
+            "--no-registrator",
+        ],
+    )
+}
+
+/// What `node` says the leader is (`/v1/status/leader`, the leader's RPC address), if any.
+async fn leader_of(node: &MeshNode) -> Option<String> {
+    let r = node.client.get(node.url("/v1/status/leader")).timeout(Duration::from_secs(2)).send().await.ok()?;
+    let v: Value = r.json().await.ok()?;
+    v.as_str().filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+/// Wait until every server in `live` names the same leader, one of them; its index in `servers`.
+async fn agreed_leader(servers: &[Option<MeshNode>], net: &str) -> usize {
+    eventually(60, "every live server names the same leader", || async {
+        let mut seen = BTreeSet::new();
+        for s in servers.iter().flatten() {
+            seen.insert(leader_of(s).await?);
+        }
+        let leader = seen.into_iter().collect::<Vec<_>>();
+        let [one] = leader.as_slice() else { return None };
+        let ip = one.split(':').next()?;
+        let i = ip.strip_prefix(&format!("{net}."))?.parse::<usize>().ok()? - 1;
+        servers.get(i)?.as_ref().map(|_| i)
+    })
+    .await
+}
+
+/// PUT a key through `node` until the answer is `true`; how long that took.
+async fn put_until_accepted(node: &MeshNode, key: &str, value: &str) -> Duration {
+    let start = Instant::now();
+    eventually(60, &format!("PUT {key} accepted through {}", node.name), || async {
+        let r = node
+            .client
+            .put(node.url(&format!("/v1/kv/{key}")))
+            .body(value.to_owned())
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .ok()?;
+        let ok = r.status() == 200 && r.text().await.ok()?.trim() == "true";
+        ok.then_some(())
+    })
+    .await;
+    start.elapsed()
+}
+
+/// The raw value of `key` read through `node` (`query` adds e.g. `&stale`).
+async fn read(node: &MeshNode, key: &str, query: &str) -> Option<String> {
+    let r = node.client.get(node.url(&format!("/v1/kv/{key}?raw{query}"))).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.text().await.ok()
+}
+
+/// The ids of the app's tasks (every state), as `node` sees them.
+async fn task_ids(node: &MeshNode, app: &str) -> Vec<(String, String)> {
+    let (_, v) = node.get(&format!("/v2/apps/{app}/tasks")).await;
+    let mut out: Vec<(String, String)> = v["tasks"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    (
+                        t["id"].as_str().unwrap_or_default().to_owned(),
+                        t["state"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_keep_every_acknowledged_write_through_leader_kills() {
+    let net = net();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str| tmp.path().join(name);
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server(&net, &dir(&format!("server{i}")), i))).collect();
+    let agent = start_agent(&net, &dir("agent0"));
+
+    // The group forms by itself: one leader, three voters, the same view everywhere.
+    let leader = agreed_leader(&servers, &net).await;
+    for s in servers.iter().flatten() {
+        let (status, peers) = s.get("/v1/status/peers").await;
+        assert_eq!(status, 200);
+        assert_eq!(peers.as_array().map(Vec::len), Some(3), "{peers}");
+        let (_, conf) = s.get("/v1/operator/raft/configuration").await;
+        let list = conf["Servers"].as_array().expect("Servers");
+        assert_eq!(list.len(), 3, "{conf}");
+        assert_eq!(list.iter().filter(|m| m["Leader"] == true).count(), 1, "{conf}");
+        assert!(list.iter().all(|m| m["Voter"] == true), "{conf}");
+    }
+    let leader_http = servers[leader].as_ref().unwrap().http.to_string();
+    for s in servers.iter().flatten() {
+        let (_, v) = s.get("/v2/leader").await;
+        assert_eq!(v["leader"].as_str(), Some(leader_http.as_str()), "/v2/leader on {}", s.name);
+    }
+
+    // A write through a follower is forwarded; the follower then reads it at once, even stale.
+    let follower = (leader + 1) % 3;
+    let f = servers[follower].as_ref().unwrap();
+    put_until_accepted(f, "k0", "v0").await;
+    assert_eq!(read(f, "k0", "").await.as_deref(), Some("v0"));
+    assert_eq!(read(f, "k0", "&stale").await.as_deref(), Some("v0"));
+    // And a CAS that must fail does, with Consul's answer.
+    let r = f.client.put(f.url("/v1/kv/k0?cas=1")).body("no").send().await.expect("cas");
+    assert_eq!(r.text().await.unwrap().trim(), "false");
+
+    // An app deployed through the agent (forwarded to the leader) runs on it.
+    let tag = format!("ha-{}", std::process::id());
+    let app = serde_json::json!({
+        "id": "/web", "cmd": "exec python3 -m http.server $PORT0 --bind 0.0.0.0", "instances": 2,
+        "cpus": 0.1, "mem": 32, "env": {"MESH_TEST_TAG": tag},
+    });
+    let (s, v) = agent.send("POST", "/v2/apps", Some(&app.to_string())).await;
+    assert_eq!(s, 201, "{v}");
+    let running = eventually(60, "2 tasks running", || async {
+        let ts = task_ids(f, "web").await;
+        (ts.len() == 2 && ts.iter().all(|(_, s)| s == "TASK_RUNNING")).then_some(ts)
+    })
+    .await;
+    let pids = eventually(30, "2 task processes", || async {
+        let p = tagged_pids(&tag, "python3");
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+
+    // Kill the leader three times; each time a new one takes writes, nothing acknowledged is
+    // lost, and the killed server comes back and catches up.
+    let mut written = vec![("k0".to_owned(), "v0".to_owned())];
+    let mut took = Vec::new();
+    let mut leader = leader;
+    for round in 1..=3 {
+        let mut old = servers[leader].take().expect("leader");
+        old.stop_with("KILL");
+        let other = servers.iter().flatten().next().expect("a live server");
+        let (key, value) = (format!("k{round}"), format!("v{round}"));
+        took.push(put_until_accepted(other, &key, &value).await);
+        written.push((key, value));
+        let next = agreed_leader(&servers, &net).await;
+        assert_ne!(next, leader, "a new leader");
+        for s in servers.iter().flatten() {
+            for (k, v) in &written {
+                assert_eq!(
+                    read(s, k, "").await.as_deref(),
+                    Some(v.as_str()),
+                    "{k} through {} after kill {round}",
+                    s.name
+                );
+            }
+        }
+        // The app keeps its two tasks: none lost, none doubled, the same processes.
+        assert_eq!(
+            task_ids(servers[next].as_ref().unwrap(), "web").await,
+            running,
+            "the app's tasks after kill {round}"
+        );
+        assert_eq!(tagged_pids(&tag, "python3"), pids, "no task restarted after kill {round}");
+        // The killed server comes back on its data and catches up.
+        let back = MeshNode::start_role("server", &old.http.ip().to_string(), &old.data_dir, old.ports, &old.name, &{
+            let e: Vec<&str> = old.extra.iter().map(String::as_str).collect();
+            e
+        });
+        servers[leader] = Some(back);
+        let back = servers[leader].as_ref().unwrap();
+        let (k, v) = written.last().unwrap();
+        eventually(60, "the restarted server caught up", || async {
+            (read(back, k, "&stale").await.as_deref() == Some(v.as_str())).then_some(())
+        })
+        .await;
+        leader = agreed_leader(&servers, &net).await;
+    }
+    eprintln!("first accepted write after a leader SIGKILL: {took:?}");
+
+    // The agent follows the leader: scaling through it reaches the new leader's control loop.
+    let (s, v) = agent.send("PUT", "/v2/apps/web", Some(r#"{"instances": 3}"#)).await;
+    assert_eq!(s, 200, "{v}");
+    let l = servers[leader].as_ref().unwrap();
+    let three = eventually(60, "3 tasks running", || async {
+        let ts = task_ids(l, "web").await;
+        (ts.len() == 3 && ts.iter().all(|(_, s)| s == "TASK_RUNNING")).then_some(ts)
+    })
+    .await;
+    let ids: BTreeSet<&String> = three.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 3, "no task id twice: {three:?}");
+    assert!(running.iter().all(|t| three.contains(t)), "the first two tasks still run");
+
+    let (s, v) = l.send("DELETE", "/v2/apps/web", None).await;
+    assert_eq!(s, 200, "{v}");
+    eventually(60, "no task process left", || async { tagged_pids(&tag, "python3").is_empty().then_some(()) }).await;
+}
