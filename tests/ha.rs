@@ -21,7 +21,13 @@ fn net() -> String {
 const RAFT_MULTIPLIER: &str = "0.3";
 
 fn start_server(net: &str, dir: &Path, i: u8) -> MeshNode {
+    start_server_of(net, dir, i, 3)
+}
+
+/// Server `i` of a group that forms once `expect` servers found each other.
+fn start_server_of(net: &str, dir: &Path, i: u8, expect: u8) -> MeshNode {
     let ip = format!("{net}.{i}");
+    let expect = expect.to_string();
     let rpc = format!("{ip}:8300");
     let (j1, j2) = (format!("{net}.1:8301"), format!("{net}.2:8301"));
     MeshNode::start_role(
@@ -40,7 +46,7 @@ fn start_server(net: &str, dir: &Path, i: u8) -> MeshNode {
             "--join",
             &j2,
             "--bootstrap-expect",
-            "3",
+            &expect,
             "--raft-multiplier",
             RAFT_MULTIPLIER,
             "--gossip-probe-period",
@@ -73,6 +79,11 @@ fn start_agent(net: &str, dir: &Path) -> MeshNode {
             "--no-registrator",
         ],
     )
+}
+
+/// The same loopback network with another third byte (a second test in this process).
+fn net_of(third: u8) -> String {
+    format!("127.{}.{third}", 20 + std::process::id() % 200)
 }
 
 /// What `node` says the leader is (`/v1/status/leader`, the leader's RPC address), if any.
@@ -265,4 +276,82 @@ async fn three_servers_keep_every_acknowledged_write_through_leader_kills() {
     let (s, v) = l.send("DELETE", "/v2/apps/web", None).await;
     assert_eq!(s, 200, "{v}");
     eventually(60, "no task process left", || async { tagged_pids(&tag, "python3").is_empty().then_some(()) }).await;
+}
+
+/// Restart a server killed earlier on its data dir, with the same flags.
+fn restart(old: &MeshNode) -> MeshNode {
+    let args: Vec<&str> = old.extra.iter().map(String::as_str).collect();
+    MeshNode::start_role("server", &old.http.ip().to_string(), &old.data_dir, old.ports, &old.name, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_servers_write_without_two_and_stop_writing_without_three() {
+    let net = net_of(61);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=5u8).map(|i| Some(start_server_of(&net, &tmp.path().join(format!("server{i}")), i, 5))).collect();
+    let leader = agreed_leader(&servers, &net).await;
+    let (_, peers) = servers[0].as_ref().unwrap().get("/v1/status/peers").await;
+    assert_eq!(peers.as_array().map(Vec::len), Some(5), "{peers}");
+    let first = servers[(leader + 1) % 5].as_ref().unwrap();
+    put_until_accepted(first, "before", "5").await;
+
+    // Two lost (the leader among them): the other three elect a leader and take writes.
+    let mut killed = Vec::new();
+    for i in [leader, (leader + 1) % 5] {
+        let mut s = servers[i].take().unwrap();
+        s.stop_with("KILL");
+        killed.push((i, s));
+    }
+    let three = agreed_leader(&servers, &net).await;
+    let took = put_until_accepted(servers[three].as_ref().unwrap(), "with-three", "3").await;
+    eprintln!("five servers, two killed: the first write accepted after {took:?}");
+
+    // A third lost: no quorum. Writes get the API's own error (after the hold), reads with
+    // `stale` and DNS still answer from each server's state, saying no leader is known.
+    let third = (0..5).find(|i| servers[*i].is_some()).unwrap();
+    let mut s = servers[third].take().unwrap();
+    s.stop_with("KILL");
+    killed.push((third, s));
+    let survivor = servers.iter().flatten().next().unwrap();
+    let start = Instant::now();
+    let r = survivor
+        .client
+        .put(survivor.url("/v1/kv/without-quorum"))
+        .body("x")
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await;
+    let r = r.expect("an answer, not a hang");
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 500, "Consul's answer without a leader: {body}");
+    assert!(body.contains("No cluster leader"), "{body}");
+    eprintln!("five servers, three killed: a write was refused after {:?}", start.elapsed());
+    let (s2, v) = survivor.send("POST", "/v2/apps", Some(r#"{"id": "/nope", "cmd": "sleep 1"}"#)).await;
+    assert_eq!(s2, 503, "Marathon's answer without a leader: {v}");
+    for s in servers.iter().flatten() {
+        let r = s.client.get(s.url("/v1/kv/with-three?stale&raw")).send().await.expect("stale read");
+        assert_eq!(r.headers().get("X-Consul-KnownLeader").and_then(|v| v.to_str().ok()), Some("false"));
+        assert_eq!(r.text().await.unwrap(), "3", "a stale read on {}", s.name);
+        let records = srv(&s.resolver(false), "consul.service.mesh").await.expect("DNS answers without a leader");
+        assert!(!records.is_empty(), "consul.service.mesh on {}", s.name);
+    }
+
+    // They come back: a leader again, writes again, nothing acknowledged lost.
+    for (i, s) in killed {
+        servers[i] = Some(restart(&s));
+    }
+    let back = agreed_leader(&servers, &net).await;
+    put_until_accepted(servers[back].as_ref().unwrap(), "after", "5").await;
+    for s in servers.iter().flatten() {
+        for (k, v) in [("before", "5"), ("with-three", "3"), ("after", "5")] {
+            let got = eventually(30, &format!("{k} on {}", s.name), || async {
+                let r = read(s, k, "&stale").await?;
+                (r == v).then_some(r)
+            })
+            .await;
+            assert_eq!(got, v);
+        }
+    }
 }

@@ -1629,6 +1629,13 @@ pub trait Log: Send {
     fn recover(&mut self, _acknowledged: u64) -> Result<(), LogError> {
         Ok(())
     }
+    /// Confirm that rejections computed from the state as it is are still true: nothing was
+    /// written elsewhere since (a replicated log confirms this node still leads). Called when a
+    /// batch appended nothing but rejected something. Default: nothing to confirm (the only
+    /// writer is this store).
+    fn confirm(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// Writes snapshots durably; shared with the thread that writes them.
@@ -2481,6 +2488,11 @@ impl Store {
             }
         }
         if applied.is_empty() {
+            // A rejection (e.g. a CAS on an old index) is only true if no other writer moved
+            // the state meanwhile: with a replicated log, if this node still leads.
+            if !results.is_empty() && self.failure.is_none() {
+                self.log.confirm()?;
+            }
             return Ok(results);
         }
         if self.failure.is_none() {

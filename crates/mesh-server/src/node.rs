@@ -549,13 +549,14 @@ pub async fn run_server(
     let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Server, rpc_advertised).await?;
     let members_task = report_members(&gossip, control.clone());
     let (route_tx, route) = tokio::sync::watch::channel(crate::cluster::forward::Route::NoLeader);
+    let raft_view = crate::api::RaftView { raft: Arc::default(), route: Some(route.clone()) };
     let leader_route = crate::cluster::forward::LeaderRoute {
         route: route.clone(),
         node: cfg.node.clone(),
         published: published.clone(),
         hold: RPC_HOLD,
+        raft: raft_view.raft.clone(),
     };
-    let raft_view = crate::api::RaftView { raft: Arc::default(), route: Some(route.clone()) };
     // One set of API state (and membership) for this node's listeners and for the requests
     // agents forward, which act for their own node.
     let base = Api {

@@ -281,6 +281,10 @@ impl ApiError {
             ControlError::Rejected(ApplyError::Kv(
                 e @ (KvError::InvalidBehavior(_) | KvError::InvalidTtl(_) | KvError::InvalidLockDelay(_)),
             )) => ApiError::ConsulBadRequest(e.to_string()),
+            // Consul's answer when no leader could take the write.
+            ControlError::Log(m) if m.contains("No cluster leader") => {
+                ApiError::ConsulStatus(500, "No cluster leader".into())
+            }
             e @ (ControlError::Log(_) | ControlError::Stopped) => ApiError::ConsulStatus(503, e.to_string()),
             // e.g. `invalid session "x"`, `Missing node registration`: Consul's 500s
             e => ApiError::ConsulStatus(500, e.to_string()),

@@ -150,7 +150,8 @@ fn unavailable(path: &str, why: &str) -> axum::response::Response {
 /// the replica (saying, on Consul endpoints, when it has lost the server).
 pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next: Next) -> axum::response::Response {
     let path = req.uri().path().to_owned();
-    if !forwarded(req.method(), &path) {
+    // Consul's `consistent` reads are the leader's to answer (it confirms it leads first).
+    if !forwarded(req.method(), &path) && !query_has(&req, "consistent") {
         let mut resp = next.run(req).await;
         if !f.status.connected() && resp.headers().contains_key("X-Consul-KnownLeader") {
             let h = resp.headers_mut();
@@ -174,17 +175,8 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
             return unavailable(&path, "this agent has no connection to a server");
         }
     };
-    // Mesos framework streams live on the server: send the client there, as a Mesos master that
-    // is not the leader does (307 with a scheme-relative Location).
-    if (path == "/api/v1/scheduler" || path == "/master/redirect" || path == "/redirect")
-        && let Some(http) = conn.peer().hello.http.clone()
-    {
-        let target = if path == "/api/v1/scheduler" { path.as_str() } else { "" };
-        let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
-        if let Ok(v) = HeaderValue::from_str(&format!("//{http}{target}")) {
-            resp.headers_mut().insert(axum::http::header::LOCATION, v);
-        }
-        return resp;
+    if let Some(r) = mesos_redirect(&conn, &path) {
+        return r;
     }
 
     let observe = |fpath: &str, method: &str, body: &[u8], status: Option<u16>| {
@@ -196,6 +188,21 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         }
     };
     send(&conn, &f.node, &f.published, req, false, observe).await
+}
+
+/// Mesos framework streams live on the leader: send the client there, as a Mesos master that is
+/// not the leader does (307 with a scheme-relative Location).
+fn mesos_redirect(leader: &crate::rpc::Conn, path: &str) -> Option<axum::response::Response> {
+    if path != "/api/v1/scheduler" && path != "/master/redirect" && path != "/redirect" {
+        return None;
+    }
+    let http = leader.peer().hello.http.clone()?;
+    let target = if path == "/api/v1/scheduler" { path } else { "" };
+    let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("//{http}{target}")) {
+        resp.headers_mut().insert(axum::http::header::LOCATION, v);
+    }
+    Some(resp)
 }
 
 /// Header on a request a node forwarded: the receiver answers it itself or refuses it, never
@@ -286,24 +293,28 @@ pub struct LeaderRoute {
     pub published: Published,
     /// How long a request waits for a leader (Consul's `rpc_hold_timeout`).
     pub hold: Duration,
+    /// The server's Raft, once started: `?consistent` reads confirm leadership with a quorum.
+    pub raft: Arc<std::sync::OnceLock<openraft::Raft<crate::raft::TypeConfig>>>,
 }
 
 /// Whether a server answers `req` only as the leader: what an agent forwards, and Consul reads
-/// in the default or `consistent` mode (not `stale`, not blocking queries, which every server
-/// answers from its own state, as Consul's followers do with `stale`).
+/// in the default or `consistent` mode. `stale` reads and blocking queries are answered by every
+/// server from its own state (Consul's followers answer `stale` ones), as are the node-local
+/// `/v1/agent/*` endpoints.
 fn needs_leader(req: &axum::extract::Request) -> bool {
     let path = req.uri().path();
     if forwarded(req.method(), path) {
         return true;
     }
-    if req.method() != Method::GET || !path.starts_with("/v1/kv/") {
+    if req.method() != Method::GET || !path.starts_with("/v1/") || path.starts_with("/v1/agent/") {
         return false;
     }
-    let query = req.uri().query().unwrap_or("");
-    !query.split('&').any(|kv| {
-        let k = kv.split('=').next().unwrap_or("");
-        k == "stale" || k == "index"
-    })
+    !query_has(req, "stale") && !query_has(req, "index")
+}
+
+/// Whether the query string names `key` (with or without a value).
+fn query_has(req: &axum::extract::Request, key: &str) -> bool {
+    req.uri().query().unwrap_or("").split('&').any(|kv| kv.split('=').next() == Some(key))
 }
 
 /// A server's HTTP layer: what only the leader answers runs here when this server leads, goes
@@ -315,7 +326,12 @@ pub async fn leader_layer(
     next: Next,
 ) -> axum::response::Response {
     if !needs_leader(&req) {
-        return next.run(req).await;
+        let mut resp = next.run(req).await;
+        // A server answering from its own state says whether it knows a leader.
+        if matches!(&*l.route.borrow(), Route::NoLeader) && resp.headers().contains_key("X-Consul-KnownLeader") {
+            resp.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+        }
+        return resp;
     }
     let path = req.uri().path().to_owned();
     let hop = req.headers().contains_key(FORWARDED_HEADER);
@@ -324,8 +340,21 @@ pub async fn leader_layer(
     loop {
         let now = route.borrow_and_update().clone();
         match now {
-            Route::Local => return next.run(req).await,
+            Route::Local => {
+                if req.method() == Method::GET && query_has(&req, "consistent") {
+                    // Consul's `consistent` mode: a quorum confirms this server still leads,
+                    // and the state holds everything committed before the read.
+                    let Some(raft) = l.raft.get() else { return unavailable(&path, "raft not started") };
+                    if let Err(e) = raft.ensure_linearizable().await {
+                        return unavailable(&path, &e.to_string());
+                    }
+                }
+                return next.run(req).await;
+            }
             Route::Remote(conn) if !hop && !conn.is_closed() => {
+                if let Some(r) = mesos_redirect(&conn, &path) {
+                    return r;
+                }
                 return send(&conn, &l.node, &l.published, req, true, |_, _, _, _| {}).await;
             }
             _ => {}

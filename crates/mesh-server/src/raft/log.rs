@@ -45,6 +45,17 @@ impl RaftLog {
         (RaftLog { raft, start: Some(state), timeout, poisoned }, rx)
     }
 
+    /// The runtime to block on: the control loop blocks its worker on Raft (`block_in_place`),
+    /// which a single-threaded runtime cannot do without stopping Raft itself.
+    fn handle(&self) -> Result<tokio::runtime::Handle, LogError> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| LogError::Store("a Raft write needs the Tokio runtime".into()))?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(LogError::Store("a Raft write needs the multi-threaded Tokio runtime".into()));
+        }
+        Ok(handle)
+    }
+
     fn poison(&self, why: String) -> LogError {
         tracing::warn!(reason = %why, "raft: this leader's control loop stops writing");
         self.poisoned.send_replace(Some(why.clone()));
@@ -57,13 +68,7 @@ impl Log for RaftLog {
         if let Some(why) = self.poisoned.borrow().clone() {
             return Err(LogError::Unwritable(why));
         }
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| LogError::Store("a Raft write needs the Tokio runtime".into()))?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            // The control loop blocks its worker on the write (`block_in_place`), which a
-            // single-threaded runtime cannot do without stopping Raft itself.
-            return Err(LogError::Store("a Raft write needs the multi-threaded Tokio runtime".into()));
-        }
+        let handle = self.handle()?;
         let batch = Batch { commands: cmds.to_vec() };
         let raft = self.raft.clone();
         let timeout = self.timeout;
@@ -84,6 +89,25 @@ impl Log for RaftLog {
             )));
         }
         Ok(())
+    }
+
+    fn confirm(&mut self) -> Result<(), LogError> {
+        if let Some(why) = self.poisoned.borrow().clone() {
+            return Err(LogError::Unwritable(why));
+        }
+        let handle = self.handle()?;
+        let raft = self.raft.clone();
+        let timeout = self.timeout;
+        // Every entry this leader committed went through this store, so its state is the whole
+        // committed state as long as no other leader was elected: a quorum confirming this
+        // leadership now makes the rejections just computed true at this point.
+        match handle.block_on(async move { tokio::time::timeout(timeout, raft.ensure_linearizable()).await }) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.poison(format!("No cluster leader: {e}"))),
+            Err(_) => {
+                Err(self.poison(format!("No cluster leader: no quorum confirmed this leader within {timeout:?}")))
+            }
+        }
     }
 
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {

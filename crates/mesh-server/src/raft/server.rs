@@ -293,10 +293,31 @@ async fn follow_leadership(
     // This server's control loop while it leads, and what says its log failed.
     let mut leading: Option<(tokio::task::JoinHandle<()>, watch::Receiver<Option<String>>)> = None;
     let mut follower: Option<(NodeId, Conn)> = None;
+    // A leader that has not heard from a quorum for the longest election timeout steps down
+    // (as Consul's does after its leader lease): it stops its heartbeats, so the others stop
+    // naming it, their elections reach it, and it becomes a follower. Until then nothing it
+    // leads could commit anyway.
+    let lease = cfg.timing.election_timeout().1.as_millis() as u64;
+    let mut heartbeats = true;
     loop {
         let m = metrics.borrow_and_update().clone();
         let is_leader = m.state == ServerState::Leader && m.current_leader == Some(id);
-        if is_leader {
+        let quorum_lost = is_leader && m.millis_since_quorum_ack.is_some_and(|ms| ms > lease);
+        if quorum_lost {
+            if heartbeats {
+                warn!(ms = m.millis_since_quorum_ack, "raft: no quorum acknowledged this leader; stepping down");
+                raft.runtime_config().heartbeat(false);
+                heartbeats = false;
+            }
+            if let Some((join, _)) = leading.take() {
+                join.abort();
+            }
+            route.send_replace(Route::NoLeader);
+        } else if !heartbeats && (!is_leader || m.millis_since_quorum_ack.is_some_and(|ms| ms <= lease)) {
+            raft.runtime_config().heartbeat(true);
+            heartbeats = true;
+        }
+        if !quorum_lost && is_leader {
             follower = None;
             let failed =
                 leading.as_ref().is_some_and(|(join, poisoned)| join.is_finished() || poisoned.borrow().is_some());
@@ -333,7 +354,7 @@ async fn follow_leadership(
                     }
                 }
             }
-        } else {
+        } else if !quorum_lost {
             if let Some((join, _)) = leading.take() {
                 info!(term = m.current_term, leader = ?m.current_leader, "raft: this server no longer leads; control loop stopped");
                 join.abort();
