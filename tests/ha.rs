@@ -26,6 +26,11 @@ fn start_server(net: &str, dir: &Path, i: u8) -> MeshNode {
 
 /// Server `i` of a group that forms once `expect` servers found each other.
 fn start_server_of(net: &str, dir: &Path, i: u8, expect: u8) -> MeshNode {
+    start_server_with(net, dir, i, expect, &[])
+}
+
+/// [`start_server_of`] with more flags.
+fn start_server_with(net: &str, dir: &Path, i: u8, expect: u8, more: &[&str]) -> MeshNode {
     let ip = format!("{net}.{i}");
     let expect = expect.to_string();
     let rpc = format!("{ip}:8300");
@@ -51,7 +56,10 @@ fn start_server_of(net: &str, dir: &Path, i: u8, expect: u8) -> MeshNode {
             RAFT_MULTIPLIER,
             "--gossip-probe-period",
             "200ms",
-        ],
+        ]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect::<Vec<_>>(),
     )
 }
 
@@ -354,4 +362,114 @@ async fn five_servers_write_without_two_and_stop_writing_without_three() {
             assert_eq!(got, v);
         }
     }
+}
+
+/// Run the `mesh` CLI; its stdout (it must succeed).
+fn mesh_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh")).args(args).output().expect("mesh");
+    assert!(out.status.success(), "mesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_restores_into_a_fresh_group_and_the_group_changes_by_itself() {
+    // A one-server datacenter with an app, a service, KV keys and a session holding a lock.
+    let net_a = net_of(62);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = start_server_of(&net_a, &tmp.path().join("a1"), 1, 1);
+    let leader_a = eventually(30, "server a1 leads", || async { leader_of(&a).await }).await;
+    assert!(leader_a.starts_with(&format!("{net_a}.1:")), "{leader_a}");
+    let (s, v) = a
+        .send(
+            "POST",
+            "/v2/apps",
+            Some(r#"{"id": "/snap/web", "cmd": "sleep 1000", "instances": 2, "cpus": 0.1, "mem": 16}"#),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = a
+        .send(
+            "PUT",
+            "/v1/catalog/register",
+            Some(r#"{"Node": "ext1", "Address": "10.9.9.9", "Service": {"Service": "db", "Port": 5432}}"#),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    put_until_accepted(&a, "config/a", "1").await;
+    put_until_accepted(&a, "config/b", "2").await;
+    let (s, v) = a.send("PUT", "/v1/session/create", Some(r#"{"Name": "snap", "Checks": []}"#)).await;
+    assert_eq!(s, 200, "{v}");
+    let sid = v["ID"].as_str().expect("session id").to_owned();
+    let (s, v) = a.send("PUT", &format!("/v1/kv/locks/snap?acquire={sid}"), Some("held")).await;
+    assert_eq!((s, v), (200, Value::Bool(true)));
+    let file = tmp.path().join("dc.snap");
+    let out = mesh_cli(&["snapshot", "save", file.to_str().unwrap(), "--http-addr", &a.http.to_string()]);
+    assert!(out.contains("Saved snapshot"), "{out}");
+    drop(a);
+
+    // A fresh three-server group takes it through a follower; every server has it all.
+    let net_b = net_of(63);
+    let cleanup = ["--dead-server-cleanup-after", "2s"];
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server_with(&net_b, &tmp.path().join(format!("b{i}")), i, 3, &cleanup))).collect();
+    let leader = agreed_leader(&servers, &net_b).await;
+    let follower = (leader + 1) % 3;
+    let via = servers[follower].as_ref().unwrap().http.to_string();
+    let out = mesh_cli(&["snapshot", "restore", file.to_str().unwrap(), "--http-addr", &via]);
+    assert!(out.contains("Restored snapshot"), "{out}");
+    for s in servers.iter().flatten() {
+        eventually(30, &format!("the restored state on {}", s.name), || async {
+            let (_, app) = s.get("/v2/apps/snap/web").await;
+            let (_, db) = s.get("/v1/catalog/service/db?stale").await;
+            let (_, sessions) = s.get("/v1/session/list?stale").await;
+            let (_, lock) = s.get("/v1/kv/locks/snap?stale").await;
+            let ok = app["app"]["instances"] == 2
+                && db.as_array().is_some_and(|d| d.len() == 1 && d[0]["Address"] == "10.9.9.9")
+                && read(s, "config/a", "&stale").await.as_deref() == Some("1")
+                && read(s, "config/b", "&stale").await.as_deref() == Some("2")
+                && sessions.as_array().is_some_and(|l| l.iter().any(|x| x["ID"] == sid.as_str()))
+                && lock[0]["Session"] == sid.as_str();
+            ok.then_some(())
+        })
+        .await;
+    }
+    // Writes go on after the restore (the leader's control loop starts again from it).
+    put_until_accepted(servers[leader].as_ref().unwrap(), "after-restore", "yes").await;
+    let peers = mesh_cli(&["operator", "raft", "list-peers", "--http-addr", &via]);
+    assert_eq!(peers.lines().filter(|l| l.contains("leader")).count(), 1, "{peers}");
+    assert_eq!(peers.lines().filter(|l| l.contains("follower")).count(), 2, "{peers}");
+
+    // A server lost for good leaves the group by itself (autopilot), and writes go on.
+    let dead = (leader + 2) % 3;
+    servers[dead].take().unwrap().stop_with("KILL");
+    let l = servers[leader].as_ref().unwrap();
+    eventually(60, "the dead server removed from the group", || async {
+        let (_, p) = l.get("/v1/status/peers").await;
+        (p.as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    put_until_accepted(l, "with-two", "yes").await;
+
+    // A new server joins: a learner until it caught up, then a voter.
+    let fresh = start_server_with(&net_b, &tmp.path().join("b4"), 4, 3, &cleanup);
+    eventually(60, "the new server is a voter", || async {
+        let (_, c) = l.get("/v1/operator/raft/configuration").await;
+        let list = c["Servers"].as_array()?.clone();
+        let ok = list.len() == 3 && list.iter().any(|m| m["Node"] == "server4" && m["Voter"] == true);
+        ok.then_some(())
+    })
+    .await;
+    eventually(30, "the new server has the data", || async {
+        (read(&fresh, "with-two", "&stale").await.as_deref() == Some("yes")).then_some(())
+    })
+    .await;
+    // And an operator removes it again.
+    let addr = format!("{net_b}.4:8300");
+    let out = mesh_cli(&["operator", "raft", "remove-peer", "--address", &addr, "--http-addr", &via]);
+    assert!(out.contains("Removed peer"), "{out}");
+    eventually(30, "the removed server is gone from the configuration", || async {
+        let (_, p) = l.get("/v1/status/peers").await;
+        (p.as_array()?.len() == 2).then_some(())
+    })
+    .await;
 }

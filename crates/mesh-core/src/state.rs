@@ -503,6 +503,13 @@ pub enum Command {
         /// Versions kept per app.
         keep: usize,
     },
+    /// Replace the whole state with a saved one (`mesh snapshot restore`, `PUT /v1/snapshot`).
+    /// The datacenter stays this one's; the index goes on from the larger of the two, so
+    /// blocking queries and `X-Consul-Index` never go back.
+    Restore {
+        /// The saved state.
+        state: Box<State>,
+    },
 }
 
 impl Command {
@@ -914,6 +921,14 @@ impl State {
             Command::SetMaxAppVersions { keep } => {
                 // Apps keep what they have; each is trimmed at its next version.
                 self.max_versions = (*keep).max(1);
+            }
+            Command::Restore { state } => {
+                let mut next = (**state).clone();
+                next.rebuild_indexes();
+                next.catalog.datacenter = self.catalog.datacenter.clone();
+                next.index = self.index.max(next.index);
+                *self = next;
+                ch.catalog = true;
             }
             Command::DrainAgent { agent_id, drain } => {
                 if !self.agents.contains_key(agent_id) {
@@ -1652,6 +1667,52 @@ pub const SNAPSHOT_FORMAT: u32 = 2;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"MESHSNAP";
 const SNAPSHOT_HEADER: usize = 32;
 
+/// `(index, body length, crc)` from a snapshot header.
+fn snapshot_header(h: &[u8], what: &str) -> Result<(u64, u64, u32), LogError> {
+    let word = |r: std::ops::Range<usize>| h.get(r).unwrap_or_default();
+    if word(0..8) != SNAPSHOT_MAGIC {
+        return Err(LogError::Snapshot(format!("{what}: not a snapshot file")));
+    }
+    let version = u32::from_le_bytes(word(8..12).try_into().unwrap_or_default());
+    if version > SNAPSHOT_FORMAT {
+        return Err(LogError::Version(version));
+    }
+    let index = u64::from_le_bytes(word(12..20).try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(word(20..28).try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(word(28..32).try_into().unwrap_or_default());
+    Ok((index, len, crc))
+}
+
+/// `state` in the snapshot file format (header, then the body [`encode_state`] writes): what
+/// `mesh snapshot save` and `GET /v1/snapshot` give.
+pub fn snapshot_bytes(state: &State) -> Result<Vec<u8>, LogError> {
+    let mut body = Vec::new();
+    encode_state(&mut body, state)?;
+    let mut out = Vec::with_capacity(SNAPSHOT_HEADER + body.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
+    out.extend_from_slice(&state.index.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The state in `bytes` (the snapshot file format), checked: magic, version, length, checksum
+/// and index. `what` names the source in errors.
+pub fn state_from_snapshot(bytes: &[u8], what: &str) -> Result<State, LogError> {
+    let (index, len, crc) = snapshot_header(bytes, what)?;
+    let body = &bytes[SNAPSHOT_HEADER.min(bytes.len())..];
+    if body.len() as u64 != len || crc32fast::hash(body) != crc {
+        return Err(LogError::Snapshot(format!("{what}: length or checksum does not match")));
+    }
+    let state = decode_state(body)?;
+    if state.index != index {
+        return Err(LogError::Snapshot(format!("{what}: header and state disagree on the index")));
+    }
+    Ok(state)
+}
+
 /// Encode `state` as a snapshot file body (no header): MessagePack, structs as maps.
 pub fn encode_state(w: &mut impl std::io::Write, state: &State) -> Result<(), LogError> {
     state.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map()).map_err(|e| LogError::Snapshot(e.to_string()))
@@ -1737,18 +1798,7 @@ impl FileSnapshots {
 
     /// `(index, body length, crc)` from a header.
     fn check_header(&self, h: &[u8]) -> Result<(u64, u64, u32), LogError> {
-        let word = |r: std::ops::Range<usize>| h.get(r).unwrap_or_default();
-        if word(0..8) != SNAPSHOT_MAGIC {
-            return Err(LogError::Snapshot(format!("{}: not a snapshot file", self.path.display())));
-        }
-        let version = u32::from_le_bytes(word(8..12).try_into().unwrap_or_default());
-        if version > SNAPSHOT_FORMAT {
-            return Err(LogError::Version(version));
-        }
-        let index = u64::from_le_bytes(word(12..20).try_into().unwrap_or_default());
-        let len = u64::from_le_bytes(word(20..28).try_into().unwrap_or_default());
-        let crc = u32::from_le_bytes(word(28..32).try_into().unwrap_or_default());
-        Ok((index, len, crc))
+        snapshot_header(h, &self.path.display().to_string())
     }
 
     /// The snapshot in the file, if there is one.
@@ -1758,16 +1808,7 @@ impl FileSnapshots {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.err(e)),
         };
-        let (index, len, crc) = self.check_header(&bytes)?;
-        let body = &bytes[SNAPSHOT_HEADER.min(bytes.len())..];
-        if body.len() as u64 != len || crc32fast::hash(body) != crc {
-            return Err(LogError::Snapshot(format!("{}: length or checksum does not match", self.path.display())));
-        }
-        let state = decode_state(body)?;
-        if state.index != index {
-            return Err(LogError::Snapshot(format!("{}: header and state disagree on the index", self.path.display())));
-        }
-        Ok(Some(state))
+        state_from_snapshot(&bytes, &self.path.display().to_string()).map(Some)
     }
 }
 

@@ -40,6 +40,12 @@ enum Cmd {
     /// Operate on a node: `drain NODE` (no new tasks; its tasks move elsewhere) or
     /// `reactivate NODE`.
     Node(NodeArgs),
+    /// Save or restore a datacenter's whole state (apps, tasks, services, KV, sessions):
+    /// `save FILE` or `restore FILE` (Consul's `consul snapshot`).
+    Snapshot(SnapshotArgs),
+    /// Operate the servers' Raft group: `raft list-peers`, `raft remove-peer --id ID` or
+    /// `--address IP:PORT` (Consul's `consul operator raft`).
+    Operator(OperatorArgs),
     /// Internal: a task's stdout/stderr logger, started by the agent per stream. Copies stdin
     /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
     #[command(hide = true)]
@@ -64,39 +70,139 @@ struct NodeArgs {
     client: ClientArgs,
 }
 
+#[derive(Parser)]
+struct SnapshotArgs {
+    /// `save` or `restore`.
+    #[arg(value_parser = ["save", "restore"])]
+    action: String,
+    /// The snapshot file.
+    file: PathBuf,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Parser)]
+struct OperatorArgs {
+    /// `raft`.
+    #[arg(value_parser = ["raft"])]
+    area: String,
+    /// `list-peers` or `remove-peer`.
+    #[arg(value_parser = ["list-peers", "remove-peer"])]
+    action: String,
+    /// The server to remove, by its Raft id (as `list-peers` shows it).
+    #[arg(long)]
+    id: Option<String>,
+    /// The server to remove, by its RPC address.
+    #[arg(long)]
+    address: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn run_snapshot(a: SnapshotArgs) -> ExitCode {
+    let addr = &a.client.http_addr;
+    let result = if a.action == "save" {
+        http_bytes(addr, "GET", "/v1/snapshot", &[]).and_then(|(status, body)| {
+            if status != 200 {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+            }
+            std::fs::write(&a.file, &body).map_err(|e| format!("{}: {e}", a.file.display()))?;
+            Ok(format!("Saved snapshot to {} ({} bytes)", a.file.display(), body.len()))
+        })
+    } else {
+        std::fs::read(&a.file).map_err(|e| format!("{}: {e}", a.file.display())).and_then(|bytes| {
+            let (status, body) = http_bytes(addr, "PUT", "/v1/snapshot", &bytes)?;
+            if status != 200 {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+            }
+            Ok(format!("Restored snapshot from {}", a.file.display()))
+        })
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_operator(a: OperatorArgs) -> ExitCode {
+    let addr = &a.client.http_addr;
+    if a.action == "list-peers" {
+        return client_call(addr, "GET", "/v1/operator/raft/configuration", None, |body| {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            println!("{:<20} {:<18} {:<22} {:<10} Voter", "Node", "ID", "Address", "State");
+            for s in v["Servers"].as_array().into_iter().flatten() {
+                let state = if s["Leader"] == true { "leader" } else { "follower" };
+                println!(
+                    "{:<20} {:<18} {:<22} {:<10} {}",
+                    s["Node"].as_str().unwrap_or(""),
+                    s["ID"].as_str().unwrap_or(""),
+                    s["Address"].as_str().unwrap_or(""),
+                    state,
+                    s["Voter"]
+                );
+            }
+        });
+    }
+    let query = match (&a.id, &a.address) {
+        (Some(id), _) => format!("id={id}"),
+        (None, Some(address)) => format!("address={address}"),
+        (None, None) => {
+            eprintln!("mesh: remove-peer needs --id ID or --address IP:PORT");
+            return ExitCode::FAILURE;
+        }
+    };
+    client_call(addr, "DELETE", &format!("/v1/operator/raft/peer?{query}"), None, |_| {
+        println!("Removed peer with {query}");
+    })
+}
+
+/// One HTTP/1.1 request with `Connection: close` and a binary body: (status, body).
+fn http_bytes(addr: &str, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    http_call(addr, method, path, body, "application/octet-stream")
+}
+
 /// One HTTP/1.1 request with `Connection: close`: (status, body).
-fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), String> {
+fn http_call(addr: &str, method: &str, path: &str, body: &[u8], content_type: &str) -> Result<(u16, Vec<u8>), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body)).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, rest) = text.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no HTTP response")?;
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no HTTP status")?;
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked {
-        let mut b = String::new();
-        let mut r = rest;
-        while let Some((len, tail)) = r.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-            if n == 0 || tail.len() < n {
-                break;
-            }
-            b.push_str(&tail[..n]);
-            r = tail[n..].trim_start_matches("\r\n");
+    let mut rest = &out[split + 4..];
+    if !head.contains("transfer-encoding: chunked") {
+        return Ok((status, rest.to_vec()));
+    }
+    let mut b = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+        let tail = &rest[eol + 2..];
+        if n == 0 || tail.len() < n {
+            break;
         }
-        b
-    } else {
-        rest.to_owned()
-    };
-    Ok((status, body))
+        b.extend_from_slice(&tail[..n]);
+        rest = tail[n..].strip_prefix(b"\r\n").unwrap_or(&tail[n..]);
+    }
+    Ok((status, b))
+}
+
+/// One HTTP/1.1 request with `Connection: close` and a JSON body: (status, body).
+fn http_request(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String), String> {
+    let (status, body) = http_call(addr, method, path, body.unwrap_or("").as_bytes(), "application/json")?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Run a client request: `on_ok` prints a 200/202 answer; anything else is an error line.
@@ -210,6 +316,10 @@ struct DevArgs {
     /// election timeout 1-2 s at 1; larger tolerates slower machines, smaller fails over faster.
     #[arg(long, default_value_t = 1.0)]
     raft_multiplier: f64,
+    /// (server) Autopilot's cleanup of dead servers: a server gossip declared failed or left
+    /// for this long leaves the Raft group, never leaving it without a quorum ("0s": never).
+    #[arg(long, default_value = "1min", value_parser = parse_span)]
+    dead_server_cleanup_after: std::time::Duration,
     /// Where state and task sandboxes live.
     #[arg(long, default_value = "./mesh-data")]
     data_dir: PathBuf,
@@ -598,6 +708,8 @@ fn main() -> ExitCode {
         Cmd::Logger(l) => return run_logger(l),
         Cmd::Members(a) => return run_members(a),
         Cmd::Node(a) => return run_node(a),
+        Cmd::Snapshot(a) => return run_snapshot(a),
+        Cmd::Operator(a) => return run_operator(a),
     };
     // --bind moves every listener that was not given in full.
     if let (Some(ip), Some((_, sub))) = (a.bind, matches.subcommand()) {
@@ -726,6 +838,7 @@ fn main() -> ExitCode {
         reregister_timeout: a.agent_reregister_timeout,
         bootstrap_expect: a.bootstrap_expect.max(1),
         raft_timing: mesh_server::raft::RaftTiming::new(a.raft_multiplier),
+        dead_server_cleanup: Some(a.dead_server_cleanup_after).filter(|d| !d.is_zero()),
         clock: mesh_core::model::system_clock(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

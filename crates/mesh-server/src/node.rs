@@ -117,6 +117,9 @@ pub struct NodeConfig {
     pub bootstrap_expect: usize,
     /// Servers: Raft timings (`--raft-multiplier`).
     pub raft_timing: crate::raft::RaftTiming,
+    /// Servers: remove a server gossip declared failed for this long from the Raft group
+    /// (autopilot's cleanup of dead servers; `--dead-server-cleanup-after`, `None`: never).
+    pub dead_server_cleanup: Option<Duration>,
     /// The one source of time, ids and seeds of this node (control loop, agent, replica, API).
     pub clock: Arc<dyn Clock>,
 }
@@ -600,6 +603,7 @@ pub async fn run_server(
         hello: hello.clone(),
         control: control_config(&cfg),
         max_app_versions: cfg.max_app_versions,
+        dead_server_cleanup: cfg.dead_server_cleanup,
     };
     let raft = crate::raft::RaftServer::start(
         raft_cfg,

@@ -22,6 +22,48 @@ pub fn routes() -> Router<Api> {
         .route("/v1/operator/autopilot/configuration", get(autopilot_get).put(autopilot_put))
         .route("/v1/operator/keyring", get(keyring).post(keyring).put(keyring).delete(keyring))
         .route("/v1/operator/usage", get(usage))
+        .route(
+            "/v1/snapshot",
+            get(snapshot_save).put(snapshot_restore).layer(axum::extract::DefaultBodyLimit::max(SNAPSHOT_MAX_BYTES)),
+        )
+}
+
+/// Largest snapshot `PUT /v1/snapshot` takes (what a forwarded request may carry).
+const SNAPSHOT_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// `GET /v1/snapshot`: the whole state of the datacenter (apps, tasks, catalog, KV, sessions,
+/// frameworks) in mesh's snapshot format, as `mesh snapshot save` writes it. Answered by the
+/// leader, like every default-mode read.
+async fn snapshot_save(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let state = api.control.state();
+    let bytes = mesh_core::state::snapshot_bytes(&state).map_err(|e| ApiError::ConsulStatus(500, e.to_string()))?;
+    let mut r = axum::response::IntoResponse::into_response(bytes);
+    let h = r.headers_mut();
+    h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = axum::http::HeaderValue::from_str(&state.index.to_string()) {
+        h.insert("X-Consul-Index", v);
+    }
+    Ok(r)
+}
+
+/// `PUT /v1/snapshot`: replace the datacenter's state with a saved one (replicated like any
+/// write; the leader's control loop then starts again from it).
+async fn snapshot_restore(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let state = mesh_core::state::state_from_snapshot(&body, "the request body")
+        .map_err(|e| ApiError::ConsulBadRequest(format!("Invalid snapshot: {e}")))?;
+    api.control
+        .propose(mesh_core::state::Command::Restore { state: Box::new(state) })
+        .await
+        .map_err(ApiError::from_consul)?;
+    Ok(reply(&serde_json::Value::Null, &q))
 }
 
 /// Autopilot's configuration: kept (in memory) and shown; mesh's single server has nothing for
@@ -161,6 +203,26 @@ async fn raft_remove_peer(State(api): State<Api>, RawQuery(raw): RawQuery) -> Re
             ));
         }
     };
+    if let Some(view) = &api.raft
+        && let (Some(raft), Some((peers, _))) = (view.raft.get(), view.peers())
+    {
+        let found =
+            peers.iter().find(|p| if what == "id" { format!("{:016x}", p.id) == value } else { p.rpc == value });
+        let Some(peer) = found else {
+            return Err(ApiError::ConsulStatus(
+                500,
+                format!("{what} {value:?} was not found in the Raft configuration"),
+            ));
+        };
+        let voters = peers.iter().filter(|p| p.voter).count();
+        if peer.voter && voters <= 1 {
+            return Err(ApiError::ConsulStatus(500, format!("cannot remove {}: it is the only voter", peer.name)));
+        }
+        let change = openraft::ChangeMembers::RemoveVoters(std::collections::BTreeSet::from([peer.id]));
+        raft.change_membership(change, false).await.map_err(|e| ApiError::ConsulStatus(500, e.to_string()))?;
+        tracing::info!(server = %peer.name, "raft: removed from the group (operator)");
+        return Ok(reply(&serde_json::Value::Null, &q));
+    }
     let own = if what == "id" { server_id(&api) } else { raft_address(&api) };
     let msg = if value == own {
         format!("cannot remove {what} {value:?}: it is this node, the only server")

@@ -81,12 +81,19 @@ impl Log for RaftLog {
             Ok(Ok(resp)) => resp,
         };
         let last = first + cmds.len() as u64 - 1;
-        if !resp.data.is_accepted() || resp.data.index != last {
+        // A restore moves the index on to the saved state's when that is larger.
+        let restored = cmds.iter().any(|c| matches!(c, Command::Restore { .. }));
+        if !resp.data.is_accepted() || (resp.data.index != last && !restored) {
             return Err(self.poison(format!(
                 "the replicated state machine disagrees with the leader's (index {} for {first}..={last}: {:?})",
                 resp.data.index,
                 resp.data.results.iter().filter_map(|r| r.as_ref().err()).next()
             )));
+        }
+        if restored {
+            // The control loop's soft state (agents, offers, deployments in flight) belongs to
+            // the state it replaced: it starts again from the restored one.
+            self.poisoned.send_replace(Some("the state was restored; the control loop starts again from it".into()));
         }
         Ok(())
     }

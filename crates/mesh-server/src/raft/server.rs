@@ -57,6 +57,10 @@ pub struct RaftServerConfig {
     pub control: ControlConfig,
     /// `--max-app-versions`, made a replicated setting by the first leader that sees it differ.
     pub max_app_versions: usize,
+    /// Autopilot's "cleanup dead servers": a voter gossip declared failed (or left) for this
+    /// long is removed from the group by the leader, never leaving fewer voters than a majority
+    /// of the group alive. `None`: never.
+    pub dead_server_cleanup: Option<Duration>,
 }
 
 /// The Raft id of a server: the first 64 bits of its node id (a UUID), so it is the same on
@@ -81,6 +85,10 @@ struct Feed {
 
 impl ApplyObserver for Feed {
     fn applied(&self, before: &State, commands: &[Command], after: &State) {
+        if commands.iter().any(|c| matches!(c, Command::Restore { .. })) {
+            // A whole new state (whose index may jump): replicas start again from it.
+            return self.replaced(after);
+        }
         self.replication.appended(before.index + 1, commands);
         if self.published.events.clients() > 0 {
             for e in batch_events(commands, before, after, self.clock.now()) {
@@ -241,40 +249,89 @@ async fn bootstrap(
 }
 
 /// On the leader: servers gossip knows that are not members join, as learners first (they
-/// catch up), then as voters.
+/// catch up), then as voters; voters gossip has declared failed (or left) for
+/// `dead_server_cleanup` are removed (autopilot), as long as the voters left alive are a
+/// majority of the group without them.
 async fn add_servers(
     raft: Raft<TypeConfig>,
     id: NodeId,
     cfg: RaftServerConfig,
     mut members: watch::Receiver<Arc<Vec<Member>>>,
 ) {
+    let clock = cfg.control.clock.clone();
+    // Voters and when gossip first said they were gone.
+    let mut gone_since: BTreeMap<NodeId, u64> = BTreeMap::new();
     loop {
         let leading = {
             let m = raft.metrics().borrow().clone();
             m.state == ServerState::Leader && m.current_leader == Some(id)
         };
+        let list = members.borrow_and_update().clone();
         if leading {
-            let servers = alive_servers(&members.borrow_and_update(), &cfg.datacenter);
+            let servers = alive_servers(&list, &cfg.datacenter);
             let membership = raft.metrics().borrow().membership_config.clone();
             let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
-            for (sid, node) in servers {
-                if voters.contains(&sid) {
+            for (sid, node) in &servers {
+                if voters.contains(sid) {
                     continue;
                 }
                 info!(server = %node.name, raft_id = sid, "raft: adding a server (as a learner until it caught up)");
-                if let Err(e) = raft.add_learner(sid, node.clone(), true).await {
+                if let Err(e) = raft.add_learner(*sid, node.clone(), true).await {
                     warn!(server = %node.name, error = %e, "raft: cannot add the server as a learner");
                     continue;
                 }
-                match raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([sid])), false).await {
+                match raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*sid])), false).await {
                     Ok(_) => info!(server = %node.name, "raft: the server is a voter"),
                     Err(e) => warn!(server = %node.name, error = %e, "raft: cannot make the server a voter"),
                 }
             }
+            if let Some(after) = cfg.dead_server_cleanup {
+                let gone: BTreeSet<NodeId> = list
+                    .iter()
+                    .filter(|m| m.role == Role::Server && m.datacenter == cfg.datacenter)
+                    .filter(|m| matches!(m.status, MemberStatus::Failed | MemberStatus::Left))
+                    .map(|m| raft_id(&m.node_id))
+                    .filter(|sid| voters.contains(sid) && *sid != id && !servers.contains_key(sid))
+                    .collect();
+                let now = clock.now();
+                gone_since.retain(|sid, _| gone.contains(sid));
+                for sid in &gone {
+                    gone_since.entry(*sid).or_insert(now);
+                }
+                let alive = voters.iter().filter(|v| servers.contains_key(v) || **v == id).count();
+                let due: Vec<NodeId> = gone_since
+                    .iter()
+                    .filter(|(_, since)| now.saturating_sub(**since) >= after.as_millis() as u64)
+                    .map(|(sid, _)| *sid)
+                    .collect();
+                for sid in due {
+                    let remaining = voters.len() - 1;
+                    if alive <= remaining / 2 {
+                        warn!(
+                            raft_id = sid,
+                            alive,
+                            voters = voters.len(),
+                            "autopilot: not removing a dead server: the rest would not be a quorum"
+                        );
+                        continue;
+                    }
+                    let name = membership.membership().get_node(&sid).map(|n| n.name.clone()).unwrap_or_default();
+                    match raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([sid])), false).await {
+                        Ok(_) => {
+                            info!(server = %name, "autopilot: removed a dead server from the group");
+                            gone_since.remove(&sid);
+                        }
+                        Err(e) => warn!(server = %name, error = %e, "autopilot: cannot remove a dead server"),
+                    }
+                    break; // one change at a time; the rest on the next round
+                }
+            }
+        } else {
+            gone_since.clear();
         }
         tokio::select! {
             r = members.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
