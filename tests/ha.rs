@@ -473,3 +473,104 @@ async fn a_snapshot_restores_into_a_fresh_group_and_the_group_changes_by_itself(
     })
     .await;
 }
+
+/// Whether marathon-python and py-consul can be used (CI requires them).
+fn have_python_clients() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import consul, marathon"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("MESH_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!("MESH_REQUIRE_PYTHON=1 but py-consul or marathon-python is not importable");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
+    if !have_python_clients() {
+        eprintln!("SKIP: py-consul / marathon-python not installed (tests/python/install.sh)");
+        return;
+    }
+    let net = net_of(64);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A fixed HTTP port beside the test's own (port 0) listener: the clients' list of servers
+    // stays right across restarts.
+    let fixed: Vec<String> = (1..=3).map(|i| format!("{net}.{i}:8500")).collect();
+    let mut servers: Vec<Option<MeshNode>> = (1..=3u8)
+        .map(|i| {
+            let http = fixed[i as usize - 1].clone();
+            Some(start_server_with(&net, &tmp.path().join(format!("server{i}")), i, 3, &["--http", &http]))
+        })
+        .collect();
+    let _agent = start_agent(&net, &tmp.path().join("agent0"));
+    let mut leader = agreed_leader(&servers, &net).await;
+    let stop = tmp.path().join("stop");
+    let urls: Vec<String> = fixed.iter().map(|a| format!("http://{a}")).collect();
+    let load = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
+        .args([urls.join(","), stop.to_string_lossy().into_owned()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+
+    let kills: usize = std::env::var("MESH_HA_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let mut took = Vec::new();
+    for round in 0..kills {
+        let mut old = servers[leader].take().expect("leader");
+        old.stop_with("KILL");
+        let other = servers.iter().flatten().next().unwrap();
+        took.push(put_until_accepted(other, &format!("probe/{round}"), "x").await);
+        servers[leader] = Some(restart(&old));
+        leader = agreed_leader(&servers, &net).await;
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let out = load.wait_with_output().expect("load");
+    assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
+    took.sort();
+    let median = took[took.len() / 2];
+    let max = took[took.len() - 1];
+    eprintln!(
+        "{kills} leader SIGKILLs under load: first accepted write after median {median:?}, max {max:?}; {} apps and {} keys acknowledged, {} app and {} KV calls failed",
+        summary["apps"].as_array().map_or(0, Vec::len),
+        summary["keys"].as_array().map_or(0, Vec::len),
+        summary["app_errors"],
+        summary["kv_errors"],
+    );
+
+    // Nothing acknowledged is lost; every app runs exactly its one instance, no task twice.
+    let l = servers[leader].as_ref().unwrap();
+    let acked_apps: Vec<String> = serde_json::from_value(summary["apps"].clone()).unwrap();
+    assert!(!acked_apps.is_empty(), "marathon-python created apps");
+    assert!(summary["keys"].as_array().is_some_and(|k| !k.is_empty()), "py-consul wrote keys");
+    for key in summary["keys"].as_array().unwrap() {
+        let k = key.as_str().unwrap();
+        assert!(read(l, k, "").await.is_some(), "acknowledged key {k} lost");
+    }
+    eventually(120, "every app runs its one instance, no task twice", || async {
+        let (_, v) = l.get("/v2/apps?embed=apps.tasks").await;
+        let apps = v["apps"].as_array()?.clone();
+        let ids: BTreeSet<&str> = apps.iter().filter_map(|a| a["id"].as_str()).collect();
+        let all_there = acked_apps.iter().all(|a| ids.contains(a.as_str()));
+        let mut tasks = Vec::new();
+        let mut right = true;
+        for a in apps.iter().filter(|a| a["id"].as_str().is_some_and(|i| i.starts_with("/load/"))) {
+            let running: Vec<&str> = a["tasks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| t["state"] == "TASK_RUNNING")
+                .filter_map(|t| t["id"].as_str())
+                .collect();
+            right &= running.len() as u64 == a["instances"].as_u64().unwrap_or(0);
+            tasks.extend(running);
+        }
+        let unique: BTreeSet<&&str> = tasks.iter().collect();
+        (all_there && right && unique.len() == tasks.len()).then_some(())
+    })
+    .await;
+    let (s, v) = l.send("DELETE", "/v2/groups/load?force=true", None).await;
+    assert!(s == 200 || s == 202, "{v}");
+}
