@@ -202,6 +202,13 @@ async fn three_servers_keep_every_acknowledged_write_through_leader_kills() {
     let r = f.client.put(f.url("/v1/kv/k0?cas=1")).body("no").send().await.expect("cas");
     assert_eq!(r.text().await.unwrap().trim(), "false");
 
+    // A follower's /v2/events carries what its state machine applies.
+    let mut events = EventStream::open(
+        f,
+        "?event_type=status_update_event&event_type=deployment_success&event_type=event_stream_attached",
+    );
+    events.wait_for("event_stream_attached", 10, |_| true);
+
     // An app deployed through the agent (forwarded to the leader) runs on it.
     let tag = format!("ha-{}", std::process::id());
     let app = serde_json::json!({
@@ -215,6 +222,8 @@ async fn three_servers_keep_every_acknowledged_write_through_leader_kills() {
         (ts.len() == 2 && ts.iter().all(|(_, s)| s == "TASK_RUNNING")).then_some(ts)
     })
     .await;
+    events.wait_for("status_update_event", 30, |e| e["appId"] == "/web" && e["taskStatus"] == "TASK_RUNNING");
+    events.wait_for("deployment_success", 30, |_| true);
     let pids = eventually(30, "2 task processes", || async {
         let p = tagged_pids(&tag, "python3");
         (p.len() == 2).then_some(p)
