@@ -2,7 +2,7 @@
 //! (`--bootstrap-expect`), and the work that follows leadership.
 //!
 //! - Every server applies committed entries to its [`MeshStateMachine`], whose observer
-//!   ([`Feed`]) publishes the state to the server's readers (HTTP, DNS, `/v2/events`) and to
+//!   (`Feed`) publishes the state to the server's readers (HTTP, DNS, `/v2/events`) and to
 //!   the agents' replication streams, before the proposer hears back.
 //! - The control loop (allocator, Marathon scheduler, deployments, Mesos frameworks, agents'
 //!   sessions) runs on the leader only, over a [`Store`] whose log is Raft ([`RaftLog`]). A new
