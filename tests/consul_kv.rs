@@ -471,58 +471,198 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(session_ids(&node).await, vec![s]);
 }
 
-/// `PUT /v1/txn`: KV writes and conditions all or nothing, reads answered, a failed condition a
-/// 409 naming the operation, other operation kinds a 400.
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// `PUT /v1/txn` with a JSON body.
+async fn txn(node: &MeshNode, path: &str, ops: &Value) -> Answer {
+    call(node, "PUT", path, Some(ops.to_string().into_bytes())).await
+}
+
+/// `PUT /v1/txn`: KV writes, checks and reads all or nothing, in order; results as Consul's
+/// (no `Value` but for reads, nothing for deletes), a failed operation a 409 naming every failed
+/// one with nothing applied, reads answered without a write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_apply_all_or_nothing() {
     let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
-    let b64 = |s: &str| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(s)
-    };
     let ops = json!([
         {"KV": {"Verb": "set", "Key": "t/a", "Value": b64("1")}},
         {"KV": {"Verb": "set", "Key": "t/b", "Value": b64("2"), "Flags": 5}},
+        {"KV": {"Verb": "get", "Key": "t/b"}},
     ]);
-    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
-    assert_eq!(code, 200, "{v}");
+    let a = txn(&node, "/v1/txn", &ops).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
     assert_eq!(v["Errors"], Value::Null);
-    assert_eq!(v["Results"][1]["KV"]["Key"], "t/b");
     let index = v["Results"][0]["KV"]["ModifyIndex"].as_u64().unwrap();
-    assert_eq!(v["Results"][1]["KV"]["ModifyIndex"], index, "one index for the whole transaction");
+    assert_eq!(
+        v["Results"][1],
+        json!({"KV": {"LockIndex": 0, "Key": "t/b", "Flags": 5, "Value": null, "CreateIndex": index, "ModifyIndex": index}}),
+        "a write's result has no value, and the transaction one index"
+    );
+    assert_eq!(v["Results"][2]["KV"]["Value"], b64("2"), "a get sees the set before it");
+    assert_eq!(kv_value(&node, "t/a").await.as_deref(), Some(&b"1"[..]));
 
-    // A failing condition: 409 with the operation's index, and the write before it not applied.
+    // A failing check-index and a stale cas: 409 naming both, the set before them not applied.
     let ops = json!([
         {"KV": {"Verb": "set", "Key": "t/c", "Value": b64("3")}},
         {"KV": {"Verb": "check-index", "Key": "t/a", "Index": index + 100}},
+        {"KV": {"Verb": "cas", "Key": "t/b", "Value": b64("x"), "Index": index + 100}},
+        {"KV": {"Verb": "delete", "Key": "t/a"}},
     ]);
-    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
-    assert_eq!(code, 409, "{v}");
-    assert_eq!(v["Errors"][0]["OpIndex"], 1);
-    assert_eq!(node.get("/v1/kv/t/c").await.0, 404, "nothing of a failed transaction is applied");
+    let a = txn(&node, "/v1/txn", &ops).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(
+        a.json(),
+        json!({"Results": null, "Errors": [
+            {"OpIndex": 1, "What": format!("failed index check for key \"t/a\", current modify index {index} != {}", index + 100)},
+            {"OpIndex": 2, "What": "failed to set key \"t/b\", index is stale"},
+        ]})
+    );
+    assert_eq!(kv_value(&node, "t/c").await, None, "nothing of a failed transaction is applied");
+    assert_eq!(kv_value(&node, "t/a").await.as_deref(), Some(&b"1"[..]), "nor its delete");
+    let kv_before = get(&node, "/v1/kv/?recurse").await;
 
-    // Reads: get and get-tree; a cas on the right index.
+    // A cas on the right index, a get-tree that sees it, a delete without a result.
     let ops = json!([
         {"KV": {"Verb": "cas", "Key": "t/a", "Value": b64("10"), "Index": index}},
-        {"KV": {"Verb": "get", "Key": "t/a"}},
+        {"KV": {"Verb": "delete-cas", "Key": "t/b", "Index": index}},
+        {"KV": {"Verb": "check-not-exists", "Key": "t/b"}},
         {"KV": {"Verb": "get-tree", "Key": "t/"}},
     ]);
-    let (code, v) = node.send("PUT", "/v1/txn", Some(&ops.to_string())).await;
-    assert_eq!(code, 200, "{v}");
-    assert_eq!(v["Results"][1]["KV"]["Value"], b64("10"));
-    assert_eq!(v["Results"].as_array().unwrap().len(), 4, "cas, get, and the two keys of the tree: {v}");
-    let read_only = json!([{"KV": {"Verb": "get", "Key": "t/missing"}}]);
-    assert_eq!(node.send("PUT", "/v1/txn", Some(&read_only.to_string())).await.0, 409);
+    let a = txn(&node, "/v1/txn", &ops).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let results = a.json()["Results"].as_array().unwrap().clone();
+    let keys: Vec<(&str, &Value)> =
+        results.iter().map(|r| (r["KV"]["Key"].as_str().unwrap(), &r["KV"]["Value"])).collect();
+    assert_eq!(keys, vec![("t/a", &Value::Null), ("t/a", &json!(b64("10")))], "cas, then the tree: {results:?}");
+    assert_ne!(get(&node, "/v1/kv/?recurse").await.json(), kv_before.json());
+    assert_eq!(kv_value(&node, "t/b").await, None);
 
-    for (body, want) in [
-        (json!([{"Node": {"Verb": "get", "Node": {"Node": "x"}}}]).to_string(), "not supported"),
-        (json!([{"KV": {"Verb": "explode", "Key": "k"}}]).to_string(), "unknown KV verb"),
-        (json!([{"KV": {"Verb": "set", "Key": "k", "Value": "%%%"}}]).to_string(), "base64"),
-        ("{}".to_string(), "list of operations"),
+    // Reads only: answered without a write (the store's index stays), a missing key a 409.
+    let before = get(&node, "/v1/kv/t/a").await.index();
+    let read_only = json!([
+        {"KV": {"Verb": "get", "Key": "t/a"}},
+        {"KV": {"Verb": "check-index", "Key": "t/a", "Index": results[0]["KV"]["ModifyIndex"]}},
+    ]);
+    let a = txn(&node, "/v1/txn", &read_only).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["Results"][0]["KV"]["Value"], b64("10"));
+    assert_eq!(a.headers["X-Consul-KnownLeader"], "true");
+    let a = txn(&node, "/v1/txn", &json!([{"KV": {"Verb": "get", "Key": "t/missing"}}])).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(a.json()["Errors"], json!([{"OpIndex": 0, "What": "key \"t/missing\" doesn't exist"}]));
+    let a = txn(&node, "/v1/txn", &json!([])).await;
+    assert_eq!((a.status.as_u16(), a.json()), (200, json!({"Results": [], "Errors": null})));
+    assert_eq!(get(&node, "/v1/kv/t/a").await.index(), before, "reads write nothing");
+
+    // ?dc= as every endpoint.
+    let ops = json!([{"KV": {"Verb": "get", "Key": "t/a"}}]);
+    let a = txn(&node, "/v1/txn?dc=dc2", &ops).await;
+    assert_eq!((a.status.as_u16(), a.text.as_str()), (500, "No path to datacenter"));
+    assert_eq!(txn(&node, "/v1/txn?dc=dc1", &ops).await.status, 200);
+}
+
+/// `lock` and `unlock` in a transaction follow `PUT /v1/kv?acquire=`/`release=`: `LockIndex`
+/// counts acquisitions, `Session` names the holder, another session is refused, and
+/// `check-session` checks the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_lock_and_unlock_with_a_session() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    let s1 = session_create(&node, json!({"name": "s1", "lockdelay": "0s"})).await;
+    let s2 = session_create(&node, json!({"name": "s2", "lockdelay": "0s"})).await;
+    let lock = |verb: &str, s: &str| json!({"KV": {"Verb": verb, "Key": "l/leader", "Value": b64(s), "Session": s}});
+    let a = txn(&node, "/v1/txn", &json!([lock("lock", &s1)])).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let e = &a.json()["Results"][0]["KV"];
+    assert_eq!((e["LockIndex"].as_u64(), e["Session"].as_str()), (Some(1), Some(s1.as_str())));
+    let held = get(&node, "/v1/kv/l/leader").await.json();
+    assert_eq!((held[0]["LockIndex"].as_u64(), held[0]["Session"].as_str()), (Some(1), Some(s1.as_str())));
+
+    // s2 can neither take it nor release it; the check names the holder.
+    let ops = json!([
+        lock("lock", &s2),
+        lock("unlock", &s2),
+        {"KV": {"Verb": "check-session", "Key": "l/leader", "Session": s2}},
+        {"KV": {"Verb": "lock", "Key": "l/other", "Value": b64("x")}},
+    ]);
+    let a = txn(&node, "/v1/txn", &ops).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(
+        a.json()["Errors"],
+        json!([
+            {"OpIndex": 0, "What": "failed to lock key \"l/leader\", lock is already held"},
+            {"OpIndex": 1, "What": "failed to unlock key \"l/leader\", lock isn't held, or is held by another session"},
+            {"OpIndex": 2, "What": format!("failed session check for key \"l/leader\", current session \"{s1}\" != \"{s2}\"")},
+            {"OpIndex": 3, "What": "missing session"},
+        ])
+    );
+
+    // s1 hands it to s2 in one transaction: LockIndex 2, as `?release=` then `?acquire=`.
+    let ops = json!([
+        {"KV": {"Verb": "check-session", "Key": "l/leader", "Session": s1}},
+        lock("unlock", &s1),
+        lock("lock", &s2),
+    ]);
+    let a = txn(&node, "/v1/txn", &ops).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let r = a.json()["Results"].clone();
+    assert_eq!(r[1]["KV"].get("Session"), None, "unlocked: no Session: {r}");
+    assert_eq!((r[2]["KV"]["LockIndex"].as_u64(), r[2]["KV"]["Session"].as_str()), (Some(2), Some(s2.as_str())));
+    let held = get(&node, "/v1/kv/l/leader").await.json();
+    assert_eq!((held[0]["LockIndex"].as_u64(), held[0]["Session"].as_str()), (Some(2), Some(s2.as_str())));
+    assert_eq!(decode(&held[0]["Value"]), s2.as_bytes());
+    assert!(!kv_put(&node, &format!("l/leader?acquire={s1}"), "x").await, "the KV API sees s2's lock");
+}
+
+/// Malformed transactions: Consul's plain-text 400 (`Failed to parse body: ...`), 413 for too
+/// many operations or too large a value, its 409 for a missing key or an unknown verb; none
+/// changes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_transactions_are_refused() {
+    let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    assert!(kv_put(&node, "m/k", "v").await);
+    let kv_before = get(&node, "/v1/kv/?recurse").await;
+    let set_first = |op: Value| json!([{"KV": {"Verb": "set", "Key": "m/new", "Value": b64("n")}}, op]);
+    for (body, code, want) in [
+        ("{}".to_string(), 400, "Failed to parse body: "),
+        ("[".to_string(), 400, "Failed to parse body: "),
+        (String::new(), 400, "Failed to parse body: "),
+        (
+            set_first(json!({"KV": {"Verb": "set", "Key": "k", "Value": "%%%"}})).to_string(),
+            400,
+            "Failed to parse body: failed to decode value: ",
+        ),
+        (
+            set_first(json!({"KV": {"Verb": "set", "Key": "k", "Flags": "x"}})).to_string(),
+            400,
+            "Failed to parse body: json: cannot unmarshal string",
+        ),
+        (set_first(json!({"Node": {"Verb": "get", "Node": {"Node": "x"}}})).to_string(), 400, "not supported"),
+        (
+            json!(vec![json!({"KV": {"Verb": "get", "Key": "m/k"}}); 129]).to_string(),
+            413,
+            "Transaction contains too many operations (129 > 128)",
+        ),
+        (
+            set_first(json!({"KV": {"Verb": "set", "Key": "m/big", "Value": b64(&"x".repeat(512 * 1024 + 1))}}))
+                .to_string(),
+            413,
+            "Value for key \"m/big\" is too large (524289 > 524288 bytes)",
+        ),
     ] {
-        let (code, msg) = node.send("PUT", "/v1/txn", Some(&body)).await;
-        assert_eq!(code, 400, "{body}: {msg}");
-        assert!(msg.as_str().unwrap_or_default().contains(want), "{body}: {msg}");
+        let a = call(&node, "PUT", "/v1/txn", Some(body.clone().into_bytes())).await;
+        let short = &body[..body.len().min(120)];
+        assert_eq!(a.status.as_u16(), code, "{short}: {}", a.text);
+        assert!(a.text.starts_with(want) || (want == "not supported" && a.text.contains(want)), "{short}: {}", a.text);
     }
-    assert_eq!(node.get("/v1/kv/k").await.0, 404);
+    let a = txn(&node, "/v1/txn", &set_first(json!({"KV": {"Verb": "explode", "Key": "m/k"}}))).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(a.json(), json!({"Results": null, "Errors": [{"OpIndex": 1, "What": "unknown KV verb \"explode\""}]}));
+    let a = txn(&node, "/v1/txn", &set_first(json!({"KV": {"Verb": "get"}}))).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(a.json()["Errors"], json!([{"OpIndex": 1, "What": "Must provide key"}]));
+    assert_eq!(get(&node, "/v1/kv/?recurse").await.json(), kv_before.json(), "nothing was applied");
 }

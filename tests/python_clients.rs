@@ -3,7 +3,8 @@
 //! - marathon-python 0.13.0: every client method that touches apps, groups, tasks, deployments,
 //!   queue, info, leader, ping, metrics and the event stream (`test_marathon_client.py` and
 //!   every other file but the Consul ones);
-//! - py-consul 1.8.0: the `test_consul*.py` files (KV, CAS, sessions, locks, lock-delay);
+//! - py-consul 1.8.0: the `test_consul*.py` files (KV, CAS, sessions, locks, lock-delay,
+//!   transactions);
 //! - pymesos 0.3.15: a framework over the Mesos v1 scheduler API (`test_pymesos.py`).
 //!
 //! Needs `tests/python/install.sh` (pip; pymesos without its unbuildable C dependency). Without it

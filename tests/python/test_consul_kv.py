@@ -1,16 +1,19 @@
 """py-consul 1.8.0 against a real `mesh dev`: the KV store (reads, flags, CAS, recursion, key
 listing) and sessions, with a lock contended by two sessions (acquire, release, destroy,
-lock-delay) and Behavior=delete, exactly through the client's own calls.
+lock-delay) and Behavior=delete, and transactions (`txn.put`: all or nothing, a lock taken and
+released), exactly through the client's own calls.
 
 The node and the `consul` fixture (which empties the store after each test) live in
 conftest.py. Every wait is a deadline-bounded poll.
 """
 
+import base64
 import struct
 import threading
 
 import pytest
 from consul import ConsulException, NotFound
+from consul.exceptions import ClientError
 from polling import eventually
 
 
@@ -170,3 +173,47 @@ def test_blocking_get_wakes_for_its_key(consul):
     new_index, data = result["answer"]
     assert int(new_index) > int(index)
     assert data["Value"] == b"2"
+
+
+def test_txn_put_all_or_nothing_with_a_lock(consul):
+    def b64(v):
+        return base64.b64encode(v.encode()).decode()
+
+    sid = consul.session.create(name="txn", lock_delay=0)
+    r = consul.txn.put(
+        [
+            {"KV": {"Verb": "set", "Key": "txn/a", "Value": b64("1")}},
+            {"KV": {"Verb": "lock", "Key": "txn/leader", "Value": b64("me"), "Session": sid}},
+            {"KV": {"Verb": "get-tree", "Key": "txn/"}},
+        ]
+    )
+    assert r["Errors"] is None
+    a, lock, tree_a, tree_leader = r["Results"]
+    assert a["KV"]["Key"] == "txn/a" and a["KV"]["Value"] is None, "a write's result has no value"
+    assert (lock["KV"]["Session"], lock["KV"]["LockIndex"]) == (sid, 1)
+    assert [tree_a["KV"]["Value"], tree_leader["KV"]["Value"]] == [b64("1"), b64("me")]
+    index = a["KV"]["ModifyIndex"]
+
+    # a failing check-index: 409 (py-consul raises), and the set before it is not applied
+    with pytest.raises(ClientError, match="409"):
+        consul.txn.put(
+            [
+                {"KV": {"Verb": "set", "Key": "txn/b", "Value": b64("2")}},
+                {"KV": {"Verb": "check-index", "Key": "txn/a", "Index": index + 1000}},
+            ]
+        )
+    assert consul.kv.get("txn/b")[1] is None
+    _, data = consul.kv.get("txn/leader")
+    assert (data["Session"], data["LockIndex"], data["Value"]) == (sid, 1, b"me")
+
+    r = consul.txn.put(
+        [
+            {"KV": {"Verb": "check-session", "Key": "txn/leader", "Session": sid}},
+            {"KV": {"Verb": "unlock", "Key": "txn/leader", "Value": b64("free"), "Session": sid}},
+            {"KV": {"Verb": "delete", "Key": "txn/a"}},
+        ]
+    )
+    assert len(r["Results"]) == 2, "no result for a delete"
+    _, data = consul.kv.get("txn/leader")
+    assert data.get("Session") is None and data["Value"] == b"free"
+    assert consul.kv.get("txn/a")[1] is None

@@ -85,18 +85,27 @@ pub enum KvError {
     /// An expiry for a session that was renewed (or is gone) since it was found due.
     #[error("session {0} is not due")]
     NotDue(String),
-    /// An operation of a transaction failed; none of its operations was applied.
-    #[error("op {op}: {what}")]
-    TxnFailed {
-        /// The index of the failing operation in the transaction.
-        op: usize,
-        /// Why, as Consul says it.
-        what: String,
-    },
+    /// Operations of a transaction failed; none of its operations was applied.
+    #[error("transaction rolled back: {}", txn_errors(.0))]
+    TxnFailed(Vec<TxnError>),
 }
 
-/// One operation of a KV transaction (`PUT /v1/txn`): a write, or a condition that must hold
-/// for the transaction to be applied.
+fn txn_errors(errors: &[TxnError]) -> String {
+    errors.iter().map(|e| format!("op {}: {}", e.op_index, e.what)).collect::<Vec<_>>().join("; ")
+}
+
+/// Why one operation of a transaction failed (Consul's `TxnError`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnError {
+    /// The index of the operation in the transaction.
+    pub op_index: usize,
+    /// Why, in Consul's words.
+    pub what: String,
+}
+
+/// One operation of a KV transaction (`PUT /v1/txn`): a write, a condition that must hold for
+/// the transaction to be applied, or a read (answered at its place in the transaction, after
+/// the operations before it).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TxnOp {
     /// A write (set, cas, lock, unlock, delete, delete-tree, delete-cas).
@@ -108,7 +117,7 @@ pub enum TxnOp {
         /// Its expected `ModifyIndex`.
         index: u64,
     },
-    /// `check-session`: the key is locked by this session.
+    /// `check-session`: the key's lock is held by this session (by none when it is empty).
     CheckSession {
         /// The key.
         key: String,
@@ -120,6 +129,28 @@ pub enum TxnOp {
         /// The key.
         key: String,
     },
+    /// `get`: the key's entry, value included; fails when the key does not exist.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// `get-or-empty`: the key's entry, or an empty one naming the key when it does not exist.
+    GetOrEmpty {
+        /// The key.
+        key: String,
+    },
+    /// `get-tree`: every entry under the prefix, values included.
+    GetTree {
+        /// The prefix.
+        prefix: String,
+    },
+}
+
+impl TxnOp {
+    /// Whether the operation changes the store (a transaction without one is a read).
+    pub fn is_write(&self) -> bool {
+        matches!(self, TxnOp::Kv(_))
+    }
 }
 
 /// A value: bytes shared between state versions (a persistent map copies entries, not values),
@@ -497,48 +528,100 @@ impl KvState {
         Ok(())
     }
 
-    /// Apply a transaction at index `idx`: every operation in order, all or none (on error
-    /// nothing changed, and the error names the failing operation).
-    pub fn apply_txn(&mut self, ops: &[TxnOp], idx: u64) -> Result<(), KvError> {
+    /// Apply a transaction at index `idx`: every operation in order, each seeing the changes
+    /// of those before it, all or none. Returns one result per operation that has one, as
+    /// Consul's `Results` (writes and checks: the key's entry without its value; `get`,
+    /// `get-or-empty`, `get-tree`: with it; deletes and `check-not-exists`: none). As Consul,
+    /// every operation is tried, so the error lists each that failed; on error nothing changed.
+    /// Deterministic: it reads only the state and the operations (whose writes carry `now`).
+    pub fn apply_txn(&mut self, ops: &[TxnOp], idx: u64) -> Result<Vec<KvEntry>, KvError> {
         let mut next = self.clone();
-        for (op, t) in ops.iter().enumerate() {
-            let fail = |what: String| KvError::TxnFailed { op, what };
-            match t {
-                TxnOp::Kv(kv) => next.apply_kv(kv, idx).map_err(|e| {
-                    fail(match (e, kv) {
-                        (KvError::NotApplied, KvOp::Set { key, mode, .. }) => match mode {
-                            SetMode::Cas(_) => format!("failed to set key {key:?}, index is stale"),
-                            SetMode::Acquire(_) => format!("failed to lock key {key:?}, lock is already held"),
-                            SetMode::Release(_) => {
-                                format!("failed to unlock key {key:?}, lock isn't held, or is held by another session")
-                            }
-                            SetMode::Plain => format!("failed to set key {key:?}"),
-                        },
-                        (KvError::NotApplied, KvOp::Delete { key, .. }) => {
-                            format!("failed to delete key {key:?}, index is stale")
-                        }
-                        (e, _) => e.to_string(),
-                    })
-                })?,
-                TxnOp::CheckIndex { key, index } => match next.entries.get(key.as_str()) {
-                    Some(e) if e.modify_index == *index => {}
-                    Some(_) => return Err(fail(format!("current modify index {key:?} is not {index}"))),
-                    None => return Err(fail(format!("key {key:?} doesn't exist"))),
-                },
-                TxnOp::CheckSession { key, session } => match next.entries.get(key.as_str()) {
-                    Some(e) if e.session.as_deref() == Some(session.as_str()) => {}
-                    Some(_) => return Err(fail(format!("key {key:?} is not locked by session {session:?}"))),
-                    None => return Err(fail(format!("key {key:?} doesn't exist"))),
-                },
-                TxnOp::CheckNotExists { key } => {
-                    if next.entries.contains_key(key.as_str()) {
-                        return Err(fail(format!("key {key:?} exists")));
-                    }
-                }
+        let mut results = Vec::new();
+        let mut errors = Vec::new();
+        let without_value = |e: &KvEntry| KvEntry { value: KvValue::default(), ..e.clone() };
+        for (op_index, t) in ops.iter().enumerate() {
+            match next.txn_op(t, idx) {
+                Ok(found) => results.extend(found.into_iter().map(
+                    |(e, with_value)| {
+                        if with_value { e } else { without_value(&e) }
+                    },
+                )),
+                Err(what) => errors.push(TxnError { op_index, what }),
             }
         }
+        if !errors.is_empty() {
+            return Err(KvError::TxnFailed(errors));
+        }
         *self = next;
-        Ok(())
+        Ok(results)
+    }
+
+    /// One operation of a transaction: its result entries (and whether with their values), or
+    /// why it failed (Consul's message). On error nothing changed.
+    fn txn_op(&mut self, t: &TxnOp, idx: u64) -> Result<Vec<(KvEntry, bool)>, String> {
+        let entry = |kv: &Self, key: &str| kv.entries.get(key).map(|e| KvEntry::clone(e));
+        match t {
+            TxnOp::Kv(op @ KvOp::Set { key, mode, now, .. }) => {
+                if matches!(mode, SetMode::Acquire(_)) && self.lock_delay_until(key, *now).is_some() {
+                    return Err(format!("failed to lock key {key:?} due to lock delay"));
+                }
+                self.apply_kv(op, idx).map_err(|e| match (e, mode) {
+                    (KvError::NotApplied, SetMode::Cas(_)) => format!("failed to set key {key:?}, index is stale"),
+                    (KvError::NotApplied, SetMode::Acquire(_)) => {
+                        format!("failed to lock key {key:?}, lock is already held")
+                    }
+                    (KvError::NotApplied, SetMode::Release(_)) => {
+                        format!("failed to unlock key {key:?}, lock isn't held, or is held by another session")
+                    }
+                    (e, _) => e.to_string(),
+                })?;
+                Ok(entry(self, key).map(|e| (e, false)).into_iter().collect())
+            }
+            TxnOp::Kv(op @ KvOp::Delete { key, .. }) => {
+                self.apply_kv(op, idx).map_err(|e| match e {
+                    KvError::NotApplied => format!("failed to delete key {key:?}, index is stale"),
+                    e => e.to_string(),
+                })?;
+                Ok(Vec::new())
+            }
+            TxnOp::CheckIndex { key, index } => match entry(self, key) {
+                Some(e) if e.modify_index == *index => Ok(vec![(e, false)]),
+                Some(e) => Err(format!(
+                    "failed index check for key {key:?}, current modify index {} != {index}",
+                    e.modify_index
+                )),
+                None => Err(format!("failed to check index, key {key:?} doesn't exist")),
+            },
+            TxnOp::CheckSession { key, session } => match entry(self, key) {
+                Some(e) if e.session.as_deref().unwrap_or_default() == session => Ok(vec![(e, false)]),
+                Some(e) => Err(format!(
+                    "failed session check for key {key:?}, current session {:?} != {session:?}",
+                    e.session.as_deref().unwrap_or_default()
+                )),
+                None => Err(format!("failed to check session, key {key:?} doesn't exist")),
+            },
+            TxnOp::CheckNotExists { key } => match self.entries.contains_key(key.as_str()) {
+                true => Err(format!("key {key:?} exists")),
+                false => Ok(Vec::new()),
+            },
+            TxnOp::Get { key } => match entry(self, key) {
+                Some(e) => Ok(vec![(e, true)]),
+                None => Err(format!("key {key:?} doesn't exist")),
+            },
+            TxnOp::GetOrEmpty { key } => {
+                let empty = || KvEntry {
+                    key: key.clone(),
+                    value: KvValue::default(),
+                    flags: 0,
+                    create_index: 0,
+                    modify_index: 0,
+                    lock_index: 0,
+                    session: None,
+                };
+                Ok(vec![(entry(self, key).unwrap_or_else(empty), true)])
+            }
+            TxnOp::GetTree { prefix } => Ok(self.list(prefix).map(|e| (e.clone(), true)).collect()),
+        }
     }
 
     /// Apply a session change at index `idx`. On error nothing changed. (Whether the session's
@@ -801,42 +884,134 @@ mod tests {
         kv.apply_kv(&KvOp::Delete { key: key.into(), recurse, cas, now: 0 }, idx)
     }
 
+    fn tset(k: &str, v: &str, mode: SetMode, now: Millis) -> TxnOp {
+        TxnOp::Kv(KvOp::Set { key: k.into(), value: KvValue::from(v.as_bytes()), flags: 0, mode, now })
+    }
+
+    fn failed(r: Result<Vec<KvEntry>, KvError>) -> Vec<(usize, String)> {
+        match r {
+            Err(KvError::TxnFailed(errors)) => errors.into_iter().map(|e| (e.op_index, e.what)).collect(),
+            other => panic!("expected a failed transaction: {other:?}"),
+        }
+    }
+
     #[test]
     fn a_transaction_applies_all_or_nothing() {
         let mut kv = KvState::default();
         put(&mut kv, 1, "a", "1", SetMode::Plain, 0).unwrap();
-        let set = |k: &str, v: &str, mode| {
-            TxnOp::Kv(KvOp::Set { key: k.into(), value: KvValue::from(v.as_bytes()), flags: 0, mode, now: 0 })
-        };
-        // The third operation fails: neither earlier write is kept.
+        // The third and fourth operations fail: neither earlier write is kept, and every
+        // failure is named (as Consul, which tries every operation).
         let failing = [
-            set("b", "2", SetMode::Plain),
+            tset("b", "2", SetMode::Plain, 0),
             TxnOp::CheckIndex { key: "a".into(), index: 1 },
             TxnOp::CheckNotExists { key: "a".into() },
+            TxnOp::CheckIndex { key: "b".into(), index: 9 },
         ];
         let before = kv.clone();
-        match kv.apply_txn(&failing, 2) {
-            Err(KvError::TxnFailed { op: 2, what }) => assert!(what.contains("exists"), "{what}"),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            failed(kv.apply_txn(&failing, 2)),
+            vec![
+                (2, r#"key "a" exists"#.to_string()),
+                (3, r#"failed index check for key "b", current modify index 2 != 9"#.to_string()),
+            ],
+            "the check on b sees the set before it"
+        );
         assert_eq!(kv, before, "nothing applied");
-        let stale = [set("a", "x", SetMode::Cas(7))];
-        match kv.apply_txn(&stale, 2) {
-            Err(KvError::TxnFailed { op: 0, what }) => assert!(what.contains("index is stale"), "{what}"),
-            other => panic!("{other:?}"),
-        }
-        // All hold: every write at the transaction's index.
+        let stale = [tset("a", "x", SetMode::Cas(7), 0), TxnOp::Get { key: "nope".into() }];
+        assert_eq!(
+            failed(kv.apply_txn(&stale, 2)),
+            vec![
+                (0, r#"failed to set key "a", index is stale"#.to_string()),
+                (1, r#"key "nope" doesn't exist"#.to_string()),
+            ]
+        );
+        let missing = [TxnOp::CheckIndex { key: "zz".into(), index: 1 }];
+        assert_eq!(failed(kv.apply_txn(&missing, 2))[0].1, r#"failed to check index, key "zz" doesn't exist"#);
+        assert_eq!(kv, before, "nothing applied");
+
+        // All hold: every write at the transaction's index; reads see the writes before them.
         let ok = [
             TxnOp::CheckIndex { key: "a".into(), index: 1 },
-            set("b", "2", SetMode::Plain),
-            set("a", "3", SetMode::Cas(1)),
+            tset("b", "2", SetMode::Plain, 0),
+            tset("a", "3", SetMode::Cas(1), 0),
+            TxnOp::Get { key: "a".into() },
             TxnOp::Kv(KvOp::Delete { key: "zz".into(), recurse: false, cas: None, now: 0 }),
+            TxnOp::CheckNotExists { key: "zz".into() },
+            TxnOp::CheckSession { key: "a".into(), session: String::new() },
+            TxnOp::GetTree { prefix: String::new() },
+            TxnOp::GetOrEmpty { key: "none".into() },
         ];
-        kv.apply_txn(&ok, 3).unwrap();
+        let results = kv.apply_txn(&ok, 3).unwrap();
         assert_eq!(kv.entries["a"].value.as_bytes(), b"3");
         assert_eq!((kv.entries["a"].modify_index, kv.entries["b"].modify_index), (3, 3));
+        let shown: Vec<(&str, &[u8], u64)> =
+            results.iter().map(|e| (e.key.as_str(), e.value.as_bytes(), e.modify_index)).collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("a", &b""[..], 1), // check-index: the entry, no value
+                ("b", b"", 3),      // set: no value
+                ("a", b"", 3),      // cas
+                ("a", b"3", 3),     // get: with its value
+                // delete and check-not-exists: no result
+                ("a", b"", 3), // check-session
+                ("a", b"3", 3),
+                ("b", b"2", 3), // get-tree: values
+                ("none", b"", 0),
+            ]
+        );
         assert_eq!(KvValue::from_base64("MQ==").unwrap().as_bytes(), b"1");
         assert!(KvValue::from_base64("not base64!").is_err());
+
+        // A transaction of reads changes nothing, whatever its index.
+        let before = kv.clone();
+        kv.apply_txn(&[TxnOp::GetTree { prefix: "a".into() }], 99).unwrap();
+        assert_eq!(kv, before);
+    }
+
+    #[test]
+    fn transaction_locks_follow_the_acquire_rules() {
+        let mut kv = KvState::default();
+        create(&mut kv, 1, session("s1", Behavior::Release, 1000, 0), 0);
+        create(&mut kv, 2, session("s2", Behavior::Release, 0, 0), 0);
+        let lock = |s: &str, now| tset("l", "v", SetMode::Acquire(s.into()), now);
+        let unlock = |s: &str| tset("l", "v", SetMode::Release(s.into()), 0);
+        let r = kv.apply_txn(&[lock("s1", 10), TxnOp::CheckSession { key: "l".into(), session: "s1".into() }], 3);
+        let r = r.unwrap();
+        assert_eq!((r[0].lock_index, r[0].session.as_deref(), r[0].modify_index), (1, Some("s1"), 3));
+        assert_eq!(r[1].session.as_deref(), Some("s1"));
+        // The holder locks again: nothing changes; another session is refused.
+        kv.apply_txn(&[lock("s1", 10)], 4).unwrap();
+        assert_eq!((kv.entries["l"].lock_index, kv.entries["l"].modify_index), (1, 3));
+        let before = kv.clone();
+        assert_eq!(
+            failed(kv.apply_txn(&[unlock("s2"), lock("s2", 10), lock("", 10), lock("nope", 10)], 5)),
+            vec![
+                (0, r#"failed to unlock key "l", lock isn't held, or is held by another session"#.into()),
+                (1, r#"failed to lock key "l", lock is already held"#.into()),
+                (2, "missing session".into()),
+                (3, r#"invalid session "nope""#.into()),
+            ]
+        );
+        assert_eq!(
+            failed(kv.apply_txn(&[TxnOp::CheckSession { key: "l".into(), session: "s2".into() }], 5))[0].1,
+            r#"failed session check for key "l", current session "s1" != "s2""#
+        );
+        assert_eq!(kv, before);
+        // Unlocked, then locked by another session in the same transaction: LockIndex 2.
+        let r = kv.apply_txn(&[unlock("s1"), lock("s2", 20)], 5).unwrap();
+        assert_eq!((r[0].lock_index, r[0].session.as_deref()), (1, None));
+        assert_eq!((r[1].lock_index, r[1].session.as_deref(), r[1].create_index), (2, Some("s2"), 3));
+        assert!(kv.held.contains(&("s2".to_string(), Arc::from("l"))));
+        // s1's lock-delay: destroying it while it holds a key delays the key's next lock.
+        kv.apply_txn(&[unlock("s2"), lock("s1", 30)], 6).unwrap();
+        kv.apply_session(&SessionOp::Destroy { id: "s1".into(), now: 100 }, 7).unwrap();
+        assert_eq!(
+            failed(kv.apply_txn(&[lock("s2", 500)], 8)),
+            vec![(0, r#"failed to lock key "l" due to lock delay"#.into())]
+        );
+        kv.apply_txn(&[lock("s2", 1100)], 8).unwrap();
+        assert_eq!(kv.entries["l"].lock_index, 4);
     }
 
     fn session(id: &str, behavior: Behavior, lock_delay_ms: u64, ttl_ms: u64) -> Session {
@@ -1125,7 +1300,7 @@ mod tests {
 mod store_tests {
     use super::*;
     use crate::model::{AgentId, Resources};
-    use crate::state::{Agent, ApplyError, Command, RedbLog, Store};
+    use crate::state::{Agent, ApplyError, Command, RedbLog, State, Store};
 
     fn session(node: &str) -> Session {
         Session {
@@ -1182,5 +1357,65 @@ mod store_tests {
         assert_eq!(store.state(), &before);
         assert_eq!(store.state().kv.next_deadline(), Some(20_005), "TTL deadlines come back");
         assert_eq!(store.state().kv.get("lock").unwrap().session.as_deref(), Some("s1"));
+    }
+
+    fn tset(k: &str, v: &str, mode: SetMode, now: Millis) -> TxnOp {
+        TxnOp::Kv(KvOp::Set { key: k.into(), value: KvValue::from(v.as_bytes()), flags: 0, mode, now })
+    }
+
+    #[test]
+    fn a_transaction_is_one_logged_command_and_replays_to_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        let r = store.propose(vec![Command::Kv(KvOp::Set {
+            key: "a".into(),
+            value: KvValue::from(&b"1"[..]),
+            flags: 0,
+            mode: SetMode::Plain,
+            now: 1,
+        })]);
+        assert!(r.unwrap()[0].is_ok());
+        let index = store.state().index;
+        let txn = |check: u64| {
+            Command::KvTxn(vec![
+                tset("b", "2", SetMode::Plain, 2),
+                TxnOp::CheckIndex { key: "a".into(), index: check },
+                TxnOp::Get { key: "b".into() },
+            ])
+        };
+        // A failing check: refused, not logged, nothing changed.
+        let before = store.state().clone();
+        let r = store.propose(vec![txn(index + 5)]).unwrap();
+        match &r[0] {
+            Err(ApplyError::Kv(KvError::TxnFailed(errors))) => assert_eq!(errors[0].op_index, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.state(), &before, "a failed transaction changes nothing");
+        // It holds: one index, and the results come back with the changes.
+        let r = store.propose(vec![txn(index)]).unwrap();
+        let results = r[0].as_ref().unwrap().txn_results.clone().unwrap();
+        assert_eq!(results.len(), 3);
+        assert_eq!((results[2].value.as_bytes(), results[2].modify_index), (&b"2"[..], index + 1));
+        assert_eq!(store.state().index, index + 1);
+        // The same commands on a fresh state give the same state (the log is deterministic).
+        let mut replay = State::new("dc1");
+        for cmd in [
+            Command::Kv(KvOp::Set {
+                key: "a".into(),
+                value: KvValue::from(&b"1"[..]),
+                flags: 0,
+                mode: SetMode::Plain,
+                now: 1,
+            }),
+            txn(index),
+        ] {
+            replay.apply(&cmd).unwrap();
+        }
+        assert_eq!(replay.kv, store.state().kv);
+        let after = store.state().clone();
+        drop(store);
+        let store = Store::open(Box::new(RedbLog::open(&path).unwrap()), "dc1").unwrap();
+        assert_eq!(store.state(), &after);
     }
 }

@@ -617,6 +617,9 @@ pub struct Changes {
     pub tasks: Vec<TaskId>,
     /// Deployments started, advanced or removed.
     pub deployments: Vec<String>,
+    /// The results of a KV transaction ([`Command::KvTxn`]), for its caller: one entry per
+    /// operation that has one (see [`crate::kv::KvState::apply_txn`]).
+    pub txn_results: Option<Vec<crate::kv::KvEntry>>,
 }
 
 impl State {
@@ -1281,7 +1284,7 @@ impl State {
                 ch.catalog |= self.catalog.set_check_status(node, id, *status, output, *now, index).unwrap_or(false);
             }
             Command::Kv(op) => self.kv.apply_kv(op, self.index + 1)?,
-            Command::KvTxn(ops) => self.kv.apply_txn(ops, self.index + 1)?,
+            Command::KvTxn(ops) => ch.txn_results = Some(self.kv.apply_txn(ops, self.index + 1)?),
             Command::Session(op) => {
                 if let SessionOp::Create { session, .. } = op {
                     if !self.catalog.nodes.contains_key(&session.node) {

@@ -47,7 +47,7 @@ pub enum ControlError {
 #[allow(clippy::large_enum_variant)]
 pub enum ControlMsg {
     /// Apply a command and report the result.
-    Propose(Command, oneshot::Sender<Result<(), ControlError>>),
+    Propose(Command, oneshot::Sender<Result<Changes, ControlError>>),
     /// An agent connected; this is its transport.
     AgentConnected(AgentId, mpsc::Sender<ToAgent>),
     /// An agent's connection ended (the transport it was given with [`ControlMsg::AgentConnected`];
@@ -141,6 +141,13 @@ impl ControlHandle {
 
     /// Apply a command; returns once it is durable and visible to readers.
     pub async fn propose(&self, cmd: Command) -> Result<(), ControlError> {
+        self.propose_changes(cmd).await.map(|_| ())
+    }
+
+    /// Apply a command and return what it changed, as the state machine computed it when it
+    /// applied the command (e.g. a KV transaction's results: the published state may already
+    /// hold later writes by the time the caller reads it).
+    pub async fn propose_changes(&self, cmd: Command) -> Result<Changes, ControlError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(ControlMsg::Propose(cmd, tx)).await.map_err(|_| ControlError::Stopped)?;
         rx.await.map_err(|_| ControlError::Stopped)?
@@ -493,7 +500,7 @@ impl Control {
     fn propose_and_reply(
         &mut self,
         proposals: Vec<Command>,
-        replies: Vec<oneshot::Sender<Result<(), ControlError>>>,
+        replies: Vec<oneshot::Sender<Result<Changes, ControlError>>>,
         now: Millis,
     ) {
         let before = self.store.state().clone();
@@ -508,7 +515,7 @@ impl Control {
                 // Visible to readers before the caller hears back.
                 self.publish();
                 for (res, reply) in results.into_iter().zip(replies) {
-                    let _ = reply.send(res.map(|_| ()).map_err(ControlError::from));
+                    let _ = reply.send(res.map_err(ControlError::from));
                 }
             }
             Err(e) if proposals.len() > 1 => {
