@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::*;
 
-const KEYS: usize = 3;
-const CLIENTS: usize = 10;
+const KEYS: usize = 8;
+const CLIENTS: usize = 8;
 /// A client gives up on an operation after this long (it is then indeterminate).
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -183,8 +183,33 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// it took effect (no answer, or an error: a write the leader committed may still be reported
 /// failed, e.g. when leadership moved before the answer).
 async fn write(client: &reqwest::Client, node: SocketAddr, path: &str, value: String) -> Option<bool> {
-    let (status, text) = http(client, "PUT", format!("http://{node}{path}"), Some(value)).await?;
-    (status == 200).then(|| text.trim() == "true")
+    match try_write(client, node, path, value).await {
+        Written::Answered(ok) => Some(ok),
+        Written::NotSent | Written::Unknown => None,
+    }
+}
+
+/// What became of a write.
+enum Written {
+    /// Consul answered `true` or `false`.
+    Answered(bool),
+    /// The connection could not be made (the node is down): the write had no effect.
+    NotSent,
+    /// No answer, or an error: it may or may not have taken effect.
+    Unknown,
+}
+
+async fn try_write(client: &reqwest::Client, node: SocketAddr, path: &str, value: String) -> Written {
+    let r = client.put(format!("http://{node}{path}")).body(value).timeout(OP_TIMEOUT).send().await;
+    match r {
+        Err(e) if e.is_connect() => Written::NotSent,
+        Err(_) => Written::Unknown,
+        Ok(r) if r.status() == 200 => match r.text().await {
+            Ok(t) => Written::Answered(t.trim() == "true"),
+            Err(_) => Written::Unknown,
+        },
+        Ok(_) => Written::Unknown,
+    }
 }
 
 #[derive(Default)]
@@ -234,10 +259,14 @@ async fn client(id: usize, world: Arc<World>, until: Instant) -> (Vec<(usize, Op
             }
             1 => {
                 let call = world.now();
-                let r = write(&http_client, node, &format!("/v1/kv/{k}"), unique.to_string()).await;
+                let r = try_write(&http_client, node, &format!("/v1/kv/{k}"), unique.to_string()).await;
                 let ret = world.now();
                 let (ret, output) = match r {
-                    Some(true) => (Some(ret), Some(Output::Done(true))),
+                    Written::Answered(true) => (Some(ret), Some(Output::Done(true))),
+                    Written::NotSent => {
+                        tally.failed += 1;
+                        continue;
+                    }
                     _ => (None, None),
                 };
                 if output.is_some() {
@@ -270,15 +299,16 @@ async fn client(id: usize, world: Arc<World>, until: Instant) -> (Vec<(usize, Op
                     None => (None, 0),
                 };
                 let call = world.now();
-                let r = write(&http_client, node, &format!("/v1/kv/{k}?cas={index}"), unique.to_string()).await;
+                let r = try_write(&http_client, node, &format!("/v1/kv/{k}?cas={index}"), unique.to_string()).await;
                 let ret = world.now();
                 let input = Input::Cas { expected, new: unique };
                 match r {
-                    Some(ok) => {
+                    Written::NotSent => tally.failed += 1,
+                    Written::Answered(ok) => {
                         tally.ok += 1;
                         ops.push((key, Op { client: id, call, ret: Some(ret), input, output: Some(Output::Done(ok)) }));
                     }
-                    None => {
+                    Written::Unknown => {
                         tally.unknown += 1;
                         ops.push((key, Op { client: id, call, ret: None, input, output: None }));
                     }

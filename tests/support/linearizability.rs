@@ -67,7 +67,11 @@ fn step(state: Option<u64>, input: &Input, output: Option<&Output>) -> Option<Op
 }
 
 /// Whether the history of one key (starting absent) is linearizable.
-pub fn check(ops: &[Op]) -> Result<(), String> {
+pub fn check(history: &[Op]) -> Result<(), String> {
+    // By invocation: the candidates at each step are a prefix of what is not placed yet.
+    let mut sorted = history.to_vec();
+    sorted.sort_by_key(|o| o.call);
+    let ops = &sorted[..];
     let n = ops.len();
     let words = n.div_ceil(64);
     let mut cache: HashSet<(Vec<u64>, Option<u64>)> = HashSet::new();
@@ -91,9 +95,8 @@ pub fn check(ops: &[Op]) -> Result<(), String> {
         let bound = (0..n).filter(|&i| !is_done(&done, i)).filter_map(|i| ops[i].ret).min().unwrap_or(u64::MAX);
         let mut advanced = false;
         let mut i = next_candidate;
-        while i < n {
+        while i < n && ops[i].call <= bound {
             if !is_done(&done, i)
-                && ops[i].call <= bound
                 && let Some(after) = step(state, &ops[i].input, ops[i].output.as_ref())
             {
                 let mut with = done.clone();
