@@ -56,7 +56,11 @@
 //!
 //! - the container is inspected: `Exit::Code(State.ExitCode)` with the message
 //!   `exited with status N`, or, when `State.OOMKilled` is set or an `oom` event was seen,
-//!   `memory limit of N MiB exceeded (OOM killed)`; a container that vanished (removed behind
+//!   `memory limit of N MiB exceeded (OOM killed)`. The engine can learn of an OOM kill late or
+//!   never (under load), so for a task with a memory limit the runtime also registers for the
+//!   kernel's OOM notification of the container's memory cgroup (cgroup v1, as root; see
+//!   `memcg`), which decides a 137 that mesh did not cause; without it such a 137 waits up to
+//!   5 s for the engine. A container that vanished (removed behind
 //!   the runtime's back) ends with the exit code of its `die` event if one was seen, else
 //!   [`Exit::Unknown`];
 //! - the container is removed (forced), so its name can be reused, and then `Exited` is sent.
@@ -121,10 +125,12 @@ use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
+
+mod memcg;
 
 /// The `docker.parameters` keys this runtime implements (see the [module docs](self)); the API
 /// layer rejects the others.
@@ -168,6 +174,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// The grace of a re-adopted container whose stop timeout cannot be read.
 const DEFAULT_RECOVERED_GRACE: Duration = Duration::from_secs(3);
+/// How long an unexplained 137 (with a memory limit) waits for the engine to report an OOM
+/// kill, when the runtime has no memory cgroup notification of its own.
+const ENGINE_OOM_WAIT: Duration = Duration::from_secs(5);
+/// How long an exited container's memory cgroup notification waits for the kernel's removal
+/// notification when it cannot tell one OOM from the removal alone (see [`memcg`]).
+const MEMCG_REMOVAL_WAIT: Duration = Duration::from_secs(2);
+/// How often a starting container's memory cgroup is looked for.
+const MEMCG_POLL: Duration = Duration::from_millis(2);
 
 /// How long `kill_all` waits beyond the grace period.
 const KILL_ALL_MARGIN: Duration = Duration::from_secs(10);
@@ -238,6 +252,9 @@ struct Watched {
     kill_grace_ms: AtomicU64,
     /// An `oom` event was seen.
     oom: AtomicBool,
+    /// The kernel's OOM notifications for the container's memory cgroup, when they can be had
+    /// (see [`memcg`]); registered as the container starts ([`watch_memcg`]).
+    memcg: OnceLock<memcg::OomWatch>,
     /// The exit code of a `die` event, if one was seen.
     die_code: Mutex<Option<i32>>,
     /// Set by whoever ends the task first (events, reconcile): the end is reported once.
@@ -261,6 +278,7 @@ impl Watched {
             killed: AtomicBool::new(false),
             kill_grace_ms: AtomicU64::new(u64::MAX),
             oom: AtomicBool::new(false),
+            memcg: OnceLock::new(),
             die_code: Mutex::new(None),
             claimed: AtomicBool::new(false),
             done: watch::channel(false).0,
@@ -572,6 +590,11 @@ impl Runtime for DockerRuntime {
                 .and_then(|t| u64::try_from(t).ok())
                 .map_or(DEFAULT_RECOVERED_GRACE, Duration::from_secs);
             let w = Watched::new(task_id.clone(), id, name.clone(), mem, grace, Phase::Running);
+            if mem > 0.0
+                && let Some(m) = memcg::OomWatch::register(&w.container)
+            {
+                let _ = w.memcg.set(m);
+            }
             self.inner.lock().insert(task_id.clone(), w.clone());
             let disk = labels.get(LABEL_DISK).and_then(|d| d.parse::<f64>().ok()).filter(|d| *d > 0.0);
             if let Some(disk) = disk {
@@ -660,6 +683,9 @@ impl Inner {
         let w =
             Watched::new(spec.task_id.clone(), id.clone(), name.clone(), spec.mem, spec.kill_grace, Phase::Starting);
         self.lock().insert(spec.task_id.clone(), w.clone());
+        if spec.mem > 0.0 {
+            tokio::spawn(watch_memcg(w.clone()));
+        }
         if let Err(e) = self.docker.start_container(&id, None::<StartContainerOptions>).await {
             w.phase.send_replace(Phase::Failed);
             {
@@ -894,20 +920,27 @@ impl Inner {
                 let code =
                     state.exit_code.map(|c| c as i32).or_else(|| *w.die_code.lock().unwrap_or_else(|e| e.into_inner()));
                 let mut oom = state.oom_killed == Some(true) || w.oom.load(Ordering::SeqCst);
-                // The engine can report `die` (137) a moment before it learns of the OOM kill
-                // (the `oom` event, `State.OOMKilled`): give it a short, bounded while (up to 2 s:
-                // 500 ms was seen to be too short on a loaded machine). Only a 137 that mesh did
-                // not cause waits.
-                if code == Some(137) && !oom && !w.killed.load(Ordering::SeqCst) {
-                    for _ in 0..20 {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        let again = self.docker.inspect_container(&w.container, None::<InspectContainerOptions>).await;
-                        oom = w.oom.load(Ordering::SeqCst)
-                            || again.ok().and_then(|i| i.state).and_then(|s| s.oom_killed) == Some(true);
-                        if oom {
-                            break;
+                // A SIGKILL (137) that mesh did not send, with a memory limit, and the engine has
+                // not (yet) said OOM: the engine can report `die` before it learns of the OOM kill,
+                // or never learn of it (see `memcg`). The kernel's own notification decides when
+                // the runtime has it; otherwise the engine gets a bounded while (up to 5 s: 2 s
+                // was seen to be too short on a loaded machine).
+                if code == Some(137) && !oom && !w.killed.load(Ordering::SeqCst) && w.mem > 0.0 {
+                    oom = match w.memcg.get() {
+                        Some(m) => m.oom_killed(MEMCG_REMOVAL_WAIT).await || self.engine_says_oom(&w).await,
+                        None => {
+                            let deadline = tokio::time::Instant::now() + ENGINE_OOM_WAIT;
+                            loop {
+                                if self.engine_says_oom(&w).await {
+                                    break true;
+                                }
+                                if tokio::time::Instant::now() >= deadline {
+                                    break false;
+                                }
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
                         }
-                    }
+                    };
                 }
                 describe(code, oom, w.mem)
             }
@@ -941,6 +974,20 @@ impl Inner {
             .send(RuntimeEvent::Exited { task_id: w.task_id.clone(), exit, killed, message, at: now_millis() })
             .await;
         w.done.send_replace(true);
+    }
+
+    /// Whether the engine has reported an OOM kill of the container (`oom` event or
+    /// `State.OOMKilled`).
+    async fn engine_says_oom(&self, w: &Watched) -> bool {
+        w.oom.load(Ordering::SeqCst)
+            || self
+                .docker
+                .inspect_container(&w.container, None::<InspectContainerOptions>)
+                .await
+                .ok()
+                .and_then(|i| i.state)
+                .and_then(|s| s.oom_killed)
+                == Some(true)
     }
 
     /// One engine event about a mesh container.
@@ -998,6 +1045,26 @@ impl Inner {
                 self.end(w);
             }
         }
+    }
+}
+
+/// Registers the kernel's OOM notification for a starting container's memory cgroup (see
+/// [`memcg`]). Runs from before the start: runc creates the cgroup before the task's command
+/// runs, and a container that OOMs at once can be gone (cgroup and all) before `start` even
+/// returns, so the cgroup is looked for every [`MEMCG_POLL`] while the start is under way, and
+/// once more after it.
+async fn watch_memcg(w: Arc<Watched>) {
+    loop {
+        let starting = *w.phase.borrow() == Phase::Starting;
+        if let Some(m) = memcg::OomWatch::register(&w.container) {
+            let _ = w.memcg.set(m);
+            return;
+        }
+        if !starting {
+            tracing::debug!("docker: no memory cgroup OOM notification for {}; relying on the engine's", w.name);
+            return;
+        }
+        tokio::time::sleep(MEMCG_POLL).await;
     }
 }
 
@@ -1877,6 +1944,64 @@ mod tests {
         assert_eq!(exit, Exit::Code(137));
         assert!(!killed);
         assert_eq!(msg, "memory limit of 16 MiB exceeded (OOM killed)");
+    }
+
+    /// The kernel's notification (`memcg`), which does not depend on the engine learning of
+    /// the kill in time, tells an OOM kill from another SIGKILL.
+    #[tokio::test]
+    async fn memcg_notification_tells_oom_from_other_sigkills() {
+        let Some(mut f) = fixture("memcg").await else { return };
+        // Where the host's cgroup v1 memory hierarchy is visible and this is root, the
+        // notification must be available (as on the CI machine).
+        let root = std::os::unix::fs::MetadataExt::uid(&fs::metadata("/proc/self").unwrap()) == 0;
+        let expected = Path::new("/sys/fs/cgroup/memory/docker").is_dir() && root;
+        let register = |info: bollard::models::ContainerInspectResponse| memcg::OomWatch::register(&info.id.unwrap());
+
+        // OOM: the container waits for the FIFO so the watch is registered before it.
+        let id = unique("memcgoom");
+        let mut s = shell(&id, "");
+        let (_dir, fifo) = sync_dir(&mut s);
+        s.command = Command::Shell("cat /sync/ready > /dev/null; dd if=/dev/zero of=/dev/null bs=64M count=1".into());
+        s.mem = 16.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started(&id).await;
+        let name = container_name(&id.as_str().into());
+        let Some(watch) = register(inspect(&f.docker, &name).await.unwrap()) else {
+            assert!(!expected, "no memory cgroup OOM notification although cgroup v1 is mounted and this is root");
+            println!("SKIP: no cgroup v1 memory hierarchy (or not root)");
+            return;
+        };
+        let task = TaskId::from(id.as_str());
+        timeout(DEADLINE, async {
+            while f.rt.inner.lock().get(&task).is_none_or(|w| w.memcg.get().is_none()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the runtime registered its own at launch");
+        timeout(DEADLINE, tokio::task::spawn_blocking(move || std::fs::write(fifo, "go\n").unwrap()))
+            .await
+            .expect("the container never read the FIFO")
+            .unwrap();
+        let (exit, killed, msg) = f.ev.exited(&id).await;
+        assert_eq!(
+            (exit, killed, msg.as_str()),
+            (Exit::Code(137), false, "memory limit of 16 MiB exceeded (OOM killed)")
+        );
+        assert!(timeout(DEADLINE, watch.oom_killed(MEMCG_REMOVAL_WAIT)).await.unwrap());
+
+        // A SIGKILL from outside mesh: 137 too, but no OOM.
+        let id = unique("memcgkill");
+        let mut s = shell(&id, "exec sleep 1000");
+        s.mem = 16.0;
+        f.rt.launch(s).await.unwrap();
+        f.ev.started(&id).await;
+        let name = container_name(&id.as_str().into());
+        let watch = register(inspect(&f.docker, &name).await.unwrap()).expect("registered above, so here too");
+        f.docker.kill_container(&name, Some(KillContainerOptionsBuilder::new().signal("KILL").build())).await.unwrap();
+        let (exit, killed, msg) = f.ev.exited(&id).await;
+        assert_eq!((exit, killed, msg.as_str()), (Exit::Code(137), false, "exited with status 137"));
+        assert!(!timeout(DEADLINE, watch.oom_killed(MEMCG_REMOVAL_WAIT)).await.unwrap());
     }
 
     #[tokio::test]
