@@ -10,6 +10,7 @@
 //! one from the state machine once it leads again with everything applied (an entry whose
 //! append timed out may still commit; the fresh loop sees it in the state).
 
+use super::disk::DiskGuard;
 use super::{Batch, TypeConfig};
 use mesh_core::state::{Command, Log, LogError, SnapshotWriter, State};
 use openraft::Raft;
@@ -26,6 +27,8 @@ pub struct RaftLog {
     timeout: Duration,
     /// Set (with the reason) on the first failure: the owner restarts the control loop.
     poisoned: watch::Sender<Option<String>>,
+    /// Room on the disk: a write is refused (not attempted) when there is none.
+    disk: Option<Arc<DiskGuard>>,
 }
 
 /// Snapshots are Raft's (the state machine builds them): nothing to write here.
@@ -42,7 +45,14 @@ impl RaftLog {
     /// up after `timeout`. The receiver says when (and why) the log was poisoned.
     pub fn new(raft: Raft<TypeConfig>, state: State, timeout: Duration) -> (RaftLog, watch::Receiver<Option<String>>) {
         let (poisoned, rx) = watch::channel(None);
-        (RaftLog { raft, start: Some(state), timeout, poisoned }, rx)
+        (RaftLog { raft, start: Some(state), timeout, poisoned, disk: None }, rx)
+    }
+
+    /// Refuse ordinary writes while `disk` has no room (the store then takes only commands that
+    /// stop work, written after the reserve is released), instead of failing in the Raft log.
+    pub fn with_disk(mut self, disk: Arc<DiskGuard>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// The runtime to block on: the control loop blocks its worker on Raft (`block_in_place`),
@@ -63,8 +73,9 @@ impl RaftLog {
     }
 }
 
-impl Log for RaftLog {
-    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+impl RaftLog {
+    /// Write `cmds` (indexes `first..`) through Raft and check the state machine's outcome.
+    fn write(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         if let Some(why) = self.poisoned.borrow().clone() {
             return Err(LogError::Unwritable(why));
         }
@@ -96,6 +107,26 @@ impl Log for RaftLog {
             self.poisoned.send_replace(Some("the state was restored; the control loop starts again from it".into()));
         }
         Ok(())
+    }
+}
+
+impl Log for RaftLog {
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        if let Some(disk) = &self.disk {
+            // Nothing is written: the store refuses ordinary commands until `recover`.
+            disk.check()?;
+        }
+        self.write(first, cmds)
+    }
+
+    fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        match &self.disk {
+            Some(disk) => {
+                disk.release();
+                self.write(first, cmds)
+            }
+            None => Err(LogError::Store("no reserve".into())),
+        }
     }
 
     fn confirm(&mut self) -> Result<(), LogError> {
@@ -131,6 +162,13 @@ impl Log for RaftLog {
 
     fn recover(&mut self, _acknowledged: u64) -> Result<(), LogError> {
         // A poisoned log never recovers: the server replaces the whole control loop.
-        Err(LogError::Unwritable(self.poisoned.borrow().clone().unwrap_or_default()))
+        if let Some(why) = self.poisoned.borrow().clone() {
+            return Err(LogError::Unwritable(why));
+        }
+        // A refusal for want of room wrote nothing (and what the reserve took is committed).
+        match &self.disk {
+            Some(disk) => disk.recover(),
+            None => Ok(()),
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`Route`] says where requests that only the leader answers go: here, to the leader over
 //!   the internal RPC, or nowhere yet (an election).
 
+use super::disk::DiskGuard;
 use super::log::RaftLog;
 use super::state_machine::ApplyObserver;
 use super::{MeshNetwork, MeshNode, MeshStateMachine, NodeId, RaftHandler, RaftTiming, RedbLogStore, TypeConfig};
@@ -61,6 +62,9 @@ pub struct RaftServerConfig {
     /// long is removed from the group by the leader, never leaving fewer voters than a majority
     /// of the group alive. `None`: never.
     pub dead_server_cleanup: Option<Duration>,
+    /// Bytes kept free beside the log (`--state-reserve-mb`) for commands that stop tasks while
+    /// the disk is full.
+    pub reserve_bytes: u64,
 }
 
 /// The Raft id of a server: the first 64 bits of its node id (a UUID), so it is the same on
@@ -159,6 +163,10 @@ impl RaftServer {
             .map_err(|e| storage(&e))?
             .map_err(|e| storage(&e))?
         };
+        let disk = {
+            let (dir, bytes) = (cfg.dir.clone(), cfg.reserve_bytes);
+            Arc::new(tokio::task::spawn_blocking(move || DiskGuard::open(&dir, bytes)).await.map_err(|e| storage(&e))?)
+        };
         let mut sm = sm;
         let applied = sm.subscribe();
         sm.set_observer(Arc::new(Feed {
@@ -173,10 +181,26 @@ impl RaftServer {
             Raft::new(id, Arc::new(config), net, log, sm).await.map_err(|e| RaftServerError::Start(e.to_string()))?;
         let handler = RaftHandler::new(raft.clone());
         let route = route_tx.subscribe();
+        let sole_voter = {
+            let m = raft.metrics().borrow().clone();
+            m.membership_config.membership().voter_ids().eq([id])
+        };
+        if sole_voter {
+            // Alone in its group (`mesh dev`, one server): nobody to wait for, so no election
+            // timeout before it leads again after a restart.
+            let _ = raft.trigger().elect().await;
+        }
         info!(raft_id = id, bootstrap_expect = cfg.bootstrap_expect, "raft started");
         let tasks = vec![
             tokio::spawn(bootstrap(raft.clone(), id, cfg.clone(), members.clone())),
-            tokio::spawn(follow_leadership(raft.clone(), id, cfg.clone(), published, inbox, applied, route_tx)),
+            tokio::spawn(follow_leadership(
+                raft.clone(),
+                id,
+                cfg.clone(),
+                LeaderParts { published, inbox, disk },
+                applied,
+                route_tx,
+            )),
             tokio::spawn(add_servers(raft.clone(), id, cfg, members)),
         ];
         Ok(RaftServer { raft, id, handler, route, tasks })
@@ -336,16 +360,26 @@ async fn add_servers(
     }
 }
 
+/// What a leader's control loop is built from.
+struct LeaderParts {
+    /// Where it publishes its soft state.
+    published: Published,
+    /// Its messages, kept across leaderships.
+    inbox: Inbox,
+    /// Room on the disk for its writes.
+    disk: Arc<DiskGuard>,
+}
+
 /// Keep [`Route`] and the control loop in step with leadership.
 async fn follow_leadership(
     raft: Raft<TypeConfig>,
     id: NodeId,
     cfg: RaftServerConfig,
-    published: Published,
-    inbox: Inbox,
+    parts: LeaderParts,
     mut applied: watch::Receiver<super::Applied>,
     route: watch::Sender<Route>,
 ) {
+    let LeaderParts { published, inbox, disk } = parts;
     let mut metrics = raft.metrics();
     // This server's control loop while it leads, and what says its log failed.
     let mut leading: Option<(tokio::task::JoinHandle<()>, watch::Receiver<Option<String>>)> = None;
@@ -391,7 +425,7 @@ async fn follow_leadership(
                 let caught_up = m.last_log_index.is_some_and(|last| a.log_id.is_some_and(|l| l.index >= last));
                 if caught_up {
                     let (log, poisoned) = RaftLog::new(raft.clone(), a.state.clone(), cfg.write_timeout);
-                    match Store::open(Box::new(log), &cfg.datacenter) {
+                    match Store::open(Box::new(log.with_disk(disk.clone())), &cfg.datacenter) {
                         Ok(mut store) => {
                             let keep = cfg.max_app_versions;
                             if let Err(e) = tokio::task::block_in_place(|| store.set_max_versions(keep)) {
