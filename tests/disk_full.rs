@@ -363,3 +363,67 @@ async fn check_results_reported_during_the_failure_are_recorded_after_recovery()
     })
     .await;
 }
+
+/// A `mesh server` (a Raft group of one) on a full disk: ordinary writes are refused with a
+/// clear 503 before they reach the Raft log (which would stop the node), a delete still goes
+/// through the reserve, and once space returns writes succeed again without a restart; what
+/// was acknowledged survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_server_on_a_full_disk_refuses_writes_deletes_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let Some(_fs) = Tmpfs::mount(&data, "24m") else { return };
+    let ports = port_range();
+    let start = || {
+        MeshNode::start_role(
+            "server",
+            "127.0.0.1",
+            &data,
+            ports,
+            "diskfull",
+            &["--rpc", "127.0.0.1:0", "--serf-lan", "127.0.0.1:0"],
+        )
+    };
+    let mut node = start();
+    let app = json!({"id": "/doomed", "cmd": "exec sleep 1000", "instances": 0, "cpus": 0.01, "mem": 8}).to_string();
+    eventually(30, "the server takes writes", || async {
+        let (s, _, b) = raw(&node, "PUT", "/v1/kv/before", "1").await;
+        (s == 200 && b.trim() == "true").then_some(())
+    })
+    .await;
+    let (s, v) = node.send("POST", "/v2/apps", Some(&app)).await;
+    assert_eq!(s, 201, "{v}");
+
+    let filler = data.join("filler");
+    fill(&filler);
+    let (s, _, b) = raw(&node, "PUT", "/v1/kv/refused", "x").await;
+    assert_eq!(s, 503, "a write on a full disk: {b}");
+    store_mentions_once(&b);
+    assert!(b.contains("no space left on device"), "{b}");
+    let (s, _, b) = raw(&node, "GET", "/ping", "").await;
+    assert_eq!(s, 503, "/ping while the disk is full: {b}");
+    let (s, v) = node.send("DELETE", "/v2/apps/doomed?force=true", None).await;
+    assert_eq!(s, 200, "a delete while the disk is full: {v}");
+    let (s, _) = node.get("/v2/apps/doomed").await;
+    assert_eq!(s, 404);
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually(30, "a write succeeds again, without a restart", || async {
+        let (s, _, b) = raw(&node, "PUT", "/v1/kv/after", "2").await;
+        (s == 200 && b.trim() == "true").then_some(())
+    })
+    .await;
+    let (s, _, _) = raw(&node, "GET", "/ping", "").await;
+    assert_eq!(s, 200);
+
+    node.stop_with("TERM");
+    let node = start();
+    eventually(30, "acknowledged writes survive the restart", || async {
+        let (a, _, _) = raw(&node, "GET", "/v1/kv/before", "").await;
+        let (b, _, _) = raw(&node, "GET", "/v1/kv/after", "").await;
+        let (c, _, _) = raw(&node, "GET", "/v1/kv/refused", "").await;
+        let (d, _) = node.get("/v2/apps/doomed").await;
+        (a == 200 && b == 200 && c == 404 && d == 404).then_some(())
+    })
+    .await;
+}

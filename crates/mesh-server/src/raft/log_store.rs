@@ -74,12 +74,25 @@ impl RedbLogStore {
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), RaftStorageError> + Send + 'static,
     {
+        self.write_with(Durability::Immediate, subject, f).await
+    }
+
+    /// Run `f` in one write transaction on the blocking pool and commit it with `durability`.
+    async fn write_with<F>(
+        &self,
+        durability: Durability,
+        subject: ErrorSubject<NodeId>,
+        f: F,
+    ) -> Result<(), RaftStorageError>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), RaftStorageError> + Send + 'static,
+    {
         let db = self.db.clone();
         let sub = subject.clone();
         blocking(subject, ErrorVerb::Write, move || {
             let err = |e: &dyn std::fmt::Display| storage_err(sub.clone(), ErrorVerb::Write, e);
             let mut tx = db.begin_write().map_err(|e| err(&e))?;
-            tx.set_durability(Durability::Immediate).map_err(|e| err(&e))?;
+            tx.set_durability(durability).map_err(|e| err(&e))?;
             f(&tx)?;
             tx.commit().map_err(|e| err(&e))
         })
@@ -182,7 +195,18 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), RaftStorageError> {
-        self.put_meta(COMMITTED, &committed, ErrorSubject::Store).await
+        // openraft does not need the committed id durable (a restart may find an older one and
+        // learns the rest from the log and the leader): written without a sync of its own, it
+        // becomes durable with the next log append, so a write costs one fsync, not two.
+        let bytes =
+            serde_json::to_vec(&committed).map_err(|e| storage_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        self.write_with(Durability::None, ErrorSubject::Store, move |tx| {
+            let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Store, ErrorVerb::Write, e);
+            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
+            meta.insert(COMMITTED, bytes.as_slice()).map_err(|e| err(&e))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {
