@@ -495,6 +495,11 @@ fn have_python_clients() -> bool {
     ok
 }
 
+/// What tests/python/ha_framework.py last wrote to `path`.
+fn framework_status(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     if !have_python_clients() {
@@ -512,9 +517,30 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
             Some(start_server_with(&net, &tmp.path().join(format!("server{i}")), i, 3, &["--http", &http]))
         })
         .collect();
-    let _agent = start_agent(&net, &tmp.path().join("agent0"));
+    let agent = start_agent(&net, &tmp.path().join("agent0"));
     let mut leader = agreed_leader(&servers, &net).await;
     let stop = tmp.path().join("stop");
+    // A pymesos framework given the agent's address, as a framework on any machine of the
+    // cluster would be: the agent sends it (307) to a server, a follower on to the leader. It
+    // launches long-running tasks before the first kill.
+    let fw_status = tmp.path().join("framework.json");
+    let framework = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_framework.py"))
+        .arg(agent.http.to_string())
+        .args([&fw_status, &stop])
+        .stdout(std::process::Stdio::piped())
+        .stderr(
+            std::fs::File::create(tmp.path().join("framework.log")).map_or(std::process::Stdio::inherit(), Into::into),
+        )
+        .spawn()
+        .expect("python3");
+    let fw_tasks: BTreeSet<String> = (0..3).map(|i| format!("ha-fw-{i}")).collect();
+    let fid = eventually(60, "the pymesos framework runs its tasks", || async {
+        let s = framework_status(&fw_status)?;
+        let running = s["states"].as_object()?.iter().filter(|(_, v)| *v == "TASK_RUNNING").count();
+        (running == fw_tasks.len()).then(|| s["framework_id"].as_str().map(str::to_owned))?
+    })
+    .await;
     let urls: Vec<String> = fixed.iter().map(|a| format!("http://{a}")).collect();
     let load = std::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
@@ -534,7 +560,76 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         servers[leader] = Some(restart(&old));
         leader = agreed_leader(&servers, &net).await;
     }
+    // The framework follows: subscribed to the current leader with the same id, its three
+    // tasks running there (none lost, none doubled), and it saw itself re-registered and
+    // reconciled its tasks as running.
+    let l = servers[leader].as_ref().unwrap();
+    let leader_fixed = fixed[leader].clone();
+    let followed = Instant::now();
+    let seen = eventually(120, "the pymesos framework subscribed to the current leader with its tasks", || async {
+        let (_, v) = l.get("/master/frameworks").await;
+        let f = v["frameworks"].as_array()?.iter().find(|f| f["id"] == fid.as_str())?.clone();
+        let running: Vec<&str> = f["tasks"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "TASK_RUNNING")
+            .filter_map(|t| t["id"].as_str())
+            .collect();
+        let ids: BTreeSet<String> = running.iter().map(|s| s.to_string()).collect();
+        let ok = f["active"] == true && f["connected"] == true && running.len() == ids.len() && ids == fw_tasks;
+        let s = framework_status(&fw_status)?;
+        let at_leader = s["masters"].as_array()?.last()?.as_str() == Some(leader_fixed.as_str());
+        let reconciled =
+            s["reconciled"].as_object()?.values().filter(|v| *v == "TASK_RUNNING").count() == fw_tasks.len();
+        // Offers come again after the failover (the framework declines them for 2 s at a time).
+        let offered = s["offers_since_reregistered"].as_u64()? >= 1;
+        (ok && at_leader && reconciled && offered && s["states"].as_object()?.values().all(|v| v == "TASK_RUNNING"))
+            .then_some(s)
+    })
+    .await;
+    let waited = followed.elapsed();
+    assert_eq!(seen["framework_id"].as_str(), Some(fid.as_str()));
+    assert_eq!(seen["registered"], 1, "registered once, re-registered after that: {seen}");
+    let rereg = seen["reregistrations"].as_array().cloned().unwrap_or_default();
+    assert!(!rereg.is_empty(), "the framework re-subscribed: {seen}");
+    assert!(seen["error_events"].as_array().is_some_and(Vec::is_empty), "no ERROR event: {seen}");
+    assert_eq!(seen["launched"].as_array().map(Vec::len), Some(fw_tasks.len()), "no task launched twice: {seen}");
+    let mut after: Vec<f64> = rereg.iter().filter_map(|r| r["after_s"].as_f64()).collect();
+    after.sort_by(f64::total_cmp);
+    eprintln!(
+        "pymesos: {} re-subscriptions after {} broken streams; stream broken to re-registered: median {:.1}s, max {:.1}s ({after:?}); {} offers ({} since the last re-registration); {} redirects followed; {} calls failed during failovers; subscribed to the last leader {:.1}s after the last kill's new leader was agreed; masters {}, redirects {}",
+        rereg.len(),
+        seen["disconnects"],
+        after.get(after.len() / 2).copied().unwrap_or(f64::NAN),
+        after.last().copied().unwrap_or(f64::NAN),
+        seen["offers"],
+        seen["offers_since_reregistered"],
+        seen["redirects"].as_array().map_or(0, Vec::len),
+        seen["call_errors"].as_array().map_or(0, Vec::len),
+        waited.as_secs_f64(),
+        seen["masters"],
+        seen["redirects"],
+    );
+
     std::fs::write(&stop, b"").unwrap();
+    // The framework tears itself down on stop: completed on the leader, its tasks killed.
+    let out = framework.wait_with_output().expect("framework");
+    assert!(
+        out.status.success(),
+        "framework: {}",
+        std::fs::read_to_string(tmp.path().join("framework.log")).unwrap_or_default()
+    );
+    eventually(60, "the torn-down framework completed, its tasks ended", || async {
+        let (_, v) = l.get("/master/frameworks").await;
+        let done = v["completed_frameworks"].as_array()?.iter().find(|f| f["id"] == fid.as_str())?.clone();
+        let ended = done["completed_tasks"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["id"].as_str().is_some_and(|id| fw_tasks.contains(id)))
+            .count();
+        (ended == fw_tasks.len() && v["frameworks"].as_array()?.iter().all(|f| f["id"] != fid.as_str())).then_some(())
+    })
+    .await;
     let out = load.wait_with_output().expect("load");
     assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
@@ -550,7 +645,6 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     );
 
     // Nothing acknowledged is lost; every app runs exactly its one instance, no task twice.
-    let l = servers[leader].as_ref().unwrap();
     let acked_apps: Vec<String> = serde_json::from_value(summary["apps"].clone()).unwrap();
     assert!(!acked_apps.is_empty(), "marathon-python created apps");
     assert!(summary["keys"].as_array().is_some_and(|k| !k.is_empty()), "py-consul wrote keys");
