@@ -677,3 +677,123 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     let (s, v) = l.send("DELETE", "/v2/groups/load?force=true", None).await;
     assert!(s == 200 || s == 202, "{v}");
 }
+
+/// SUBSCRIBE `framework_id` (a new framework when `None`) at `addr`'s Mesos scheduler API,
+/// not following redirects: the status, the Location, and the open response.
+async fn subscribe(client: &reqwest::Client, addr: &str, framework_id: Option<&str>) -> reqwest::Response {
+    let mut call = serde_json::json!({
+        "type": "SUBSCRIBE",
+        "subscribe": {"framework_info": {"user": "", "name": "deposed", "failover_timeout": 100}},
+    });
+    if let Some(id) = framework_id {
+        call["framework_id"] = serde_json::json!({"value": id});
+        call["subscribe"]["framework_info"]["id"] = serde_json::json!({"value": id});
+    }
+    client
+        .post(format!("http://{addr}/api/v1/scheduler"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .body(call.to_string())
+        .send()
+        .await
+        .expect("SUBSCRIBE")
+}
+
+/// Read a RecordIO event stream until an event of type `kind`; that event.
+async fn next_event(resp: &mut reqwest::Response, buf: &mut Vec<u8>, kind: &str) -> Value {
+    loop {
+        // Records are `<length>\n<json>`.
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let len: usize = std::str::from_utf8(&buf[..nl]).unwrap().trim().parse().unwrap();
+            if buf.len() < nl + 1 + len {
+                break;
+            }
+            let ev: Value = serde_json::from_slice(&buf[nl + 1..nl + 1 + len]).unwrap();
+            buf.drain(..nl + 1 + len);
+            if ev["type"] == kind {
+                return ev;
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} event in 30 s"))
+            .expect("stream")
+            .unwrap_or_else(|| panic!("the stream ended before a {kind} event"));
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// A framework's stream lives on the leader's control loop. A leader that loses its quorum
+/// steps down, and its framework streams must end then: pymesos (like most schedulers) has no
+/// heartbeat timeout and only reconnects when its stream ends, so a stream left open would hold
+/// it on a server that no longer leads. Reconnecting to the same address, it is sent on to the
+/// leader and re-subscribes with its framework id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_steps_down_ends_its_framework_streams() {
+    let net = net_of(65);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server(&net, &tmp.path().join(format!("server{i}")), i))).collect();
+    let leader = agreed_leader(&servers, &net).await;
+    let addr = servers[leader].as_ref().unwrap().http.to_string();
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let mut stream = subscribe(&client, &addr, None).await;
+    assert_eq!(stream.status(), 200);
+    let mut buf = Vec::new();
+    let ev = next_event(&mut stream, &mut buf, "SUBSCRIBED").await;
+    let fid = ev["subscribed"]["framework_id"]["value"].as_str().expect("framework id").to_owned();
+
+    // Both followers die: the leader hears no quorum, steps down, and the stream ends.
+    let mut killed = Vec::new();
+    for i in (0..3).filter(|i| *i != leader) {
+        let mut s = servers[i].take().unwrap();
+        s.stop_with("KILL");
+        killed.push((i, s));
+    }
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the framework stream was still open 30 s after the leader lost its quorum");
+    eprintln!("the deposed leader ended the framework stream {:?} after its followers died", start.elapsed());
+
+    // The followers come back; the framework reconnects to the address it had and ends up
+    // subscribed to the leader with its id (sent there by a 307 if another server leads).
+    for (i, s) in killed {
+        servers[i] = Some(restart(&s));
+    }
+    let now = agreed_leader(&servers, &net).await;
+    let leader_addr = servers[now].as_ref().unwrap().http.to_string();
+    // Where the framework connects next: the address it had, then wherever a 307 sends it.
+    let at = std::sync::Mutex::new(addr.clone());
+    let mut resp = eventually(60, "a re-subscription accepted", || async {
+        let here = at.lock().unwrap().clone();
+        let r = subscribe(&client, &here, Some(&fid)).await;
+        if r.status() == 307 {
+            let loc = r.headers().get("location")?.to_str().ok()?;
+            *at.lock().unwrap() = loc.trim_start_matches("//").split('/').next()?.to_owned();
+            return None;
+        }
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    let at = at.into_inner().unwrap();
+    assert_eq!(at, leader_addr, "re-subscribed at the leader");
+    let ev = next_event(&mut resp, &mut buf_clear(&mut buf), "SUBSCRIBED").await;
+    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));
+    let l = servers[now].as_ref().unwrap();
+    let (_, v) = l.get("/master/frameworks").await;
+    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
+    assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
+}
+
+fn buf_clear(buf: &mut Vec<u8>) -> &mut Vec<u8> {
+    buf.clear();
+    buf
+}
