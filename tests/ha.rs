@@ -495,6 +495,25 @@ fn have_python_clients() -> bool {
     ok
 }
 
+/// A child process killed when dropped: a failing test leaves no client behind (the scripts
+/// only stop when the test writes their stop file).
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn wait_with_output(mut self) -> std::process::Output {
+        self.0.take().expect("child").wait_with_output().expect("wait")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// What tests/python/ha_framework.py last wrote to `path`.
 fn framework_status(path: &Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
@@ -524,16 +543,19 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     // cluster would be: the agent sends it (307) to a server, a follower on to the leader. It
     // launches long-running tasks before the first kill.
     let fw_status = tmp.path().join("framework.json");
-    let framework = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_framework.py"))
-        .arg(agent.http.to_string())
-        .args([&fw_status, &stop])
-        .stdout(std::process::Stdio::piped())
-        .stderr(
-            std::fs::File::create(tmp.path().join("framework.log")).map_or(std::process::Stdio::inherit(), Into::into),
-        )
-        .spawn()
-        .expect("python3");
+    let framework = Reaped(Some(
+        std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_framework.py"))
+            .arg(agent.http.to_string())
+            .args([&fw_status, &stop])
+            .stdout(std::process::Stdio::piped())
+            .stderr(
+                std::fs::File::create(tmp.path().join("framework.log"))
+                    .map_or(std::process::Stdio::inherit(), Into::into),
+            )
+            .spawn()
+            .expect("python3"),
+    ));
     let fw_tasks: BTreeSet<String> = (0..3).map(|i| format!("ha-fw-{i}")).collect();
     let fid = eventually(60, "the pymesos framework runs its tasks", || async {
         let s = framework_status(&fw_status)?;
@@ -542,13 +564,15 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     })
     .await;
     let urls: Vec<String> = fixed.iter().map(|a| format!("http://{a}")).collect();
-    let load = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
-        .args([urls.join(","), stop.to_string_lossy().into_owned()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let load = Reaped(Some(
+        std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
+            .args([urls.join(","), stop.to_string_lossy().into_owned()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    ));
 
     let kills: usize = std::env::var("MESH_HA_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let mut took = Vec::new();
@@ -613,7 +637,7 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
 
     std::fs::write(&stop, b"").unwrap();
     // The framework tears itself down on stop: completed on the leader, its tasks killed.
-    let out = framework.wait_with_output().expect("framework");
+    let out = framework.wait_with_output();
     assert!(
         out.status.success(),
         "framework: {}",
@@ -630,7 +654,7 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         (ended == fw_tasks.len() && v["frameworks"].as_array()?.iter().all(|f| f["id"] != fid.as_str())).then_some(())
     })
     .await;
-    let out = load.wait_with_output().expect("load");
+    let out = load.wait_with_output();
     assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
     took.sort();

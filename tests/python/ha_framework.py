@@ -169,7 +169,6 @@ class LongRunning(Scheduler):
 
 log = Log()
 logging.getLogger("pymesos").addHandler(log)
-logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 sched = LongRunning(log)
 driver = MesosSchedulerDriver(
     sched,
