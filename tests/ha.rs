@@ -543,11 +543,13 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     // cluster would be: the agent sends it (307) to a server, a follower on to the leader. It
     // launches long-running tasks before the first kill.
     let fw_status = tmp.path().join("framework.json");
+    let fw_tag = format!("ha-pymesos-{}", std::process::id());
     let framework = Reaped(Some(
         std::process::Command::new("python3")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_framework.py"))
             .arg(agent.http.to_string())
             .args([&fw_status, &stop])
+            .arg(&fw_tag)
             .stdout(std::process::Stdio::piped())
             .stderr(
                 std::fs::File::create(tmp.path().join("framework.log"))
@@ -561,6 +563,11 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         let s = framework_status(&fw_status)?;
         let running = s["states"].as_object()?.iter().filter(|(_, v)| *v == "TASK_RUNNING").count();
         (running == fw_tasks.len()).then(|| s["framework_id"].as_str().map(str::to_owned))?
+    })
+    .await;
+    let fw_pids = eventually(30, "the framework's 3 task processes", || async {
+        let p = tagged_pids(&fw_tag, "sleep");
+        (p.len() == fw_tasks.len()).then_some(p)
     })
     .await;
     let urls: Vec<String> = fixed.iter().map(|a| format!("http://{a}")).collect();
@@ -635,6 +642,8 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         seen["redirects"],
     );
 
+    assert_eq!(tagged_pids(&fw_tag, "sleep"), fw_pids, "the framework's tasks ran on, none restarted");
+
     std::fs::write(&stop, b"").unwrap();
     // The framework tears itself down on stop: completed on the leader, its tasks killed.
     let out = framework.wait_with_output();
@@ -652,6 +661,10 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
             .filter(|t| t["id"].as_str().is_some_and(|id| fw_tasks.contains(id)))
             .count();
         (ended == fw_tasks.len() && v["frameworks"].as_array()?.iter().all(|f| f["id"] != fid.as_str())).then_some(())
+    })
+    .await;
+    eventually(60, "the framework's task processes ended", || async {
+        tagged_pids(&fw_tag, "sleep").is_empty().then_some(())
     })
     .await;
     let out = load.wait_with_output();

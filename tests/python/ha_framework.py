@@ -8,7 +8,9 @@ It writes what it saw to STATUS (JSON, replaced atomically on every event) and r
 file STOP exists; then it tears the framework down (pymesos' `stop()` without failover), waits
 for the driver, and prints the same JSON on stdout.
 
-    python3 ha_framework.py MASTER STATUS STOP
+    python3 ha_framework.py MASTER STATUS STOP [TAG]
+
+TAG, if given, is set as MESH_TEST_TAG in the tasks' environment (the test finds their processes).
 
 Every driver call from a callback is guarded: a call that fails while the leader changes is
 counted in `call_errors` (pymesos would otherwise abort its I/O thread). Acknowledgements are
@@ -25,6 +27,7 @@ from pymesos import MesosSchedulerDriver, Scheduler
 
 TASKS = 3
 master, status_path, stop_path = sys.argv[1:4]
+tag = sys.argv[4] if len(sys.argv) > 4 else ""
 
 
 class Log(logging.Handler):
@@ -137,7 +140,10 @@ class LongRunning(Scheduler):
                     "task_id": {"value": tid},
                     "agent_id": offer["agent_id"],
                     "name": tid,
-                    "command": {"value": "sleep 3600"},
+                    "command": {
+                        "value": "sleep 3600",
+                        "environment": {"variables": [{"name": "MESH_TEST_TAG", "value": tag}]},
+                    },
                     "resources": [
                         {"name": "cpus", "type": "SCALAR", "scalar": {"value": 0.05}},
                         {"name": "mem", "type": "SCALAR", "scalar": {"value": 16}},
