@@ -495,6 +495,30 @@ fn have_python_clients() -> bool {
     ok
 }
 
+/// A child process killed when dropped: a failing test leaves no client behind (the scripts
+/// only stop when the test writes their stop file).
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn wait_with_output(mut self) -> std::process::Output {
+        self.0.take().expect("child").wait_with_output().expect("wait")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What tests/python/ha_framework.py last wrote to `path`.
+fn framework_status(path: &Path) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     if !have_python_clients() {
@@ -512,17 +536,50 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
             Some(start_server_with(&net, &tmp.path().join(format!("server{i}")), i, 3, &["--http", &http]))
         })
         .collect();
-    let _agent = start_agent(&net, &tmp.path().join("agent0"));
+    let agent = start_agent(&net, &tmp.path().join("agent0"));
     let mut leader = agreed_leader(&servers, &net).await;
     let stop = tmp.path().join("stop");
+    // A pymesos framework given the agent's address, as a framework on any machine of the
+    // cluster would be: the agent sends it (307) to a server, a follower on to the leader. It
+    // launches long-running tasks before the first kill.
+    let fw_status = tmp.path().join("framework.json");
+    let fw_tag = format!("ha-pymesos-{}", std::process::id());
+    let framework = Reaped(Some(
+        std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_framework.py"))
+            .arg(agent.http.to_string())
+            .args([&fw_status, &stop])
+            .arg(&fw_tag)
+            .stdout(std::process::Stdio::piped())
+            .stderr(
+                std::fs::File::create(tmp.path().join("framework.log"))
+                    .map_or(std::process::Stdio::inherit(), Into::into),
+            )
+            .spawn()
+            .expect("python3"),
+    ));
+    let fw_tasks: BTreeSet<String> = (0..3).map(|i| format!("ha-fw-{i}")).collect();
+    let fid = eventually(60, "the pymesos framework runs its tasks", || async {
+        let s = framework_status(&fw_status)?;
+        let running = s["states"].as_object()?.iter().filter(|(_, v)| *v == "TASK_RUNNING").count();
+        (running == fw_tasks.len()).then(|| s["framework_id"].as_str().map(str::to_owned))?
+    })
+    .await;
+    let fw_pids = eventually(30, "the framework's 3 task processes", || async {
+        let p = tagged_pids(&fw_tag, "sleep");
+        (p.len() == fw_tasks.len()).then_some(p)
+    })
+    .await;
     let urls: Vec<String> = fixed.iter().map(|a| format!("http://{a}")).collect();
-    let load = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
-        .args([urls.join(","), stop.to_string_lossy().into_owned()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
+    let load = Reaped(Some(
+        std::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/python/ha_load.py"))
+            .args([urls.join(","), stop.to_string_lossy().into_owned()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    ));
 
     let kills: usize = std::env::var("MESH_HA_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let mut took = Vec::new();
@@ -534,8 +591,83 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         servers[leader] = Some(restart(&old));
         leader = agreed_leader(&servers, &net).await;
     }
+    // The framework follows: subscribed to the current leader with the same id, its three
+    // tasks running there (none lost, none doubled), and it saw itself re-registered and
+    // reconciled its tasks as running.
+    let l = servers[leader].as_ref().unwrap();
+    let leader_fixed = fixed[leader].clone();
+    let followed = Instant::now();
+    let seen = eventually(120, "the pymesos framework subscribed to the current leader with its tasks", || async {
+        let (_, v) = l.get("/master/frameworks").await;
+        let f = v["frameworks"].as_array()?.iter().find(|f| f["id"] == fid.as_str())?.clone();
+        let running: Vec<&str> = f["tasks"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "TASK_RUNNING")
+            .filter_map(|t| t["id"].as_str())
+            .collect();
+        let ids: BTreeSet<String> = running.iter().map(|s| s.to_string()).collect();
+        let ok = f["active"] == true && f["connected"] == true && running.len() == ids.len() && ids == fw_tasks;
+        let s = framework_status(&fw_status)?;
+        let at_leader = s["masters"].as_array()?.last()?.as_str() == Some(leader_fixed.as_str());
+        let reconciled =
+            s["reconciled"].as_object()?.values().filter(|v| *v == "TASK_RUNNING").count() == fw_tasks.len();
+        // Offers come again after the failover (the framework declines them for 2 s at a time).
+        let offered = s["offers_since_reregistered"].as_u64()? >= 1;
+        (ok && at_leader && reconciled && offered && s["states"].as_object()?.values().all(|v| v == "TASK_RUNNING"))
+            .then_some(s)
+    })
+    .await;
+    let waited = followed.elapsed();
+    assert_eq!(seen["framework_id"].as_str(), Some(fid.as_str()));
+    assert_eq!(seen["registered"], 1, "registered once, re-registered after that: {seen}");
+    let rereg = seen["reregistrations"].as_array().cloned().unwrap_or_default();
+    assert!(!rereg.is_empty(), "the framework re-subscribed: {seen}");
+    assert!(seen["error_events"].as_array().is_some_and(Vec::is_empty), "no ERROR event: {seen}");
+    assert_eq!(seen["launched"].as_array().map(Vec::len), Some(fw_tasks.len()), "no task launched twice: {seen}");
+    let mut after: Vec<f64> = rereg.iter().filter_map(|r| r["after_s"].as_f64()).collect();
+    after.sort_by(f64::total_cmp);
+    eprintln!(
+        "pymesos: {} re-subscriptions after {} broken streams; stream broken to re-registered: median {:.1}s, max {:.1}s ({after:?}); {} offers ({} since the last re-registration); {} redirects followed; {} calls failed during failovers; subscribed to the last leader {:.1}s after the last kill's new leader was agreed; masters {}, redirects {}",
+        rereg.len(),
+        seen["disconnects"],
+        after.get(after.len() / 2).copied().unwrap_or(f64::NAN),
+        after.last().copied().unwrap_or(f64::NAN),
+        seen["offers"],
+        seen["offers_since_reregistered"],
+        seen["redirects"].as_array().map_or(0, Vec::len),
+        seen["call_errors"].as_array().map_or(0, Vec::len),
+        waited.as_secs_f64(),
+        seen["masters"],
+        seen["redirects"],
+    );
+
+    assert_eq!(tagged_pids(&fw_tag, "sleep"), fw_pids, "the framework's tasks ran on, none restarted");
+
     std::fs::write(&stop, b"").unwrap();
-    let out = load.wait_with_output().expect("load");
+    // The framework tears itself down on stop: completed on the leader, its tasks killed.
+    let out = framework.wait_with_output();
+    assert!(
+        out.status.success(),
+        "framework: {}",
+        std::fs::read_to_string(tmp.path().join("framework.log")).unwrap_or_default()
+    );
+    eventually(60, "the torn-down framework completed, its tasks ended", || async {
+        let (_, v) = l.get("/master/frameworks").await;
+        let done = v["completed_frameworks"].as_array()?.iter().find(|f| f["id"] == fid.as_str())?.clone();
+        let ended = done["completed_tasks"]
+            .as_array()?
+            .iter()
+            .filter(|t| t["id"].as_str().is_some_and(|id| fw_tasks.contains(id)))
+            .count();
+        (ended == fw_tasks.len() && v["frameworks"].as_array()?.iter().all(|f| f["id"] != fid.as_str())).then_some(())
+    })
+    .await;
+    eventually(60, "the framework's task processes ended", || async {
+        tagged_pids(&fw_tag, "sleep").is_empty().then_some(())
+    })
+    .await;
+    let out = load.wait_with_output();
     assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
     let summary: Value = serde_json::from_slice(&out.stdout).expect("summary");
     took.sort();
@@ -550,7 +682,6 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     );
 
     // Nothing acknowledged is lost; every app runs exactly its one instance, no task twice.
-    let l = servers[leader].as_ref().unwrap();
     let acked_apps: Vec<String> = serde_json::from_value(summary["apps"].clone()).unwrap();
     assert!(!acked_apps.is_empty(), "marathon-python created apps");
     assert!(summary["keys"].as_array().is_some_and(|k| !k.is_empty()), "py-consul wrote keys");
@@ -582,4 +713,116 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     .await;
     let (s, v) = l.send("DELETE", "/v2/groups/load?force=true", None).await;
     assert!(s == 200 || s == 202, "{v}");
+}
+
+/// SUBSCRIBE `framework_id` (a new framework when `None`) at `addr`'s Mesos scheduler API,
+/// not following redirects: the status, the Location, and the open response.
+async fn subscribe(client: &reqwest::Client, addr: &str, framework_id: Option<&str>) -> reqwest::Response {
+    let mut call = serde_json::json!({
+        "type": "SUBSCRIBE",
+        "subscribe": {"framework_info": {"user": "", "name": "deposed", "failover_timeout": 100}},
+    });
+    if let Some(id) = framework_id {
+        call["framework_id"] = serde_json::json!({"value": id});
+        call["subscribe"]["framework_info"]["id"] = serde_json::json!({"value": id});
+    }
+    client
+        .post(format!("http://{addr}/api/v1/scheduler"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .body(call.to_string())
+        .send()
+        .await
+        .expect("SUBSCRIBE")
+}
+
+/// Read a RecordIO event stream until an event of type `kind`; that event.
+async fn next_event(resp: &mut reqwest::Response, buf: &mut Vec<u8>, kind: &str) -> Value {
+    loop {
+        // Records are `<length>\n<json>`.
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let len: usize = std::str::from_utf8(&buf[..nl]).unwrap().trim().parse().unwrap();
+            if buf.len() < nl + 1 + len {
+                break;
+            }
+            let ev: Value = serde_json::from_slice(&buf[nl + 1..nl + 1 + len]).unwrap();
+            buf.drain(..nl + 1 + len);
+            if ev["type"] == kind {
+                return ev;
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} event in 30 s"))
+            .expect("stream")
+            .unwrap_or_else(|| panic!("the stream ended before a {kind} event"));
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// A framework's stream lives on the leader's control loop. A leader that loses its quorum
+/// steps down, and its framework streams must end then: pymesos (like most schedulers) has no
+/// heartbeat timeout and only reconnects when its stream ends, so a stream left open would hold
+/// it on a server that no longer leads. Reconnecting to the same address, it is sent on to the
+/// leader and re-subscribes with its framework id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_steps_down_ends_its_framework_streams() {
+    let net = net_of(65);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server(&net, &tmp.path().join(format!("server{i}")), i))).collect();
+    let leader = agreed_leader(&servers, &net).await;
+    let addr = servers[leader].as_ref().unwrap().http.to_string();
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let mut stream = subscribe(&client, &addr, None).await;
+    assert_eq!(stream.status(), 200);
+    let mut buf = Vec::new();
+    let ev = next_event(&mut stream, &mut buf, "SUBSCRIBED").await;
+    let fid = ev["subscribed"]["framework_id"]["value"].as_str().expect("framework id").to_owned();
+
+    // Both followers die: the leader hears no quorum, steps down, and the stream ends.
+    let mut killed = Vec::new();
+    for i in (0..3).filter(|i| *i != leader) {
+        let mut s = servers[i].take().unwrap();
+        s.stop_with("KILL");
+        killed.push((i, s));
+    }
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        // Heartbeats until it ends (or the connection closes).
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the framework stream was still open 30 s after the leader lost its quorum");
+    eprintln!("the deposed leader ended the framework stream {:?} after its followers died", start.elapsed());
+
+    // The followers come back; the framework reconnects to the address it had and ends up
+    // subscribed to the leader with its id (sent there by a 307 if another server leads).
+    for (i, s) in killed {
+        servers[i] = Some(restart(&s));
+    }
+    let now = agreed_leader(&servers, &net).await;
+    let leader_addr = servers[now].as_ref().unwrap().http.to_string();
+    // Where the framework connects next: the address it had, then wherever a 307 sends it.
+    let at = std::sync::Mutex::new(addr.clone());
+    let mut resp = eventually(60, "a re-subscription accepted", || async {
+        let here = at.lock().unwrap().clone();
+        let r = subscribe(&client, &here, Some(&fid)).await;
+        if r.status() == 307 {
+            let loc = r.headers().get("location")?.to_str().ok()?;
+            *at.lock().unwrap() = loc.trim_start_matches("//").split('/').next()?.to_owned();
+            return None;
+        }
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    let at = at.into_inner().unwrap();
+    assert_eq!(at, leader_addr, "re-subscribed at the leader");
+    buf.clear();
+    let ev = next_event(&mut resp, &mut buf, "SUBSCRIBED").await;
+    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));
+    let l = servers[now].as_ref().unwrap();
+    let (_, v) = l.get("/master/frameworks").await;
+    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
+    assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
 }

@@ -470,6 +470,20 @@ impl HttpListeners {
     }
 }
 
+/// The HTTP address this node gives out (a Mesos redirect's `Location`, the leader Marathon
+/// names, the master's `pid`): of the listeners `bound` for `configured`, the first configured
+/// with a fixed port, since one bound to port 0 gets another port when the node restarts and a
+/// client sent there (a Mesos framework keeps the leader's address and only retries it) could
+/// never reach the node again; an unspecified bind address (`0.0.0.0`) reads as `advertise`.
+fn advertised_http(configured: &[SocketAddr], bound: &[SocketAddr], advertise: IpAddr) -> Option<SocketAddr> {
+    let fixed = configured.iter().position(|a| a.port() != 0).unwrap_or(0);
+    let mut addr = *bound.get(fixed).or(bound.first())?;
+    if addr.ip().is_unspecified() && !advertise.is_unspecified() {
+        addr.set_ip(advertise);
+    }
+    Some(addr)
+}
+
 /// Bind every HTTP listener and serve `router(node info)` on them.
 async fn start_http(
     cfg: &NodeConfig,
@@ -496,7 +510,7 @@ fn node_info(cfg: &NodeConfig, http_addrs: &[SocketAddr]) -> NodeInfo {
     NodeInfo {
         node: cfg.node.clone(),
         datacenter: cfg.datacenter.clone(),
-        http_addr: http_addrs.first().map(|a| a.to_string()).unwrap_or_default(),
+        http_addr: advertised_http(&cfg.http, http_addrs, cfg.advertise).map(|a| a.to_string()).unwrap_or_default(),
         domain: cfg.domain.clone(),
         started_at: cfg.clock.now(),
         host_access: cfg.host_access.clone(),
@@ -615,7 +629,7 @@ pub async fn run_server(
         node_id: node_id.clone(),
         datacenter: cfg.datacenter.clone(),
         role: crate::rpc::Role::Server,
-        http: http_addrs.first().map(|a| a.to_string()),
+        http: advertised_http(&cfg.http, &http_addrs, cfg.advertise).map(|a| a.to_string()),
     };
     let raft_cfg = raft_config(&cfg, &node_id, rpc_advertised, transport.clone(), hello.clone(), cfg.bootstrap_expect);
     let raft = crate::raft::RaftServer::start(
@@ -964,5 +978,39 @@ async fn stop_node_services(
     dns.shutdown().await;
     if let Some(d) = container_dns {
         d.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod advertised_http_tests {
+    use super::advertised_http;
+    use std::net::{IpAddr, SocketAddr};
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_fixed_port_listener_is_given_out_before_a_port_zero_one() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        // Bound to port 0 first, then a fixed port: the fixed one survives a restart.
+        let got =
+            advertised_http(&[a("10.0.0.1:0"), a("10.0.0.1:8500")], &[a("10.0.0.1:41234"), a("10.0.0.1:8500")], ip);
+        assert_eq!(got, Some(a("10.0.0.1:8500")));
+        // Only port 0: the port it got.
+        assert_eq!(advertised_http(&[a("10.0.0.1:0")], &[a("10.0.0.1:41234")], ip), Some(a("10.0.0.1:41234")));
+        // Several fixed ports: the first, as before.
+        let got =
+            advertised_http(&[a("10.0.0.1:8080"), a("10.0.0.1:8500")], &[a("10.0.0.1:8080"), a("10.0.0.1:8500")], ip);
+        assert_eq!(got, Some(a("10.0.0.1:8080")));
+        assert_eq!(advertised_http(&[], &[], ip), None);
+    }
+
+    #[test]
+    fn a_wildcard_listener_is_given_out_as_the_advertised_address() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(advertised_http(&[a("0.0.0.0:8500")], &[a("0.0.0.0:8500")], ip), Some(a("10.0.0.7:8500")));
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        assert_eq!(advertised_http(&[a("0.0.0.0:8500")], &[a("0.0.0.0:8500")], any), Some(a("0.0.0.0:8500")));
     }
 }
