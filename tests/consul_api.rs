@@ -159,6 +159,15 @@ async fn script_checks_need_their_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_change_nothing() {
     let node = MeshNode::start(&["--runtime", "process", "--no-registrator"]);
+    // The node's own registration (its serfHealth check and its consul service) lands once the
+    // agent's session is up, which may be just after ready: compare against that state.
+    eventually(30, "the node's own registration", || async {
+        let (_, checks) = node.get("/v1/health/state/any").await;
+        let (_, services) = node.get("/v1/catalog/services").await;
+        let serf = checks.as_array()?.iter().any(|c| c["CheckID"] == "serfHealth");
+        (serf && services.get("consul").is_some()).then_some(())
+    })
+    .await;
     let (_, before_services) = node.get("/v1/catalog/services").await;
     let (_, before_checks) = node.get("/v1/health/state/any").await;
     let cases: Vec<(&str, &str, &str, u16, &str)> = vec![
