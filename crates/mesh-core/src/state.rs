@@ -993,8 +993,7 @@ impl State {
                     return Err(ApplyError::CasMismatch(current.modify_index));
                 }
                 let create_index = if self.autopilot.is_some() { current.create_index } else { self.index + 1 };
-                self.autopilot =
-                    Some(AutopilotConfig { create_index, modify_index: self.index + 1, ..config.clone() });
+                self.autopilot = Some(AutopilotConfig { create_index, modify_index: self.index + 1, ..config.clone() });
             }
             Command::Restore { state } => {
                 let mut next = (**state).clone();
@@ -3271,7 +3270,10 @@ mod tests {
                 } else {
                     let config =
                         AutopilotConfig { cleanup_dead_servers: rng.random_bool(0.5), ..AutopilotConfig::default() };
-                    Command::SetAutopilot { config, cas: Some(rng.random_range(0..40)).filter(|_| rng.random_bool(0.5)) }
+                    Command::SetAutopilot {
+                        config,
+                        cas: Some(rng.random_range(0..40)).filter(|_| rng.random_bool(0.5)),
+                    }
                 }
             }
             13 | 14 => {

@@ -20,12 +20,14 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
+pub mod autopilot;
 pub mod log;
 pub mod log_store;
 pub mod network;
 pub mod server;
 pub mod state_machine;
 
+pub use autopilot::Contacts;
 pub use log::RaftLog;
 pub use log_store::RedbLogStore;
 pub use network::{MeshNetwork, MeshNetworkClient, RaftHandler, RaftTiming};
