@@ -438,3 +438,36 @@ async fn usage(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respon
     });
     Ok(indexed(&body, state.topic_index("services"), &q))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PUT body replaces the whole configuration (zero values for what it leaves out);
+    /// wrong types and bad durations are Consul's 400, named after the field.
+    #[test]
+    fn autopilot_bodies_parse_as_consul_reads_them() {
+        let c = autopilot_from_body(br#"{"CleanupDeadServers": false, "LastContactThreshold": "1.5s"}"#).unwrap();
+        assert!(!c.cleanup_dead_servers);
+        assert_eq!(c.last_contact_threshold_ms, 1500);
+        assert_eq!((c.max_trailing_logs, c.server_stabilization_time_ms), (0, 0));
+        let full = autopilot_json(&AutopilotConfig::default());
+        let back = autopilot_from_body(full.to_string().as_bytes()).unwrap();
+        assert_eq!(back, AutopilotConfig { create_index: 0, modify_index: 0, ..AutopilotConfig::default() });
+        assert_eq!(full["LastContactThreshold"], "200ms");
+        assert_eq!(full["ServerStabilizationTime"], "10s");
+        for bad in [
+            r#"{"MaxTrailingLogs": -1}"#,
+            r#"{"MaxTrailingLogs": "many"}"#,
+            r#"{"CleanupDeadServers": "yes"}"#,
+            r#"{"LastContactThreshold": "soon"}"#,
+            r#"{"LastContactThreshold": 200}"#,
+            r#"[1]"#,
+        ] {
+            match autopilot_from_body(bad.as_bytes()) {
+                Err(ApiError::ConsulBadRequest(m)) => assert!(!m.is_empty(), "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+}

@@ -401,3 +401,32 @@ pub async fn leader_layer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(uri: &str) -> axum::extract::Request {
+        axum::http::Request::builder().method("GET").uri(uri).body(Body::empty()).unwrap()
+    }
+
+    /// Which reads a follower answers itself: `stale`, blocking and `max_stale` within this
+    /// server's last contact; autopilot's view and `max_stale` older than it go to the leader.
+    #[test]
+    fn a_follower_answers_stale_reads_within_max_stale() {
+        let since = Some(Duration::from_millis(1500));
+        let needs = |uri: &str| needs_leader(&get(uri), since);
+        assert_eq!(needs("/v1/kv/a"), Ok(true));
+        assert_eq!(needs("/v1/kv/a?stale"), Ok(false));
+        assert_eq!(needs("/v1/kv/a?index=3"), Ok(false));
+        assert_eq!(needs("/v1/kv/a?max_stale=10s"), Ok(false), "max_stale alone allows stale");
+        assert_eq!(needs("/v1/kv/a?stale&max_stale=1s"), Ok(true), "older than max_stale");
+        assert_eq!(needs("/v1/kv/a?max_stale=1s"), Ok(true));
+        assert!(needs("/v1/kv/a?max_stale=soon").is_err());
+        assert_eq!(needs("/v1/operator/autopilot/health?stale"), Ok(true));
+        assert_eq!(needs("/v1/operator/autopilot/configuration?stale"), Ok(false));
+        assert_eq!(needs("/v1/agent/self"), Ok(false));
+        // On the leader (no last contact to compare) max_stale never forwards.
+        assert_eq!(needs_leader(&get("/v1/kv/a?max_stale=1ms"), None), Ok(false));
+    }
+}
