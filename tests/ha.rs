@@ -700,8 +700,15 @@ async fn operator_views_show_the_real_raft_group() {
     let right = format!("/v1/operator/autopilot/configuration?cas={idx}");
     assert_eq!(f.send("PUT", &right, Some(&body)).await.1, Value::Bool(true));
     let other = servers[fb].as_ref().unwrap();
-    let (_, after) = other.get("/v1/operator/autopilot/configuration?stale").await;
-    assert_eq!(after["CleanupDeadServers"], false, "read on another server: {after}");
+    // Through the other server: its default read is the leader's; its `?stale` read is its own
+    // state machine, which applies the command from the log.
+    let (_, after) = other.get("/v1/operator/autopilot/configuration").await;
+    assert_eq!(after["CleanupDeadServers"], false, "read through another server: {after}");
+    let after = eventually(30, "the other server applied the configuration", || async {
+        let (_, v) = other.get("/v1/operator/autopilot/configuration?stale").await;
+        (v["CleanupDeadServers"] == false).then_some(v)
+    })
+    .await;
     assert_eq!(after["MaxTrailingLogs"], 250, "{after}");
     assert!(after["ModifyIndex"].as_u64().unwrap() > idx, "{after}");
     if have_python_clients() {
