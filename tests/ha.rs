@@ -826,3 +826,219 @@ async fn a_leader_that_steps_down_ends_its_framework_streams() {
     let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
     assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
 }
+
+/// GET `path` on `node` with a client that follows no redirect: status, headers, body as JSON
+/// (`Null` when it is not JSON); `None` when the server does not answer within `secs`.
+async fn get_raw(node: &MeshNode, path: &str, secs: u64) -> Option<(u16, reqwest::header::HeaderMap, Value)> {
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().ok()?;
+    let r = client.get(node.url(path)).timeout(Duration::from_secs(secs)).send().await.ok()?;
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    let text = r.text().await.ok()?;
+    Some((status, headers, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+/// `X-Consul-LastContact` and `X-Consul-KnownLeader` of a `?stale` read through `node`.
+async fn stale_contact(node: &MeshNode) -> Option<(u64, String)> {
+    let (status, h, _) = get_raw(node, "/v1/kv/ap-probe?stale", 5).await?;
+    if status != 200 {
+        return None;
+    }
+    let contact = h.get("X-Consul-LastContact")?.to_str().ok()?.parse().ok()?;
+    Some((contact, h.get("X-Consul-KnownLeader")?.to_str().ok()?.to_owned()))
+}
+
+/// Send `signal` to a running server without waiting for it to exit (SIGSTOP, SIGCONT).
+fn signal(node: &MeshNode, signal: &str) {
+    let pid = node.child.as_ref().expect("running").id().to_string();
+    let ok = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+    assert!(ok.success(), "kill -{signal} {pid}");
+}
+
+/// Autopilot's health with every server of the group that `want` accepts, asked through `node`.
+async fn autopilot_health(node: &MeshNode, want: impl Fn(u16, &Value) -> bool) -> Option<Value> {
+    let (status, _, h) = get_raw(node, "/v1/operator/autopilot/health", 5).await?;
+    want(status, &h).then_some(h)
+}
+
+/// The operator views tell the truth about the Raft group: autopilot's health and failure
+/// tolerance follow a SIGKILLed follower and its restart, autopilot's configuration is
+/// replicated (a PUT on one server is read on another) and `CleanupDeadServers=false` keeps a
+/// dead server in the group, a follower's `X-Consul-LastContact` is small and grows while it
+/// hears from no leader (`?max_stale` then goes to the leader), and the Mesos master's
+/// `leader`, `/master/redirect` and `/v2/leader` name the Raft leader on every server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_views_show_the_real_raft_group() {
+    let net = net_of(67);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let more = ["--dead-server-cleanup-after", "1s"];
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server_with(&net, &tmp.path().join(format!("server{i}")), i, 3, &more))).collect();
+    let leader = agreed_leader(&servers, &net).await;
+    let (_, conf) = servers[leader].as_ref().unwrap().get("/v1/operator/raft/configuration").await;
+    let leader_id = conf["Servers"].as_array().unwrap().iter().find(|s| s["Leader"] == true).unwrap()["ID"].clone();
+
+    // Every server (asking the leader) reports three healthy voters, one leader, tolerance 1.
+    let all_healthy = |status: u16, h: &Value| {
+        let list = h["Servers"].as_array().cloned().unwrap_or_default();
+        status == 200
+            && h["Healthy"] == true
+            && h["FailureTolerance"] == 1
+            && list.len() == 3
+            && list.iter().filter(|s| s["Leader"] == true).count() == 1
+            && list.iter().all(|s| s["Healthy"] == true && s["SerfStatus"] == "alive" && s["Voter"] == true)
+    };
+    for s in servers.iter().flatten() {
+        let h = eventually(30, "autopilot: 3 healthy servers", || autopilot_health(s, all_healthy)).await;
+        for m in h["Servers"].as_array().unwrap() {
+            for field in ["ID", "Name", "Address", "Version", "LastContact", "StableSince"] {
+                assert!(m[field].as_str().is_some_and(|v| !v.is_empty()), "{field} in {m}");
+            }
+            assert!(m["LastTerm"].as_u64().unwrap() > 0 && m["LastIndex"].as_u64().unwrap() > 0, "{m}");
+            if m["Leader"] == true {
+                assert_eq!(m["LastContact"], "0s", "{m}");
+                assert_eq!(m["ID"], leader_id, "{h}");
+            }
+        }
+    }
+
+    // The Mesos master, Marathon and Consul name the Raft leader on every server.
+    let leader_http = servers[leader].as_ref().unwrap().http.to_string();
+    for s in servers.iter().flatten() {
+        let (_, st) = s.get("/master/state").await;
+        assert_eq!(st["leader"].as_str(), Some(format!("master@{leader_http}").as_str()), "on {}", s.name);
+        assert_eq!(st["leader_info"]["pid"], st["leader"], "on {}", s.name);
+        let (status, h, _) = get_raw(s, "/master/redirect", 10).await.expect("redirect");
+        assert_eq!(status, 307, "on {}", s.name);
+        let loc = h.get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(loc, Some(format!("//{leader_http}")), "on {}", s.name);
+        assert_eq!(s.get("/v2/leader").await.1["leader"].as_str(), Some(leader_http.as_str()), "on {}", s.name);
+    }
+
+    // A follower's stale read: it knows the leader, and heard from it a heartbeat or so ago.
+    let (fa, fb) = ((leader + 1) % 3, (leader + 2) % 3);
+    put_until_accepted(servers[leader].as_ref().unwrap(), "ap-probe", "x").await;
+    let (contact, known) =
+        eventually(30, "a stale read on a follower", || stale_contact(servers[fa].as_ref().unwrap())).await;
+    assert_eq!(known, "true");
+    assert!(contact < 2000, "X-Consul-LastContact {contact} ms on a follower with a live leader");
+    eprintln!("X-Consul-LastContact on a follower with a live leader: {contact} ms");
+
+    // Autopilot's configuration: a PUT through one server (CAS on the index it read), read back
+    // through another, also with py-consul.
+    let s0 = servers[leader].as_ref().unwrap();
+    let (_, before) = s0.get("/v1/operator/autopilot/configuration").await;
+    assert_eq!(before["CleanupDeadServers"], true, "{before}");
+    assert_eq!(before["LastContactThreshold"], "200ms", "{before}");
+    let mut next = before.clone();
+    next["CleanupDeadServers"] = Value::Bool(false);
+    let idx = before["ModifyIndex"].as_u64().unwrap();
+    let body = next.to_string();
+    let f = servers[fa].as_ref().unwrap();
+    let stale = format!("/v1/operator/autopilot/configuration?cas={}", idx + 1000);
+    assert_eq!(f.send("PUT", &stale, Some(&body)).await.1, Value::Bool(false), "a stale CAS");
+    let (code, _) = f.send("PUT", "/v1/operator/autopilot/configuration", Some(r#"{"MaxTrailingLogs": -1}"#)).await;
+    assert_eq!(code, 400, "bad input");
+    let (code, _) = f.send("PUT", "/v1/operator/autopilot/configuration?cas=x", Some(&body)).await;
+    assert_eq!(code, 400, "bad cas");
+    let right = format!("/v1/operator/autopilot/configuration?cas={idx}");
+    assert_eq!(f.send("PUT", &right, Some(&body)).await.1, Value::Bool(true));
+    let other = servers[fb].as_ref().unwrap();
+    // Through the other server: its default read is the leader's; its `?stale` read is its own
+    // state machine, which applies the command from the log.
+    let (_, after) = other.get("/v1/operator/autopilot/configuration").await;
+    assert_eq!(after["CleanupDeadServers"], false, "read through another server: {after}");
+    let after = eventually(30, "the other server applied the configuration", || async {
+        let (_, v) = other.get("/v1/operator/autopilot/configuration?stale").await;
+        (v["CleanupDeadServers"] == false).then_some(v)
+    })
+    .await;
+    assert_eq!(after["MaxTrailingLogs"], 250, "{after}");
+    assert!(after["ModifyIndex"].as_u64().unwrap() > idx, "{after}");
+    if have_python_clients() {
+        let script = "import consul, json, sys\n\
+            c = consul.Consul(host=sys.argv[1], port=int(sys.argv[2]))\n\
+            print(json.dumps({'config': c.operator.autopilot_configuration(), 'health': c.operator.autopilot_health()}))";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &other.http.ip().to_string(), &other.http.port().to_string()])
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "py-consul: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("py-consul's JSON");
+        assert_eq!(v["config"]["CleanupDeadServers"], false, "{v}");
+        assert_eq!(v["health"]["Servers"].as_array().map(Vec::len), Some(3), "{v}");
+    }
+
+    // SIGKILL a follower: autopilot says so (429, that server unhealthy, tolerance 0), and with
+    // CleanupDeadServers off the leader keeps it in the group past --dead-server-cleanup-after.
+    let mut victim = servers[fa].take().unwrap();
+    victim.stop_with("KILL");
+    let l = servers[leader].as_ref().unwrap();
+    let victim_name = victim.name.clone();
+    let h = eventually(30, "autopilot: the killed server unhealthy", || {
+        autopilot_health(l, |status, h| {
+            let list = h["Servers"].as_array().cloned().unwrap_or_default();
+            let dead = list.iter().find(|s| s["Name"] == victim_name.as_str());
+            status == 429
+                && h["Healthy"] == false
+                && h["FailureTolerance"] == 0
+                && list.len() == 3
+                && dead.is_some_and(|d| d["Healthy"] == false && d["SerfStatus"] == "failed")
+                && list.iter().filter(|s| s["Healthy"] == true).count() == 2
+        })
+    })
+    .await;
+    eprintln!("autopilot health with a follower killed: {h}");
+    eventually(30, "the leader keeps the dead server (CleanupDeadServers off)", || async {
+        l.log().contains("CleanupDeadServers is off; keeping a dead server").then_some(())
+    })
+    .await;
+    let (_, conf) = l.get("/v1/operator/raft/configuration").await;
+    assert_eq!(conf["Servers"].as_array().map(Vec::len), Some(3), "still 3 members: {conf}");
+
+    // It comes back: healthy again, tolerance 1.
+    servers[fa] = Some(restart(&victim));
+    drop(victim);
+    let l = servers[leader].as_ref().unwrap();
+    eventually(60, "autopilot: healthy again after the restart", || autopilot_health(l, all_healthy)).await;
+
+    // The follower hears from no leader (the leader and the other follower stopped): its
+    // X-Consul-LastContact grows, it says it knows no leader, and a `?max_stale` read below
+    // that age goes to the (absent) leader instead of being answered locally.
+    let f = servers[fa].as_ref().unwrap();
+    eventually(30, "the restarted follower hears from the leader", || async {
+        stale_contact(f).await.filter(|(c, k)| *c < 2000 && k == "true")
+    })
+    .await;
+    signal(servers[leader].as_ref().unwrap(), "STOP");
+    signal(servers[fb].as_ref().unwrap(), "STOP");
+    let seen = std::sync::Mutex::new(Vec::new());
+    eventually(30, "X-Consul-LastContact grows past 3 s", || async {
+        let (c, known) = stale_contact(f).await?;
+        seen.lock().unwrap().push(c);
+        (c > 3000 && known == "false").then_some(())
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.windows(2).all(|w| w[1] >= w[0]), "LastContact only grows: {seen:?}");
+    eprintln!("X-Consul-LastContact while no leader is heard: {seen:?}");
+    let (status, _, _) = get_raw(f, "/v1/kv/ap-probe?max_stale=1s", 20).await.expect("max_stale read");
+    assert_eq!(status, 500, "a max_stale read older than allowed goes to the leader (none)");
+    let (status, _, _) = get_raw(f, "/v1/kv/ap-probe?max_stale=10m", 20).await.expect("max_stale read");
+    assert_eq!(status, 200, "a max_stale read within the allowed age is answered here");
+    let (status, _, _) = get_raw(f, "/v1/kv/ap-probe?max_stale=soon", 20).await.expect("max_stale read");
+    assert_eq!(status, 400, "max_stale must be a duration");
+    signal(servers[leader].as_ref().unwrap(), "CONT");
+    signal(servers[fb].as_ref().unwrap(), "CONT");
+
+    // After that, every server names one leader again and the views follow it.
+    let leader = agreed_leader(&servers, &net).await;
+    let leader_http = servers[leader].as_ref().unwrap().http.to_string();
+    for s in servers.iter().flatten() {
+        eventually(30, "/master/state names the Raft leader", || async {
+            let (_, _, st) = get_raw(s, "/master/state", 10).await?;
+            (st["leader"].as_str() == Some(format!("master@{leader_http}").as_str())).then_some(())
+        })
+        .await;
+        eventually(30, "autopilot: healthy after the pause", || autopilot_health(s, all_healthy)).await;
+    }
+}

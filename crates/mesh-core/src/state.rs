@@ -236,6 +236,54 @@ pub struct State {
     /// elsewhere, until reactivated. Kept across their re-registrations.
     #[serde(default)]
     pub draining: imbl::OrdSet<AgentId>,
+    /// Consul's autopilot configuration as last set (`PUT /v1/operator/autopilot/configuration`);
+    /// `None`: never set, Consul's defaults ([`AutopilotConfig::default`]).
+    #[serde(default)]
+    pub autopilot: Option<AutopilotConfig>,
+}
+
+/// Consul's autopilot configuration, replicated like every setting that changes what servers
+/// do. Durations are in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutopilotConfig {
+    /// Whether the leader removes servers gossip declared failed (or left) from the group.
+    pub cleanup_dead_servers: bool,
+    /// A server whose last contact with the leader is older than this is unhealthy.
+    pub last_contact_threshold_ms: u64,
+    /// A server more than this many log entries behind the leader is unhealthy.
+    pub max_trailing_logs: u64,
+    /// Shown only (Consul: fewest servers before dead ones may be removed).
+    pub min_quorum: u64,
+    /// Shown only (Consul: how long a new server must be healthy before it votes).
+    pub server_stabilization_time_ms: u64,
+    /// Shown only (an Enterprise feature of Consul).
+    pub redundancy_zone_tag: String,
+    /// Shown only (an Enterprise feature of Consul).
+    pub disable_upgrade_migration: bool,
+    /// Shown only (an Enterprise feature of Consul).
+    pub upgrade_version_tag: String,
+    /// State index of the first write of a configuration.
+    pub create_index: u64,
+    /// State index of the last write (what `?cas=` compares).
+    pub modify_index: u64,
+}
+
+impl Default for AutopilotConfig {
+    /// Consul's defaults; indexes 1 (what a `?cas=` against the defaults names).
+    fn default() -> Self {
+        AutopilotConfig {
+            cleanup_dead_servers: true,
+            last_contact_threshold_ms: 200,
+            max_trailing_logs: 250,
+            min_quorum: 0,
+            server_stabilization_time_ms: 10_000,
+            redundancy_zone_tag: String::new(),
+            disable_upgrade_migration: false,
+            upgrade_version_tag: String::new(),
+            create_index: 1,
+            modify_index: 1,
+        }
+    }
 }
 
 /// A change of cluster state. Commands carry every input they need (time included), so
@@ -503,6 +551,15 @@ pub enum Command {
         /// Versions kept per app.
         keep: usize,
     },
+    /// Replace Consul's autopilot configuration (its indexes are set by apply). With `cas`,
+    /// only if the current configuration's `modify_index` is that (else
+    /// [`ApplyError::CasMismatch`], nothing changed), as Consul's `?cas=`.
+    SetAutopilot {
+        /// The new configuration.
+        config: AutopilotConfig,
+        /// Check-and-set against this modify index.
+        cas: Option<u64>,
+    },
     /// Replace the whole state with a saved one (`mesh snapshot restore`, `PUT /v1/snapshot`).
     /// The datacenter stays this one's; the index goes on from the larger of the two, so
     /// blocking queries and `X-Consul-Index` never go back.
@@ -599,6 +656,9 @@ pub enum ApplyError {
     /// A status that would take a task back (states only move forward).
     #[error("Task '{0}' is {1}: {2} would take it back")]
     StaleStatus(TaskId, String, String),
+    /// A check-and-set named another index than the current one (which it carries).
+    #[error("check-and-set failed: the current index is {0}")]
+    CasMismatch(u64),
 }
 
 /// What an applied command changed (for publishing reads and events, and for the scheduler,
@@ -924,6 +984,16 @@ impl State {
             Command::SetMaxAppVersions { keep } => {
                 // Apps keep what they have; each is trimmed at its next version.
                 self.max_versions = (*keep).max(1);
+            }
+            Command::SetAutopilot { config, cas } => {
+                let current = self.autopilot.clone().unwrap_or_default();
+                if let Some(c) = cas
+                    && *c != current.modify_index
+                {
+                    return Err(ApplyError::CasMismatch(current.modify_index));
+                }
+                let create_index = if self.autopilot.is_some() { current.create_index } else { self.index + 1 };
+                self.autopilot = Some(AutopilotConfig { create_index, modify_index: self.index + 1, ..config.clone() });
             }
             Command::Restore { state } => {
                 let mut next = (**state).clone();
@@ -3194,7 +3264,18 @@ mod tests {
                 deployment_id: Some(dep(rng)).filter(|_| rng.random_bool(0.3)),
             },
             11 => Command::EndDeployment { id: dep(rng) },
-            12 => Command::SetMaxAppVersions { keep: rng.random_range(0..4) },
+            12 => {
+                if rng.random_bool(0.5) {
+                    Command::SetMaxAppVersions { keep: rng.random_range(0..4) }
+                } else {
+                    let config =
+                        AutopilotConfig { cleanup_dead_servers: rng.random_bool(0.5), ..AutopilotConfig::default() };
+                    Command::SetAutopilot {
+                        config,
+                        cas: Some(rng.random_range(0..40)).filter(|_| rng.random_bool(0.5)),
+                    }
+                }
+            }
             13 | 14 => {
                 let mode = match rng.random_range(0..4) {
                     0 | 1 => SetMode::Plain,
@@ -3318,6 +3399,35 @@ mod tests {
             assert_eq!(reopened.state(), &replay, "seed {seed}: the reopened log differs");
         }
         assert!(rejected * 10 > total, "the sequences exercise rejections: {rejected} of {total}");
+    }
+
+    /// Autopilot's configuration is a command: its indexes come from the state, `?cas=` is
+    /// checked against the current modify index in apply (so every server decides the same),
+    /// and a failed CAS changes nothing.
+    #[test]
+    fn autopilot_configuration_is_a_command_with_cas() {
+        let mut s = State::new("dc1");
+        assert_eq!(s.autopilot, None);
+        let off = AutopilotConfig { cleanup_dead_servers: false, ..AutopilotConfig::default() };
+        // The defaults have modify index 1: a CAS against anything else fails.
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&Command::SetAutopilot { config: off.clone(), cas: Some(7) }),
+            Err(ApplyError::CasMismatch(1))
+        );
+        assert_eq!(s, before, "a failed CAS changes nothing");
+        s.apply(&Command::SetAutopilot { config: off.clone(), cas: Some(1) }).unwrap();
+        let set = s.autopilot.clone().unwrap();
+        assert!(!set.cleanup_dead_servers);
+        assert_eq!((set.create_index, set.modify_index), (s.index, s.index));
+        s.apply(&Command::SetAutopilot { config: AutopilotConfig::default(), cas: None }).unwrap();
+        let again = s.autopilot.clone().unwrap();
+        assert_eq!((again.create_index, again.modify_index), (set.create_index, s.index));
+        assert!(again.cleanup_dead_servers);
+        assert_eq!(
+            s.apply(&Command::SetAutopilot { config: off, cas: Some(set.modify_index) }),
+            Err(ApplyError::CasMismatch(s.index))
+        );
     }
 
     /// `--max-app-versions` is a logged command, so replay and every replica trim versions as

@@ -388,6 +388,7 @@ fn raft_config(
         max_app_versions: cfg.max_app_versions,
         dead_server_cleanup: cfg.dead_server_cleanup,
         reserve_bytes: cfg.state_reserve_mb.saturating_mul(1024 * 1024),
+        contacts: Arc::default(),
     }
 }
 
@@ -593,13 +594,16 @@ pub async fn run_server(
     let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Server, rpc_advertised).await?;
     let members_task = report_members(&gossip, control.clone());
     let (route_tx, route) = tokio::sync::watch::channel(crate::cluster::forward::Route::NoLeader);
-    let raft_view = crate::api::RaftView { raft: Arc::default(), route: Some(route.clone()) };
+    let contacts = Arc::new(crate::raft::Contacts::default());
+    let raft_view =
+        crate::api::RaftView { raft: Arc::default(), route: Some(route.clone()), contacts: contacts.clone() };
     let leader_route = crate::cluster::forward::LeaderRoute {
         route: route.clone(),
         node: cfg.node.clone(),
         published: published.clone(),
         hold: RPC_HOLD,
         raft: raft_view.raft.clone(),
+        contacts: contacts.clone(),
     };
     // One set of API state (and membership) for this node's listeners and for the requests
     // agents forward, which act for their own node.
@@ -631,7 +635,10 @@ pub async fn run_server(
         role: crate::rpc::Role::Server,
         http: advertised_http(&cfg.http, &http_addrs, cfg.advertise).map(|a| a.to_string()),
     };
-    let raft_cfg = raft_config(&cfg, &node_id, rpc_advertised, transport.clone(), hello.clone(), cfg.bootstrap_expect);
+    let raft_cfg = crate::raft::RaftServerConfig {
+        contacts,
+        ..raft_config(&cfg, &node_id, rpc_advertised, transport.clone(), hello.clone(), cfg.bootstrap_expect)
+    };
     let raft = crate::raft::RaftServer::start(
         raft_cfg,
         published.clone(),

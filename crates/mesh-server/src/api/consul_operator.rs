@@ -1,15 +1,21 @@
 //! Consul's operator endpoints as they are on a single server with no gossip encryption, which
 //! is what a `mesh dev` node is: `raft/configuration` lists this node as the leader and only
 //! voter; removing a peer or transferring leadership has no other server to act on (500, as
-//! Consul); the keyring answers 500 (no gossip encryption); `autopilot/health` reports this node;
-//! `usage` counts the catalog.
+//! Consul); the keyring answers 500 (no gossip encryption); `usage` counts the catalog.
+//!
+//! On a `mesh server` the Raft endpoints show the real group, and autopilot's (`health`,
+//! `state`) every member as the leader sees it; autopilot's configuration is replicated state
+//! (a command in the log), on `mesh dev` too.
 
 use super::consul::{Params, check_dc, indexed, reply};
 use super::{Api, ApiError};
+use crate::control::ControlError;
+use crate::raft::autopilot::{GroupHealth, ServerHealth, go_duration};
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use axum::routing::get;
+use mesh_core::state::{ApplyError, AutopilotConfig, Command};
 use serde_json::json;
 
 /// Routes of the operator API.
@@ -19,6 +25,7 @@ pub fn routes() -> Router<Api> {
         .route("/v1/operator/raft/peer", axum::routing::delete(raft_remove_peer))
         .route("/v1/operator/raft/transfer-leader", axum::routing::post(raft_transfer_leader))
         .route("/v1/operator/autopilot/health", get(autopilot_health))
+        .route("/v1/operator/autopilot/state", get(autopilot_state))
         .route("/v1/operator/autopilot/configuration", get(autopilot_get).put(autopilot_put))
         .route("/v1/operator/keyring", get(keyring).post(keyring).put(keyring).delete(keyring))
         .route("/v1/operator/usage", get(usage))
@@ -66,50 +73,94 @@ async fn snapshot_restore(
     Ok(reply(&serde_json::Value::Null, &q))
 }
 
-/// Autopilot's configuration: kept (in memory) and shown; mesh's single server has nothing for
-/// autopilot to act on.
-#[derive(Debug)]
-pub struct Autopilot {
-    inner: std::sync::Mutex<(serde_json::Map<String, serde_json::Value>, u64)>,
-}
-
-/// The fields of Consul's `AutopilotConfiguration` with their zero values (a PUT replaces the
-/// whole configuration, as Consul's does).
-type ZeroValue = fn() -> serde_json::Value;
-
-const AUTOPILOT_FIELDS: &[(&str, ZeroValue)] = &[
-    ("CleanupDeadServers", || json!(false)),
-    ("LastContactThreshold", || json!("0s")),
-    ("MaxTrailingLogs", || json!(0)),
-    ("MinQuorum", || json!(0)),
-    ("ServerStabilizationTime", || json!("0s")),
-    ("RedundancyZoneTag", || json!("")),
-    ("DisableUpgradeMigration", || json!(false)),
-    ("UpgradeVersionTag", || json!("")),
+/// The fields of Consul's `AutopilotConfiguration` a PUT takes (it replaces the whole
+/// configuration, as Consul's does: a field left out takes its zero value).
+const AUTOPILOT_FIELDS: &[&str] = &[
+    "CleanupDeadServers",
+    "LastContactThreshold",
+    "MaxTrailingLogs",
+    "MinQuorum",
+    "ServerStabilizationTime",
+    "RedundancyZoneTag",
+    "DisableUpgradeMigration",
+    "UpgradeVersionTag",
 ];
 
-impl Default for Autopilot {
-    /// Consul's defaults.
-    fn default() -> Self {
-        let v = json!({
-            "CleanupDeadServers": true, "LastContactThreshold": "200ms", "MaxTrailingLogs": 250,
-            "MinQuorum": 0, "ServerStabilizationTime": "10s", "RedundancyZoneTag": "",
-            "DisableUpgradeMigration": false, "UpgradeVersionTag": "",
-        });
-        Self { inner: std::sync::Mutex::new((v.as_object().cloned().unwrap_or_default(), 1)) }
-    }
+/// The configuration as Consul shows it.
+fn autopilot_json(c: &AutopilotConfig) -> serde_json::Value {
+    let d = |ms: u64| go_duration(std::time::Duration::from_millis(ms));
+    json!({
+        "CleanupDeadServers": c.cleanup_dead_servers,
+        "LastContactThreshold": d(c.last_contact_threshold_ms),
+        "MaxTrailingLogs": c.max_trailing_logs,
+        "MinQuorum": c.min_quorum,
+        "ServerStabilizationTime": d(c.server_stabilization_time_ms),
+        "RedundancyZoneTag": c.redundancy_zone_tag,
+        "DisableUpgradeMigration": c.disable_upgrade_migration,
+        "UpgradeVersionTag": c.upgrade_version_tag,
+        "CreateIndex": c.create_index,
+        "ModifyIndex": c.modify_index,
+    })
 }
 
+/// A PUT body as a configuration (indexes are the state's to set), or Consul's 400 message.
+fn autopilot_from_body(body: &[u8]) -> Result<AutopilotConfig, ApiError> {
+    let m = super::consul::json_body(body)?;
+    let b = super::consul::Ci(&m);
+    let bad =
+        |name: &str, why: &str| ApiError::ConsulBadRequest(format!("Error parsing autopilot config: {name}: {why}"));
+    let boolean = |name: &str| match b.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(v)) => Ok(*v),
+        Some(_) => Err(bad(name, "must be a boolean")),
+    };
+    let count = |name: &str| match b.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(0),
+        Some(v) => v.as_u64().ok_or_else(|| bad(name, "must be a whole number, 0 or more")),
+    };
+    let text = |name: &str| match b.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(String::new()),
+        Some(serde_json::Value::String(v)) => Ok(v.clone()),
+        Some(_) => Err(bad(name, "must be a string")),
+    };
+    let duration = |name: &str| match b.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(0),
+        Some(serde_json::Value::String(v)) => mesh_core::registrator::parse_go_duration(v)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| bad(name, &format!("time: invalid duration {v:?} ({e})"))),
+        Some(v) if v.as_u64() == Some(0) => Ok(0),
+        Some(_) => Err(bad(name, "must be a duration such as \"200ms\"")),
+    };
+    if let Some(unknown) = m.keys().find(|k| !AUTOPILOT_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(k))) {
+        // Consul ignores what it does not know, and so does mesh, except the indexes it sets.
+        tracing::debug!(field = %unknown, "autopilot configuration: field ignored");
+    }
+    Ok(AutopilotConfig {
+        cleanup_dead_servers: boolean("CleanupDeadServers")?,
+        last_contact_threshold_ms: duration("LastContactThreshold")?,
+        max_trailing_logs: count("MaxTrailingLogs")?,
+        min_quorum: count("MinQuorum")?,
+        server_stabilization_time_ms: duration("ServerStabilizationTime")?,
+        redundancy_zone_tag: text("RedundancyZoneTag")?,
+        disable_upgrade_migration: boolean("DisableUpgradeMigration")?,
+        upgrade_version_tag: text("UpgradeVersionTag")?,
+        create_index: 0,
+        modify_index: 0,
+    })
+}
+
+/// `GET /v1/operator/autopilot/configuration`: the replicated configuration (Consul's
+/// defaults until a PUT).
 async fn autopilot_get(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let g = api.autopilot.inner.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v = g.0.clone();
-    v.insert("CreateIndex".into(), json!(1));
-    v.insert("ModifyIndex".into(), json!(g.1));
-    Ok(reply(&serde_json::Value::Object(v), &q))
+    let state = api.control.published.state.load();
+    Ok(reply(&autopilot_json(&state.autopilot.clone().unwrap_or_default()), &q))
 }
 
+/// `PUT /v1/operator/autopilot/configuration[?cas=N]`: replace the configuration, a command
+/// in the replicated log (so every server acts on it); `true`, or `false` when `cas` is not
+/// the current `ModifyIndex`.
 async fn autopilot_put(
     State(api): State<Api>,
     RawQuery(raw): RawQuery,
@@ -117,35 +168,52 @@ async fn autopilot_put(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let m = super::consul::json_body(&body)?;
-    let b = super::consul::Ci(&m);
-    let mut next = serde_json::Map::new();
-    for (name, zero) in AUTOPILOT_FIELDS {
-        let z = zero();
-        let v = match b.get(name) {
-            None => z,
-            Some(v) if std::mem::discriminant(v) == std::mem::discriminant(&z) => v.clone(),
-            Some(_) => {
-                return Err(ApiError::ConsulBadRequest(format!(
-                    "Error parsing autopilot config: {name} has the wrong type"
-                )));
-            }
-        };
-        next.insert((*name).to_owned(), v);
-    }
-    let cas = match q.get("cas").filter(|c| !c.is_empty()) {
+    let config = autopilot_from_body(&body)?;
+    let cas = match q.get("cas") {
         None => None,
-        Some(c) => {
-            Some(c.parse::<u64>().map_err(|_| ApiError::ConsulBadRequest(format!("Error parsing cas value: {c:?}")))?)
-        }
+        Some(c) => Some(c.parse::<u64>().map_err(|_| {
+            ApiError::ConsulBadRequest(format!(
+                "Error parsing cas value: strconv.ParseUint: parsing {c:?}: invalid syntax"
+            ))
+        })?),
     };
-    let mut g = api.autopilot.inner.lock().unwrap_or_else(|e| e.into_inner());
-    if cas.is_some_and(|c| c != g.1) {
-        return Ok(reply(&json!(false), &q));
+    match api.control.propose(Command::SetAutopilot { config, cas }).await {
+        Ok(()) => Ok(reply(&json!(true), &q)),
+        Err(ControlError::Rejected(ApplyError::CasMismatch(_))) => Ok(reply(&json!(false), &q)),
+        Err(e) => Err(ApiError::from_consul(e)),
     }
-    g.0 = next;
-    g.1 += 1;
-    Ok(reply(&json!(true), &q))
+}
+
+/// The group's health as autopilot sees it, from this server, which must lead (requests
+/// for it go to the leader); `None` without Raft (`mesh dev`).
+fn group_health(api: &Api) -> Option<Result<(GroupHealth, u64), ApiError>> {
+    let view = api.raft.as_ref()?;
+    let raft = view.raft.get()?;
+    let m = raft.metrics().borrow().clone();
+    if m.state != openraft::ServerState::Leader {
+        return Some(Err(ApiError::ConsulStatus(500, "No cluster leader".into())));
+    }
+    let members = api.cluster.as_ref().map(|c| c.members()).unwrap_or_default();
+    let config = api.control.published.state.load().autopilot.clone().unwrap_or_default();
+    let heartbeat = std::time::Duration::from_millis(raft.config().heartbeat_interval);
+    let g = crate::raft::autopilot::group_health(
+        &m,
+        &view.contacts,
+        &members,
+        &api.info.datacenter,
+        &config,
+        heartbeat,
+        api.control.now(),
+    );
+    Some(Ok((g, m.id)))
+}
+
+fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+fn last_contact(s: &ServerHealth) -> serde_json::Value {
+    s.facts.last_contact.map(|d| json!(go_duration(d))).unwrap_or(serde_json::Value::Null)
 }
 
 fn server_id(api: &Api) -> String {
@@ -238,27 +306,106 @@ async fn raft_transfer_leader(State(api): State<Api>, RawQuery(raw): RawQuery) -
     Err(ApiError::ConsulStatus(500, "cannot transfer leadership: this node is the only voter".into()))
 }
 
+/// `GET /v1/operator/autopilot/health`: every server of the group, as the leader sees it;
+/// 429 while the group is not healthy, as Consul.
 async fn autopilot_health(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let healthy = api.control.store_failure().is_none();
-    let state = api.control.published.state.load();
-    let body = json!({
-        "Healthy": healthy,
-        "FailureTolerance": 0,
-        "Servers": [{
-            "ID": server_id(&api), "Name": api.info.node, "Address": raft_address(&api),
-            "SerfStatus": "alive", "Version": super::consul::CONSUL_API_VERSION, "Leader": true,
-            "LastContact": "0s", "LastTerm": 1, "LastIndex": state.catalog.index,
-            "Healthy": healthy, "Voter": true, "StableSince": chrono::DateTime::from_timestamp_millis(api.info.started_at as i64)
-                .map(|t| t.to_rfc3339()).unwrap_or_default(),
-        }],
-    });
+    let (healthy, body) = match group_health(&api) {
+        Some(g) => {
+            let (g, _) = g?;
+            let servers: Vec<serde_json::Value> = g
+                .servers
+                .iter()
+                .map(|s| {
+                    json!({
+                        "ID": format!("{:016x}", s.id), "Name": s.name, "Address": s.address,
+                        "SerfStatus": s.serf, "Version": super::consul::CONSUL_API_VERSION, "Leader": s.leader,
+                        "LastContact": last_contact(s), "LastTerm": s.facts.last_term,
+                        "LastIndex": s.facts.last_index, "Healthy": s.healthy, "Voter": s.voter,
+                        "StableSince": rfc3339(s.stable_since_ms),
+                    })
+                })
+                .collect();
+            (g.healthy, json!({"Healthy": g.healthy, "FailureTolerance": g.failure_tolerance, "Servers": servers}))
+        }
+        None => {
+            // One server, no Raft group: this node leads itself.
+            let healthy = api.control.store_failure().is_none();
+            let state = api.control.published.state.load();
+            (
+                healthy,
+                json!({
+                    "Healthy": healthy,
+                    "FailureTolerance": 0,
+                    "Servers": [{
+                        "ID": server_id(&api), "Name": api.info.node, "Address": raft_address(&api),
+                        "SerfStatus": "alive", "Version": super::consul::CONSUL_API_VERSION, "Leader": true,
+                        "LastContact": "0s", "LastTerm": 1, "LastIndex": state.index,
+                        "Healthy": healthy, "Voter": true, "StableSince": rfc3339(api.info.started_at),
+                    }],
+                }),
+            )
+        }
+    };
     let mut r = reply(&body, &q);
     if !healthy {
         *r.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
     }
     Ok(r)
+}
+
+/// `GET /v1/operator/autopilot/state`: Consul's fuller view (servers by ID, the leader, the
+/// voters), from the same facts as the health.
+async fn autopilot_state(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let Some(g) = group_health(&api) else {
+        let id = server_id(&api);
+        let state = api.control.published.state.load();
+        let healthy = api.control.store_failure().is_none();
+        let server = json!({
+            "ID": id, "Name": api.info.node, "Address": raft_address(&api), "NodeStatus": "alive",
+            "Version": super::consul::CONSUL_API_VERSION, "LastContact": "0s", "LastTerm": 1,
+            "LastIndex": state.index, "Healthy": healthy, "StableSince": rfc3339(api.info.started_at),
+            "ReadReplica": false, "Status": "leader", "Meta": {}, "NodeType": "voter",
+        });
+        return Ok(reply(
+            &json!({"Healthy": healthy, "FailureTolerance": 0, "Servers": {id.clone(): server},
+                "Leader": id, "Voters": [id]}),
+            &q,
+        ));
+    };
+    let (g, leader) = g?;
+    let mut servers = serde_json::Map::new();
+    for s in &g.servers {
+        let id = format!("{:016x}", s.id);
+        let status = if s.leader {
+            "leader"
+        } else if s.voter {
+            "voter"
+        } else {
+            "non-voter"
+        };
+        servers.insert(
+            id.clone(),
+            json!({
+                "ID": id, "Name": s.name, "Address": s.address, "NodeStatus": s.serf,
+                "Version": super::consul::CONSUL_API_VERSION, "LastContact": last_contact(s),
+                "LastTerm": s.facts.last_term, "LastIndex": s.facts.last_index, "Healthy": s.healthy,
+                "StableSince": rfc3339(s.stable_since_ms), "ReadReplica": false, "Status": status,
+                "Meta": {}, "NodeType": "voter",
+            }),
+        );
+    }
+    let voters: Vec<String> = g.servers.iter().filter(|s| s.voter).map(|s| format!("{:016x}", s.id)).collect();
+    Ok(reply(
+        &json!({
+            "Healthy": g.healthy, "FailureTolerance": g.failure_tolerance, "Servers": servers,
+            "Leader": format!("{leader:016x}"), "Voters": voters,
+        }),
+        &q,
+    ))
 }
 
 /// (The body, `{"Key": ...}`, is read before answering: an error sent while the request's
@@ -290,4 +437,37 @@ async fn usage(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respon
         "ConsistencyLevel": "leader", "NotModified": false, "ResultsFilteredByACLs": false,
     });
     Ok(indexed(&body, state.topic_index("services"), &q))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PUT body replaces the whole configuration (zero values for what it leaves out);
+    /// wrong types and bad durations are Consul's 400, named after the field.
+    #[test]
+    fn autopilot_bodies_parse_as_consul_reads_them() {
+        let c = autopilot_from_body(br#"{"CleanupDeadServers": false, "LastContactThreshold": "1.5s"}"#).unwrap();
+        assert!(!c.cleanup_dead_servers);
+        assert_eq!(c.last_contact_threshold_ms, 1500);
+        assert_eq!((c.max_trailing_logs, c.server_stabilization_time_ms), (0, 0));
+        let full = autopilot_json(&AutopilotConfig::default());
+        let back = autopilot_from_body(full.to_string().as_bytes()).unwrap();
+        assert_eq!(back, AutopilotConfig { create_index: 0, modify_index: 0, ..AutopilotConfig::default() });
+        assert_eq!(full["LastContactThreshold"], "200ms");
+        assert_eq!(full["ServerStabilizationTime"], "10s");
+        for bad in [
+            r#"{"MaxTrailingLogs": -1}"#,
+            r#"{"MaxTrailingLogs": "many"}"#,
+            r#"{"CleanupDeadServers": "yes"}"#,
+            r#"{"LastContactThreshold": "soon"}"#,
+            r#"{"LastContactThreshold": 200}"#,
+            r#"[1]"#,
+        ] {
+            match autopilot_from_body(bad.as_bytes()) {
+                Err(ApiError::ConsulBadRequest(m)) => assert!(!m.is_empty(), "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 }

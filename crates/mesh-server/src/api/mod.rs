@@ -38,8 +38,6 @@ pub struct Api {
     pub user_events: std::sync::Arc<consul_event::UserEvents>,
     /// Consul network coordinates set through `/v1/coordinate/update`.
     pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
-    /// Consul autopilot configuration (`/v1/operator/autopilot/configuration`).
-    pub autopilot: std::sync::Arc<consul_operator::Autopilot>,
     /// A server's Raft group (leader, peers, configuration); `None` in `mesh dev` and on agents.
     pub raft: Option<RaftView>,
 }
@@ -51,6 +49,8 @@ pub struct RaftView {
     pub raft: std::sync::Arc<std::sync::OnceLock<openraft::Raft<crate::raft::TypeConfig>>>,
     /// Where the leader is.
     pub route: Option<tokio::sync::watch::Receiver<crate::cluster::forward::Route>>,
+    /// When the leader and the members were last heard from (autopilot, `LastContact`).
+    pub contacts: std::sync::Arc<crate::raft::Contacts>,
 }
 
 /// One member of the Raft group as the APIs show it.
@@ -109,7 +109,7 @@ impl RaftView {
 
 impl Api {
     /// The APIs of a node over `control`, with fresh in-memory Consul extras (events,
-    /// coordinates, autopilot) and no cluster membership.
+    /// coordinates) and no cluster membership.
     pub fn new(control: ControlHandle, info: NodeInfo) -> Api {
         Api {
             control,
@@ -117,7 +117,6 @@ impl Api {
             cluster: None,
             user_events: Default::default(),
             coordinates: Default::default(),
-            autopilot: Default::default(),
             raft: None,
         }
     }

@@ -295,21 +295,45 @@ pub struct LeaderRoute {
     pub hold: Duration,
     /// The server's Raft, once started: `?consistent` reads confirm leadership with a quorum.
     pub raft: Arc<std::sync::OnceLock<openraft::Raft<crate::raft::TypeConfig>>>,
+    /// When this server last heard from the leader (`X-Consul-LastContact`, `?max_stale=`).
+    pub contacts: Arc<crate::raft::Contacts>,
 }
 
-/// Whether a server answers `req` only as the leader: what an agent forwards, and Consul reads
-/// in the default or `consistent` mode. `stale` reads and blocking queries are answered by every
+/// Whether a server answers `req` only as the leader: what an agent forwards, Consul reads
+/// in the default or `consistent` mode, and autopilot's view of the group (only the leader
+/// knows the members' last answers). `stale` reads and blocking queries are answered by every
 /// server from its own state (Consul's followers answer `stale` ones), as are the node-local
-/// `/v1/agent/*` endpoints.
-fn needs_leader(req: &axum::extract::Request) -> bool {
+/// `/v1/agent/*` endpoints, unless `?max_stale=` is older than `since_leader` (Consul's
+/// `max_stale`: the read goes to the leader). A `max_stale` that is no duration is an error.
+fn needs_leader(req: &axum::extract::Request, since_leader: Option<Duration>) -> Result<bool, String> {
     let path = req.uri().path();
     if forwarded(req.method(), path) {
-        return true;
+        return Ok(true);
     }
     if req.method() != Method::GET || !path.starts_with("/v1/") || path.starts_with("/v1/agent/") {
-        return false;
+        return Ok(false);
     }
-    !query_has(req, "stale") && !query_has(req, "index")
+    if path == "/v1/operator/autopilot/health" || path == "/v1/operator/autopilot/state" {
+        return Ok(true);
+    }
+    let max_stale = match query_value(req, "max_stale").filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => {
+            Some(mesh_core::registrator::parse_go_duration(&v).map_err(|_| format!("Invalid max_stale value {v:?}"))?)
+        }
+    };
+    if let (Some(max), Some(since)) = (max_stale, since_leader)
+        && since > max
+    {
+        return Ok(true);
+    }
+    let stale = query_has(req, "stale") || max_stale.is_some_and(|d| !d.is_zero());
+    Ok(!stale && !query_has(req, "index"))
+}
+
+/// The (percent-decoded) value of `key` in the query string, if it is there.
+fn query_value(req: &axum::extract::Request, key: &str) -> Option<String> {
+    crate::api::consul::Params::parse(req.uri().query()).get(key).cloned()
 }
 
 /// Whether the query string names `key` (with or without a value).
@@ -325,11 +349,23 @@ pub async fn leader_layer(
     req: axum::extract::Request,
     next: Next,
 ) -> axum::response::Response {
-    if !needs_leader(&req) {
+    // Consul's X-Consul-LastContact: 0 on the leader, else since this server last heard from it.
+    let since_leader = (!matches!(&*l.route.borrow(), Route::Local)).then(|| l.contacts.since_leader());
+    let local = match needs_leader(&req, since_leader) {
+        Ok(needs) => !needs,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    if local {
         let mut resp = next.run(req).await;
-        // A server answering from its own state says whether it knows a leader.
-        if matches!(&*l.route.borrow(), Route::NoLeader) && resp.headers().contains_key("X-Consul-KnownLeader") {
-            resp.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+        // A server answering from its own state says whether it knows a leader, and since
+        // when it has not heard from it.
+        if resp.headers().contains_key("X-Consul-KnownLeader") {
+            if matches!(&*l.route.borrow(), Route::NoLeader) {
+                resp.headers_mut().insert("X-Consul-KnownLeader", HeaderValue::from_static("false"));
+            }
+            if let Some(since) = since_leader {
+                resp.headers_mut().insert("X-Consul-LastContact", HeaderValue::from(since.as_millis() as u64));
+            }
         }
         return resp;
     }
@@ -363,5 +399,34 @@ pub async fn leader_layer(
             let why = if hop { "this server does not lead" } else { "none elected in time" };
             return unavailable(&path, why);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(uri: &str) -> axum::extract::Request {
+        axum::http::Request::builder().method("GET").uri(uri).body(Body::empty()).unwrap()
+    }
+
+    /// Which reads a follower answers itself: `stale`, blocking and `max_stale` within this
+    /// server's last contact; autopilot's view and `max_stale` older than it go to the leader.
+    #[test]
+    fn a_follower_answers_stale_reads_within_max_stale() {
+        let since = Some(Duration::from_millis(1500));
+        let needs = |uri: &str| needs_leader(&get(uri), since);
+        assert_eq!(needs("/v1/kv/a"), Ok(true));
+        assert_eq!(needs("/v1/kv/a?stale"), Ok(false));
+        assert_eq!(needs("/v1/kv/a?index=3"), Ok(false));
+        assert_eq!(needs("/v1/kv/a?max_stale=10s"), Ok(false), "max_stale alone allows stale");
+        assert_eq!(needs("/v1/kv/a?stale&max_stale=1s"), Ok(true), "older than max_stale");
+        assert_eq!(needs("/v1/kv/a?max_stale=1s"), Ok(true));
+        assert!(needs("/v1/kv/a?max_stale=soon").is_err());
+        assert_eq!(needs("/v1/operator/autopilot/health?stale"), Ok(true));
+        assert_eq!(needs("/v1/operator/autopilot/configuration?stale"), Ok(false));
+        assert_eq!(needs("/v1/agent/self"), Ok(false));
+        // On the leader (no last contact to compare) max_stale never forwards.
+        assert_eq!(needs_leader(&get("/v1/kv/a?max_stale=1ms"), None), Ok(false));
     }
 }

@@ -20,6 +20,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
+pub mod autopilot;
 pub mod disk;
 pub mod log;
 pub mod log_store;
@@ -27,6 +28,7 @@ pub mod network;
 pub mod server;
 pub mod state_machine;
 
+pub use autopilot::Contacts;
 pub use disk::DiskGuard;
 pub use log::RaftLog;
 pub use log_store::RedbLogStore;

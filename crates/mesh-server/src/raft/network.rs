@@ -124,6 +124,8 @@ pub struct MeshNetwork {
     conns: Arc<Mutex<HashMap<NodeId, Slot>>>,
     /// Members that could not be reached since they last could (logged once per outage).
     unreachable: Arc<Mutex<std::collections::HashSet<NodeId>>>,
+    /// When each member last answered (autopilot's `LastContact`).
+    contacts: Arc<super::Contacts>,
 }
 
 impl MeshNetwork {
@@ -139,7 +141,14 @@ impl MeshNetwork {
             backoff: timing.backoff(),
             conns: Arc::default(),
             unreachable: Arc::default(),
+            contacts: Arc::default(),
         }
+    }
+
+    /// Record in `contacts` when each member last answered an AppendEntries or a snapshot.
+    pub fn with_contacts(mut self, contacts: Arc<super::Contacts>) -> Self {
+        self.contacts = contacts;
+        self
     }
 
     /// Serve what peers ask on the connections this node opens through `handler` (the RPC is
@@ -326,7 +335,12 @@ impl RaftNetwork<TypeConfig> for MeshNetworkClient {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MeshNode, RaftError<NodeId>>> {
         let action = RPCTypes::AppendEntries;
         let e = match self.call(RaftRequest::AppendEntries(rpc), ttl(&option)).await {
-            Ok(Response::Raft(RaftResponse::AppendEntries(Ok(r)))) => return Ok(r),
+            Ok(Response::Raft(RaftResponse::AppendEntries(Ok(r)))) => {
+                if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                    self.net.contacts.acked(self.target);
+                }
+                return Ok(r);
+            }
             Ok(Response::Raft(RaftResponse::AppendEntries(Err(e)))) => return Err(self.remote(e, action)),
             Ok(other) => self.unexpected(&other),
             Err(f) => f,
@@ -357,7 +371,10 @@ impl RaftNetwork<TypeConfig> for MeshNetworkClient {
     {
         let action = RPCTypes::InstallSnapshot;
         let e = match self.call(RaftRequest::InstallSnapshot(rpc), ttl(&option)).await {
-            Ok(Response::Raft(RaftResponse::InstallSnapshot(Ok(r)))) => return Ok(r),
+            Ok(Response::Raft(RaftResponse::InstallSnapshot(Ok(r)))) => {
+                self.net.contacts.acked(self.target);
+                return Ok(r);
+            }
             Ok(Response::Raft(RaftResponse::InstallSnapshot(Err(e)))) => return Err(self.remote(e, action)),
             Ok(other) => self.unexpected(&other),
             Err(f) => f,
@@ -376,12 +393,20 @@ impl RaftNetwork<TypeConfig> for MeshNetworkClient {
 pub struct RaftHandler {
     raft: Raft<TypeConfig>,
     stopped: Arc<AtomicBool>,
+    contacts: Arc<super::Contacts>,
 }
 
 impl RaftHandler {
     /// Serve `raft`.
     pub fn new(raft: Raft<TypeConfig>) -> Self {
-        RaftHandler { raft, stopped: Arc::default() }
+        RaftHandler { raft, stopped: Arc::default(), contacts: Arc::default() }
+    }
+
+    /// Record in `contacts` when this node last accepted the leader's AppendEntries (a
+    /// heartbeat included) or snapshot: Consul's `X-Consul-LastContact` on a follower.
+    pub fn with_contacts(mut self, contacts: Arc<super::Contacts>) -> Self {
+        self.contacts = contacts;
+        self
     }
 
     /// The Raft it serves.
@@ -408,11 +433,20 @@ impl RaftHandler {
         }
         Ok(match req {
             RaftRequest::AppendEntries(r) => {
-                Response::Raft(RaftResponse::AppendEntries(self.raft.append_entries(r).await))
+                let answer = self.raft.append_entries(r).await;
+                // Accepted (or a log to reconcile): it came from the leader of this term.
+                if answer.as_ref().is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                    self.contacts.heard_from_leader();
+                }
+                Response::Raft(RaftResponse::AppendEntries(answer))
             }
             RaftRequest::Vote(r) => Response::Raft(RaftResponse::Vote(self.raft.vote(r).await)),
             RaftRequest::InstallSnapshot(r) => {
-                Response::Raft(RaftResponse::InstallSnapshot(self.raft.install_snapshot(r).await))
+                let answer = self.raft.install_snapshot(r).await;
+                if answer.is_ok() {
+                    self.contacts.heard_from_leader();
+                }
+                Response::Raft(RaftResponse::InstallSnapshot(answer))
             }
         })
     }

@@ -65,6 +65,8 @@ pub struct RaftServerConfig {
     /// Bytes kept free beside the log (`--state-reserve-mb`) for commands that stop tasks while
     /// the disk is full.
     pub reserve_bytes: u64,
+    /// When the leader and the members were last heard from (shared with the HTTP APIs).
+    pub contacts: Arc<super::Contacts>,
 }
 
 /// The Raft id of a server: the first 64 bits of its node id (a UUID), so it is the same on
@@ -176,10 +178,11 @@ impl RaftServer {
             clock: cfg.control.clock.clone(),
         }));
         let config = cfg.timing.config(&cfg.datacenter).map_err(|e| RaftServerError::Start(e.to_string()))?;
-        let net = MeshNetwork::new(id, cfg.transport.clone(), cfg.hello.clone(), &cfg.timing);
+        let net = MeshNetwork::new(id, cfg.transport.clone(), cfg.hello.clone(), &cfg.timing)
+            .with_contacts(cfg.contacts.clone());
         let raft =
             Raft::new(id, Arc::new(config), net, log, sm).await.map_err(|e| RaftServerError::Start(e.to_string()))?;
-        let handler = RaftHandler::new(raft.clone());
+        let handler = RaftHandler::new(raft.clone()).with_contacts(cfg.contacts.clone());
         let route = route_tx.subscribe();
         let sole_voter = {
             let m = raft.metrics().borrow().clone();
@@ -197,11 +200,11 @@ impl RaftServer {
                 raft.clone(),
                 id,
                 cfg.clone(),
-                LeaderParts { published, inbox, disk },
+                LeaderParts { published: published.clone(), inbox, disk },
                 applied,
                 route_tx,
             )),
-            tokio::spawn(add_servers(raft.clone(), id, cfg, members)),
+            tokio::spawn(add_servers(raft.clone(), id, cfg, members, published)),
         ];
         Ok(RaftServer { raft, id, handler, route, tasks })
     }
@@ -274,17 +277,22 @@ async fn bootstrap(
 
 /// On the leader: servers gossip knows that are not members join, as learners first (they
 /// catch up), then as voters; voters gossip has declared failed (or left) for
-/// `dead_server_cleanup` are removed (autopilot), as long as the voters left alive are a
-/// majority of the group without them.
+/// `dead_server_cleanup` are removed (autopilot), while the replicated autopilot configuration
+/// says `CleanupDeadServers` and as long as the voters left alive are a majority of the group
+/// without them. Each round also dates the members' health changes (autopilot's
+/// `StableSince`).
 async fn add_servers(
     raft: Raft<TypeConfig>,
     id: NodeId,
     cfg: RaftServerConfig,
     mut members: watch::Receiver<Arc<Vec<Member>>>,
+    published: Published,
 ) {
     let clock = cfg.control.clock.clone();
     // Voters and when gossip first said they were gone.
     let mut gone_since: BTreeMap<NodeId, u64> = BTreeMap::new();
+    // Dead servers kept because CleanupDeadServers is off (logged once each).
+    let mut kept: BTreeSet<NodeId> = BTreeSet::new();
     loop {
         let leading = {
             let m = raft.metrics().borrow().clone();
@@ -292,6 +300,17 @@ async fn add_servers(
         };
         let list = members.borrow_and_update().clone();
         if leading {
+            let autopilot = published.state.load().autopilot.clone().unwrap_or_default();
+            let metrics = raft.metrics().borrow().clone();
+            let _ = super::autopilot::group_health(
+                &metrics,
+                &cfg.contacts,
+                &list,
+                &cfg.datacenter,
+                &autopilot,
+                cfg.timing.heartbeat(),
+                clock.now(),
+            );
             let servers = alive_servers(&list, &cfg.datacenter);
             let membership = raft.metrics().borrow().membership_config.clone();
             let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
@@ -328,7 +347,14 @@ async fn add_servers(
                     .filter(|(_, since)| now.saturating_sub(**since) >= after.as_millis() as u64)
                     .map(|(sid, _)| *sid)
                     .collect();
+                kept.retain(|sid| gone_since.contains_key(sid));
                 for sid in due {
+                    if !autopilot.cleanup_dead_servers {
+                        if kept.insert(sid) {
+                            info!(raft_id = sid, "autopilot: CleanupDeadServers is off; keeping a dead server");
+                        }
+                        continue;
+                    }
                     let remaining = voters.len() - 1;
                     if alive <= remaining / 2 {
                         warn!(
