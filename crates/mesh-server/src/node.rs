@@ -364,34 +364,6 @@ pub async fn run_dev(
     Ok(())
 }
 
-/// The Raft settings of a node that serves the control side.
-fn raft_config(
-    cfg: &NodeConfig,
-    node_id: &str,
-    rpc: SocketAddr,
-    transport: Arc<dyn crate::rpc::Transport>,
-    hello: crate::rpc::Hello,
-    bootstrap_expect: usize,
-) -> crate::raft::RaftServerConfig {
-    crate::raft::RaftServerConfig {
-        name: cfg.node.clone(),
-        node_id: node_id.to_owned(),
-        datacenter: cfg.datacenter.clone(),
-        dir: cfg.data_dir.join("raft"),
-        rpc,
-        bootstrap_expect,
-        timing: cfg.raft_timing,
-        write_timeout: RPC_HOLD,
-        transport,
-        hello,
-        control: control_config(cfg),
-        max_app_versions: cfg.max_app_versions,
-        dead_server_cleanup: cfg.dead_server_cleanup,
-        reserve_bytes: cfg.state_reserve_mb.saturating_mul(1024 * 1024),
-        contacts: Arc::default(),
-    }
-}
-
 fn agent_config(cfg: &NodeConfig, runtimes: Vec<String>) -> AgentConfig {
     AgentConfig {
         id: AgentId::from(cfg.node.as_str()),
@@ -636,8 +608,21 @@ pub async fn run_server(
         http: advertised_http(&cfg.http, &http_addrs, cfg.advertise).map(|a| a.to_string()),
     };
     let raft_cfg = crate::raft::RaftServerConfig {
+        name: cfg.node.clone(),
+        node_id: node_id.clone(),
+        datacenter: cfg.datacenter.clone(),
+        dir: cfg.data_dir.join("raft"),
+        rpc: rpc_advertised,
+        bootstrap_expect: cfg.bootstrap_expect,
+        timing: cfg.raft_timing,
+        write_timeout: RPC_HOLD,
+        transport: transport.clone(),
+        hello: hello.clone(),
+        control: control_config(&cfg),
+        max_app_versions: cfg.max_app_versions,
+        dead_server_cleanup: cfg.dead_server_cleanup,
+        reserve_bytes: cfg.state_reserve_mb.saturating_mul(1024 * 1024),
         contacts,
-        ..raft_config(&cfg, &node_id, rpc_advertised, transport.clone(), hello.clone(), cfg.bootstrap_expect)
     };
     let raft = crate::raft::RaftServer::start(
         raft_cfg,

@@ -10,7 +10,7 @@
 use super::consul::{Params, check_dc, indexed, reply};
 use super::{Api, ApiError};
 use crate::control::ControlError;
-use crate::raft::autopilot::{GroupHealth, ServerHealth, go_duration};
+use crate::raft::autopilot::{GroupHealth, ServerFacts, ServerHealth, go_duration};
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
@@ -186,7 +186,7 @@ async fn autopilot_put(
 
 /// The group's health as autopilot sees it, from this server, which must lead (requests
 /// for it go to the leader); `None` without Raft (`mesh dev`).
-fn group_health(api: &Api) -> Option<Result<(GroupHealth, u64), ApiError>> {
+fn group_health(api: &Api) -> Option<Result<GroupHealth, ApiError>> {
     let view = api.raft.as_ref()?;
     let raft = view.raft.get()?;
     let m = raft.metrics().borrow().clone();
@@ -205,7 +205,7 @@ fn group_health(api: &Api) -> Option<Result<(GroupHealth, u64), ApiError>> {
         heartbeat,
         api.control.now(),
     );
-    Some(Ok((g, m.id)))
+    Some(Ok(g))
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -311,45 +311,21 @@ async fn raft_transfer_leader(State(api): State<Api>, RawQuery(raw): RawQuery) -
 async fn autopilot_health(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let (healthy, body) = match group_health(&api) {
-        Some(g) => {
-            let (g, _) = g?;
-            let servers: Vec<serde_json::Value> = g
-                .servers
-                .iter()
-                .map(|s| {
-                    json!({
-                        "ID": format!("{:016x}", s.id), "Name": s.name, "Address": s.address,
-                        "SerfStatus": s.serf, "Version": super::consul::CONSUL_API_VERSION, "Leader": s.leader,
-                        "LastContact": last_contact(s), "LastTerm": s.facts.last_term,
-                        "LastIndex": s.facts.last_index, "Healthy": s.healthy, "Voter": s.voter,
-                        "StableSince": rfc3339(s.stable_since_ms),
-                    })
-                })
-                .collect();
-            (g.healthy, json!({"Healthy": g.healthy, "FailureTolerance": g.failure_tolerance, "Servers": servers}))
-        }
-        None => {
-            // One server, no Raft group: this node leads itself.
-            let healthy = api.control.store_failure().is_none();
-            let state = api.control.published.state.load();
-            (
-                healthy,
-                json!({
-                    "Healthy": healthy,
-                    "FailureTolerance": 0,
-                    "Servers": [{
-                        "ID": server_id(&api), "Name": api.info.node, "Address": raft_address(&api),
-                        "SerfStatus": "alive", "Version": super::consul::CONSUL_API_VERSION, "Leader": true,
-                        "LastContact": "0s", "LastTerm": 1, "LastIndex": state.index,
-                        "Healthy": healthy, "Voter": true, "StableSince": rfc3339(api.info.started_at),
-                    }],
-                }),
-            )
-        }
-    };
+    let (g, lone) = autopilot_view(&api)?;
+    let servers: Vec<serde_json::Value> = g
+        .servers
+        .iter()
+        .map(|s| {
+            let mut v = server_json(&id_text(&lone, s), s);
+            v.insert("SerfStatus".into(), json!(s.serf));
+            v.insert("Leader".into(), json!(s.leader));
+            v.insert("Voter".into(), json!(s.voter));
+            serde_json::Value::Object(v)
+        })
+        .collect();
+    let body = json!({"Healthy": g.healthy, "FailureTolerance": g.failure_tolerance, "Servers": servers});
     let mut r = reply(&body, &q);
-    if !healthy {
+    if !g.healthy {
         *r.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
     }
     Ok(r)
@@ -360,26 +336,10 @@ async fn autopilot_health(State(api): State<Api>, RawQuery(raw): RawQuery) -> Re
 async fn autopilot_state(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let Some(g) = group_health(&api) else {
-        let id = server_id(&api);
-        let state = api.control.published.state.load();
-        let healthy = api.control.store_failure().is_none();
-        let server = json!({
-            "ID": id, "Name": api.info.node, "Address": raft_address(&api), "NodeStatus": "alive",
-            "Version": super::consul::CONSUL_API_VERSION, "LastContact": "0s", "LastTerm": 1,
-            "LastIndex": state.index, "Healthy": healthy, "StableSince": rfc3339(api.info.started_at),
-            "ReadReplica": false, "Status": "leader", "Meta": {}, "NodeType": "voter",
-        });
-        return Ok(reply(
-            &json!({"Healthy": healthy, "FailureTolerance": 0, "Servers": {id.clone(): server},
-                "Leader": id, "Voters": [id]}),
-            &q,
-        ));
-    };
-    let (g, leader) = g?;
+    let (g, lone) = autopilot_view(&api)?;
     let mut servers = serde_json::Map::new();
     for s in &g.servers {
-        let id = format!("{:016x}", s.id);
+        let id = id_text(&lone, s);
         let status = if s.leader {
             "leader"
         } else if s.voter {
@@ -387,25 +347,68 @@ async fn autopilot_state(State(api): State<Api>, RawQuery(raw): RawQuery) -> Res
         } else {
             "non-voter"
         };
-        servers.insert(
-            id.clone(),
-            json!({
-                "ID": id, "Name": s.name, "Address": s.address, "NodeStatus": s.serf,
-                "Version": super::consul::CONSUL_API_VERSION, "LastContact": last_contact(s),
-                "LastTerm": s.facts.last_term, "LastIndex": s.facts.last_index, "Healthy": s.healthy,
-                "StableSince": rfc3339(s.stable_since_ms), "ReadReplica": false, "Status": status,
-                "Meta": {}, "NodeType": "voter",
-            }),
-        );
+        let mut v = server_json(&id, s);
+        v.insert("NodeStatus".into(), json!(s.serf));
+        v.insert("ReadReplica".into(), json!(false));
+        v.insert("Status".into(), json!(status));
+        v.insert("Meta".into(), json!({}));
+        v.insert("NodeType".into(), json!("voter"));
+        servers.insert(id, serde_json::Value::Object(v));
     }
-    let voters: Vec<String> = g.servers.iter().filter(|s| s.voter).map(|s| format!("{:016x}", s.id)).collect();
+    let leader = g.servers.iter().find(|s| s.leader).map(|s| id_text(&lone, s)).unwrap_or_default();
+    let voters: Vec<String> = g.servers.iter().filter(|s| s.voter).map(|s| id_text(&lone, s)).collect();
     Ok(reply(
         &json!({
             "Healthy": g.healthy, "FailureTolerance": g.failure_tolerance, "Servers": servers,
-            "Leader": format!("{leader:016x}"), "Voters": voters,
+            "Leader": leader, "Voters": voters,
         }),
         &q,
     ))
+}
+
+/// The group as autopilot's endpoints show it: the Raft group as its leader sees it, or, with
+/// no Raft group (`mesh dev`), this node alone, leading itself; then also its `ID` text.
+fn autopilot_view(api: &Api) -> Result<(GroupHealth, Option<String>), ApiError> {
+    if let Some(g) = group_health(api) {
+        return Ok((g?, None));
+    }
+    let healthy = api.control.store_failure().is_none();
+    let facts = ServerFacts {
+        alive: true,
+        last_contact: Some(std::time::Duration::ZERO),
+        last_term: 1,
+        last_index: api.control.published.state.load().index,
+    };
+    let server = ServerHealth {
+        id: 0,
+        name: api.info.node.clone(),
+        address: raft_address(api),
+        serf: "alive",
+        leader: true,
+        voter: true,
+        facts,
+        healthy,
+        stable_since_ms: api.info.started_at,
+    };
+    Ok((GroupHealth { servers: vec![server], healthy, failure_tolerance: 0 }, Some(server_id(api))))
+}
+
+/// A server's `ID`: its Raft id, or the lone node's id.
+fn id_text(lone: &Option<String>, s: &ServerHealth) -> String {
+    lone.clone().unwrap_or_else(|| format!("{:016x}", s.id))
+}
+
+/// The fields autopilot's health and state share for one server.
+fn server_json(id: &str, s: &ServerHealth) -> serde_json::Map<String, serde_json::Value> {
+    let v = json!({
+        "ID": id, "Name": s.name, "Address": s.address, "Version": super::consul::CONSUL_API_VERSION,
+        "LastContact": last_contact(s), "LastTerm": s.facts.last_term, "LastIndex": s.facts.last_index,
+        "Healthy": s.healthy, "StableSince": rfc3339(s.stable_since_ms),
+    });
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// (The body, `{"Key": ...}`, is read before answering: an error sent while the request's

@@ -129,10 +129,11 @@ impl RedbLogStore {
         key: &'static str,
         value: &T,
         subject: ErrorSubject<NodeId>,
+        durability: Durability,
     ) -> Result<(), RaftStorageError> {
         let bytes = serde_json::to_vec(value).map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
         let sub = subject.clone();
-        self.write(subject, move |tx| {
+        self.write_with(durability, subject, move |tx| {
             let mut meta = tx.open_table(META).map_err(|e| storage_err(sub.clone(), ErrorVerb::Write, e))?;
             meta.insert(key, bytes.as_slice()).map_err(|e| storage_err(sub, ErrorVerb::Write, e))?;
             Ok(())
@@ -187,7 +188,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
-        self.put_meta(VOTE, vote, ErrorSubject::Vote).await
+        self.put_meta(VOTE, vote, ErrorSubject::Vote, Durability::Immediate).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
@@ -198,15 +199,7 @@ impl RaftLogStorage<TypeConfig> for RedbLogStore {
         // openraft does not need the committed id durable (a restart may find an older one and
         // learns the rest from the log and the leader): written without a sync of its own, it
         // becomes durable with the next log append, so a write costs one fsync, not two.
-        let bytes =
-            serde_json::to_vec(&committed).map_err(|e| storage_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
-        self.write_with(Durability::None, ErrorSubject::Store, move |tx| {
-            let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Store, ErrorVerb::Write, e);
-            let mut meta = tx.open_table(META).map_err(|e| err(&e))?;
-            meta.insert(COMMITTED, bytes.as_slice()).map_err(|e| err(&e))?;
-            Ok(())
-        })
-        .await
+        self.put_meta(COMMITTED, &committed, ErrorSubject::Store, Durability::None).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, RaftStorageError> {

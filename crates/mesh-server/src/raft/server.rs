@@ -312,7 +312,7 @@ async fn add_servers(
                 clock.now(),
             );
             let servers = alive_servers(&list, &cfg.datacenter);
-            let membership = raft.metrics().borrow().membership_config.clone();
+            let membership = metrics.membership_config.clone();
             let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
             for (sid, node) in &servers {
                 if voters.contains(sid) {
