@@ -5,7 +5,7 @@
 
 use mesh_core::kv::{KvOp, KvValue, SetMode};
 use mesh_core::state::Command;
-use mesh_server::raft::{Applied, MeshNetwork, MeshNode, MeshStateMachine, RaftHandler, RaftTiming, RedbLogStore};
+use mesh_server::raft::{Applied, MeshNetwork, MeshNode, MeshStateMachine, RaftHandler, RaftTiming, SegmentLogStore};
 use mesh_server::raft::{Batch, NodeId, TypeConfig};
 use mesh_server::rpc::{Hello, MemTransport, Role, Server, TcpTransport, Transport};
 use openraft::error::{ClientWriteError, RPCError, RaftError};
@@ -44,7 +44,7 @@ impl Node {
     }
 }
 
-/// Start node `id`: a listener at `listen` through `transport`, a Raft on a redb log and a state
+/// Start node `id`: a listener at `listen` through `transport`, a Raft on a segment-file log and a state
 /// machine in a fresh directory, its RPCs served on the listener.
 async fn start_node(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAddr) -> Node {
     start_node_with(id, transport, listen, TIMING.config("mesh-test").unwrap()).await
@@ -53,7 +53,7 @@ async fn start_node(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAdd
 /// [`start_node`] with an openraft configuration of its own.
 async fn start_node_with(id: NodeId, transport: Arc<dyn Transport>, listen: SocketAddr, config: Config) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let log = RedbLogStore::open(dir.path()).unwrap();
+    let log = SegmentLogStore::open(dir.path()).unwrap();
     let sm = MeshStateMachine::open(dir.path(), "dc1").unwrap();
     let applied = sm.subscribe();
     let listener = transport.listen(listen).await.unwrap();

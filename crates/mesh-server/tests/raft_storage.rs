@@ -1,12 +1,12 @@
 //! The openraft storage of mesh (`mesh_server::raft`): openraft's conformance suite on a fresh
-//! redb store per case, and durability of vote, committed id, entries and snapshot across a
+//! segment-file store per case, and durability of vote, committed id, entries and snapshot across a
 //! reopen.
 
 use mesh_core::kv::{KvError, KvOp, KvValue, SetMode};
 use mesh_core::state::{ApplyError, Command};
 use mesh_server::raft::TypeConfig;
 use mesh_server::raft::{
-    ApplyOutcome, Batch, Entry, LogId, MeshNode, MeshStateMachine, RaftStorageError, RedbLogStore,
+    ApplyOutcome, Batch, Entry, LogId, MeshNode, MeshStateMachine, RaftStorageError, SegmentLogStore,
 };
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -17,10 +17,10 @@ use tempfile::TempDir;
 /// A fresh log store and state machine in a new temporary directory (the guard keeps it alive).
 struct Builder;
 
-impl StoreBuilder<TypeConfig, RedbLogStore, MeshStateMachine, TempDir> for Builder {
-    async fn build(&self) -> Result<(TempDir, RedbLogStore, MeshStateMachine), RaftStorageError> {
+impl StoreBuilder<TypeConfig, SegmentLogStore, MeshStateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, SegmentLogStore, MeshStateMachine), RaftStorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = RedbLogStore::open(dir.path())?;
+        let log = SegmentLogStore::open(dir.path())?;
         let sm = MeshStateMachine::open(dir.path(), "dc1")?;
         Ok((dir, log, sm))
     }
@@ -77,7 +77,7 @@ fn vote_committed_entries_and_state_survive_a_reopen() {
     let vote = Vote::new_committed(2, 1);
 
     let state = rt.block_on(async {
-        let mut log = RedbLogStore::open(dir.path()).unwrap();
+        let mut log = SegmentLogStore::open(dir.path()).unwrap();
         let mut sm = MeshStateMachine::open(dir.path(), "dc1").unwrap();
         log.save_vote(&vote).await.unwrap();
         log.blocking_append(entries.clone()).await.unwrap();
@@ -103,7 +103,7 @@ fn vote_committed_entries_and_state_survive_a_reopen() {
         sm.state().clone()
     });
 
-    let mut log = RedbLogStore::open(dir.path()).unwrap();
+    let mut log = SegmentLogStore::open(dir.path()).unwrap();
     let mut sm = MeshStateMachine::open(dir.path(), "dc1").unwrap();
     rt.block_on(async {
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
@@ -126,9 +126,153 @@ fn vote_committed_entries_and_state_survive_a_reopen() {
         log.truncate(log_id(2, 5)).await.unwrap();
     });
     drop((log, sm));
-    let mut log = RedbLogStore::open(dir.path()).unwrap();
+    let mut log = SegmentLogStore::open(dir.path()).unwrap();
     rt.block_on(async {
         assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 4)));
         assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[2..4].to_vec());
     });
+}
+
+/// The segment files of a store in `dir`, oldest first.
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir.join(mesh_server::raft::seg_store::LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Where the records of a segment end (frames `[len u32][crc u32][body]` up to a zero length).
+fn records_end(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
+}
+
+#[test]
+fn an_unfinished_write_at_the_tail_is_cut_off_and_the_log_goes_on() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (1..=4).map(|i| entry(1, i, EntryPayload::Normal(put(&format!("k{i}"), "v")))).collect();
+    let vote = Vote::new_committed(1, 1);
+    rt.block_on(async {
+        let mut log = SegmentLogStore::open(dir.path()).unwrap();
+        log.save_vote(&vote).await.unwrap();
+        log.blocking_append(entries[..3].to_vec()).await.unwrap();
+    });
+    // A crash in the middle of the next write: a frame header and part of its body.
+    let tail = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&tail).unwrap();
+    let end = records_end(&bytes);
+    assert!(end > 0 && bytes[end..].iter().all(|b| *b == 0), "records, then the zero-filled rest");
+    bytes[end..end + 4].copy_from_slice(&200u32.to_le_bytes());
+    bytes[end + 4..end + 8].copy_from_slice(&7u32.to_le_bytes());
+    bytes[end + 8..end + 40].fill(0xab);
+    std::fs::write(&tail, &bytes).unwrap();
+
+    rt.block_on(async {
+        let mut log = SegmentLogStore::open(dir.path()).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[..3].to_vec());
+        assert_eq!(std::fs::metadata(&tail).unwrap().len(), end as u64, "the unfinished write is cut off");
+        log.blocking_append(entries[3..].to_vec()).await.unwrap();
+    });
+    rt.block_on(async {
+        let mut log = SegmentLogStore::open(dir.path()).unwrap();
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 4)));
+    });
+}
+
+#[test]
+fn segments_close_and_a_purge_deletes_the_ones_it_covers() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vote = Vote::new_committed(3, 1);
+    let entries: Vec<Entry> =
+        (1..=300).map(|i| entry(3, i, EntryPayload::Normal(put(&format!("key-{i}"), &"x".repeat(40))))).collect();
+    rt.block_on(async {
+        let mut log = SegmentLogStore::open_with(dir.path(), 4096).unwrap();
+        log.save_vote(&vote).await.unwrap();
+        for e in &entries {
+            log.blocking_append(vec![e.clone()]).await.unwrap();
+        }
+        log.save_committed(Some(log_id(3, 300))).await.unwrap();
+        let before = segments(dir.path());
+        assert!(before.len() >= 5, "4 KiB segments: {} of them", before.len());
+        log.purge(log_id(3, 250)).await.unwrap();
+        let after = segments(dir.path());
+        assert!(after.len() < before.len() && after.len() >= 1, "{} segments, then {}", before.len(), after.len());
+        // The first segment left holds entries past the purge (or is the tail).
+        assert_eq!(after.last(), before.last());
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[250..].to_vec());
+    });
+    rt.block_on(async {
+        // The vote was written in the first segment, which is gone: the later ones carry it.
+        let mut log = SegmentLogStore::open_with(dir.path(), 4096).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(3, 250)));
+        assert_eq!(state.last_log_id, Some(log_id(3, 300)));
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[250..].to_vec());
+        // Cut at 280 (a new leader's log disagrees), then go on from there.
+        log.truncate(log_id(3, 281)).await.unwrap();
+        log.blocking_append(vec![entry(4, 281, EntryPayload::Blank)]).await.unwrap();
+    });
+    let mut log = SegmentLogStore::open_with(dir.path(), 4096).unwrap();
+    rt.block_on(async {
+        let got = log.try_get_log_entries(..).await.unwrap();
+        assert_eq!(got.len(), 31);
+        assert_eq!(got.last().unwrap().log_id, log_id(4, 281));
+        assert_eq!(got[..30], entries[250..280]);
+    });
+}
+
+#[test]
+fn a_redb_log_of_an_earlier_release_is_imported() {
+    use redb::TableDefinition;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<Entry> = (5..=8).map(|i| entry(2, i, EntryPayload::Normal(put(&format!("k{i}"), "v")))).collect();
+    let vote = Vote::new_committed(2, 1);
+    {
+        // The layout of the redb log store this replaces.
+        const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+        const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+        let db = redb::Database::create(dir.path().join(mesh_server::raft::seg_store::REDB_FILE)).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut log = tx.open_table(LOG).unwrap();
+            for e in &entries {
+                log.insert(e.log_id.index, rmp_serde::to_vec_named(e).unwrap().as_slice()).unwrap();
+            }
+            let mut meta = tx.open_table(META).unwrap();
+            meta.insert("vote", serde_json::to_vec(&vote).unwrap().as_slice()).unwrap();
+            meta.insert("committed", serde_json::to_vec(&Some(log_id(2, 7))).unwrap().as_slice()).unwrap();
+            meta.insert("last_purged", serde_json::to_vec(&log_id(1, 4)).unwrap().as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    for _ in 0..2 {
+        // Imported at the first open; the second finds the same in the segments.
+        let mut log = SegmentLogStore::open(dir.path()).unwrap();
+        rt.block_on(async {
+            assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+            assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 7)));
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+            assert_eq!(state.last_log_id, Some(log_id(2, 8)));
+            assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+        });
+        assert!(!dir.path().join("raft-log.redb").exists());
+        assert!(dir.path().join("raft-log.redb.pre-seg").exists());
+    }
 }

@@ -1,5 +1,5 @@
 //! Raft storage for the replicated cluster state (issue 13, step 1): the types openraft 0.9 is
-//! instantiated with, a durable log on redb ([`RedbLogStore`]) and the state machine that applies
+//! instantiated with, a durable log of segment files ([`SegmentLogStore`]) and the state machine that applies
 //! [`Command`]s to a [`State`](mesh_core::state::State) ([`MeshStateMachine`]).
 //!
 //! The Raft RPCs travel over mesh's internal RPC ([`network`]: [`MeshNetwork`] calls, a
@@ -23,16 +23,16 @@ use std::io::Cursor;
 pub mod autopilot;
 pub mod disk;
 pub mod log;
-pub mod log_store;
 pub mod network;
+pub mod seg_store;
 pub mod server;
 pub mod state_machine;
 
 pub use autopilot::Contacts;
 pub use disk::DiskGuard;
 pub use log::RaftLog;
-pub use log_store::RedbLogStore;
 pub use network::{MeshNetwork, MeshNetworkClient, RaftHandler, RaftTiming};
+pub use seg_store::SegmentLogStore;
 pub use server::{RaftServer, RaftServerConfig, raft_id};
 pub use state_machine::{Applied, ApplyObserver, MeshSnapshotBuilder, MeshStateMachine};
 
@@ -108,7 +108,7 @@ impl ApplyOutcome {
     }
 }
 
-/// A redb or I/O failure as an openraft storage error about `subject`.
+/// A storage or I/O failure as an openraft storage error about `subject`.
 pub(crate) fn storage_err(
     subject: ErrorSubject<NodeId>,
     verb: ErrorVerb,

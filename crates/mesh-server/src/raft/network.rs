@@ -103,6 +103,10 @@ impl RaftTiming {
             election_timeout_max: (max.as_millis() as u64).max(min.as_millis() as u64 + 1),
             install_snapshot_timeout: self.scale(Self::INSTALL_SNAPSHOT_MS),
             snapshot_max_chunk_size: Self::SNAPSHOT_CHUNK,
+            // Snapshots follow mesh's own policy (`raft::server`'s `snapshot_policy`: by the
+            // log's bytes against the last snapshot's size, as the state log's), not a count
+            // of entries whatever the state's size.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             ..Config::default()
         }
         .validate()

@@ -13,7 +13,7 @@
 use super::disk::DiskGuard;
 use super::log::RaftLog;
 use super::state_machine::ApplyObserver;
-use super::{MeshNetwork, MeshNode, MeshStateMachine, NodeId, RaftHandler, RaftTiming, RedbLogStore, TypeConfig};
+use super::{MeshNetwork, MeshNode, MeshStateMachine, NodeId, RaftHandler, RaftTiming, SegmentLogStore, TypeConfig};
 use crate::cluster::forward::Route;
 use crate::cluster::replication::Replication;
 use crate::control::{self, ControlConfig, Inbox, Published};
@@ -157,7 +157,7 @@ impl RaftServer {
         let (log, sm) = {
             let (dir, dc) = (cfg.dir.clone(), cfg.datacenter.clone());
             tokio::task::spawn_blocking(move || {
-                let log = RedbLogStore::open(&dir)?;
+                let log = SegmentLogStore::open(&dir)?;
                 let sm = MeshStateMachine::open(&dir, &dc)?;
                 Ok::<_, super::RaftStorageError>((log, sm))
             })
@@ -171,6 +171,7 @@ impl RaftServer {
         };
         let mut sm = sm;
         let applied = sm.subscribe();
+        let sizes = SnapshotSizes { log: log.appended_bytes(), snapshot: sm.snapshot_size() };
         sm.set_observer(Arc::new(Feed {
             published: published.clone(),
             index_tx,
@@ -182,6 +183,7 @@ impl RaftServer {
             .with_contacts(cfg.contacts.clone());
         let raft =
             Raft::new(id, Arc::new(config), net, log, sm).await.map_err(|e| RaftServerError::Start(e.to_string()))?;
+        let sm_applied = applied.clone();
         let handler = RaftHandler::new(raft.clone()).with_contacts(cfg.contacts.clone());
         let route = route_tx.subscribe();
         let sole_voter = {
@@ -204,6 +206,7 @@ impl RaftServer {
                 applied,
                 route_tx,
             )),
+            tokio::spawn(snapshot_policy(raft.clone(), sizes, sm_applied)),
             tokio::spawn(add_servers(raft.clone(), id, cfg, members, published)),
         ];
         Ok(RaftServer { raft, id, handler, route, tasks })
@@ -382,6 +385,38 @@ async fn add_servers(
         tokio::select! {
             r = members.changed() => if r.is_err() { return },
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// What the snapshot policy reads: bytes of entries the log wrote, and the last snapshot's size.
+struct SnapshotSizes {
+    log: Arc<std::sync::atomic::AtomicU64>,
+    snapshot: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Start a Raft snapshot (openraft then purges the log it covers) by the state log's policy
+/// ([`mesh_core::state::SnapshotPolicy`]): once `every` commands were applied since the last one
+/// and the log since then holds at least `1/ratio` of the last snapshot's size, or the log
+/// since then reached `max_log_bytes`. So the work of snapshots follows the change, not the
+/// state's size: a state of a million keys is not encoded again after every few thousand
+/// writes. Every server runs it for its own log.
+async fn snapshot_policy(raft: Raft<TypeConfig>, sizes: SnapshotSizes, mut applied: watch::Receiver<super::Applied>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let p = mesh_core::state::SnapshotPolicy::default();
+    let mut last = (applied.borrow().state.index, sizes.log.load(Relaxed));
+    while applied.changed().await.is_ok() {
+        let index = applied.borrow_and_update().state.index;
+        let commands = index.saturating_sub(last.0);
+        let log_bytes = sizes.log.load(Relaxed).saturating_sub(last.1);
+        let due = (commands >= p.every && log_bytes.saturating_mul(p.ratio.max(1)) >= sizes.snapshot.load(Relaxed))
+            || (commands > 0 && log_bytes >= p.max_log_bytes);
+        if due {
+            // Counted from the start, so a snapshot that fails is tried again only after as much.
+            last = (index, sizes.log.load(Relaxed));
+            if raft.trigger().snapshot().await.is_err() {
+                return; // Raft stopped
+            }
         }
     }
 }

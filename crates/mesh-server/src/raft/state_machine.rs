@@ -41,6 +41,8 @@ type StoredSnapshot = (SnapshotMeta<NodeId, MeshNode>, Arc<Vec<u8>>);
 #[derive(Debug)]
 struct SnapshotSlot {
     current: Mutex<Option<StoredSnapshot>>,
+    /// The size of the current snapshot in bytes.
+    size: Arc<std::sync::atomic::AtomicU64>,
     /// `None`: in memory only.
     file: Option<PathBuf>,
 }
@@ -72,11 +74,16 @@ impl SnapshotSlot {
                 // The rename itself must survive a crash.
                 let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
             }
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta, Arc::new(file.data)));
+            self.set(meta, file.data);
         } else {
-            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta, Arc::new(data)));
+            self.set(meta, data);
         }
         Ok(())
+    }
+
+    fn set(&self, meta: SnapshotMeta<NodeId, MeshNode>, data: Vec<u8>) {
+        self.size.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta, Arc::new(data)));
     }
 
     fn current(&self) -> Option<StoredSnapshot> {
@@ -130,7 +137,7 @@ impl std::fmt::Debug for MeshStateMachine {
 impl MeshStateMachine {
     /// An empty state machine for `datacenter` that keeps its snapshots in memory only.
     pub fn in_memory(datacenter: &str) -> Self {
-        Self::with_slot(datacenter, SnapshotSlot { current: Mutex::new(None), file: None })
+        Self::with_slot(datacenter, SnapshotSlot { current: Mutex::new(None), size: Arc::default(), file: None })
     }
 
     /// A state machine for `datacenter` whose snapshots are written to [`SNAPSHOT_FILE`] in
@@ -140,13 +147,16 @@ impl MeshStateMachine {
         let err = |e: &dyn std::fmt::Display| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e);
         std::fs::create_dir_all(dir).map_err(|e| err(&format!("{}: {e}", dir.display())))?;
         let path = dir.join(SNAPSHOT_FILE);
-        let mut sm = Self::with_slot(datacenter, SnapshotSlot { current: Mutex::new(None), file: Some(path.clone()) });
+        let mut sm = Self::with_slot(
+            datacenter,
+            SnapshotSlot { current: Mutex::new(None), size: Arc::default(), file: Some(path.clone()) },
+        );
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: SnapshotFile =
                     rmp_serde::from_slice(&bytes).map_err(|e| err(&format!("{}: {e}", path.display())))?;
                 sm.restore(&file.data)?;
-                *sm.snapshot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((file.meta, Arc::new(file.data)));
+                sm.snapshot.set(file.meta, file.data);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(&format!("{}: {e}", path.display()))),
@@ -171,6 +181,11 @@ impl MeshStateMachine {
     pub fn set_observer(&mut self, observer: Arc<dyn ApplyObserver>) {
         observer.replaced(&self.state);
         self.observer = Some(observer);
+    }
+
+    /// The size in bytes of the current snapshot, as it changes (0: none yet).
+    pub fn snapshot_size(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.snapshot.size.clone()
     }
 
     /// The state as applied so far.
