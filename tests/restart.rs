@@ -144,3 +144,56 @@ async fn processes_that_leave_the_group_die_on_delete_and_on_sigterm() {
     node.stop_with("TERM");
     assert_eq!(tagged_pids(&tag2, "sleep"), Vec::<u32>::new(), "SIGTERM of mesh dev left processes of its tasks");
 }
+
+/// A data dir written before `mesh dev` ran on Raft (its own state log, `state.wal`) is
+/// adopted on the first start: every app and KV key is there, the old files are set aside, and
+/// the next start reads only the Raft log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_from_the_state_log_is_adopted_into_raft() {
+    use mesh_core::kv::{KvOp, KvValue, SetMode};
+    use mesh_core::state::{Command, Store, WalLog};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let log = WalLog::open_data_dir(&data, 0).unwrap();
+        let mut store = Store::open(Box::new(log), "dc1").unwrap();
+        let app = mesh_core::app::App::from_json(
+            &json!({"id": "/old/app", "cmd": "exec sleep 1000", "instances": 0, "cpus": 0.01, "mem": 8}),
+            None,
+        )
+        .unwrap();
+        let put = Command::PutApp { app, now: 1, deployment_id: "d1".into(), create_only: true, force: false };
+        let kv = Command::Kv(KvOp::Set {
+            key: "old/key".into(),
+            value: KvValue(b"kept".to_vec().into()),
+            flags: 7,
+            mode: SetMode::Plain,
+            now: 1,
+        });
+        for r in store.propose(vec![put, kv]).unwrap() {
+            r.unwrap();
+        }
+    }
+    assert!(data.join(mesh_core::state::WAL_DIR).exists());
+    let ports = port_range();
+    let mut node = MeshNode::start_on(&data, ports, &["--runtime", "process"]);
+    async fn check(node: &MeshNode) {
+        let (s, v) = node.get("/v2/apps/old/app").await;
+        assert_eq!((s, &v["app"]["id"]), (200, &json!("/old/app")), "{v}");
+        let (s, v) = node.get("/v1/kv/old/key").await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v[0]["Flags"], 7, "{v}");
+    }
+    check(&node).await;
+    assert!(!data.join(mesh_core::state::WAL_DIR).exists(), "the old log is set aside");
+    assert!(data.join(format!("{}.pre-raft", mesh_core::state::WAL_DIR)).exists());
+    // Written after the adoption, and kept with it across a restart on Raft alone.
+    let (s, v) = node.send("PUT", "/v1/kv/new/key", Some("x")).await;
+    assert_eq!(s, 200, "{v}");
+    node.stop_with("TERM");
+    let node = MeshNode::start_on(&data, ports, &["--runtime", "process"]);
+    check(&node).await;
+    let (s, _) = node.get("/v1/kv/new/key").await;
+    assert_eq!(s, 200);
+}

@@ -271,28 +271,18 @@ pub async fn run_dev(
     ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
-    let (control, control_join, replication) = start_control(&cfg)?;
-
-    // The agent talks to the control side as a cluster's agent talks to its server: through an
-    // uplink (numbered reports in an outbox on disk, acknowledged) and the server's RPC handler,
-    // here over an in-memory transport.
-    let node_id = node_id(&cfg.data_dir, cfg.clock.as_ref())?;
+    let node_id = ensure_data_dir(&cfg)?;
+    // The control side is a Raft group of one, on the same path as a cluster's servers: the
+    // state machine publishes what it applies; the control loop runs while this node leads
+    // (at once: it is the only voter). The agent talks to it as a cluster's agent talks to its
+    // server: through an uplink (numbered reports in an outbox on disk, acknowledged) and the
+    // server's RPC handler, here over an in-memory transport.
+    let (published, index_tx) =
+        control::Published::new(mesh_core::state::State::new(&cfg.datacenter), cfg.clock.clone());
+    let replication = crate::cluster::replication::Replication::new(0);
+    let (control, inbox) = control::handle_with_inbox(published.clone());
     let net = crate::rpc::MemTransport::default();
     let server_addr = SocketAddr::new(cfg.advertise, cfg.rpc.port());
-    let executor = {
-        let api_control = control.clone();
-        let template = node_info(&cfg, &[]);
-        crate::cluster::forward::Executor::new(
-            Arc::new(move |node: &str| api::router(Api::new(api_control.clone(), template.clone()).for_node(node))),
-            control.published.clone(),
-        )
-    };
-    let handler = Arc::new(crate::cluster::server::ServerHandler::new(control.clone(), replication, executor));
-    let listener = crate::rpc::Transport::listen(&net, server_addr)
-        .await
-        .map_err(|source| NodeError::Bind { addr: server_addr, source })?;
     let hello = crate::rpc::Hello {
         node: cfg.node.clone(),
         node_id: node_id.clone(),
@@ -300,6 +290,48 @@ pub async fn run_dev(
         role: crate::rpc::Role::Server,
         http: None,
     };
+    let legacy = legacy_state(&cfg)?;
+    // No gossip: nobody else ever joins this group.
+    let (_members_tx, members) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let (route_tx, route) = tokio::sync::watch::channel(crate::cluster::forward::Route::NoLeader);
+    let raft_cfg = raft_config(&cfg, &node_id, server_addr, Arc::new(net.at(cfg.advertise)), hello.clone(), 1);
+    let raft = crate::raft::RaftServer::start(
+        raft_cfg,
+        published.clone(),
+        index_tx,
+        replication.clone(),
+        inbox,
+        members,
+        route_tx,
+    )
+    .await
+    .map_err(|e| NodeError::Unsupported(e.to_string()))?;
+    await_leadership(route.clone()).await?;
+    if let Some((state, files)) = legacy {
+        adopt_legacy_state(&control, state, files).await?;
+    }
+    info!(
+        apps = published.state.load().apps.len(),
+        tasks = published.state.load().tasks.len(),
+        index = published.state.load().index,
+        "state loaded"
+    );
+
+    let executor = {
+        let api_control = control.clone();
+        let template = node_info(&cfg, &[]);
+        crate::cluster::forward::Executor::new(
+            Arc::new(move |node: &str| api::router(Api::new(api_control.clone(), template.clone()).for_node(node))),
+            published.clone(),
+        )
+    };
+    let handler = Arc::new(
+        crate::cluster::server::ServerHandler::new(control.clone(), replication, executor)
+            .with_raft(raft.handler.clone(), route.clone()),
+    );
+    let listener = crate::rpc::Transport::listen(&net, server_addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr: server_addr, source })?;
     let rpc = crate::rpc::Server::start(listener, hello, handler)
         .map_err(|source| NodeError::Bind { addr: server_addr, source })?;
     let outbox_path = cfg.data_dir.join("outbox.jsonl");
@@ -356,11 +388,97 @@ pub async fn run_dev(
     let _ = tokio::time::timeout(Duration::from_secs(5), pending.wait_for(|p| *p == 0)).await;
     uplink_join.abort();
     drop(rpc);
+    raft.shutdown().await;
     drop(control);
-    control_join.abort();
-
-    let _ = control_join.await;
     info!("stopped");
+    Ok(())
+}
+
+/// The Raft settings of a node that serves the control side.
+fn raft_config(
+    cfg: &NodeConfig,
+    node_id: &str,
+    rpc: SocketAddr,
+    transport: Arc<dyn crate::rpc::Transport>,
+    hello: crate::rpc::Hello,
+    bootstrap_expect: usize,
+) -> crate::raft::RaftServerConfig {
+    crate::raft::RaftServerConfig {
+        name: cfg.node.clone(),
+        node_id: node_id.to_owned(),
+        datacenter: cfg.datacenter.clone(),
+        dir: cfg.data_dir.join("raft"),
+        rpc,
+        bootstrap_expect,
+        timing: cfg.raft_timing,
+        write_timeout: RPC_HOLD,
+        transport,
+        hello,
+        control: control_config(cfg),
+        max_app_versions: cfg.max_app_versions,
+        dead_server_cleanup: cfg.dead_server_cleanup,
+        reserve_bytes: cfg.state_reserve_mb.saturating_mul(1024 * 1024),
+        contacts: Arc::default(),
+    }
+}
+
+/// Wait until this node's control loop runs (it leads its group).
+async fn await_leadership(
+    mut route: tokio::sync::watch::Receiver<crate::cluster::forward::Route>,
+) -> Result<(), NodeError> {
+    let leads = route.wait_for(|r| matches!(r, crate::cluster::forward::Route::Local));
+    match tokio::time::timeout(Duration::from_secs(60), leads).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(NodeError::Unsupported(
+            "the state store (a Raft group of one) did not start leading within 60 s".into(),
+        )),
+    }
+}
+
+/// The state a `mesh dev` data dir kept before the control side ran on Raft (its own log,
+/// `state.wal` or the older `state.redb`), when the Raft group has none yet: the state and the
+/// files to set aside once it is adopted.
+fn legacy_state(cfg: &NodeConfig) -> Result<Option<(mesh_core::state::State, Vec<PathBuf>)>, NodeError> {
+    let files: Vec<PathBuf> =
+        [mesh_core::state::WAL_DIR, "state.redb"].iter().map(|f| cfg.data_dir.join(f)).filter(|p| p.exists()).collect();
+    if files.is_empty() || cfg.data_dir.join("raft").join(crate::raft::state_machine::SNAPSHOT_FILE).exists() {
+        return Ok(None);
+    }
+    let raft = cfg.data_dir.join("raft");
+    if raft.join(crate::raft::seg_store::LOG_DIR).exists() || raft.join(crate::raft::seg_store::REDB_FILE).exists() {
+        return Ok(None);
+    }
+    let log = WalLog::open_data_dir(&cfg.data_dir, 0)?;
+    let store = Store::open(Box::new(log), &cfg.datacenter)?;
+    let state = store.state().clone();
+    drop(store);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("state.")))
+        .collect();
+    files.sort();
+    Ok(Some((state, files)))
+}
+
+/// Put a pre-Raft data dir's state into the group (one restore command), then set its files
+/// aside (`*.pre-raft`), so the next start reads only Raft's.
+async fn adopt_legacy_state(
+    control: &ControlHandle,
+    state: mesh_core::state::State,
+    files: Vec<PathBuf>,
+) -> Result<(), NodeError> {
+    let (apps, index) = (state.apps.len(), state.index);
+    control
+        .propose(mesh_core::state::Command::Restore { state: Box::new(state) })
+        .await
+        .map_err(|e| NodeError::Unsupported(format!("adopting the state of the old state log: {e}")))?;
+    for f in files {
+        let mut to = f.clone().into_os_string();
+        to.push(".pre-raft");
+        std::fs::rename(&f, &to).map_err(|source| NodeError::DataDir { path: f.clone(), source })?;
+    }
+    info!(apps, index, "the old state log's state now lives in the Raft log; its files are kept as *.pre-raft");
     Ok(())
 }
 
@@ -608,21 +726,8 @@ pub async fn run_server(
         http: advertised_http(&cfg.http, &http_addrs, cfg.advertise).map(|a| a.to_string()),
     };
     let raft_cfg = crate::raft::RaftServerConfig {
-        name: cfg.node.clone(),
-        node_id: node_id.clone(),
-        datacenter: cfg.datacenter.clone(),
-        dir: cfg.data_dir.join("raft"),
-        rpc: rpc_advertised,
-        bootstrap_expect: cfg.bootstrap_expect,
-        timing: cfg.raft_timing,
-        write_timeout: RPC_HOLD,
-        transport: transport.clone(),
-        hello: hello.clone(),
-        control: control_config(&cfg),
-        max_app_versions: cfg.max_app_versions,
-        dead_server_cleanup: cfg.dead_server_cleanup,
-        reserve_bytes: cfg.state_reserve_mb.saturating_mul(1024 * 1024),
         contacts,
+        ..raft_config(&cfg, &node_id, rpc_advertised, transport.clone(), hello.clone(), cfg.bootstrap_expect)
     };
     let raft = crate::raft::RaftServer::start(
         raft_cfg,
@@ -914,27 +1019,6 @@ async fn start_container_dns(
     };
     docker.set_network(net);
     server
-}
-
-/// The control side of a node: the state log in its data dir, the store feeding replication,
-/// and the control loop over them.
-fn start_control(
-    cfg: &NodeConfig,
-) -> Result<(ControlHandle, tokio::task::JoinHandle<()>, crate::cluster::replication::Replication), NodeError> {
-    let log = WalLog::open_data_dir(&cfg.data_dir, cfg.state_reserve_mb.saturating_mul(1024 * 1024))?;
-    let mut store = Store::open(Box::new(log), &cfg.datacenter)?;
-    store.set_max_versions(cfg.max_app_versions)?;
-    let replication = crate::cluster::replication::Replication::new(store.state().index);
-    let feed = replication.clone();
-    store.set_feed(Box::new(move |first, cmds| feed.appended(first, cmds)));
-    info!(
-        apps = store.state().apps.len(),
-        tasks = store.state().tasks.len(),
-        index = store.state().index,
-        "state loaded"
-    );
-    let (control, join) = control::spawn(store, control_config(cfg));
-    Ok((control, join, replication))
 }
 
 /// The control loop's settings from a node's.
