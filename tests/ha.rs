@@ -540,7 +540,8 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     let mut leader = agreed_leader(&servers, &net).await;
     let stop = tmp.path().join("stop");
     // A pymesos framework given the agent's address, as a framework on any machine of the
-    // cluster would be: the agent sends it (307) to a server, a follower on to the leader. It
+    // cluster would be: the agent relays its stream and calls to the leader (no 307 pins it to a
+    // server), and after a kill it reconnects to the agent and is relayed to the next leader. It
     // launches long-running tasks before the first kill.
     let fw_status = tmp.path().join("framework.json");
     let fw_tag = format!("ha-pymesos-{}", std::process::id());
@@ -595,7 +596,7 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
     // tasks running there (none lost, none doubled), and it saw itself re-registered and
     // reconciled its tasks as running.
     let l = servers[leader].as_ref().unwrap();
-    let leader_fixed = fixed[leader].clone();
+    let agent_addr = agent.http.to_string();
     let followed = Instant::now();
     let seen = eventually(120, "the pymesos framework subscribed to the current leader with its tasks", || async {
         let (_, v) = l.get("/master/frameworks").await;
@@ -609,7 +610,8 @@ async fn twenty_leader_kills_under_marathon_python_and_py_consul_load() {
         let ids: BTreeSet<String> = running.iter().map(|s| s.to_string()).collect();
         let ok = f["active"] == true && f["connected"] == true && running.len() == ids.len() && ids == fw_tasks;
         let s = framework_status(&fw_status)?;
-        let at_leader = s["masters"].as_array()?.last()?.as_str() == Some(leader_fixed.as_str());
+        // It never left the agent's address (pymesos names the address it is connected to).
+        let at_leader = s["masters"].as_array()?.iter().all(|m| m.as_str() == Some(agent_addr.as_str()));
         let reconciled =
             s["reconciled"].as_object()?.values().filter(|v| *v == "TASK_RUNNING").count() == fw_tasks.len();
         // Offers come again after the failover (the framework declines them for 2 s at a time).
@@ -818,6 +820,68 @@ async fn a_leader_that_steps_down_ends_its_framework_streams() {
     .await;
     let at = at.into_inner().unwrap();
     assert_eq!(at, leader_addr, "re-subscribed at the leader");
+    buf.clear();
+    let ev = next_event(&mut resp, &mut buf, "SUBSCRIBED").await;
+    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));
+    let l = servers[now].as_ref().unwrap();
+    let (_, v) = l.get("/master/frameworks").await;
+    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
+    assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
+}
+
+/// A framework given an agent's address is relayed by the agent to the leader (no 307 that
+/// would pin it to one server): when the leader dies for good, its stream ends, and subscribing
+/// again at the same agent reaches the new leader with the same framework id. pymesos (without
+/// ZooKeeper) keeps whatever address it was last redirected to, so this is what lets it outlive
+/// a leader that never returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framework_at_an_agent_outlives_a_leader_that_never_returns() {
+    let net = net_of(71);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut servers: Vec<Option<MeshNode>> =
+        (1..=3u8).map(|i| Some(start_server(&net, &tmp.path().join(format!("server{i}")), i))).collect();
+    let agent = start_agent(&net, &tmp.path().join("agent0"));
+    let leader = agreed_leader(&servers, &net).await;
+    let at = agent.http.to_string();
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let mut stream = eventually(60, "a subscription through the agent", || async {
+        let r = subscribe(&client, &at, None).await;
+        assert_ne!(r.status(), 307, "the agent relays, it does not redirect");
+        (r.status() == 200).then_some(r)
+    })
+    .await;
+    let stream_id =
+        stream.headers().get("mesos-stream-id").and_then(|v| v.to_str().ok()).expect("stream id").to_owned();
+    let mut buf = Vec::new();
+    let ev = next_event(&mut stream, &mut buf, "SUBSCRIBED").await;
+    let fid = ev["subscribed"]["framework_id"]["value"].as_str().expect("framework id").to_owned();
+    // Calls go the same way (to the leader that holds the stream).
+    let reconcile =
+        serde_json::json!({"type": "RECONCILE", "framework_id": {"value": fid}, "reconcile": {"tasks": []}});
+    let r = client
+        .post(format!("http://{at}/api/v1/scheduler"))
+        .header("Content-Type", "application/json")
+        .header("Mesos-Stream-Id", &stream_id)
+        .body(reconcile.to_string())
+        .send()
+        .await
+        .expect("RECONCILE");
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+
+    // The leader dies and stays dead.
+    let mut dead = servers[leader].take().unwrap();
+    dead.stop_with("KILL");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(30), async { while let Ok(Some(_)) = stream.chunk().await {} }).await;
+    assert!(ended.is_ok(), "the relayed stream was still open 30 s after the leader died");
+    let now = agreed_leader(&servers, &net).await;
+    assert_ne!(now, leader);
+    let mut resp = eventually(60, "a re-subscription at the same agent", || async {
+        let r = subscribe(&client, &at, Some(&fid)).await;
+        assert_ne!(r.status(), 307, "the agent relays, it does not redirect");
+        (r.status() == 200).then_some(r)
+    })
+    .await;
     buf.clear();
     let ev = next_event(&mut resp, &mut buf, "SUBSCRIBED").await;
     assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));

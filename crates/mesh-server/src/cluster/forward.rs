@@ -175,6 +175,15 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
             return unavailable(&path, "this agent has no connection to a server");
         }
     };
+    if path == "/api/v1/scheduler" {
+        // A framework given this agent's address keeps it: the agent relays its subscription
+        // and calls to the leader, so when a leader dies the framework reconnects here and is
+        // relayed to the next one (a 307 would pin it to a leader that may never come back).
+        return match conn.peer().hello.http.clone() {
+            Some(server) => relay_scheduler(server, req).await,
+            None => unavailable(&path, "the server gave no HTTP address"),
+        };
+    }
     if let Some(r) = mesos_redirect(&conn, &path) {
         return r;
     }
@@ -188,6 +197,76 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
         }
     };
     send(&conn, &f.node, &f.published, req, false, observe).await
+}
+
+/// How many redirects (follower to leader) a relayed scheduler request follows.
+const RELAY_REDIRECTS: usize = 3;
+
+/// Relay a Mesos scheduler API request (a SUBSCRIBE stream or a call) to the leader over HTTP,
+/// starting at `server` (`host:port`) and following its 307 to the leader; the response,
+/// a subscription's RecordIO stream included, is passed on as it arrives. The stream ends when
+/// the leader's does (it died or stepped down): the framework subscribes again here.
+async fn relay_scheduler(server: String, req: axum::extract::Request) -> axum::response::Response {
+    let path = req.uri().path().to_owned();
+    let (parts, body) = req.into_parts();
+    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
+    };
+    let uri = parts.uri.path_and_query().map_or(path.clone(), |p| p.as_str().to_owned());
+    let mut target = server;
+    for _ in 0..=RELAY_REDIRECTS {
+        let stream = match tokio::time::timeout(HOLD, tokio::net::TcpStream::connect(&target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return unavailable(&path, &format!("{target}: {e}")),
+            Err(_) => return unavailable(&path, &format!("{target}: no connection within {HOLD:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = match hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Full<axum::body::Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        {
+            Ok(h) => h,
+            Err(e) => return unavailable(&path, &format!("{target}: {e}")),
+        };
+        // Drives the connection until the response (a stream, for SUBSCRIBE) ends.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut b = axum::http::Request::builder().method(parts.method.clone()).uri(uri.as_str());
+        for (k, v) in &parts.headers {
+            if k != axum::http::header::HOST && k != axum::http::header::CONNECTION {
+                b = b.header(k, v);
+            }
+        }
+        let Ok(request) =
+            b.header(axum::http::header::HOST, target.as_str()).body(http_body_util::Full::new(body.clone()))
+        else {
+            return unavailable(&path, "cannot build the relayed request");
+        };
+        let resp = match sender.send_request(request).await {
+            Ok(r) => r,
+            Err(e) => return unavailable(&path, &format!("{target}: {e}")),
+        };
+        if resp.status() == StatusCode::TEMPORARY_REDIRECT
+            && let Some(next) = resp
+                .headers()
+                .get(axum::http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| l.trim_start_matches("http://").trim_start_matches("//").split('/').next())
+                .filter(|h| !h.is_empty())
+        {
+            target = next.to_owned();
+            continue;
+        }
+        let (mut head, incoming) = resp.into_parts();
+        head.headers.remove(axum::http::header::CONNECTION);
+        head.headers.remove(axum::http::header::TRANSFER_ENCODING);
+        return axum::response::Response::from_parts(head, Body::new(incoming));
+    }
+    unavailable(&path, "too many redirects on the way to the leader")
 }
 
 /// Mesos framework streams live on the leader: send the client there, as a Mesos master that is
