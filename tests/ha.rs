@@ -448,10 +448,33 @@ async fn a_snapshot_restores_into_a_fresh_group_and_the_group_changes_by_itself(
     assert_eq!(peers.lines().filter(|l| l.contains("leader")).count(), 1, "{peers}");
     assert_eq!(peers.lines().filter(|l| l.contains("follower")).count(), 2, "{peers}");
 
-    // A server lost for good leaves the group by itself (autopilot), and writes go on.
+    // Autopilot's MinQuorum 3: a dead server of three is kept (the cleanup after 2 s would
+    // leave two); its ServerStabilizationTime 3 s: a new server votes only after 3 s caught up.
+    let autopilot = |min_quorum: u64| {
+        serde_json::json!({
+            "CleanupDeadServers": true, "LastContactThreshold": "200ms", "MaxTrailingLogs": 250,
+            "MinQuorum": min_quorum, "ServerStabilizationTime": "3s",
+        })
+        .to_string()
+    };
+    let (s, v) = servers[leader]
+        .as_ref()
+        .unwrap()
+        .send("PUT", "/v1/operator/autopilot/configuration", Some(&autopilot(3)))
+        .await;
+    assert_eq!((s, &v), (200, &Value::Bool(true)));
     let dead = (leader + 2) % 3;
     servers[dead].take().unwrap().stop_with("KILL");
     let l = servers[leader].as_ref().unwrap();
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        let (_, p) = l.get("/v1/status/peers").await;
+        assert_eq!(p.as_array().map(Vec::len), Some(3), "MinQuorum 3 keeps the dead server: {p}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A server lost for good leaves the group by itself (autopilot), and writes go on.
+    let (s, _) = l.send("PUT", "/v1/operator/autopilot/configuration", Some(&autopilot(0))).await;
+    assert_eq!(s, 200);
     eventually(60, "the dead server removed from the group", || async {
         let (_, p) = l.get("/v1/status/peers").await;
         (p.as_array()?.len() == 2).then_some(())
@@ -459,8 +482,15 @@ async fn a_snapshot_restores_into_a_fresh_group_and_the_group_changes_by_itself(
     .await;
     put_until_accepted(l, "with-two", "yes").await;
 
-    // A new server joins: a learner until it caught up, then a voter.
+    // A new server joins: a learner until it caught up and stayed so for the stabilization time,
+    // then a voter.
     let fresh = start_server_with(&net_b, &tmp.path().join("b4"), 4, 3, &cleanup);
+    eventually(60, "the new server is a learner", || async {
+        let (_, c) = l.get("/v1/operator/raft/configuration").await;
+        c["Servers"].as_array()?.iter().any(|m| m["Node"] == "server4" && m["Voter"] == false).then_some(())
+    })
+    .await;
+    let learner = Instant::now();
     eventually(60, "the new server is a voter", || async {
         let (_, c) = l.get("/v1/operator/raft/configuration").await;
         let list = c["Servers"].as_array()?.clone();
@@ -468,6 +498,11 @@ async fn a_snapshot_restores_into_a_fresh_group_and_the_group_changes_by_itself(
         ok.then_some(())
     })
     .await;
+    assert!(
+        learner.elapsed() >= Duration::from_secs(2),
+        "promoted {:?} after it was seen as a learner, before the 3 s stabilization time",
+        learner.elapsed()
+    );
     eventually(30, "the new server has the data", || async {
         (read(&fresh, "with-two", "&stale").await.as_deref() == Some("yes")).then_some(())
     })

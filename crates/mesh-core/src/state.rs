@@ -252,9 +252,9 @@ pub struct AutopilotConfig {
     pub last_contact_threshold_ms: u64,
     /// A server more than this many log entries behind the leader is unhealthy.
     pub max_trailing_logs: u64,
-    /// Shown only (Consul: fewest servers before dead ones may be removed).
+    /// Dead servers are never removed when fewer than this many would remain (0: no floor).
     pub min_quorum: u64,
-    /// Shown only (Consul: how long a new server must be healthy before it votes).
+    /// How long a new server must be caught up (within `max_trailing_logs`) before it votes.
     pub server_stabilization_time_ms: u64,
     /// Shown only (an Enterprise feature of Consul).
     pub redundancy_zone_tag: String,

@@ -279,10 +279,11 @@ async fn bootstrap(
 }
 
 /// On the leader: servers gossip knows that are not members join, as learners first (they
-/// catch up), then as voters; voters gossip has declared failed (or left) for
+/// catch up), then as voters once they have stayed within `MaxTrailingLogs` of the leader for
+/// `ServerStabilizationTime`; voters gossip has declared failed (or left) for
 /// `dead_server_cleanup` are removed (autopilot), while the replicated autopilot configuration
-/// says `CleanupDeadServers` and as long as the voters left alive are a majority of the group
-/// without them. Each round also dates the members' health changes (autopilot's
+/// says `CleanupDeadServers`, as long as the voters left alive are a majority of the group
+/// without them and at least `MinQuorum` servers remain. Each round also dates the members' health changes (autopilot's
 /// `StableSince`).
 async fn add_servers(
     raft: Raft<TypeConfig>,
@@ -294,8 +295,10 @@ async fn add_servers(
     let clock = cfg.control.clock.clone();
     // Voters and when gossip first said they were gone.
     let mut gone_since: BTreeMap<NodeId, u64> = BTreeMap::new();
-    // Dead servers kept because CleanupDeadServers is off (logged once each).
+    // Dead servers kept because CleanupDeadServers is off or MinQuorum forbids it (logged once each).
     let mut kept: BTreeSet<NodeId> = BTreeSet::new();
+    // Learners and since when they have been caught up (autopilot's ServerStabilizationTime).
+    let mut stable_since: BTreeMap<NodeId, u64> = BTreeMap::new();
     loop {
         let leading = {
             let m = raft.metrics().borrow().clone();
@@ -317,13 +320,31 @@ async fn add_servers(
             let servers = alive_servers(&list, &cfg.datacenter);
             let membership = metrics.membership_config.clone();
             let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+            let learners: BTreeSet<NodeId> = membership.membership().learner_ids().collect();
+            let now = clock.now();
+            stable_since.retain(|sid, _| learners.contains(sid));
             for (sid, node) in &servers {
                 if voters.contains(sid) {
                     continue;
                 }
-                info!(server = %node.name, raft_id = sid, "raft: adding a server (as a learner until it caught up)");
-                if let Err(e) = raft.add_learner(*sid, node.clone(), true).await {
-                    warn!(server = %node.name, error = %e, "raft: cannot add the server as a learner");
+                if !learners.contains(sid) {
+                    info!(server = %node.name, raft_id = sid, "raft: adding a server (as a learner until it caught up)");
+                    if let Err(e) = raft.add_learner(*sid, node.clone(), true).await {
+                        warn!(server = %node.name, error = %e, "raft: cannot add the server as a learner");
+                    }
+                    continue;
+                }
+                // Autopilot: a learner votes once it has been caught up (within MaxTrailingLogs
+                // of the leader's log) for ServerStabilizationTime.
+                let last = metrics.last_log_index.unwrap_or(0);
+                let matched =
+                    metrics.replication.as_ref().and_then(|r| r.get(sid).copied().flatten()).map_or(0, |l| l.index);
+                if last.saturating_sub(matched) > autopilot.max_trailing_logs {
+                    stable_since.remove(sid);
+                    continue;
+                }
+                let since = *stable_since.entry(*sid).or_insert(now);
+                if now.saturating_sub(since) < autopilot.server_stabilization_time_ms {
                     continue;
                 }
                 match raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*sid])), false).await {
@@ -339,7 +360,6 @@ async fn add_servers(
                     .map(|m| raft_id(&m.node_id))
                     .filter(|sid| voters.contains(sid) && *sid != id && !servers.contains_key(sid))
                     .collect();
-                let now = clock.now();
                 gone_since.retain(|sid, _| gone.contains(sid));
                 for sid in &gone {
                     gone_since.entry(*sid).or_insert(now);
@@ -359,6 +379,17 @@ async fn add_servers(
                         continue;
                     }
                     let remaining = voters.len() - 1;
+                    if (remaining as u64) < autopilot.min_quorum {
+                        if kept.insert(sid) {
+                            info!(
+                                raft_id = sid,
+                                voters = voters.len(),
+                                min_quorum = autopilot.min_quorum,
+                                "autopilot: keeping a dead server: removing it would leave fewer servers than MinQuorum"
+                            );
+                        }
+                        continue;
+                    }
                     if alive <= remaining / 2 {
                         warn!(
                             raft_id = sid,
