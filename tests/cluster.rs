@@ -508,9 +508,10 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
     let said = mesh_cli(&["node", "reactivate", "agent3", "--http-addr", &c.server.http.to_string()]);
     assert!(said.contains("reactivated agent3"), "{said}");
 
-    // A Mesos framework that subscribes at an agent is sent to the server, as a Mesos master
-    // that is not the leader does.
-    let r = reqwest::Client::builder()
+    // A Mesos framework that subscribes at an agent is relayed to the leader: the agent answers
+    // the subscription itself (no redirect that would pin the framework to one server), and the
+    // stream's first event is SUBSCRIBED with a framework id the leader knows.
+    let mut r = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
@@ -520,9 +521,16 @@ async fn a_server_and_three_agents_spread_an_app_serve_dns_everywhere_and_surviv
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 307);
-    let location = r.headers()["location"].to_str().unwrap().to_owned();
-    assert!(location.ends_with("/api/v1/scheduler") && location.contains(&c.ip(1)), "{location}");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().contains_key("mesos-stream-id"), "{:?}", r.headers());
+    let mut first = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !first.contains("SUBSCRIBED") {
+        let chunk = tokio::time::timeout_at(deadline, r.chunk()).await.expect("SUBSCRIBED in time").unwrap();
+        first.push_str(&String::from_utf8_lossy(&chunk.expect("the stream stays open")));
+    }
+    assert!(first.contains("framework_id"), "{first}");
+    drop(r);
 
     // agent2's machine is wiped (its processes and its data dir gone) and it comes back under
     // the same name: a new incarnation, which never inherits the tasks it does not run; they are
