@@ -31,11 +31,16 @@ fn start_server_of(net: &str, dir: &Path, i: u8, expect: u8) -> MeshNode {
 
 /// [`start_server_of`] with more flags.
 fn start_server_with(net: &str, dir: &Path, i: u8, expect: u8, more: &[&str]) -> MeshNode {
+    start_server_env(net, dir, i, expect, more, &[])
+}
+
+/// [`start_server_with`] with environment variables (test faults).
+fn start_server_env(net: &str, dir: &Path, i: u8, expect: u8, more: &[&str], env: &[(&str, &str)]) -> MeshNode {
     let ip = format!("{net}.{i}");
     let expect = expect.to_string();
     let rpc = format!("{ip}:8300");
     let (j1, j2) = (format!("{net}.1:8301"), format!("{net}.2:8301"));
-    MeshNode::start_role(
+    MeshNode::start_role_env(
         "server",
         &ip,
         dir,
@@ -60,6 +65,7 @@ fn start_server_with(net: &str, dir: &Path, i: u8, expect: u8, more: &[&str]) ->
         .into_iter()
         .chain(more.iter().copied())
         .collect::<Vec<_>>(),
+        env,
     )
 }
 
@@ -1140,4 +1146,141 @@ async fn operator_views_show_the_real_raft_group() {
         .await;
         eventually(30, "autopilot: healthy after the pause", || autopilot_health(s, all_healthy)).await;
     }
+}
+
+/// A write whose answer is lost because the leader died between committing it and answering
+/// is applied once: the follower or agent that forwarded it sends it again, with the same
+/// request id, to the next leader, which answers as the first one would have. A Marathon app
+/// create (create-only: a second apply would be 409) and a Consul CAS create (a second apply
+/// would be `false`), each with the leader killed at exactly that moment
+/// (`MESH_TEST_CRASH_AFTER_FORWARDED_WRITE`); then a client's own retry with its
+/// `X-Mesh-Request-Id`, and a malformed id refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_answer_died_with_the_leader_is_applied_once() {
+    let net = net_of(72);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The fault: while this file names a path, the leader dies after a forwarded write there.
+    let marker = tmp.path().join("crash-after");
+    let marker_s = marker.to_str().unwrap().to_owned();
+    let env = [("MESH_TEST_CRASH_AFTER_FORWARDED_WRITE", marker_s.as_str())];
+    let start = |i: u8| start_server_env(&net, &tmp.path().join(format!("server{i}")), i, 3, &[], &env);
+    let mut servers: Vec<Option<MeshNode>> = (1..=3u8).map(|i| Some(start(i))).collect();
+    let agent = start_agent(&net, &tmp.path().join("agent0"));
+    let leader = agreed_leader(&servers, &net).await;
+    let follower = (leader + 1) % 3;
+
+    // 1. An app created through a follower; the leader dies after committing it.
+    std::fs::write(&marker, "/v2/apps").unwrap();
+    let app = r#"{"id":"/once","cmd":"sleep 1000","instances":1,"cpus":0.1,"mem":16}"#;
+    let r = servers[follower]
+        .as_ref()
+        .unwrap()
+        .client
+        .post(servers[follower].as_ref().unwrap().url("/v2/apps"))
+        .header("Content-Type", "application/json")
+        .body(app)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("POST /v2/apps");
+    let status = r.status().as_u16();
+    let deployment = r.headers().get("marathon-deployment-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = r.text().await.unwrap_or_default();
+    assert!(!marker.exists(), "the fault fired: the leader died after the write");
+    assert_eq!(status, 201, "the retried create is answered as the first one, not 409: {body}");
+    assert!(deployment.is_some(), "a deployment id");
+    let mut dead = servers[leader].take().unwrap();
+    let gone_by = Instant::now() + Duration::from_secs(30);
+    while dead.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none()) {
+        assert!(Instant::now() < gone_by, "the leader did not die");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling a child's exit
+    }
+    let now = agreed_leader(&servers, &net).await;
+    assert_ne!(now, leader);
+    let (s, v) = servers[now].as_ref().unwrap().get("/v2/apps/once/versions").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["versions"].as_array().map(Vec::len), Some(1), "created once: {v}");
+    eventually(60, "the app has its one task", || async {
+        let t = task_ids(servers[now].as_ref().unwrap(), "once").await;
+        (t.len() == 1 && t[0].1 == "TASK_RUNNING").then_some(())
+    })
+    .await;
+
+    // 2. The dead server comes back; a CAS create through the agent; the next leader dies.
+    servers[leader] = Some(start(leader as u8 + 1));
+    drop(dead);
+    eventually(60, "three voters again", || async {
+        let (_, v) = servers[now].as_ref().unwrap().get("/v1/status/peers").await;
+        (v.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let leader = agreed_leader(&servers, &net).await;
+    std::fs::write(&marker, "/v1/kv/once").unwrap();
+    let r = agent
+        .client
+        .put(agent.url("/v1/kv/once?cas=0"))
+        .body("1")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("PUT");
+    let (status, body) = (r.status().as_u16(), r.text().await.unwrap_or_default());
+    assert!(!marker.exists(), "the fault fired again");
+    assert_eq!((status, body.trim()), (200, "true"), "the retried CAS create is answered true");
+    let mut dead = servers[leader].take().unwrap();
+    dead.stop_with("KILL");
+    let now = agreed_leader(&servers, &net).await;
+    let (s, v) = servers[now].as_ref().unwrap().get("/v1/kv/once").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v[0]["CreateIndex"], v[0]["ModifyIndex"], "written once: {v}");
+
+    // 3. A client's own retry: the same X-Mesh-Request-Id through two servers is one session,
+    // answered with the same ID both times.
+    let others: Vec<&MeshNode> = servers.iter().flatten().collect();
+    let mut ids = Vec::new();
+    for s in &others {
+        let r = s
+            .client
+            .put(s.url("/v1/session/create"))
+            .header("X-Mesh-Request-Id", "client-retry-1")
+            .body(r#"{"Name":"once","Node":"agent0"}"#)
+            .send()
+            .await
+            .expect("session create");
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: {e}: {text}"));
+        assert_eq!(status, 200, "{v}");
+        ids.push(v["ID"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1], "the retry is answered with the first one's session");
+    let (_, list) = others[0].get("/v1/session/list").await;
+    let named = list.as_array().unwrap().iter().filter(|s| s["Name"] == "once").count();
+    assert_eq!(named, 1, "one session: {list}");
+
+    // 4. A malformed id is refused, in the API's own format, and nothing is written.
+    let r = others[0]
+        .client
+        .put(others[0].url("/v1/kv/bad"))
+        .header("X-Mesh-Request-Id", "not an id")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("Invalid X-Mesh-Request-Id"));
+    let r = others[1]
+        .client
+        .post(others[1].url("/v2/apps"))
+        .header("X-Mesh-Request-Id", "x".repeat(200))
+        .header("Content-Type", "application/json")
+        .body(r#"{"id":"/bad","cmd":"sleep 1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("Invalid X-Mesh-Request-Id")), "{v}");
+    assert_eq!(others[0].get("/v1/kv/bad").await.0, 404);
+    assert_eq!(others[0].get("/v2/apps/bad").await.0, 404);
 }

@@ -66,6 +66,19 @@ impl MeshNode {
         name: &str,
         extra: &[&str],
     ) -> MeshNode {
+        Self::start_role_env(role, ip, data_dir, ports, name, extra, &[])
+    }
+
+    /// [`MeshNode::start_role`] with more environment variables (test faults).
+    pub fn start_role_env(
+        role: &str,
+        ip: &str,
+        data_dir: &Path,
+        ports: (u16, u16),
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> MeshNode {
         let name = name.to_owned();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -81,6 +94,7 @@ impl MeshNode {
             .args(["--cpus", "4", "--mem", "4096"])
             .args(extra)
             .env("RUST_LOG", "info,mesh_server=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         let mut child = cmd.spawn().expect("spawn mesh");

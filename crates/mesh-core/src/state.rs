@@ -27,7 +27,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+mod requests;
 mod wal;
+pub use requests::{Applied, MAX_REQUEST_ID, MAX_REQUESTS, Requests, valid_request_id};
 pub use wal::{SEGMENT_BYTES, WAL_DIR, WalLog};
 
 /// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
@@ -240,6 +242,9 @@ pub struct State {
     /// `None`: never set, Consul's defaults ([`AutopilotConfig::default`]).
     #[serde(default)]
     pub autopilot: Option<AutopilotConfig>,
+    /// Client request ids of the last applied [`Command::Once`]s: a repeat is refused.
+    #[serde(default)]
+    pub requests: Requests,
 }
 
 /// Consul's autopilot configuration, replicated like every setting that changes what servers
@@ -567,9 +572,26 @@ pub enum Command {
         /// The saved state.
         state: Box<State>,
     },
+    /// `cmd` on behalf of a client request: applied once per `request` id. A repeat (the same
+    /// write retried after its answer was lost) is refused with [`ApplyError::Repeated`], which
+    /// says what the first one returned, and changes nothing.
+    Once {
+        /// The request id (see [`valid_request_id`]).
+        request: String,
+        /// The command.
+        cmd: Box<Command>,
+    },
 }
 
 impl Command {
+    /// The command itself, without its [`Command::Once`] wrapping.
+    pub fn inner(&self) -> &Command {
+        match self {
+            Command::Once { cmd, .. } => cmd.inner(),
+            other => other,
+        }
+    }
+
     /// Whether the command only stops or winds down work, so it may go to the log's reserve
     /// while the log cannot be written: deleting apps and groups, killing tasks, scaling an app
     /// down without changing its definition, tearing down a framework, and the task states and
@@ -586,6 +608,7 @@ impl Command {
             Command::PutApp { app, create_only: false, .. } => {
                 state.apps.get(&app.id).is_some_and(|rec| app.instances < rec.app.instances && rec.app.same_config(app))
             }
+            Command::Once { cmd, .. } => cmd.stops_work(state),
             _ => false,
         }
     }
@@ -659,6 +682,20 @@ pub enum ApplyError {
     /// A check-and-set named another index than the current one (which it carries).
     #[error("check-and-set failed: the current index is {0}")]
     CasMismatch(u64),
+    /// A [`Command::Once`] whose request id applied already (at `index`): the write was not
+    /// applied again. Its proposer answers as the first one did.
+    #[error("request {request} applied already at index {index}")]
+    Repeated {
+        /// The request id.
+        request: String,
+        /// The index the first one applied at.
+        index: u64,
+        /// A KV transaction's results, as the first one returned them.
+        txn_results: Option<Vec<crate::kv::KvEntry>>,
+    },
+    /// A request id that is not one (see [`valid_request_id`]).
+    #[error("invalid request id {0:?}")]
+    BadRequestId(String),
 }
 
 /// What an applied command changed (for publishing reads and events, and for the scheduler,
@@ -715,6 +752,7 @@ impl State {
     /// Rebuild the derived indexes (after a snapshot is loaded).
     pub fn rebuild_indexes(&mut self) {
         self.kv.rebuild();
+        self.requests.rebuild();
         self.catalog.rebuild_index();
         self.tasks_by_app = OrdMap::new();
         self.unreachable = imbl::OrdSet::new();
@@ -1002,6 +1040,23 @@ impl State {
                 next.index = self.index.max(next.index);
                 *self = next;
                 ch.catalog = true;
+            }
+            Command::Once { request, cmd } => {
+                if !valid_request_id(request) {
+                    return Err(ApplyError::BadRequestId(request.clone()));
+                }
+                if let Some(first) = self.requests.get(request) {
+                    return Err(ApplyError::Repeated {
+                        request: request.clone(),
+                        index: first.index,
+                        txn_results: first.txn_results.clone(),
+                    });
+                }
+                // The command moves the index itself (once).
+                let ch = self.apply(cmd)?;
+                let applied = Applied { index: self.index, txn_results: ch.txn_results.clone() };
+                self.requests.insert(request.clone(), applied);
+                return Ok(ch);
             }
             Command::DrainAgent { agent_id, drain } => {
                 if !self.agents.contains_key(agent_id) {
@@ -3195,9 +3250,21 @@ mod tests {
         }
     }
 
+    /// A random command (a quarter of them on behalf of one of 6 client request ids, so
+    /// repeats are refused as often as they apply).
+    fn random_command(rng: &mut rand::rngs::StdRng, now: Millis) -> Command {
+        use rand::Rng;
+        let cmd = random_plain_command(rng, now);
+        if rng.random_bool(0.25) {
+            Command::Once { request: format!("r{}", rng.random_range(0..6)), cmd: Box::new(cmd) }
+        } else {
+            cmd
+        }
+    }
+
     /// A random command over a small world (3 apps, 8 tasks, 2 agents, 3 keys, 2 sessions,
     /// 2 services), so that commands often meet each other's effects, and often are rejected.
-    fn random_command(rng: &mut rand::rngs::StdRng, now: Millis) -> Command {
+    fn random_plain_command(rng: &mut rand::rngs::StdRng, now: Millis) -> Command {
         use crate::kv::{KvOp, KvValue, SessionOp, SetMode};
         use rand::Rng;
         let app_id = |rng: &mut rand::rngs::StdRng| format!("/a{}", rng.random_range(0..3));
@@ -3399,6 +3466,55 @@ mod tests {
             assert_eq!(reopened.state(), &replay, "seed {seed}: the reopened log differs");
         }
         assert!(rejected * 10 > total, "the sequences exercise rejections: {rejected} of {total}");
+    }
+
+    /// A command on behalf of a client request applies once: the repeat is refused with the
+    /// first one's index (and a transaction's results), changes nothing, and is refused the
+    /// same way after a snapshot round trip; a rejected first try does not count; the ids
+    /// kept are bounded, oldest forgotten first.
+    #[test]
+    fn once_applies_a_request_id_once() {
+        use crate::kv::{KvOp, KvValue, SetMode, TxnOp};
+        let put = |key: &str, mode: SetMode| {
+            Command::Kv(KvOp::Set { key: key.into(), value: KvValue::from(b"v".to_vec()), flags: 0, mode, now: 1 })
+        };
+        let once = |id: &str, cmd: Command| Command::Once { request: id.into(), cmd: Box::new(cmd) };
+        let mut s = State::new("dc1");
+        // A CAS that creates the key: the retry must not turn into a `false`.
+        s.apply(&once("a", put("k", SetMode::Cas(0)))).unwrap();
+        let index = s.index;
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&once("a", put("k", SetMode::Cas(0)))),
+            Err(ApplyError::Repeated { request: "a".into(), index, txn_results: None })
+        );
+        assert_eq!(s, before, "a repeat changes nothing");
+        // A first try that was rejected is not remembered: the next try applies.
+        assert!(matches!(s.apply(&once("b", put("k", SetMode::Cas(0)))), Err(ApplyError::Kv(_))));
+        s.apply(&once("b", put("k", SetMode::Cas(index)))).unwrap();
+        // A transaction's repeat carries the first one's results.
+        let txn = Command::KvTxn(vec![TxnOp::Get { key: "k".into() }]);
+        let results = s.apply(&once("c", txn.clone())).unwrap().txn_results;
+        assert!(results.as_ref().is_some_and(|r| r.len() == 1));
+        match s.apply(&once("c", txn)) {
+            Err(ApplyError::Repeated { txn_results, .. }) => assert_eq!(txn_results, results),
+            other => panic!("{other:?}"),
+        }
+        // Ids are part of the saved state.
+        let mut loaded: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        loaded.rebuild_indexes();
+        assert_eq!(loaded, s);
+        assert!(matches!(loaded.apply(&once("a", put("k", SetMode::Plain))), Err(ApplyError::Repeated { .. })));
+        assert!(matches!(loaded.apply(&once("", put("k", SetMode::Plain))), Err(ApplyError::BadRequestId(_))));
+        assert!(matches!(loaded.apply(&once("x y", put("k", SetMode::Plain))), Err(ApplyError::BadRequestId(_))));
+        // Bounded: after MAX_REQUESTS more, the first id is forgotten (and applies again).
+        for i in 0..MAX_REQUESTS {
+            loaded.apply(&once(&format!("n{i}"), put("other", SetMode::Plain))).unwrap();
+        }
+        assert_eq!(loaded.requests.len(), MAX_REQUESTS);
+        assert!(loaded.requests.get("a").is_none() && loaded.requests.get("n0").is_some());
+        loaded.apply(&once("a", put("k", SetMode::Plain))).unwrap();
+        assert!(loaded.requests.get("n0").is_none(), "the oldest goes first");
     }
 
     /// Autopilot's configuration is a command: its indexes come from the state, `?cas=` is

@@ -124,6 +124,41 @@ impl Published {
     }
 }
 
+/// The client request an HTTP handler serves (`X-Mesh-Request-Id`), while it does: see
+/// [`with_request`].
+struct RequestScope {
+    id: String,
+    /// Commands proposed so far (the k-th is applied once as `<id>#<k>`).
+    proposals: std::cell::Cell<u32>,
+    /// Ids made so far (the k-th is derived from `<id>` and k).
+    uuids: std::cell::Cell<u32>,
+}
+
+tokio::task_local! {
+    static REQUEST: RequestScope;
+}
+
+/// Run `f` (an HTTP handler) on behalf of the client request `id`: every command it proposes
+/// is applied once per request ([`Command::Once`], the k-th proposal as `<id>#<k>`), and every
+/// id it makes ([`ControlHandle::uuid`]) is derived from `id`, so the same request sent again
+/// (a retry after its answer was lost) applies nothing twice and is answered with the same ids
+/// (a Marathon deployment, a Consul session) as the first time.
+pub async fn with_request<F: std::future::Future>(id: String, f: F) -> F::Output {
+    REQUEST.scope(RequestScope { id, proposals: Default::default(), uuids: Default::default() }, f).await
+}
+
+/// What a proposal that repeated an applied request answers: what the first one changed, as
+/// far as a handler uses it (a transaction's results).
+fn repeated(e: ControlError) -> Result<Changes, ControlError> {
+    match e {
+        ControlError::Rejected(ApplyError::Repeated { request, index, txn_results }) => {
+            debug!(%request, index, "a repeated request: answered as the first one");
+            Ok(Changes { txn_results, ..Changes::default() })
+        }
+        other => Err(other),
+    }
+}
+
 /// A handle to the control task.
 #[derive(Clone)]
 pub struct ControlHandle {
@@ -147,10 +182,27 @@ impl ControlHandle {
     /// Apply a command and return what it changed, as the state machine computed it when it
     /// applied the command (e.g. a KV transaction's results: the published state may already
     /// hold later writes by the time the caller reads it).
+    ///
+    /// Inside [`with_request`] the command is applied once per request: a repeat is answered
+    /// as the first one was (`Ok`, with a transaction's first results).
     pub async fn propose_changes(&self, cmd: Command) -> Result<Changes, ControlError> {
+        let once = REQUEST
+            .try_with(|r| {
+                let k = r.proposals.get();
+                r.proposals.set(k + 1);
+                format!("{}#{k}", r.id)
+            })
+            .ok();
+        let cmd = match &once {
+            Some(request) => Command::Once { request: request.clone(), cmd: Box::new(cmd) },
+            None => cmd,
+        };
         let (tx, rx) = oneshot::channel();
         self.tx.send(ControlMsg::Propose(cmd, tx)).await.map_err(|_| ControlError::Stopped)?;
-        rx.await.map_err(|_| ControlError::Stopped)?
+        match rx.await.map_err(|_| ControlError::Stopped)? {
+            Err(e) if once.is_some() => repeated(e),
+            other => other,
+        }
     }
 
     /// Send a raw message (agents use this).
@@ -164,9 +216,16 @@ impl ControlHandle {
         self.published.clock.now()
     }
 
-    /// A fresh unique id, from the node's id source.
+    /// A fresh unique id, from the node's id source; inside [`with_request`], the k-th id is
+    /// derived from the request id (a name-based UUID), so a repeated request makes the same ids.
     pub fn uuid(&self) -> uuid::Uuid {
-        self.published.clock.uuid()
+        REQUEST
+            .try_with(|r| {
+                let k = r.uuids.get();
+                r.uuids.set(k + 1);
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("mesh-request:{}/{k}", r.id).as_bytes())
+            })
+            .unwrap_or_else(|_| self.published.clock.uuid())
     }
 
     /// The current state snapshot.

@@ -107,7 +107,7 @@ pub fn batch_events(cmds: &[Command], before: &State, after: &State, now: Millis
     }
     for (id, d) in before.deployments.iter() {
         if !after.deployments.contains_key(id) {
-            let finished = cmds.iter().any(|c| matches!(c, Command::EndDeployment { id: e } if e == id));
+            let finished = cmds.iter().any(|c| matches!(c.inner(), Command::EndDeployment { id: e } if e == id));
             if finished {
                 for step in d.steps.iter().skip(d.current_step.saturating_sub(1)) {
                     out.push(Event::new(
@@ -135,13 +135,13 @@ pub fn batch_events(cmds: &[Command], before: &State, after: &State, now: Millis
     // A check's previous result within this batch (a check may report twice in one batch).
     let mut alive: std::collections::HashMap<(&TaskId, usize), bool> = std::collections::HashMap::new();
     for cmd in cmds {
-        if let Command::TaskHealth { task_id, check, result } = cmd {
+        if let Command::TaskHealth { task_id, check, result } = cmd.inner() {
             let was = alive
                 .insert((task_id, *check), result.alive)
                 .or_else(|| before.tasks.get(task_id).and_then(|t| t.health.get(*check)).map(|r| r.alive));
             health_events(task_id, *check, was, result.alive, after, now, &mut out);
         }
-        command_events(cmd, before, after, now, &mut out);
+        command_events(cmd.inner(), before, after, now, &mut out);
     }
     out
 }

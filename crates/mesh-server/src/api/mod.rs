@@ -407,6 +407,40 @@ async fn body_limit_errors(req: axum::extract::Request, next: axum::middleware::
     e.into_response()
 }
 
+/// The header that names a client request: a write sent again with the same id (a retry after
+/// its answer was lost) is applied once and answered as the first one was. Forwarding nodes
+/// give every write they forward one, so their own retries after a leader change are safe.
+pub const REQUEST_ID_HEADER: &str = "x-mesh-request-id";
+
+/// The longest `X-Mesh-Request-Id` (the state's limit less room for the `#<k>` of the k-th
+/// command a request proposes).
+pub const MAX_CLIENT_REQUEST_ID: usize = mesh_core::state::MAX_REQUEST_ID - 16;
+
+/// Runs the handler on behalf of the request's `X-Mesh-Request-Id` ([`crate::control::with_request`]);
+/// a malformed id is refused (400, in the API's own format) before anything is done.
+async fn request_scope(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Some(v) = req.headers().get(REQUEST_ID_HEADER) else { return next.run(req).await };
+    let id = v
+        .to_str()
+        .ok()
+        .filter(|id| id.len() <= MAX_CLIENT_REQUEST_ID && mesh_core::state::valid_request_id(id))
+        .map(str::to_owned);
+    let Some(id) = id else {
+        let m =
+            format!("Invalid X-Mesh-Request-Id: 1 to {MAX_CLIENT_REQUEST_ID} characters of letters, digits and -._:#");
+        let path = req.uri().path();
+        let e = if path.starts_with("/v1/") {
+            ApiError::ConsulBadRequest(m)
+        } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
+            ApiError::MesosBadRequest(m)
+        } else {
+            ApiError::MarathonBadRequest(m)
+        };
+        return e.into_response();
+    };
+    crate::control::with_request(id, next.run(req)).await
+}
+
 /// The router of every API.
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -422,6 +456,7 @@ pub fn router(api: Api) -> Router {
         .merge(groups::routes())
         .merge(mesos::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(request_scope))
         .layer(axum::middleware::map_response_with_state(api.clone(), consul::known_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(body_limit_errors))

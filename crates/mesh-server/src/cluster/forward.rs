@@ -99,7 +99,28 @@ impl Executor {
             Ok(Err(e)) => format!("response body: {e}").into_bytes(),
             Err(_) => b"the response did not end in time".to_vec(),
         };
+        crash_after_forwarded_write(&r.method, &r.uri, status);
         HttpResponse { status, headers, body, index: index() }
+    }
+}
+
+/// A fault for tests (`MESH_TEST_CRASH_AFTER_FORWARDED_WRITE=<file>`): while `<file>` exists
+/// and holds a path prefix, the first node to serve a forwarded write under that prefix that
+/// succeeded removes `<file>` and dies on the spot, after the write is committed and before
+/// its answer leaves: the moment a leader's death leaves a client not knowing whether its write
+/// happened. SIGKILL, as the tests' other kills (no core file, no cleanup).
+fn crash_after_forwarded_write(method: &str, uri: &str, status: u16) {
+    static MARKER: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let marker = MARKER.get_or_init(|| std::env::var_os("MESH_TEST_CRASH_AFTER_FORWARDED_WRITE").map(Into::into));
+    let Some(marker) = marker else { return };
+    if method == "GET" || method == "HEAD" || !(200..300).contains(&status) {
+        return;
+    }
+    let armed = std::fs::read_to_string(marker).is_ok_and(|prefix| uri.starts_with(prefix.trim()));
+    if armed && std::fs::remove_file(marker).is_ok() {
+        tracing::warn!(uri, "test fault: dying after a forwarded write, before its answer");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        std::process::abort();
     }
 }
 
@@ -144,6 +165,21 @@ fn unavailable(path: &str, why: &str) -> axum::response::Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("no server reachable: {why}")).into_response()
     }
+}
+
+/// Header on an answer that did nothing because the server no longer leads: the sender may
+/// send the request again (to the next leader).
+const NOT_LEADER_HEADER: &str = "x-mesh-not-leader";
+
+/// How long a sender waits before sending a request again after losing its answer (unless a
+/// new leader or connection shows up sooner).
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// The answer of a server that was sent a request to run as the leader and does not lead.
+fn not_leader(path: &str) -> axum::response::Response {
+    let mut r = unavailable(path, "this server does not lead");
+    r.headers_mut().insert(NOT_LEADER_HEADER, HeaderValue::from_static("1"));
+    r
 }
 
 /// The agent's HTTP layer: forwards what a server must answer, answers the rest locally from
@@ -196,7 +232,39 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
             f.registrations.observe(method, fpath, body);
         }
     };
-    send(&conn, &f.node, &f.published, req, false, observe).await
+    let out = match Outgoing::read(req, false, &f.published).await {
+        Ok(out) => out,
+        Err(resp) => return resp,
+    };
+    observe(&out.path, &out.method, &out.body, None);
+    let mut conn = conn;
+    loop {
+        match send(&conn, &f.node, &f.published, &out).await {
+            Sent::Answer(status, resp) => {
+                observe(&out.path, &out.method, &out.body, Some(status));
+                return resp;
+            }
+            // The answer was lost (the server died or lost its leader): the same request, with
+            // the same id, goes again through the next connection, within the hold time.
+            Sent::Lost(why) => {
+                if !out.retryable() || tokio::time::Instant::now() >= deadline {
+                    return unavailable(&path, &why);
+                }
+                debug!(path = %path, reason = %why, "forward: no answer; sending again");
+                let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);
+                let _ = tokio::time::timeout_at(pause, link.changed()).await;
+                loop {
+                    if let Some(c) = link.borrow_and_update().clone().filter(|c| !c.is_closed()) {
+                        conn = c;
+                        break;
+                    }
+                    if !matches!(tokio::time::timeout_at(deadline, link.changed()).await, Ok(Ok(()))) {
+                        return unavailable(&path, &why);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How many redirects (follower to leader) a relayed scheduler request follows.
@@ -288,54 +356,106 @@ fn mesos_redirect(leader: &crate::rpc::Conn, path: &str) -> Option<axum::respons
 /// forwards it again (no request goes round between two nodes that each think the other leads).
 pub const FORWARDED_HEADER: &str = "x-mesh-forwarded";
 
-/// Carry `req` to the node at the other end of `conn` (as [`HttpRequest`] over the RPC), then
-/// wait (bounded) until `published` holds what it answered from, so a client reads what it
-/// wrote from the node it asked. `observe(path, method, body, status)` sees the request before
-/// (status `None`) and after.
-async fn send(
-    conn: &crate::rpc::Conn,
-    node: &str,
-    published: &Published,
-    req: axum::extract::Request,
-    mark: bool,
-    observe: impl Fn(&str, &str, &[u8], Option<u16>),
-) -> axum::response::Response {
-    let path = req.uri().path().to_owned();
-    let (parts, body) = req.into_parts();
-    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes().to_vec(),
-        Err(e) => return (StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response(),
-    };
-    let method = parts.method.to_string();
-    observe(&path, &method, &body, None);
-    let mut headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| *k != axum::http::header::HOST && *k != axum::http::header::CONNECTION)
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
-    if mark {
-        headers.push((FORWARDED_HEADER.to_owned(), "1".to_owned()));
+/// A request on its way to another node, its body read so that it can be sent again.
+struct Outgoing {
+    method: String,
+    /// Path and query.
+    uri: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Outgoing {
+    /// Read `req` (its body bounded). A write gets a request id unless the client gave one:
+    /// whichever node runs it applies it once, however often it is sent. `mark`: say that a
+    /// node forwarded it ([`FORWARDED_HEADER`]).
+    async fn read(
+        req: axum::extract::Request,
+        mark: bool,
+        published: &Published,
+    ) -> Result<Outgoing, axum::response::Response> {
+        let path = req.uri().path().to_owned();
+        let (parts, body) = req.into_parts();
+        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes().to_vec(),
+            Err(e) => return Err((StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")).into_response()),
+        };
+        let mut headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| *k != axum::http::header::HOST && *k != axum::http::header::CONNECTION)
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        if mark {
+            headers.push((FORWARDED_HEADER.to_owned(), "1".to_owned()));
+        }
+        let write = parts.method != Method::GET && parts.method != Method::HEAD;
+        if write && !parts.headers.contains_key(crate::api::REQUEST_ID_HEADER) {
+            headers.push((crate::api::REQUEST_ID_HEADER.to_owned(), published.clock.uuid().to_string()));
+        }
+        Ok(Outgoing {
+            method: parts.method.to_string(),
+            uri: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path.clone()),
+            path,
+            headers,
+            body,
+        })
     }
+
+    /// Whether sending it again cannot do anything twice: a read, or a write with a request id.
+    fn retryable(&self) -> bool {
+        self.method == "GET"
+            || self.method == "HEAD"
+            || self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(crate::api::REQUEST_ID_HEADER))
+    }
+
+    /// The request again, to run here (the leader changed to this node meanwhile).
+    fn to_request(&self) -> Result<axum::extract::Request, String> {
+        let mut b = axum::http::Request::builder().method(self.method.as_str()).uri(self.uri.as_str());
+        for (k, v) in self.headers.iter().filter(|(k, _)| k != FORWARDED_HEADER) {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        b.body(Body::from(self.body.clone())).map_err(|e| e.to_string())
+    }
+}
+
+/// What became of a request sent to another node.
+enum Sent {
+    /// Its answer (and status).
+    Answer(u16, axum::response::Response),
+    /// No answer (the connection broke, or the node no longer leads): whether it ran is
+    /// unknown, unless the node said it does not lead.
+    Lost(String),
+}
+
+/// Carry `out` to the node at the other end of `conn` (as [`HttpRequest`] over the RPC), then
+/// wait (bounded) until `published` holds what it answered from, so a client reads what it
+/// wrote from the node it asked.
+async fn send(conn: &crate::rpc::Conn, node: &str, published: &Published, out: &Outgoing) -> Sent {
     let fwd = HttpRequest {
-        method: method.clone(),
-        uri: parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path.clone()),
-        headers,
-        body: body.clone(),
+        method: out.method.clone(),
+        uri: out.uri.clone(),
+        headers: out.headers.clone(),
+        body: out.body.clone(),
         node: node.to_owned(),
     };
     let r = match conn.call(Request::Http(fwd), FORWARD_TIMEOUT).await {
         Ok(Response::Http(r)) => r,
-        Ok(other) => return unavailable(&path, &format!("unexpected answer {other:?}")),
-        Err(e) => return unavailable(&path, &e.to_string()),
+        Ok(other) => return Sent::Answer(503, unavailable(&out.path, &format!("unexpected answer {other:?}"))),
+        Err(e @ crate::rpc::RpcError::Timeout(..)) => return Sent::Answer(503, unavailable(&out.path, &e.to_string())),
+        Err(e) => return Sent::Lost(e.to_string()),
     };
-    observe(&path, &method, &body, Some(r.status));
+    if r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(NOT_LEADER_HEADER)) {
+        return Sent::Lost(format!("{} no longer leads", conn.peer().hello.node));
+    }
 
     // Read-your-writes: wait (bounded) for the replica to hold what the server answered from.
     let mut index = published.index.clone();
     if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
         debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");
     }
+    let status = r.status;
     let mut resp = axum::response::Response::new(Body::from(r.body));
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (k, v) in r.headers {
@@ -346,7 +466,7 @@ async fn send(
             resp.headers_mut().append(k, v);
         }
     }
-    resp
+    Sent::Answer(status, resp)
 }
 
 /// Where a server sends what only the leader answers, as [`crate::raft::server`] keeps it.
@@ -452,10 +572,23 @@ pub async fn leader_layer(
     let hop = req.headers().contains_key(FORWARDED_HEADER);
     let mut route = l.route.clone();
     let deadline = tokio::time::Instant::now() + l.hold;
+    // The request as it came, until it is read to be sent to the leader (then it can be sent
+    // again, or run here if this server becomes the leader meanwhile).
+    let mut req = Some(req);
+    let mut out: Option<Outgoing> = None;
+    let mut lost: Option<String> = None;
     loop {
         let now = route.borrow_and_update().clone();
         match now {
             Route::Local => {
+                let req = match (req.take(), &out) {
+                    (Some(req), _) => req,
+                    (None, Some(out)) => match out.to_request() {
+                        Ok(req) => req,
+                        Err(e) => return unavailable(&path, &e),
+                    },
+                    (None, None) => return unavailable(&path, "the request is gone"),
+                };
                 if req.method() == Method::GET && query_has(&req, "consistent") {
                     // Consul's `consistent` mode: a quorum confirms this server still leads,
                     // and the state holds everything committed before the read.
@@ -470,13 +603,39 @@ pub async fn leader_layer(
                 if let Some(r) = mesos_redirect(&conn, &path) {
                     return r;
                 }
-                return send(&conn, &l.node, &l.published, req, true, |_, _, _, _| {}).await;
+                if let Some(req) = req.take() {
+                    out = match Outgoing::read(req, true, &l.published).await {
+                        Ok(o) => Some(o),
+                        Err(resp) => return resp,
+                    };
+                }
+                let Some(o) = &out else { return unavailable(&path, "the request is gone") };
+                match send(&conn, &l.node, &l.published, o).await {
+                    Sent::Answer(_, resp) => return resp,
+                    // The leader died or stepped down before answering: the same request (the
+                    // same id) goes to the next leader, within the hold time.
+                    Sent::Lost(why) if o.retryable() => {
+                        debug!(path = %path, reason = %why, "forward: no answer from the leader; sending again");
+                        lost = Some(why);
+                        let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);
+                        if let Ok(Err(_)) = tokio::time::timeout_at(pause, route.changed()).await {
+                            return unavailable(&path, "shutting down");
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return unavailable(&path, lost.as_deref().unwrap_or("no leader in time"));
+                        }
+                        continue;
+                    }
+                    Sent::Lost(why) => return unavailable(&path, &why),
+                }
             }
             _ => {}
         }
-        if hop || !matches!(tokio::time::timeout_at(deadline, route.changed()).await, Ok(Ok(()))) {
-            let why = if hop { "this server does not lead" } else { "none elected in time" };
-            return unavailable(&path, why);
+        if hop {
+            return not_leader(&path);
+        }
+        if !matches!(tokio::time::timeout_at(deadline, route.changed()).await, Ok(Ok(()))) {
+            return unavailable(&path, lost.as_deref().unwrap_or("none elected in time"));
         }
     }
 }

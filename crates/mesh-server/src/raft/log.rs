@@ -93,7 +93,7 @@ impl RaftLog {
         };
         let last = first + cmds.len() as u64 - 1;
         // A restore moves the index on to the saved state's when that is larger.
-        let restored = cmds.iter().any(|c| matches!(c, Command::Restore { .. }));
+        let restored = cmds.iter().any(|c| matches!(c.inner(), Command::Restore { .. }));
         if !resp.data.is_accepted() || (resp.data.index != last && !restored) {
             return Err(self.poison(format!(
                 "the replicated state machine disagrees with the leader's (index {} for {first}..={last}: {:?})",

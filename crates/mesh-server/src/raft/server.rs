@@ -91,7 +91,7 @@ struct Feed {
 
 impl ApplyObserver for Feed {
     fn applied(&self, before: &State, commands: &[Command], after: &State) {
-        if commands.iter().any(|c| matches!(c, Command::Restore { .. })) {
+        if commands.iter().any(|c| matches!(c.inner(), Command::Restore { .. })) {
             // A whole new state (whose index may jump): replicas start again from it.
             return self.replaced(after);
         }
