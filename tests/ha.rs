@@ -861,13 +861,7 @@ async fn a_leader_that_steps_down_ends_its_framework_streams() {
     .await;
     let at = at.into_inner().unwrap();
     assert_eq!(at, leader_addr, "re-subscribed at the leader");
-    buf.clear();
-    let ev = next_event(&mut resp, &mut buf, "SUBSCRIBED").await;
-    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));
-    let l = servers[now].as_ref().unwrap();
-    let (_, v) = l.get("/master/frameworks").await;
-    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
-    assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
+    assert_resubscribed(&mut resp, servers[now].as_ref().unwrap(), &fid).await;
 }
 
 /// A framework given an agent's address is relayed by the agent to the leader (no 307 that
@@ -923,12 +917,16 @@ async fn a_framework_at_an_agent_outlives_a_leader_that_never_returns() {
         (r.status() == 200).then_some(r)
     })
     .await;
-    buf.clear();
-    let ev = next_event(&mut resp, &mut buf, "SUBSCRIBED").await;
-    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid.as_str()));
-    let l = servers[now].as_ref().unwrap();
-    let (_, v) = l.get("/master/frameworks").await;
-    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid.as_str())).cloned();
+    assert_resubscribed(&mut resp, servers[now].as_ref().unwrap(), &fid).await;
+}
+
+/// The subscription `resp` is answered SUBSCRIBED with the framework id `fid`, and the leader
+/// lists that framework as connected and active.
+async fn assert_resubscribed(resp: &mut reqwest::Response, leader: &MeshNode, fid: &str) {
+    let ev = next_event(resp, &mut Vec::new(), "SUBSCRIBED").await;
+    assert_eq!(ev["subscribed"]["framework_id"]["value"].as_str(), Some(fid));
+    let (_, v) = leader.get("/master/frameworks").await;
+    let f = v["frameworks"].as_array().and_then(|a| a.iter().find(|f| f["id"] == fid)).cloned();
     assert!(f.as_ref().is_some_and(|f| f["connected"] == true && f["active"] == true), "{v}");
 }
 

@@ -31,6 +31,7 @@ mod requests;
 mod wal;
 pub use requests::{Applied, MAX_REQUEST_ID, MAX_REQUESTS, Requests, valid_request_id};
 pub use wal::{SEGMENT_BYTES, WAL_DIR, WalLog};
+pub use wal::{frames, put_frame};
 
 /// Instance meta key naming the agent-side source that registered it (see [`Command::SyncServices`]).
 pub const SOURCE_META: &str = "mesh-source";

@@ -66,6 +66,33 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> LogError {
     LogError::Store(format!("{}: {e}", path.display()))
 }
 
+/// Append `body` to `buf` as one checked frame: its length and CRC-32 (little-endian `u32`s),
+/// then the body. The framing of every append-only log here (this one, the Raft log's
+/// segments): a frame whose write did not finish fails its check when read back.
+pub fn put_frame(buf: &mut Vec<u8>, body: &[u8]) {
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    buf.extend_from_slice(body);
+}
+
+/// The frames ([`put_frame`]) at the start of `buf` that check out, each body with the offset
+/// just after it; ends at the first that is empty, incomplete or fails its check (the end of
+/// the log, or a write that did not finish and was never acknowledged).
+pub fn frames(buf: &[u8]) -> impl Iterator<Item = (&[u8], usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let head = buf.get(at..at + 8)?;
+        let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+        let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+        let body = buf.get(at + 8..at + 8 + len)?;
+        if len == 0 || crc32fast::hash(body) != crc {
+            return None;
+        }
+        at += 8 + len;
+        Some((body, at))
+    })
+}
+
 /// Encode commands `first..` as reserve-format records.
 pub(super) fn encode_records(first: u64, cmds: &[Command]) -> Result<Vec<u8>, LogError> {
     let mut bytes = Vec::new();
@@ -74,9 +101,7 @@ pub(super) fn encode_records(first: u64, cmds: &[Command]) -> Result<Vec<u8>, Lo
             v: FORMAT_VERSION,
             body: ReservedBody { index: first + i as u64, cmd: cmd.clone() },
         })?;
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
+        put_frame(&mut bytes, &body);
     }
     Ok(bytes)
 }
@@ -85,14 +110,7 @@ pub(super) fn encode_records(first: u64, cmds: &[Command]) -> Result<Vec<u8>, Lo
 /// `expect_first` when given), with the offset after each. Stops at the first that does not.
 pub(super) fn scan_records(buf: &[u8], expect_first: Option<u64>) -> Result<Vec<(u64, Command, usize)>, LogError> {
     let mut out: Vec<(u64, Command, usize)> = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= buf.len() {
-        let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
-        let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
-        if len == 0 || crc32fast::hash(body) != crc {
-            break; // the end, or a record whose write did not finish (never acknowledged)
-        }
+    for (body, at) in frames(buf) {
         let Ok(env) = serde_json::from_slice::<Envelope<ReservedBody>>(body) else { break };
         if env.v > FORMAT_VERSION {
             return Err(LogError::Version(env.v));
@@ -101,7 +119,6 @@ pub(super) fn scan_records(buf: &[u8], expect_first: Option<u64>) -> Result<Vec<
         if expected.is_some_and(|e| e != env.body.index) {
             break;
         }
-        at += 8 + len;
         out.push((env.body.index, env.body.cmd, at));
     }
     Ok(out)

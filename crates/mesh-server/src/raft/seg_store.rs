@@ -129,28 +129,20 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 
 fn encode(buf: &mut Vec<u8>, record: &Record) -> Result<(), String> {
     let body = rmp_serde::to_vec_named(record).map_err(|e| format!("encoding a log record: {e}"))?;
-    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    buf.extend_from_slice(&body);
+    mesh_core::state::put_frame(buf, &body);
     Ok(())
 }
 
 /// The records at the start of `buf` that check out, with the offset after the last one.
 fn scan(buf: &[u8]) -> (Vec<Record>, usize) {
     let mut out = Vec::new();
-    let mut at = 0usize;
-    while at + 8 <= buf.len() {
-        let len = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap_or_default());
-        let Some(body) = buf.get(at + 8..at + 8 + len) else { break };
-        if len == 0 || crc32fast::hash(body) != crc {
-            break;
-        }
+    let mut end = 0usize;
+    for (body, at) in mesh_core::state::frames(buf) {
         let Ok(record) = rmp_serde::from_slice::<Record>(body) else { break };
-        at += 8 + len;
+        end = at;
         out.push(record);
     }
-    (out, at)
+    (out, end)
 }
 
 /// The writer thread's side: the segment files.
