@@ -381,7 +381,7 @@ async fn a_raft_server_on_a_full_disk_refuses_writes_deletes_and_recovers() {
             &data,
             ports,
             "diskfull",
-            &["--rpc", "127.0.0.1:0", "--serf-lan", "127.0.0.1:0"],
+            &["--rpc", "127.0.0.1:0", "--serf-lan", "127.0.0.1:0", "--serf-wan", "127.0.0.1:0"],
         )
     };
     let mut node = start();

@@ -35,8 +35,9 @@ enum Cmd {
     /// running, to be re-adopted when it starts again on the same data dir.
     Agent(Box<DevArgs>),
     /// The members of the LAN gossip pool, as the node at --http-addr sees them (Consul's
-    /// `consul members`).
-    Members(ClientArgs),
+    /// `consul members`); with `--wan` (or `-wan`), the WAN pool: the servers of every
+    /// datacenter, as a server sees them.
+    Members(MembersArgs),
     /// Operate on a node: `drain NODE` (no new tasks; its tasks move elsewhere) or
     /// `reactivate NODE`.
     Node(NodeArgs),
@@ -57,6 +58,15 @@ struct ClientArgs {
     /// HTTP address of any node (a server or an agent).
     #[arg(long, default_value = "127.0.0.1:8500", env = "MESH_HTTP_ADDR")]
     http_addr: String,
+}
+
+#[derive(Parser)]
+struct MembersArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The WAN pool (servers of every datacenter) instead of the LAN pool.
+    #[arg(long)]
+    wan: bool,
 }
 
 #[derive(Parser)]
@@ -223,8 +233,9 @@ fn client_call(addr: &str, method: &str, path: &str, body: Option<&str>, on_ok: 
     }
 }
 
-fn run_members(a: ClientArgs) -> ExitCode {
-    client_call(&a.http_addr, "GET", "/v1/agent/members", None, |body| {
+fn run_members(a: MembersArgs) -> ExitCode {
+    let path = if a.wan { "/v1/agent/members?wan=1" } else { "/v1/agent/members" };
+    client_call(&a.client.http_addr, "GET", path, None, |body| {
         let members: Vec<serde_json::Value> = serde_json::from_str(body).unwrap_or_default();
         println!("{:<24} {:<22} {:<8} {:<7} DC", "Node", "Address", "Status", "Type");
         for m in members {
@@ -292,6 +303,20 @@ struct DevArgs {
     /// LAN gossip listener (UDP), server and agent.
     #[arg(long, default_value = "127.0.0.1:8301")]
     serf_lan: SocketAddr,
+    /// (server) WAN gossip listener (UDP): the pool of every datacenter's servers.
+    #[arg(long, default_value = "127.0.0.1:8302")]
+    serf_wan: SocketAddr,
+    /// (server) A server of another datacenter to join in the WAN pool (IP, IP:PORT or
+    /// HOST:PORT; port 8302 by default); may repeat. Retried with backoff until one answers
+    /// (Consul's retry_join_wan).
+    #[arg(long = "join-wan", value_parser = parse_join_wan)]
+    join_wan: Vec<SocketAddr>,
+    /// (server) The address other datacenters reach this server at (default: --advertise).
+    #[arg(long)]
+    advertise_wan: Option<std::net::IpAddr>,
+    /// WAN gossip probe period (default 5 s, as Consul's WAN pool); for tests on one machine.
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    gossip_wan_probe_period: Option<Duration>,
     /// A member's gossip address to join (IP, IP:PORT or HOST:PORT; port 8301 by default); may
     /// repeat. Retried with backoff until one answers (Consul's retry_join). An agent finds the
     /// servers through gossip.
@@ -520,6 +545,10 @@ fn parse_join(s: &str) -> Result<SocketAddr, String> {
     parse_addr(s, 8301)
 }
 
+fn parse_join_wan(s: &str) -> Result<SocketAddr, String> {
+    parse_addr(s, 8302)
+}
+
 fn parse_server(s: &str) -> Result<SocketAddr, String> {
     parse_addr(s, 8300)
 }
@@ -696,7 +725,9 @@ fn main() -> ExitCode {
         .with_writer(mesh_server::logs::Tee)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    // Consul spells it `consul members -wan`: take the single-dash form too.
+    let args = std::env::args_os().map(|a| if a == "-wan" { "--wan".into() } else { a });
+    let matches = <Cli as clap::CommandFactory>::command().get_matches_from(args);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -725,6 +756,9 @@ fn main() -> ExitCode {
         }
         if defaulted("serf_lan") {
             a.serf_lan.set_ip(ip);
+        }
+        if defaulted("serf_wan") {
+            a.serf_wan.set_ip(ip);
         }
         if sub.value_source("advertise") == Some(clap::parser::ValueSource::DefaultValue) && !ip.is_unspecified() {
             a.advertise = ip;
@@ -756,6 +790,11 @@ fn main() -> ExitCode {
     let node = a.node.unwrap_or_else(host_name);
     if let Err(e) = mesh_core::app::AppId::parse(&node) {
         eprintln!("mesh: --node {node:?} is not a valid DNS label: {e}");
+        return ExitCode::from(2);
+    }
+    // A datacenter is a label of DNS names (`web.service.dc2.mesh`) and names a gossip pool.
+    if a.dc.contains(['.', '/']) || mesh_core::app::AppId::parse(&a.dc).is_err() || a.dc.len() > 63 {
+        eprintln!("mesh: --dc {:?} is not a valid datacenter name (a DNS label: letters, digits and -)", a.dc);
         return ExitCode::from(2);
     }
     let dns_options = DnsConfig {
@@ -825,6 +864,19 @@ fn main() -> ExitCode {
         container_dns: a.container_dns,
         serf_lan: a.serf_lan,
         join: a.join,
+        serf_wan: a.serf_wan,
+        join_wan: a.join_wan,
+        advertise_wan: a.advertise_wan,
+        gossip_wan_timing: match a.gossip_wan_probe_period {
+            None => mesh_server::gossip::GossipTiming::wan(),
+            Some(p) => mesh_server::gossip::GossipTiming {
+                probe_period: p,
+                probe_rtt: p * 2 / 5,
+                gossip_interval: p / 4,
+                wan: true,
+                ..mesh_server::gossip::GossipTiming::fast()
+            },
+        },
         gossip_timing: match a.gossip_probe_period {
             None => mesh_server::gossip::GossipTiming::default(),
             Some(p) => mesh_server::gossip::GossipTiming {

@@ -109,6 +109,16 @@ pub struct NodeConfig {
     pub join: Vec<SocketAddr>,
     /// Gossip timing (tests shorten it).
     pub gossip_timing: crate::gossip::GossipTiming,
+    /// Servers: the WAN gossip (UDP) listener, the pool of every datacenter's servers.
+    pub serf_wan: SocketAddr,
+    /// Servers: WAN gossip addresses (servers of other datacenters) to join (`--join-wan`),
+    /// retried with backoff until one answers.
+    pub join_wan: Vec<SocketAddr>,
+    /// Servers: the address other datacenters reach this server at (`--advertise-wan`; default
+    /// the advertise address).
+    pub advertise_wan: Option<std::net::IpAddr>,
+    /// Servers: WAN gossip timing (Consul's WAN defaults; tests shorten it).
+    pub gossip_wan_timing: crate::gossip::GossipTiming,
     /// See [`ControlConfig::agent_down_after`].
     pub agent_down_after: Duration,
     /// See [`ControlConfig::reregister_timeout`].
@@ -682,6 +692,7 @@ pub async fn run_server(
     let rpc_port = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?.port();
     let rpc_advertised = SocketAddr::new(cfg.advertise, rpc_port);
     let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Server, rpc_advertised).await?;
+    let wan = start_wan_gossip(&cfg, &node_id, rpc_advertised).await?;
     let members_task = report_members(&gossip, control.clone());
     let (route_tx, route) = tokio::sync::watch::channel(crate::cluster::forward::Route::NoLeader);
     let contacts = Arc::new(crate::raft::Contacts::default());
@@ -698,7 +709,7 @@ pub async fn run_server(
     // One set of API state (and membership) for this node's listeners and for the requests
     // agents forward, which act for their own node.
     let base = Api {
-        cluster: Some(Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() })),
+        cluster: Some(Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: Some(wan.clone()) })),
         raft: Some(raft_view.clone()),
         ..Api::new(control.clone(), node_info(&cfg, &[]))
     };
@@ -759,6 +770,7 @@ pub async fn run_server(
     own.abort();
     members_task.abort();
     gossip.shutdown().await;
+    wan.shutdown().await;
     http.stop().await;
     raft.shutdown().await;
     drop(rpc);
@@ -857,7 +869,7 @@ pub async fn run_agent(
     };
     let http = start_http(&cfg, |info| {
         let cluster: Arc<dyn crate::api::ClusterOps> =
-            Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone() });
+            Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: None });
         api::router(Api { cluster: Some(cluster), ..Api::new(control.clone(), info) })
             .layer(axum::middleware::from_fn_with_state(forwarder, crate::cluster::forward::layer))
     })
@@ -905,6 +917,7 @@ async fn start_gossip(
         node: cfg.node.clone(),
         node_id: node_id.to_owned(),
         datacenter: cfg.datacenter.clone(),
+        pool: None,
         role,
         bind: cfg.serf_lan,
         advertise,
@@ -916,6 +929,34 @@ async fn start_gossip(
     crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
         crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
         other => NodeError::Unsupported(format!("gossip: {other}")),
+    })
+}
+
+/// Join the WAN pool: the servers of every datacenter, as `<node>.<datacenter>`, with WAN
+/// timing (Consul's `serf_wan`). Nothing is replicated through it: it tells each datacenter
+/// which others exist and which of their servers are alive.
+async fn start_wan_gossip(
+    cfg: &NodeConfig,
+    node_id: &str,
+    rpc: SocketAddr,
+) -> Result<crate::gossip::Gossip, NodeError> {
+    let advertise = SocketAddr::new(cfg.advertise_wan.unwrap_or(cfg.advertise), cfg.serf_wan.port());
+    let gc = crate::gossip::GossipConfig {
+        node: format!("{}.{}", cfg.node, cfg.datacenter),
+        node_id: node_id.to_owned(),
+        datacenter: cfg.datacenter.clone(),
+        pool: Some(crate::gossip::WAN_POOL.to_owned()),
+        role: crate::gossip::Role::Server,
+        bind: cfg.serf_wan,
+        advertise,
+        rpc,
+        join: cfg.join_wan.clone(),
+        timing: cfg.gossip_wan_timing.clone(),
+        seed: seed(cfg.clock.as_ref()),
+    };
+    crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
+        crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
+        other => NodeError::Unsupported(format!("WAN gossip: {other}")),
     })
 }
 

@@ -21,6 +21,7 @@ fn config(name: &str, net: u8, host: u8, port: u16, dc: &str, join: Vec<SocketAd
         node: name.to_owned(),
         node_id: format!("00000000-0000-4000-8000-{net:04}{host:08}"),
         datacenter: dc.to_owned(),
+        pool: None,
         role: if host == 2 { Role::Server } else { Role::Agent },
         bind: addr(net, host, port),
         advertise: addr(net, host, port),

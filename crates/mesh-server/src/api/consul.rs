@@ -816,7 +816,7 @@ async fn agent_self(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<R
             "Coord": {"Vec": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "Error": 1.5, "Adjustment": 0.0, "Height": 1e-5},
             "Member": member,
             "Stats": {
-                "consul": {"leader": "true", "leader_addr": api.info.http_addr, "server": "true", "known_datacenters": "1", "bootstrap": "true"},
+                "consul": {"leader": "true", "leader_addr": api.info.http_addr, "server": "true", "known_datacenters": known_datacenters(&api).len().to_string(), "bootstrap": "true"},
                 "agent": {"checks": state.catalog.node_checks(&api.info.node).count().to_string(), "services": state.catalog.instances_on(&api.info.node).count().to_string()},
                 "raft": {"state": "Leader"},
             },
@@ -841,15 +841,20 @@ async fn agent_members(State(api): State<Api>, RawQuery(raw): RawQuery) -> Resul
     let q = Params::parse(raw.as_deref());
     let state = api.control.published.state.load();
     let wan = q.flag("wan");
-    let members: Vec<Value> = if let (false, Some(cluster)) = (wan, &api.cluster) {
-        // The LAN gossip pool as this node sees it (Serf's statuses: 1 alive, 3 left, 4 failed;
-        // a suspect member is still alive to Serf).
+    let pool = match &api.cluster {
+        Some(cluster) if wan => cluster.wan_members(),
+        Some(cluster) => Some(cluster.members()),
+        None => None,
+    };
+    let members: Vec<Value> = if let Some(mut ms) = pool.or_else(|| api.cluster.as_ref().map(|_| Vec::new())) {
+        // A gossip pool as this node sees it (Serf's statuses: 1 alive, 3 left, 4 failed; a
+        // suspect member is still alive to Serf). An agent is in no WAN pool: none, as a
+        // Consul client answers.
         use crate::gossip::{MemberStatus, Role};
-        let mut ms = cluster.members();
         ms.sort_by(|a, b| a.name.cmp(&b.name));
         ms.iter()
             .map(|m| {
-                let mut v = member_json(&api, &m.addr.ip().to_string(), false);
+                let mut v = member_json(&api, &m.addr.ip().to_string(), wan);
                 v["Name"] = json!(m.name);
                 v["Port"] = json!(m.addr.port());
                 v["Status"] = json!(match m.status {
@@ -1235,9 +1240,21 @@ async fn catalog_deregister(State(api): State<Api>, RawQuery(raw): RawQuery, bod
     Ok(reply(&json!(true), &q))
 }
 
+/// Every datacenter the WAN pool knows (a datacenter whose servers all left is gone), this
+/// one first, then by name.
 async fn datacenters(State(api): State<Api>, RawQuery(raw): RawQuery) -> Response {
     let q = Params::parse(raw.as_deref());
-    reply(&json!([api.info.datacenter]), &q)
+    reply(&json!(known_datacenters(&api)), &q)
+}
+
+/// The datacenters a server knows through the WAN pool: its own first, then by name.
+pub fn known_datacenters(api: &Api) -> Vec<String> {
+    let mut dcs = std::collections::BTreeSet::new();
+    if let Some(members) = api.cluster.as_ref().and_then(|c| c.wan_members()) {
+        dcs.extend(members.into_iter().filter(|m| m.status != crate::gossip::MemberStatus::Left).map(|m| m.datacenter));
+    }
+    dcs.remove(&api.info.datacenter);
+    std::iter::once(api.info.datacenter.clone()).chain(dcs).collect()
 }
 
 async fn catalog_nodes(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {

@@ -151,6 +151,11 @@ pub trait ClusterOps: Send + Sync {
     async fn force_leave(&self, node: &str, prune: bool) -> Result<(), ClusterOpError>;
     /// The members of the LAN pool as this node sees them.
     fn members(&self) -> Vec<crate::gossip::Member>;
+    /// The members of the WAN pool (the servers of every datacenter) as this server sees them;
+    /// `None` on a node that is not in it (an agent).
+    fn wan_members(&self) -> Option<Vec<crate::gossip::Member>> {
+        None
+    }
 }
 
 /// Facts about the node that the APIs report.

@@ -13,6 +13,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct GossipOps {
     /// The node's LAN pool.
     pub gossip: Gossip,
+    /// A server's WAN pool (the servers of every datacenter); `None` on agents.
+    pub wan: Option<Gossip>,
 }
 
 #[async_trait::async_trait]
@@ -51,5 +53,9 @@ impl ClusterOps for GossipOps {
 
     fn members(&self) -> Vec<Member> {
         self.gossip.members()
+    }
+
+    fn wan_members(&self) -> Option<Vec<Member>> {
+        self.wan.as_ref().map(Gossip::members)
     }
 }

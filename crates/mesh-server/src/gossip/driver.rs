@@ -79,7 +79,8 @@ impl Driver {
         members_tx: watch::Sender<Arc<Vec<Member>>>,
         dropped: Arc<DropCounters>,
     ) -> Result<Self, GossipError> {
-        let max_foca_packet = MAX_DATAGRAM - envelope::header_len(&config.datacenter);
+        let pool = config.pool.clone().unwrap_or_else(|| config.datacenter.clone());
+        let max_foca_packet = MAX_DATAGRAM - envelope::header_len(&pool);
         // Two identities ride in every header; leave most of the packet for updates.
         let id_len = postcard_len(&identity)?;
         if id_len > max_foca_packet / 4 {
@@ -101,7 +102,7 @@ impl Driver {
             members_tx,
             dropped,
             left,
-            dc: config.datacenter.clone(),
+            dc: pool,
             timing: config.timing.clone(),
             max_foca_packet,
             configured_size: 1,

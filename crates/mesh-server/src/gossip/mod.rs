@@ -34,6 +34,10 @@ use identity::NodeIdentity;
 /// The longest node name or node id accepted (identities must stay small: two ride in every packet).
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The envelope's pool name of the WAN pool (servers of every datacenter). A datacenter name
+/// is a DNS label, so it never names this pool.
+pub const WAN_POOL: &str = "~wan";
+
 /// What a node is in the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +76,9 @@ pub struct GossipTiming {
     pub retry_join_initial: Duration,
     /// Longest wait between two `retry_join` announces.
     pub retry_join_max: Duration,
+    /// Start from foca's WAN configuration (`Config::new_wan`) rather than its LAN one; the
+    /// periods above apply either way.
+    pub wan: bool,
 }
 
 impl Default for GossipTiming {
@@ -83,11 +90,26 @@ impl Default for GossipTiming {
             gossip_interval: Duration::from_millis(200),
             retry_join_initial: Duration::from_secs(1),
             retry_join_max: Duration::from_secs(30),
+            wan: false,
         }
     }
 }
 
 impl GossipTiming {
+    /// Consul's WAN timing (memberlist's WAN defaults, foca's `Config::new_wan`): probe every
+    /// 5 s, 3 s for a direct ack, suspicion `6 × max(1, log10(n))` probe periods, gossip every
+    /// 500 ms.
+    pub fn wan() -> Self {
+        Self {
+            probe_period: Duration::from_secs(5),
+            probe_rtt: Duration::from_secs(3),
+            suspicion_multiplier: 6.0,
+            gossip_interval: Duration::from_millis(500),
+            wan: true,
+            ..Self::default()
+        }
+    }
+
     /// A fast failure detector for tests on loopback: probe every 200 ms, ack within 80 ms, suspicion
     /// `2 × probe period` (0.4 s at n ≤ 10), gossip every 50 ms, `retry_join` from 250 ms up to 2 s.
     pub fn fast() -> Self {
@@ -98,6 +120,7 @@ impl GossipTiming {
             gossip_interval: Duration::from_millis(50),
             retry_join_initial: Duration::from_millis(250),
             retry_join_max: Duration::from_secs(2),
+            wan: false,
         }
     }
 
@@ -125,7 +148,7 @@ impl GossipTiming {
     /// foca's configuration for an `n`-node pool and packets of at most `max_packet` foca bytes.
     fn foca_config(&self, cluster_size: u32, max_packet: usize) -> foca::Config {
         let n = std::num::NonZeroU32::new(cluster_size.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
-        let mut config = foca::Config::new_lan(n);
+        let mut config = if self.wan { foca::Config::new_wan(n) } else { foca::Config::new_lan(n) };
         config.probe_period = self.probe_period;
         config.probe_rtt = self.probe_rtt;
         config.suspect_to_down_after = self.suspicion(cluster_size);
@@ -149,8 +172,11 @@ pub struct GossipConfig {
     pub node: String,
     /// The node's id (a uuid kept in its data dir): a restart with the same id is the same node.
     pub node_id: String,
-    /// The datacenter: only packets of this datacenter's pool are accepted.
+    /// The datacenter (carried in this node's identity).
     pub datacenter: String,
+    /// The pool: only packets of this pool are accepted. `None`: the datacenter's LAN pool;
+    /// [`WAN_POOL`] for the servers of every datacenter.
+    pub pool: Option<String>,
     /// Server or agent.
     pub role: Role,
     /// The UDP address to bind (port 0: any free port, see [`Gossip::local_addr`]).

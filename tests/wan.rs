@@ -1,0 +1,179 @@
+//! Datacenters joined by a WAN pool (the first step of issue 14): the servers of every
+//! datacenter gossip in one pool of their own (`--serf-wan`, `--join-wan`, members named
+//! `<node>.<dc>`), apart from each datacenter's LAN pool. Two datacenters of one server each
+//! and an agent in dc1, as separate processes on loopback addresses: every node lists both
+//! datacenters (its own first), a server lists the WAN members, an agent none, `mesh members
+//! -wan` prints them; a dc2 server killed is failed in dc1's view and alive again when it
+//! comes back; a datacenter name that is no DNS label is refused.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use support::*;
+
+/// The loopback network of this test: `127.<a>.90.<host>`, unique to this process.
+fn net() -> String {
+    format!("127.{}.90", 20 + std::process::id() % 200)
+}
+
+/// A server of datacenter `dc` on `<net>.<i>`, joining the WAN pool at `join_wan`.
+fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let mut args = vec![
+        "--bind",
+        &ip,
+        "--rpc",
+        &rpc,
+        "--dc",
+        dc,
+        "--gossip-probe-period",
+        "200ms",
+        "--gossip-wan-probe-period",
+        "200ms",
+    ];
+    if let Some(j) = join_wan {
+        args.extend(["--join-wan", j]);
+    }
+    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
+}
+
+/// `GET path` on `node`, as JSON (`Null` when unreachable or not JSON).
+async fn json(node: &MeshNode, path: &str) -> Value {
+    match node.client.get(node.url(path)).timeout(std::time::Duration::from_secs(3)).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// The WAN members `node` lists: `(name, status, dc)`, sorted.
+async fn wan_members(node: &MeshNode) -> Vec<(String, u64, String)> {
+    let v = json(node, "/v1/agent/members?wan=1").await;
+    let mut out: Vec<(String, u64, String)> = v
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    (
+                        m["Name"].as_str().unwrap_or_default().to_owned(),
+                        m["Status"].as_u64().unwrap_or(0),
+                        m["Tags"]["dc"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_datacenters_know_each_other_through_the_wan_pool() {
+    let net = net();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dc1 = server(&net, &tmp.path().join("server1"), 1, "dc1", None);
+    let wan1 = format!("{net}.1:8302");
+    let mut dc2 = server(&net, &tmp.path().join("server2"), 2, "dc2", Some(&wan1));
+    let agent_ip = format!("{net}.10");
+    let agent = MeshNode::start_role(
+        "agent",
+        &agent_ip,
+        &tmp.path().join("agent"),
+        port_range(),
+        "agent1",
+        &[
+            "--bind",
+            &agent_ip,
+            "--rpc",
+            &format!("{agent_ip}:8300"),
+            "--dc",
+            "dc1",
+            "--join",
+            &format!("{net}.1:8301"),
+            "--gossip-probe-period",
+            "200ms",
+            "--runtime",
+            "process",
+            "--no-registrator",
+        ],
+    );
+
+    // Every node knows both datacenters, its own first.
+    let both = |own: &str, other: &str| serde_json::json!([own, other]);
+    eventually(30, "dc1 lists dc2", || async {
+        (json(&dc1, "/v1/catalog/datacenters").await == both("dc1", "dc2")).then_some(())
+    })
+    .await;
+    eventually(30, "dc2 lists dc1", || async {
+        (json(&dc2, "/v1/catalog/datacenters").await == both("dc2", "dc1")).then_some(())
+    })
+    .await;
+    eventually(30, "the agent lists both", || async {
+        (json(&agent, "/v1/catalog/datacenters").await == both("dc1", "dc2")).then_some(())
+    })
+    .await;
+
+    // The WAN pool holds the servers, named <node>.<dc>; the LAN pools stay apart.
+    let want = vec![("server1.dc1".to_owned(), 1, "dc1".to_owned()), ("server2.dc2".to_owned(), 1, "dc2".to_owned())];
+    eventually(30, "both servers alive in both views", || async {
+        (wan_members(&dc1).await == want && wan_members(&dc2).await == want).then_some(())
+    })
+    .await;
+    let v = json(&dc1, "/v1/agent/members?wan=1").await;
+    let me = v.as_array().unwrap().iter().find(|m| m["Name"] == "server1.dc1").unwrap().clone();
+    assert_eq!(me["Port"], 8302, "{me}");
+    assert_eq!(me["Tags"]["role"], "consul", "{me}");
+    let lan: Vec<String> = json(&dc1, "/v1/agent/members")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(lan.contains(&"agent1".to_owned()) && !lan.iter().any(|n| n.starts_with("server2")), "{lan:?}");
+    assert_eq!(json(&agent, "/v1/agent/members?wan=1").await, serde_json::json!([]), "an agent is in no WAN pool");
+    let self_ = json(&dc1, "/v1/agent/self").await;
+    assert_eq!(self_["Stats"]["consul"]["known_datacenters"], "2", "{self_}");
+
+    // `mesh members -wan`, as `consul members -wan`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["members", "-wan", "--http-addr", &dc1.http.to_string()])
+        .output()
+        .expect("mesh members");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        printed.lines().any(|l| l.starts_with("server2.dc2") && l.contains("alive") && l.ends_with("dc2")),
+        "{printed}"
+    );
+
+    // dc2's server dies: failed in dc1's view (dc2 is still a known datacenter, as in Consul),
+    // and alive again once it is back.
+    dc2.stop_with("KILL");
+    eventually(30, "server2.dc2 failed in dc1's view", || async {
+        wan_members(&dc1).await.iter().any(|(n, s, _)| n == "server2.dc2" && *s == 4).then_some(())
+    })
+    .await;
+    assert_eq!(json(&dc1, "/v1/catalog/datacenters").await, both("dc1", "dc2"));
+    let dc2 = restart_server(&dc2);
+    eventually(30, "server2.dc2 alive again", || async {
+        (wan_members(&dc1).await == want && wan_members(&dc2).await == want).then_some(())
+    })
+    .await;
+
+    // A datacenter name must be a DNS label (it is one in `web.service.dc2.mesh`).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["server", "--dc", "bad.dc", "--data-dir"])
+        .arg(tmp.path().join("bad"))
+        .output()
+        .expect("mesh server");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid datacenter name"));
+}
+
+/// Start `old` again on its data dir with its arguments.
+fn restart_server(old: &MeshNode) -> MeshNode {
+    let args: Vec<&str> = old.extra.iter().map(String::as_str).collect();
+    MeshNode::start_role("server", &old.http.ip().to_string(), &old.data_dir, old.ports, &old.name, &args)
+}
