@@ -3,8 +3,11 @@
 //! `<node>.<dc>`), apart from each datacenter's LAN pool. Two datacenters of one server each
 //! and an agent in dc1, as separate processes on loopback addresses: every node lists both
 //! datacenters (its own first), a server lists the WAN members, an agent none, `mesh members
-//! -wan` prints them; a dc2 server killed is failed in dc1's view and alive again when it
-//! comes back; a datacenter name that is no DNS label is refused.
+//! -wan` prints them; Consul requests with `?dc=dc2` sent to dc1's server or agent (curl-like
+//! and py-consul's `Consul(dc="dc2")`) are answered by dc2, reads and writes; an unknown
+//! datacenter and an unreachable one get Consul's two errors; a dc2 server killed is failed in
+//! dc1's view and alive again when it comes back; a datacenter name that is no DNS label is
+//! refused.
 
 mod support;
 
@@ -148,17 +151,64 @@ async fn two_datacenters_know_each_other_through_the_wan_pool() {
         "{printed}"
     );
 
+    // `?dc=dc2` through dc1 (its server, and its agent through the server) is answered by dc2.
+    let (s, v) = dc2.send("PUT", "/v1/agent/service/register", Some(r#"{"Name":"web","Port":8080}"#)).await;
+    assert_eq!(s, 200, "{v}");
+    for node in [&dc1, &agent] {
+        eventually(30, "web of dc2 read through dc1", || async {
+            let v = json(node, "/v1/catalog/service/web?dc=dc2").await;
+            let one = v.as_array()?.first()?.clone();
+            (one["Datacenter"] == "dc2" && one["Node"] == "server2" && one["ServicePort"] == 8080).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(json(&dc1, "/v1/catalog/service/web").await, serde_json::json!([]), "dc1 has none of its own");
+    let r = agent.client.put(agent.url("/v1/kv/cross?dc=dc2")).body("written-in-dc2").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), "true");
+    let r = dc2.client.get(dc2.url("/v1/kv/cross?raw")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "written-in-dc2", "the write went to dc2");
+    assert_eq!(dc1.get("/v1/kv/cross").await.0, 404, "and not to dc1");
+    if have_py_consul() {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, consul; c = consul.Consul(host=sys.argv[1], port=int(sys.argv[2]), dc='dc2'); \
+                 print(c.kv.get('cross')[1]['Value'].decode(), c.catalog.datacenters())",
+                &dc1.http.ip().to_string(),
+                &dc1.http.port().to_string(),
+            ])
+            .output()
+            .expect("python3");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(printed.trim(), "written-in-dc2 ['dc1', 'dc2']", "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // An unknown datacenter, as Consul answers it.
+    let r = dc1.client.get(dc1.url("/v1/kv/cross?dc=dc9")).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.text().await.unwrap(), "No path to datacenter");
+
     // dc2's server dies: failed in dc1's view (dc2 is still a known datacenter, as in Consul),
-    // and alive again once it is back.
+    // `?dc=dc2` is Consul's error for a datacenter with no server reachable, and all is back
+    // once the server is.
     dc2.stop_with("KILL");
     eventually(30, "server2.dc2 failed in dc1's view", || async {
         wan_members(&dc1).await.iter().any(|(n, s, _)| n == "server2.dc2" && *s == 4).then_some(())
     })
     .await;
     assert_eq!(json(&dc1, "/v1/catalog/datacenters").await, both("dc1", "dc2"));
+    for node in [&dc1, &agent] {
+        let r = node.client.get(node.url("/v1/kv/cross?dc=dc2")).send().await.unwrap();
+        assert_eq!(r.status(), 500);
+        assert_eq!(r.text().await.unwrap(), "Remote DC has no server currently reachable");
+    }
     let dc2 = restart_server(&dc2);
     eventually(30, "server2.dc2 alive again", || async {
         (wan_members(&dc1).await == want && wan_members(&dc2).await == want).then_some(())
+    })
+    .await;
+    eventually(30, "?dc=dc2 answered again", || async {
+        let r = dc1.client.get(dc1.url("/v1/kv/cross?dc=dc2&raw")).send().await.ok()?;
+        (r.text().await.ok()? == "written-in-dc2").then_some(())
     })
     .await;
 
@@ -170,6 +220,17 @@ async fn two_datacenters_know_each_other_through_the_wan_pool() {
         .expect("mesh server");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid datacenter name"));
+}
+
+/// Whether py-consul can be imported (it must be with `MESH_REQUIRE_PYTHON=1`, as in CI).
+fn have_py_consul() -> bool {
+    let ok =
+        std::process::Command::new("python3").args(["-c", "import consul"]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var("MESH_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "MESH_REQUIRE_PYTHON=1 but py-consul is missing"
+    );
+    ok
 }
 
 /// Start `old` again on its data dir with its arguments.

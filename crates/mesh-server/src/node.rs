@@ -713,10 +713,26 @@ pub async fn run_server(
         raft: Some(raft_view.clone()),
         ..Api::new(control.clone(), node_info(&cfg, &[]))
     };
+    let dc_route = crate::cluster::forward::DcRoute {
+        datacenter: cfg.datacenter.clone(),
+        node: cfg.node.clone(),
+        wan: wan.clone(),
+        transport: transport.clone(),
+        hello: crate::rpc::Hello {
+            node: cfg.node.clone(),
+            node_id: node_id.clone(),
+            datacenter: cfg.datacenter.clone(),
+            role: crate::rpc::Role::Server,
+            http: None,
+        },
+        published: published.clone(),
+        conns: Arc::default(),
+    };
     let layer = {
         let l = leader_route.clone();
         move |r: axum::Router| {
             r.layer(axum::middleware::from_fn_with_state(l.clone(), crate::cluster::forward::leader_layer))
+                .layer(axum::middleware::from_fn_with_state(dc_route.clone(), crate::cluster::forward::dc_layer))
         }
     };
     let http = start_http(&cfg, |info| layer(api::router(Api { info, ..base.clone() }))).await?;

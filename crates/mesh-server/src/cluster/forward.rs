@@ -187,8 +187,10 @@ fn not_leader(path: &str) -> axum::response::Response {
 /// the replica (saying, on Consul endpoints, when it has lost the server).
 pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next: Next) -> axum::response::Response {
     let path = req.uri().path().to_owned();
-    // Consul's `consistent` reads are the leader's to answer (it confirms it leads first).
-    if !forwarded(req.method(), &path) && !query_has(&req, "consistent") {
+    // Consul's `consistent` reads are the leader's to answer (it confirms it leads first), and
+    // a server sends what names another datacenter there.
+    let own_dc = f.published.state.load().catalog.datacenter.clone();
+    if !forwarded(req.method(), &path) && !query_has(&req, "consistent") && foreign_dc(&req, &own_dc).is_none() {
         let mut resp = next.run(req).await;
         if !f.status.connected() && resp.headers().contains_key("X-Consul-KnownLeader") {
             let h = resp.headers_mut();
@@ -240,7 +242,7 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
     observe(&out.path, &out.method, &out.body, None);
     let mut conn = conn;
     loop {
-        match send(&conn, &f.node, &f.published, &out).await {
+        match send(&conn, &f.node, Some(&f.published), &out).await {
             Sent::Answer(status, resp) => {
                 observe(&out.path, &out.method, &out.body, Some(status));
                 return resp;
@@ -433,7 +435,7 @@ enum Sent {
 /// Carry `out` to the node at the other end of `conn` (as [`HttpRequest`] over the RPC), then
 /// wait (bounded) until `published` holds what it answered from, so a client reads what it
 /// wrote from the node it asked.
-async fn send(conn: &crate::rpc::Conn, node: &str, published: &Published, out: &Outgoing) -> Sent {
+async fn send(conn: &crate::rpc::Conn, node: &str, published: Option<&Published>, out: &Outgoing) -> Sent {
     let fwd = HttpRequest {
         method: out.method.clone(),
         uri: out.uri.clone(),
@@ -452,9 +454,11 @@ async fn send(conn: &crate::rpc::Conn, node: &str, published: &Published, out: &
     }
 
     // Read-your-writes: wait (bounded) for the replica to hold what the server answered from.
-    let mut index = published.index.clone();
-    if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
-        debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");
+    if let Some(published) = published {
+        let mut index = published.index.clone();
+        if tokio::time::timeout(CATCH_UP, index.wait_for(|i| *i >= r.index)).await.is_err() {
+            debug!(want = r.index, have = *index.borrow(), "forward: the replica did not catch up in time");
+        }
     }
     let status = r.status;
     let mut resp = axum::response::Response::new(Body::from(r.body));
@@ -611,7 +615,7 @@ pub async fn leader_layer(
                     };
                 }
                 let Some(o) = &out else { return unavailable(&path, "the request is gone") };
-                match send(&conn, &l.node, &l.published, o).await {
+                match send(&conn, &l.node, Some(&l.published), o).await {
                     Sent::Answer(_, resp) => return resp,
                     // The leader died or stepped down before answering: the same request (the
                     // same id) goes to the next leader, within the hold time.
@@ -639,6 +643,103 @@ pub async fn leader_layer(
             return unavailable(&path, lost.as_deref().unwrap_or("none elected in time"));
         }
     }
+}
+
+/// What a server needs to send a request for another datacenter (Consul's `?dc=`) to one of
+/// its servers.
+#[derive(Clone)]
+pub struct DcRoute {
+    /// This server's datacenter.
+    pub datacenter: String,
+    /// This server's name (the receiver acts for it on `/v1/agent/*`, never forwarded).
+    pub node: String,
+    /// The WAN pool: which servers each datacenter has, and which are alive.
+    pub wan: crate::gossip::Gossip,
+    /// How to reach them.
+    pub transport: Arc<dyn crate::rpc::Transport>,
+    /// This server's hello on those connections.
+    pub hello: crate::rpc::Hello,
+    /// This server's view (the ids of forwarded writes come from its clock).
+    pub published: Published,
+    /// Open connections, by address.
+    pub conns: Arc<tokio::sync::Mutex<HashMap<std::net::SocketAddr, crate::rpc::Conn>>>,
+}
+
+/// How long a server waits for a server of another datacenter to connect before it tries the
+/// next one: a datacenter that cannot be reached is an error within seconds, never a hang.
+const DC_CONNECT: Duration = Duration::from_secs(2);
+
+/// The other datacenter a Consul request names with `?dc=`, if it names one.
+fn foreign_dc(req: &axum::extract::Request, own: &str) -> Option<String> {
+    let path = req.uri().path();
+    if !path.starts_with("/v1/") || path.starts_with("/v1/agent/") {
+        return None;
+    }
+    query_value(req, "dc").filter(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(own))
+}
+
+/// A server's outermost HTTP layer: a Consul request for another datacenter (`?dc=`) is sent
+/// to a server of that datacenter over the WAN (alive ones first, the next when one fails),
+/// which answers it as its own; the answer comes back unchanged. A datacenter the WAN pool does
+/// not know is Consul's `500 No path to datacenter`; one whose servers cannot be reached is
+/// Consul's `500 Remote DC has no server currently reachable`, within seconds.
+pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, next: Next) -> axum::response::Response {
+    let Some(dc) = foreign_dc(&req, &d.datacenter) else { return next.run(req).await };
+    let mut servers: Vec<crate::gossip::Member> = d
+        .wan
+        .members()
+        .into_iter()
+        .filter(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
+        .collect();
+    if servers.is_empty() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
+    }
+    // Alive first, then suspect, then failed (gossip may lag behind a recovery).
+    servers.sort_by_key(|m| match m.status {
+        crate::gossip::MemberStatus::Alive => 0,
+        crate::gossip::MemberStatus::Suspect => 1,
+        _ => 2,
+    });
+    let out = match Outgoing::read(req, false, &d.published).await {
+        Ok(out) => out,
+        Err(resp) => return resp,
+    };
+    let mut why = String::new();
+    for m in servers {
+        let cached = d.conns.lock().await.get(&m.rpc).filter(|c| !c.is_closed()).cloned();
+        let conn = match cached {
+            Some(c) => c,
+            None => {
+                let connect = crate::rpc::Conn::connect(
+                    d.transport.as_ref(),
+                    m.rpc,
+                    d.hello.clone(),
+                    Arc::new(crate::rpc::NoHandler),
+                );
+                match tokio::time::timeout(DC_CONNECT, connect).await {
+                    Ok(Ok(c)) => {
+                        d.conns.lock().await.insert(m.rpc, c.clone());
+                        c
+                    }
+                    Ok(Err(e)) => {
+                        why = e.to_string();
+                        continue;
+                    }
+                    Err(_) => {
+                        why = format!("{}: no connection within {DC_CONNECT:?}", m.rpc);
+                        continue;
+                    }
+                }
+            }
+        };
+        // The other datacenter's index says nothing of this one's replica: no catch-up wait.
+        match send(&conn, &d.node, None, &out).await {
+            Sent::Answer(_, resp) => return resp,
+            Sent::Lost(e) => why = e,
+        }
+    }
+    debug!(%dc, reason = %why, "?dc=: no server of the datacenter answered");
+    (StatusCode::INTERNAL_SERVER_ERROR, "Remote DC has no server currently reachable").into_response()
 }
 
 #[cfg(test)]

@@ -176,6 +176,12 @@ fn owned_by(m: &ToControl, agent: &AgentId) -> bool {
 #[async_trait::async_trait]
 impl Handler for ServerHandler {
     async fn call(&self, peer: &Peer, req: Request) -> Result<Response, RemoteError> {
+        if peer.hello.datacenter != self.control.published.state.load().catalog.datacenter
+            && !matches!(req, Request::Http(_) | Request::Echo(_))
+        {
+            // A server of another datacenter sends only what a client sent it with `?dc=`.
+            return Err(RemoteError::Refused(format!("{} from datacenter {}", req.name(), peer.hello.datacenter)));
+        }
         match req {
             Request::Report { agent, incarnation, items } => {
                 self.report(peer, agent, incarnation, items).await.map(|upto| Response::Ack { upto })
@@ -191,6 +197,9 @@ impl Handler for ServerHandler {
     }
 
     async fn open(&self, peer: Peer, req: Request, sink: Sink) {
+        if peer.hello.datacenter != self.control.published.state.load().catalog.datacenter {
+            return sink.end(Some(format!("{} from datacenter {}", req.name(), peer.hello.datacenter)));
+        }
         match req {
             Request::AgentSession { register } => self.session(peer, register, sink).await,
             Request::Replicate { from } => {

@@ -211,6 +211,13 @@ pub trait Handler: Send + Sync + 'static {
     fn disconnected(&self, _peer: &Peer) {}
 }
 
+/// Whether two nodes may talk: of one datacenter, or two servers (the WAN: a server serves a
+/// server of another datacenter only the requests sent there with `?dc=`, see
+/// [`crate::cluster::server`]).
+fn same_pool(theirs: &Hello, ours: &Hello) -> bool {
+    theirs.datacenter == ours.datacenter || (theirs.role == Role::Server && ours.role == Role::Server)
+}
+
 /// A handler that serves nothing (a node that only calls out).
 pub struct NoHandler;
 
@@ -376,7 +383,7 @@ impl Conn {
                 return Err(e);
             }
         };
-        if theirs.datacenter != hello.datacenter {
+        if !same_pool(&theirs, &hello) {
             let why = format!("{addr} is in datacenter {}, this node in {}", theirs.datacenter, hello.datacenter);
             warn!("rpc: refused: {why}");
             return Err(RpcError::Refused(why));
@@ -777,7 +784,7 @@ async fn accept(
         Frame::Hello(h) => h,
         _ => return Err(RpcError::Protocol(format!("{addr} sent no hello"))),
     };
-    if theirs.datacenter != hello.datacenter {
+    if !same_pool(&theirs, &hello) {
         let why = format!(
             "node {} ({addr}) is in datacenter {}, this node in {}",
             theirs.node, theirs.datacenter, hello.datacenter
