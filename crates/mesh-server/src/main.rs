@@ -545,6 +545,18 @@ fn parse_join(s: &str) -> Result<SocketAddr, String> {
     parse_addr(s, 8301)
 }
 
+/// Gossip timing for tests on one machine: probe every `period` (the hidden
+/// `--gossip-probe-period` and `--gossip-wan-probe-period`), the rest scaled from it.
+fn test_timing(period: Duration, wan: bool) -> mesh_server::gossip::GossipTiming {
+    mesh_server::gossip::GossipTiming {
+        probe_period: period,
+        probe_rtt: period * 2 / 5,
+        gossip_interval: period / 4,
+        wan,
+        ..mesh_server::gossip::GossipTiming::fast()
+    }
+}
+
 fn parse_join_wan(s: &str) -> Result<SocketAddr, String> {
     parse_addr(s, 8302)
 }
@@ -867,25 +879,12 @@ fn main() -> ExitCode {
         serf_wan: a.serf_wan,
         join_wan: a.join_wan,
         advertise_wan: a.advertise_wan,
-        gossip_wan_timing: match a.gossip_wan_probe_period {
-            None => mesh_server::gossip::GossipTiming::wan(),
-            Some(p) => mesh_server::gossip::GossipTiming {
-                probe_period: p,
-                probe_rtt: p * 2 / 5,
-                gossip_interval: p / 4,
-                wan: true,
-                ..mesh_server::gossip::GossipTiming::fast()
-            },
-        },
-        gossip_timing: match a.gossip_probe_period {
-            None => mesh_server::gossip::GossipTiming::default(),
-            Some(p) => mesh_server::gossip::GossipTiming {
-                probe_period: p,
-                probe_rtt: p * 2 / 5,
-                gossip_interval: p / 4,
-                ..mesh_server::gossip::GossipTiming::fast()
-            },
-        },
+        gossip_wan_timing: a
+            .gossip_wan_probe_period
+            .map_or_else(mesh_server::gossip::GossipTiming::wan, |p| test_timing(p, true)),
+        gossip_timing: a
+            .gossip_probe_period
+            .map_or_else(mesh_server::gossip::GossipTiming::default, |p| test_timing(p, false)),
         agent_down_after: a.agent_down_after,
         reregister_timeout: a.agent_reregister_timeout,
         bootstrap_expect: a.bootstrap_expect.max(1),

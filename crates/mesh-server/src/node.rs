@@ -928,24 +928,29 @@ async fn start_gossip(
     role: crate::gossip::Role,
     rpc: SocketAddr,
 ) -> Result<crate::gossip::Gossip, NodeError> {
-    let advertise = SocketAddr::new(cfg.advertise, cfg.serf_lan.port());
-    let gc = crate::gossip::GossipConfig {
+    start_pool(lan_pool(cfg, node_id, role, rpc), "gossip").await
+}
+
+/// This node's place in its datacenter's LAN pool.
+fn lan_pool(
+    cfg: &NodeConfig,
+    node_id: &str,
+    role: crate::gossip::Role,
+    rpc: SocketAddr,
+) -> crate::gossip::GossipConfig {
+    crate::gossip::GossipConfig {
         node: cfg.node.clone(),
         node_id: node_id.to_owned(),
         datacenter: cfg.datacenter.clone(),
         pool: None,
         role,
         bind: cfg.serf_lan,
-        advertise,
+        advertise: SocketAddr::new(cfg.advertise, cfg.serf_lan.port()),
         rpc,
         join: cfg.join.clone(),
         timing: cfg.gossip_timing.clone(),
         seed: seed(cfg.clock.as_ref()),
-    };
-    crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
-        crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
-        other => NodeError::Unsupported(format!("gossip: {other}")),
-    })
+    }
 }
 
 /// Join the WAN pool: the servers of every datacenter, as `<node>.<datacenter>`, with WAN
@@ -956,23 +961,23 @@ async fn start_wan_gossip(
     node_id: &str,
     rpc: SocketAddr,
 ) -> Result<crate::gossip::Gossip, NodeError> {
-    let advertise = SocketAddr::new(cfg.advertise_wan.unwrap_or(cfg.advertise), cfg.serf_wan.port());
     let gc = crate::gossip::GossipConfig {
         node: format!("{}.{}", cfg.node, cfg.datacenter),
-        node_id: node_id.to_owned(),
-        datacenter: cfg.datacenter.clone(),
         pool: Some(crate::gossip::WAN_POOL.to_owned()),
-        role: crate::gossip::Role::Server,
         bind: cfg.serf_wan,
-        advertise,
-        rpc,
+        advertise: SocketAddr::new(cfg.advertise_wan.unwrap_or(cfg.advertise), cfg.serf_wan.port()),
         join: cfg.join_wan.clone(),
         timing: cfg.gossip_wan_timing.clone(),
-        seed: seed(cfg.clock.as_ref()),
+        ..lan_pool(cfg, node_id, crate::gossip::Role::Server, rpc)
     };
+    start_pool(gc, "WAN gossip").await
+}
+
+/// Start a gossip pool; `what` names it in errors.
+async fn start_pool(gc: crate::gossip::GossipConfig, what: &str) -> Result<crate::gossip::Gossip, NodeError> {
     crate::gossip::Gossip::start(gc).await.map_err(|e| match e {
         crate::gossip::GossipError::Bind { addr, source } => NodeError::Bind { addr, source },
-        other => NodeError::Unsupported(format!("WAN gossip: {other}")),
+        other => NodeError::Unsupported(format!("{what}: {other}")),
     })
 }
 
