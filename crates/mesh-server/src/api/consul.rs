@@ -841,12 +841,8 @@ async fn agent_members(State(api): State<Api>, RawQuery(raw): RawQuery) -> Resul
     let q = Params::parse(raw.as_deref());
     let state = api.control.published.state.load();
     let wan = q.flag("wan");
-    let pool = match &api.cluster {
-        Some(cluster) if wan => cluster.wan_members(),
-        Some(cluster) => Some(cluster.members()),
-        None => None,
-    };
-    let members: Vec<Value> = if let Some(mut ms) = pool.or_else(|| api.cluster.as_ref().map(|_| Vec::new())) {
+    let pool = api.cluster.as_ref().map(|c| if wan { c.wan_members().unwrap_or_default() } else { c.members() });
+    let members: Vec<Value> = if let Some(mut ms) = pool {
         // A gossip pool as this node sees it (Serf's statuses: 1 alive, 3 left, 4 failed; a
         // suspect member is still alive to Serf). An agent is in no WAN pool: none, as a
         // Consul client answers.

@@ -402,14 +402,29 @@ async fn body_limit_errors(req: axum::extract::Request, next: axum::middleware::
         return r;
     }
     let m = format!("Request body too large, max size: {MAX_BODY_BYTES} bytes.");
-    let e = if path.starts_with("/v1/") {
-        ApiError::ConsulTooLarge(m)
-    } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
-        ApiError::MesosTooLarge(m)
-    } else {
-        ApiError::MarathonTooLarge(m)
+    let e = match api_of(&path) {
+        ApiKind::Consul => ApiError::ConsulTooLarge(m),
+        ApiKind::Mesos => ApiError::MesosTooLarge(m),
+        ApiKind::Marathon => ApiError::MarathonTooLarge(m),
     };
     e.into_response()
+}
+
+/// Which API a path belongs to (whose error format its answers use).
+enum ApiKind {
+    Consul,
+    Mesos,
+    Marathon,
+}
+
+fn api_of(path: &str) -> ApiKind {
+    if path.starts_with("/v1/") {
+        ApiKind::Consul
+    } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
+        ApiKind::Mesos
+    } else {
+        ApiKind::Marathon
+    }
 }
 
 /// The header that names a client request: a write sent again with the same id (a retry after
@@ -433,13 +448,10 @@ async fn request_scope(req: axum::extract::Request, next: axum::middleware::Next
     let Some(id) = id else {
         let m =
             format!("Invalid X-Mesh-Request-Id: 1 to {MAX_CLIENT_REQUEST_ID} characters of letters, digits and -._:#");
-        let path = req.uri().path();
-        let e = if path.starts_with("/v1/") {
-            ApiError::ConsulBadRequest(m)
-        } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
-            ApiError::MesosBadRequest(m)
-        } else {
-            ApiError::MarathonBadRequest(m)
+        let e = match api_of(req.uri().path()) {
+            ApiKind::Consul => ApiError::ConsulBadRequest(m),
+            ApiKind::Mesos => ApiError::MesosBadRequest(m),
+            ApiKind::Marathon => ApiError::MarathonBadRequest(m),
         };
         return e.into_response();
     };

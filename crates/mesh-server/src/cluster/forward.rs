@@ -189,8 +189,8 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
     let path = req.uri().path().to_owned();
     // Consul's `consistent` reads are the leader's to answer (it confirms it leads first), and
     // a server sends what names another datacenter there.
-    let own_dc = f.published.state.load().catalog.datacenter.clone();
-    if !forwarded(req.method(), &path) && !query_has(&req, "consistent") && foreign_dc(&req, &own_dc).is_none() {
+    let foreign = foreign_dc(&req, &f.published.state.load().catalog.datacenter).is_some();
+    if !forwarded(req.method(), &path) && !query_has(&req, "consistent") && !foreign {
         let mut resp = next.run(req).await;
         if !f.status.connected() && resp.headers().contains_key("X-Consul-KnownLeader") {
             let h = resp.headers_mut();
@@ -205,14 +205,8 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
     // for a leader.
     let mut link = f.link.clone();
     let deadline = tokio::time::Instant::now() + HOLD;
-    let conn = loop {
-        let conn = link.borrow_and_update().clone();
-        if let Some(c) = conn.filter(|c| !c.is_closed()) {
-            break c;
-        }
-        if !matches!(tokio::time::timeout_at(deadline, link.changed()).await, Ok(Ok(()))) {
-            return unavailable(&path, "this agent has no connection to a server");
-        }
+    let Some(conn) = open_link(&mut link, deadline).await else {
+        return unavailable(&path, "this agent has no connection to a server");
     };
     if path == "/api/v1/scheduler" {
         // A framework given this agent's address keeps it: the agent relays its subscription
@@ -256,16 +250,23 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
                 debug!(path = %path, reason = %why, "forward: no answer; sending again");
                 let pause = (tokio::time::Instant::now() + RETRY_PAUSE).min(deadline);
                 let _ = tokio::time::timeout_at(pause, link.changed()).await;
-                loop {
-                    if let Some(c) = link.borrow_and_update().clone().filter(|c| !c.is_closed()) {
-                        conn = c;
-                        break;
-                    }
-                    if !matches!(tokio::time::timeout_at(deadline, link.changed()).await, Ok(Ok(()))) {
-                        return unavailable(&path, &why);
-                    }
+                match open_link(&mut link, deadline).await {
+                    Some(c) => conn = c,
+                    None => return unavailable(&path, &why),
                 }
             }
+        }
+    }
+}
+
+/// The agent's open connection to a server, waiting for one (a reconnection) until `deadline`.
+async fn open_link(link: &mut super::Link, deadline: tokio::time::Instant) -> Option<crate::rpc::Conn> {
+    loop {
+        if let Some(c) = link.borrow_and_update().clone().filter(|c| !c.is_closed()) {
+            return Some(c);
+        }
+        if !matches!(tokio::time::timeout_at(deadline, link.changed()).await, Ok(Ok(()))) {
+            return None;
         }
     }
 }
@@ -692,7 +693,7 @@ pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, nex
         .filter(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
         .collect();
     if servers.is_empty() {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter").into_response();
+        return crate::api::ApiError::ConsulNoPathToDc.into_response();
     }
     // Alive first, then suspect, then failed (gossip may lag behind a recovery).
     servers.sort_by_key(|m| match m.status {
@@ -739,7 +740,7 @@ pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, nex
         }
     }
     debug!(%dc, reason = %why, "?dc=: no server of the datacenter answered");
-    (StatusCode::INTERNAL_SERVER_ERROR, "Remote DC has no server currently reachable").into_response()
+    crate::api::ApiError::ConsulStatus(500, "Remote DC has no server currently reachable".into()).into_response()
 }
 
 #[cfg(test)]

@@ -173,12 +173,17 @@ fn owned_by(m: &ToControl, agent: &AgentId) -> bool {
     ok
 }
 
+impl ServerHandler {
+    /// Whether `peer` is a server of another datacenter (it may send only `?dc=` requests).
+    fn foreign(&self, peer: &Peer) -> bool {
+        peer.hello.datacenter != self.control.published.state.load().catalog.datacenter
+    }
+}
+
 #[async_trait::async_trait]
 impl Handler for ServerHandler {
     async fn call(&self, peer: &Peer, req: Request) -> Result<Response, RemoteError> {
-        if peer.hello.datacenter != self.control.published.state.load().catalog.datacenter
-            && !matches!(req, Request::Http(_) | Request::Echo(_))
-        {
+        if self.foreign(peer) && !matches!(req, Request::Http(_) | Request::Echo(_)) {
             // A server of another datacenter sends only what a client sent it with `?dc=`.
             return Err(RemoteError::Refused(format!("{} from datacenter {}", req.name(), peer.hello.datacenter)));
         }
@@ -197,7 +202,7 @@ impl Handler for ServerHandler {
     }
 
     async fn open(&self, peer: Peer, req: Request, sink: Sink) {
-        if peer.hello.datacenter != self.control.published.state.load().catalog.datacenter {
+        if self.foreign(&peer) {
             return sink.end(Some(format!("{} from datacenter {}", req.name(), peer.hello.datacenter)));
         }
         match req {
