@@ -162,6 +162,12 @@ pub struct DnsConfig {
     pub recursors: Vec<SocketAddr>,
     /// How long each upstream gets.
     pub recursor_timeout: Duration,
+    /// `--dns-failover nearest`: a plain `<svc>.service.<domain>` with no answerable instance
+    /// here is answered from the nearest datacenter that has one ([`RemoteAsk::Failover`]).
+    pub failover_nearest: bool,
+    /// `--translate-wan-addrs`: names of other datacenters answer their nodes' and instances'
+    /// WAN addresses (`TaggedAddresses.wan`) where they have one.
+    pub translate_wan_addrs: bool,
 }
 
 impl Default for DnsConfig {
@@ -178,6 +184,8 @@ impl Default for DnsConfig {
             consul_truncation: false,
             recursors: Vec::new(),
             recursor_timeout: Duration::from_secs(2),
+            failover_nearest: false,
+            translate_wan_addrs: false,
         }
     }
 }
@@ -373,7 +381,9 @@ impl DnsZone {
             }
             QueryName::Node { node, datacenter } => {
                 if !known_dc(&datacenter) {
-                    return negative(ResponseCode::NXDomain);
+                    let mut a = negative(ResponseCode::NXDomain);
+                    a.remote = datacenter.map(|dc| RemoteAsk::Node { dc, node });
+                    return a;
                 }
                 let Some(node) = index.nodes.get(&node) else { return negative(ResponseCode::NXDomain) };
                 let ttl = self.config.node_ttl;
@@ -387,14 +397,30 @@ impl DnsZone {
                     out.additionals.extend(txt);
                 }
             }
+            QueryName::Query { name, datacenter } => {
+                let mut a = negative(ResponseCode::NXDomain);
+                a.remote = Some(RemoteAsk::Query { name, dc: datacenter.filter(|dc| *dc != self.dc) });
+                return a;
+            }
             QueryName::Service { service, tag, datacenter } => {
                 if !known_dc(&datacenter) {
-                    return negative(ResponseCode::NXDomain);
+                    let mut a = negative(ResponseCode::NXDomain);
+                    a.remote = datacenter.map(|dc| RemoteAsk::Service { dc, service, tag });
+                    return a;
                 }
-                let Some(entry) = index.services.get(&service) else { return negative(ResponseCode::NXDomain) };
+                // Nothing answerable here: NXDOMAIN, or with `failover_nearest` (and no
+                // datacenter named) the nearest datacenter that has an answer.
+                let failover = |service: String, tag: Option<String>| {
+                    let mut a = negative(ResponseCode::NXDomain);
+                    if self.config.failover_nearest && datacenter.is_none() {
+                        a.remote = Some(RemoteAsk::Failover { service, tag });
+                    }
+                    a
+                };
+                let Some(entry) = index.services.get(&service) else { return failover(service, tag) };
                 let selected = self.select(entry, tag.as_deref());
                 if selected.is_empty() {
-                    return negative(ResponseCode::NXDomain);
+                    return failover(service, tag);
                 }
                 if qtype == RecordType::SRV {
                     srv_records(qname, &selected, entry.ttl, d, rng, &mut out);
@@ -413,6 +439,65 @@ impl DnsZone {
         }
         if out.answers.is_empty() {
             return negative(ResponseCode::NoError);
+        }
+        out
+    }
+
+    /// The answer to `qname`/`qtype` (whose [`DnsZone::answer`] asked for `ask`) from what the
+    /// server found: the records the other datacenter's own DNS would give for
+    /// `[<tag>.]<service>.service.<dc>.<domain>` (or `<node>.node.<dc>.<domain>`), owned by
+    /// `qname`; SRV targets and their Additional records name that datacenter. A miss is
+    /// NXDOMAIN (no such name) or SERVFAIL (unreachable).
+    pub fn answer_remote<R: Rng + ?Sized>(
+        &self,
+        qname: &Name,
+        qtype: RecordType,
+        ask: &RemoteAsk,
+        found: Result<&RemoteFound, RemoteMiss>,
+        unix_time: u64,
+        rng: &mut R,
+    ) -> DnsAnswer {
+        let (_, d) = self.parse(qname, qtype);
+        let negative = |code: ResponseCode| {
+            let mut a = DnsAnswer::new(code);
+            if code == ResponseCode::NXDomain {
+                a.authorities.push(self.soa_record(d, unix_time as u32));
+            }
+            a
+        };
+        let found = match found {
+            Ok(f) => f,
+            Err(RemoteMiss::NoSuchName) => return negative(ResponseCode::NXDomain),
+            Err(RemoteMiss::Unavailable) => return negative(ResponseCode::ServFail),
+        };
+        // That datacenter's zone (same domains and settings).
+        let config = DnsConfig { datacenter: found.datacenter.clone(), failover_nearest: false, ..self.config.clone() };
+        let Ok(zone) = DnsZone::new(config) else { return negative(ResponseCode::ServFail) };
+        let index = DnsIndex::build(&found.catalog, &zone, None);
+        let labels: Vec<String> = match ask {
+            RemoteAsk::Node { node, .. } => node.split('.').map(str::to_owned).chain(["node".to_owned()]).collect(),
+            RemoteAsk::Service { tag, .. } | RemoteAsk::Failover { tag, .. } => tag
+                .iter()
+                .flat_map(|t| t.split('.'))
+                .map(str::to_owned)
+                .chain([found.service.to_ascii_lowercase(), "service".to_owned()])
+                .collect(),
+            RemoteAsk::Query { .. } => vec![found.service.to_ascii_lowercase(), "service".to_owned()],
+        };
+        let Some(asked) = zone.name_in_dc(labels.iter().map(String::as_bytes), d) else {
+            return negative(ResponseCode::NXDomain);
+        };
+        let mut out = zone.answer(&index, &asked, qtype, unix_time, rng);
+        out.remote = None;
+        for r in out.answers.iter_mut() {
+            if r.name == asked {
+                r.name = qname.clone();
+            }
+        }
+        if let Some(ttl) = found.ttl {
+            for r in out.answers.iter_mut().chain(out.additionals.iter_mut()) {
+                r.ttl = ttl;
+            }
         }
         out
     }
@@ -471,6 +556,14 @@ pub enum QueryName {
         /// The address.
         ip: IpAddr,
         /// The datacenter named in the query, lowercased, if any (ignored, as Consul does).
+        datacenter: Option<String>,
+    },
+    /// A prepared query, by name or id (`<name>.query[.<dc>].<domain>`, or RFC 2782's
+    /// `_<name>._tcp.query.<domain>`).
+    Query {
+        /// The query's name or id, lowercased.
+        name: String,
+        /// The datacenter named in the query, lowercased, if any.
         datacenter: Option<String>,
     },
     /// A name under `in-addr.arpa` or `ip6.arpa`: the address if the name spells a whole one.
@@ -545,7 +638,14 @@ fn parse_in_domain(rest: &[&[u8]], qtype: RecordType) -> QueryName {
                 .map_or(QueryName::Invalid, |ip| QueryName::Addr { ip, datacenter }),
             _ => QueryName::Invalid,
         },
-        // Prepared queries, Connect, ingress and virtual IPs are not served.
+        "query" => match parts {
+            [] => QueryName::Invalid,
+            [name, tcp] if name.len() > 1 && name[0] == b'_' && tcp.eq_ignore_ascii_case(b"_tcp") => {
+                QueryName::Query { name: lower(&name[1..]), datacenter }
+            }
+            _ => QueryName::Query { name: join_lower(parts), datacenter },
+        },
+        // Connect, ingress and virtual IPs are not served.
         _ => QueryName::Invalid,
     }
 }
@@ -687,6 +787,72 @@ pub struct DnsAnswer {
     /// The name is not ours: forward it to the recursors if there are any; otherwise send this
     /// answer (REFUSED outside our domains, NXDOMAIN for unknown reverse names).
     pub recurse: bool,
+    /// The answer needs what this node's catalog does not hold (another datacenter, a prepared
+    /// query, a failover): the server looks it up ([`DnsZone::answer_remote`] makes the answer);
+    /// without a way to look it up, this answer (NXDOMAIN) is sent.
+    pub remote: Option<RemoteAsk>,
+}
+
+/// What a query needs from outside this node's catalog: the server asks its datacenter's
+/// servers (which ask the other datacenter's over the WAN) and answers with
+/// [`DnsZone::answer_remote`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteAsk {
+    /// The instances of a service in another datacenter (`<svc>.service.<dc>.<domain>`).
+    Service {
+        /// The datacenter, lowercased.
+        dc: String,
+        /// The service, lowercased.
+        service: String,
+        /// A tag filter, lowercased.
+        tag: Option<String>,
+    },
+    /// A node of another datacenter (`<node>.node.<dc>.<domain>`).
+    Node {
+        /// The datacenter, lowercased.
+        dc: String,
+        /// The node, lowercased.
+        node: String,
+    },
+    /// A prepared query (`<name>.query[.<dc>].<domain>`), executed where it is defined.
+    Query {
+        /// The query's name or id.
+        name: String,
+        /// The datacenter named, if another than ours.
+        dc: Option<String>,
+    },
+    /// `--dns-failover nearest`: this datacenter has no answerable instance of the service
+    /// asked by a plain `<svc>.service.<domain>`: the nearest datacenter that has one answers.
+    Failover {
+        /// The service, lowercased.
+        service: String,
+        /// A tag filter, lowercased.
+        tag: Option<String>,
+    },
+}
+
+/// What the server found for a [`RemoteAsk`]: the instances (or node) of one datacenter, as a
+/// small catalog of that datacenter.
+#[derive(Clone, Debug)]
+pub struct RemoteFound {
+    /// The datacenter that answered.
+    pub datacenter: String,
+    /// The service whose instances `catalog` holds (a prepared query names its own).
+    pub service: String,
+    /// The nodes and instances found, health included (critical ones are left out by the
+    /// answer, as locally).
+    pub catalog: CatalogState,
+    /// A TTL for the answer's records (a prepared query's `DNS.TTL`), instead of the configured.
+    pub ttl: Option<u32>,
+}
+
+/// Why a [`RemoteAsk`] found nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteMiss {
+    /// No such datacenter, service, node or query: NXDOMAIN.
+    NoSuchName,
+    /// The datacenter (or this node's servers) could not be reached: SERVFAIL.
+    Unavailable,
 }
 
 impl DnsAnswer {
@@ -696,7 +862,14 @@ impl DnsAnswer {
 
     /// An answer without records.
     pub fn new(response_code: ResponseCode) -> Self {
-        Self { response_code, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new(), recurse: false }
+        Self {
+            response_code,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            recurse: false,
+            remote: None,
+        }
     }
 }
 

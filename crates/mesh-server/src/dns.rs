@@ -39,7 +39,8 @@ use hickory_proto::rr::DNSClass;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use mesh_core::catalog::CatalogState;
 use mesh_core::dns::{
-    DnsAnswer, DnsConfig, DnsConfigError, DnsIndex, DnsZone, SimpleQuery, SizeLimit, encode_response,
+    DnsAnswer, DnsConfig, DnsConfigError, DnsIndex, DnsZone, RemoteAsk, RemoteFound, RemoteMiss, SimpleQuery,
+    SizeLimit, encode_response,
 };
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -163,8 +164,21 @@ pub enum Reply {
     Drop,
 }
 
+/// Looks up what a node's catalog does not hold ([`RemoteAsk`]: another datacenter's names,
+/// prepared queries, failover) by asking the node's servers.
+pub trait RemoteLookup: Send + Sync + 'static {
+    /// What `ask` names, or why nothing.
+    fn lookup(&self, ask: RemoteAsk) -> futures_util::future::BoxFuture<'static, Result<RemoteFound, RemoteMiss>>;
+}
+
+/// Where a DNS server finds its [`RemoteLookup`], set once the node's HTTP API is up (until
+/// then, and on nodes without one, such names are NXDOMAIN).
+pub type RemoteSlot = Arc<std::sync::OnceLock<Arc<dyn RemoteLookup>>>;
+
 /// Answers DNS messages from the catalog a [`CatalogSource`] publishes.
 pub struct CatalogDns {
+    /// Lookups beyond the catalog.
+    remote: RemoteSlot,
     source: Box<dyn CatalogSource>,
     zone: DnsZone,
     cache: ArcSwapOption<Indexed>,
@@ -194,6 +208,7 @@ impl CatalogDns {
     /// A handler reading `source`, answering as `config` says.
     pub fn new(source: impl CatalogSource, config: DnsConfig) -> Result<Self, DnsConfigError> {
         Ok(Self {
+            remote: RemoteSlot::default(),
             source: Box::new(source),
             zone: DnsZone::new(config)?,
             cache: ArcSwapOption::empty(),
@@ -346,7 +361,8 @@ impl CatalogDns {
             name = %query.name(), qtype = %query.query_type(), rcode = %answer.response_code,
             answers = answer.answers.len(), tcp, "DNS query"
         );
-        if answer.recurse && self.zone.recursion_available() {
+        let remote = answer.remote.is_some() && self.remote.get().is_some();
+        if remote || (answer.recurse && self.zone.recursion_available()) {
             if self.forwards.fetch_add(1, Ordering::SeqCst) < MAX_FORWARDS {
                 return Reply::Forward(Box::new(request), ForwardSlot(self.forwards.clone()));
             }
@@ -362,6 +378,23 @@ impl CatalogDns {
     /// Forwards `request` (one question, from [`Reply::Forward`]) to the recursors and writes the
     /// response for the client into `out`.
     pub async fn forward(&self, request: &Message, tcp: bool, out: &mut Vec<u8>) {
+        if let Some(query) = request.queries.first()
+            && let Some(ask) = self.answer(query).remote
+            && let Some(remote) = self.remote.get()
+        {
+            let found = remote.lookup(ask.clone()).await;
+            let answer = self.zone.answer_remote(
+                query.name(),
+                query.query_type(),
+                &ask,
+                found.as_ref().map_err(|m| *m),
+                unix_time(),
+                &mut rand::rng(),
+            );
+            debug!(name = %query.name(), ?ask, rcode = %answer.response_code, answers = answer.answers.len(), "DNS: looked up beyond the catalog");
+            self.encode(request, answer, true, tcp, out);
+            return;
+        }
         let cfg = self.zone.config();
         let mut answer = DnsAnswer::new(ResponseCode::ServFail);
         let mut authoritative = false;
@@ -377,6 +410,7 @@ impl CatalogDns {
                             authorities: m.authorities,
                             additionals: m.additionals,
                             recurse: false,
+                            remote: None,
                         };
                         break;
                     }
@@ -561,6 +595,7 @@ pub struct DnsServer {
     stop_tcp: tokio::sync::watch::Sender<bool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     tcp_task: Option<tokio::task::JoinHandle<()>>,
+    remote: RemoteSlot,
 }
 
 impl DnsServer {
@@ -601,6 +636,7 @@ impl DnsServer {
                 .map_err(std::io::Error::other)?;
             dns.pushed.store(true, Ordering::Release);
         }
+        let remote = dns.remote.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Handle::current();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
@@ -615,7 +651,13 @@ impl DnsServer {
         let (stop_tcp, stop_rx) = tokio::sync::watch::channel(false);
         let tcp_task = Some(tokio::spawn(tcp_loop(tcp, dns, stop_rx)));
         debug!(%udp_addr, %tcp_addr, threads, "DNS server started");
-        Ok(DnsServer { udp_addr, tcp_addr, stop, stop_tcp, udp_threads, tcp_task })
+        Ok(DnsServer { udp_addr, tcp_addr, stop, stop_tcp, udp_threads, tcp_task, remote })
+    }
+
+    /// From now on, names beyond the catalog (other datacenters, prepared queries, failover) are
+    /// looked up with `remote`. Only the first call counts.
+    pub fn set_remote(&self, remote: Arc<dyn RemoteLookup>) {
+        let _ = self.remote.set(remote);
     }
 
     /// The UDP address served.

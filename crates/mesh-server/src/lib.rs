@@ -17,6 +17,7 @@ pub mod checks;
 pub mod cluster;
 pub mod control;
 pub mod dns;
+pub mod dns_remote;
 pub mod events;
 pub mod framework;
 pub mod gossip;

@@ -434,6 +434,15 @@ struct DevArgs {
     /// How long each recursor gets, e.g. 2s or 500ms.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     dns_recursor_timeout: Duration,
+    /// `nearest`: a plain `<svc>.service.<domain>` lookup with no healthy instance in this
+    /// datacenter is answered from the nearest datacenter that has one (by WAN round-trip time;
+    /// at most 3 tried). `none` (the default, as Consul): no failover without a prepared query.
+    #[arg(long, default_value = "none", value_parser = ["none", "nearest"])]
+    dns_failover: String,
+    /// Names of other datacenters (DNS, and lookups for them) answer their nodes' and services'
+    /// WAN addresses (`TaggedAddresses.wan`, from `--advertise-wan`) where they have one.
+    #[arg(long)]
+    translate_wan_addrs: bool,
     /// Outstanding offers are rescinded after this long (e.g. 30s, 500ms; 0 = never), so a
     /// framework that hoards offers cannot starve the others.
     #[arg(long, default_value = "30s", value_parser = parse_span)]
@@ -818,6 +827,8 @@ fn main() -> ExitCode {
         consul_truncation: a.dns_consul_truncation,
         recursors: a.dns_recursors,
         recursor_timeout: a.dns_recursor_timeout,
+        failover_nearest: a.dns_failover == "nearest",
+        translate_wan_addrs: a.translate_wan_addrs,
         ..DnsConfig::default()
     };
     let domain = a.domain.trim_matches('.').to_lowercase();

@@ -374,6 +374,8 @@ pub async fn run_dev(
 
     let http = start_http(&cfg, |info| api::router(Api::new(control.clone(), info))).await?;
     let http_addrs = http.addrs.clone();
+    let lookup = dns_lookup(&cfg, api::router(Api::new(control.clone(), node_info(&cfg, &http_addrs))));
+    set_dns_lookup(&lookup, [Some(&dns), container_dns.as_ref()]);
 
     register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
 
@@ -738,6 +740,7 @@ pub async fn run_server(
     let http = start_http(&cfg, |info| layer(api::router(Api { info, ..base.clone() }))).await?;
     let http_addrs = http.addrs.clone();
     let template = Api { info: node_info(&cfg, &http_addrs), ..base };
+    set_dns_lookup(&dns_lookup(&cfg, layer(api::router(template.clone()))), [Some(&dns)]);
     let executor = {
         let layer = layer.clone();
         crate::cluster::forward::Executor::new(
@@ -883,13 +886,15 @@ pub async fn run_agent(
         status,
         registrations,
     };
-    let http = start_http(&cfg, |info| {
+    let agent_router = |info| {
         let cluster: Arc<dyn crate::api::ClusterOps> =
             Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: None });
         api::router(Api { cluster: Some(cluster), ..Api::new(control.clone(), info) })
-            .layer(axum::middleware::from_fn_with_state(forwarder, crate::cluster::forward::layer))
-    })
-    .await?;
+            .layer(axum::middleware::from_fn_with_state(forwarder.clone(), crate::cluster::forward::layer))
+    };
+    let http = start_http(&cfg, agent_router).await?;
+    let lookup = dns_lookup(&cfg, agent_router(node_info(&cfg, &http.addrs)));
+    set_dns_lookup(&lookup, [Some(&dns), container_dns.as_ref()]);
     let bound = Bound { http: http.addrs.clone(), dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, servers = ?cfg.servers, node = %cfg.node, dc = %cfg.datacenter, "mesh agent ready");
     ready(&bound);
@@ -919,6 +924,27 @@ pub async fn run_agent(
     info!("stopped");
 
     Ok(())
+}
+
+/// How this node's DNS looks up names beyond its catalog (other datacenters, prepared queries,
+/// failover): through `router`, its own HTTP API.
+fn dns_lookup(cfg: &NodeConfig, router: axum::Router) -> Arc<dyn crate::dns::RemoteLookup> {
+    Arc::new(crate::dns_remote::HttpLookup {
+        router,
+        datacenter: cfg.datacenter.clone(),
+        only_passing: cfg.dns_options.only_passing,
+        translate_wan: cfg.dns_options.translate_wan_addrs,
+    })
+}
+
+/// Gives `lookup` to each of this node's DNS servers.
+fn set_dns_lookup<'a>(
+    lookup: &Arc<dyn crate::dns::RemoteLookup>,
+    servers: impl IntoIterator<Item = Option<&'a DnsServer>>,
+) {
+    for dns in servers.into_iter().flatten() {
+        dns.set_remote(lookup.clone());
+    }
 }
 
 /// Join the datacenter's LAN gossip pool.
