@@ -1,0 +1,185 @@
+//! DNS across datacenters (issue 14, points 4 and 5): any node answers
+//! `<svc>.service.<dc>.<domain>`, `<tag>.<svc>.service.<dc>`, RFC 2782 SRV with a datacenter and
+//! `<node>.node.<dc>` with the other datacenter's addresses; prepared queries fail over to the
+//! nearest datacenter (`/v1/query`, `<name>.query.<domain>`); `--dns-failover nearest` makes a
+//! plain `<svc>.service.<domain>` do the same. Datacenters of one server (and an agent in dc1)
+//! as separate processes on loopback addresses, asked with `dig`.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+
+/// The loopback network of this test: `127.<a>.<third>.<host>`, unique to this process.
+fn net(third: u8) -> String {
+    format!("127.{}.{third}", 20 + std::process::id() % 200)
+}
+
+/// A server of datacenter `dc` on `<net>.<i>`, joining the WAN pool at `join_wan`.
+fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>, extra: &[&str]) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let mut args = vec![
+        "--bind",
+        &ip,
+        "--rpc",
+        &rpc,
+        "--dc",
+        dc,
+        "--gossip-probe-period",
+        "200ms",
+        "--gossip-wan-probe-period",
+        "200ms",
+    ];
+    if let Some(j) = join_wan {
+        args.extend(["--join-wan", j]);
+    }
+    args.extend(extra);
+    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
+}
+
+/// An agent of `dc` on `<net>.<i>`, joining the server at `<net>.<server>`.
+fn agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8, extra: &[&str]) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let join = format!("{net}.{server}:8301");
+    let mut args = vec![
+        "--bind",
+        &ip,
+        "--rpc",
+        &rpc,
+        "--dc",
+        dc,
+        "--join",
+        &join,
+        "--gossip-probe-period",
+        "200ms",
+        "--runtime",
+        "process",
+        "--no-registrator",
+    ];
+    args.extend(extra);
+    MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
+}
+
+/// `dig` at `node`'s DNS server: the status and the answer section's data, sorted.
+fn dig(node: &MeshNode, name: &str, qtype: &str) -> (String, Vec<String>) {
+    let out = std::process::Command::new("dig")
+        .args([
+            &format!("@{}", node.dns.ip()),
+            "-p",
+            &node.dns.port().to_string(),
+            name,
+            qtype,
+            "+noall",
+            "+comments",
+            "+answer",
+            "+time=6",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig (bind9-dnsutils) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("no answer")
+        .to_owned();
+    let mut answers: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 5 && f[3] == qtype).then(|| f[4..].join(" "))
+        })
+        .collect();
+    answers.sort();
+    (status, answers)
+}
+
+/// `GET path` on `node`, as JSON (`Null` when unreachable or not JSON).
+async fn json(node: &MeshNode, path: &str) -> Value {
+    match node.client.get(node.url(path)).timeout(Duration::from_secs(5)).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// Registers `web` on `node` (its own address) with a TTL check, tagged `v1`.
+async fn register_web(node: &MeshNode, port: u16) {
+    let body = json!({
+        "Name": "web", "ID": "web", "Port": port, "Tags": ["v1"],
+        "Check": {"CheckID": "web-ttl", "TTL": "600s", "Status": "passing"},
+    });
+    let (s, v) = node.send("PUT", "/v1/agent/service/register", Some(&body.to_string())).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+/// Sets `web`'s TTL check on `node` to `status` (`pass` or `fail`).
+async fn set_web(node: &MeshNode, status: &str) {
+    let (s, v) = node.send("PUT", &format!("/v1/agent/check/{status}/web-ttl"), None).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_another_datacenter_resolve_from_any_node() {
+    let net = net(95);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dc1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[]);
+    let wan1 = format!("{net}.1:8302");
+    let dc2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[]);
+    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &[]);
+    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
+    eventually(60, "both datacenters known to dc1's agent", || async {
+        (json(&a1, "/v1/catalog/datacenters").await == json!(["dc1", "dc2"])).then_some(())
+    })
+    .await;
+    // `web` runs in dc2 only, on its agent.
+    register_web(&a2, 8080).await;
+    let a2_ip = a2.http.ip().to_string();
+
+    for node in [&a1, &dc1] {
+        let (status, a) = eventually(30, "web.service.dc2.mesh from dc1", || async {
+            let r = dig(node, "web.service.dc2.mesh", "A");
+            (r.0 == "NOERROR").then_some(r)
+        })
+        .await;
+        assert_eq!((status.as_str(), a), ("NOERROR", vec![a2_ip.clone()]));
+        let (_, srv) = dig(node, "web.service.dc2.mesh", "SRV");
+        assert_eq!(srv, vec!["1 1 8080 agent20.node.dc2.mesh.".to_owned()]);
+        let (_, srv) = dig(node, "_web._v1.dc2.mesh", "SRV");
+        assert_eq!(srv, vec!["1 1 8080 agent20.node.dc2.mesh.".to_owned()], "RFC 2782 with a datacenter");
+        let (_, tagged) = dig(node, "v1.web.service.dc2.mesh", "A");
+        assert_eq!(tagged, vec![a2_ip.clone()]);
+        let (status, _) = dig(node, "v2.web.service.dc2.mesh", "A");
+        assert_eq!(status, "NXDOMAIN", "no instance has tag v2");
+        let (_, n) = dig(node, "agent20.node.dc2.mesh", "A");
+        assert_eq!(n, vec![a2_ip.clone()], "a node of dc2");
+        let (status, _) = dig(node, "nosuch.service.dc2.mesh", "A");
+        assert_eq!(status, "NXDOMAIN");
+        let (status, _) = dig(node, "web.service.dc9.mesh", "A");
+        assert_eq!(status, "NXDOMAIN", "an unknown datacenter");
+        let (status, _) = dig(node, "web.service.mesh", "A");
+        assert_eq!(status, "NXDOMAIN", "dc1 has no web of its own, and plain names never fail over by default");
+    }
+
+    // A critical instance is never answered, across datacenters too.
+    set_web(&a2, "fail").await;
+    eventually(30, "dc2's critical web leaves dc1's answers", || async {
+        (dig(&a1, "web.service.dc2.mesh", "A").0 == "NXDOMAIN").then_some(())
+    })
+    .await;
+    set_web(&a2, "pass").await;
+
+    // dc2's server gone: SERVFAIL within the lookup bound, never a hang; back when it is.
+    let mut dc2 = dc2;
+    dc2.stop_with("KILL");
+    let started = std::time::Instant::now();
+    let (status, _) = dig(&a1, "web.service.dc2.mesh", "A");
+    assert_eq!(status, "SERVFAIL", "dc2 unreachable");
+    assert!(started.elapsed() < Duration::from_secs(7), "{:?}", started.elapsed());
+    drop(dc1);
+}
