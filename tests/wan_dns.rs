@@ -82,12 +82,7 @@ fn dig(node: &MeshNode, name: &str, qtype: &str) -> (String, Vec<String>) {
         .output()
         .expect("dig (bind9-dnsutils) must be installed");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text
-        .split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("no answer")
-        .to_owned();
+    let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("no answer").to_owned();
     let mut answers: Vec<String> = text
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
@@ -182,4 +177,133 @@ async fn names_of_another_datacenter_resolve_from_any_node() {
     assert_eq!(status, "SERVFAIL", "dc2 unreachable");
     assert!(started.elapsed() < Duration::from_secs(7), "{:?}", started.elapsed());
     drop(dc1);
+}
+
+/// Runs python `code` with `sys.argv[1:] = args`; its stdout, trimmed.
+fn python(code: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3").arg("-c").arg(code).args(args).output().expect("python3");
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Whether py-consul can be imported (it must be with `MESH_REQUIRE_PYTHON=1`, as in CI).
+fn have_py_consul() -> bool {
+    let ok =
+        std::process::Command::new("python3").args(["-c", "import consul"]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var("MESH_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "MESH_REQUIRE_PYTHON=1 but py-consul is missing"
+    );
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_queries_and_dns_failover_answer_the_nearest_healthy_datacenter() {
+    let net = net(96);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dc1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[]);
+    let wan1 = format!("{net}.1:8302");
+    let _dc2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[]);
+    // dc1's agent fails plain names over; its server does not (Consul's default).
+    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--dns-failover", "nearest"]);
+    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
+    eventually(60, "both datacenters known to dc1's agent", || async {
+        (json(&a1, "/v1/catalog/datacenters").await == json!(["dc1", "dc2"])).then_some(())
+    })
+    .await;
+    register_web(&a1, 8081).await;
+    register_web(&a2, 8082).await;
+    let (a1_ip, a2_ip) = (a1.http.ip().to_string(), a2.http.ip().to_string());
+
+    // A NearestN query, created with py-consul where it is installed (curl's JSON otherwise).
+    let id = if have_py_consul() {
+        python(
+            "import sys, consul; c = consul.Consul(host=sys.argv[1], port=int(sys.argv[2])); \
+             print(c.query.create('web', name='web', nearestn=1, ttl='10s')['ID'])",
+            &[&a1.http.ip().to_string(), &a1.http.port().to_string()],
+        )
+    } else {
+        let body =
+            json!({"Name": "web", "Service": {"Service": "web", "Failover": {"NearestN": 1}}, "DNS": {"TTL": "10s"}});
+        let (s, v) = a1.send("POST", "/v1/query", Some(&body.to_string())).await;
+        assert_eq!(s, 200, "{v}");
+        v["ID"].as_str().unwrap().to_owned()
+    };
+    let (s, v) = dc1.get(&format!("/v1/query/{id}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v[0]["Name"], "web");
+    assert_eq!(v[0]["Service"]["Failover"]["NearestN"], 1);
+
+    // Healthy at home: dc1's own instance, with the query's TTL.
+    let exec = |node: &MeshNode| {
+        let c = node.client.clone();
+        let url = node.url("/v1/query/web/execute");
+        async move { c.get(url).send().await.ok()?.json::<Value>().await.ok() }
+    };
+    let v = exec(&a1).await.unwrap();
+    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc1"), Some(0)), "{v}");
+    assert_eq!(v["Nodes"][0]["Node"]["Node"], "agent10", "{v}");
+    assert_eq!(dig(&a1, "web.query.mesh", "A"), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
+    let ttl_of = |node: &MeshNode, name: &str| -> Option<u32> {
+        let out = std::process::Command::new("dig")
+            .args([&format!("@{}", node.dns.ip()), "-p", &node.dns.port().to_string(), name, "A", "+noall", "+answer"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1)?.parse().ok()
+    };
+    assert_eq!(ttl_of(&a1, "web.query.mesh"), Some(10), "DNS.TTL");
+
+    // dc1's only instance critical: the query, and the plain name on the node with the option,
+    // answer dc2's; the server without it says NXDOMAIN.
+    set_web(&a1, "fail").await;
+    eventually(30, "web.query.mesh fails over to dc2", || async {
+        (dig(&a1, "web.query.mesh", "A") == ("NOERROR".to_owned(), vec![a2_ip.clone()])).then_some(())
+    })
+    .await;
+    let v = exec(&a1).await.unwrap();
+    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc2"), Some(1)), "{v}");
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), ("NOERROR".to_owned(), vec![a2_ip.clone()]), "--dns-failover");
+    assert_eq!(dig(&dc1, "web.service.mesh", "A").0, "NXDOMAIN", "no failover without the option");
+    assert_eq!(dig(&dc1, "web.query.mesh", "A"), ("NOERROR".to_owned(), vec![a2_ip.clone()]), "from the server too");
+    let (_, srv) = dig(&a1, "_web._tcp.query.mesh", "SRV");
+    assert_eq!(srv, vec!["1 1 8082 agent20.node.dc2.mesh.".to_owned()]);
+
+    // dc1 recovers: its own again.
+    set_web(&a1, "pass").await;
+    eventually(30, "web.query.mesh back home", || async {
+        (dig(&a1, "web.query.mesh", "A") == ("NOERROR".to_owned(), vec![a1_ip.clone()])).then_some(())
+    })
+    .await;
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
+
+    // Templates: a catch-all that fails every service over.
+    let body = json!({"Name": "", "Template": {"Type": "name_prefix_match"},
+                      "Service": {"Service": "${name.full}", "Failover": {"Datacenters": ["dc2"]}}});
+    let (s, v) = dc1.send("POST", "/v1/query", Some(&body.to_string())).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = dc1.send("PUT", "/v1/agent/service/register", Some(r#"{"Name":"api","Port":9000}"#)).await;
+    assert_eq!(s, 200, "{v}");
+    eventually(30, "api.query.mesh through the catch-all template", || async {
+        (dig(&a1, "api.query.mesh", "A") == ("NOERROR".to_owned(), vec![dc1.http.ip().to_string()])).then_some(())
+    })
+    .await;
+    let (s, v) = dc1.get("/v1/query/api/explain").await;
+    assert_eq!((s, &v["Query"]["Service"]["Service"]), (200, &json!("api")), "{v}");
+
+    // Bad input: Consul's errors, nothing stored.
+    let before = dc1.get("/v1/query").await.1.as_array().map(Vec::len);
+    let (s, _) = dc1.send("POST", "/v1/query", Some(r#"{"Name":"x","Service":{}}"#)).await;
+    assert_eq!(s, 400);
+    let (s, _) = dc1.send("POST", "/v1/query", Some(r#"{"Name":"web","Service":{"Service":"web"}}"#)).await;
+    assert_eq!(s, 400, "the name is taken");
+    assert_eq!(dc1.get("/v1/query").await.1.as_array().map(Vec::len), before);
+    assert_eq!(dc1.get("/v1/query/nosuch").await.0, 404, "no query has that id");
+    // The catch-all template answers every name: an empty result, NXDOMAIN in DNS.
+    let (s, v) = dc1.get("/v1/query/nosuch/execute").await;
+    assert_eq!((s, &v["Nodes"]), (200, &json!([])), "{v}");
+    assert_eq!(dig(&a1, "nosuch.query.mesh", "A").0, "NXDOMAIN");
+    let (s, _) = dc1.send("DELETE", &format!("/v1/query/{id}"), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(dc1.get(&format!("/v1/query/{id}")).await.0, 404);
 }

@@ -246,6 +246,27 @@ pub struct State {
     /// Client request ids of the last applied [`Command::Once`]s: a repeat is refused.
     #[serde(default)]
     pub requests: Requests,
+    /// Consul's prepared queries (`/v1/query`), by id.
+    #[serde(default)]
+    pub queries: OrdMap<String, PreparedQuery>,
+}
+
+/// A prepared query as stored: the API checks and reads the definition; the state keeps ids
+/// and names unique.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedQuery {
+    /// Its id (a UUID).
+    pub id: String,
+    /// Its name (may be empty: then only its id names it, unless it is a template).
+    pub name: String,
+    /// Whether it is a template (matched by name prefix; an empty name matches every name).
+    pub template: bool,
+    /// The definition as Consul's JSON (without the indexes).
+    pub definition: String,
+    /// State index of its creation.
+    pub create_index: u64,
+    /// State index of its last change.
+    pub modify_index: u64,
 }
 
 /// Consul's autopilot configuration, replicated like every setting that changes what servers
@@ -573,6 +594,18 @@ pub enum Command {
         /// The saved state.
         state: Box<State>,
     },
+    /// Create a prepared query (`create`), or replace one that exists.
+    PutQuery {
+        /// The query (its indexes are set by the state).
+        query: PreparedQuery,
+        /// Create it: its id must be new. Otherwise it must exist.
+        create: bool,
+    },
+    /// Delete a prepared query.
+    DeleteQuery {
+        /// Its id.
+        id: String,
+    },
     /// `cmd` on behalf of a client request: applied once per `request` id. A repeat (the same
     /// write retried after its answer was lost) is refused with [`ApplyError::Repeated`], which
     /// says what the first one returned, and changes nothing.
@@ -667,6 +700,15 @@ pub enum ApplyError {
     /// No check with this id on the node.
     #[error("Unknown check ID \"{0}\"")]
     UnknownCheck(String),
+    /// No prepared query with this id (Consul's words).
+    #[error("Query not found")]
+    UnknownQuery(String),
+    /// A prepared query with this id exists already.
+    #[error("Query ID {0} already exists")]
+    QueryExists(String),
+    /// Another prepared query has this name.
+    #[error("name \"{0}\" aliases an existing query name")]
+    QueryNameTaken(String),
     /// A KV or session command was refused.
     #[error(transparent)]
     Kv(#[from] KvError),
@@ -1018,6 +1060,34 @@ impl State {
                 let ids: Vec<TaskId> = self.app_tasks(id).map(|t| t.id.clone()).collect();
                 for t in ids {
                     self.mark_kill(&t, &mut ch);
+                }
+            }
+            Command::PutQuery { query, create } => {
+                let existing = self.queries.get(&query.id);
+                match (existing, create) {
+                    (Some(_), true) => return Err(ApplyError::QueryExists(query.id.clone())),
+                    (None, false) => return Err(ApplyError::UnknownQuery(query.id.clone())),
+                    _ => {}
+                }
+                let named = !query.name.is_empty() || query.template;
+                if named
+                    && self.queries.values().any(|q| {
+                        q.id != query.id
+                            && q.name.eq_ignore_ascii_case(&query.name)
+                            && (!query.name.is_empty() || q.template)
+                    })
+                {
+                    return Err(ApplyError::QueryNameTaken(query.name.clone()));
+                }
+                let create_index = existing.map_or(self.index + 1, |q| q.create_index);
+                self.queries.insert(
+                    query.id.clone(),
+                    PreparedQuery { create_index, modify_index: self.index + 1, ..query.clone() },
+                );
+            }
+            Command::DeleteQuery { id } => {
+                if self.queries.remove(id).is_none() {
+                    return Err(ApplyError::UnknownQuery(id.clone()));
                 }
             }
             Command::SetMaxAppVersions { keep } => {

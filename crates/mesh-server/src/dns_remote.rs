@@ -107,9 +107,12 @@ impl HttpLookup {
 
     /// Whether DNS would answer any instance of `found`.
     fn answerable(&self, found: &RemoteFound) -> bool {
-        found.catalog.services.values().flat_map(|m| m.values()).any(|i| {
-            if self.only_passing { i.health == Health::Passing } else { i.health != Health::Critical }
-        })
+        found
+            .catalog
+            .services
+            .values()
+            .flat_map(|m| m.values())
+            .any(|i| if self.only_passing { i.health == Health::Passing } else { i.health != Health::Critical })
     }
 
     async fn service(&self, dc: &str, service: &str, tag: Option<&str>) -> Result<RemoteFound, RemoteMiss> {

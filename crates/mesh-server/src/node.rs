@@ -372,10 +372,13 @@ pub async fn run_dev(
     let (dns, dns_addr) = start_dns(&cfg, catalog.clone(), vec![cfg.node.clone()]).await?;
     let container_dns = start_container_dns(&cfg, docker.as_deref(), catalog.clone()).await;
 
-    let http = start_http(&cfg, |info| api::router(Api::new(control.clone(), info))).await?;
+    let loopback = api::Loopback::default();
+    let dev_router = |info| api::router(Api { loopback: loopback.clone(), ..Api::new(control.clone(), info) });
+    let http = start_http(&cfg, dev_router).await?;
     let http_addrs = http.addrs.clone();
-    let lookup = dns_lookup(&cfg, api::router(Api::new(control.clone(), node_info(&cfg, &http_addrs))));
-    set_dns_lookup(&lookup, [Some(&dns), container_dns.as_ref()]);
+    let own = dev_router(node_info(&cfg, &http_addrs));
+    let _ = loopback.set(own.clone());
+    set_dns_lookup(&dns_lookup(&cfg, own), [Some(&dns), container_dns.as_ref()]);
 
     register_own(&control, &cfg, http_addrs.first().map(|a| a.port()).unwrap_or(0)).await;
 
@@ -740,7 +743,9 @@ pub async fn run_server(
     let http = start_http(&cfg, |info| layer(api::router(Api { info, ..base.clone() }))).await?;
     let http_addrs = http.addrs.clone();
     let template = Api { info: node_info(&cfg, &http_addrs), ..base };
-    set_dns_lookup(&dns_lookup(&cfg, layer(api::router(template.clone()))), [Some(&dns)]);
+    let own = layer(api::router(template.clone()));
+    let _ = template.loopback.set(own.clone());
+    set_dns_lookup(&dns_lookup(&cfg, own), [Some(&dns)]);
     let executor = {
         let layer = layer.clone();
         crate::cluster::forward::Executor::new(
@@ -886,15 +891,17 @@ pub async fn run_agent(
         status,
         registrations,
     };
+    let loopback = api::Loopback::default();
     let agent_router = |info| {
         let cluster: Arc<dyn crate::api::ClusterOps> =
             Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: None });
-        api::router(Api { cluster: Some(cluster), ..Api::new(control.clone(), info) })
+        api::router(Api { cluster: Some(cluster), loopback: loopback.clone(), ..Api::new(control.clone(), info) })
             .layer(axum::middleware::from_fn_with_state(forwarder.clone(), crate::cluster::forward::layer))
     };
     let http = start_http(&cfg, agent_router).await?;
-    let lookup = dns_lookup(&cfg, agent_router(node_info(&cfg, &http.addrs)));
-    set_dns_lookup(&lookup, [Some(&dns), container_dns.as_ref()]);
+    let own = agent_router(node_info(&cfg, &http.addrs));
+    let _ = loopback.set(own.clone());
+    set_dns_lookup(&dns_lookup(&cfg, own), [Some(&dns), container_dns.as_ref()]);
     let bound = Bound { http: http.addrs.clone(), dns: dns_addr };
     info!(http = ?bound.http, dns = %bound.dns, servers = ?cfg.servers, node = %cfg.node, dc = %cfg.datacenter, "mesh agent ready");
     ready(&bound);

@@ -1402,18 +1402,21 @@ async fn health_service(
         .into_iter()
         .filter(|_| !has_peer(&q))
         .filter(|i| !passing || i.health == Health::Passing)
-        .map(|i| {
-            let node = cat.node(&i.node);
-            let mut checks = node_level_checks(cat, &i.node);
-            checks.extend(instance_checks(cat, i));
-            json!({
-                "Node": node.map(node_json).unwrap_or(Value::Null),
-                "Service": service_json(i, node, &cat.datacenter),
-                "Checks": checks,
-            })
-        })
+        .map(|i| health_entry(cat, i))
         .collect();
     Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
+}
+
+/// An instance as `/v1/health/service` shows it: its node, itself and every check on either.
+pub(crate) fn health_entry(cat: &CatalogState, i: &ServiceInstance) -> Value {
+    let node = cat.node(&i.node);
+    let mut checks = node_level_checks(cat, &i.node);
+    checks.extend(instance_checks(cat, i));
+    json!({
+        "Node": node.map(node_json).unwrap_or(Value::Null),
+        "Service": service_json(i, node, &cat.datacenter),
+        "Checks": checks,
+    })
 }
 
 async fn health_checks(

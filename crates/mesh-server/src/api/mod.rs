@@ -18,6 +18,7 @@ pub mod consul_event;
 pub mod consul_filter;
 pub mod consul_kv;
 pub mod consul_operator;
+pub mod consul_query;
 pub mod consul_txn;
 pub mod events;
 pub mod groups;
@@ -40,7 +41,14 @@ pub struct Api {
     pub coordinates: std::sync::Arc<consul_coordinate::Coordinates>,
     /// A server's Raft group (leader, peers, configuration); `None` in `mesh dev` and on agents.
     pub raft: Option<RaftView>,
+    /// This node's own API with every layer (forwarding to servers and other datacenters), set
+    /// once it is built: what a handler calls to ask another datacenter as a client would
+    /// (prepared queries' failover).
+    pub loopback: Loopback,
 }
+
+/// See [`Api::loopback`].
+pub type Loopback = std::sync::Arc<std::sync::OnceLock<axum::Router>>;
 
 /// What the APIs show of a server's Raft group.
 #[derive(Clone, Default)]
@@ -118,6 +126,7 @@ impl Api {
             user_events: Default::default(),
             coordinates: Default::default(),
             raft: None,
+            loopback: Default::default(),
         }
     }
 
@@ -469,6 +478,7 @@ pub fn router(api: Api) -> Router {
         .merge(consul_coordinate::routes())
         .merge(consul_txn::routes())
         .merge(consul_operator::routes())
+        .merge(consul_query::routes())
         .merge(events::routes())
         .merge(groups::routes())
         .merge(mesos::routes())
