@@ -1,4 +1,5 @@
-//! `endpoints` datacenter fallback over the wire. A single `mesh dev` is one datacenter, so this
+//! `endpoints` datacenter fallback over the wire, against a Consul double (the same against real
+//! datacenters is `tests/sdk_fallback_wan.rs`). A single `mesh dev` is one datacenter, so this
 //! test serves `/v1/health/service/<name>` from a small in-test Consul double that answers per
 //! `?dc=` and holds blocking queries (`?index=`) until its data changes, like Consul.
 

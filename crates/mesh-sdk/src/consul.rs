@@ -144,6 +144,15 @@ impl ConsulClient {
         self.send(req).await.map(|_| ())
     }
 
+    /// `GET /v1/catalog/datacenters`: every datacenter the servers know through the WAN pool,
+    /// nearest first (the agent's own first: its distance is zero).
+    pub async fn datacenters(&self) -> Result<Vec<String>, ConsulError> {
+        let req = self.request(Method::GET, &["v1", "catalog", "datacenters"], self.timeout);
+        let body = self.send(req).await?.bytes().await?;
+        serde_json::from_slice(&body)
+            .map_err(|source| ConsulError::Decode { what: "/v1/catalog/datacenters".into(), source })
+    }
+
     /// `GET /v1/health/service/<name>`: the instances of a service with their checks, and the
     /// `X-Consul-Index` of the answer. With `query.index`, a blocking query.
     pub async fn health_service(

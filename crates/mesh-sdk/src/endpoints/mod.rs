@@ -15,8 +15,11 @@
 //! [`Lease::success`] / [`Lease::failure`]; instances that keep failing are ejected for a while
 //! ([`Ejection`]).
 //!
-//! With [`EndpointsOptions::fallback`], other datacenters (`?dc=` on the same API, watched the
-//! same way) serve when the local one has no healthy instance, in the order given.
+//! Other datacenters (`?dc=` on the same API, watched the same way) serve when the local one
+//! has no healthy instance: by default the [`NEAREST_FALLBACKS`] nearest ones, in the order of
+//! `/v1/catalog/datacenters` (nearest first by WAN round-trip time), the rule of mesh's
+//! `--dns-failover nearest`; with [`EndpointsOptions::fallback`], the ones given, in the order
+//! given; with [`EndpointsOptions::no_fallback`], none.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -100,6 +103,9 @@ impl Instance {
     }
 }
 
+/// How many other datacenters serve as fallbacks by default, nearest first.
+pub const NEAREST_FALLBACKS: usize = 3;
+
 /// Options of [`Endpoints::watch`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -108,8 +114,11 @@ pub struct EndpointsOptions {
     pub tags: Vec<String>,
     /// The datacenter to ask first (default: the agent's own).
     pub datacenter: Option<String>,
-    /// Other datacenters to use, in order, when the first has no healthy instance.
+    /// Other datacenters to use, in order, when the first has no healthy instance. Empty: the
+    /// nearest ones ([`NEAREST_FALLBACKS`] at most), unless `no_fallback`.
     pub fallback: Vec<String>,
+    /// Never fall back to another datacenter.
+    pub no_fallback: bool,
     /// How to choose among instances.
     pub balance: Balance,
     /// Passive ejection of failing instances.
@@ -130,6 +139,7 @@ impl Default for EndpointsOptions {
             tags: Vec::new(),
             datacenter: None,
             fallback: Vec::new(),
+            no_fallback: false,
             balance: Balance::default(),
             ejection: Ejection::default(),
             wait: Duration::from_secs(300),
@@ -151,6 +161,13 @@ impl EndpointsOptions {
         self.fallback.push(dc.into());
         self
     }
+    /// Never fall back to another datacenter (by default the nearest ones serve when the
+    /// first has no healthy instance).
+    pub fn no_fallback(mut self) -> Self {
+        self.no_fallback = true;
+        self
+    }
+
     /// Ask datacenter `dc` first instead of the agent's.
     pub fn datacenter(mut self, dc: impl Into<String>) -> Self {
         self.datacenter = Some(dc.into());
@@ -239,9 +256,24 @@ impl Endpoints {
     /// Resolve `service` and keep watching it. Returns once the first answer of the first
     /// datacenter is in (an error if that query fails); the fallbacks are asked at the same
     /// time, and their errors only delay them.
+    ///
+    /// Without fallbacks named (and without `no_fallback`), the fallbacks are the nearest other
+    /// datacenters when the watch starts (none if the agent cannot list them).
     pub async fn watch(consul: &ConsulClient, service: &str, opts: EndpointsOptions) -> Result<Endpoints, ConsulError> {
         let mut dcs: Vec<Option<String>> = vec![opts.datacenter.clone()];
         dcs.extend(opts.fallback.iter().cloned().map(Some));
+        if opts.fallback.is_empty() && !opts.no_fallback {
+            match consul.datacenters().await {
+                Ok(all) => {
+                    // The first datacenter is the agent's own (nearest), or the one asked for.
+                    let first = opts.datacenter.clone().or_else(|| all.first().cloned());
+                    dcs.extend(
+                        all.into_iter().filter(|dc| Some(dc) != first.as_ref()).take(NEAREST_FALLBACKS).map(Some),
+                    );
+                }
+                Err(e) => tracing::debug!(error = %e, "no datacenter list: no fallback"),
+            }
+        }
         let (version, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             service: service.to_owned(),
