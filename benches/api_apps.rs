@@ -67,6 +67,7 @@ fn commands() -> Vec<Vec<Command>> {
                 attributes: BTreeMap::from([("rack".to_owned(), format!("rack-{}", a % 10))]),
                 registered_at: T0,
                 runtimes: vec!["process".into()],
+                wan_address: None,
             },
             datacenter: "dc1".into(),
         })

@@ -126,17 +126,22 @@ async fn names_of_another_datacenter_resolve_from_any_node() {
     let dc1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[]);
     let wan1 = format!("{net}.1:8302");
     let dc2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[]);
-    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &[]);
-    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
+    // dc1's agent answers other datacenters' WAN addresses; dc2's agent has one.
+    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--translate-wan-addrs"]);
+    let wan_ip = format!("{net}.120");
+    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &["--advertise-wan", &wan_ip]);
     eventually(60, "both datacenters known to dc1's agent", || async {
         (json(&a1, "/v1/catalog/datacenters").await == json!(["dc1", "dc2"])).then_some(())
     })
     .await;
     // `web` runs in dc2 only, on its agent.
     register_web(&a2, 8080).await;
-    let a2_ip = a2.http.ip().to_string();
+    let (s, v) = dc2.get("/v1/catalog/node/agent20").await;
+    assert_eq!((s, &v["Node"]["TaggedAddresses"]["wan"]), (200, &json!(wan_ip)), "{v}");
 
     for node in [&a1, &dc1] {
+        // With --translate-wan-addrs (dc1's agent) dc2's WAN address; its LAN one otherwise.
+        let a2_ip = if node.http.ip() == a1.http.ip() { wan_ip.clone() } else { a2.http.ip().to_string() };
         let (status, a) = eventually(30, "web.service.dc2.mesh from dc1", || async {
             let r = dig(node, "web.service.dc2.mesh", "A");
             (r.0 == "NOERROR").then_some(r)

@@ -1336,6 +1336,7 @@ mod store_tests {
             attributes: Default::default(),
             registered_at: 0,
             runtimes: vec![],
+            wan_address: None,
         };
         let set = |key: &str, mode: SetMode| {
             Command::Kv(KvOp::Set { key: key.into(), value: KvValue::from(&b"v"[..]), flags: 7, mode, now: 6 })

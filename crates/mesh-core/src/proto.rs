@@ -172,6 +172,9 @@ pub enum ToControl {
         /// Runtimes the agent offers (`process`, `docker`).
         #[serde(default)]
         runtimes: Vec<String>,
+        /// The address other datacenters reach it at (`--advertise-wan`), if it differs.
+        #[serde(default)]
+        wan_address: Option<IpAddr>,
     },
     /// A task changed state.
     Status(StatusUpdate),

@@ -1076,6 +1076,7 @@ mod tests {
                 attributes: BTreeMap::new(),
                 registered_at: 0,
                 runtimes: vec!["process".into()],
+                wan_address: None,
             },
             datacenter: "dc1".into(),
         })

@@ -160,6 +160,10 @@ pub struct Agent {
     /// Runtimes it offers (`process`, `docker`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// The address other datacenters reach it at (`--advertise-wan`): its node's
+    /// `TaggedAddresses.wan`.
+    #[serde(default)]
+    pub wan_address: Option<IpAddr>,
 }
 
 /// One action of a deployment step.
@@ -1154,7 +1158,15 @@ impl State {
                     meta: BTreeMap::new(),
                     create_index: 0,
                     modify_index: 0,
-                    tagged_addresses: Default::default(),
+                    tagged_addresses: agent
+                        .wan_address
+                        .map(|wan| {
+                            BTreeMap::from([
+                                ("lan".to_owned(), agent.address.to_string()),
+                                ("wan".to_owned(), wan.to_string()),
+                            ])
+                        })
+                        .unwrap_or_default(),
                 };
                 ch.catalog |= self.catalog.upsert_node(node, self.index + 1);
                 let mut serf = Check::new(&agent.id.0, SERF_HEALTH, "Serf Health Status", Health::Passing);
@@ -3279,6 +3291,7 @@ mod tests {
                 attributes: [("rack".to_owned(), "r1".to_owned())].into_iter().collect(),
                 registered_at: 1,
                 runtimes: vec!["process".into()],
+                wan_address: None,
             },
             datacenter: "dc1".into(),
         }];
@@ -3371,6 +3384,7 @@ mod tests {
                     attributes: Default::default(),
                     registered_at: now,
                     runtimes: vec!["process".into()],
+                    wan_address: None,
                 },
                 datacenter: "dc1".into(),
             },

@@ -23,6 +23,8 @@ pub struct AgentConfig {
     pub hostname: String,
     /// Address tasks are reached on.
     pub address: IpAddr,
+    /// The address other datacenters reach it at, if it differs (`--advertise-wan`).
+    pub wan_address: Option<IpAddr>,
     /// Resources offered.
     pub resources: Resources,
     /// Attributes for constraints.
@@ -105,6 +107,7 @@ fn register(cfg: &AgentConfig, running: Vec<TaskId>) -> ToControl {
         attributes: cfg.attributes.clone(),
         running,
         runtimes: cfg.runtimes.clone(),
+        wan_address: cfg.wan_address,
     }
 }
 

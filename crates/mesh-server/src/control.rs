@@ -684,7 +684,16 @@ impl Control {
 
     fn on_agent_msg(&mut self, msg: ToControl, now: Millis) {
         match msg {
-            ToControl::Register { agent_id, hostname, address, resources, attributes, running, runtimes } => {
+            ToControl::Register {
+                agent_id,
+                hostname,
+                address,
+                resources,
+                attributes,
+                running,
+                runtimes,
+                wan_address,
+            } => {
                 info!(agent = %agent_id, %resources, recovered = running.len(), "agent registered");
                 self.down.remove(&agent_id);
                 self.restarting.remove(&agent_id);
@@ -698,6 +707,7 @@ impl Control {
                     attributes: attributes.clone(),
                     registered_at: now,
                     runtimes,
+                    wan_address,
                 };
                 let datacenter = self.cfg.datacenter.clone();
                 self.apply(vec![Command::RegisterAgent { agent, datacenter }]);

@@ -311,7 +311,9 @@ struct DevArgs {
     /// (Consul's retry_join_wan).
     #[arg(long = "join-wan", value_parser = parse_join_wan)]
     join_wan: Vec<SocketAddr>,
-    /// (server) The address other datacenters reach this server at (default: --advertise).
+    /// The address other datacenters reach this node at (default: --advertise): a server's WAN
+    /// gossip address, and every node's `TaggedAddresses.wan` (what `--translate-wan-addrs`
+    /// answers to other datacenters).
     #[arg(long)]
     advertise_wan: Option<std::net::IpAddr>,
     /// WAN gossip probe period (default 5 s, as Consul's WAN pool); for tests on one machine.

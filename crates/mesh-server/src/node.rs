@@ -502,6 +502,7 @@ fn agent_config(cfg: &NodeConfig, runtimes: Vec<String>) -> AgentConfig {
         id: AgentId::from(cfg.node.as_str()),
         hostname: cfg.node.clone(),
         address: cfg.advertise,
+        wan_address: cfg.advertise_wan,
         resources: Resources {
             cpus: cfg.cpus,
             mem: cfg.mem,
@@ -648,7 +649,12 @@ async fn register_own(control: &ControlHandle, cfg: &NodeConfig, http_port: u16)
         meta: BTreeMap::new(),
         create_index: 0,
         modify_index: 0,
-        tagged_addresses: Default::default(),
+        tagged_addresses: cfg
+            .advertise_wan
+            .map(|wan| {
+                BTreeMap::from([("lan".to_owned(), cfg.advertise.to_string()), ("wan".to_owned(), wan.to_string())])
+            })
+            .unwrap_or_default(),
     };
     let register_own = mesh_core::state::Command::Register {
         node: cfg.node.clone(),

@@ -49,6 +49,7 @@ fn agent_cfg() -> AgentConfig {
         id: AgentId::from("n1"),
         hostname: "n1".into(),
         address: "127.0.0.1".parse().unwrap(),
+        wan_address: None,
         resources: Resources { ports: PortRanges::range(47200, 47209), ..Resources::scalars(1.0, 256.0, 0.0) },
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],

@@ -164,6 +164,7 @@ async fn run(seed: u64) -> Result<Duration, String> {
             id: id.clone(),
             hostname: id.0.clone(),
             address: ip,
+            wan_address: None,
             resources: Resources { ports: PortRanges::range(31000, 32000), ..Resources::scalars(8.0, 4096.0, 0.0) },
             attributes: BTreeMap::new(),
             runtimes: vec!["process".into()],

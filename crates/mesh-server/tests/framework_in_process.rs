@@ -68,6 +68,7 @@ async fn an_sdk_framework_runs_in_process_against_the_control_loop() {
         id: AgentId::from("n1"),
         hostname: "n1".into(),
         address: "127.0.0.1".parse().unwrap(),
+        wan_address: None,
         resources: Resources { ports: PortRanges::range(47100, 47109), ..Resources::scalars(1.0, 256.0, 0.0) },
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],

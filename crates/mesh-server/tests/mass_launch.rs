@@ -43,6 +43,7 @@ async fn thousands_of_launches_at_once_all_run_and_all_stop() {
         id: AgentId::from("n1"),
         hostname: "n1".into(),
         address: "127.0.0.1".parse().unwrap(),
+        wan_address: None,
         resources: Resources { ports: PortRanges::range(20000, 40000), ..Resources::scalars(1000.0, 1e9, 0.0) },
         attributes: BTreeMap::new(),
         runtimes: vec!["process".into()],
