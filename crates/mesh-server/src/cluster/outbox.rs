@@ -19,7 +19,8 @@ pub const MAX_PENDING: usize = 100_000;
 #[derive(Serialize, Deserialize)]
 enum Line {
     Next(u64),
-    Item(u64, ToControl),
+    // Boxed: a registration is much larger than the other lines (serialized the same).
+    Item(u64, Box<ToControl>),
     Acked(u64),
 }
 
@@ -54,7 +55,7 @@ impl Outbox {
                     Line::Next(n) => next = next.max(n),
                     Line::Item(seq, msg) => {
                         next = next.max(seq + 1);
-                        pending.push_back((seq, msg));
+                        pending.push_back((seq, *msg));
                     }
                     Line::Acked(upto) => acked = acked.max(upto),
                 }
@@ -77,7 +78,7 @@ impl Outbox {
             let seq = self.next;
             self.next += 1;
             if self.file.is_some() {
-                serde_json::to_writer(&mut buf, &Line::Item(seq, msg.clone())).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut buf, &Line::Item(seq, Box::new(msg.clone()))).map_err(std::io::Error::other)?;
                 buf.push(b'\n');
             }
             self.pending.push_back((seq, msg));
@@ -158,7 +159,7 @@ impl Outbox {
             serde_json::to_writer(&mut w, &Line::Next(self.next)).map_err(std::io::Error::other)?;
             w.write_all(b"\n")?;
             for (seq, msg) in &self.pending {
-                serde_json::to_writer(&mut w, &Line::Item(*seq, msg.clone())).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut w, &Line::Item(*seq, Box::new(msg.clone()))).map_err(std::io::Error::other)?;
                 w.write_all(b"\n")?;
             }
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
