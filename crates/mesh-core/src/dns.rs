@@ -9,10 +9,17 @@
 //!   `service` label may be left out only for SRV queries),
 //! - `<node>.node[.<dc>].<domain>` (node names may contain dots),
 //! - `<hex>.addr[.<dc>].<domain>` (8 hex digits for IPv4, 32 for IPv6; the dc is ignored),
+//! - `<name>.query[.<dc>].<domain>` and RFC 2782 `_<name>._tcp.query.<domain>` (prepared queries),
 //! - the apex `<domain>` (SOA and NS),
 //! - reverse names `<a.b.c.d>.in-addr.arpa` and the 32 nibbles of `ip6.arpa` (PTR),
 //!
-//! where `<dc>` may also be written `<dc>.dc`; another datacenter than ours is NXDOMAIN.
+//! where `<dc>` may also be written `<dc>.dc`.
+//!
+//! **Beyond this node's catalog**: names of another datacenter, prepared queries and (with
+//! `failover_nearest`) plain service names with nothing answerable here are answered NXDOMAIN
+//! with a [`RemoteAsk`] attached ([`DnsAnswer::remote`]); the server looks it up (its servers,
+//! over the WAN) and [`DnsZone::answer_remote`] answers from what it found as that datacenter's
+//! own zone would, records owned by the question.
 //!
 //! **Answers** ([`DnsZone::answer`]) come from a [`DnsIndex`], built once per published catalog
 //! (reusing the entries of services that did not change), so a query is a hash lookup:
@@ -1682,7 +1689,7 @@ mod tests {
         assert_eq!(parse("service.mesh."), QueryName::Invalid);
         assert_eq!(parse("web.service.a.b.mesh."), QueryName::Invalid);
         assert_eq!(parse("web.mesh."), QueryName::Invalid);
-        assert_eq!(parse("web.query.mesh."), QueryName::Invalid);
+        assert_eq!(parse("web.connect.mesh."), QueryName::Invalid);
         assert_eq!(parse("mesh."), QueryName::Apex);
         assert_eq!(parse("MESH."), QueryName::Apex);
     }
@@ -1802,6 +1809,93 @@ mod tests {
             if soa.mname == name("ns.mesh.") && soa.rname == name("hostmaster.mesh.")
                 && soa.serial == 1_700_000_000 && soa.refresh == 3600 && soa.retry == 600
                 && soa.expire == 86400 && soa.minimum == 0)
+    }
+
+    #[test]
+    fn prepared_query_names() {
+        let q = |n: &str, dc: Option<&str>| QueryName::Query { name: n.into(), datacenter: dc.map(Into::into) };
+        assert_eq!(parse("web.query.mesh."), q("web", None));
+        assert_eq!(parse("Web.Query.dc2.mesh."), q("web", Some("dc2")));
+        assert_eq!(parse("a.b.query.mesh."), q("a.b", None));
+        let srv = parse_query_name(&name("_web._tcp.query.mesh."), RecordType::SRV, &DnsConfig::default());
+        assert_eq!(srv, q("web", None));
+        assert_eq!(parse("query.mesh."), QueryName::Invalid);
+    }
+
+    /// Names this node's catalog cannot answer are asked beyond it: another datacenter, a
+    /// prepared query, and (only with `failover_nearest`, only without a datacenter named) a
+    /// service with nothing answerable here. The answer meanwhile is NXDOMAIN.
+    #[test]
+    fn asks_beyond_the_catalog() {
+        let c = catalog();
+        let remote = |q: &str, cfg: &DnsConfig| {
+            let a = build_answer(&c, &name(q), RecordType::A, cfg, 0, &mut StdRng::seed_from_u64(1));
+            (a.response_code, a.remote)
+        };
+        let cfg = DnsConfig::default();
+        let nx = ResponseCode::NXDomain;
+        let service = |dc: &str, s: &str, tag: Option<&str>| RemoteAsk::Service {
+            dc: dc.into(),
+            service: s.into(),
+            tag: tag.map(Into::into),
+        };
+        assert_eq!(remote("web.service.dc2.mesh.", &cfg), (nx, Some(service("dc2", "web", None))));
+        assert_eq!(remote("v1.web.service.dc2.mesh.", &cfg), (nx, Some(service("dc2", "web", Some("v1")))));
+        assert_eq!(
+            remote("n1.node.dc2.mesh.", &cfg),
+            (nx, Some(RemoteAsk::Node { dc: "dc2".into(), node: "n1".into() }))
+        );
+        assert_eq!(remote("web.query.mesh.", &cfg), (nx, Some(RemoteAsk::Query { name: "web".into(), dc: None })));
+        assert_eq!(
+            remote("web.query.dc1.mesh.", &cfg),
+            (nx, Some(RemoteAsk::Query { name: "web".into(), dc: None })),
+            "our own datacenter named"
+        );
+        assert_eq!(remote("down.service.mesh.", &cfg), (nx, None), "no failover by default");
+        let failover = DnsConfig { failover_nearest: true, ..cfg.clone() };
+        let want = RemoteAsk::Failover { service: "down".into(), tag: None };
+        assert_eq!(remote("down.service.mesh.", &failover), (nx, Some(want)));
+        assert_eq!(
+            remote("nosuch.service.mesh.", &failover).1,
+            Some(RemoteAsk::Failover { service: "nosuch".into(), tag: None })
+        );
+        assert_eq!(remote("down.service.dc1.mesh.", &failover), (nx, None), "a datacenter named: no failover");
+        assert_eq!(remote("web.service.mesh.", &failover).0, ResponseCode::NoError, "answerable here");
+    }
+
+    /// What another datacenter holds is answered as its own DNS would, owned by the question.
+    #[test]
+    fn answers_from_another_datacenter() {
+        let mut dc2 = CatalogState::new("dc2");
+        let node = Node {
+            name: "n1".into(),
+            address: ip("10.2.0.1"),
+            datacenter: "dc2".into(),
+            meta: BTreeMap::new(),
+            create_index: 0,
+            modify_index: 0,
+            tagged_addresses: Default::default(),
+        };
+        dc2.upsert_node(node, 1);
+        dc2.upsert_instance(inst("w", "web", "n1", None, 8080, Health::Passing), 2);
+        dc2.upsert_instance(inst("x", "web", "n1", Some("10.2.0.9"), 8081, Health::Critical), 3);
+        let zone = DnsZone::new(DnsConfig::default()).unwrap();
+        let found = RemoteFound { datacenter: "dc2".into(), service: "web".into(), catalog: dc2, ttl: Some(7) };
+        let ask = RemoteAsk::Failover { service: "web".into(), tag: None };
+        let mut rng = StdRng::seed_from_u64(1);
+        let qname = name("web.service.mesh.");
+        let a = zone.answer_remote(&qname, RecordType::A, &ask, Ok(&found), 0, &mut rng);
+        assert_eq!(a.answers.len(), 1, "the critical instance is left out: {a:?}");
+        assert_eq!((&a.answers[0].name, a.answers[0].ttl), (&qname, 7));
+        assert_eq!(a_ips(&a.answers), BTreeSet::from([ip("10.2.0.1")]));
+        let srv = zone.answer_remote(&qname, RecordType::SRV, &ask, Ok(&found), 0, &mut rng);
+        let RData::SRV(s) = &srv.answers[0].data else { panic!("{srv:?}") };
+        assert_eq!((s.port, &s.target), (8080, &name("n1.node.dc2.mesh.")));
+        assert_eq!(srv.additionals[0].name, name("n1.node.dc2.mesh."));
+        let miss = zone.answer_remote(&qname, RecordType::A, &ask, Err(RemoteMiss::NoSuchName), 0, &mut rng);
+        assert_eq!(miss.response_code, ResponseCode::NXDomain);
+        let down = zone.answer_remote(&qname, RecordType::A, &ask, Err(RemoteMiss::Unavailable), 0, &mut rng);
+        assert_eq!(down.response_code, ResponseCode::ServFail);
     }
 
     #[test]

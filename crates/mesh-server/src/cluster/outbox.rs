@@ -78,7 +78,8 @@ impl Outbox {
             let seq = self.next;
             self.next += 1;
             if self.file.is_some() {
-                serde_json::to_writer(&mut buf, &Line::Item(seq, Box::new(msg.clone()))).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut buf, &Line::Item(seq, Box::new(msg.clone())))
+                    .map_err(std::io::Error::other)?;
                 buf.push(b'\n');
             }
             self.pending.push_back((seq, msg));
@@ -159,7 +160,8 @@ impl Outbox {
             serde_json::to_writer(&mut w, &Line::Next(self.next)).map_err(std::io::Error::other)?;
             w.write_all(b"\n")?;
             for (seq, msg) in &self.pending {
-                serde_json::to_writer(&mut w, &Line::Item(*seq, Box::new(msg.clone()))).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut w, &Line::Item(*seq, Box::new(msg.clone())))
+                    .map_err(std::io::Error::other)?;
                 w.write_all(b"\n")?;
             }
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
