@@ -111,6 +111,8 @@ pub fn spawn(cfg: ProberConfig) -> tokio::task::JoinHandle<()> {
                 }
             }
             known = alive.iter().map(|m| m.name.clone()).collect();
+            // Connections to nodes no longer alive close.
+            conns.lock().unwrap_or_else(|e| e.into_inner()).retain(|addr, _| alive.iter().any(|m| m.rpc == *addr));
             if alive.is_empty() {
                 continue;
             }
