@@ -209,13 +209,31 @@ async fn datacenters_nearest_first_and_coordinates() {
     })
     .await;
 
-    // ?near=: the requesting node (_agent) or the named one first.
+    // An agent asks its server for the datacenters' coordinates.
+    let via_agent: Vec<String> = wan_coords(&agent).await.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(via_agent, want, "the agent's /v1/coordinate/datacenters");
+
+    // ?near=: the requesting node (_agent) or the named one first. A service on both nodes
+    // (by name, agent10 would come first).
+    let web = |node: &str| serde_json::json!({"Name": "web", "ID": format!("web-{node}"), "Port": 80}).to_string();
+    assert_eq!(agent.send("PUT", "/v1/agent/service/register", Some(&web("a"))).await.0, 200);
+    assert_eq!(dc1.send("PUT", "/v1/agent/service/register", Some(&web("s"))).await.0, 200);
+    eventually(20, "web on both nodes, seen by both", || async {
+        let n = |v: Value| v.as_array().map(Vec::len);
+        (n(json(&dc1, "/v1/catalog/service/web").await) == Some(2)
+            && n(json(&agent, "/v1/catalog/service/web").await) == Some(2))
+        .then_some(())
+    })
+    .await;
     for (node, path, first) in [
         (&agent, "/v1/catalog/nodes?near=_agent", "agent10"),
         (&dc1, "/v1/catalog/nodes?near=_agent", "server1"),
         (&dc1, "/v1/catalog/nodes?near=agent10", "agent10"),
-        (&agent, "/v1/catalog/service/consul?near=_agent", "server1"),
-        (&dc1, "/v1/health/service/consul?near=agent10", "server1"),
+        (&agent, "/v1/catalog/service/web?near=_agent", "agent10"),
+        (&dc1, "/v1/catalog/service/web?near=_agent", "server1"),
+        (&agent, "/v1/catalog/service/web?near=server1", "server1"),
+        (&dc1, "/v1/health/service/web?near=_agent", "server1"),
+        (&dc1, "/v1/health/service/web?near=agent10", "agent10"),
     ] {
         let v = json(node, path).await;
         let got = v[0]["Node"].as_str().or_else(|| v[0]["Node"]["Node"].as_str());

@@ -344,3 +344,53 @@ async fn update(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) ->
     }
     Ok(reply(&json!(true), &q))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(x: f64) -> Coordinate {
+        let mut c = origin();
+        c.vec[0] = x;
+        c
+    }
+
+    #[test]
+    fn the_newest_coordinate_wins_and_bad_ones_are_not_kept() {
+        let c = Coordinates::new("n1", "dc1", 1);
+        assert!(c.learn(false, "n2", at(0.5), 10));
+        assert!(!c.learn(false, "n2", at(0.9), 9), "an older stamp");
+        assert_eq!(c.coordinate_of(false, "n2"), Some(at(0.5)));
+        assert!(c.learn(false, "n2", at(0.7), 11));
+        assert_eq!(c.coordinate_of(false, "n2"), Some(at(0.7)));
+        // This node's own coordinate is its own to compute.
+        assert!(!c.learn(false, "n1", at(3.0), 99));
+        let mut nan = at(0.1);
+        nan.height = f64::NAN;
+        assert!(!c.learn(false, "n3", nan, 1));
+        let short = Coordinate { vec: vec![0.0; 2], ..origin() };
+        assert!(!c.learn(false, "n3", short, 1));
+        assert_eq!(c.coordinate_of(false, "n3"), None);
+        // The pools are apart; the WAN names this node `<node>.<dc>`.
+        assert_eq!(c.coordinate_of(true, "n2"), None);
+        assert_eq!(c.coordinate_of(true, "n1.dc1"), Some(origin()));
+        let names: Vec<String> = c.table(false).into_iter().map(|e| e.node).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn observations_move_this_node_and_keep_the_peer() {
+        let c = Coordinates::new("n1", "dc1", 1);
+        for i in 0..30 {
+            c.observe(true, "n2.dc2", at(0.0), i, Duration::from_millis(50), 1000 + i);
+        }
+        let (me, stamp) = c.own(true);
+        let d = me.distance_to(&at(0.0)).unwrap();
+        assert!((d - 0.05).abs() < 0.01, "{d}");
+        assert!(stamp >= 1000);
+        assert_eq!(c.coordinate_of(true, "n2.dc2"), Some(at(0.0)));
+        assert_eq!(c.own(false).0, origin(), "the LAN coordinate did not move");
+        c.forget(true, "n2.dc2");
+        assert_eq!(c.coordinate_of(true, "n2.dc2"), None);
+    }
+}
