@@ -19,6 +19,7 @@
 pub mod allocator;
 pub mod app;
 pub mod catalog;
+pub mod coordinate;
 pub mod dns;
 pub mod frameworks;
 pub mod health;

@@ -719,9 +719,12 @@ pub async fn run_server(
     };
     // One set of API state (and membership) for this node's listeners and for the requests
     // agents forward, which act for their own node.
+    let coords =
+        Arc::new(crate::api::consul_coordinate::Coordinates::new(&cfg.node, &cfg.datacenter, seed(cfg.clock.as_ref())));
     let base = Api {
         cluster: Some(Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: Some(wan.clone()) })),
         raft: Some(raft_view.clone()),
+        coordinates: coords.clone(),
         ..Api::new(control.clone(), node_info(&cfg, &[]))
     };
     let dc_route = crate::cluster::forward::DcRoute {
@@ -784,10 +787,15 @@ pub async fn run_server(
     let _ = raft_view.raft.set(raft.raft.clone());
     let handler = Arc::new(
         crate::cluster::server::ServerHandler::new(control.clone(), replication, executor.clone())
-            .with_raft(raft.handler.clone(), route.clone()),
+            .with_raft(raft.handler.clone(), route.clone())
+            .with_coords(coords.clone()),
     );
-    let rpc = crate::rpc::Server::start(listener, hello, handler)
+    let rpc = crate::rpc::Server::start(listener, hello.clone(), handler)
         .map_err(|source| NodeError::Bind { addr: cfg.rpc, source })?;
+    let probers = [
+        spawn_prober(&cfg, false, &gossip, &coords, transport.clone(), hello.clone()),
+        spawn_prober(&cfg, true, &wan, &coords, transport.clone(), hello),
+    ];
 
     let own =
         tokio::spawn(register_own_through(executor, cfg.clone(), http_addrs.first().map(|a| a.port()).unwrap_or(0)));
@@ -799,6 +807,7 @@ pub async fn run_server(
     info!("shutting down");
     own.abort();
     members_task.abort();
+    probers.iter().for_each(|p| p.abort());
     gossip.shutdown().await;
     wan.shutdown().await;
     http.stop().await;
@@ -851,6 +860,9 @@ pub async fn run_agent(
     let node_id = ensure_data_dir(&cfg)?;
     let rpc_advertised = SocketAddr::new(cfg.advertise, cfg.rpc.port());
     let gossip = start_gossip(&cfg, &node_id, crate::gossip::Role::Agent, rpc_advertised).await?;
+    let coords =
+        Arc::new(crate::api::consul_coordinate::Coordinates::new(&cfg.node, &cfg.datacenter, seed(cfg.clock.as_ref())));
+    let (agent_rpc, prober) = start_agent_coordinates(&cfg, &node_id, &gossip, &coords).await;
     let outbox_path = cfg.data_dir.join("outbox.jsonl");
     let outbox = crate::cluster::outbox::Outbox::open(&outbox_path)
         .map_err(|source| NodeError::DataDir { path: outbox_path.clone(), source })?;
@@ -901,8 +913,13 @@ pub async fn run_agent(
     let agent_router = |info| {
         let cluster: Arc<dyn crate::api::ClusterOps> =
             Arc::new(crate::cluster::ops::GossipOps { gossip: gossip.clone(), wan: None });
-        api::router(Api { cluster: Some(cluster), loopback: loopback.clone(), ..Api::new(control.clone(), info) })
-            .layer(axum::middleware::from_fn_with_state(forwarder.clone(), crate::cluster::forward::layer))
+        api::router(Api {
+            cluster: Some(cluster),
+            loopback: loopback.clone(),
+            coordinates: coords.clone(),
+            ..Api::new(control.clone(), info)
+        })
+        .layer(axum::middleware::from_fn_with_state(forwarder.clone(), crate::cluster::forward::layer))
     };
     let http = start_http(&cfg, agent_router).await?;
     let own = agent_router(node_info(&cfg, &http.addrs));
@@ -928,6 +945,8 @@ pub async fn run_agent(
     replica_join.abort();
     servers_task.abort();
     antientropy.abort();
+    prober.abort();
+    drop(agent_rpc);
 
     if !cfg.keep_tasks_on_exit {
         // It stopped its tasks: a graceful leave (the others see it left, not failed).
@@ -958,6 +977,70 @@ fn set_dns_lookup<'a>(
     for dns in servers.into_iter().flatten() {
         dns.set_remote(lookup.clone());
     }
+}
+
+/// Measure this node's network coordinate in a pool (`wan`: the WAN pool of servers, every
+/// second at most; the LAN: every gossip probe period, as Consul's LAN coordinates come with
+/// its gossip probes).
+fn spawn_prober(
+    cfg: &NodeConfig,
+    wan: bool,
+    pool: &crate::gossip::Gossip,
+    coords: &Arc<crate::api::consul_coordinate::Coordinates>,
+    transport: Arc<dyn crate::rpc::Transport>,
+    hello: crate::rpc::Hello,
+) -> tokio::task::JoinHandle<()> {
+    let (me, period) = if wan {
+        (format!("{}.{}", cfg.node, cfg.datacenter), cfg.gossip_wan_timing.probe_period.min(Duration::from_secs(1)))
+    } else {
+        (cfg.node.clone(), cfg.gossip_timing.probe_period)
+    };
+    crate::cluster::coords::spawn(crate::cluster::coords::ProberConfig {
+        wan,
+        me,
+        coords: coords.clone(),
+        members: pool.subscribe(),
+        transport,
+        hello,
+        period,
+        clock: cfg.clock.clone(),
+        seed: seed(cfg.clock.as_ref()),
+    })
+}
+
+/// An agent's network coordinate: its RPC listener, which serves the LAN coordinate exchange
+/// (best effort: when the address is taken, as by a server on the same address, the agent
+/// still measures its own coordinate but is not measured by others), and its prober.
+async fn start_agent_coordinates(
+    cfg: &NodeConfig,
+    node_id: &str,
+    gossip: &crate::gossip::Gossip,
+    coords: &Arc<crate::api::consul_coordinate::Coordinates>,
+) -> (Option<crate::rpc::Server>, tokio::task::JoinHandle<()>) {
+    let transport = Arc::new(crate::rpc::TcpTransport { bind: Some(cfg.advertise) });
+    let hello = crate::rpc::Hello {
+        node: cfg.node.clone(),
+        node_id: node_id.to_owned(),
+        datacenter: cfg.datacenter.clone(),
+        role: crate::rpc::Role::Agent,
+        http: None,
+    };
+    let handler =
+        Arc::new(crate::cluster::coords::AgentHandler { coords: coords.clone(), datacenter: cfg.datacenter.clone() });
+    let server = match crate::rpc::Transport::listen(transport.as_ref(), cfg.rpc).await {
+        Ok(l) => match crate::rpc::Server::start(l, hello.clone(), handler) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(addr = %cfg.rpc, error = %e, "no RPC listener: other nodes cannot measure their distance to this one");
+                None
+            }
+        },
+        Err(e) => {
+            warn!(addr = %cfg.rpc, error = %e, "no RPC listener: other nodes cannot measure their distance to this one");
+            None
+        }
+    };
+    (server, spawn_prober(cfg, false, gossip, coords, transport, hello))
 }
 
 /// Join the datacenter's LAN gossip pool.

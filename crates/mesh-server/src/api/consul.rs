@@ -90,6 +90,20 @@ fn filter_param(q: &Params) -> Result<Option<Filter>, ApiError> {
 }
 
 /// Keep the elements of a list that match the filter.
+/// `list` filtered (`?filter=`) and sorted by distance (`?near=`) from the node each entry's
+/// `node_of` names.
+fn near_list(
+    api: &Api,
+    q: &Params,
+    list: Vec<Value>,
+    f: &Option<Filter>,
+    node_of: impl Fn(&Value) -> Option<&str>,
+) -> Value {
+    let mut list = filter_list(list, f);
+    super::consul_coordinate::sort_near(api, q, &mut list, node_of);
+    Value::Array(list)
+}
+
 fn filter_list(list: Vec<Value>, f: &Option<Filter>) -> Vec<Value> {
     match f {
         None => list,
@@ -1243,14 +1257,34 @@ async fn datacenters(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respons
     reply(&json!(known_datacenters(&api)), &q)
 }
 
-/// The datacenters a server knows through the WAN pool: its own first, then by name.
+/// The datacenters a server knows through the WAN pool, nearest first: its own, then by the
+/// median estimated round trip to their servers ([`datacenter_distances`]), those with no
+/// estimate yet last by name.
 pub fn known_datacenters(api: &Api) -> Vec<String> {
-    let mut dcs = std::collections::BTreeSet::new();
-    if let Some(members) = api.cluster.as_ref().and_then(|c| c.wan_members()) {
-        dcs.extend(members.into_iter().filter(|m| m.status != crate::gossip::MemberStatus::Left).map(|m| m.datacenter));
-    }
-    dcs.remove(&api.info.datacenter);
-    std::iter::once(api.info.datacenter.clone()).chain(dcs).collect()
+    datacenter_distances(api).into_iter().map(|(dc, _)| dc).collect()
+}
+
+/// Each datacenter this server knows (through the WAN pool, servers not left) with the median
+/// estimated round trip in seconds from this server to its servers, by WAN network coordinates:
+/// its own first with `Some(0.0)`, then nearest first, those with no coordinate yet (`None`)
+/// last by name. On a node outside the WAN pool (an agent): its own datacenter only.
+pub fn datacenter_distances(api: &Api) -> Vec<(String, Option<f64>)> {
+    let me = api.coordinates.own(true).0;
+    let mut others: Vec<(String, Option<f64>)> = super::consul_coordinate::wan_servers(api)
+        .into_iter()
+        .filter(|(dc, _)| *dc != api.info.datacenter)
+        .map(|(dc, servers)| {
+            let mut d: Vec<f64> = servers.iter().filter_map(|(_, c)| me.distance_to(c.as_ref()?)).collect();
+            (dc, mesh_core::coordinate::median(&mut d))
+        })
+        .collect();
+    others.sort_by(|a, b| match (a.1, b.1) {
+        (Some(x), Some(y)) => x.total_cmp(&y).then_with(|| a.0.cmp(&b.0)),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.0.cmp(&b.0),
+    });
+    std::iter::once((api.info.datacenter.clone(), Some(0.0))).chain(others).collect()
 }
 
 async fn catalog_nodes(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
@@ -1259,7 +1293,8 @@ async fn catalog_nodes(State(api): State<Api>, RawQuery(raw): RawQuery) -> Resul
     let filter = filter_param(&q)?;
     let state = block(&api, &q, "nodes").await?;
     let list: Vec<Value> = state.catalog.nodes().into_iter().map(node_json).collect();
-    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index("nodes"), &q))
+    let body = near_list(&api, &q, list, &filter, |v| v["Node"].as_str());
+    Ok(indexed(&body, state.topic_index("nodes"), &q))
 }
 
 async fn catalog_services(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
@@ -1306,7 +1341,8 @@ async fn catalog_service(
     } else {
         matching(cat, &name, &q.all("tag")).into_iter().map(|i| catalog_service_entry(cat, i)).collect()
     };
-    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
+    let body = near_list(&api, &q, list, &filter, |v| v["Node"].as_str());
+    Ok(indexed(&body, state.topic_index(&topic), &q))
 }
 
 /// One entry of `/v1/catalog/service/:name` (Consul's `ServiceNode`).
@@ -1404,7 +1440,8 @@ async fn health_service(
         .filter(|i| !passing || i.health == Health::Passing)
         .map(|i| health_entry(cat, i))
         .collect();
-    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
+    let body = near_list(&api, &q, list, &filter, |v| v["Node"]["Node"].as_str());
+    Ok(indexed(&body, state.topic_index(&topic), &q))
 }
 
 /// An instance as `/v1/health/service` shows it: its node, itself and every check on either.
@@ -1431,7 +1468,8 @@ async fn health_checks(
     let cat = &state.catalog;
     let filter = filter_param(&q)?;
     let list: Vec<Value> = matching(cat, &name, &[]).into_iter().flat_map(|i| instance_checks(cat, i)).collect();
-    Ok(indexed(&Value::Array(filter_list(list, &filter)), state.topic_index(&topic), &q))
+    let body = near_list(&api, &q, list, &filter, |v| v["Node"].as_str());
+    Ok(indexed(&body, state.topic_index(&topic), &q))
 }
 
 async fn health_node(
@@ -1468,7 +1506,8 @@ async fn health_state(
     if let Some(f) = filter {
         list.retain(|c| c["Status"] == f.as_str());
     }
-    Ok(indexed(&Value::Array(filter_list(list, &expr)), state.topic_index("checks"), &q))
+    let body = near_list(&api, &q, list, &expr, |v| v["Node"].as_str());
+    Ok(indexed(&body, state.topic_index("checks"), &q))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ pub fn forwarded(method: &Method, path: &str) -> bool {
             || path.starts_with("/api/v1")
             || path.starts_with("/v1/status/")
             || path == "/v1/catalog/datacenters"
+            || path == "/v1/coordinate/datacenters"
             || path.starts_with("/metrics");
     }
     true

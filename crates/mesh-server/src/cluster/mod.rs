@@ -7,8 +7,10 @@
 //! - [`replica`]: an agent's read-only copy of the state, for DNS and the read APIs.
 //! - [`replication`]: the server side of that copy.
 //! - [`forward`]: HTTP writes sent to an agent, carried to a server.
+//! - [`coords`]: measuring network coordinates (LAN and WAN) by timed exchanges.
 
 pub mod antientropy;
+pub mod coords;
 pub mod forward;
 pub mod ops;
 pub mod outbox;

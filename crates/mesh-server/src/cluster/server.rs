@@ -28,12 +28,14 @@ pub struct ServerHandler {
     /// With Raft: the Raft RPCs, and where the leader is (only the leader's control loop takes
     /// agents' sessions and reports; the others send agents to it).
     raft: Option<(crate::raft::RaftHandler, tokio::sync::watch::Receiver<super::forward::Route>)>,
+    /// The node's network coordinates, for the coordinate exchange (`None`: not served).
+    coords: Option<std::sync::Arc<crate::api::consul_coordinate::Coordinates>>,
 }
 
 impl ServerHandler {
     /// A handler over this server's control loop.
     pub fn new(control: ControlHandle, replication: Replication, http: Executor) -> ServerHandler {
-        ServerHandler { control, replication, acked: Mutex::new(HashMap::new()), http, raft: None }
+        ServerHandler { control, replication, acked: Mutex::new(HashMap::new()), http, raft: None, coords: None }
     }
 
     /// Serve Raft's RPCs through `handler`, and take agents only while `route` says this
@@ -44,6 +46,12 @@ impl ServerHandler {
         route: tokio::sync::watch::Receiver<super::forward::Route>,
     ) -> ServerHandler {
         self.raft = Some((handler, route));
+        self
+    }
+
+    /// Answer the coordinate exchange with `coords`.
+    pub fn with_coords(mut self, coords: std::sync::Arc<crate::api::consul_coordinate::Coordinates>) -> ServerHandler {
+        self.coords = Some(coords);
         self
     }
 
@@ -183,8 +191,10 @@ impl ServerHandler {
 #[async_trait::async_trait]
 impl Handler for ServerHandler {
     async fn call(&self, peer: &Peer, req: Request) -> Result<Response, RemoteError> {
-        if self.foreign(peer) && !matches!(req, Request::Http(_) | Request::Echo(_)) {
-            // A server of another datacenter sends only what a client sent it with `?dc=`.
+        let wan_exchange = matches!(&req, Request::Coordinate(r) if r.wan);
+        if self.foreign(peer) && !matches!(req, Request::Http(_) | Request::Echo(_)) && !wan_exchange {
+            // A server of another datacenter sends only what a client sent it with `?dc=`, and
+            // the WAN coordinate exchange.
             return Err(RemoteError::Refused(format!("{} from datacenter {}", req.name(), peer.hello.datacenter)));
         }
         match req {
@@ -193,6 +203,14 @@ impl Handler for ServerHandler {
             }
             Request::Http(r) => Ok(Response::Http(self.http.serve(r).await)),
             Request::Echo(s) => Ok(Response::Echo(s)),
+            Request::Coordinate(r) => match &self.coords {
+                // The WAN pool is the servers'.
+                Some(_) if r.wan && peer.hello.role != Role::Server => {
+                    Err(RemoteError::Refused("the WAN coordinates are exchanged between servers".into()))
+                }
+                Some(c) => super::coords::serve(c, peer, r),
+                None => Err(RemoteError::NotServed("Coordinate".into())),
+            },
             Request::Raft(r) => match &self.raft {
                 Some((raft, _)) => raft.handle(r).await,
                 None => Err(RemoteError::NotServed(r.name().into())),

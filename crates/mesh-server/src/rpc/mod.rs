@@ -39,8 +39,10 @@ use tracing::{debug, info, warn};
 /// Major version of the protocol: a peer with another one is refused.
 pub const PROTO_MAJOR: u16 = 1;
 /// Minor version: peers with different minors talk (new fields are optional).
-/// 1: [`Request::Raft`] and its responses.
-pub const PROTO_MINOR: u16 = 1;
+/// 1: [`Request::Raft`] and its responses. 2: [`Request::Coordinate`]; a call this node cannot
+/// decode (a request of a later minor version) is answered `NotServed` instead of closing
+/// the connection.
+pub const PROTO_MINOR: u16 = 2;
 const MAGIC: &[u8; 4] = b"MESH";
 /// Largest frame accepted (a state snapshot travels in chunks well below it).
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -87,6 +89,9 @@ pub struct Peer {
     pub hello: Hello,
     /// Its address (as the transport sees it).
     pub addr: SocketAddr,
+    /// The minor protocol version of its preamble: requests added later than it must not be
+    /// sent to it (a peer before 1.2 closes the connection on a call it cannot decode).
+    pub minor: u16,
 }
 
 /// Errors of the RPC layer.
@@ -197,6 +202,73 @@ impl FaultState {
             Fault::None
         }
     }
+}
+
+/// TEST ONLY: the environment variable that adds latency to the RPC of this process, for tests
+/// that need datacenters at different distances on one machine (network coordinates, nearest
+/// datacenter). `MESH_TEST_RPC_DELAY="127.0.0.3=40ms,127.0.0.4=80ms"`: every frame this node
+/// sends to a peer at one of those addresses leaves that much later (in order, without
+/// throttling), so the round trip between this node and that peer grows by it, whichever of
+/// the two measures it. Never set it in production; a malformed entry is ignored with a
+/// warning.
+pub const TEST_DELAY_ENV: &str = "MESH_TEST_RPC_DELAY";
+
+/// The test delay ([`TEST_DELAY_ENV`]) towards `ip`, if any.
+fn test_delay(ip: std::net::IpAddr) -> Option<Duration> {
+    static DELAYS: std::sync::OnceLock<HashMap<std::net::IpAddr, Duration>> = std::sync::OnceLock::new();
+    DELAYS
+        .get_or_init(|| match std::env::var(TEST_DELAY_ENV) {
+            Ok(v) => parse_test_delays(&v),
+            Err(_) => HashMap::new(),
+        })
+        .get(&ip)
+        .copied()
+}
+
+/// `ip=40ms,ip=1s,...` (ms or s); malformed entries are left out with a warning.
+fn parse_test_delays(v: &str) -> HashMap<std::net::IpAddr, Duration> {
+    let mut out = HashMap::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parsed = part.split_once('=').and_then(|(ip, d)| {
+            let ip = ip.trim().parse().ok()?;
+            let d = d.trim();
+            let d = match d.strip_suffix("ms") {
+                Some(ms) => Duration::from_millis(ms.parse().ok()?),
+                None => Duration::from_secs(d.strip_suffix('s')?.parse().ok()?),
+            };
+            Some((ip, d))
+        });
+        match parsed {
+            Some((ip, d)) => {
+                warn!(%ip, delay = ?d, "{TEST_DELAY_ENV}: TEST ONLY, frames to this peer are delayed");
+                out.insert(ip, d);
+            }
+            None => warn!(entry = part, "{TEST_DELAY_ENV}: not `ip=<n>ms`; ignored"),
+        }
+    }
+    out
+}
+
+/// Frames from `rx`, each released `delay` after it was queued, in order (tests only).
+fn delay_line(mut rx: mpsc::Receiver<Frame>, delay: Duration) -> mpsc::Receiver<Frame> {
+    let (stamped_tx, mut stamped_rx) = mpsc::channel::<(tokio::time::Instant, Frame)>(SEND_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel(SEND_QUEUE);
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if stamped_tx.send((tokio::time::Instant::now() + delay, f)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((due, f)) = stamped_rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if out_tx.send(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    out_rx
 }
 
 /// Serves what peers ask of this node.
@@ -365,10 +437,10 @@ impl Conn {
         let (mut r, mut w) = tokio::io::split(io);
         let hs = async {
             write_preamble(&mut w).await?;
-            check_preamble(&mut r, addr).await?;
+            let minor = check_preamble(&mut r, addr).await?;
             write_frame(&mut w, &Frame::Hello(hello.clone())).await?;
             match read_frame(&mut r).await? {
-                Frame::Hello(h) => Ok(h),
+                Frame::Hello(h) => Ok((h, minor)),
                 Frame::Refused(why) => Err(RpcError::Refused(why)),
                 _ => Err(RpcError::Protocol("expected a hello".into())),
             }
@@ -376,7 +448,7 @@ impl Conn {
         let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs)
             .await
             .map_err(|_| RpcError::Timeout(addr, HANDSHAKE_TIMEOUT))?;
-        let theirs = match theirs {
+        let (theirs, minor) = match theirs {
             Ok(h) => h,
             Err(e) => {
                 warn!(peer = %addr, error = %e, "rpc: handshake failed");
@@ -388,7 +460,7 @@ impl Conn {
             warn!("rpc: refused: {why}");
             return Err(RpcError::Refused(why));
         }
-        Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, true, transport.faults()))
+        Ok(Conn::start(r, w, Peer { hello: theirs, addr, minor }, handler, true, transport.faults()))
     }
 
     fn start(
@@ -400,6 +472,10 @@ impl Conn {
         faults: Option<Faults>,
     ) -> Conn {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let rx = match test_delay(peer.addr.ip()) {
+            Some(d) => delay_line(rx, d),
+            None => rx,
+        };
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let (close_tx, mut close_rx) = tokio::sync::watch::channel(false);
         let conn = Conn {
@@ -532,8 +608,9 @@ async fn write_preamble(w: &mut (impl AsyncWriteExt + Unpin)) -> Result<(), RpcE
     w.flush().await.map_err(|e| RpcError::Io(e.to_string()))
 }
 
-/// Reads the peer's preamble: an error names what was wrong (not this protocol, or its version).
-async fn check_preamble(r: &mut (impl AsyncReadExt + Unpin), addr: SocketAddr) -> Result<(), RpcError> {
+/// Reads the peer's preamble: its minor version, or an error that names what was wrong (not
+/// this protocol, or its version).
+async fn check_preamble(r: &mut (impl AsyncReadExt + Unpin), addr: SocketAddr) -> Result<u16, RpcError> {
     let mut p = [0u8; 8];
     r.read_exact(&mut p).await.map_err(|e| RpcError::Io(format!("{addr} closed before its preamble: {e}")))?;
     if &p[..4] != MAGIC {
@@ -546,7 +623,7 @@ async fn check_preamble(r: &mut (impl AsyncReadExt + Unpin), addr: SocketAddr) -
             "{addr} speaks protocol version {major}.{minor}, this node {PROTO_MAJOR}.{PROTO_MINOR}"
         )));
     }
-    Ok(())
+    Ok(minor)
 }
 
 async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), f: &Frame) -> Result<(), RpcError> {
@@ -561,6 +638,20 @@ async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), f: &Frame) -> Result<
 }
 
 async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, RpcError> {
+    let body = read_body(r).await?;
+    rmp_serde::from_slice(&body).map_err(|e| RpcError::Protocol(format!("undecodable frame: {e}")))
+}
+
+/// A call or stream this node cannot decode, most likely a request of a later minor version:
+/// only its id is read, to answer it.
+#[derive(Deserialize)]
+enum UnknownFrame {
+    Call { id: u64 },
+    Open { id: u64 },
+}
+
+/// One frame's bytes.
+async fn read_body(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>, RpcError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await.map_err(|e| RpcError::Io(e.to_string()))?;
     let len = u32::from_be_bytes(len) as usize;
@@ -569,7 +660,7 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Frame, RpcErr
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| RpcError::Io(e.to_string()))?;
-    rmp_serde::from_slice(&body).map_err(|e| RpcError::Protocol(format!("undecodable frame: {e}")))
+    Ok(body)
 }
 
 async fn write_loop(
@@ -643,14 +734,36 @@ async fn read_loop(r: ReadHalf<BoxIo>, conn: &WeakConn, handler: Arc<dyn Handler
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let replies = conn.strong_for_replies.clone();
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut r)).await {
+        let body = match tokio::time::timeout(IDLE_TIMEOUT, read_body(&mut r)).await {
             Err(_) => return format!("nothing received for {IDLE_TIMEOUT:?}"),
             Ok(Err(RpcError::Protocol(e))) => {
                 warn!(peer = %conn.peer.addr, node = %conn.peer.hello.node, "rpc: {e}; closing the connection");
                 return e;
             }
             Ok(Err(e)) => return e.to_string(),
-            Ok(Ok(f)) => f,
+            Ok(Ok(b)) => b,
+        };
+        let frame = match rmp_serde::from_slice::<Frame>(&body) {
+            Ok(f) => f,
+            Err(e) => match rmp_serde::from_slice::<UnknownFrame>(&body) {
+                // A request of a later version: refused, the connection kept.
+                Ok(UnknownFrame::Call { id }) => {
+                    debug!(peer = %conn.peer.addr, error = %e, "rpc: a call this node cannot decode");
+                    let res = Err(RemoteError::NotServed(format!("a request this node cannot decode ({e})")));
+                    let _ = replies.try_send(Frame::Reply { id, res });
+                    continue;
+                }
+                Ok(UnknownFrame::Open { id }) => {
+                    let reason = Some(format!("not served here: a request this node cannot decode ({e})"));
+                    let _ = replies.try_send(Frame::End { id, reason });
+                    continue;
+                }
+                Err(_) => {
+                    let e = format!("undecodable frame: {e}");
+                    warn!(peer = %conn.peer.addr, node = %conn.peer.hello.node, "rpc: {e}; closing the connection");
+                    return e;
+                }
+            },
         };
         match frame {
             Frame::Ping => {
@@ -779,7 +892,7 @@ async fn accept(
     let (mut r, mut w) = tokio::io::split(io);
     // Our preamble first: a peer of another version learns which one it met.
     write_preamble(&mut w).await?;
-    check_preamble(&mut r, addr).await?;
+    let minor = check_preamble(&mut r, addr).await?;
     let theirs = match read_frame(&mut r).await? {
         Frame::Hello(h) => h,
         _ => return Err(RpcError::Protocol(format!("{addr} sent no hello"))),
@@ -794,7 +907,7 @@ async fn accept(
     }
     write_frame(&mut w, &Frame::Hello(hello)).await?;
     info!(peer = %addr, node = %theirs.node, role = ?theirs.role, "rpc: connected");
-    Ok(Conn::start(r, w, Peer { hello: theirs, addr }, handler, false, faults))
+    Ok(Conn::start(r, w, Peer { hello: theirs, addr, minor }, handler, false, faults))
 }
 
 #[cfg(test)]

@@ -46,6 +46,48 @@ pub enum Request {
     /// Server → server, a call: a Raft RPC of the replicated log (protocol 1.1). Answered with
     /// [`Response::Raft`].
     Raft(RaftRequest),
+    /// Any node → any node, a call (protocol 1.2): the caller's network coordinate in one pool,
+    /// answered with [`Response::Coordinate`]; the caller times the round trip. Send it only
+    /// to peers whose minor version is at least 2 ([`super::Peer::minor`]).
+    Coordinate(CoordinateRequest),
+}
+
+/// A coordinate exchange: who asks is the connection's peer (its node name on the LAN,
+/// `<node>.<dc>` on the WAN), so a node only ever sets its own coordinate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinateRequest {
+    /// The WAN pool's coordinates (servers only), else the LAN's.
+    pub wan: bool,
+    /// The caller's coordinate.
+    pub coord: mesh_core::coordinate::Coordinate,
+    /// When the caller computed it (ms since the epoch, its clock).
+    pub stamp: u64,
+    /// Whether the answer should carry every coordinate the peer knows in that pool.
+    #[serde(default)]
+    pub want_table: bool,
+}
+
+/// The answer to a [`CoordinateRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinateReply {
+    /// The peer's own coordinate.
+    pub coord: mesh_core::coordinate::Coordinate,
+    /// When the peer computed it.
+    pub stamp: u64,
+    /// Every coordinate the peer knows in the pool, when asked for.
+    #[serde(default)]
+    pub table: Vec<CoordEntry>,
+}
+
+/// A node's coordinate as one node knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordEntry {
+    /// The node (`<node>.<dc>` on the WAN).
+    pub node: String,
+    /// Its coordinate.
+    pub coord: mesh_core::coordinate::Coordinate,
+    /// When its owner computed it: the newest stamp wins.
+    pub stamp: u64,
 }
 
 /// The Raft RPCs openraft sends between the members of the group (see [`crate::raft::network`]).
@@ -131,6 +173,7 @@ impl Request {
             Request::Http(_) => "Http",
             Request::Echo(_) => "Echo",
             Request::Raft(r) => r.name(),
+            Request::Coordinate(_) => "Coordinate",
         }
     }
 }
@@ -149,6 +192,8 @@ pub enum Response {
     Echo(String),
     /// The answer to a [`Request::Raft`].
     Raft(RaftResponse),
+    /// The answer to a [`Request::Coordinate`].
+    Coordinate(CoordinateReply),
 }
 
 /// One item of a stream.

@@ -101,11 +101,11 @@ async fn an_unknown_major_version_and_garbage_are_refused_and_the_server_keeps_s
     s.write_all(b"MESH\x00\x02\x00\x00").await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.unwrap();
-    assert_eq!(&buf[..8], b"MESH\x00\x01\x00\x01");
+    assert_eq!(&buf[..8], b"MESH\x00\x01\x00\x02");
     assert_eq!(buf.len(), 8, "nothing after the preamble: refused");
     // The client side names the versions too.
     let err = check_preamble(&mut &b"MESH\x00\x02\x00\x01"[..], srv.local_addr()).await.unwrap_err();
-    assert!(err.to_string().contains("version 2.1, this node 1.1"), "{err}");
+    assert!(err.to_string().contains("version 2.1, this node 1.2"), "{err}");
     // Garbage instead of a preamble; then a good preamble and a frame of garbage; then a frame
     // that claims 4 GiB.
     for bytes in [
@@ -146,4 +146,72 @@ async fn dropping_the_last_handle_closes_the_connection_and_cancels_streams() {
     let r = conn.call(Request::Echo("z".into()), Duration::from_secs(5)).await;
     // The listener is gone but the accepted connection lives on until either side closes it.
     assert!(r.is_ok(), "{r:?}");
+}
+
+/// A frame of a later minor version: a call with a request this node does not know.
+#[derive(Serialize)]
+enum FutureFrame {
+    Call { id: u64, timeout_ms: u64, req: FutureRequest },
+}
+
+#[derive(Serialize)]
+enum FutureRequest {
+    Teleport { to: String },
+}
+
+#[tokio::test]
+async fn an_unknown_request_is_refused_and_the_connection_kept() {
+    let srv = tcp_server("dc1").await;
+    let s = tokio::net::TcpStream::connect(srv.local_addr()).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(s);
+    write_preamble(&mut w).await.unwrap();
+    assert_eq!(check_preamble(&mut r, srv.local_addr()).await.unwrap(), PROTO_MINOR);
+    write_frame(&mut w, &Frame::Hello(hello("future", "dc1"))).await.unwrap();
+    assert!(matches!(read_frame(&mut r).await.unwrap(), Frame::Hello(_)));
+    let body = rmp_serde::to_vec_named(&FutureFrame::Call {
+        id: 7,
+        timeout_ms: 5000,
+        req: FutureRequest::Teleport { to: "mars".into() },
+    })
+    .unwrap();
+    w.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+    w.write_all(&body).await.unwrap();
+    write_frame(&mut w, &Frame::Call { id: 8, timeout_ms: 5000, req: Request::Echo("x".into()) }).await.unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut r)).await.unwrap().unwrap() {
+            Frame::Reply { id, res } => answers.push((id, res)),
+            Frame::Ping => {}
+            _ => panic!("unexpected frame"),
+        }
+    }
+    assert!(matches!(&answers[0], (7, Err(RemoteError::NotServed(_)))), "{:?}", answers[0]);
+    assert_eq!(answers[1], (8, Ok(Response::Echo("future:x".into()))));
+}
+
+#[test]
+fn test_delays_parse_and_skip_bad_entries() {
+    let d = parse_test_delays("127.0.0.3=40ms, 127.0.0.4=1s,bad,127.0.0.5=fast,=3ms");
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert_eq!(d[&"127.0.0.3".parse::<std::net::IpAddr>().unwrap()], Duration::from_millis(40));
+    assert_eq!(d[&"127.0.0.4".parse::<std::net::IpAddr>().unwrap()], Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_delay_line_keeps_order_and_adds_the_delay() {
+    let (tx, rx) = mpsc::channel(16);
+    let mut out = delay_line(rx, Duration::from_millis(50));
+    let started = tokio::time::Instant::now();
+    for i in 0..5 {
+        tx.send(Frame::Cancel { id: i }).await.unwrap();
+    }
+    for i in 0..5 {
+        match out.recv().await.unwrap() {
+            Frame::Cancel { id } => assert_eq!(id, i),
+            _ => panic!("unexpected frame"),
+        }
+    }
+    let took = started.elapsed();
+    // Each waits its own 50 ms from when it was queued, not one after the other.
+    assert!(took >= Duration::from_millis(50) && took < Duration::from_millis(200), "{took:?}");
 }
