@@ -380,15 +380,18 @@ async fn execute(
             }
         }
     }
-    // Near: the named node (or this one, `_agent`) first; otherwise shuffled, as Consul does.
-    let near = q.get("near").map(|s| s.to_string()).or_else(|| def["Service"]["Near"].as_str().map(str::to_owned));
+    // Shuffled, as Consul does; then with `?near=` (or the query's `Near`) sorted by the
+    // estimated round trip from that node (`_agent`: this one), for this datacenter's answer.
     {
         use rand::seq::SliceRandom;
         nodes.shuffle(&mut rand::rng());
     }
-    if let Some(near) = near.filter(|n| !n.is_empty()) {
-        let node = if near == "_agent" { api.info.node.clone() } else { near };
-        nodes.sort_by_key(|e| e["Node"]["Node"].as_str() != Some(node.as_str()));
+    let near = q.get("near").map(|s| s.to_string()).or_else(|| def["Service"]["Near"].as_str().map(str::to_owned));
+    if let Some(near) = near.filter(|n| !n.is_empty())
+        && datacenter == api.info.datacenter
+    {
+        let by = Params::parse(Some(&format!("near={}", enc(&near))));
+        super::consul_coordinate::sort_near(&api, &by, &mut nodes, |e| e["Node"]["Node"].as_str());
     }
     if let Some(limit) = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0) {
         nodes.truncate(limit);
