@@ -1,9 +1,10 @@
 //! Failover across three datacenters at different distances (issue 14, must-show): dc1 has three
 //! servers (one Raft group) and an agent, dc2 and dc3 a server each, processes on loopback
-//! addresses; dc1's servers see dc2 at +20 ms and dc3 at +60 ms (the test-only in-transport
-//! delay `MESH_TEST_RPC_DELAY`). dc1 orders the datacenters by distance; with dc1's instance
-//! critical, a NearestN query and `--dns-failover nearest` answer the nearer dc2; with dc2's
-//! server killed, dc3 — while dc1 keeps serving its own writes and names; and dc1's own again
+//! addresses; dc1's servers see dc3 at +20 ms and dc2 at +60 ms (the test-only in-transport
+//! delay `MESH_TEST_RPC_DELAY`; the nearer one is not the first by name, so only measured
+//! distances give the order). dc1 orders the datacenters by distance; with dc1's instance
+//! critical, a NearestN query and `--dns-failover nearest` answer the nearer dc3; with dc3's
+//! server killed, dc2 — while dc1 keeps serving its own writes and names; and dc1's own again
 //! once it recovers.
 
 mod support;
@@ -88,7 +89,7 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     let net = net();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (ip2, ip3) = (format!("{net}.21"), format!("{net}.31"));
-    let delay = format!("{ip2}=20ms,{ip3}=60ms");
+    let delay = format!("{ip3}=20ms,{ip2}=60ms");
     let env = [("MESH_TEST_RPC_DELAY", delay.as_str())];
     let lan = [format!("{net}.1:8301"), format!("{net}.2:8301")];
     let dc1_args = ["--bootstrap-expect", "3", "--join", &lan[0], "--join", &lan[1]];
@@ -120,10 +121,10 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
         ],
     );
 
-    // dc1 orders the others by distance: dc2 (+20 ms) before dc3 (+60 ms), on every node.
-    for node in [&dc1[0], &a1] {
+    // dc1 orders the others by distance: dc3 (+20 ms) before dc2 (+60 ms), on every node.
+    for node in dc1.iter().chain([&a1]) {
         eventually(90, "dc1 orders datacenters by distance", || async {
-            (json(node, "/v1/catalog/datacenters").await == json!(["dc1", "dc2", "dc3"])).then_some(())
+            (json(node, "/v1/catalog/datacenters").await == json!(["dc1", "dc3", "dc2"])).then_some(())
         })
         .await;
     }
@@ -138,31 +139,35 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     eventually(30, "web.query.mesh answers dc1's own", || async { (dig(&a1, "web.query.mesh") == home).then_some(()) })
         .await;
 
-    // dc1's instance critical: the nearer dc2 answers.
+    // dc1's instance critical: the nearer dc3 answers.
     let (s, v) = a1.send("PUT", "/v1/agent/check/fail/web-ttl", None).await;
     assert_eq!(s, 200, "{v}");
-    let dc2_answer = ("NOERROR".to_owned(), vec![ip2.clone()]);
-    eventually(30, "web.query.mesh fails over to dc2, the nearer", || async {
-        (dig(&a1, "web.query.mesh") == dc2_answer).then_some(())
+    let near_answer = ("NOERROR".to_owned(), vec![ip3.clone()]);
+    eventually(30, "web.query.mesh fails over to dc3, the nearer", || async {
+        (dig(&a1, "web.query.mesh") == near_answer).then_some(())
     })
     .await;
-    assert_eq!(dig(&a1, "web.service.mesh"), dc2_answer, "--dns-failover nearest");
+    assert_eq!(dig(&a1, "web.service.mesh"), near_answer, "--dns-failover nearest");
     let v = json(&a1, "/v1/query/web/execute").await;
-    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc2"), Some(1)), "{v}");
+    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc3"), Some(1)), "{v}");
 
-    // dc2's only server killed: dc3 answers, and dc1 keeps its own writes and names.
-    let mut dc2 = dc2;
-    dc2.stop_with("KILL");
-    let dc3_answer = ("NOERROR".to_owned(), vec![ip3.clone()]);
-    eventually(30, "web.query.mesh fails over to dc3", || async {
-        (dig(&a1, "web.query.mesh") == dc3_answer).then_some(())
+    // dc3's only server killed: dc2 answers, and dc1 keeps its own writes and names.
+    let mut dc3 = dc3;
+    dc3.stop_with("KILL");
+    let far_answer = ("NOERROR".to_owned(), vec![ip2.clone()]);
+    eventually(30, "web.query.mesh fails over to dc2", || async {
+        (dig(&a1, "web.query.mesh") == far_answer).then_some(())
     })
     .await;
     let started = Instant::now();
-    assert_eq!(dig(&a1, "web.service.mesh"), dc3_answer);
+    assert_eq!(dig(&a1, "web.service.mesh"), far_answer);
     assert!(started.elapsed() < Duration::from_secs(6), "failover past a dead datacenter took {:?}", started.elapsed());
+    // Failovers counts the datacenters asked: dc3 first while it still counts as nearer, or
+    // dc2 alone once dc3's dead server has no measured distance (listed last).
+    let order = json(&a1, "/v1/catalog/datacenters").await;
+    let asked = order.as_array().unwrap().iter().position(|d| d == "dc2").unwrap() as u64;
     let v = json(&a1, "/v1/query/web/execute").await;
-    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc3"), Some(2)), "{v}");
+    assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc2"), Some(asked)), "{v} {order}");
     let r = a1.client.put(a1.url("/v1/kv/still")).body("here").send().await.unwrap();
     assert_eq!(r.text().await.unwrap().trim(), "true", "dc1 writes");
     assert_eq!(dig(&a1, &format!("{}.node.mesh", "agent10")), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
