@@ -1579,6 +1579,24 @@ async fn agent_force_leave(
 /// `GET /v1/agent/metrics`: the go-metrics JSON shape with a few gauges of this node's catalog and
 /// KV store (mesh has no telemetry sink). `?format=prometheus` answers 200 with an empty body,
 /// as Consul does when Prometheus retention is not configured.
+/// Cross-datacenter requests this node sent (`?dc=`, DNS names of other datacenters, prepared
+/// query failover), in go-metrics' counter shape: `consul.rpc.cross-dc` answered, and the two
+/// failures kept apart (`mesh.dc.no_path`: unknown datacenter, `mesh.dc.unreachable`: no server
+/// of it answered). Totals since the node started.
+fn dc_counters() -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &crate::cluster::forward::DC_METRICS;
+    let counter = |name: &str, n: u64| {
+        let v = n as f64;
+        json!({"Name": name, "Count": n, "Rate": v / 10.0, "Sum": v, "Min": 1.0, "Max": 1.0, "Mean": 1.0, "Stddev": 0.0, "Labels": {}})
+    };
+    json!([
+        counter("consul.rpc.cross-dc", m.forwarded.load(Relaxed)),
+        counter("mesh.dc.no_path", m.no_path.load(Relaxed)),
+        counter("mesh.dc.unreachable", m.unreachable.load(Relaxed)),
+    ])
+}
+
 async fn agent_metrics(State(api): State<Api>, RawQuery(raw): RawQuery) -> Response {
     let q = Params::parse(raw.as_deref());
     if q.get("format").is_some_and(|f| f == "prometheus") {
@@ -1606,7 +1624,7 @@ async fn agent_metrics(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respo
                 gauge("consul.session_ttl.active", state.kv.sessions.len()),
             ],
             "Points": [],
-            "Counters": [],
+            "Counters": dc_counters(),
             "Samples": [],
         }),
         &q,

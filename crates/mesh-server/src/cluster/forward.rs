@@ -670,6 +670,44 @@ pub struct DcRoute {
 /// How long a server waits for a server of another datacenter to connect before it tries the
 /// next one: a datacenter that cannot be reached is an error within seconds, never a hang.
 const DC_CONNECT: Duration = Duration::from_secs(2);
+/// How long a server of another datacenter gets to answer a request that does not block (a
+/// blocking query gets its `wait` on top) before the next one is tried: a connection cut by a
+/// partition (no reset, nothing answers) is given up within seconds, not after the RPC layer's
+/// idle timeout.
+const DC_CALL: Duration = Duration::from_secs(4);
+
+/// Cross-datacenter requests (`?dc=`) by outcome, for `/v1/agent/metrics`: answered by the
+/// other datacenter, refused for an unknown one (`No path to datacenter`, which users saw
+/// intermittently in Consul during flaps), and failed with no server of it reachable.
+#[derive(Debug, Default)]
+pub struct DcMetrics {
+    /// Answered by a server of the other datacenter.
+    pub forwarded: std::sync::atomic::AtomicU64,
+    /// The WAN pool knows no such datacenter.
+    pub no_path: std::sync::atomic::AtomicU64,
+    /// No server of the datacenter answered in time.
+    pub unreachable: std::sync::atomic::AtomicU64,
+}
+
+/// This process's [`DcMetrics`] (one node per process).
+pub static DC_METRICS: DcMetrics = DcMetrics {
+    forwarded: std::sync::atomic::AtomicU64::new(0),
+    no_path: std::sync::atomic::AtomicU64::new(0),
+    unreachable: std::sync::atomic::AtomicU64::new(0),
+};
+
+/// How long a blocking query (`?index=` with `?wait=`, 5 minutes by default and at most 10, as
+/// Consul) may take on top of [`DC_CALL`].
+fn blocking_wait(req: &axum::extract::Request) -> Duration {
+    if query_value(req, "index").is_none() {
+        return Duration::ZERO;
+    }
+    let wait = query_value(req, "wait")
+        .and_then(|w| mesh_core::registrator::parse_go_duration(&w).ok())
+        .unwrap_or(Duration::from_secs(300))
+        .min(Duration::from_secs(600));
+    wait + wait / 16
+}
 
 /// The other datacenter a Consul request names with `?dc=`, if it names one.
 fn foreign_dc(req: &axum::extract::Request, own: &str) -> Option<String> {
@@ -694,8 +732,10 @@ pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, nex
         .filter(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
         .collect();
     if servers.is_empty() {
+        DC_METRICS.no_path.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return crate::api::ApiError::ConsulNoPathToDc.into_response();
     }
+    let call = DC_CALL + blocking_wait(&req);
     // Alive first, then suspect, then failed (gossip may lag behind a recovery).
     servers.sort_by_key(|m| match m.status {
         crate::gossip::MemberStatus::Alive => 0,
@@ -735,11 +775,20 @@ pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, nex
             }
         };
         // The other datacenter's index says nothing of this one's replica: no catch-up wait.
-        match send(&conn, &d.node, None, &out).await {
-            Sent::Answer(_, resp) => return resp,
-            Sent::Lost(e) => why = e,
+        match tokio::time::timeout(call, send(&conn, &d.node, None, &out)).await {
+            Ok(Sent::Answer(_, resp)) => {
+                DC_METRICS.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return resp;
+            }
+            Ok(Sent::Lost(e)) => why = e,
+            Err(_) => {
+                // Cut off (a partition): this connection is not used again.
+                why = format!("{}: no answer within {call:?}", m.rpc);
+                d.conns.lock().await.remove(&m.rpc);
+            }
         }
     }
+    DC_METRICS.unreachable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     debug!(%dc, reason = %why, "?dc=: no server of the datacenter answered");
     crate::api::ApiError::ConsulStatus(500, "Remote DC has no server currently reachable".into()).into_response()
 }
