@@ -269,7 +269,7 @@ async fn datacenters(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respons
     // A node in no WAN pool (`mesh dev`) lists itself, as a Consul dev agent.
     let own = by_dc.entry(api.info.datacenter.clone()).or_default();
     if own.is_empty() && api.cluster.as_ref().and_then(|c| c.wan_members()).is_none() {
-        own.push((format!("{}.{}", api.info.node, api.info.datacenter), Some(api.coordinates.own(true).0)));
+        own.push((api.info.node.clone(), Some(api.coordinates.own(true).0)));
     }
     // Nearest first, as Consul's list (which sorts by the same median).
     let order = super::consul::datacenter_distances(&api);
@@ -277,8 +277,16 @@ async fn datacenters(State(api): State<Api>, RawQuery(raw): RawQuery) -> Respons
         .iter()
         .filter_map(|(dc, _)| by_dc.get(dc).map(|s| (dc, s)))
         .map(|(dc, servers)| {
-            let coords: Vec<Value> =
-                servers.iter().filter_map(|(name, c)| c.as_ref().map(|c| json!({"Node": name, "Coord": c}))).collect();
+            // Consul shows a server's short name (its WAN member name without `.<dc>`), the
+            // name its own datacenter knows it by (py-consul's suite updates it with that).
+            let suffix = format!(".{dc}");
+            let coords: Vec<Value> = servers
+                .iter()
+                .filter_map(|(name, c)| {
+                    let short = name.strip_suffix(&suffix).unwrap_or(name);
+                    c.as_ref().map(|c| json!({"Node": short, "Coord": c}))
+                })
+                .collect();
             json!({"Datacenter": dc, "AreaID": "wan", "Coordinates": coords})
         })
         .collect();
