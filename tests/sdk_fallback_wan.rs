@@ -10,54 +10,10 @@ mod support;
 use mesh_sdk::consul::ConsulClient;
 use mesh_sdk::endpoints::{Endpoints, EndpointsOptions};
 use serde_json::json;
-use std::path::Path;
 use support::*;
 
 fn net() -> String {
     format!("127.{}.97", 20 + std::process::id() % 200)
-}
-
-fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
-    if let Some(j) = join_wan {
-        args.extend(["--join-wan", j]);
-    }
-    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
-}
-
-fn agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let join = format!("{net}.{server}:8301");
-    let args = [
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--join",
-        &join,
-        "--gossip-probe-period",
-        "200ms",
-        "--runtime",
-        "process",
-        "--no-registrator",
-    ];
-    MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
 }
 
 /// Registers `web` on `node` with a passing TTL check `web-ttl` (once the node is in its
@@ -91,11 +47,11 @@ async fn until(e: &Endpoints, port: u16, dc: &str) {
 async fn endpoints_fall_back_to_another_real_datacenter_and_come_back() {
     let net = net();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let s1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None);
+    let s1 = wan_server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[], &[]);
     let wan = format!("{net}.1:8302");
-    let s2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan));
-    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1);
-    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2);
+    let s2 = wan_server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan), &[], &[]);
+    let a1 = wan_agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &[]);
+    let a2 = wan_agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
     eventually(60, "dc1's agent knows both datacenters", || async {
         let (_, v) = a1.get("/v1/catalog/datacenters").await;
         (v == json!(["dc1", "dc2"])).then_some(())
@@ -122,7 +78,7 @@ async fn endpoints_fall_back_to_another_real_datacenter_and_come_back() {
     until(&web, 7002, "dc2").await;
 
     // A third datacenter named first: used before dc2 while it has an instance.
-    let s3 = server(&net, &tmp.path().join("s3"), 3, "dc3", Some(&wan));
+    let s3 = wan_server(&net, &tmp.path().join("s3"), 3, "dc3", Some(&wan), &[], &[]);
     eventually(60, "dc1 knows dc3", || async {
         let (_, v) = s1.get("/v1/catalog/datacenters").await;
         v.as_array().is_some_and(|a| a.len() == 3).then_some(())

@@ -8,91 +8,12 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::Duration;
 use support::*;
 
 /// The loopback network of this test: `127.<a>.<third>.<host>`, unique to this process.
 fn net(third: u8) -> String {
     format!("127.{}.{third}", 20 + std::process::id() % 200)
-}
-
-/// A server of datacenter `dc` on `<net>.<i>`, joining the WAN pool at `join_wan`.
-fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>, extra: &[&str]) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
-    if let Some(j) = join_wan {
-        args.extend(["--join-wan", j]);
-    }
-    args.extend(extra);
-    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
-}
-
-/// An agent of `dc` on `<net>.<i>`, joining the server at `<net>.<server>`.
-fn agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8, extra: &[&str]) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let join = format!("{net}.{server}:8301");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--join",
-        &join,
-        "--gossip-probe-period",
-        "200ms",
-        "--runtime",
-        "process",
-        "--no-registrator",
-    ];
-    args.extend(extra);
-    MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
-}
-
-/// `dig` at `node`'s DNS server: the status and the answer section's data, sorted.
-fn dig(node: &MeshNode, name: &str, qtype: &str) -> (String, Vec<String>) {
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{}", node.dns.ip()),
-            "-p",
-            &node.dns.port().to_string(),
-            name,
-            qtype,
-            "+noall",
-            "+comments",
-            "+answer",
-            "+time=6",
-            "+tries=1",
-        ])
-        .output()
-        .expect("dig (bind9-dnsutils) must be installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("no answer").to_owned();
-    let mut answers: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 5 && f[3] == qtype).then(|| f[4..].join(" "))
-        })
-        .collect();
-    answers.sort();
-    (status, answers)
 }
 
 /// `GET path` on `node`, as JSON (`Null` when unreachable or not JSON).
@@ -123,13 +44,13 @@ async fn set_web(node: &MeshNode, status: &str) {
 async fn names_of_another_datacenter_resolve_from_any_node() {
     let net = net(95);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dc1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[]);
+    let dc1 = wan_server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[], &[]);
     let wan1 = format!("{net}.1:8302");
-    let dc2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[]);
+    let dc2 = wan_server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[], &[]);
     // dc1's agent answers other datacenters' WAN addresses; dc2's agent has one.
-    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--translate-wan-addrs"]);
+    let a1 = wan_agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--translate-wan-addrs"]);
     let wan_ip = format!("{net}.120");
-    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &["--advertise-wan", &wan_ip]);
+    let a2 = wan_agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &["--advertise-wan", &wan_ip]);
     eventually(60, "both datacenters known to dc1's agent", || async {
         (json(&a1, "/v1/catalog/datacenters").await == json!(["dc1", "dc2"])).then_some(())
     })
@@ -206,12 +127,12 @@ fn have_py_consul() -> bool {
 async fn prepared_queries_and_dns_failover_answer_the_nearest_healthy_datacenter() {
     let net = net(96);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dc1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[]);
+    let dc1 = wan_server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[], &[]);
     let wan1 = format!("{net}.1:8302");
-    let _dc2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[]);
+    let _dc2 = wan_server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan1), &[], &[]);
     // dc1's agent fails plain names over; its server does not (Consul's default).
-    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--dns-failover", "nearest"]);
-    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
+    let a1 = wan_agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--dns-failover", "nearest"]);
+    let a2 = wan_agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
     eventually(60, "both datacenters known to dc1's agent", || async {
         (json(&a1, "/v1/catalog/datacenters").await == json!(["dc1", "dc2"])).then_some(())
     })

@@ -10,61 +10,11 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
 
 fn net() -> String {
     format!("127.{}.98", 20 + std::process::id() % 200)
-}
-
-fn server(net: &str, dir: &Path, i: u8, dc: &str, extra: &[&str], env: &[(&str, &str)]) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let wan = format!("{net}.1:8302");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-        "--join-wan",
-        &wan,
-    ];
-    args.extend(extra);
-    MeshNode::start_role_env("server", &ip, dir, port_range(), &format!("server{i}"), &args, env)
-}
-
-fn dig(node: &MeshNode, name: &str) -> (String, Vec<String>) {
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{}", node.dns.ip()),
-            "-p",
-            &node.dns.port().to_string(),
-            name,
-            "A",
-            "+noall",
-            "+comments",
-            "+answer",
-            "+time=8",
-            "+tries=1",
-        ])
-        .output()
-        .expect("dig (bind9-dnsutils) must be installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("no answer").to_owned();
-    let mut answers: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-        .collect();
-    answers.sort();
-    (status, answers)
 }
 
 async fn json(node: &MeshNode, path: &str) -> Value {
@@ -91,35 +41,16 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     let (ip2, ip3) = (format!("{net}.21"), format!("{net}.31"));
     let delay = format!("{ip3}=20ms,{ip2}=60ms");
     let env = [("MESH_TEST_RPC_DELAY", delay.as_str())];
+    let wan = format!("{net}.1:8302");
     let lan = [format!("{net}.1:8301"), format!("{net}.2:8301")];
     let dc1_args = ["--bootstrap-expect", "3", "--join", &lan[0], "--join", &lan[1]];
-    let dc1: Vec<MeshNode> =
-        (1..=3).map(|i| server(&net, &tmp.path().join(format!("s{i}")), i, "dc1", &dc1_args, &env)).collect();
-    let dc2 = server(&net, &tmp.path().join("s21"), 21, "dc2", &[], &[]);
-    let dc3 = server(&net, &tmp.path().join("s31"), 31, "dc3", &[], &[]);
+    let dc1: Vec<MeshNode> = (1..=3)
+        .map(|i| wan_server(&net, &tmp.path().join(format!("s{i}")), i, "dc1", Some(&wan), &dc1_args, &env))
+        .collect();
+    let dc2 = wan_server(&net, &tmp.path().join("s21"), 21, "dc2", Some(&wan), &[], &[]);
+    let dc3 = wan_server(&net, &tmp.path().join("s31"), 31, "dc3", Some(&wan), &[], &[]);
     let a1_ip = format!("{net}.10");
-    let a1 = MeshNode::start_role(
-        "agent",
-        &a1_ip,
-        &tmp.path().join("a1"),
-        port_range(),
-        "agent10",
-        &[
-            "--bind",
-            &a1_ip,
-            "--rpc",
-            &format!("{a1_ip}:8300"),
-            "--join",
-            &lan[0],
-            "--gossip-probe-period",
-            "200ms",
-            "--runtime",
-            "process",
-            "--no-registrator",
-            "--dns-failover",
-            "nearest",
-        ],
-    );
+    let a1 = wan_agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &["--dns-failover", "nearest"]);
 
     // dc1 orders the others by distance: dc3 (+20 ms) before dc2 (+60 ms), on every node.
     for node in dc1.iter().chain([&a1]) {
@@ -136,18 +67,20 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     assert_eq!(s, 200, "{v}");
 
     let home = ("NOERROR".to_owned(), vec![a1_ip.clone()]);
-    eventually(30, "web.query.mesh answers dc1's own", || async { (dig(&a1, "web.query.mesh") == home).then_some(()) })
-        .await;
+    eventually(30, "web.query.mesh answers dc1's own", || async {
+        (dig(&a1, "web.query.mesh", "A") == home).then_some(())
+    })
+    .await;
 
     // dc1's instance critical: the nearer dc3 answers.
     let (s, v) = a1.send("PUT", "/v1/agent/check/fail/web-ttl", None).await;
     assert_eq!(s, 200, "{v}");
     let near_answer = ("NOERROR".to_owned(), vec![ip3.clone()]);
     eventually(30, "web.query.mesh fails over to dc3, the nearer", || async {
-        (dig(&a1, "web.query.mesh") == near_answer).then_some(())
+        (dig(&a1, "web.query.mesh", "A") == near_answer).then_some(())
     })
     .await;
-    assert_eq!(dig(&a1, "web.service.mesh"), near_answer, "--dns-failover nearest");
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), near_answer, "--dns-failover nearest");
     let v = json(&a1, "/v1/query/web/execute").await;
     assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc3"), Some(1)), "{v}");
 
@@ -156,11 +89,11 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     dc3.stop_with("KILL");
     let far_answer = ("NOERROR".to_owned(), vec![ip2.clone()]);
     eventually(30, "web.query.mesh fails over to dc2", || async {
-        (dig(&a1, "web.query.mesh") == far_answer).then_some(())
+        (dig(&a1, "web.query.mesh", "A") == far_answer).then_some(())
     })
     .await;
     let started = Instant::now();
-    assert_eq!(dig(&a1, "web.service.mesh"), far_answer);
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), far_answer);
     assert!(started.elapsed() < Duration::from_secs(6), "failover past a dead datacenter took {:?}", started.elapsed());
     // Failovers counts the datacenters asked: dc3 first while it still counts as nearer, or
     // dc2 alone once dc3's dead server has no measured distance (listed last).
@@ -170,11 +103,11 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     assert_eq!((v["Datacenter"].as_str(), v["Failovers"].as_u64()), (Some("dc2"), Some(asked)), "{v} {order}");
     let r = a1.client.put(a1.url("/v1/kv/still")).body("here").send().await.unwrap();
     assert_eq!(r.text().await.unwrap().trim(), "true", "dc1 writes");
-    assert_eq!(dig(&a1, &format!("{}.node.mesh", "agent10")), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
+    assert_eq!(dig(&a1, &format!("{}.node.mesh", "agent10"), "A"), ("NOERROR".to_owned(), vec![a1_ip.clone()]));
 
     // dc1 recovers: its own again.
     let (s, v) = a1.send("PUT", "/v1/agent/check/pass/web-ttl", None).await;
     assert_eq!(s, 200, "{v}");
-    eventually(30, "back home", || async { (dig(&a1, "web.query.mesh") == home).then_some(()) }).await;
-    assert_eq!(dig(&a1, "web.service.mesh"), home);
+    eventually(30, "back home", || async { (dig(&a1, "web.query.mesh", "A") == home).then_some(()) }).await;
+    assert_eq!(dig(&a1, "web.service.mesh", "A"), home);
 }

@@ -9,55 +9,11 @@
 mod support;
 
 use serde_json::json;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
 
 fn net() -> String {
     format!("127.{}.93", 20 + std::process::id() % 200)
-}
-
-fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
-    if let Some(j) = join_wan {
-        args.extend(["--join-wan", j]);
-    }
-    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
-}
-
-fn agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let join = format!("{net}.{server}:8301");
-    let args = [
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--join",
-        &join,
-        "--gossip-probe-period",
-        "200ms",
-        "--runtime",
-        "process",
-        "--no-registrator",
-    ];
-    MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
 }
 
 /// iptables rules in a chain of this test's own, jumped to from INPUT; removed when dropped.
@@ -94,32 +50,6 @@ impl Drop for Partition {
         Self::iptables(&["-F", &self.chain]);
         Self::iptables(&["-X", &self.chain]);
     }
-}
-
-fn dig(node: &MeshNode, name: &str) -> (String, Vec<String>) {
-    let out = std::process::Command::new("dig")
-        .args([
-            &format!("@{}", node.dns.ip()),
-            "-p",
-            &node.dns.port().to_string(),
-            name,
-            "A",
-            "+noall",
-            "+comments",
-            "+answer",
-            "+time=10",
-            "+tries=1",
-        ])
-        .output()
-        .expect("dig (bind9-dnsutils) must be installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("no answer").to_owned();
-    let answers = text
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-        .collect();
-    (status, answers)
 }
 
 /// `GET path` on `node`: status and body, within 30 s.
@@ -162,11 +92,11 @@ async fn counter(node: &MeshNode, name: &str) -> u64 {
 async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_requests_fast() {
     let net = net();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let s1 = server(&net, &tmp.path().join("s1"), 1, "dc1", None);
+    let s1 = wan_server(&net, &tmp.path().join("s1"), 1, "dc1", None, &[], &[]);
     let wan = format!("{net}.1:8302");
-    let s2 = server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan));
-    let a1 = agent(&net, &tmp.path().join("a1"), 10, "dc1", 1);
-    let a2 = agent(&net, &tmp.path().join("a2"), 20, "dc2", 2);
+    let s2 = wan_server(&net, &tmp.path().join("s2"), 2, "dc2", Some(&wan), &[], &[]);
+    let a1 = wan_agent(&net, &tmp.path().join("a1"), 10, "dc1", 1, &[]);
+    let a2 = wan_agent(&net, &tmp.path().join("a2"), 20, "dc2", 2, &[]);
     eventually(60, "the WAN pool formed", || async { (wan_status(&s1, "server2.dc2").await == Some(1)).then_some(()) })
         .await;
     register_web(&a1, 8001).await;
@@ -176,7 +106,7 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
         (get(&a1, "/v1/kv/where?dc=dc2&raw").await == (200, "dc2".to_owned())).then_some(())
     })
     .await;
-    assert_eq!(dig(&a1, "web.service.dc2.mesh"), ("NOERROR".to_owned(), vec![a2.http.ip().to_string()]));
+    assert_eq!(dig(&a1, "web.service.dc2.mesh", "A"), ("NOERROR".to_owned(), vec![a2.http.ip().to_string()]));
     let forwarded_before = counter(&s1, "consul.rpc.cross-dc").await;
     assert!(forwarded_before > 0, "cross-datacenter requests are counted");
 
@@ -192,7 +122,7 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
 
     // Each keeps serving its own names and writes.
     for (agent, own_ip) in [(&a1, a1.http.ip().to_string()), (&a2, a2.http.ip().to_string())] {
-        assert_eq!(dig(agent, "web.service.mesh"), ("NOERROR".to_owned(), vec![own_ip]));
+        assert_eq!(dig(agent, "web.service.mesh", "A"), ("NOERROR".to_owned(), vec![own_ip]));
         assert_eq!(put_kv(agent, "during", "partition").await, "true");
     }
     // Cross-datacenter requests fail fast with Consul's error, every time.
@@ -204,7 +134,7 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
         eprintln!("?dc=dc2 during the partition: the error after {:?}", started.elapsed());
     }
     let started = Instant::now();
-    assert_eq!(dig(&a1, "web.service.dc2.mesh").0, "SERVFAIL");
+    assert_eq!(dig(&a1, "web.service.dc2.mesh", "A").0, "SERVFAIL");
     assert!(started.elapsed() < Duration::from_secs(10), "DNS took {:?}", started.elapsed());
     eprintln!("web.service.dc2.mesh during the partition: SERVFAIL after {:?}", started.elapsed());
     eventually(60, "dc2's server failed in dc1's view", || async {
@@ -223,7 +153,7 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
     })
     .await;
     eventually(60, "dc2's name resolves again", || async {
-        (dig(&a1, "web.service.dc2.mesh") == ("NOERROR".to_owned(), vec![a2.http.ip().to_string()])).then_some(())
+        (dig(&a1, "web.service.dc2.mesh", "A") == ("NOERROR".to_owned(), vec![a2.http.ip().to_string()])).then_some(())
     })
     .await;
     eventually(60, "alive again in the WAN view", || async {

@@ -347,3 +347,92 @@ impl EventStream {
         }
     }
 }
+
+/// A `mesh server` of datacenter `dc` on `<net>.<i>` (node `server<i>`, RPC on port 8300, 200 ms
+/// LAN and WAN probes), joining the WAN pool at `join_wan`, with `extra` arguments and `env`.
+pub fn wan_server(
+    net: &str,
+    dir: &Path,
+    i: u8,
+    dc: &str,
+    join_wan: Option<&str>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let mut args = vec![
+        "--bind",
+        &ip,
+        "--rpc",
+        &rpc,
+        "--dc",
+        dc,
+        "--gossip-probe-period",
+        "200ms",
+        "--gossip-wan-probe-period",
+        "200ms",
+    ];
+    if let Some(j) = join_wan {
+        args.extend(["--join-wan", j]);
+    }
+    args.extend(extra);
+    MeshNode::start_role_env("server", &ip, dir, port_range(), &format!("server{i}"), &args, env)
+}
+
+/// A `mesh agent` of datacenter `dc` on `<net>.<i>` (node `agent<i>`, the process runtime, no
+/// registrator), joining the server at `<net>.<server>`, with `extra` arguments.
+pub fn wan_agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8, extra: &[&str]) -> MeshNode {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    let join = format!("{net}.{server}:8301");
+    let mut args = vec![
+        "--bind",
+        &ip,
+        "--rpc",
+        &rpc,
+        "--dc",
+        dc,
+        "--join",
+        &join,
+        "--gossip-probe-period",
+        "200ms",
+        "--runtime",
+        "process",
+        "--no-registrator",
+    ];
+    args.extend(extra);
+    MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
+}
+
+/// `dig` at `node`'s DNS server for `name`/`qtype` (one try, 10 s): the status (`NOERROR`,
+/// `NXDOMAIN`, `SERVFAIL`, or `no answer`) and the answer records' data of that type, sorted.
+pub fn dig(node: &MeshNode, name: &str, qtype: &str) -> (String, Vec<String>) {
+    let out = Command::new("dig")
+        .args([
+            &format!("@{}", node.dns.ip()),
+            "-p",
+            &node.dns.port().to_string(),
+            name,
+            qtype,
+            "+noall",
+            "+comments",
+            "+answer",
+            "+time=10",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig (bind9-dnsutils) must be installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("no answer").to_owned();
+    let mut answers: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 5 && f[3] == qtype).then(|| f[4..].join(" "))
+        })
+        .collect();
+    answers.sort();
+    (status, answers)
+}
