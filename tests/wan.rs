@@ -12,34 +12,11 @@
 mod support;
 
 use serde_json::Value;
-use std::path::Path;
 use support::*;
 
 /// The loopback network of this test: `127.<a>.90.<host>`, unique to this process.
 fn net() -> String {
     format!("127.{}.90", 20 + std::process::id() % 200)
-}
-
-/// A server of datacenter `dc` on `<net>.<i>`, joining the WAN pool at `join_wan`.
-fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
-    if let Some(j) = join_wan {
-        args.extend(["--join-wan", j]);
-    }
-    MeshNode::start_role("server", &ip, dir, port_range(), &format!("server{i}"), &args)
 }
 
 /// `GET path` on `node`, as JSON (`Null` when unreachable or not JSON).
@@ -75,9 +52,9 @@ async fn wan_members(node: &MeshNode) -> Vec<(String, u64, String)> {
 async fn two_datacenters_know_each_other_through_the_wan_pool() {
     let net = net();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dc1 = server(&net, &tmp.path().join("server1"), 1, "dc1", None);
+    let dc1 = wan_server(&net, &tmp.path().join("server1"), 1, "dc1", None, &[], &[]);
     let wan1 = format!("{net}.1:8302");
-    let mut dc2 = server(&net, &tmp.path().join("server2"), 2, "dc2", Some(&wan1));
+    let mut dc2 = wan_server(&net, &tmp.path().join("server2"), 2, "dc2", Some(&wan1), &[], &[]);
     let agent_ip = format!("{net}.10");
     let agent = MeshNode::start_role(
         "agent",

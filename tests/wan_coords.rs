@@ -19,37 +19,6 @@ fn net() -> String {
     format!("127.{}.91", 20 + std::process::id() % 200)
 }
 
-/// A server of datacenter `dc` on `<net>.<i>`, joining the WAN pool at `join_wan`, with the
-/// test delays `delay` (`MESH_TEST_RPC_DELAY`).
-fn server(net: &str, dir: &Path, i: u8, dc: &str, join_wan: Option<&str>, delay: &str) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
-    if let Some(j) = join_wan {
-        args.extend(["--join-wan", j]);
-    }
-    MeshNode::start_role_env(
-        "server",
-        &ip,
-        dir,
-        port_range(),
-        &format!("server{i}"),
-        &args,
-        &[("MESH_TEST_RPC_DELAY", delay)],
-    )
-}
-
 /// `GET path` on `node`, as JSON (`Null` when unreachable or not JSON).
 async fn json(node: &MeshNode, path: &str) -> Value {
     match node.client.get(node.url(path)).timeout(std::time::Duration::from_secs(3)).send().await {
@@ -102,9 +71,11 @@ fn three_datacenters(net: &str, dir: &Path, base: u8, near: &str) -> (MeshNode, 
         }
     };
     let wan1 = format!("{}:8302", ip(1));
-    let dc1 = server(net, &dir.join("s1"), base + 1, "dc1", None, &delay(1));
-    let dc2 = server(net, &dir.join("s2"), base + 2, "dc2", Some(&wan1), &delay(2));
-    let dc3 = server(net, &dir.join("s3"), base + 3, "dc3", Some(&wan1), &delay(3));
+    let dc1 = wan_server(net, &dir.join("s1"), base + 1, "dc1", None, &[], &[("MESH_TEST_RPC_DELAY", &delay(1))]);
+    let dc2 =
+        wan_server(net, &dir.join("s2"), base + 2, "dc2", Some(&wan1), &[], &[("MESH_TEST_RPC_DELAY", &delay(2))]);
+    let dc3 =
+        wan_server(net, &dir.join("s3"), base + 3, "dc3", Some(&wan1), &[], &[("MESH_TEST_RPC_DELAY", &delay(3))]);
     (dc1, dc2, dc3)
 }
 

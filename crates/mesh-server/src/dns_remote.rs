@@ -6,15 +6,14 @@
 //! fail-fast errors. What they answer becomes a small catalog of that datacenter, and the DNS
 //! zone answers from it as that datacenter's own DNS would.
 
+use crate::api::enc;
 use crate::dns::RemoteLookup;
-use axum::body::Body;
 use futures_util::future::BoxFuture;
 use mesh_core::catalog::{CatalogState, Health, Node, ServiceInstance, Weights};
 use mesh_core::dns::{RemoteAsk, RemoteFound, RemoteMiss};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::time::Duration;
-use tower::ServiceExt;
 use tracing::debug;
 
 /// The longest one lookup may take (each `?dc=` attempt is bounded further down).
@@ -48,11 +47,6 @@ impl RemoteLookup for HttpLookup {
             }
         })
     }
-}
-
-/// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 impl HttpLookup {
@@ -136,10 +130,7 @@ impl HttpLookup {
     /// `GET uri` on the node's API: the JSON of a 200; a 404 or Consul's "No path to
     /// datacenter" is no such name; anything else is unavailable.
     async fn get(&self, uri: &str) -> Result<Value, RemoteMiss> {
-        let req = axum::http::Request::get(uri).body(Body::empty()).map_err(|_| RemoteMiss::NoSuchName)?;
-        let Ok(resp) = self.router.clone().oneshot(req).await;
-        let status = resp.status();
-        let body = axum::body::to_bytes(resp.into_body(), 64 << 20).await.map_err(|_| RemoteMiss::Unavailable)?;
+        let (status, body) = crate::api::get_in_process(&self.router, uri).await.ok_or(RemoteMiss::Unavailable)?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|_| RemoteMiss::Unavailable);
         }

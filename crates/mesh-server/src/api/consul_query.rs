@@ -14,7 +14,7 @@
 //! Not supported: `Session` invalidation, `IgnoreCheckIDs`, `Connect`, sameness groups, peers.
 
 use super::consul::{Ci, Params, check_dc, health_entry, indexed, reply};
-use super::{Api, ApiError};
+use super::{Api, ApiError, enc};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -130,19 +130,24 @@ async fn list(State(api): State<Api>, RawQuery(raw): RawQuery) -> Result<Respons
     Ok(indexed(&Value::Array(all), state.index, &q))
 }
 
-async fn create(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
-    let q = Params::parse(raw.as_deref());
-    check_dc(&api, &q)?;
-    let (def, template) = definition(&body)?;
-    let id = api.control.uuid().to_string();
-    let query = PreparedQuery {
-        id: id.clone(),
+/// The query a request body defines, to be stored under `id` (the state sets its indexes).
+fn stored(id: String, body: &[u8]) -> Result<PreparedQuery, ApiError> {
+    let (def, template) = definition(body)?;
+    Ok(PreparedQuery {
+        id,
         name: def["Name"].as_str().unwrap_or_default().to_owned(),
         template,
         definition: def.to_string(),
         create_index: 0,
         modify_index: 0,
-    };
+    })
+}
+
+async fn create(State(api): State<Api>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+    let q = Params::parse(raw.as_deref());
+    check_dc(&api, &q)?;
+    let id = api.control.uuid().to_string();
+    let query = stored(id.clone(), &body)?;
     api.control.propose(Command::PutQuery { query, create: true }).await.map_err(control_err)?;
     Ok(reply(&json!({"ID": id}), &q))
 }
@@ -163,15 +168,7 @@ async fn update(
 ) -> Result<Response, ApiError> {
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
-    let (def, template) = definition(&body)?;
-    let query = PreparedQuery {
-        id,
-        name: def["Name"].as_str().unwrap_or_default().to_owned(),
-        template,
-        definition: def.to_string(),
-        create_index: 0,
-        modify_index: 0,
-    };
+    let query = stored(id, &body)?;
     api.control.propose(Command::PutQuery { query, create: false }).await.map_err(control_err)?;
     Ok(axum::http::StatusCode::OK.into_response())
 }
@@ -183,16 +180,16 @@ async fn delete(State(api): State<Api>, Path(id): Path<String>, RawQuery(raw): R
     Ok(axum::http::StatusCode::OK.into_response())
 }
 
-/// The query `key` names (an id, a name, or a name a template prefixes), with its definition
+/// The definition of the query `key` names (an id, a name, or a name a template prefixes),
 /// rendered for that name.
-fn resolve(state: &ClusterState, key: &str) -> Option<(PreparedQuery, Value)> {
+fn resolve(state: &ClusterState, key: &str) -> Option<Value> {
     if let Some(q) = state.queries.get(key) {
-        return Some((q.clone(), view(q)));
+        return Some(view(q));
     }
     if let Some(q) =
         state.queries.values().find(|q| !q.template && !q.name.is_empty() && q.name.eq_ignore_ascii_case(key))
     {
-        return Some((q.clone(), view(q)));
+        return Some(view(q));
     }
     let lower = key.to_ascii_lowercase();
     let t = state
@@ -202,7 +199,7 @@ fn resolve(state: &ClusterState, key: &str) -> Option<(PreparedQuery, Value)> {
         .max_by_key(|q| q.name.len())?;
     let mut v = view(t);
     render(&mut v, key, &t.name);
-    Some((t.clone(), v))
+    Some(v)
 }
 
 /// Interpolates a template's strings for `name`: `${name.full}`, `${name.prefix}`,
@@ -318,15 +315,11 @@ impl Filter {
 
 /// `GET uri` through this node's own API: the JSON of a 200, else `None`.
 async fn loopback_get(api: &Api, uri: &str) -> Option<Value> {
-    use tower::ServiceExt;
-    let router = api.loopback.get()?.clone();
-    let req = axum::http::Request::get(uri).body(axum::body::Body::empty()).ok()?;
-    let Ok(resp) = router.oneshot(req).await;
-    if !resp.status().is_success() {
-        tracing::debug!(%uri, status = %resp.status(), "prepared query: no answer");
+    let (status, body) = super::get_in_process(api.loopback.get()?, uri).await?;
+    if !status.is_success() {
+        tracing::debug!(%uri, %status, "prepared query: no answer");
         return None;
     }
-    let body = axum::body::to_bytes(resp.into_body(), 64 << 20).await.ok()?;
     serde_json::from_slice(&body).ok()
 }
 
@@ -361,7 +354,7 @@ async fn execute(
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     let state = api.control.state();
-    let (_, def) = resolve(&state, &key).ok_or_else(not_found)?;
+    let def = resolve(&state, &key).ok_or_else(not_found)?;
     let service = def["Service"]["Service"].as_str().unwrap_or_default().to_owned();
     let filter = Filter::of(&def);
     let mut datacenter = api.info.datacenter.clone();
@@ -414,13 +407,8 @@ async fn explain(
     let q = Params::parse(raw.as_deref());
     check_dc(&api, &q)?;
     let state = api.control.state();
-    let (_, def) = resolve(&state, &key).ok_or_else(not_found)?;
+    let def = resolve(&state, &key).ok_or_else(not_found)?;
     Ok(indexed(&json!({"Query": def}), state.index, &q))
-}
-
-/// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
-    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]

@@ -50,6 +50,22 @@ pub struct Api {
 /// See [`Api::loopback`].
 pub type Loopback = std::sync::Arc<std::sync::OnceLock<axum::Router>>;
 
+/// `GET uri` through `router` in process (a node's own API, its forwarding layers included):
+/// the status and the body (64 MiB at most); `None` if the body cannot be read.
+pub async fn get_in_process(router: &axum::Router, uri: &str) -> Option<(StatusCode, axum::body::Bytes)> {
+    use tower::ServiceExt;
+    let req = axum::http::Request::get(uri).body(axum::body::Body::empty()).ok()?;
+    let Ok(resp) = router.clone().oneshot(req).await;
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 64 << 20).await.ok()?;
+    Some((status, body))
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
 /// What the APIs show of a server's Raft group.
 #[derive(Clone, Default)]
 pub struct RaftView {
