@@ -40,8 +40,20 @@ async fn bad_requests_get_marathon_errors_and_change_nothing() {
         }
     };
     type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, Box<dyn Fn(&Value) -> bool>);
+    let no_path = |v: &Value| v["message"].as_str().is_some_and(|m| m.starts_with("No path to datacenter \"dc2\""));
     let mut cases: Vec<Case> = vec![
         ("POST", "/v2/apps", Some("{not json"), 400, Box::new(|v: &Value| v["message"] == "Invalid JSON")),
+        // A single node has no other datacenter: `?dc=` naming one is refused, never run here.
+        ("POST", "/v2/apps?dc=dc2", Some(r#"{"id": "/a", "cmd": "x"}"#), 400, Box::new(no_path)),
+        ("POST", "/v2/apps?dc=dc1,dc2", Some(r#"{"id": "/a", "cmd": "x"}"#), 400, Box::new(no_path)),
+        ("DELETE", "/v2/apps/idle?dc=dc2", None, 400, Box::new(no_path)),
+        (
+            "GET",
+            "/v2/events?dc=dc2",
+            None,
+            400,
+            Box::new(|v: &Value| v["message"].as_str().is_some_and(|m| m.contains("stream"))),
+        ),
         ("POST", "/v2/apps", Some(r#"[1,2]"#), 400, Box::new(|v: &Value| v["message"] == "Invalid JSON")),
         ("POST", "/v2/apps", Some(r#"{"id": "/a", "cmd": "x", "args": ["y"]}"#), 422, Box::new(invalid_at("/"))),
         ("POST", "/v2/apps", Some(r#"{"id": "/a"}"#), 422, Box::new(invalid_at("/"))),

@@ -133,6 +133,12 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
         eprintln!("?dc=dc2 during the partition: the error after {:?}", started.elapsed());
     }
+    // So do Marathon's: 503, distinct from an unknown datacenter's 400.
+    let started = Instant::now();
+    let (status, body) = get(&a1, "/v2/apps?dc=dc2").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("Remote DC has no server currently reachable"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     let started = Instant::now();
     assert_eq!(dig(&a1, "web.service.dc2.mesh", "A").0, "SERVFAIL");
     assert!(started.elapsed() < Duration::from_secs(10), "DNS took {:?}", started.elapsed());
@@ -141,7 +147,7 @@ async fn a_wan_partition_keeps_each_datacenter_whole_and_fails_cross_datacenter_
         (wan_status(&s1, "server2.dc2").await == Some(4)).then_some(())
     })
     .await;
-    assert!(counter(&s1, "mesh.dc.unreachable").await >= 2, "failures are counted apart");
+    assert!(counter(&s1, "mesh.dc.unreachable").await >= 3, "failures are counted apart");
     let (status, body) = get(&a1, "/v1/kv/where?dc=dc9").await;
     assert_eq!((status, body.as_str()), (500, "No path to datacenter"));
     assert!(counter(&s1, "mesh.dc.no_path").await >= 1);

@@ -1,5 +1,7 @@
 //! The `mesh` binary. `mesh dev` runs a complete single-node mesh.
 
+mod app_cmd;
+
 use clap::{Parser, Subcommand};
 use mesh_core::dns::{DnsConfig, DnsZone, ServiceTtls};
 use mesh_core::runtime::gc::GcPolicy;
@@ -38,6 +40,9 @@ enum Cmd {
     /// `consul members`); with `--wan` (or `-wan`), the WAN pool: the servers of every
     /// datacenter, as a server sees them.
     Members(MembersArgs),
+    /// Deploy an app: `deploy [--dc dc1,dc2] APP.json` creates or replaces it (in each
+    /// datacenter named) and shows each deployment's progress until every instance runs.
+    App(app_cmd::AppArgs),
     /// Operate on a node: `drain NODE` (no new tasks; its tasks move elsewhere) or
     /// `reactivate NODE`.
     Node(NodeArgs),
@@ -762,6 +767,7 @@ fn main() -> ExitCode {
         Cmd::Logger(l) => return run_logger(l),
         Cmd::Members(a) => return run_members(a),
         Cmd::Node(a) => return run_node(a),
+        Cmd::App(a) => return app_cmd::run(a),
         Cmd::Snapshot(a) => return run_snapshot(a),
         Cmd::Operator(a) => return run_operator(a),
     };

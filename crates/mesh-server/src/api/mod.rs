@@ -249,6 +249,33 @@ pub enum ApiError {
     /// Consul 413: a request body over the limit (KV values).
     #[error("{0}")]
     ConsulTooLarge(String),
+    /// `?dc=` names a datacenter the WAN pool does not know: Consul's 500 `No path to
+    /// datacenter`; 400 on Marathon's and the Mesos master's endpoints (a mesh extension).
+    #[error("No path to datacenter {dc:?}")]
+    DcUnknown {
+        /// Whose format the answer takes.
+        api: ApiKind,
+        /// The datacenter asked for.
+        dc: String,
+    },
+    /// `?dc=` names a known datacenter none of whose servers answered in time: Consul's 500
+    /// `Remote DC has no server currently reachable`; 503 on Marathon's and the Mesos master's.
+    #[error("Remote DC has no server currently reachable")]
+    DcUnreachable {
+        /// Whose format the answer takes.
+        api: ApiKind,
+        /// The datacenter asked for.
+        dc: String,
+    },
+    /// 400: a request `?dc=` cannot carry to another datacenter (a stream), or a list of
+    /// datacenters where one is taken.
+    #[error("{message}")]
+    DcRefused {
+        /// Whose format the answer takes.
+        api: ApiKind,
+        /// Why.
+        message: String,
+    },
     /// 503: the control side is not running or could not write its log.
     #[error("{0}")]
     Unavailable(String),
@@ -365,7 +392,21 @@ impl ApiError {
             ApiError::ConsulStatus(code, m) => {
                 text(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), m)
             }
-            ApiError::ConsulNoPathToDc => text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into()),
+            ApiError::ConsulNoPathToDc | ApiError::DcUnknown { api: ApiKind::Consul, .. } => {
+                text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter".into())
+            }
+            ApiError::DcUnreachable { api: ApiKind::Consul, .. } => {
+                text(StatusCode::INTERNAL_SERVER_ERROR, "Remote DC has no server currently reachable".into())
+            }
+            ApiError::DcUnknown { api, dc } => {
+                let m = format!("No path to datacenter {dc:?}: the WAN pool knows no such datacenter");
+                in_format(api, StatusCode::BAD_REQUEST, m)
+            }
+            ApiError::DcUnreachable { api, dc } => {
+                let m = format!("Remote DC has no server currently reachable: {dc}");
+                in_format(api, StatusCode::SERVICE_UNAVAILABLE, m)
+            }
+            ApiError::DcRefused { api, message } => in_format(api, StatusCode::BAD_REQUEST, message),
             ApiError::MarathonTooLarge(m) => closing(json_resp(StatusCode::PAYLOAD_TOO_LARGE, json!({"message": m}))),
             ApiError::MarathonUnsupportedMediaType => {
                 closing(json_resp(StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({"message": "Unsupported Media Type"})))
@@ -385,6 +426,15 @@ impl ApiError {
             ApiError::MesosNotImplemented(m) => text(StatusCode::NOT_IMPLEMENTED, m),
             ApiError::MesosUnavailable(m) => text(StatusCode::SERVICE_UNAVAILABLE, m),
         }
+    }
+}
+
+/// `message` with `status` in `api`'s error format: Marathon's JSON `{"message": ...}`, plain
+/// text for Consul and Mesos.
+fn in_format(api: ApiKind, status: StatusCode, message: String) -> Response {
+    match api {
+        ApiKind::Marathon => (status, axum::Json(json!({ "message": message }))).into_response(),
+        ApiKind::Consul | ApiKind::Mesos => text(status, message),
     }
 }
 
@@ -436,13 +486,17 @@ async fn body_limit_errors(req: axum::extract::Request, next: axum::middleware::
 }
 
 /// Which API a path belongs to (whose error format its answers use).
-enum ApiKind {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiKind {
+    /// Consul's `/v1/`.
     Consul,
+    /// The Mesos master's `/master/`, `/api/v1`, `/weights`, `/quota`.
     Mesos,
+    /// Marathon's `/v2/` (and everything else).
     Marathon,
 }
 
-fn api_of(path: &str) -> ApiKind {
+pub fn api_of(path: &str) -> ApiKind {
     if path.starts_with("/v1/") {
         ApiKind::Consul
     } else if ["/master/", "/api/v1", "/weights", "/quota"].iter().any(|p| path.starts_with(p)) {
@@ -483,6 +537,24 @@ async fn request_scope(req: axum::extract::Request, next: axum::middleware::Next
     crate::control::with_request(id, next.run(req)).await
 }
 
+/// A request whose `?dc=` names another datacenter that reached this node's handlers (a
+/// `mesh dev`, which has no WAN pool; a server sends such requests on before they get here):
+/// refused in the API's own format, never run as if it were for this datacenter.
+async fn dc_guard(
+    axum::extract::State(api): axum::extract::State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match crate::cluster::forward::dc_target(&req, &api.info.datacenter) {
+        None => next.run(req).await,
+        Some(Err(e)) => e.into_response(),
+        Some(Ok(target)) => {
+            let dc = target.foreign(&api.info.datacenter).unwrap_or_default().to_owned();
+            ApiError::DcUnknown { api: api_of(req.uri().path()), dc }.into_response()
+        }
+    }
+}
+
 /// The router of every API.
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -500,6 +572,7 @@ pub fn router(api: Api) -> Router {
         .merge(mesos::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_scope))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), dc_guard))
         .layer(axum::middleware::map_response_with_state(api.clone(), consul::known_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(body_limit_errors))

@@ -190,7 +190,10 @@ pub async fn layer(State(f): State<Forwarder>, req: axum::extract::Request, next
     let path = req.uri().path().to_owned();
     // Consul's `consistent` reads are the leader's to answer (it confirms it leads first), and
     // a server sends what names another datacenter there.
-    let foreign = foreign_dc(&req, &f.published.state.load().catalog.datacenter).is_some();
+    let foreign = match dc_target(&req, &f.published.state.load().catalog.datacenter) {
+        Some(Err(e)) => return e.into_response(),
+        target => target.is_some(),
+    };
     if !forwarded(req.method(), &path) && !query_has(&req, "consistent") && !foreign {
         let mut resp = next.run(req).await;
         if !f.status.connected() && resp.headers().contains_key("X-Consul-KnownLeader") {
@@ -362,6 +365,7 @@ fn mesos_redirect(leader: &crate::rpc::Conn, path: &str) -> Option<axum::respons
 pub const FORWARDED_HEADER: &str = "x-mesh-forwarded";
 
 /// A request on its way to another node, its body read so that it can be sent again.
+#[derive(Clone)]
 struct Outgoing {
     method: String,
     /// Path and query.
@@ -369,6 +373,9 @@ struct Outgoing {
     path: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// What the router put on the request (the matched route's path parameters): kept for
+    /// running it here again.
+    extensions: axum::http::Extensions,
 }
 
 impl Outgoing {
@@ -405,6 +412,7 @@ impl Outgoing {
             path,
             headers,
             body,
+            extensions: parts.extensions,
         })
     }
 
@@ -415,13 +423,33 @@ impl Outgoing {
             || self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(crate::api::REQUEST_ID_HEADER))
     }
 
+    /// The same request with `?dc=` naming `dc` alone (one datacenter's part of a fan-out).
+    fn for_dc(&self, dc: &str) -> Outgoing {
+        let (path, query) = self.uri.split_once('?').unwrap_or((self.uri.as_str(), ""));
+        let query: Vec<String> =
+            query
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    if kv.split('=').next() == Some("dc") {
+                        format!("dc={}", crate::api::enc(dc))
+                    } else {
+                        kv.to_owned()
+                    }
+                })
+                .collect();
+        Outgoing { uri: format!("{path}?{}", query.join("&")), ..self.clone() }
+    }
+
     /// The request again, to run here (the leader changed to this node meanwhile).
     fn to_request(&self) -> Result<axum::extract::Request, String> {
         let mut b = axum::http::Request::builder().method(self.method.as_str()).uri(self.uri.as_str());
         for (k, v) in self.headers.iter().filter(|(k, _)| k != FORWARDED_HEADER) {
             b = b.header(k.as_str(), v.as_str());
         }
-        b.body(Body::from(self.body.clone())).map_err(|e| e.to_string())
+        let mut req = b.body(Body::from(self.body.clone())).map_err(|e| e.to_string())?;
+        *req.extensions_mut() = self.extensions.clone();
+        Ok(req)
     }
 }
 
@@ -709,88 +737,308 @@ fn blocking_wait(req: &axum::extract::Request) -> Duration {
     wait + wait / 16
 }
 
-/// The other datacenter a Consul request names with `?dc=`, if it names one.
-fn foreign_dc(req: &axum::extract::Request, own: &str) -> Option<String> {
-    let path = req.uri().path();
-    if !path.starts_with("/v1/") || path.starts_with("/v1/agent/") {
-        return None;
-    }
-    query_value(req, "dc").filter(|dc| !dc.is_empty() && !dc.eq_ignore_ascii_case(own))
+/// What a request's `?dc=` asks beyond this datacenter.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DcTarget {
+    /// Another datacenter answers it.
+    One(String),
+    /// Each of these datacenters runs it (Marathon's `/v2/` endpoints: a mesh extension), this
+    /// one perhaps among them.
+    Many(Vec<String>),
 }
 
-/// A server's outermost HTTP layer: a Consul request for another datacenter (`?dc=`) is sent
-/// to a server of that datacenter over the WAN (alive ones first, the next when one fails),
-/// which answers it as its own; the answer comes back unchanged. A datacenter the WAN pool does
-/// not know is Consul's `500 No path to datacenter`; one whose servers cannot be reached is
-/// Consul's `500 Remote DC has no server currently reachable`, within seconds.
-pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, next: Next) -> axum::response::Response {
-    let Some(dc) = foreign_dc(&req, &d.datacenter) else { return next.run(req).await };
-    let mut servers: Vec<crate::gossip::Member> = d
-        .wan
-        .members()
-        .into_iter()
-        .filter(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
-        .collect();
-    if servers.is_empty() {
-        DC_METRICS.no_path.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return crate::api::ApiError::ConsulNoPathToDc.into_response();
+impl DcTarget {
+    /// The first datacenter named other than `own`.
+    pub fn foreign(&self, own: &str) -> Option<&str> {
+        match self {
+            DcTarget::One(dc) => Some(dc),
+            DcTarget::Many(dcs) => dcs.iter().find(|d| !d.eq_ignore_ascii_case(own)).map(String::as_str),
+        }
     }
+}
+
+/// The API whose endpoints take `?dc=` that `path` belongs to: Consul's (but its node-local
+/// `/v1/agent/*`), Marathon's `/v2/` and the Mesos master's (mesh extensions).
+fn dc_api(path: &str) -> Option<crate::api::ApiKind> {
+    use crate::api::ApiKind;
+    let kind = crate::api::api_of(path);
+    match kind {
+        ApiKind::Consul if !path.starts_with("/v1/agent/") => Some(kind),
+        ApiKind::Mesos => Some(kind),
+        ApiKind::Marathon if path.starts_with("/v2/") || path == "/v2" => Some(kind),
+        _ => None,
+    }
+}
+
+/// What `req`'s `?dc=` asks beyond `own`, if anything: `None` when it names no datacenter or
+/// only this one. Consul takes one datacenter (a list is an unknown name, as in Consul);
+/// Marathon's `/v2/` a comma-separated list. Streams (the Mesos scheduler API's subscription,
+/// Marathon's event stream) are not carried across datacenters: a client connects to the
+/// other datacenter's servers for those.
+pub fn dc_target(req: &axum::extract::Request, own: &str) -> Option<Result<DcTarget, crate::api::ApiError>> {
+    use crate::api::{ApiError, ApiKind};
+    let path = req.uri().path();
+    let api = dc_api(path)?;
+    let raw = query_value(req, "dc")?;
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    if api == ApiKind::Consul {
+        return (!raw.eq_ignore_ascii_case(own)).then(|| Ok(DcTarget::One(raw.to_owned())));
+    }
+    let mut dcs: Vec<String> = Vec::new();
+    for dc in raw.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !dcs.iter().any(|d| d.eq_ignore_ascii_case(dc)) {
+            dcs.push(dc.to_owned());
+        }
+    }
+    if dcs.iter().all(|d| d.eq_ignore_ascii_case(own)) {
+        return None;
+    }
+    if path == "/api/v1/scheduler" || path.starts_with("/v2/events") {
+        let message = format!(
+            "{path} is a stream and is not carried to another datacenter: connect to a server of {} for it",
+            dcs.join(", ")
+        );
+        return Some(Err(ApiError::DcRefused { api, message }));
+    }
+    if dcs.len() == 1 {
+        return dcs.pop().map(|dc| Ok(DcTarget::One(dc)));
+    }
+    if api != ApiKind::Marathon {
+        let message = "a list of datacenters in ?dc= is taken by Marathon's /v2 endpoints only".to_owned();
+        return Some(Err(ApiError::DcRefused { api, message }));
+    }
+    Some(Ok(DcTarget::Many(dcs)))
+}
+
+/// Why no server of another datacenter answered.
+enum DcFail {
+    /// The WAN pool knows no such datacenter.
+    NoPath,
+    /// None of its servers answered in time.
+    Unreachable,
+}
+
+impl DcFail {
+    fn error(self, api: crate::api::ApiKind, dc: &str) -> crate::api::ApiError {
+        let dc = dc.to_owned();
+        match self {
+            DcFail::NoPath => crate::api::ApiError::DcUnknown { api, dc },
+            DcFail::Unreachable => crate::api::ApiError::DcUnreachable { api, dc },
+        }
+    }
+}
+
+impl DcRoute {
+    /// Whether the WAN pool knows datacenter `dc` (this one included).
+    fn knows(&self, dc: &str) -> bool {
+        dc.eq_ignore_ascii_case(&self.datacenter)
+            || self.wan.members().iter().any(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
+    }
+
+    /// Send `out` to a server of datacenter `dc` over the WAN (alive ones first, the next when
+    /// one fails), each given `call` to answer; its answer comes back unchanged.
+    async fn call(&self, dc: &str, out: &Outgoing, call: Duration) -> Result<axum::response::Response, DcFail> {
+        let mut servers: Vec<crate::gossip::Member> = self
+            .wan
+            .members()
+            .into_iter()
+            .filter(|m| m.datacenter == dc && m.status != crate::gossip::MemberStatus::Left)
+            .collect();
+        if servers.is_empty() {
+            DC_METRICS.no_path.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(DcFail::NoPath);
+        }
+        // Alive first, then suspect, then failed (gossip may lag behind a recovery).
+        servers.sort_by_key(|m| match m.status {
+            crate::gossip::MemberStatus::Alive => 0,
+            crate::gossip::MemberStatus::Suspect => 1,
+            _ => 2,
+        });
+        let mut why = String::new();
+        for m in servers {
+            let cached = self.conns.lock().await.get(&m.rpc).filter(|c| !c.is_closed()).cloned();
+            let conn = match cached {
+                Some(c) => c,
+                None => {
+                    let connect = crate::rpc::Conn::connect(
+                        self.transport.as_ref(),
+                        m.rpc,
+                        self.hello.clone(),
+                        Arc::new(crate::rpc::NoHandler),
+                    );
+                    match tokio::time::timeout(DC_CONNECT, connect).await {
+                        Ok(Ok(c)) => {
+                            self.conns.lock().await.insert(m.rpc, c.clone());
+                            c
+                        }
+                        Ok(Err(e)) => {
+                            why = e.to_string();
+                            continue;
+                        }
+                        Err(_) => {
+                            why = format!("{}: no connection within {DC_CONNECT:?}", m.rpc);
+                            continue;
+                        }
+                    }
+                }
+            };
+            // The other datacenter's index says nothing of this one's replica: no catch-up wait.
+            match tokio::time::timeout(call, send(&conn, &self.node, None, out)).await {
+                Ok(Sent::Answer(_, resp)) => {
+                    DC_METRICS.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Ok(Sent::Lost(e)) => why = e,
+                Err(_) => {
+                    // Cut off (a partition): this connection is not used again.
+                    why = format!("{}: no answer within {call:?}", m.rpc);
+                    self.conns.lock().await.remove(&m.rpc);
+                }
+            }
+        }
+        DC_METRICS.unreachable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(%dc, reason = %why, "?dc=: no server of the datacenter answered");
+        Err(DcFail::Unreachable)
+    }
+}
+
+/// A server's outermost HTTP layer: a request for another datacenter (`?dc=`) is sent to a
+/// server of that datacenter over the WAN, which answers it as its own; the answer comes back
+/// unchanged. A datacenter the WAN pool does not know is Consul's `500 No path to datacenter`
+/// (400 on Marathon's and the Mesos master's endpoints); one whose servers cannot be reached is
+/// Consul's `500 Remote DC has no server currently reachable` (503 on the others), within
+/// seconds. Marathon requests naming several datacenters run in each ([`fan_out`]).
+pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, next: Next) -> axum::response::Response {
+    let target = match dc_target(&req, &d.datacenter) {
+        None => return next.run(req).await,
+        Some(Err(e)) => return e.into_response(),
+        Some(Ok(target)) => target,
+    };
+    let api = crate::api::api_of(req.uri().path());
+    let dc = match target {
+        DcTarget::One(dc) => dc,
+        DcTarget::Many(dcs) => return fan_out(d, dcs, req, next).await,
+    };
     let call = DC_CALL + blocking_wait(&req);
-    // Alive first, then suspect, then failed (gossip may lag behind a recovery).
-    servers.sort_by_key(|m| match m.status {
-        crate::gossip::MemberStatus::Alive => 0,
-        crate::gossip::MemberStatus::Suspect => 1,
-        _ => 2,
-    });
     let out = match Outgoing::read(req, false, &d.published).await {
         Ok(out) => out,
         Err(resp) => return resp,
     };
-    let mut why = String::new();
-    for m in servers {
-        let cached = d.conns.lock().await.get(&m.rpc).filter(|c| !c.is_closed()).cloned();
-        let conn = match cached {
-            Some(c) => c,
-            None => {
-                let connect = crate::rpc::Conn::connect(
-                    d.transport.as_ref(),
-                    m.rpc,
-                    d.hello.clone(),
-                    Arc::new(crate::rpc::NoHandler),
-                );
-                match tokio::time::timeout(DC_CONNECT, connect).await {
-                    Ok(Ok(c)) => {
-                        d.conns.lock().await.insert(m.rpc, c.clone());
-                        c
-                    }
-                    Ok(Err(e)) => {
-                        why = e.to_string();
-                        continue;
-                    }
-                    Err(_) => {
-                        why = format!("{}: no connection within {DC_CONNECT:?}", m.rpc);
-                        continue;
-                    }
+    match d.call(&dc, &out, call).await {
+        Ok(resp) => resp,
+        Err(fail) => fail.error(api, &dc).into_response(),
+    }
+}
+
+/// The header on a fan-out's answer with each datacenter's status: `dc1=201, dc2=503`.
+pub const DATACENTERS_HEADER: &str = "x-mesh-datacenters";
+
+/// Run a Marathon request in each of `dcs` at once (this datacenter through `next`, the others
+/// over the WAN, each with `?dc=` naming only itself) and answer with [`merge_fan_out`]. Every
+/// datacenter named must be known, or nothing runs anywhere (400); one that cannot be reached
+/// is reported in the answer while the others go on.
+async fn fan_out(d: DcRoute, dcs: Vec<String>, req: axum::extract::Request, next: Next) -> axum::response::Response {
+    use crate::api::{ApiError, ApiKind};
+    if let Some(dc) = dcs.iter().find(|dc| !d.knows(dc)) {
+        DC_METRICS.no_path.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return ApiError::DcUnknown { api: ApiKind::Marathon, dc: dc.clone() }.into_response();
+    }
+    let out = match Outgoing::read(req, false, &d.published).await {
+        Ok(out) => out,
+        Err(resp) => return resp,
+    };
+    let own = dcs.iter().find(|dc| dc.eq_ignore_ascii_case(&d.datacenter)).map(|dc| out.for_dc(dc));
+    let remote =
+        futures_util::future::join_all(dcs.iter().filter(|dc| !dc.eq_ignore_ascii_case(&d.datacenter)).map(|dc| {
+            let (d, o) = (&d, out.for_dc(dc));
+            async move {
+                match d.call(dc, &o, DC_CALL).await {
+                    Ok(resp) => (dc.clone(), resp),
+                    Err(fail) => (dc.clone(), fail.error(ApiKind::Marathon, dc).into_response()),
                 }
             }
+        }));
+    let local = async {
+        match own.map(|o| o.to_request()) {
+            None => None,
+            Some(Ok(req)) => Some(next.run(req).await),
+            Some(Err(e)) => Some(unavailable(&out.path, &e)),
+        }
+    };
+    let (local, remote) = tokio::join!(local, remote);
+    let mut answers: Vec<(String, axum::response::Response)> = remote;
+    if let Some(resp) = local {
+        answers.push((d.datacenter.clone(), resp));
+    }
+    let mut results = Vec::with_capacity(dcs.len());
+    for dc in &dcs {
+        let Some(i) = answers.iter().position(|(d, _)| d.eq_ignore_ascii_case(dc)) else { continue };
+        let (_, resp) = answers.swap_remove(i);
+        let status = resp.status().as_u16();
+        let body = match http_body_util::Limited::new(resp.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => axum::body::Bytes::from(format!("response body: {e}")),
         };
-        // The other datacenter's index says nothing of this one's replica: no catch-up wait.
-        match tokio::time::timeout(call, send(&conn, &d.node, None, &out)).await {
-            Ok(Sent::Answer(_, resp)) => {
-                DC_METRICS.forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return resp;
-            }
-            Ok(Sent::Lost(e)) => why = e,
-            Err(_) => {
-                // Cut off (a partition): this connection is not used again.
-                why = format!("{}: no answer within {call:?}", m.rpc);
-                d.conns.lock().await.remove(&m.rpc);
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
+        results.push((dc.clone(), status, value));
+    }
+    let (status, body) = merge_fan_out(&results);
+    let summary: Vec<String> = results.iter().map(|(dc, s, _)| format!("{dc}={s}")).collect();
+    let mut resp = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&summary.join(", ")) {
+        resp.headers_mut().insert(DATACENTERS_HEADER, v);
+    }
+    resp
+}
+
+/// One answer for a request run in several datacenters, from each one's `(datacenter, status,
+/// body)` in the order they were named:
+/// - lists (`GET /v2/deployments`, `/v2/tasks`' arrays): the datacenters' lists one after the
+///   other, each object given a `"datacenter"` field (the statuses are in
+///   [`DATACENTERS_HEADER`]);
+/// - objects (an app, a deployment's start, a list of apps): the first datacenter that
+///   succeeded answers, with a `"datacenters"` field holding every datacenter's
+///   `{"status", "body"}`. When none succeeded the status is the first one's, or 503 when
+///   every datacenter was unreachable.
+pub fn merge_fan_out(results: &[(String, u16, serde_json::Value)]) -> (u16, serde_json::Value) {
+    use serde_json::{Map, Value, json};
+    let ok = |s: u16| (200..300).contains(&s);
+    let first_ok = results.iter().find(|(_, s, _)| ok(*s));
+    if let Some((_, status, Value::Array(_))) = first_ok {
+        let mut all = Vec::new();
+        for (dc, _, v) in results.iter().filter(|(_, s, _)| ok(*s)) {
+            for item in v.as_array().into_iter().flatten() {
+                let mut item = item.clone();
+                if let Some(o) = item.as_object_mut() {
+                    o.insert("datacenter".into(), json!(dc));
+                }
+                all.push(item);
             }
         }
+        return (*status, Value::Array(all));
     }
-    DC_METRICS.unreachable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    debug!(%dc, reason = %why, "?dc=: no server of the datacenter answered");
-    crate::api::ApiError::ConsulStatus(500, "Remote DC has no server currently reachable".into()).into_response()
+    let per_dc: Map<String, Value> =
+        results.iter().map(|(dc, s, v)| (dc.clone(), json!({"status": s, "body": v}))).collect();
+    let (status, mut top) = match first_ok {
+        Some((_, s, Value::Object(o))) => (*s, o.clone()),
+        Some((_, s, _)) => (*s, Map::new()),
+        None => {
+            let status = match results.first() {
+                _ if results.iter().all(|(_, s, _)| *s == 503) => 503,
+                Some((_, s, _)) => *s,
+                None => 503,
+            };
+            let mut m = Map::new();
+            m.insert("message".into(), json!("the request failed in every datacenter"));
+            (status, m)
+        }
+    };
+    top.insert("datacenters".into(), Value::Object(per_dc));
+    (status, Value::Object(top))
 }
 
 #[cfg(test)]
@@ -799,6 +1047,68 @@ mod tests {
 
     fn get(uri: &str) -> axum::extract::Request {
         axum::http::Request::builder().method("GET").uri(uri).body(Body::empty()).unwrap()
+    }
+
+    /// What `?dc=` asks: one datacenter for Consul (a list is a name it does not know), a list
+    /// for Marathon's `/v2/`, nothing for this datacenter or the node-local endpoints, and a
+    /// refusal for streams and for lists where one datacenter is taken.
+    #[test]
+    fn dc_targets() {
+        let t = |uri: &str| dc_target(&get(uri), "dc1").map(|r| r.map_err(|e| e.to_string()));
+        assert_eq!(t("/v1/kv/a?dc=dc2"), Some(Ok(DcTarget::One("dc2".into()))));
+        assert_eq!(t("/v1/kv/a?dc=DC1"), None);
+        assert_eq!(t("/v1/kv/a?dc=dc1,dc2"), Some(Ok(DcTarget::One("dc1,dc2".into()))));
+        assert_eq!(t("/v1/agent/self?dc=dc2"), None);
+        assert_eq!(t("/v2/apps?dc=dc2"), Some(Ok(DcTarget::One("dc2".into()))));
+        assert_eq!(t("/v2/apps?dc=dc1,%20dc2,dc1"), Some(Ok(DcTarget::Many(vec!["dc1".into(), "dc2".into()]))));
+        assert_eq!(t("/v2/apps?dc=dc1,dc1"), None);
+        assert_eq!(t("/v2/apps?dc="), None);
+        assert_eq!(t("/master/state?dc=dc2"), Some(Ok(DcTarget::One("dc2".into()))));
+        assert!(matches!(t("/master/state?dc=dc2,dc3"), Some(Err(_))));
+        assert!(matches!(t("/api/v1/scheduler?dc=dc2"), Some(Err(_))));
+        assert!(matches!(t("/v2/events?dc=dc2"), Some(Err(_))));
+        assert_eq!(t("/v2/events?dc=dc1"), None);
+        assert_eq!(t("/ping?dc=dc2"), None);
+    }
+
+    /// Each datacenter's part of a fan-out names only itself, the rest of the query kept.
+    #[test]
+    fn a_fan_out_part_names_one_datacenter() {
+        let out = Outgoing {
+            method: "PUT".into(),
+            uri: "/v2/apps/web?force=true&dc=dc1,dc2&x=1".into(),
+            path: "/v2/apps/web".into(),
+            headers: vec![],
+            body: vec![],
+            extensions: Default::default(),
+        };
+        assert_eq!(out.for_dc("dc2").uri, "/v2/apps/web?force=true&dc=dc2&x=1");
+    }
+
+    /// Objects: the first that succeeded, with every datacenter's status and body; lists: one
+    /// list, each item saying its datacenter; none succeeded: the first status, 503 when every
+    /// datacenter was unreachable.
+    #[test]
+    fn fan_out_answers_merge() {
+        use serde_json::json;
+        let (s, v) = merge_fan_out(&[
+            ("dc1".into(), 201, json!({"id": "/web", "deployments": [{"id": "d1"}]})),
+            ("dc2".into(), 503, json!({"message": "unreachable"})),
+        ]);
+        assert_eq!(s, 201);
+        assert_eq!(v["id"], "/web");
+        assert_eq!(v["datacenters"]["dc1"]["status"], 201);
+        assert_eq!(v["datacenters"]["dc2"], json!({"status": 503, "body": {"message": "unreachable"}}));
+        let (s, v) = merge_fan_out(&[
+            ("dc1".into(), 503, json!({"message": "unreachable"})),
+            ("dc2".into(), 200, json!([{"id": "d2"}])),
+        ]);
+        assert_eq!((s, v), (200, json!([{"id": "d2", "datacenter": "dc2"}])));
+        let (s, v) = merge_fan_out(&[("dc1".into(), 422, json!({})), ("dc2".into(), 503, json!({}))]);
+        assert_eq!(s, 422);
+        assert_eq!(v["datacenters"]["dc2"]["status"], 503);
+        let (s, _) = merge_fan_out(&[("dc1".into(), 503, json!({})), ("dc2".into(), 503, json!({}))]);
+        assert_eq!(s, 503);
     }
 
     /// Which reads a follower answers itself: `stale`, blocking and `max_stale` within this
