@@ -12,6 +12,7 @@
 mod support;
 
 use serde_json::Value;
+use std::time::Duration;
 use support::*;
 
 /// The loopback network of this test: `127.<a>.90.<host>`, unique to this process.
@@ -145,6 +146,23 @@ async fn two_datacenters_know_each_other_through_the_wan_pool() {
     let r = dc2.client.get(dc2.url("/v1/kv/cross?raw")).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "written-in-dc2", "the write went to dc2");
     assert_eq!(dc1.get("/v1/kv/cross").await.0, 404, "and not to dc1");
+    // A blocking query on another datacenter (a py-consul watch with `dc=`) is held there and
+    // answers when dc2 changes, through dc1's agent.
+    let r = agent.client.get(agent.url("/v1/kv/cross?dc=dc2")).send().await.unwrap();
+    let index: u64 = r.headers()["x-consul-index"].to_str().unwrap().parse().unwrap();
+    let watch = {
+        let (client, url) =
+            (agent.client.clone(), agent.url(&format!("/v1/kv/cross?dc=dc2&raw&index={index}&wait=60s")));
+        tokio::spawn(async move {
+            let r = client.get(url).timeout(Duration::from_secs(90)).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let r = dc2.client.put(dc2.url("/v1/kv/cross")).body("changed-in-dc2").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), "true");
+    assert_eq!(watch.await.unwrap(), (200, "changed-in-dc2".to_owned()), "the watch woke up");
+    let r = dc2.client.put(dc2.url("/v1/kv/cross")).body("written-in-dc2").send().await.unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), "true");
     if have_py_consul() {
         let out = std::process::Command::new("python3")
             .args([

@@ -376,6 +376,8 @@ struct Outgoing {
     /// What the router put on the request (the matched route's path parameters): kept for
     /// running it here again.
     extensions: axum::http::Extensions,
+    /// How long the receiver may hold it as a blocking query (`?index=` with `?wait=`).
+    blocking: Duration,
 }
 
 impl Outgoing {
@@ -388,6 +390,7 @@ impl Outgoing {
         published: &Published,
     ) -> Result<Outgoing, axum::response::Response> {
         let path = req.uri().path().to_owned();
+        let blocking = blocking_wait(&req);
         let (parts, body) = req.into_parts();
         let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes().to_vec(),
@@ -413,6 +416,7 @@ impl Outgoing {
             headers,
             body,
             extensions: parts.extensions,
+            blocking,
         })
     }
 
@@ -473,7 +477,8 @@ async fn send(conn: &crate::rpc::Conn, node: &str, published: Option<&Published>
         body: out.body.clone(),
         node: node.to_owned(),
     };
-    let r = match conn.call(Request::Http(fwd), FORWARD_TIMEOUT).await {
+    // A blocking query (another datacenter's, or a `consistent` one) may be held its `wait`.
+    let r = match conn.call(Request::Http(fwd), FORWARD_TIMEOUT + out.blocking).await {
         Ok(Response::Http(r)) => r,
         Ok(other) => return Sent::Answer(503, unavailable(&out.path, &format!("unexpected answer {other:?}"))),
         Err(e @ crate::rpc::RpcError::Timeout(..)) => return Sent::Answer(503, unavailable(&out.path, &e.to_string())),
@@ -1081,6 +1086,7 @@ mod tests {
             headers: vec![],
             body: vec![],
             extensions: Default::default(),
+            blocking: Duration::ZERO,
         };
         assert_eq!(out.for_dc("dc2").uri, "/v2/apps/web?force=true&dc=dc2&x=1");
     }
