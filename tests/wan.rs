@@ -163,14 +163,15 @@ async fn two_datacenters_know_each_other_through_the_wan_pool() {
     assert_eq!(watch.await.unwrap(), (200, "changed-in-dc2".to_owned()), "the watch woke up");
     let r = dc2.client.put(dc2.url("/v1/kv/cross")).body("written-in-dc2").send().await.unwrap();
     assert_eq!(r.text().await.unwrap().trim(), "true");
-    if have_py_consul() {
+    // py-consul with dc="dc2", given dc1's server and dc1's agent.
+    for node in [&dc1, &agent].into_iter().filter(|_| have_py_consul()) {
         let out = std::process::Command::new("python3")
             .args([
                 "-c",
                 "import sys, consul; c = consul.Consul(host=sys.argv[1], port=int(sys.argv[2]), dc='dc2'); \
                  print(c.kv.get('cross')[1]['Value'].decode(), c.catalog.datacenters())",
-                &dc1.http.ip().to_string(),
-                &dc1.http.port().to_string(),
+                &node.http.ip().to_string(),
+                &node.http.port().to_string(),
             ])
             .output()
             .expect("python3");

@@ -110,4 +110,16 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     assert_eq!(s, 200, "{v}");
     eventually(30, "back home", || async { (dig(&a1, "web.query.mesh", "A") == home).then_some(()) }).await;
     assert_eq!(dig(&a1, "web.service.mesh", "A"), home);
+
+    // dc1's servers die one by one: `?dc=dc1` from dc2 tries another of them when one fails,
+    // before and after gossip notices (a `stale` read: any live server of dc1 answers it).
+    let mut dc1 = dc1;
+    for killed in 0..2 {
+        dc1[killed].stop_with("KILL");
+        for _ in 0..3 {
+            let r = dc2.client.get(dc2.url("/v1/kv/still?dc=dc1&stale&raw")).send().await.unwrap();
+            let status = r.status().as_u16();
+            assert_eq!((status, r.text().await.unwrap()), (200, "here".to_owned()), "{} killed", killed + 1);
+        }
+    }
 }
