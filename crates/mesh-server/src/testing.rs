@@ -618,19 +618,36 @@ where
 
 /// `GET path` from a node's HTTP API (one connection, 5 s at most): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// One request to a node's HTTP API (one connection, 5 s at most; a body is sent as JSON):
+/// status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.unwrap_or("");
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         s.write_all(head.as_bytes()).await?;
+        s.write_all(body.as_bytes()).await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         Ok::<_, std::io::Error>(out)
     };
+    let what = format!("{method} {path} at {addr}");
     let out = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("GET {path} from {addr}")))??;
-    parse_response(&out).ok_or_else(|| std::io::Error::other(format!("GET {path} from {addr}: not an HTTP answer")))
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, what.clone()))??;
+    parse_response(&out).ok_or_else(|| std::io::Error::other(format!("{what}: not an HTTP answer")))
 }
 
 /// Status and body of an HTTP/1.1 response read to its end (chunked or not).
