@@ -55,6 +55,11 @@
 //! - the open-files limit, which [`ClusterBuilder::start`] raises to its hard limit as
 //!   `mesh` does.
 //!
+//! A kill can race a task of the node in the middle of a poll: tokio then panics in that task
+//! with "A Tokio 1.x context was found, but it is being shutdown" (printed from the node's
+//! runtime thread, `mesh-<node>-rt`). It is harmless: the task belongs to the node being
+//! killed, and the panic stays in that runtime.
+//!
 //! Tasks' stdout and stderr go straight into their sandboxes: the log rotation of the `mesh`
 //! binary runs `mesh logger` processes, and the test binary is not `mesh`. Agents run the
 //! process runtime only (no Docker, no Registrator, no DNS for containers).
