@@ -81,11 +81,12 @@ async fn main() -> ExitCode {
     };
     match &report.error {
         None => println!(
-            "batch-framework: {jobs} jobs, {} finished, {} failed, {} retried, framework {}, {:.1} s",
+            "batch-framework: {jobs} jobs, {} finished, {} failed, {} retried, framework {}, subscribed {}x, {:.1} s",
             report.finished,
             report.failed.len(),
             report.retried,
             report.framework_id,
+            report.subscriptions,
             report.elapsed.as_secs_f64()
         ),
         Some(e) => eprintln!("batch-framework: {e} ({} of {jobs} jobs finished)", report.finished),
