@@ -1,7 +1,8 @@
 //! `mesh_server::testing::Cluster` itself: a killed node stops answering at once, an agent
 //! killed and restarted adopts the tasks that outlived it (as a `mesh agent` process killed
 //! with SIGKILL does), dropping the cluster stops its agents' tasks, and two clusters run side
-//! by side in one process (the tests of this file run in parallel).
+//! by side in one process (the tests of this file run in parallel), and a leader cut off by a
+//! partition is replaced and catches up once healed.
 
 mod support;
 
@@ -103,4 +104,36 @@ async fn the_cluster_survives_losing_its_leader_twice_and_a_stopped_server_comes
         .expect("writes again");
     let (_, body) = http_get(cluster.http_addr(third), "/v1/kv/probe?raw").await.expect("GET");
     assert_eq!(body, "two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_is_replaced_and_catches_up_when_healed() {
+    let cluster = Cluster::builder().servers(3).agents(1).start().await.expect("the cluster starts");
+    let put = |addr: SocketAddr, v: &'static str| async move {
+        http_request(addr, "PUT", "/v1/kv/cut", Some(v)).await.ok().filter(|(s, b)| *s == 200 && b.trim() == "true")
+    };
+    let old = cluster.leader().await.expect("a leader");
+    let others: Vec<usize> = cluster.servers().filter(|i| *i != old).collect();
+    cluster.partition(&[old]);
+    let new = cluster.leader_among(&others).await.expect("the other two elect a leader");
+    assert_ne!(new, old);
+    // The agent (on the majority's side) loses its link if it led to the old leader, and
+    // finds the new one: a write through it is accepted.
+    poll(Duration::from_secs(30), "a write through the agent", || put(cluster.http_addr(cluster.agent(0)), "cut"))
+        .await
+        .expect("writes go on without the old leader");
+    // The old leader hears nothing of it.
+    let stale = |i: usize| {
+        let addr = cluster.http_addr(i);
+        async move { http_get(addr, "/v1/kv/cut?raw&stale").await.ok().map(|(_, b)| b) }
+    };
+    assert_ne!(stale(old).await.as_deref(), Some("cut"), "the cut-off server saw the write");
+
+    cluster.heal();
+    cluster.leader().await.expect("all three name one leader again");
+    poll(Duration::from_secs(30), "the old leader to catch up", || async {
+        (stale(old).await.as_deref() == Some("cut")).then_some(())
+    })
+    .await
+    .expect("the healed server has the write made while it was cut off");
 }

@@ -26,6 +26,7 @@ pub mod gossip;
 pub mod health;
 pub mod logs;
 pub mod node;
+pub mod partition;
 pub mod raft;
 pub mod registrator;
 pub mod rpc;

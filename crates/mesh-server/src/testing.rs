@@ -52,6 +52,8 @@
 //!   the lines of all nodes, if the subscriber writes through [`crate::logs::Tee`];
 //! - the test-only environment hooks read once per process (`MESH_TEST_RPC_DELAY`,
 //!   `MESH_TEST_CRASH_AFTER_FORWARDED_WRITE`) apply to every node;
+//! - the partition table ([`crate::partition`]), keyed by address: clusters of one process
+//!   have different addresses, so their cuts do not meet;
 //! - the open-files limit, which [`ClusterBuilder::start`] raises to its hard limit as
 //!   `mesh` does.
 //!
@@ -64,8 +66,9 @@
 //! binary runs `mesh logger` processes, and the test binary is not `mesh`. Agents run the
 //! process runtime only (no Docker, no Registrator, no DNS for containers).
 //!
-//! Not provided: network partitions between nodes (there is no per-node hook in the RPC,
-//! gossip and HTTP paths to cut them); kill a node instead.
+//! [`Cluster::partition`] cuts nodes off from the others (gossip and RPC, through the
+//! process-wide table of [`crate::partition`]; HTTP between nodes is not cut) until
+//! [`Cluster::heal`].
 
 use crate::node::{Bound, ContainerDns, NodeConfig, RuntimeKind};
 use std::collections::BTreeSet;
@@ -439,10 +442,21 @@ impl Cluster {
     /// Wait (up to 60 s) until every running server names the same leader, a running one;
     /// its index.
     pub async fn leader(&self) -> Result<usize, ClusterError> {
-        let live: Vec<(usize, SocketAddr)> =
-            self.servers().filter(|i| self.is_running(*i)).map(|i| (i, self.http_addr(i))).collect();
+        let live: Vec<usize> = self.servers().filter(|i| self.is_running(*i)).collect();
+        self.leader_among(&live).await
+    }
+
+    /// Wait (up to 60 s) until the servers `among` (running ones) all name the same leader,
+    /// one of them; its index. During a [`Cluster::partition`], the leader of one side.
+    pub async fn leader_among(&self, among: &[usize]) -> Result<usize, ClusterError> {
+        let live: Vec<(usize, SocketAddr)> = among
+            .iter()
+            .copied()
+            .filter(|i| self.is_server(*i) && self.is_running(*i))
+            .map(|i| (i, self.http_addr(i)))
+            .collect();
         let rpc: Vec<(usize, SocketAddr)> = self.servers().map(|i| (i, self.nodes[i].cfg.rpc)).collect();
-        poll(WAIT, "every running server to name the same leader", || async {
+        poll(WAIT, "the servers to name the same leader", || async {
             let mut named = BTreeSet::new();
             for (_, http) in &live {
                 let (status, body) = http_get(*http, "/v1/status/leader").await.ok()?;
@@ -458,6 +472,24 @@ impl Cluster {
             live.iter().any(|(l, _)| *l == i).then_some(i)
         })
         .await
+    }
+
+    /// Cut the network between the nodes of `side` and all others of this cluster (both
+    /// ways): gossip packets between them are dropped, RPC connections between them refused
+    /// and the open ones fail (Raft, agents' links to servers). HTTP between nodes is not cut
+    /// (see [`crate::partition`]). Cuts add up; [`Cluster::heal`] removes them all.
+    pub fn partition(&self, side: &[usize]) {
+        for a in side {
+            for b in (0..self.nodes.len()).filter(|b| !side.contains(b)) {
+                crate::partition::cut(self.nodes[*a].cfg.advertise, self.nodes[b].cfg.advertise);
+            }
+        }
+    }
+
+    /// Remove every cut between this cluster's nodes.
+    pub fn heal(&self) {
+        let ips: Vec<IpAddr> = self.nodes.iter().map(|n| n.cfg.advertise).collect();
+        crate::partition::heal(&ips);
     }
 
     /// Kill node `i` as SIGKILL would: its runtime is shut down, so every task and socket of
@@ -594,6 +626,7 @@ impl Drop for Cluster {
                 let _ = t.join();
             }
         };
+        self.heal();
         stop_all(&mut self.nodes, false, || Stop::Graceful);
         stop_all(&mut self.nodes, true, || Stop::Kill);
         if self.remove_dir {
