@@ -69,7 +69,24 @@ async fn an_agent_killed_and_restarted_adopts_the_tasks_that_outlived_it() {
     .expect("the tasks are adopted");
     assert_eq!(tagged_pids(&tag, "sleep"), pids, "no task was restarted");
 
-    // Dropping the cluster stops its agents gracefully: their tasks end.
+    // A graceful stop ends its tasks (the cluster's agents do not keep them on exit); they
+    // are launched again once it is back.
+    cluster.stop(agent).await;
+    poll(Duration::from_secs(30), "the task processes to end", || async {
+        tagged_pids(&tag, "sleep").is_empty().then_some(())
+    })
+    .await
+    .expect("a stopped agent's tasks end");
+    cluster.restart(agent).await.expect("the agent restarts");
+    let pids = poll(Duration::from_secs(60), "2 new task processes", || async {
+        Some(tagged_pids(&tag, "sleep")).filter(|p| p.len() == 2)
+    })
+    .await
+    .expect("the app runs again");
+
+    // Killed again and never restarted: its tasks outlive it, but not the cluster.
+    cluster.kill(agent).await;
+    assert_eq!(tagged_pids(&tag, "sleep"), pids);
     drop(cluster);
     poll(Duration::from_secs(30), "the task processes to end", || async {
         tagged_pids(&tag, "sleep").is_empty().then_some(())

@@ -1,6 +1,6 @@
 //! An in-process cluster for tests: N `mesh server`s and M `mesh agent`s started inside the
-//! test process, on loopback with real sockets, that a test can kill and restart, so a
-//! framework (or any client) is tested against failover in `cargo test`.
+//! test process, on loopback with real sockets, that a test can kill, restart and partition,
+//! so a framework (or any client) is tested against failover in `cargo test`.
 //!
 //! ```no_run
 //! # async fn example() {
@@ -27,8 +27,8 @@
 //!   process is killed, and are adopted when it restarts.
 //! - **restart** starts the node again with the same [`NodeConfig`] on the same data dir and
 //!   addresses.
-//! - **drop** stops the agents gracefully (their tasks are killed), then kills the servers,
-//!   and removes the cluster's directory.
+//! - **drop** stops the agents gracefully (their tasks are killed; those of agents killed
+//!   and not restarted too), then kills the servers, and removes the cluster's directory.
 //!
 //! Node `i` listens on its own loopback address `127.a.b.(i+1)` (all of `127.0.0.0/8` is
 //! loopback on Linux), so every node uses the `mesh` binary's usual ports (RPC 8300, LAN gossip
@@ -62,6 +62,7 @@
 //! runtime thread, `mesh-<node>-rt`). It is harmless: the task belongs to the node being
 //! killed, and the panic stays in that runtime.
 //!
+//! The nodes install no signal handlers (a node is stopped through a channel, not SIGTERM).
 //! Tasks' stdout and stderr go straight into their sandboxes: the log rotation of the `mesh`
 //! binary runs `mesh logger` processes, and the test binary is not `mesh`. Agents run the
 //! process runtime only (no Docker, no Registrator, no DNS for containers).
@@ -627,12 +628,43 @@ impl Drop for Cluster {
             }
         };
         self.heal();
+        // Agents killed and not restarted left their tasks running, as a killed `mesh agent`
+        // does: nothing would end them now.
+        let killed: Vec<PathBuf> =
+            self.nodes.iter().filter(|n| !n.server && n.running.is_none()).map(|n| n.cfg.data_dir.clone()).collect();
         stop_all(&mut self.nodes, false, || Stop::Graceful);
+        for dir in killed {
+            kill_left_tasks(&dir);
+        }
         stop_all(&mut self.nodes, true, || Stop::Kill);
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Kill the task processes an agent on `data_dir` left running (it was killed): a process
+/// runtime on its sandboxes adopts them, then kills them. On a thread of its own, as the
+/// caller may be inside a runtime.
+fn kill_left_tasks(data_dir: &Path) {
+    use mesh_core::runtime::Runtime;
+    let sandboxes = data_dir.join("sandboxes");
+    if !sandboxes.exists() {
+        return;
+    }
+    let reaper = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            if let Ok(runtime) = mesh_core::runtime::process::ProcessRuntime::new(sandboxes, tx) {
+                let _ = runtime.recover().await;
+                runtime.kill_all(Duration::from_secs(2)).await;
+            }
+            drain.abort();
+        });
+    });
+    let _ = reaper.join();
 }
 
 /// Call `f` until it returns `Some` or `limit` passes (then a [`ClusterError::Timeout`] naming
