@@ -238,11 +238,12 @@ static CLUSTERS: AtomicU32 = AtomicU32::new(0);
 static PORT_BLOCKS: AtomicU32 = AtomicU32::new(0);
 
 /// The first of `agents * PORTS_PER_AGENT` host ports for tasks, apart from other clusters of
-/// this process and (by process id) of other test processes.
+/// this process and (by process id) of other test processes, below Linux's ephemeral ports
+/// (32768 and up) so that no outgoing connection holds one.
 fn port_block(agents: usize) -> (u16, u16) {
     let n = (agents.max(1) as u32) * PORTS_PER_AGENT as u32;
-    let offset = PORT_BLOCKS.fetch_add(n, Ordering::Relaxed) % 2000;
-    let base = 40000 + (std::process::id() % 10) * 2000;
+    let offset = PORT_BLOCKS.fetch_add(n, Ordering::Relaxed) % 1000;
+    let base = 10000 + (std::process::id() % 10) * 1000;
     let lo = (base + offset) as u16;
     (lo, lo + n as u16 - 1)
 }
