@@ -7,17 +7,16 @@
 //! cargo run -p mesh-sdk --example batch-framework -- --master http://127.0.0.1:8080 --jobs 5
 //! ```
 //!
-//! It is a [`Framework`]: it decides, the SDK's [`Driver`] talks to the master (subscribe,
-//! heartbeats, re-subscribe, acknowledgements, declines of unused offers).
+//! The framework is in `batch.rs`, a [`mesh_sdk::framework::Framework`]: it decides, the SDK's
+//! [`mesh_sdk::framework::Driver`] talks to the master (subscribe, heartbeats, re-subscribe,
+//! acknowledgements, declines of unused offers). `tests/batch_framework.rs` runs it against an
+//! in-process cluster (`mesh_server::testing::Cluster`) whose leader is killed mid-run.
+
+mod batch;
 
 use clap::Parser;
-use mesh_sdk::framework::{
-    Action, Driver, DriverOptions, Framework, FrameworkInfo, HttpTransport, Id, Offer, TaskInfo, TaskInfoExt,
-    TaskState, TaskStatus, View, offered,
-};
-use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "batch-framework", about = "Run N one-off jobs on a mesh (or Mesos) master")]
@@ -51,131 +50,6 @@ struct Args {
     retries: u32,
 }
 
-/// The jobs and where they stand.
-struct Batch {
-    args: Args,
-    pending: VecDeque<usize>,
-    /// task id → (job, attempt)
-    running: BTreeMap<String, (usize, u32)>,
-    attempts: BTreeMap<usize, u32>,
-    finished: usize,
-    failed: Vec<(usize, String)>,
-    retried: usize,
-    suppressed: bool,
-}
-
-impl Batch {
-    fn new(args: Args) -> Self {
-        let pending = (0..args.jobs).collect();
-        Self {
-            args,
-            pending,
-            running: BTreeMap::new(),
-            attempts: BTreeMap::new(),
-            finished: 0,
-            failed: Vec::new(),
-            retried: 0,
-            suppressed: false,
-        }
-    }
-
-    fn task(&mut self, job: usize, offer: &Offer) -> TaskInfo {
-        let attempt = self.attempts.entry(job).or_insert(0);
-        *attempt += 1;
-        let id = format!("{}-job-{job}-try-{attempt}", self.args.name);
-        self.running.insert(id.clone(), (job, *attempt));
-        let mut t = TaskInfo::command(&id, offer, &self.args.cmd, self.args.cpus, self.args.mem);
-        t.name = format!("{} job {job}", self.args.name);
-        if let Some(c) = t.command.as_mut() {
-            let var =
-                mesh_sdk::framework::wire::Variable { name: "JOB".into(), kind: None, value: Some(job.to_string()) };
-            c.environment = Some(mesh_sdk::framework::wire::Environment { variables: vec![var] });
-        }
-        t
-    }
-}
-
-impl Framework for Batch {
-    fn subscribed(&mut self, view: &View) -> Vec<Action> {
-        eprintln!("batch-framework: subscribed as {}", view.framework_id.clone().unwrap_or_default());
-        self.suppressed = false;
-        vec![Action::Revive]
-    }
-
-    fn offers(&mut self, _view: &View, offers: &[Offer]) -> Vec<Action> {
-        let mut actions = Vec::new();
-        for offer in offers {
-            let (mut cpus, mut mem) = (offered(offer, "cpus"), offered(offer, "mem"));
-            let mut tasks = Vec::new();
-            while cpus + 1e-9 >= self.args.cpus && mem + 1e-9 >= self.args.mem {
-                let Some(job) = self.pending.pop_front() else { break };
-                tasks.push(self.task(job, offer));
-                cpus -= self.args.cpus;
-                mem -= self.args.mem;
-            }
-            if tasks.is_empty() {
-                actions.push(Action::decline(offer, if self.pending.is_empty() { 60.0 } else { 1.0 }));
-            } else {
-                actions.push(Action::launch(offer, tasks));
-            }
-        }
-        if self.pending.is_empty() && !self.suppressed {
-            self.suppressed = true;
-            actions.push(Action::Suppress);
-        }
-        actions
-    }
-
-    fn status(&mut self, _view: &View, status: &TaskStatus) -> Vec<Action> {
-        let Some(&(job, attempt)) = self.running.get(&status.task_id.value) else { return Vec::new() };
-        if !status.state.is_terminal() {
-            return Vec::new();
-        }
-        self.running.remove(&status.task_id.value);
-        if status.state == TaskState::Finished {
-            self.finished += 1;
-            return Vec::new();
-        }
-        let why = format!("{} {}", status.state.as_str(), status.message.clone().unwrap_or_default());
-        if attempt <= self.args.retries {
-            eprintln!("batch-framework: job {job} attempt {attempt} ended {why}; retrying");
-            self.retried += 1;
-            self.pending.push_back(job);
-            if self.suppressed {
-                self.suppressed = false;
-                return vec![Action::Revive];
-            }
-        } else {
-            eprintln!("batch-framework: job {job} failed for good: {why}");
-            self.failed.push((job, why));
-        }
-        Vec::new()
-    }
-
-    fn reconcile(&mut self, view: &View) -> Vec<Action> {
-        // Level-triggered: ask about launched jobs the master has not reported on yet (an
-        // unknown one comes back TASK_LOST and is retried), and want offers while jobs wait.
-        let silent: Vec<Id> = self.running.keys().filter(|id| !view.tasks.contains_key(*id)).map(Id::new).collect();
-        let mut actions = Vec::new();
-        if !silent.is_empty() {
-            actions.push(Action::Reconcile(silent));
-        }
-        if !self.pending.is_empty() && self.suppressed {
-            self.suppressed = false;
-            actions.push(Action::Revive);
-        }
-        actions
-    }
-
-    fn error(&mut self, message: &str) {
-        eprintln!("batch-framework: master error: {message}");
-    }
-
-    fn is_done(&self) -> bool {
-        self.finished + self.failed.len() == self.args.jobs
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -186,41 +60,36 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let transport = match HttpTransport::new(&args.master) {
-        Ok(t) => t,
+    let cfg = batch::Config {
+        jobs: args.jobs,
+        cmd: args.cmd,
+        cpus: args.cpus,
+        mem: args.mem,
+        name: args.name,
+        role: args.role,
+        failover_timeout: args.failover_timeout,
+        retries: args.retries,
+        reconcile_interval: Duration::from_secs(10),
+    };
+    let jobs = cfg.jobs;
+    let report = match batch::run(&args.master, cfg).await {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("batch-framework: {e}");
             return ExitCode::from(2);
         }
     };
-    let info = FrameworkInfo {
-        name: args.name.clone(),
-        roles: vec![args.role.clone()],
-        capabilities: vec![mesh_sdk::framework::wire::Capability { kind: "MULTI_ROLE".into() }],
-        failover_timeout: Some(args.failover_timeout),
-        hostname: Some("batch-framework".into()),
-        ..Default::default()
-    };
-    let jobs = args.jobs;
-    let started = Instant::now();
-    let mut batch = Batch::new(args);
-    let opts = DriverOptions::default().reconcile_interval(Duration::from_secs(10)).decline_seconds(1.0);
-    let res = Driver::new(transport, info).with_options(opts).run(&mut batch).await;
-    let secs = started.elapsed().as_secs_f64();
-    match res {
-        Ok(summary) => {
-            println!(
-                "batch-framework: {jobs} jobs, {} finished, {} failed, {} retried, framework {}, {secs:.1} s",
-                batch.finished,
-                batch.failed.len(),
-                batch.retried,
-                summary.framework_id
-            );
-            if batch.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-        }
-        Err(e) => {
-            eprintln!("batch-framework: {e} ({} of {jobs} jobs finished)", batch.finished);
-            ExitCode::FAILURE
-        }
+    match &report.error {
+        None => println!(
+            "batch-framework: {jobs} jobs, {} finished, {} failed, {} retried, framework {}, subscribed {}x, {:.1} s",
+            report.finished,
+            report.failed.len(),
+            report.retried,
+            report.framework_id,
+            report.subscriptions,
+            report.elapsed.as_secs_f64()
+        ),
+        Some(e) => eprintln!("batch-framework: {e} ({} of {jobs} jobs finished)", report.finished),
     }
+    ExitCode::from(report.exit_code())
 }

@@ -10,6 +10,8 @@
 //! - [`framework`]: run a mesh-sdk `Framework` in-process against the control loop.
 //! - [`gossip`]: LAN membership and failure detection by SWIM gossip (foca).
 //! - [`raft`]: openraft storage (redb log, state machine over [`mesh_core::state::State`]); not wired in yet.
+//! - [`testing`]: an in-process cluster (servers and agents on loopback) for tests of frameworks
+//!   and clients against failover.
 
 pub mod agent;
 pub mod api;
@@ -24,8 +26,10 @@ pub mod gossip;
 pub mod health;
 pub mod logs;
 pub mod node;
+pub mod partition;
 pub mod raft;
 pub mod registrator;
 pub mod rpc;
 pub mod serve;
+pub mod testing;
 pub mod watch;

@@ -138,7 +138,14 @@ impl Driver {
                     Some(input) => self.handle_input(input),
                 },
                 received = self.socket.recv_from(&mut recv_buf) => match received {
-                    Ok((len, src)) => self.handle_packet(&recv_buf[..len], src),
+                    Ok((len, src)) => {
+                        // A test's partition (crate::partition): the packet never arrived.
+                        if !(crate::partition::active()
+                            && self.socket.local_addr().is_ok_and(|l| crate::partition::blocked(l.ip(), src.ip())))
+                        {
+                            self.handle_packet(&recv_buf[..len], src);
+                        }
+                    }
                     // ICMP errors surface here on some systems; the socket stays usable. A pause keeps a
                     // persistent error from spinning the task.
                     Err(err) => {
@@ -270,6 +277,11 @@ impl Driver {
             while let Some((dst, data)) = self.runtime.to_send() {
                 self.send_buf.clear();
                 envelope::encode(&self.dc, &data, &mut self.send_buf);
+                if crate::partition::active()
+                    && self.socket.local_addr().is_ok_and(|l| crate::partition::blocked(l.ip(), dst.gossip.ip()))
+                {
+                    continue;
+                }
                 if let Err(err) = self.socket.send_to(&self.send_buf, dst.gossip).await {
                     tracing::debug!("gossip: send to {} failed: {err}", dst.gossip);
                 }

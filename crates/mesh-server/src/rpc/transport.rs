@@ -56,9 +56,16 @@ impl Listener for TcpListen {
         self.0.local_addr()
     }
     async fn accept(&mut self) -> io::Result<(BoxIo, SocketAddr)> {
-        let (s, a) = self.0.accept().await?;
-        let _ = s.set_nodelay(true);
-        Ok((Box::new(s), a))
+        loop {
+            let (s, a) = self.0.accept().await?;
+            let _ = s.set_nodelay(true);
+            let local = s.local_addr()?.ip();
+            // A test's partition (crate::partition): refused, and cut when it starts later.
+            if crate::partition::blocked(local, a.ip()) {
+                continue;
+            }
+            return Ok((Box::new(crate::partition::Cuttable::new(s, local, a.ip())), a));
+        }
     }
 }
 
@@ -72,9 +79,15 @@ impl Transport for TcpTransport {
         {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        if let Some(ip) = self.bind
+            && crate::partition::blocked(ip, addr.ip())
+        {
+            return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "network partition (test)"));
+        }
         let s = socket.connect(addr).await?;
         let _ = s.set_nodelay(true);
-        Ok(Box::new(s))
+        let local = s.local_addr()?.ip();
+        Ok(Box::new(crate::partition::Cuttable::new(s, local, addr.ip())))
     }
     async fn listen(&self, addr: SocketAddr) -> io::Result<Box<dyn Listener>> {
         Ok(Box::new(TcpListen(tokio::net::TcpListener::bind(addr).await?)))
