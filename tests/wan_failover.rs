@@ -114,12 +114,12 @@ async fn three_datacenters_fail_over_to_the_nearest_healthy_one() {
     // dc1's servers die one by one: `?dc=dc1` from dc2 tries another of them when one fails,
     // before and after gossip notices (a `stale` read: any live server of dc1 answers it).
     let mut dc1 = dc1;
-    for killed in 0..2 {
-        dc1[killed].stop_with("KILL");
+    for (i, server) in dc1.iter_mut().take(2).enumerate() {
+        server.stop_with("KILL");
         for _ in 0..3 {
             let r = dc2.client.get(dc2.url("/v1/kv/still?dc=dc1&stale&raw")).send().await.unwrap();
             let status = r.status().as_u16();
-            assert_eq!((status, r.text().await.unwrap()), (200, "here".to_owned()), "{} killed", killed + 1);
+            assert_eq!((status, r.text().await.unwrap()), (200, "here".to_owned()), "{} killed", i + 1);
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod autopilot;
 pub mod disk;
 pub mod log;
 pub mod network;
+pub mod runtime;
 pub mod seg_store;
 pub mod server;
 pub mod state_machine;
@@ -46,7 +47,7 @@ openraft::declare_raft_types!(
         Node = MeshNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = runtime::MeshRuntime,
 );
 
 /// A Raft node id.
@@ -124,6 +125,9 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, RaftStorageError> + Send + 'static,
 {
+    if runtime::simulated() {
+        return f();
+    }
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(storage_err(subject, verb, e)),

@@ -311,22 +311,27 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_group(&jobs);
-            if let Err(why) = &result {
-                tracing::error!(error = %why, "raft log: a write failed; the log takes no more writes");
-            }
-            for job in jobs {
-                match job {
-                    Job::Append(_, done) => done.log_io_completed(result.clone().map_err(std::io::Error::other)),
-                    Job::Sync(_, ack) => {
-                        let _ = ack.send(result.clone());
-                    }
-                    Job::Lazy(_) => {}
+            self.process(jobs);
+        }
+    }
+
+    /// Write a group of jobs, then tell each one's waiter.
+    fn process(&mut self, jobs: Vec<Job>) {
+        let result = self.write_group(&jobs);
+        if let Err(why) = &result {
+            tracing::error!(error = %why, "raft log: a write failed; the log takes no more writes");
+        }
+        for job in jobs {
+            match job {
+                Job::Append(_, done) => done.log_io_completed(result.clone().map_err(std::io::Error::other)),
+                Job::Sync(_, ack) => {
+                    let _ = ack.send(result.clone());
                 }
+                Job::Lazy(_) => {}
             }
-            if result.is_ok() {
-                self.delete_purged();
-            }
+        }
+        if result.is_ok() {
+            self.delete_purged();
         }
     }
 }
@@ -444,6 +449,8 @@ struct Inner {
     mem: Mutex<Mem>,
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// In a simulation ([`super::runtime::simulated`]): the writer, run inline by each caller.
+    inline: Option<Mutex<Writer>>,
 }
 
 impl Drop for Inner {
@@ -509,13 +516,26 @@ impl SegmentLogStore {
             tracing::info!(from = %redb.display(), "raft log: imported the redb log into segment files");
         }
         let appended = writer.appended.clone();
+        if super::runtime::simulated() {
+            let inline = Some(Mutex::new(writer));
+            return Ok(Self {
+                inner: Arc::new(Inner { dir: log_dir, appended, mem: Mutex::new(mem), tx: None, thread: None, inline }),
+            });
+        }
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("raft-log".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| err(format!("cannot start the log writer: {e}")))?;
         Ok(Self {
-            inner: Arc::new(Inner { dir: log_dir, appended, mem: Mutex::new(mem), tx: Some(tx), thread: Some(thread) }),
+            inner: Arc::new(Inner {
+                dir: log_dir,
+                appended,
+                mem: Mutex::new(mem),
+                tx: Some(tx),
+                thread: Some(thread),
+                inline: None,
+            }),
         })
     }
 
@@ -534,6 +554,10 @@ impl SegmentLogStore {
     }
 
     fn send(&self, job: Job, subject: ErrorSubject<NodeId>) -> Result<(), RaftStorageError> {
+        if let Some(w) = &self.inner.inline {
+            w.lock().unwrap_or_else(|p| p.into_inner()).process(vec![job]);
+            return Ok(());
+        }
         match &self.inner.tx {
             Some(tx) => tx.send(job).map_err(|_| storage_err(subject, ErrorVerb::Write, "the log writer stopped")),
             None => Err(storage_err(subject, ErrorVerb::Write, "the log is closed")),

@@ -288,6 +288,10 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
                 EntryPayload::Normal(batch) => {
                     let mut results = Vec::with_capacity(batch.commands.len());
                     for cmd in batch.commands {
+                        if sim_bug::drops(entry.log_id.index) {
+                            results.push(Ok(()));
+                            continue;
+                        }
                         let r = self.state.apply(&cmd).map(drop);
                         if r.is_ok() && before.is_some() {
                             accepted.push(cmd);
@@ -361,5 +365,27 @@ impl RaftStateMachine<TypeConfig> for MeshStateMachine {
             .snapshot
             .current()
             .map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data.as_ref().clone())) }))
+    }
+}
+
+/// A bug switched on by a simulation test on its own thread, to show that the simulation's
+/// invariants catch it: the state machine answers a committed write as applied and drops it.
+#[doc(hidden)]
+pub mod sim_bug {
+    use std::cell::Cell;
+
+    thread_local! {
+        static DROP_EVERY: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Drop the commands of every log entry whose index is a multiple of `n` (0: none, the
+    /// default), on this thread.
+    pub fn drop_every(n: u64) {
+        DROP_EVERY.with(|d| d.set(n));
+    }
+
+    pub(super) fn drops(index: u64) -> bool {
+        let n = DROP_EVERY.with(Cell::get);
+        n != 0 && index.is_multiple_of(n)
     }
 }
