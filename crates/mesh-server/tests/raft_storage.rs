@@ -31,6 +31,15 @@ fn openraft_storage_suite() {
     Suite::test_all(Builder).expect("openraft storage suite");
 }
 
+/// The same suite with the storage's disk work inline on the caller, as in the deterministic
+/// simulation (no log writer thread, no blocking pool): the suite runs its futures on this
+/// thread.
+#[test]
+fn openraft_storage_suite_inline_as_in_a_simulation() {
+    mesh_server::raft::runtime::simulate_on_this_thread(1);
+    Suite::test_all(Builder).expect("openraft storage suite, inline");
+}
+
 fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, 1), index)
 }

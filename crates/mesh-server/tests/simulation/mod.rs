@@ -7,8 +7,10 @@
 //! own random choices (turmoil seeds them when built with `--cfg tokio_unstable`, which
 //! `.cargo/config.toml` sets).
 //!
-//! After every step the invariants hold or the run fails with its seed: at most one leader per
-//! term, and servers that applied the same log entry hold the same state. After the faults stop
+//! After every step the invariants hold or the run fails with its seed: no server's vote goes
+//! back (across restarts too), a new leader holds every earlier acknowledged write, and servers
+//! that applied the same log entry hold the same state (see [`check_step`] on openraft's
+//! leaders per term). After the faults stop
 //! (the healing phase), within a bounded virtual time every server applies the same last entry
 //! and every write acknowledged to the client is in every server's state (none lost). The run's
 //! trace (leaders, faults, acknowledgements, the final state) hashes to one number: the same
@@ -120,6 +122,12 @@ struct World {
     client_done: bool,
     /// Each server's last seen term, role and leader (traced when they change).
     roles: BTreeMap<NodeId, String>,
+    /// The log entries of acknowledged writes: (leader id as (term, node), index).
+    acked_at: Vec<((u64, NodeId), u64)>,
+    /// Each server's highest vote seen, across its restarts.
+    votes: BTreeMap<NodeId, (u64, NodeId)>,
+    /// Every leader id seen leading.
+    leaders: BTreeSet<(u64, NodeId)>,
 }
 
 type Shared = Rc<RefCell<World>>;
@@ -197,6 +205,7 @@ async fn client(writes: usize, seed: u64, world: Shared) -> turmoil::Result {
                         r.log_id.index
                     ));
                     w.acked.insert(key.clone(), value.clone());
+                    w.acked_at.push(((r.log_id.leader_id.term, r.log_id.leader_id.node_id), r.log_id.index));
                     break;
                 }
                 Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
@@ -260,7 +269,6 @@ pub fn run(plan: &Plan) -> Outcome {
 
     let mut rng = StdRng::seed_from_u64(plan.seed ^ 0xFA17);
     let mut failure: Option<String> = None;
-    let mut leaders: BTreeMap<u64, NodeId> = BTreeMap::new();
     let mut faults: Vec<(Fault, Duration)> = Vec::new();
     let mut down: BTreeSet<NodeId> = BTreeSet::new();
     let mut healing_since: Option<Duration> = None;
@@ -279,7 +287,7 @@ pub fn run(plan: &Plan) -> Outcome {
             world.borrow_mut().rafts.remove(id);
         }
         // Invariants after every step.
-        if let Some(why) = check_step(&world, &mut leaders, now) {
+        if let Some(why) = check_step(&world, now) {
             failure = Some(why);
             break;
         }
@@ -347,8 +355,9 @@ pub fn run(plan: &Plan) -> Outcome {
     let mut w = world.borrow_mut();
     if let Some((_, applied)) = w.rafts.values().next() {
         let a = applied.borrow().clone();
-        let state = serde_json::to_string(&a.state.kv).unwrap_or_default();
-        w.trace.push(format!("final {:?} kv {state}", a.log_id));
+        let mut h = std::hash::DefaultHasher::new();
+        serde_json::to_string(&a.state.kv).unwrap_or_default().hash(&mut h);
+        w.trace.push(format!("final {:?} kv hash {:x}", a.log_id, h.finish()));
     }
     let trace = std::mem::take(&mut w.trace);
     let mut h = std::hash::DefaultHasher::new();
@@ -370,11 +379,20 @@ fn undo(sim: &mut turmoil::Sim, f: &Fault, down: &mut BTreeSet<NodeId>) {
     }
 }
 
-/// The invariants of every step: one leader per term; equal states at equal log entries.
-fn check_step(world: &Shared, leaders: &mut BTreeMap<u64, NodeId>, now: Duration) -> Option<String> {
+/// The invariants of every step:
+/// - a server's vote never goes back, not even across a restart (its vote is durable);
+/// - a leader holds every acknowledged write of an earlier leader (leader completeness);
+/// - servers that applied the same entry hold the same state.
+///
+/// openraft's default leader id is `(term, node)` and may elect several leaders in one term,
+/// each with its own id ordered after the last (its docs: "multiple leaders in one term");
+/// Raft's "one leader per term" is, here, one leader per leader id, which the vote order gives.
+fn check_step(world: &Shared, now: Duration) -> Option<String> {
     let mut w = world.borrow_mut();
     let mut events = Vec::new();
     let mut roles = Vec::new();
+    let mut votes = Vec::new();
+    let mut leaders = Vec::new();
     for (&id, (raft, _)) in &w.rafts {
         let m = raft.metrics().borrow().clone();
         let role = format!("term {} {:?} leader {:?}", m.current_term, m.state, m.current_leader);
@@ -382,23 +400,28 @@ fn check_step(world: &Shared, leaders: &mut BTreeMap<u64, NodeId>, now: Duration
             events.push(format!("{} s{id} {role}", now.as_millis()));
             roles.push((id, role));
         }
-        if m.state.is_leader() {
-            match leaders.get(&m.current_term) {
-                Some(&other) if other != id => {
-                    return Some(format!("two leaders in term {}: s{other} and s{id}", m.current_term));
-                }
-                Some(_) => {}
-                None => {
-                    leaders.insert(m.current_term, id);
-                    events.push(format!("{} s{id} leads term {}", now.as_millis(), m.current_term));
-                }
+        let vote = (m.vote.leader_id.term, m.vote.leader_id.node_id);
+        if let Some(&before) = w.votes.get(&id)
+            && vote < before
+        {
+            return Some(format!("s{id}'s vote went back from {before:?} to {vote:?}"));
+        }
+        votes.push((id, vote));
+        if m.state.is_leader() && !w.leaders.contains(&vote) {
+            let last = m.last_log_index.unwrap_or(0);
+            if let Some((by, index)) = w.acked_at.iter().find(|(by, index)| *by < vote && last < *index) {
+                return Some(format!(
+                    "s{id} leads {vote:?} without the acknowledged entry {index} of leader {by:?} (its log ends at {last})"
+                ));
             }
+            events.push(format!("{} s{id} leads {vote:?}", now.as_millis()));
+            leaders.push(vote);
         }
     }
-    let mut by_entry: BTreeMap<Option<(u64, u64)>, (NodeId, Applied)> = BTreeMap::new();
+    let mut by_entry: BTreeMap<Option<(u64, NodeId, u64)>, (NodeId, Applied)> = BTreeMap::new();
     for (&id, (_, applied)) in &w.rafts {
         let a = applied.borrow().clone();
-        let key = a.log_id.map(|l| (l.leader_id.term, l.index));
+        let key = a.log_id.map(|l| (l.leader_id.term, l.leader_id.node_id, l.index));
         match by_entry.get(&key) {
             Some((other, b)) if b.state != a.state => {
                 return Some(format!("s{other} and s{id} applied {:?} and hold different states", a.log_id));
@@ -411,6 +434,8 @@ fn check_step(world: &Shared, leaders: &mut BTreeMap<u64, NodeId>, now: Duration
     }
     w.trace.extend(events);
     w.roles.extend(roles);
+    w.votes.extend(votes);
+    w.leaders.extend(leaders);
     None
 }
 
