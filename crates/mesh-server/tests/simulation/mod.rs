@@ -18,6 +18,11 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../../tests/support/linearizability.rs"]
+mod linearizability;
+
+use linearizability::{Input, Op, Output};
+
 use mesh_core::kv::{KvOp, KvValue, SetMode};
 use mesh_core::state::Command;
 use mesh_server::raft::{Applied, Batch, MeshNetwork, MeshNode, MeshStateMachine, NodeId, RaftHandler, TypeConfig};
@@ -83,6 +88,13 @@ pub struct Plan {
     /// Test-only bug: the state machines drop the commands of every entry whose index is a
     /// multiple of this (0: none).
     pub bug_drop_every: u64,
+    /// Clients reading and writing shared registers (checked for linearizability).
+    pub register_clients: usize,
+    /// Operations of each.
+    pub register_ops: usize,
+    /// Register reads from whichever server is asked, without a quorum check (what `?stale`
+    /// does): not linearizable under partitions, which the checker must see.
+    pub stale_reads: bool,
 }
 
 impl Plan {
@@ -94,6 +106,9 @@ impl Plan {
             heal_within: Duration::from_secs(30),
             writes: 60,
             bug_drop_every: 0,
+            register_clients: 3,
+            register_ops: 40,
+            stale_reads: false,
         }
     }
 }
@@ -128,6 +143,10 @@ struct World {
     votes: BTreeMap<NodeId, (u64, NodeId)>,
     /// Every leader id seen leading.
     leaders: BTreeSet<(u64, NodeId)>,
+    /// The registers' histories (reads and writes of `r0`..): key → operations.
+    history: BTreeMap<String, Vec<Op>>,
+    /// Register clients still running.
+    registers_running: usize,
 }
 
 type Shared = Rc<RefCell<World>>;
@@ -230,6 +249,89 @@ async fn client(writes: usize, seed: u64, world: Shared) -> turmoil::Result {
     Ok(())
 }
 
+/// Registers the register clients read and write.
+const REGISTERS: u64 = 3;
+
+/// Virtual nanoseconds since the simulation started (one clock for every host).
+fn sim_now() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_nanos() as u64
+}
+
+/// A register client: `ops` linearizable reads (`ensure_linearizable`, then the server's
+/// applied state) and writes of unique values on keys `r0`.., each to a server the seed picks,
+/// recorded with their virtual call and return times for the linearizability checker. A write
+/// refused by a follower took no effect (not recorded) and goes to the leader it names; one that
+/// timed out or failed may or may not have happened (recorded without an answer).
+async fn register_client(client: usize, ops: usize, seed: u64, stale: bool, world: Shared) -> turmoil::Result {
+    let mut rng = StdRng::seed_from_u64(seed ^ (0xBEEF + client as u64));
+    let mut target: Option<NodeId> = None;
+    let mut written = 0u64;
+    for _ in 0..ops {
+        let key = format!("r{}", rng.random_range(0..REGISTERS));
+        let raft = {
+            let w = world.borrow();
+            let ids: Vec<NodeId> = w.rafts.keys().copied().collect();
+            let id = target
+                .filter(|t| w.rafts.contains_key(t))
+                .or_else(|| (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())]));
+            id.and_then(|id| w.rafts.get(&id).map(|(r, a)| (id, r.clone(), a.clone())))
+        };
+        let Some((_, raft, applied)) = raft else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let call = sim_now();
+        let (input, output) = if rng.random_bool(0.5) {
+            let r = match stale {
+                true => Ok(Ok(None)),
+                false => tokio::time::timeout(Duration::from_secs(2), raft.ensure_linearizable()).await,
+            };
+            match r {
+                Ok(Ok(_)) => {
+                    let state = applied.borrow().state.clone();
+                    let v = state
+                        .kv
+                        .get(key.as_str())
+                        .and_then(|e| std::str::from_utf8(e.value.as_bytes()).ok().and_then(|s| s.parse().ok()));
+                    (Input::Read, Some(Output::Value(v)))
+                }
+                Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    target = f.leader_id;
+                    continue;
+                }
+                // Not answered: a read that never returned changes nothing.
+                _ => {
+                    target = None;
+                    continue;
+                }
+            }
+        } else {
+            written += 1;
+            let value = ((client as u64) << 32) | written;
+            let r =
+                tokio::time::timeout(Duration::from_secs(2), raft.client_write(put(&key, &value.to_string()))).await;
+            match r {
+                Ok(Ok(r)) if r.data.results.iter().all(|x| x.is_ok()) => {
+                    (Input::Write(value), Some(Output::Done(true)))
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    target = f.leader_id;
+                    continue;
+                }
+                _ => {
+                    target = None;
+                    (Input::Write(value), None)
+                }
+            }
+        };
+        let ret = output.as_ref().map(|_| sim_now());
+        world.borrow_mut().history.entry(key).or_default().push(Op { client, call, ret, input, output });
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..150))).await;
+    }
+    world.borrow_mut().registers_running -= 1;
+    Ok(())
+}
+
 /// A fault the driver injects.
 #[derive(Debug)]
 enum Fault {
@@ -265,6 +367,11 @@ pub fn run(plan: &Plan) -> Outcome {
     {
         let (writes, seed, world) = (plan.writes, plan.seed, world.clone());
         sim.client("client", client(writes, seed, world));
+    }
+    world.borrow_mut().registers_running = plan.register_clients;
+    for c in 0..plan.register_clients {
+        let (ops, seed, stale, world) = (plan.register_ops, plan.seed, plan.stale_reads, world.clone());
+        sim.client(format!("reg{c}"), register_client(c, ops, seed, stale, world));
     }
 
     let mut rng = StdRng::seed_from_u64(plan.seed ^ 0xFA17);
@@ -351,8 +458,19 @@ pub fn run(plan: &Plan) -> Outcome {
         }
     }
 
+    // Every register's history must be linearizable.
+    if failure.is_none() {
+        for (key, ops) in &world.borrow().history {
+            if let Err(why) = linearizability::check(ops) {
+                failure = Some(format!("register {key} is not linearizable: {why}"));
+                break;
+            }
+        }
+    }
     // The final state joins the trace.
     let mut w = world.borrow_mut();
+    let ops: usize = w.history.values().map(Vec::len).sum();
+    w.trace.push(format!("register operations {ops}"));
     if let Some((_, applied)) = w.rafts.values().next() {
         let a = applied.borrow().clone();
         let mut h = std::hash::DefaultHasher::new();
@@ -443,8 +561,8 @@ fn check_step(world: &Shared, now: Duration) -> Option<String> {
 /// and every acknowledged write in every state.
 fn healed(world: &Shared, servers: usize) -> Result<(), String> {
     let w = world.borrow();
-    if !w.client_done {
-        return Err("the client is still writing".into());
+    if !w.client_done || w.registers_running > 0 {
+        return Err("clients are still running".into());
     }
     if w.rafts.len() < servers {
         return Err(format!("{} of {servers} servers up", w.rafts.len()));
