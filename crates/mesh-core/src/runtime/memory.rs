@@ -8,16 +8,17 @@
 //! agent's channel, so `launch` and `kill` never wait for the agent to read its events.
 
 use super::{Exit, RecoveredTask, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
-use crate::model::{TaskId, now_millis};
-use std::collections::HashSet;
+use crate::model::{Clock, TaskId};
+use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Tasks that only exist in memory. See the module documentation.
 pub struct MemoryRuntime {
-    tasks: Mutex<HashSet<TaskId>>,
+    tasks: Mutex<BTreeSet<TaskId>>,
     queue: mpsc::UnboundedSender<Queued>,
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 /// What the forwarding task carries: events, and markers that report when everything queued
@@ -31,6 +32,11 @@ impl MemoryRuntime {
     /// A runtime reporting to `events`. Must be called inside a tokio runtime (it spawns the
     /// task that forwards events).
     pub fn new(events: mpsc::Sender<RuntimeEvent>) -> Self {
+        Self::with_clock(events, crate::model::system_clock())
+    }
+
+    /// [`MemoryRuntime::new`] with events dated by `clock` (a simulation's).
+    pub fn with_clock(events: mpsc::Sender<RuntimeEvent>, clock: std::sync::Arc<dyn Clock>) -> Self {
         let (queue, mut rx) = mpsc::unbounded_channel::<Queued>();
         tokio::spawn(async move {
             while let Some(q) = rx.recv().await {
@@ -46,16 +52,16 @@ impl MemoryRuntime {
                 }
             }
         });
-        Self { tasks: Mutex::new(HashSet::new()), queue }
+        Self { tasks: Mutex::new(BTreeSet::new()), queue, clock }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashSet<TaskId>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<TaskId>> {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn exited(&self, task_id: TaskId) {
         let message = "killed (memory runtime)".to_owned();
-        let at = now_millis();
+        let at = self.clock.now();
         let _ = self.queue.send(Queued::Event(RuntimeEvent::Exited {
             task_id,
             exit: Exit::Signal(15),
@@ -79,7 +85,7 @@ impl Runtime for MemoryRuntime {
                 message: "a task with this id is already running".into(),
             });
         }
-        let _ = self.queue.send(Queued::Event(RuntimeEvent::Started { task_id: spec.task_id, at: now_millis() }));
+        let _ = self.queue.send(Queued::Event(RuntimeEvent::Started { task_id: spec.task_id, at: self.clock.now() }));
         Ok(())
     }
 
@@ -96,9 +102,7 @@ impl Runtime for MemoryRuntime {
     }
 
     fn running(&self) -> Vec<TaskId> {
-        let mut ids: Vec<TaskId> = self.lock().iter().cloned().collect();
-        ids.sort();
-        ids
+        self.lock().iter().cloned().collect()
     }
 
     fn is_running(&self, task_id: &TaskId) -> bool {
@@ -106,7 +110,7 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn kill_all(&self, _grace: Duration) {
-        let all: Vec<TaskId> = self.lock().drain().collect();
+        let all: Vec<TaskId> = std::mem::take(&mut *self.lock()).into_iter().collect();
         for id in all {
             self.exited(id);
         }

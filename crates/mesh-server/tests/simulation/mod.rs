@@ -1,11 +1,11 @@
 //! A deterministic simulation of mesh's replicated log (issue 15, first part): three servers,
 //! each mesh's Raft (openraft over mesh's RPC, its segment log store and state machine on a
-//! data dir that survives restarts), and a client writing, as turmoil hosts on virtual time.
-//! One seed derives everything: turmoil's network (latency, message order), the faults
-//! (partitions full and one-way, held links, crashes and restarts with the data dir kept), the
-//! client's choices, openraft's election timeouts ([`mesh_server::raft::runtime`]) and tokio's
-//! own random choices (turmoil seeds them when built with `--cfg tokio_unstable`, which
-//! `.cargo/config.toml` sets).
+//! data dir that survives restarts), a client writing keys of its own and three clients on
+//! shared registers, as turmoil hosts on virtual time. One seed derives everything: turmoil's
+//! network (latency, message order, links failing at random), the faults (partitions full and
+//! one-way, held links, crashes and restarts with the data dir kept), the clients' choices,
+//! openraft's election timeouts ([`mesh_server::raft::runtime`]) and tokio's own random choices
+//! (turmoil seeds them when built with `--cfg tokio_unstable`, which `.cargo/config.toml` sets).
 //!
 //! After every step the invariants hold or the run fails with its seed: no server's vote goes
 //! back (across restarts too), a new leader holds every earlier acknowledged write, and servers
@@ -357,6 +357,9 @@ pub fn run(plan: &Plan) -> Outcome {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(40))
         .tcp_capacity(65536)
+        // Message loss: links fail at random (and come back) on top of the faults below.
+        .fail_rate(0.002)
+        .repair_rate(0.05)
         .enable_random_order()
         .build();
     for &id in &ids {
@@ -434,6 +437,7 @@ pub fn run(plan: &Plan) -> Outcome {
         } else if healing_since.is_none() {
             healing_since = Some(now);
             trace(&world, now, "healing".into());
+            sim.set_fail_rate(0.0);
             for (f, _) in faults.drain(..) {
                 undo(&mut sim, &f, &mut down);
             }
