@@ -195,6 +195,21 @@ async fn server(id: NodeId, dir: PathBuf, ids: Vec<NodeId>, world: Shared) -> tu
     Ok(())
 }
 
+/// The server a client asks: `target` (the leader a refusal named) while it runs, else one the
+/// seed picks among the running ones; its Raft and applied state.
+fn pick(
+    world: &Shared,
+    target: Option<NodeId>,
+    rng: &mut StdRng,
+) -> Option<(NodeId, Raft<TypeConfig>, tokio::sync::watch::Receiver<Applied>)> {
+    let w = world.borrow();
+    let ids: Vec<NodeId> = w.rafts.keys().copied().collect();
+    let id = target
+        .filter(|t| w.rafts.contains_key(t))
+        .or_else(|| (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())]))?;
+    w.rafts.get(&id).map(|(r, a)| (id, r.clone(), a.clone()))
+}
+
 /// The client: `writes` writes of unique keys, each to a server the seed picks, following a
 /// refusal to the leader it names; a write is acknowledged when the leader says it applied it.
 async fn client(writes: usize, seed: u64, world: Shared) -> turmoil::Result {
@@ -203,15 +218,7 @@ async fn client(writes: usize, seed: u64, world: Shared) -> turmoil::Result {
         let (key, value) = (format!("k{i}"), format!("v{i}-{seed}"));
         let mut target: Option<NodeId> = None;
         for _attempt in 0..20 {
-            let raft = {
-                let w = world.borrow();
-                let ids: Vec<NodeId> = w.rafts.keys().copied().collect();
-                let id = target
-                    .filter(|t| w.rafts.contains_key(t))
-                    .or_else(|| (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())]));
-                id.and_then(|id| w.rafts.get(&id).map(|(r, _)| (id, r.clone())))
-            };
-            let Some((id, raft)) = raft else {
+            let Some((id, raft, _)) = pick(&world, target, &mut rng) else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -268,15 +275,7 @@ async fn register_client(client: usize, ops: usize, seed: u64, stale: bool, worl
     let mut written = 0u64;
     for _ in 0..ops {
         let key = format!("r{}", rng.random_range(0..REGISTERS));
-        let raft = {
-            let w = world.borrow();
-            let ids: Vec<NodeId> = w.rafts.keys().copied().collect();
-            let id = target
-                .filter(|t| w.rafts.contains_key(t))
-                .or_else(|| (!ids.is_empty()).then(|| ids[rng.random_range(0..ids.len())]));
-            id.and_then(|id| w.rafts.get(&id).map(|(r, a)| (id, r.clone(), a.clone())))
-        };
-        let Some((_, raft, applied)) = raft else {
+        let Some((_, raft, applied)) = pick(&world, target, &mut rng) else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
