@@ -28,7 +28,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use openraft::{Config, ConfigError, RPCTypes, Raft};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -125,7 +125,7 @@ pub struct MeshNetwork {
     hello: Hello,
     handler: Arc<dyn Handler>,
     backoff: Duration,
-    conns: Arc<Mutex<HashMap<NodeId, Slot>>>,
+    conns: Arc<Mutex<BTreeMap<NodeId, Slot>>>,
     /// Members that could not be reached since they last could (logged once per outage).
     unreachable: Arc<Mutex<std::collections::HashSet<NodeId>>>,
     /// When each member last answered (autopilot's `LastContact`).

@@ -12,6 +12,7 @@ use std::time::Duration;
 thread_local! {
     static RNG: RefCell<StdRng> = RefCell::new(StdRng::from_entropy());
     static SIMULATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static SLOW_DISK_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Seed this thread's generator of openraft's random numbers.
@@ -31,6 +32,24 @@ pub fn simulate_on_this_thread(seed: u64) {
 /// Whether this thread runs a simulation ([`simulate_on_this_thread`]).
 pub fn simulated() -> bool {
     SIMULATED.with(std::cell::Cell::get)
+}
+
+/// In a simulation: each write of a Raft log opened afterwards on this thread waits up to `max`
+/// (virtual time, drawn from the seeded generator) before it is done, in order (a slow disk);
+/// a crash meanwhile loses what was not written, as a power cut loses what was not synced.
+pub fn simulate_slow_disk(max: Duration) {
+    SLOW_DISK_MS.with(|s| s.set(max.as_millis() as u64));
+}
+
+/// The slow disk's longest wait (zero: writes are done at once).
+pub(crate) fn slow_disk() -> Duration {
+    Duration::from_millis(SLOW_DISK_MS.with(std::cell::Cell::get))
+}
+
+/// One write's wait on the slow disk.
+pub(crate) fn disk_delay(max: Duration) -> Duration {
+    use rand_raft::Rng;
+    Duration::from_millis(MeshRng.gen_range(0..=max.as_millis() as u64))
 }
 
 /// The thread-local generator of [`MeshRuntime`] (a handle: each draw reads the thread's one).

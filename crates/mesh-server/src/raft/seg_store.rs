@@ -451,6 +451,8 @@ struct Inner {
     thread: Option<std::thread::JoinHandle<()>>,
     /// In a simulation ([`super::runtime::simulated`]): the writer, run inline by each caller.
     inline: Option<Mutex<Writer>>,
+    /// In a simulation with a slow disk: the queue of a task that writes after a delay.
+    slow: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
 }
 
 impl Drop for Inner {
@@ -517,9 +519,29 @@ impl SegmentLogStore {
         }
         let appended = writer.appended.clone();
         if super::runtime::simulated() {
-            let inline = Some(Mutex::new(writer));
+            let max = super::runtime::slow_disk();
+            let (inline, slow) = if max.is_zero() {
+                (Some(Mutex::new(writer)), None)
+            } else {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+                tokio::spawn(async move {
+                    while let Some(job) = rx.recv().await {
+                        tokio::time::sleep(super::runtime::disk_delay(max)).await;
+                        writer.process(vec![job]);
+                    }
+                });
+                (None, Some(tx))
+            };
             return Ok(Self {
-                inner: Arc::new(Inner { dir: log_dir, appended, mem: Mutex::new(mem), tx: None, thread: None, inline }),
+                inner: Arc::new(Inner {
+                    dir: log_dir,
+                    appended,
+                    mem: Mutex::new(mem),
+                    tx: None,
+                    thread: None,
+                    inline,
+                    slow,
+                }),
             });
         }
         let (tx, rx) = mpsc::channel();
@@ -535,6 +557,7 @@ impl SegmentLogStore {
                 tx: Some(tx),
                 thread: Some(thread),
                 inline: None,
+                slow: None,
             }),
         })
     }
@@ -557,6 +580,9 @@ impl SegmentLogStore {
         if let Some(w) = &self.inner.inline {
             w.lock().unwrap_or_else(|p| p.into_inner()).process(vec![job]);
             return Ok(());
+        }
+        if let Some(slow) = &self.inner.slow {
+            return slow.send(job).map_err(|_| storage_err(subject, ErrorVerb::Write, "the log writer stopped"));
         }
         match &self.inner.tx {
             Some(tx) => tx.send(job).map_err(|_| storage_err(subject, ErrorVerb::Write, "the log writer stopped")),

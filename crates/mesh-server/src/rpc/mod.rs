@@ -27,7 +27,7 @@ pub use msg::{Item, RaftRequest, RaftResponse, Request, Response};
 pub use transport::{BoxIo, Listener, MemTransport, TcpTransport, Transport};
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -385,10 +385,10 @@ impl Drop for Stream {
 
 #[derive(Default)]
 struct SharedState {
-    calls: HashMap<u64, oneshot::Sender<Result<Response, RemoteError>>>,
-    streams: HashMap<u64, mpsc::Sender<Result<Item, RpcError>>>,
+    calls: BTreeMap<u64, oneshot::Sender<Result<Response, RemoteError>>>,
+    streams: BTreeMap<u64, mpsc::Sender<Result<Item, RpcError>>>,
     /// Streams this side serves: the flag that cancels each.
-    serving: HashMap<u64, tokio::sync::watch::Sender<bool>>,
+    serving: BTreeMap<u64, tokio::sync::watch::Sender<bool>>,
     closed: Option<String>,
 }
 
@@ -590,10 +590,10 @@ impl WeakConn {
         let mut s = self.shared.lock();
         s.closed = Some(why.to_owned());
         s.calls.clear();
-        for (_, tx) in s.streams.drain() {
+        for (_, tx) in std::mem::take(&mut s.streams) {
             let _ = tx.try_send(Err(RpcError::Io(why.to_owned())));
         }
-        for (_, c) in s.serving.drain() {
+        for (_, c) in std::mem::take(&mut s.serving) {
             let _ = c.send(true);
         }
     }

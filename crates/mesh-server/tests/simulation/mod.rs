@@ -95,6 +95,11 @@ pub struct Plan {
     /// Register reads from whichever server is asked, without a quorum check (what `?stale`
     /// does): not linearizable under partitions, which the checker must see.
     pub stale_reads: bool,
+    /// A slow disk: each log write waits up to this long (virtual), and a crash loses what was
+    /// not written yet.
+    pub slow_disk: Duration,
+    /// Whether servers crash (and restart).
+    pub crashes: bool,
 }
 
 impl Plan {
@@ -109,6 +114,8 @@ impl Plan {
             register_clients: 3,
             register_ops: 40,
             stale_reads: false,
+            crashes: true,
+            slow_disk: Duration::from_millis(if seed.is_multiple_of(2) { 30 } else { 0 }),
         }
     }
 }
@@ -343,6 +350,7 @@ enum Fault {
 /// Run `plan`.
 pub fn run(plan: &Plan) -> Outcome {
     mesh_server::raft::runtime::simulate_on_this_thread(plan.seed);
+    mesh_server::raft::runtime::simulate_slow_disk(plan.slow_disk);
     mesh_server::raft::state_machine::sim_bug::drop_every(plan.bug_drop_every);
     // Data dirs in memory where there is a tmpfs (the log store syncs every write).
     let shm = std::path::Path::new("/dev/shm");
@@ -418,7 +426,7 @@ pub fn run(plan: &Plan) -> Outcome {
                         sim.hold(name(a), name(b));
                         Fault::Hold(a, b)
                     }
-                    _ if !down.contains(&a) && down.is_empty() => {
+                    _ if plan.crashes && !down.contains(&a) && down.is_empty() => {
                         sim.crash(name(a));
                         down.insert(a);
                         world.borrow_mut().rafts.remove(&a);
@@ -539,7 +547,9 @@ fn check_step(world: &Shared, now: Duration) -> Option<String> {
             leaders.push(vote);
         }
     }
-    let mut by_entry: BTreeMap<Option<(u64, NodeId, u64)>, (NodeId, Applied)> = BTreeMap::new();
+    // By applied entry (term, leader, index): the first server seen there and its state.
+    type Entry = Option<(u64, NodeId, u64)>;
+    let mut by_entry: BTreeMap<Entry, (NodeId, Applied)> = BTreeMap::new();
     for (&id, (_, applied)) in &w.rafts {
         let a = applied.borrow().clone();
         let key = a.log_id.map(|l| (l.leader_id.term, l.leader_id.node_id, l.index));
