@@ -24,6 +24,7 @@ TIMEOUT = float(os.environ.get("TIMEOUT", "600"))
 KEEP = os.environ.get("KEEP") == "1"
 TOTAL = APPS * INSTANCES
 HZ = os.sysconf("SC_CLK_TCK")
+API = "127.90.0.1"  # the leader, once known
 procs = {}
 root = tempfile.mkdtemp(prefix="mesh-hollow-bench-")
 
@@ -45,7 +46,7 @@ def stop_all():
 
 
 def request(method, path, body=None, ip=None, timeout=60):
-    c = http.client.HTTPConnection(ip or ip_of(1), 8080, timeout=timeout)
+    c = http.client.HTTPConnection(ip or API, 8080, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         c.request(method, path, body=body, headers=headers)
@@ -104,7 +105,7 @@ def dns_query(name, qtype=1, tcp=False, ip=None):
     for label in name.rstrip(".").split("."):
         q += bytes([len(label)]) + label.encode()
     q += b"\0" + struct.pack(">HH", qtype, 1)
-    addr = (ip or ip_of(1), 8600)
+    addr = (ip or API, 8600)
     if tcp:
         with socket.create_connection(addr, timeout=10) as s:
             s.sendall(struct.pack(">H", len(q)) + q)
@@ -125,7 +126,7 @@ def dns_query(name, qtype=1, tcp=False, ip=None):
 
 
 def http_latency(path, n):
-    c = http.client.HTTPConnection(ip_of(1), 8080, timeout=60)
+    c = http.client.HTTPConnection(API, 8080, timeout=60)
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -186,7 +187,12 @@ def main():
             args += ["--join", servers[0]]
         start(f"s{i}", args)
     until("a leader", lambda: request("GET", "/v1/status/leader", timeout=2)[1].strip() not in (b"", b'""'), secs=60)
-    server_pids = [procs[f"s{i}"].pid for i in range(1, SERVERS + 1)]
+    global API
+    leader = json.loads(request("GET", "/v1/status/leader")[1]).rsplit(":", 1)[0]
+    li = servers.index(leader)
+    API = leader  # every request goes to the leader
+    # The leader first, then the followers.
+    server_pids = [procs[f"s{i}"].pid for i in [li + 1] + [j for j in range(1, SERVERS + 1) if j != li + 1]]
     cpu0 = [cpu_secs(p) for p in server_pids]
 
     t = time.time()
@@ -260,9 +266,9 @@ def main():
     time.sleep(1)
     s0 = server_pids[0]
     hollow_rss = sum(rss_mb(p.pid) for n, p in procs.items() if n.startswith("hollow"))
-    data = [dir_mb(os.path.join(root, f"s{i}")) for i in range(1, SERVERS + 1)]
+    data = [dir_mb(os.path.join(root, f"s{i}")) for i in range(1, SERVERS + 1)]  # s1, s2, ...
     files = []
-    for d, _, fs in os.walk(os.path.join(root, "s1")):
+    for d, _, fs in os.walk(os.path.join(root, f"s{li + 1}")):
         for f in fs:
             p = os.path.join(d, f)
             files.append((os.path.relpath(p, root), os.path.getsize(p)))
@@ -297,6 +303,7 @@ def main():
                      ("DNS A `app0000.service.mesh` (UDP)", lat_dns)):
         print(f"| {name} p50 / p99 | {ms(pct(xs, .5))} / {ms(pct(xs, .99))} ms |")
     print("\nleader's data dir:")
+    print(f"(API and DNS asked of the leader, {API})")
     for f, size in sorted(files):
         print(f"  {f}: {size / 2**20:,.2f} MB")
 
