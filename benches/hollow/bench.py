@@ -23,6 +23,7 @@ REQUESTS = int(os.environ.get("REQUESTS", "500"))
 TIMEOUT = float(os.environ.get("TIMEOUT", "600"))
 KEEP = os.environ.get("KEEP") == "1"
 TOTAL = APPS * INSTANCES
+TASK_CPUS = 0.01
 HZ = os.sysconf("SC_CLK_TCK")
 API = "127.90.0.1"  # the leader, once known
 procs = {}
@@ -151,7 +152,7 @@ def dns_latency(name, n):
 
 def app_body(i):
     return json.dumps({
-        "id": f"/app{i:04d}", "cmd": "sleep 100000", "instances": INSTANCES, "cpus": 0.01, "mem": 8,
+        "id": f"/app{i:04d}", "cmd": "sleep 100000", "instances": INSTANCES, "cpus": TASK_CPUS, "mem": 8,
         "portDefinitions": [{"port": 0}],
     })
 
@@ -201,7 +202,11 @@ def main():
         first, count = k * per, min(per, AGENTS - k * per)
         if count <= 0:
             break
-        args = ["hollow-agents", "--count", str(count), "--first-index", str(first), "--rate", "500"]
+        # Each agent fits exactly its share of the tasks (0.01 CPU each): tasks fill each offer as
+        # Marathon does, so with more room the first agents would take everything.
+        cpus = -(-TOTAL // AGENTS) * TASK_CPUS + TASK_CPUS / 2
+        args = ["hollow-agents", "--count", str(count), "--first-index", str(first), "--rate", "500",
+                "--cpus", f"{cpus:.4f}", "--mem", "1000000"]
         for ip in servers:
             args += ["--server", ip + ":8300"]
         start(f"hollow{k}", args)
@@ -265,6 +270,15 @@ def main():
     lat_dns = dns_latency("app0000.service.mesh", REQUESTS * 2)
     time.sleep(1)
     s0 = server_pids[0]
+    # A follower sends an agent on to the leader ("not the leader"): that is no lost connection.
+    reconnects = redirects = 0
+    for n in procs:
+        if n.startswith("hollow"):
+            with open(os.path.join(root, n + ".log")) as f:
+                for line in f:
+                    if "lost the server" in line:
+                        redirects += "not the leader" in line
+                        reconnects += "not the leader" not in line
     hollow_rss = sum(rss_mb(p.pid) for n, p in procs.items() if n.startswith("hollow"))
     data = [dir_mb(os.path.join(root, f"s{i}")) for i in range(1, SERVERS + 1)]  # s1, s2, ...
     files = []
@@ -296,6 +310,7 @@ def main():
     if SERVERS > 1:
         print(f"| followers' CPU over the same span | {', '.join(f'{c2 - c1:.1f}' for c1, c2 in zip(cpu1[1:], cpu2[1:]))} s |")
     print(f"| hollow agent processes' RSS (total) | {hollow_rss:,.0f} MB ({hollow_rss / AGENTS * 1024:.0f} KB per agent) |")
+    print(f"| agents' lost connections (and redirects by a follower to the leader) | {reconnects} ({redirects}) |")
     print(f"| data dir per server | {', '.join(f'{d:,.1f}' for d in data)} MB |")
     for name, xs in (("`GET /v2/apps/app0000`", lat_app), (f"`GET /v2/apps/app0000/tasks` ({INSTANCES} tasks)", lat_tasks),
                      (f"`GET /v2/apps` (all {APPS} apps)", lat_all),

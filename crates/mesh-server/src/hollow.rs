@@ -103,7 +103,10 @@ pub fn run(a: HollowArgs) -> ExitCode {
                 hostname: name.clone(),
                 address: ip,
                 wan_address: None,
-                resources: Resources { ports: PortRanges::range(a.ports.0, a.ports.1), ..Resources::scalars(a.cpus, a.mem, 0.0) },
+                resources: Resources {
+                    ports: PortRanges::range(a.ports.0, a.ports.1),
+                    ..Resources::scalars(a.cpus, a.mem, 0.0)
+                },
                 attributes: BTreeMap::from([("rack".to_owned(), format!("r{}", i % a.racks.max(1)))]),
                 runtimes: vec!["process".into()],
                 enable_script_checks: false,
