@@ -1,6 +1,7 @@
 //! The `mesh` binary. `mesh dev` runs a complete single-node mesh.
 
 mod app_cmd;
+mod hollow;
 
 use clap::{Parser, Subcommand};
 use mesh_core::dns::{DnsConfig, DnsZone, ServiceTtls};
@@ -56,6 +57,10 @@ enum Cmd {
     /// to FILE, rotating it at --max-size bytes and keeping --max-files old files.
     #[command(hide = true)]
     Logger(LoggerArgs),
+    /// Internal, for the scale benchmark (benches/hollow): many agents in one process with
+    /// the in-memory runtime (tasks run nowhere), connected to real servers over TCP.
+    #[command(hide = true)]
+    HollowAgents(hollow::HollowArgs),
 }
 
 #[derive(Parser)]
@@ -770,6 +775,7 @@ fn main() -> ExitCode {
         Cmd::App(a) => return app_cmd::run(a),
         Cmd::Snapshot(a) => return run_snapshot(a),
         Cmd::Operator(a) => return run_operator(a),
+        Cmd::HollowAgents(a) => return hollow::run(a),
     };
     // --bind moves every listener that was not given in full.
     if let (Some(ip), Some((_, sub))) = (a.bind, matches.subcommand()) {
