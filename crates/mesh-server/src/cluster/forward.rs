@@ -915,7 +915,8 @@ impl DcRoute {
 /// unchanged. A datacenter the WAN pool does not know is Consul's `500 No path to datacenter`
 /// (400 on Marathon's and the Mesos master's endpoints); one whose servers cannot be reached is
 /// Consul's `500 Remote DC has no server currently reachable` (503 on the others), within
-/// seconds. Marathon requests naming several datacenters run in each ([`fan_out`]).
+/// seconds. Marathon requests naming several datacenters run in each, answered as
+/// [`merge_fan_out`] says.
 pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, next: Next) -> axum::response::Response {
     let target = match dc_target(&req, &d.datacenter) {
         None => return next.run(req).await,
