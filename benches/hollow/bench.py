@@ -13,6 +13,10 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import benchlib  # noqa: E402
+from benchlib import pct  # noqa: E402
+
 MESH = sys.argv[1]
 SERVERS = int(os.environ.get("SERVERS", "1"))
 AGENTS = int(os.environ.get("AGENTS", "1000"))
@@ -58,20 +62,7 @@ def request(method, path, body=None, ip=None, timeout=60):
 
 
 def until(what, f, secs=120, every=0.2):
-    deadline = time.time() + secs
-    while time.time() < deadline:
-        try:
-            if f():
-                return
-        except OSError:
-            pass
-        time.sleep(every)
-    raise SystemExit(f"timed out waiting for {what} (logs in {root})")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
+    benchlib.until(what, f, secs, every, note=f" (logs in {root})")
 
 
 def cpu_secs(pid):
@@ -127,17 +118,7 @@ def dns_query(name, qtype=1, tcp=False, ip=None):
 
 
 def http_latency(path, n):
-    c = http.client.HTTPConnection(API, 8080, timeout=60)
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        c.request("GET", path)
-        r = c.getresponse()
-        r.read()
-        out.append(time.perf_counter() - t)
-        assert r.status == 200, (path, r.status)
-    c.close()
-    return out
+    return benchlib.http_latency(API, 8080, path, n, timeout=60)
 
 
 def dns_latency(name, n):

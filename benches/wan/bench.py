@@ -16,6 +16,10 @@ import dns.message
 import dns.query
 import dns.rcode
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchlib import pct, until  # noqa: E402
+import benchlib  # noqa: E402
+
 MESH = sys.argv[1]
 REQUESTS = int(os.environ.get("REQUESTS", "2000"))
 KILLS = int(os.environ.get("KILLS", "3"))
@@ -49,35 +53,8 @@ def get(ip, path, timeout=10):
         c.close()
 
 
-def until(what, f, secs=60):
-    deadline = time.time() + secs
-    while time.time() < deadline:
-        try:
-            if f():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("timed out waiting for " + what)
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * p))]
-
-
 def http_latency(ip, path):
-    c = http.client.HTTPConnection(ip, 8500, timeout=10)
-    out = []
-    for _ in range(REQUESTS):
-        t = time.perf_counter()
-        c.request("GET", path)
-        r = c.getresponse()
-        r.read()
-        out.append(time.perf_counter() - t)
-        assert r.status == 200, (path, r.status)
-    c.close()
-    return out
+    return benchlib.http_latency(ip, 8500, path, REQUESTS)
 
 
 def dns_latency(ip, name):
