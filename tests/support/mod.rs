@@ -359,20 +359,9 @@ pub fn wan_server(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--gossip-probe-period",
-        "200ms",
-        "--gossip-wan-probe-period",
-        "200ms",
-    ];
+    let (ip, rpc) = wan_addrs(net, i);
+    let mut args = wan_args(&ip, &rpc, dc);
+    args.extend(["--gossip-wan-probe-period", "200ms"]);
     if let Some(j) = join_wan {
         args.extend(["--join-wan", j]);
     }
@@ -380,27 +369,26 @@ pub fn wan_server(
     MeshNode::start_role_env("server", &ip, dir, port_range(), &format!("server{i}"), &args, env)
 }
 
+/// `<net>.<i>` and its RPC address (port 8300).
+fn wan_addrs(net: &str, i: u8) -> (String, String) {
+    let ip = format!("{net}.{i}");
+    let rpc = format!("{ip}:8300");
+    (ip, rpc)
+}
+
+/// The arguments every node of [`wan_server`] and [`wan_agent`] takes: its address, RPC
+/// address, datacenter and 200 ms LAN probes.
+fn wan_args<'a>(ip: &'a str, rpc: &'a str, dc: &'a str) -> Vec<&'a str> {
+    vec!["--bind", ip, "--rpc", rpc, "--dc", dc, "--gossip-probe-period", "200ms"]
+}
+
 /// A `mesh agent` of datacenter `dc` on `<net>.<i>` (node `agent<i>`, the process runtime, no
 /// registrator), joining the server at `<net>.<server>`, with `extra` arguments.
 pub fn wan_agent(net: &str, dir: &Path, i: u8, dc: &str, server: u8, extra: &[&str]) -> MeshNode {
-    let ip = format!("{net}.{i}");
-    let rpc = format!("{ip}:8300");
+    let (ip, rpc) = wan_addrs(net, i);
     let join = format!("{net}.{server}:8301");
-    let mut args = vec![
-        "--bind",
-        &ip,
-        "--rpc",
-        &rpc,
-        "--dc",
-        dc,
-        "--join",
-        &join,
-        "--gossip-probe-period",
-        "200ms",
-        "--runtime",
-        "process",
-        "--no-registrator",
-    ];
+    let mut args = wan_args(&ip, &rpc, dc);
+    args.extend(["--join", &join, "--runtime", "process", "--no-registrator"]);
     args.extend(extra);
     MeshNode::start_role("agent", &ip, dir, port_range(), &format!("agent{i}"), &args)
 }

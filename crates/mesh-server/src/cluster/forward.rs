@@ -928,12 +928,11 @@ pub async fn dc_layer(State(d): State<DcRoute>, req: axum::extract::Request, nex
         DcTarget::One(dc) => dc,
         DcTarget::Many(dcs) => return fan_out(d, dcs, req, next).await,
     };
-    let call = DC_CALL + blocking_wait(&req);
     let out = match Outgoing::read(req, false, &d.published).await {
         Ok(out) => out,
         Err(resp) => return resp,
     };
-    match d.call(&dc, &out, call).await {
+    match d.call(&dc, &out, DC_CALL + out.blocking).await {
         Ok(resp) => resp,
         Err(fail) => fail.error(api, &dc).into_response(),
     }

@@ -16,8 +16,8 @@
 //! trace (leaders, faults, acknowledgements, the final state) hashes to one number: the same
 //! seed gives the same hash.
 
-#![allow(dead_code)]
-
+// The Jepsen tests' checker; the registers here only read and write (no CAS).
+#[allow(dead_code)]
 #[path = "../../../../tests/support/linearizability.rs"]
 mod linearizability;
 
