@@ -1862,7 +1862,28 @@ pub trait Log: Send {
     fn confirm(&mut self) -> Result<(), LogError> {
         Ok(())
     }
+    /// Whether this log's `*_async` writes wait without blocking the thread (a replicated log
+    /// awaiting a quorum). [`Store::propose_async`] then awaits them; otherwise the store's
+    /// driver may run [`Store::propose`] where blocking is allowed. Default: no.
+    fn writes_async(&self) -> bool {
+        false
+    }
+    /// [`Log::append`], awaited. Default: the blocking write, done before the future is made.
+    fn append_async<'a>(&'a mut self, first: u64, cmds: &'a [Command]) -> LogFuture<'a> {
+        Box::pin(std::future::ready(self.append(first, cmds)))
+    }
+    /// [`Log::append_reserved`], awaited. Default: the blocking write.
+    fn append_reserved_async<'a>(&'a mut self, first: u64, cmds: &'a [Command]) -> LogFuture<'a> {
+        Box::pin(std::future::ready(self.append_reserved(first, cmds)))
+    }
+    /// [`Log::confirm`], awaited. Default: the blocking confirmation.
+    fn confirm_async(&mut self) -> LogFuture<'_> {
+        Box::pin(std::future::ready(self.confirm()))
+    }
 }
+
+/// A write of a [`Log`] in progress.
+pub type LogFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), LogError>> + Send + 'a>>;
 
 /// Writes snapshots durably; shared with the thread that writes them.
 pub trait SnapshotWriter: Send + Sync {
@@ -2699,13 +2720,10 @@ impl Store {
     /// Keep at most `n` versions of each app from now on (at least 1): a logged
     /// [`Command::SetMaxAppVersions`] when the state keeps another number, nothing otherwise.
     pub fn set_max_versions(&mut self, n: usize) -> Result<(), LogError> {
-        if self.state.keep_versions() == n.max(1) && self.state.max_versions != 0 {
+        let Some(cmd) = self.max_versions_command(n) else {
             return Ok(());
-        }
-        self.propose(vec![Command::SetMaxAppVersions { keep: n }])?
-            .remove(0)
-            .map(|_| ())
-            .map_err(|e| LogError::Store(e.to_string()))
+        };
+        self.propose(vec![cmd])?.remove(0).map(|_| ()).map_err(|e| LogError::Store(e.to_string()))
     }
 
     /// The current state.
@@ -2723,6 +2741,35 @@ impl Store {
     /// While the log fails, a batch applies only if every command in it stops work and fits in
     /// the reserve; otherwise nothing of it applies.
     pub fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        // The blocking writes make the future ready at its first poll.
+        futures_util::FutureExt::now_or_never(self.propose_with(cmds, false))
+            .unwrap_or_else(|| Err(LogError::Store("a blocking write did not complete".into())))
+    }
+
+    /// Whether [`Store::propose_async`] waits without blocking ([`Log::writes_async`]).
+    pub fn writes_async(&self) -> bool {
+        self.log.writes_async()
+    }
+
+    /// [`Store::propose`], awaiting the log's write instead of blocking on it: a replicated
+    /// log's driver goes on with other work (or, in a simulation on one thread, lets the
+    /// replication run) until a quorum has the batch.
+    pub async fn propose_async(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+        self.propose_with(cmds, true).await
+    }
+
+    /// The command that keeps at most `n` versions of each app, if the state keeps another
+    /// number (see [`Store::set_max_versions`]).
+    pub fn max_versions_command(&self, n: usize) -> Option<Command> {
+        let same = self.state.keep_versions() == n.max(1) && self.state.max_versions != 0;
+        (!same).then_some(Command::SetMaxAppVersions { keep: n })
+    }
+
+    async fn propose_with(
+        &mut self,
+        cmds: Vec<Command>,
+        wait: bool,
+    ) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
         if self.snapshotting.as_ref().is_some_and(|s| s.handle.is_finished()) {
             self.wait_snapshot();
         }
@@ -2743,12 +2790,14 @@ impl Store {
             // A rejection (e.g. a CAS on an old index) is only true if no other writer moved
             // the state meanwhile: with a replicated log, if this node still leads.
             if !results.is_empty() && self.failure.is_none() {
-                self.log.confirm()?;
+                if wait { self.log.confirm_async().await? } else { self.log.confirm()? }
             }
             return Ok(results);
         }
         if self.failure.is_none() {
-            match self.log.append(first, &applied) {
+            let written =
+                if wait { self.log.append_async(first, &applied).await } else { self.log.append(first, &applied) };
+            match written {
                 Ok(()) => {
                     self.state = next;
                     if let Some(f) = &mut self.feed {
@@ -2767,7 +2816,12 @@ impl Store {
         if !applied.iter().all(|c| c.stops_work(&self.state)) {
             return Err(LogError::Unwritable(cause));
         }
-        match self.log.append_reserved(first, &applied) {
+        let reserved = if wait {
+            self.log.append_reserved_async(first, &applied).await
+        } else {
+            self.log.append_reserved(first, &applied)
+        };
+        match reserved {
             Ok(()) => {
                 self.state = next;
                 if let Some(f) = &mut self.feed {

@@ -367,6 +367,28 @@ fn propose_off_worker(
     }
 }
 
+/// The callers of proposals in flight. When the control loop stops before answering them (a
+/// server that lost its leadership aborts its loop while the Raft write is awaited) they hear
+/// that no leader took the write, as they would from a write that timed out, not that the
+/// loop is gone: whether it commits is as unknown as after a timeout.
+#[derive(Default)]
+struct Replies(Vec<oneshot::Sender<Result<Changes, ControlError>>>);
+
+impl Replies {
+    fn take(&mut self) -> Vec<oneshot::Sender<Result<Changes, ControlError>>> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        for reply in self.0.drain(..) {
+            let why = "No cluster leader: this server stopped leading with the write in flight";
+            let _ = reply.send(Err(ControlError::Log(why.into())));
+        }
+    }
+}
+
 /// Start the control task on `store`. Returns its handle and join handle.
 pub fn spawn(store: Store, cfg: ControlConfig) -> (ControlHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel(1024);
@@ -407,7 +429,9 @@ pub fn spawn_leader(
 impl Control {
     fn new(store: Store, cfg: ControlConfig, published: Published, index_tx: Option<watch::Sender<u64>>) -> Control {
         let mut allocator = DrfAllocator::new(frameworks::Frameworks::allocator_config(&cfg.mesos));
-        let marathon = MarathonScheduler::new(cfg.seed);
+        // Seeded anew for every loop: a server that leads again must not draw the task ids of
+        // its earlier leadership again (the simulation found a task id run twice that way).
+        let marathon = MarathonScheduler::new(cfg.seed ^ cfg.clock.uuid().as_u64_pair().0);
         allocator.add_framework(marathon.framework_id().clone(), marathon.role().to_owned());
         let mesos = frameworks::Frameworks::new(cfg.mesos.clone(), cfg.clock.as_ref());
         let published_index = store.state().index;
@@ -474,18 +498,18 @@ impl Control {
                 }
             }
             let now = self.cfg.clock.now();
-            self.recover_store(now);
-            self.handle_batch(batch, now);
-            self.step(now);
+            self.recover_store(now).await;
+            self.handle_batch(batch, now).await;
+            self.step(now).await;
             self.publish_store_health();
             self.flush().await;
         }
         debug!("control loop stopped");
     }
 
-    fn handle_batch(&mut self, batch: Vec<ControlMsg>, now: Millis) {
+    async fn handle_batch(&mut self, batch: Vec<ControlMsg>, now: Millis) {
         let mut proposals = Vec::new();
-        let mut replies = Vec::new();
+        let mut replies = Replies::default();
         // Consecutive status updates are recorded together: one log write for a burst of
         // 1,000 RUNNING (or KILLED, at shutdown) instead of 1,000.
         let mut updates = Vec::new();
@@ -496,7 +520,7 @@ impl Control {
                 continue;
             }
             if !updates.is_empty() {
-                self.status_updates(std::mem::take(&mut updates), now);
+                self.status_updates(std::mem::take(&mut updates), now).await;
             }
             match msg {
                 ControlMsg::Propose(cmd, reply) => {
@@ -506,7 +530,7 @@ impl Control {
                         continue;
                     }
                     proposals.push(cmd);
-                    replies.push(reply);
+                    replies.0.push(reply);
                 }
                 ControlMsg::AgentConnected(id, tx) => {
                     self.sent_checks.remove(&id);
@@ -518,7 +542,7 @@ impl Control {
                         self.agent_gone(&id, now);
                     }
                 }
-                ControlMsg::FromAgent(m) => self.on_agent_msg(m, now),
+                ControlMsg::FromAgent(m) => self.on_agent_msg(m, now).await,
                 ControlMsg::Reports(msgs, reply) => {
                     for m in msgs {
                         if let ToControl::Status(update) = m {
@@ -526,9 +550,9 @@ impl Control {
                             continue;
                         }
                         if !updates.is_empty() {
-                            self.status_updates(std::mem::take(&mut updates), now);
+                            self.status_updates(std::mem::take(&mut updates), now).await;
                         }
-                        self.on_agent_msg(m, now);
+                        self.on_agent_msg(m, now).await;
                     }
                     acks.push(reply);
                 }
@@ -536,15 +560,15 @@ impl Control {
                     self.draining = true;
                     let _ = reply.send(());
                 }
-                ControlMsg::Mesos(m) => self.mesos_msg(m, now),
-                ControlMsg::Members(m) => self.members(&m, now),
+                ControlMsg::Mesos(m) => self.mesos_msg(m, now).await,
+                ControlMsg::Members(m) => self.members(&m, now).await,
             }
         }
         if !updates.is_empty() {
-            self.status_updates(updates, now);
+            self.status_updates(updates, now).await;
         }
         if !proposals.is_empty() {
-            self.propose_and_reply(proposals, replies, now);
+            self.propose_and_reply(proposals, replies, now).await;
         }
         // Recorded durably: the agents may drop them from their outboxes. While the store is
         // failed they were only kept in memory: no ack, so they come again.
@@ -556,14 +580,9 @@ impl Control {
     }
 
     /// Propose commands from the APIs as one batch and answer each caller.
-    fn propose_and_reply(
-        &mut self,
-        proposals: Vec<Command>,
-        replies: Vec<oneshot::Sender<Result<Changes, ControlError>>>,
-        now: Millis,
-    ) {
+    async fn propose_and_reply(&mut self, proposals: Vec<Command>, mut replies: Replies, now: Millis) {
         let before = self.store.state().clone();
-        let outcome = self.propose(proposals.clone());
+        let outcome = self.propose(proposals.clone()).await;
         // Health shows a failure before any caller hears of it.
         self.publish_store_health();
         match outcome {
@@ -573,7 +592,7 @@ impl Control {
                 self.emit(&applied, &before, now);
                 // Visible to readers before the caller hears back.
                 self.publish();
-                for (res, reply) in results.into_iter().zip(replies) {
+                for (res, reply) in results.into_iter().zip(replies.take()) {
                     let _ = reply.send(res.map_err(ControlError::from));
                 }
             }
@@ -581,13 +600,13 @@ impl Control {
                 // One refused command must not take the others with it: while the store is
                 // failed, commands that stop work still go through (to the reserve) one by one.
                 debug!(error = %e, "batch refused by the state store; proposing its commands one by one");
-                for (cmd, reply) in proposals.into_iter().zip(replies) {
-                    self.propose_and_reply(vec![cmd], vec![reply], now);
+                for (cmd, reply) in proposals.into_iter().zip(replies.take()) {
+                    Box::pin(self.propose_and_reply(vec![cmd], Replies(vec![reply]), now)).await;
                 }
             }
             Err(e) => {
                 warn!(error = %e, "state log write failed; the batch was not applied");
-                for reply in replies {
+                for reply in replies.take() {
                     let _ = reply.send(Err(ControlError::Log(e.to_string())));
                 }
             }
@@ -596,7 +615,7 @@ impl Control {
 
     /// While the store is failed, try to recover it (reopen the log, move reserved commands
     /// in) with backoff: 100 ms doubling to 5 s, back to 100 ms after 30 s of health.
-    fn recover_store(&mut self, now: Millis) {
+    async fn recover_store(&mut self, now: Millis) {
         if self.store.failure().is_none() {
             // The backoff is kept until the store has stayed healthy a while, so a disk that
             // keeps filling up is not reopened in a tight loop.
@@ -613,7 +632,7 @@ impl Control {
                 info!(deferred = self.deferred.len(), "state store writable again");
                 self.recovery.0 = now;
                 let deferred: Vec<Command> = self.deferred.drain(..).collect();
-                self.apply(deferred);
+                self.apply(deferred).await;
             }
             Err(e) => {
                 let wait = self.recovery.1;
@@ -635,20 +654,26 @@ impl Control {
 
     /// Propose commands to the store and tell the Marathon scheduler what they changed, so it
     /// looks only at that. Every write of the control loop goes through here.
-    fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
+    async fn propose(&mut self, cmds: Vec<Command>) -> Result<Vec<Result<Changes, ApplyError>>, LogError> {
         let from = self.store.state().index;
-        let out = propose_off_worker(&mut self.store, cmds)?;
+        // A replicated log is awaited (Raft runs meanwhile, on this thread too when there is
+        // only one); a local log's sync is done off this worker.
+        let out = if self.store.writes_async() {
+            self.store.propose_async(cmds).await?
+        } else {
+            propose_off_worker(&mut self.store, cmds)?
+        };
         self.marathon.observe(from, self.store.state(), out.iter().filter_map(|r| r.as_ref().ok()));
         Ok(out)
     }
 
     /// Apply commands the control side itself decided on.
-    fn apply(&mut self, cmds: Vec<Command>) -> Vec<Result<(), ApplyError>> {
+    async fn apply(&mut self, cmds: Vec<Command>) -> Vec<Result<(), ApplyError>> {
         if cmds.is_empty() {
             return Vec::new();
         }
         let before = self.store.state().clone();
-        match self.propose(cmds.clone()) {
+        match self.propose(cmds.clone()).await {
             Ok(r) => {
                 let applied: Vec<Command> =
                     cmds.into_iter().zip(&r).filter(|(_, r)| r.is_ok()).map(|(c, _)| c).collect();
@@ -682,7 +707,7 @@ impl Control {
         }
     }
 
-    fn on_agent_msg(&mut self, msg: ToControl, now: Millis) {
+    async fn on_agent_msg(&mut self, msg: ToControl, now: Millis) {
         match msg {
             ToControl::Register {
                 agent_id,
@@ -710,7 +735,7 @@ impl Control {
                     wan_address,
                 };
                 let datacenter = self.cfg.datacenter.clone();
-                self.apply(vec![Command::RegisterAgent { agent, datacenter }]);
+                self.apply(vec![Command::RegisterAgent { agent, datacenter }]).await;
                 // Re-registration: rescind its offers, then account for the tasks it runs.
                 self.allocator.remove_agent(&agent_id);
                 if !self.store.state().draining.contains(&agent_id) {
@@ -759,9 +784,9 @@ impl Control {
                         ));
                     }
                 }
-                self.apply(lost);
+                self.apply(lost).await;
             }
-            ToControl::Status(update) => self.status_updates(vec![update], now),
+            ToControl::Status(update) => self.status_updates(vec![update], now).await,
             ToControl::Goodbye { agent_id, keep_tasks } => {
                 if keep_tasks {
                     info!(agent = %agent_id, timeout = ?self.cfg.reregister_timeout, "agent restarting; its tasks are kept meanwhile");
@@ -774,13 +799,13 @@ impl Control {
                         drop(tx);
                         self.allocator.remove_agent(&agent_id);
                     }
-                    self.agent_lost(&agent_id, "Agent left the cluster", now);
+                    self.agent_lost(&agent_id, "Agent left the cluster", now).await;
                 }
             }
             // Its events (failed_health_check_event, health_status_changed_event) come from the
             // applied command, on the server and on every replica alike.
             ToControl::Health { task_id, check, result } => {
-                self.apply(vec![Command::TaskHealth { task_id, check, result }]);
+                self.apply(vec![Command::TaskHealth { task_id, check, result }]).await;
             }
             ToControl::CheckResults { agent_id, results } => {
                 let cmds = results
@@ -794,10 +819,10 @@ impl Control {
                         ttl: mesh_core::state::TtlUpdate::Keep,
                     })
                     .collect();
-                self.apply(cmds);
+                self.apply(cmds).await;
             }
             ToControl::Services { agent_id, source, instances } => {
-                self.apply(vec![Command::SyncServices { node: agent_id.0, source, instances }]);
+                self.apply(vec![Command::SyncServices { node: agent_id.0, source, instances }]).await;
             }
         }
     }
@@ -806,7 +831,7 @@ impl Control {
     /// allocator and the scheduler see each.
     /// The server's clock dates them (`now`): an agent's timestamps are data only, so a skewed
     /// agent clock never moves a deadline (launch backoff, unreachable timers).
-    fn status_updates(&mut self, updates: Vec<StatusUpdate>, now: Millis) {
+    async fn status_updates(&mut self, updates: Vec<StatusUpdate>, now: Millis) {
         let mut known = Vec::with_capacity(updates.len());
         for update in updates {
             let (order, seen) = &mut self.seen_updates;
@@ -853,7 +878,7 @@ impl Control {
                 at: now,
             })
             .collect();
-        let res = self.apply(cmds);
+        let res = self.apply(cmds).await;
         for (i, (update, task)) in known.into_iter().enumerate() {
             // No result: the store could not record it (the update is deferred); the task is
             // gone all the same, so its resources are free.
@@ -862,27 +887,27 @@ impl Control {
             }
             let view = self.store.state().clone();
             let calls = self.marathon.status(&view, &update, now);
-            self.handle_calls(calls, now);
+            self.handle_calls(calls, now).await;
         }
     }
 
-    fn step(&mut self, now: Millis) {
-        self.lost_agents(now);
-        self.follow_drains(now);
+    async fn step(&mut self, now: Millis) {
+        self.lost_agents(now).await;
+        self.follow_drains(now).await;
         if now >= self.next_reconcile {
             self.next_reconcile = now.saturating_add(self.cfg.reconcile_interval.as_millis() as u64);
             self.reconcile_agents();
         }
-        self.mesos_step(now);
+        self.mesos_step(now).await;
         // Only deployments whose apps changed are looked at.
         let ends = self.marathon.deployment_steps(self.store.state(), now);
-        self.apply(ends);
+        self.apply(ends).await;
         // Due work appears only with a state change or when a deadline passes.
         let index = self.store.state().index;
         if index != self.due_checked || self.next_deadline().is_some_and(|d| d <= now) {
             self.due_checked = index;
             let due = self.store.state().due(now);
-            self.apply(due);
+            self.apply(due).await;
         }
         if !self.draining {
             let view = self.store.state().clone();
@@ -895,7 +920,7 @@ impl Control {
                     self.published.events.publish(Event::new("unhealthy_instance_kill_event", body, now));
                 }
             }
-            self.handle_calls(calls, now);
+            self.handle_calls(calls, now).await;
             let expired = self.allocator.expire_offers(now);
             self.mesos_rescinded(expired);
             let offers = self.allocator.allocate(now);
@@ -913,7 +938,7 @@ impl Control {
                 if !mine.is_empty() {
                     let view = self.store.state().clone();
                     let calls = self.marathon.offers(&view, mine, now);
-                    self.handle_calls(calls, now);
+                    self.handle_calls(calls, now).await;
                     // A persistent map: the copy is O(1); it holds only apps that exist.
                     self.published.offer_stats.store(Arc::new(self.marathon.all_offer_stats().clone()));
                 }
@@ -922,7 +947,7 @@ impl Control {
         self.publish();
     }
 
-    fn handle_calls(&mut self, calls: Vec<Call>, now: Millis) {
+    async fn handle_calls(&mut self, calls: Vec<Call>, now: Millis) {
         for call in calls {
             match call {
                 Call::Accept { offer_id, launches, filters } => {
@@ -935,7 +960,7 @@ impl Control {
                         continue;
                     }
                     let tasks = launches.iter().map(|l| l.task.clone()).collect();
-                    let res = self.apply(vec![Command::LaunchTasks { tasks }]);
+                    let res = self.apply(vec![Command::LaunchTasks { tasks }]).await;
                     if res.first().is_some_and(|r| r.is_ok()) {
                         for l in launches {
                             let checks = self.checks_of(&l.task);
@@ -965,7 +990,8 @@ impl Control {
                             state: TaskState::Killed,
                             message: "killed while its agent was unreachable".into(),
                             at: now,
-                        }]);
+                        }])
+                        .await;
                         continue;
                     }
                     let needs_mark = self.store.state().tasks.get(&task_id).is_some_and(|t| !t.kill_requested);
@@ -975,7 +1001,8 @@ impl Control {
                             scale: false,
                             now,
                             deployment_id: None,
-                        }]);
+                        }])
+                        .await;
                     }
                     self.outbox.push_back((agent_id, ToAgent::Kill { task_id, grace }));
                 }
@@ -1125,7 +1152,7 @@ impl Control {
     /// Gossip's view of the members: an agent it declares failed is lost at once (unless it said
     /// it restarts: it has its re-register timeout), one that left is gone; one alive again
     /// whose session never broke re-registers, which puts its node and tasks back.
-    fn members(&mut self, members: &[crate::gossip::Member], now: Millis) {
+    async fn members(&mut self, members: &[crate::gossip::Member], now: Millis) {
         use crate::gossip::{MemberStatus, Role};
         // One status per node name: a node whose data dir was wiped is a new member beside its
         // failed old self, and the live one speaks for the name.
@@ -1159,7 +1186,7 @@ impl Control {
                     let rescinded = self.allocator.remove_agent(&agent);
                     self.mesos_rescinded(rescinded);
                     self.down.remove(&agent);
-                    self.agent_lost(&agent, why, now);
+                    self.agent_lost(&agent, why, now).await;
                 }
                 MemberStatus::Alive if self.lost.remove(&agent) && self.agents.contains_key(&agent) => {
                     self.outbox.push_back((agent, ToAgent::Reregister));
@@ -1172,7 +1199,7 @@ impl Control {
     /// Act on drains and reactivations recorded in the state: a drained agent gets no offers and
     /// its tasks are killed (their apps launch replacements on other agents); a reactivated one
     /// is offered again.
-    fn follow_drains(&mut self, now: Millis) {
+    async fn follow_drains(&mut self, now: Millis) {
         let wanted = self.store.state().draining.clone();
         if wanted == self.drained {
             return;
@@ -1199,7 +1226,7 @@ impl Control {
                     Call::Kill { task_id: t.id.clone(), agent_id: agent.clone(), grace }
                 })
                 .collect();
-            self.handle_calls(calls, now);
+            self.handle_calls(calls, now).await;
         }
         for agent in reactivated {
             info!(%agent, "reactivated: offered again");
@@ -1214,19 +1241,19 @@ impl Control {
     }
 
     /// Agents whose time to come back ran out.
-    fn lost_agents(&mut self, now: Millis) {
+    async fn lost_agents(&mut self, now: Millis) {
         let due: Vec<AgentId> = self.down.iter().filter(|(_, d)| **d <= now).map(|(a, _)| a.clone()).collect();
         for agent in due {
             self.down.remove(&agent);
             self.restarting.remove(&agent);
-            self.agent_lost(&agent, "Agent not live or unreachable", now);
+            self.agent_lost(&agent, "Agent not live or unreachable", now).await;
         }
     }
 
     /// An agent is lost (or left): like Consul's serfHealth when gossip marks a node failed, its
     /// services leave DNS; frameworks hear of it; its tasks become unreachable, to be replaced
     /// by their apps' `unreachableStrategy` unless it comes back.
-    fn agent_lost(&mut self, agent: &AgentId, why: &str, now: Millis) {
+    async fn agent_lost(&mut self, agent: &AgentId, why: &str, now: Millis) {
         warn!(%agent, reason = why, "agent lost");
         self.apply(vec![Command::UpdateCheck {
             node: agent.0.clone(),
@@ -1235,7 +1262,8 @@ impl Control {
             output: why.into(),
             now,
             ttl: mesh_core::state::TtlUpdate::Keep,
-        }]);
+        }])
+        .await;
         let unreachable: Vec<Command> = self
             .store
             .state()
@@ -1249,7 +1277,7 @@ impl Control {
                 at: now,
             })
             .collect();
-        self.apply(unreachable);
+        self.apply(unreachable).await;
         self.publish();
         self.mesos_agent_lost(agent);
     }

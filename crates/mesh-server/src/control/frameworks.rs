@@ -219,20 +219,20 @@ impl Control {
         }
     }
 
-    pub(super) fn mesos_msg(&mut self, msg: MesosMsg, now: Millis) {
+    pub(super) async fn mesos_msg(&mut self, msg: MesosMsg, now: Millis) {
         match msg {
             MesosMsg::Subscribe(call, reply) => {
-                let res = self.mesos_subscribe(*call, now);
+                let res = self.mesos_subscribe(*call, now).await;
                 let _ = reply.send(res);
             }
             MesosMsg::Call(call, stream, reply) => {
-                let res = self.mesos_call(*call, stream, now);
+                let res = self.mesos_call(*call, stream, now).await;
                 let _ = reply.send(res);
             }
         }
     }
 
-    fn mesos_subscribe(&mut self, call: Call, now: Millis) -> Result<Subscription, MesosError> {
+    async fn mesos_subscribe(&mut self, call: Call, now: Millis) -> Result<Subscription, MesosError> {
         let Some(sub) = call.subscribe else { return Err(MesosError::BadRequest("Expecting 'subscribe'".into())) };
         let mut info: FrameworkInfo = sub.framework_info;
         let stream_id = self.cfg.clock.uuid().to_string();
@@ -261,8 +261,9 @@ impl Control {
         if let Some((_, old)) = self.mesos.streams.remove(&id) {
             let _ = old.try_send(Event::Error(ErrorEvent { message: "Framework failed over".into() }));
         }
-        let res =
-            self.apply(vec![Command::SubscribeFramework { id: id.clone(), info: Box::new(info.clone()), at: now }]);
+        let res = self
+            .apply(vec![Command::SubscribeFramework { id: id.clone(), info: Box::new(info.clone()), at: now }])
+            .await;
         if !res.first().is_some_and(|r| r.is_ok()) {
             return Err(MesosError::Control(ControlError::Stopped));
         }
@@ -295,7 +296,7 @@ impl Control {
         Ok(Subscription { framework_id: id, stream_id, events: rx })
     }
 
-    fn mesos_call(&mut self, call: Call, stream: Option<String>, now: Millis) -> Result<(), MesosError> {
+    async fn mesos_call(&mut self, call: Call, stream: Option<String>, now: Millis) -> Result<(), MesosError> {
         let Some(fid) = call.framework_id.as_ref().map(fw_id) else {
             return Err(MesosError::BadRequest("Expecting 'framework_id' to be present".into()));
         };
@@ -320,11 +321,11 @@ impl Control {
         match call.kind {
             CallType::Teardown => {
                 info!(framework = %fid, "TEARDOWN");
-                self.mesos_teardown(&fid, now);
+                self.mesos_teardown(&fid, now).await;
             }
             CallType::Accept => {
                 if let Some(a) = call.accept {
-                    self.mesos_accept(&fid, a, partition_aware, now);
+                    self.mesos_accept(&fid, a, partition_aware, now).await;
                 }
             }
             CallType::Decline => {
@@ -349,7 +350,7 @@ impl Control {
                         .kill_policy
                         .and_then(|p| p.grace_period)
                         .map(|g| Duration::from_nanos(g.nanoseconds.clamp(0, 3_600_000_000_000) as u64));
-                    self.mesos_kill(&fid, &TaskId(k.task_id.value), grace, partition_aware, now);
+                    self.mesos_kill(&fid, &TaskId(k.task_id.value), grace, partition_aware, now).await;
                 }
             }
             CallType::Shutdown => {
@@ -357,7 +358,7 @@ impl Control {
                 if let Some(s) = call.shutdown {
                     let task = TaskId(s.executor_id.value);
                     if self.store.state().tasks.get(&task).is_some_and(|t| t.framework_id == fid) {
-                        self.mesos_kill(&fid, &task, None, partition_aware, now);
+                        self.mesos_kill(&fid, &task, None, partition_aware, now).await;
                     }
                 }
             }
@@ -393,7 +394,8 @@ impl Control {
                         id: fid.clone(),
                         info: Box::new(info.clone()),
                         at: now,
-                    }]);
+                    }])
+                    .await;
                     self.allocator.add_framework(fid.clone(), role.clone());
                     self.allocator.set_min_allocatable(&fid, info.min_allocatable());
                     if u.suppressed_roles.contains(&role) {
@@ -441,7 +443,7 @@ impl Control {
         self.allocator.suppress(fid);
     }
 
-    fn mesos_teardown(&mut self, fid: &FrameworkId, now: Millis) {
+    async fn mesos_teardown(&mut self, fid: &FrameworkId, now: Millis) {
         let state = self.store.state().clone();
         let tasks: Vec<(TaskId, AgentId)> = state
             .tasks
@@ -451,7 +453,7 @@ impl Control {
             .collect();
         if !tasks.is_empty() {
             let ids = tasks.iter().map(|(t, _)| t.clone()).collect();
-            self.apply(vec![Command::KillTasks { ids, scale: false, now, deployment_id: None }]);
+            self.apply(vec![Command::KillTasks { ids, scale: false, now, deployment_id: None }]).await;
             for (task_id, agent) in tasks {
                 self.outbox.push_back((agent, ToAgent::Kill { task_id, grace: Duration::from_secs(3) }));
             }
@@ -459,14 +461,14 @@ impl Control {
         self.allocator.remove_framework(fid);
         self.mesos.sessions.remove(fid);
         self.mesos.streams.remove(fid);
-        self.apply(vec![Command::RemoveFramework { id: fid.clone(), at: now }]);
+        self.apply(vec![Command::RemoveFramework { id: fid.clone(), at: now }]).await;
     }
 
     fn mesos_update(&mut self, fid: &FrameworkId, status: TaskStatus) {
         self.mesos_send(fid, Event::Update(Update { status }));
     }
 
-    fn mesos_kill(
+    async fn mesos_kill(
         &mut self,
         fid: &FrameworkId,
         task_id: &TaskId,
@@ -482,7 +484,8 @@ impl Control {
             return;
         };
         if !t.kill_requested {
-            self.apply(vec![Command::KillTasks { ids: vec![t.id.clone()], scale: false, now, deployment_id: None }]);
+            self.apply(vec![Command::KillTasks { ids: vec![t.id.clone()], scale: false, now, deployment_id: None }])
+                .await;
         }
         let grace = grace.unwrap_or(Duration::from_secs(3));
         self.outbox.push_back((t.agent_id.clone(), ToAgent::Kill { task_id: t.id.clone(), grace }));
@@ -528,7 +531,7 @@ impl Control {
         }
     }
 
-    fn mesos_accept(&mut self, fid: &FrameworkId, accept: mesos::Accept, partition_aware: bool, now: Millis) {
+    async fn mesos_accept(&mut self, fid: &FrameworkId, accept: mesos::Accept, partition_aware: bool, now: Millis) {
         let filters = accept.filters.unwrap_or_default().to_allocator();
         let mut infos = Vec::new();
         let mut unsupported = Vec::new();
@@ -665,7 +668,7 @@ impl Control {
         }
         let names = launches.iter().map(|l| l.name.clone()).collect();
         let tasks = launches.iter().map(|l| l.task.clone()).collect();
-        let res = self.apply(vec![Command::LaunchFrameworkTasks { tasks, names }]);
+        let res = self.apply(vec![Command::LaunchFrameworkTasks { tasks, names }]).await;
         if res.first().is_some_and(|r| r.is_ok()) {
             for l in launches {
                 info!(framework = %fid, task = %l.task.id, name = %l.name, "launching");
@@ -757,7 +760,7 @@ impl Control {
 
     /// Timers: broken streams, failover timeouts, re-sends, heartbeats; weights and quota from
     /// the state; the published view.
-    pub(super) fn mesos_step(&mut self, now: Millis) {
+    pub(super) async fn mesos_step(&mut self, now: Millis) {
         let closed: Vec<FrameworkId> =
             self.mesos.streams.iter().filter(|(_, (_, tx))| tx.is_closed()).map(|(id, _)| id.clone()).collect();
         for fid in closed {
@@ -767,7 +770,7 @@ impl Control {
         let due = self.mesos.sessions.tick(now);
         for fid in due.expired {
             info!(framework = %fid, "failover timeout ran out: tearing the framework down");
-            self.mesos_teardown(&fid, now);
+            self.mesos_teardown(&fid, now).await;
         }
         for (fid, status) in due.resend {
             self.mesos_update(&fid, status);

@@ -12,7 +12,7 @@
 
 use super::disk::DiskGuard;
 use super::{Batch, TypeConfig};
-use mesh_core::state::{Command, Log, LogError, SnapshotWriter, State};
+use mesh_core::state::{Command, Log, LogError, LogFuture, SnapshotWriter, State};
 use openraft::Raft;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,8 +55,9 @@ impl RaftLog {
         self
     }
 
-    /// The runtime to block on: the control loop blocks its worker on Raft (`block_in_place`),
-    /// which a single-threaded runtime cannot do without stopping Raft itself.
+    /// The runtime to block on, for the blocking writes (inside `block_in_place`), which a
+    /// single-threaded runtime cannot do without stopping Raft itself: the control loop awaits
+    /// the `*_async` writes instead.
     fn handle(&self) -> Result<tokio::runtime::Handle, LogError> {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| LogError::Store("a Raft write needs the Tokio runtime".into()))?;
@@ -75,16 +76,13 @@ impl RaftLog {
 
 impl RaftLog {
     /// Write `cmds` (indexes `first..`) through Raft and check the state machine's outcome.
-    fn write(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+    async fn write(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         if let Some(why) = self.poisoned.borrow().clone() {
             return Err(LogError::Unwritable(why));
         }
-        let handle = self.handle()?;
         let batch = Batch { commands: cmds.to_vec() };
-        let raft = self.raft.clone();
         let timeout = self.timeout;
-        let written = handle.block_on(async move { tokio::time::timeout(timeout, raft.client_write(batch)).await });
-        let resp = match written {
+        let resp = match tokio::time::timeout(timeout, self.raft.client_write(batch)).await {
             Err(_) => {
                 return Err(self.poison(format!("No cluster leader: no quorum confirmed the write within {timeout:?}")));
             }
@@ -108,44 +106,72 @@ impl RaftLog {
         }
         Ok(())
     }
-}
 
-impl Log for RaftLog {
-    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+    /// [`Log::append`]'s checks, then the write.
+    async fn append_checked(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         if let Some(disk) = &self.disk {
             // Nothing is written: the store refuses ordinary commands until `recover`.
             disk.check()?;
         }
-        self.write(first, cmds)
+        self.write(first, cmds).await
     }
 
-    fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+    /// [`Log::append_reserved`]: the reserve is released, then the write.
+    async fn append_reserve(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
         match &self.disk {
             Some(disk) => {
                 disk.release();
-                self.write(first, cmds)
+                self.write(first, cmds).await
             }
             None => Err(LogError::Store("no reserve".into())),
         }
     }
 
-    fn confirm(&mut self) -> Result<(), LogError> {
+    /// Every entry this leader committed went through this store, so its state is the whole
+    /// committed state as long as no other leader was elected: a quorum confirming this
+    /// leadership now makes the rejections just computed true at this point.
+    async fn confirm_leading(&mut self) -> Result<(), LogError> {
         if let Some(why) = self.poisoned.borrow().clone() {
             return Err(LogError::Unwritable(why));
         }
-        let handle = self.handle()?;
-        let raft = self.raft.clone();
         let timeout = self.timeout;
-        // Every entry this leader committed went through this store, so its state is the whole
-        // committed state as long as no other leader was elected: a quorum confirming this
-        // leadership now makes the rejections just computed true at this point.
-        match handle.block_on(async move { tokio::time::timeout(timeout, raft.ensure_linearizable()).await }) {
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.poison(format!("No cluster leader: {e}"))),
             Err(_) => {
                 Err(self.poison(format!("No cluster leader: no quorum confirmed this leader within {timeout:?}")))
             }
         }
+    }
+}
+
+impl Log for RaftLog {
+    fn append(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        self.handle()?.block_on(self.append_checked(first, cmds))
+    }
+
+    fn append_reserved(&mut self, first: u64, cmds: &[Command]) -> Result<(), LogError> {
+        self.handle()?.block_on(self.append_reserve(first, cmds))
+    }
+
+    fn confirm(&mut self) -> Result<(), LogError> {
+        self.handle()?.block_on(self.confirm_leading())
+    }
+
+    fn writes_async(&self) -> bool {
+        true
+    }
+
+    fn append_async<'a>(&'a mut self, first: u64, cmds: &'a [Command]) -> LogFuture<'a> {
+        Box::pin(self.append_checked(first, cmds))
+    }
+
+    fn append_reserved_async<'a>(&'a mut self, first: u64, cmds: &'a [Command]) -> LogFuture<'a> {
+        Box::pin(self.append_reserve(first, cmds))
+    }
+
+    fn confirm_async(&mut self) -> LogFuture<'_> {
+        Box::pin(self.confirm_leading())
     }
 
     fn load(&mut self) -> Result<(Option<State>, Vec<Command>), LogError> {

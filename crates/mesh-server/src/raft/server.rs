@@ -156,18 +156,25 @@ impl RaftServer {
         let id = raft_id(&cfg.node_id);
         let (log, sm) = {
             let (dir, dc) = (cfg.dir.clone(), cfg.datacenter.clone());
-            tokio::task::spawn_blocking(move || {
-                let log = SegmentLogStore::open(&dir)?;
-                let sm = MeshStateMachine::open(&dir, &dc)?;
-                Ok::<_, super::RaftStorageError>((log, sm))
+            super::blocking(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, move || {
+                let log = SegmentLogStore::open(&dir)
+                    .map_err(|e| super::storage_err(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e))?;
+                let sm = MeshStateMachine::open(&dir, &dc)
+                    .map_err(|e| super::storage_err(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e))?;
+                Ok((log, sm))
             })
             .await
-            .map_err(|e| storage(&e))?
             .map_err(|e| storage(&e))?
         };
         let disk = {
             let (dir, bytes) = (cfg.dir.clone(), cfg.reserve_bytes);
-            Arc::new(tokio::task::spawn_blocking(move || DiskGuard::open(&dir, bytes)).await.map_err(|e| storage(&e))?)
+            Arc::new(
+                super::blocking(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, move || {
+                    Ok(DiskGuard::open(&dir, bytes))
+                })
+                .await
+                .map_err(|e| storage(&e))?,
+            )
         };
         let mut sm = sm;
         let applied = sm.subscribe();
@@ -519,9 +526,14 @@ async fn follow_leadership(
                     let (log, poisoned) = RaftLog::new(raft.clone(), a.state.clone(), cfg.write_timeout);
                     match Store::open(Box::new(log.with_disk(disk.clone())), &cfg.datacenter) {
                         Ok(mut store) => {
-                            let keep = cfg.max_app_versions;
-                            if let Err(e) = tokio::task::block_in_place(|| store.set_max_versions(keep)) {
-                                warn!(error = %e, "raft: cannot record max-app-versions");
+                            if let Some(cmd) = store.max_versions_command(cfg.max_app_versions) {
+                                match store.propose_async(vec![cmd]).await {
+                                    Ok(r) if r.iter().any(|r| r.is_err()) => {
+                                        warn!("raft: max-app-versions refused by the state")
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => warn!(error = %e, "raft: cannot record max-app-versions"),
+                                }
                             }
                             let join =
                                 control::spawn_leader(store, cfg.control.clone(), published.clone(), inbox.clone());
