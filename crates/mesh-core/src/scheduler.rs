@@ -192,6 +192,27 @@ impl Synced {
     }
 }
 
+/// A bug switched on by a simulation test on its own thread, to show that the simulation's
+/// invariants catch it: the scheduler wants more tasks than an app's instance count.
+#[doc(hidden)]
+pub mod sim_bug {
+    use std::cell::Cell;
+
+    thread_local! {
+        static EXTRA: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Take each app as wanting `n` more tasks than its instances, everywhere the scheduler
+    /// counts (0: none, the default), on this thread.
+    pub fn ignore_instances_by(n: usize) {
+        EXTRA.with(|e| e.set(n));
+    }
+
+    pub(super) fn extra() -> usize {
+        EXTRA.with(Cell::get)
+    }
+}
+
 /// The stock scheduler: keeps every Marathon app at `instances` running tasks of its current
 /// version, with launch backoff, rolling replacement on config changes and kill selection.
 pub struct MarathonScheduler {
@@ -476,7 +497,7 @@ impl MarathonScheduler {
     /// killed, out of `total` live tasks.
     fn wanted_of(rec: &AppRecord, new: usize, total: usize) -> usize {
         let app = &rec.app;
-        let instances = app.instances as usize;
+        let instances = app.instances as usize + sim_bug::extra();
         let over = (instances as f64 * app.upgrade_strategy.maximum_over_capacity).floor() as usize;
         let room = (instances + over).saturating_sub(total);
         instances.saturating_sub(new).min(room)
@@ -493,7 +514,7 @@ impl MarathonScheduler {
         let app_done = |app_id: &AppId| match view.apps.get(app_id) {
             None => view.app_tasks(app_id).next().is_none(),
             Some(rec) => {
-                let instances = rec.app.instances as usize;
+                let instances = rec.app.instances as usize + sim_bug::extra();
                 let mut n = 0;
                 view.app_tasks(app_id).filter(|t| t.counts()).all(|t| {
                     n += 1;
@@ -773,7 +794,7 @@ impl MarathonScheduler {
             self.dirty_tasks.extend(tasks_of(view, app_id).map(|t| t.id.clone()));
         }
         let app = &rec.app;
-        let instances = app.instances as usize;
+        let instances = app.instances as usize + sim_bug::extra();
         let (mut old, mut new): (Vec<&Task>, Vec<&Task>) = (Vec::new(), Vec::new());
         let (mut live, mut killing) = (0usize, false);
         for t in tasks_of(view, app_id) {

@@ -23,6 +23,8 @@ mod linearizability;
 
 use linearizability::{Input, Op, Output};
 
+pub mod cluster;
+
 use mesh_core::kv::{KvOp, KvValue, SetMode};
 use mesh_core::state::Command;
 use mesh_server::raft::{Applied, Batch, MeshNetwork, MeshNode, MeshStateMachine, NodeId, RaftHandler, TypeConfig};
