@@ -502,7 +502,11 @@ pub fn run(plan: &Plan) -> Outcome {
                         Fault::ClockJump(a, by)
                     }
                     4 if plan.crashes && down.is_empty() => {
-                        sim.crash(a.as_str());
+                        let all: Vec<String> = hosts.iter().cloned().chain(["client".to_owned()]).collect();
+                        super::crash_cut_off(&mut sim, &a, &all);
+                        for (f, _) in &faults {
+                            redo(&mut sim, f);
+                        }
                         let mut w = world.borrow_mut();
                         if let Some(i) = a.strip_prefix('s').and_then(|i| i.parse().ok()) {
                             w.servers.remove(&i);
@@ -568,6 +572,16 @@ impl Fault {
             Fault::Crash(a) => format!("crash {a}"),
             Fault::ClockJump(a, by) => format!("clock of {a} jumps {by} ms"),
         }
+    }
+}
+
+/// Put a link fault in place again (after a crash repaired the crashed host's links).
+fn redo(sim: &mut turmoil::Sim, f: &Fault) {
+    match f {
+        Fault::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
+        Fault::OneWay(a, b) => sim.partition_oneway(a.as_str(), b.as_str()),
+        Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
+        Fault::ClockJump(..) | Fault::Crash(_) => {}
     }
 }
 

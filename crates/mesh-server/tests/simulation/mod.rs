@@ -429,7 +429,16 @@ pub fn run(plan: &Plan) -> Outcome {
                         Fault::Hold(a, b)
                     }
                     _ if plan.crashes && !down.contains(&a) && down.is_empty() => {
-                        sim.crash(name(a));
+                        let hosts: Vec<String> = ids
+                            .iter()
+                            .map(|&i| name(i))
+                            .chain(["client".to_owned()])
+                            .chain((0..plan.register_clients).map(|c| format!("reg{c}")))
+                            .collect();
+                        crash_cut_off(&mut sim, &name(a), &hosts);
+                        for (f, _) in &faults {
+                            redo(&mut sim, f);
+                        }
                         down.insert(a);
                         world.borrow_mut().rafts.remove(&a);
                         Fault::Crash(a)
@@ -494,6 +503,33 @@ pub fn run(plan: &Plan) -> Outcome {
     let mut h = std::hash::DefaultHasher::new();
     trace.hash(&mut h);
     Outcome { hash: h.finish(), trace, failure }
+}
+
+/// Crash `host` as a machine that loses its power: cut off from `hosts` first, so that nothing
+/// its sockets send while turmoil drops its tasks gets out, then crashed, then its links
+/// repaired (the caller puts back the faults that were on them). Turmoil drops a crashed host's
+/// tasks in an order that depends on tokio's task ids, which are process-wide: with other
+/// simulations on other threads, the messages they sent (connections closing) took the link's
+/// random draws in another order, and the same seed replayed another trace.
+pub(crate) fn crash_cut_off(sim: &mut turmoil::Sim, host: &str, hosts: &[String]) {
+    for other in hosts.iter().filter(|h| *h != host) {
+        sim.partition(host, other.as_str());
+    }
+    sim.crash(host);
+    for other in hosts.iter().filter(|h| *h != host) {
+        sim.repair(host, other.as_str());
+    }
+}
+
+/// Put a link fault in place again (after [`crash_cut_off`] repaired its links).
+fn redo(sim: &mut turmoil::Sim, f: &Fault) {
+    match *f {
+        Fault::Partition(a, 0) => sim.partition(name(a), "client"),
+        Fault::Partition(a, b) => sim.partition(name(a), name(b)),
+        Fault::OneWay(a, b) => sim.partition_oneway(name(a), name(b)),
+        Fault::Hold(a, b) => sim.hold(name(a), name(b)),
+        Fault::Crash(_) => {}
+    }
 }
 
 fn undo(sim: &mut turmoil::Sim, f: &Fault, down: &mut BTreeSet<NodeId>) {
