@@ -12,7 +12,9 @@ use super::NodeId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's, so a simulation's virtual time drives it (the system's otherwise).
+use tokio::time::Instant;
 
 /// When this server last heard from the leader, and (while it leads) from each member.
 #[derive(Debug)]
