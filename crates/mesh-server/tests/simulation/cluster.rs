@@ -363,7 +363,7 @@ async fn client(servers: usize, seed: u64, world: Shared) -> turmoil::Result {
     }
     for (app, n) in steps {
         let body = serde_json::json!({
-            "id": format!("/{app}"), "cmd": "sleep 100000", "instances": n,
+            "id": format!("/{app}"), "cmd": command(&app), "instances": n,
             "cpus": 0.25, "mem": 64, "portDefinitions": [{"port": 0}],
         });
         for _attempt in 0..30 {
@@ -407,6 +407,15 @@ async fn client(servers: usize, seed: u64, world: Shared) -> turmoil::Result {
     Ok(())
 }
 
+/// What an app's tasks run, as the in-memory runtime reads it: `api`'s ignore SIGTERM, so a
+/// scale-down or a replacement kills them only when the grace period ends.
+fn command(app: &str) -> &'static str {
+    match app {
+        "api" => "trap '' TERM; sleep 100000",
+        _ => "sleep 100000",
+    }
+}
+
 /// A fault the driver injects.
 enum Fault {
     Partition(String, String),
@@ -414,6 +423,10 @@ enum Fault {
     Hold(String, String),
     Crash(String),
     ClockJump(String, i64),
+    /// A running task on the agent exits by itself with this code.
+    TaskFails(String, i32),
+    /// The agent's next launch fails (its runtime cannot start the task).
+    LaunchFails(String),
 }
 
 /// Run `plan`.
@@ -483,7 +496,27 @@ pub fn run(plan: &Plan) -> Outcome {
                         break b;
                     }
                 };
-                let fault = match rng.random_range(0..6) {
+                let fault = match rng.random_range(0..8) {
+                    6 | 7 if a.starts_with('a') => {
+                        let i: usize = a[1..].parse().expect("agent number");
+                        let rt = world.borrow().agents.get(&i).cloned();
+                        match rt {
+                            Some(rt) if rng.random_bool(0.7) => {
+                                let running = rt.running();
+                                if running.is_empty() {
+                                    continue;
+                                }
+                                let t = running[rng.random_range(0..running.len())].clone();
+                                rt.fail(&t, 137);
+                                Fault::TaskFails(short(&t), 137)
+                            }
+                            Some(rt) => {
+                                rt.fail_launches(1);
+                                Fault::LaunchFails(a)
+                            }
+                            None => continue,
+                        }
+                    }
                     0 => {
                         sim.partition(a.as_str(), b.as_str());
                         Fault::Partition(a, b)
@@ -571,6 +604,8 @@ impl Fault {
             Fault::Hold(a, b) => format!("hold {a} {b}"),
             Fault::Crash(a) => format!("crash {a}"),
             Fault::ClockJump(a, by) => format!("clock of {a} jumps {by} ms"),
+            Fault::TaskFails(t, code) => format!("task {t} fails with {code}"),
+            Fault::LaunchFails(a) => format!("next launch on {a} fails"),
         }
     }
 }
@@ -581,7 +616,7 @@ fn redo(sim: &mut turmoil::Sim, f: &Fault) {
         Fault::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
         Fault::OneWay(a, b) => sim.partition_oneway(a.as_str(), b.as_str()),
         Fault::Hold(a, b) => sim.hold(a.as_str(), b.as_str()),
-        Fault::ClockJump(..) | Fault::Crash(_) => {}
+        Fault::ClockJump(..) | Fault::Crash(_) | Fault::TaskFails(..) | Fault::LaunchFails(_) => {}
     }
 }
 
@@ -590,8 +625,8 @@ fn undo(sim: &mut turmoil::Sim, f: &Fault, down: &mut BTreeSet<String>) {
         Fault::Partition(a, b) => sim.repair(a.as_str(), b.as_str()),
         Fault::OneWay(a, b) => sim.repair_oneway(a.as_str(), b.as_str()),
         Fault::Hold(a, b) => sim.release(a.as_str(), b.as_str()),
-        // A clock that jumped stays where it jumped (as after an NTP step).
-        Fault::ClockJump(..) => {}
+        // A clock that jumped stays where it jumped (as after an NTP step); what failed is over.
+        Fault::ClockJump(..) | Fault::TaskFails(..) | Fault::LaunchFails(_) => {}
         Fault::Crash(a) => {
             if down.remove(a) {
                 sim.bounce(a.as_str());
