@@ -1162,7 +1162,7 @@ impl Control {
             MemberStatus::Left => 1,
             MemberStatus::Failed => 0,
         };
-        let mut by_name: HashMap<&str, MemberStatus> = HashMap::new();
+        let mut by_name: std::collections::BTreeMap<&str, MemberStatus> = std::collections::BTreeMap::new();
         for m in members.iter().filter(|m| m.role == Role::Agent) {
             let e = by_name.entry(m.name.as_str()).or_insert(m.status);
             if rank(m.status) > rank(*e) {

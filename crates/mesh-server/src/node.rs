@@ -1072,6 +1072,7 @@ fn lan_pool(
         join: cfg.join.clone(),
         timing: cfg.gossip_timing.clone(),
         seed: seed(cfg.clock.as_ref()),
+        generation: None,
     }
 }
 

@@ -29,6 +29,7 @@ fn config(name: &str, net: u8, host: u8, port: u16, dc: &str, join: Vec<SocketAd
         join,
         timing: GossipTiming::fast(),
         seed: u64::from(net) << 8 | u64::from(host),
+        generation: None,
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, State, Timer};
 use rand_foca::SeedableRng;
 use rand_foca::rngs::SmallRng;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -44,7 +43,7 @@ enum Drop {
 pub(crate) struct Driver {
     foca: Swim,
     runtime: AccumulatingRuntime<NodeIdentity>,
-    socket: UdpSocket,
+    socket: Box<dyn super::Datagrams>,
     inputs: mpsc::Receiver<Input>,
     members_tx: watch::Sender<Arc<Vec<Member>>>,
     dropped: Arc<DropCounters>,
@@ -74,7 +73,7 @@ impl Driver {
     pub(crate) fn new(
         identity: NodeIdentity,
         config: &GossipConfig,
-        socket: UdpSocket,
+        socket: Box<dyn super::Datagrams>,
         inputs: mpsc::Receiver<Input>,
         members_tx: watch::Sender<Arc<Vec<Member>>>,
         dropped: Arc<DropCounters>,

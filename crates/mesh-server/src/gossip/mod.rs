@@ -191,6 +191,9 @@ pub struct GossipConfig {
     pub timing: GossipTiming,
     /// Seed of foca's random choices (which member to probe, whom to gossip to).
     pub seed: u64,
+    /// The identity's generation (`None`: the time now in milliseconds, which grows across
+    /// restarts; a simulation gives its own).
+    pub generation: Option<u64>,
 }
 
 /// A member's state as this node sees it.
@@ -335,22 +338,45 @@ impl Drop for Inner {
     }
 }
 
+/// What gossip sends and receives its datagrams through: tokio's UDP socket, or a simulated
+/// network's ([`Gossip::start_on`]).
+#[async_trait::async_trait]
+pub trait Datagrams: Send + Sync + 'static {
+    /// Receive one datagram into `buf`: its length and sender.
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)>;
+    /// Send `buf` as one datagram to `to`.
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize>;
+    /// The address the socket is bound to.
+    fn local_addr(&self) -> std::io::Result<SocketAddr>;
+}
+
+#[async_trait::async_trait]
+impl Datagrams for tokio::net::UdpSocket {
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        tokio::net::UdpSocket::recv_from(self, buf).await
+    }
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        tokio::net::UdpSocket::send_to(self, buf, to).await
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        tokio::net::UdpSocket::local_addr(self)
+    }
+}
+
 impl Gossip {
     /// Binds the socket, starts the gossip task and, when `config.join` is not empty, `retry_join` in the
     /// background. Must be called inside a tokio runtime.
     pub async fn start(config: GossipConfig) -> Result<Gossip, GossipError> {
-        config.timing.validate()?;
-        for (what, value) in [("node name", &config.node), ("node id", &config.node_id)] {
-            if value.is_empty() || value.len() > MAX_NAME_LEN {
-                return Err(GossipError::InvalidConfig(format!("{what} must be 1..={MAX_NAME_LEN} bytes")));
-            }
-        }
-        if config.datacenter.is_empty() || config.datacenter.len() > 64 {
-            return Err(GossipError::InvalidConfig("datacenter must be 1..=64 bytes".into()));
-        }
+        Self::check(&config)?;
         let socket = tokio::net::UdpSocket::bind(config.bind)
             .await
             .map_err(|source| GossipError::Bind { addr: config.bind, source })?;
+        Self::start_on(config, Box::new(socket)).await
+    }
+
+    /// [`Gossip::start`] over `socket`, already bound (a simulation's datagrams).
+    pub async fn start_on(config: GossipConfig, socket: Box<dyn Datagrams>) -> Result<Gossip, GossipError> {
+        Self::check(&config)?;
         let local_addr = socket.local_addr().map_err(|source| GossipError::Bind { addr: config.bind, source })?;
         let mut advertise = config.advertise;
         if advertise.port() == 0 {
@@ -366,7 +392,7 @@ impl Gossip {
             role: config.role,
             gossip: advertise,
             rpc: config.rpc,
-            generation: initial_generation(),
+            generation: config.generation.unwrap_or_else(initial_generation),
         };
         let dropped = Arc::new(DropCounters::default());
         let (tx, rx) = mpsc::channel(64);
@@ -389,6 +415,20 @@ impl Gossip {
             *gossip.inner.retry_join.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         Ok(gossip)
+    }
+
+    /// Refuse a configuration gossip cannot run with.
+    fn check(config: &GossipConfig) -> Result<(), GossipError> {
+        config.timing.validate()?;
+        for (what, value) in [("node name", &config.node), ("node id", &config.node_id)] {
+            if value.is_empty() || value.len() > MAX_NAME_LEN {
+                return Err(GossipError::InvalidConfig(format!("{what} must be 1..={MAX_NAME_LEN} bytes")));
+            }
+        }
+        if config.datacenter.is_empty() || config.datacenter.len() > 64 {
+            return Err(GossipError::InvalidConfig("datacenter must be 1..=64 bytes".into()));
+        }
+        Ok(())
     }
 
     /// The bound UDP address (the real port when `bind` had port 0).

@@ -33,7 +33,7 @@ use mesh_server::cluster::replication::Replication;
 use mesh_server::cluster::server::ServerHandler;
 use mesh_server::cluster::uplink;
 use mesh_server::control::{self, ControlConfig, ControlHandle, Published};
-use mesh_server::gossip::{Member, MemberStatus, Role as GossipRole};
+use mesh_server::gossip::{Datagrams, Gossip, GossipConfig, GossipTiming, MemberStatus, Role as GossipRole};
 use mesh_server::raft::{RaftServer, RaftServerConfig, RaftTiming};
 use mesh_server::rpc::msg::HttpRequest;
 use mesh_server::rpc::{Conn, Hello, NoHandler, Request, Response, Role, Server, Transport};
@@ -159,6 +159,12 @@ struct World {
     client_done: bool,
     /// Incarnations started, per host (seeds the next one's ids).
     incarnations: BTreeMap<String, u64>,
+    /// Running hosts' gossip, by host name.
+    gossip: BTreeMap<String, Gossip>,
+    /// Per (server, agent): since when (virtual) the server's gossip has held the agent down.
+    down_since: BTreeMap<(usize, String), Duration>,
+    /// Per server: since when (virtual) it leads.
+    leading_since: BTreeMap<usize, Duration>,
 }
 
 type Shared = Rc<RefCell<World>>;
@@ -179,29 +185,61 @@ fn rpc_addr(host: &str) -> SocketAddr {
     SocketAddr::new(turmoil::lookup(host), PORT)
 }
 
-fn next_incarnation(world: &Shared, host: &str, seed: u64) -> u64 {
+/// The next start of `host`: its number (1, 2, ...) and a seed for its ids.
+fn next_incarnation(world: &Shared, host: &str, seed: u64) -> (u64, u64) {
     let mut w = world.borrow_mut();
     let n = w.incarnations.entry(host.to_owned()).or_default();
     *n += 1;
     let mut h = std::hash::DefaultHasher::new();
     (seed, host, *n).hash(&mut h);
-    h.finish()
+    (*n, h.finish())
 }
 
-/// The servers as gossip would show them (gossip itself is not simulated).
-fn members(servers: usize) -> Vec<Member> {
-    (1..=servers)
-        .map(|i| Member {
-            name: server_name(i),
-            node_id: node_id(i),
-            datacenter: "dc1".into(),
-            role: GossipRole::Server,
-            addr: rpc_addr(&server_name(i)),
-            rpc: rpc_addr(&server_name(i)),
-            generation: 1,
-            status: MemberStatus::Alive,
-        })
-        .collect()
+/// The gossip port of every node.
+const GOSSIP_PORT: u16 = 8301;
+
+/// Gossip's datagrams over turmoil's simulated UDP.
+struct SimUdp(turmoil::net::UdpSocket);
+
+#[async_trait::async_trait]
+impl Datagrams for SimUdp {
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        self.0.recv_from(buf).await
+    }
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        self.0.send_to(buf, to).await
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// This host's LAN gossip (SWIM, foca, with the production LAN timing), joining the servers.
+async fn start_gossip(
+    name: &str,
+    node_id: String,
+    role: GossipRole,
+    servers: usize,
+    (generation, seed): (u64, u64),
+) -> Result<Gossip, Box<dyn std::error::Error>> {
+    let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), GOSSIP_PORT);
+    let socket = turmoil::net::UdpSocket::bind(bind).await?;
+    let me = SocketAddr::new(turmoil::lookup(name), GOSSIP_PORT);
+    let config = GossipConfig {
+        node: name.to_owned(),
+        node_id,
+        datacenter: "dc1".into(),
+        pool: None,
+        role,
+        bind,
+        advertise: me,
+        rpc: rpc_addr(name),
+        join: (1..=servers).map(|s| SocketAddr::new(turmoil::lookup(server_name(s).as_str()), GOSSIP_PORT)).collect(),
+        timing: GossipTiming::default(),
+        seed,
+        generation: Some(generation),
+    };
+    Ok(Gossip::start_on(config, Box::new(SimUdp(socket))).await?)
 }
 
 /// A server as `run_server` composes one, without gossip, DNS listeners and HTTP sockets.
@@ -214,8 +252,9 @@ async fn server(
     world: Shared,
 ) -> turmoil::Result {
     let name = server_name(i);
-    let incarnation = next_incarnation(&world, &name, seed);
+    let (generation, incarnation) = next_incarnation(&world, &name, seed);
     let clock = clock(&offset, incarnation);
+    let gossip = start_gossip(&name, node_id(i), GossipRole::Server, servers, (generation, incarnation)).await?;
     let (published, index_tx) = Published::new(State::new("dc1"), clock.clone());
     let replication = Replication::new(0);
     let (control, inbox) = control::handle_with_inbox(published.clone());
@@ -284,14 +323,25 @@ async fn server(
         reserve_bytes: 0,
         contacts,
     };
-    let (_members_tx, members_rx) = tokio::sync::watch::channel(Arc::new(members(servers)));
-    let raft = RaftServer::start(cfg, published.clone(), index_tx, replication.clone(), inbox, members_rx, route_tx)
-        .await
-        .map_err(|e| e.to_string())?;
+    // As run_server's report_members: the control loop hears of every change of membership.
+    let (mut members, reporter) = (gossip.subscribe(), control.clone());
+    tokio::spawn(async move {
+        loop {
+            let list = members.borrow_and_update().clone();
+            if reporter.send(control::ControlMsg::Members(list)).await.is_err() || members.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let raft =
+        RaftServer::start(cfg, published.clone(), index_tx, replication.clone(), inbox, gossip.subscribe(), route_tx)
+            .await
+            .map_err(|e| e.to_string())?;
     let _ = raft_cell.set(raft.raft.clone());
     let handler = Arc::new(ServerHandler::new(control, replication, executor).with_raft(raft.handler.clone(), route));
     let _rpc = Server::start(listener, hello, handler)?;
     world.borrow_mut().servers.insert(i, (raft.raft.clone(), published));
+    world.borrow_mut().gossip.insert(name, gossip);
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -301,8 +351,11 @@ async fn server(
 /// incarnation.
 async fn agent_host(i: usize, servers: usize, offset: Arc<AtomicI64>, seed: u64, world: Shared) -> turmoil::Result {
     let name = agent_name(i);
-    let incarnation = next_incarnation(&world, &name, seed);
+    let (generation, incarnation) = next_incarnation(&world, &name, seed);
     let clock = clock(&offset, incarnation);
+    let gossip =
+        start_gossip(&name, format!("{name}-{incarnation:x}"), GossipRole::Agent, servers, (generation, incarnation))
+            .await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::channel(1024);
     let runtime = Arc::new(MemoryRuntime::with_clock(events_tx, clock.clone()));
     let (up_tx, up_rx) = tokio::sync::mpsc::channel(1024);
@@ -329,6 +382,7 @@ async fn agent_host(i: usize, servers: usize, offset: Arc<AtomicI64>, seed: u64,
     };
     let _agent = agent::start(cfg, runtime.clone(), events_rx, handle).await?;
     world.borrow_mut().agents.insert(i, runtime);
+    world.borrow_mut().gossip.insert(name, gossip);
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -541,6 +595,7 @@ pub fn run(plan: &Plan) -> Outcome {
                             redo(&mut sim, f);
                         }
                         let mut w = world.borrow_mut();
+                        w.gossip.remove(&a);
                         if let Some(i) = a.strip_prefix('s').and_then(|i| i.parse().ok()) {
                             w.servers.remove(&i);
                         } else if let Some(i) = a.strip_prefix('a').and_then(|i| i.parse().ok()) {
@@ -555,7 +610,9 @@ pub fn run(plan: &Plan) -> Outcome {
                     }
                 };
                 trace(&world, now, format!("fault {}", fault.describe()));
-                let until = now + Duration::from_millis(rng.random_range(200..4000));
+                // Crashes last long enough, at times, for gossip to declare the node down.
+                let longest = if matches!(fault, Fault::Crash(_)) { 15_000 } else { 4_000 };
+                let until = now + Duration::from_millis(rng.random_range(200..longest));
                 faults.push((fault, until));
             }
         } else if healing_since.is_none() {
@@ -590,6 +647,16 @@ pub fn run(plan: &Plan) -> Outcome {
         let running = s.tasks.values().filter(|t| t.state == TaskState::Running).count();
         w.trace.push(format!("final index {} running {running}", s.index));
     }
+    let views: Vec<String> = w
+        .gossip
+        .iter()
+        .filter(|(h, _)| h.starts_with('s'))
+        .map(|(h, g)| {
+            let alive = g.members().iter().filter(|m| m.status == MemberStatus::Alive).count();
+            format!("{h} {alive}/{}", g.members().len())
+        })
+        .collect();
+    w.trace.push(format!("final gossip views (alive/all): {}", views.join(", ")));
     let trace = std::mem::take(&mut w.trace);
     let mut h = std::hash::DefaultHasher::new();
     trace.hash(&mut h);
@@ -675,6 +742,51 @@ fn check_step(world: &Shared, zone: &DnsZone, now: Duration) -> Option<String> {
         w.votes.insert(i, vote);
     }
 
+    // Gossip: since when each server leads (with a quorum), and since when its gossip has held
+    // each agent down (failed or left; one status per name, the liveliest, as the control
+    // loop reads it).
+    let leading: Vec<usize> = w
+        .servers
+        .iter()
+        .filter(|(_, (r, _))| {
+            let m = r.metrics().borrow().clone();
+            m.state.is_leader() && m.millis_since_quorum_ack.is_some_and(|ms| ms < 500)
+        })
+        .map(|(&i, _)| i)
+        .collect();
+    let servers: Vec<usize> = w.servers.keys().copied().collect();
+    for i in servers {
+        if leading.contains(&i) {
+            w.leading_since.entry(i).or_insert(now);
+        } else {
+            w.leading_since.remove(&i);
+        }
+    }
+    let mut down_now: BTreeSet<(usize, String)> = BTreeSet::new();
+    let mut seen: BTreeSet<(usize, String)> = BTreeSet::new();
+    for (host, g) in &w.gossip {
+        let Some(i) = host.strip_prefix('s').and_then(|i| i.parse::<usize>().ok()) else { continue };
+        let mut best: BTreeMap<String, bool> = BTreeMap::new();
+        for m in g.members().iter().filter(|m| m.role == GossipRole::Agent) {
+            let alive = matches!(m.status, MemberStatus::Alive | MemberStatus::Suspect);
+            *best.entry(m.name.clone()).or_insert(alive) |= alive;
+        }
+        for (name, alive) in best {
+            seen.insert((i, name.clone()));
+            if !alive {
+                down_now.insert((i, name));
+            }
+        }
+    }
+    w.down_since.retain(|k, _| down_now.contains(k));
+    for k in &down_now {
+        if !w.down_since.contains_key(k) {
+            w.trace.push(format!("{at} s{} holds {} down", k.0, k.1));
+            w.down_since.insert(k.clone(), now);
+        }
+    }
+    let _ = seen;
+
     // Tasks: no id runs on two agents, none runs again after it stopped.
     let mut running_now: BTreeMap<TaskId, usize> = BTreeMap::new();
     for (&a, rt) in &w.agents {
@@ -722,7 +834,18 @@ fn check_step(world: &Shared, zone: &DnsZone, now: Duration) -> Option<String> {
                 return Some(format!("s{i}: agent {agent}'s tasks use {u}, more than its {}", a.resources));
             }
         }
-        if let Some(why) = check_dns(zone, &s) {
+        // What this server's gossip has held down for a detection period, while it led with a
+        // quorum all that time: DNS must not answer it any more.
+        let down: BTreeSet<String> = match w.leading_since.get(&i) {
+            Some(&since) if now >= since + DETECTION => w
+                .down_since
+                .iter()
+                .filter(|((server, _), at)| *server == i && now >= **at + DETECTION)
+                .map(|((_, node), _)| node.clone())
+                .collect(),
+            _ => BTreeSet::new(),
+        };
+        if let Some(why) = check_dns(zone, &s, &down) {
             return Some(format!("s{i}: {why}"));
         }
     }
@@ -733,9 +856,13 @@ fn short(t: &TaskId) -> String {
     t.to_string().chars().take(24).collect()
 }
 
+/// How long a leader may take to act on gossip declaring an agent down (the control loop's
+/// tick, a Raft write) before DNS must stop answering the agent's instances.
+const DETECTION: Duration = Duration::from_secs(3);
+
 /// DNS over `state`'s catalog: every SRV answer for every service is an instance that is not
-/// critical, on a node that is not down.
-fn check_dns(zone: &DnsZone, state: &State) -> Option<String> {
+/// critical, on a node that is not down (serfHealth), and not on a node in `down`.
+fn check_dns(zone: &DnsZone, state: &State, down: &BTreeSet<String>) -> Option<String> {
     let catalog = &state.catalog;
     if catalog.services.is_empty() {
         return None;
@@ -755,6 +882,11 @@ fn check_dns(zone: &DnsZone, state: &State) -> Option<String> {
             else {
                 return Some(format!("DNS answers {service} on {node}:{port}, which the catalog does not hold"));
             };
+            if down.contains(&node) {
+                return Some(format!(
+                    "DNS answers {service} on {node}:{port}, which gossip has held down for more than {DETECTION:?}"
+                ));
+            }
             let checks = catalog.checks.get(&node);
             let critical = checks.into_iter().flat_map(|c| c.values()).any(|c| {
                 c.status == mesh_core::catalog::Health::Critical && (c.service_id.is_empty() || c.service_id == inst.id)
@@ -790,6 +922,16 @@ fn healed(world: &Shared, servers: usize, agents: usize) -> Result<(), String> {
     for i in 1..=agents {
         if !s.agents.contains_key(&AgentId::from(agent_name(i).as_str())) {
             return Err(format!("a{i} not registered"));
+        }
+    }
+    // Every live agent is a member, alive, in every server's view.
+    for (host, g) in w.gossip.iter().filter(|(h, _)| h.starts_with('s')) {
+        for i in 1..=agents {
+            let name = agent_name(i);
+            let alive = g.members().iter().any(|m| m.name == name && m.status == MemberStatus::Alive);
+            if !alive {
+                return Err(format!("{host}'s gossip does not hold {name} alive"));
+            }
         }
     }
     let running: BTreeSet<(String, u16)> = s
