@@ -26,22 +26,39 @@ fn seeds() -> Vec<u64> {
     }
 }
 
+/// The failure of `outcome` (seed `seed`) with its last events and the command that replays
+/// it, after printing its whole trace when `replay`.
+fn report(seed: u64, outcome: simulation::Outcome, replay: bool, command: &str) -> Option<String> {
+    if replay {
+        for line in &outcome.trace {
+            eprintln!("{line}");
+        }
+    }
+    let why = outcome.failure?;
+    let tail: Vec<&String> = outcome.trace.iter().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+    Some(format!("seed {seed}: {why}\nlast events: {tail:#?}\nreplay: {command}"))
+}
+
+/// Panics, showing where, unless `a` and `b` traced the same events.
+fn same_trace(a: &simulation::Outcome, b: &simulation::Outcome) {
+    if let Some(i) = (0..a.trace.len().min(b.trace.len())).find(|&i| a.trace[i] != b.trace[i]) {
+        panic!(
+            "the same seed, another trace from event {i}: {:?} then {:?} / {:?}",
+            &a.trace[i.saturating_sub(3)..i],
+            a.trace.get(i..i + 3),
+            b.trace.get(i..i + 3)
+        );
+    }
+    assert_eq!(a.trace, b.trace, "the same seed, another trace");
+}
+
 #[test]
 fn every_seed_keeps_the_invariants_and_heals() {
     let replay = std::env::var("MESH_SIM_SEED").is_ok();
     for seed in seeds() {
-        let outcome = run(&Plan::short(seed));
-        if replay {
-            for line in &outcome.trace {
-                eprintln!("{line}");
-            }
-        }
-        if let Some(why) = outcome.failure {
-            let tail: Vec<&String> =
-                outcome.trace.iter().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-            panic!(
-                "seed {seed}: {why}\nlast events: {tail:#?}\nreplay: MESH_SIM_SEED={seed} cargo test -p mesh-server --test sim every_seed -- --nocapture"
-            );
+        let command = format!("MESH_SIM_SEED={seed} cargo test -p mesh-server --test sim every_seed -- --nocapture");
+        if let Some(failure) = report(seed, run(&Plan::short(seed)), replay, &command) {
+            panic!("{failure}");
         }
     }
 }
@@ -56,14 +73,7 @@ fn one_seed_gives_one_trace() {
     let b = run(&plan);
     assert!(a.failure.is_none(), "{:?}", a.failure);
     assert!(a.trace.len() > 10, "a trace of substance: {:?}", a.trace);
-    if let Some(i) = (0..a.trace.len().min(b.trace.len())).find(|&i| a.trace[i] != b.trace[i]) {
-        panic!(
-            "the same seed, another trace from event {i}: {:?} then {:?} / {:?}",
-            &a.trace[i.saturating_sub(3)..i],
-            a.trace.get(i..i + 3),
-            b.trace.get(i..i + 3)
-        );
-    }
+    same_trace(&a, &b);
     assert_eq!(a.trace, b.trace, "the same seed, another trace");
     assert_eq!(a.hash, b.hash);
     assert_ne!(a.hash, run(&Plan::short(8)).hash, "another seed, another trace");
@@ -104,22 +114,15 @@ fn run_cluster_seeds(half: u64) {
     let replay = std::env::var("MESH_SIM_CLUSTER_SEED").is_ok();
     let mut failed = Vec::new();
     for seed in cluster_seeds(half) {
-        let outcome = cluster::run(&cluster::Plan::short(seed));
-        if replay {
-            for line in &outcome.trace {
-                eprintln!("{line}");
-            }
-        }
-        if let Some(why) = outcome.failure {
-            let tail: Vec<&String> =
-                outcome.trace.iter().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-            eprintln!(
-                "seed {seed}: {why}\nlast events: {tail:#?}\nreplay: MESH_SIM_CLUSTER_SEED={seed} cargo test -p mesh-server --test sim the_whole_cluster_keeps -- --nocapture"
-            );
-            failed.push((seed, why));
+        let command = format!(
+            "MESH_SIM_CLUSTER_SEED={seed} cargo test -p mesh-server --test sim the_whole_cluster_keeps -- --nocapture"
+        );
+        if let Some(failure) = report(seed, cluster::run(&cluster::Plan::short(seed)), replay, &command) {
+            eprintln!("{failure}");
+            failed.push(seed);
         }
     }
-    assert!(failed.is_empty(), "{} seeds failed: {failed:#?}", failed.len());
+    assert!(failed.is_empty(), "seeds {failed:?} failed (their reports are above)");
 }
 
 #[test]
@@ -139,14 +142,7 @@ fn the_whole_cluster_replays_one_seed_as_one_trace() {
     assert!(a.failure.is_none(), "{:?}", a.failure);
     assert!(a.trace.iter().any(|l| l.contains(" runs ")), "tasks ran: {:?}", a.trace);
     assert!(a.trace.iter().any(|l| l.contains("fault ")), "faults happened: {:?}", a.trace);
-    if let Some(i) = (0..a.trace.len().min(b.trace.len())).find(|&i| a.trace[i] != b.trace[i]) {
-        panic!(
-            "the same seed, another trace from event {i}: {:?} then {:?} / {:?}",
-            &a.trace[i.saturating_sub(3)..i],
-            a.trace.get(i..i + 3),
-            b.trace.get(i..i + 3)
-        );
-    }
+    same_trace(&a, &b);
     assert_eq!(a.hash, b.hash);
     assert_ne!(a.hash, cluster::run(&cluster::Plan::short(4)).hash, "another seed, another trace");
 }

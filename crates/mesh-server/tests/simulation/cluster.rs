@@ -19,7 +19,7 @@
 //! registered, the catalog holds exactly the running tasks with ports, and no agent runs a
 //! task the cluster does not know of (no orphan).
 
-use super::SimTransport;
+use super::{Outcome, SimTransport};
 use mesh_core::dns::{DnsConfig, DnsIndex, DnsZone};
 use mesh_core::model::{AgentId, Clock, Millis, PortRanges, Resources, TaskId};
 use mesh_core::proto::TaskState;
@@ -92,17 +92,6 @@ impl Plan {
             clock_jumps: true,
         }
     }
-}
-
-/// The outcome of a run.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Every event, in order (virtual milliseconds first).
-    pub trace: Vec<String>,
-    /// The trace's hash.
-    pub hash: u64,
-    /// The first invariant broken, if any.
-    pub failure: Option<String>,
 }
 
 /// A node's clock: the virtual time plus an offset that clock jumps move, and ids from a
@@ -489,8 +478,7 @@ pub fn run(plan: &Plan) -> Outcome {
     mesh_server::raft::runtime::simulate_slow_disk(Duration::ZERO);
     mesh_server::raft::state_machine::sim_bug::drop_every(0);
     mesh_core::scheduler::sim_bug::ignore_instances_by(plan.bug_extra_instances);
-    let shm = std::path::Path::new("/dev/shm");
-    let tmp = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
+    let tmp = super::data_dirs();
     let world: Shared = Rc::default();
     let servers = 3;
     let mut sim = turmoil::Builder::new()
@@ -657,10 +645,7 @@ pub fn run(plan: &Plan) -> Outcome {
         })
         .collect();
     w.trace.push(format!("final gossip views (alive/all): {}", views.join(", ")));
-    let trace = std::mem::take(&mut w.trace);
-    let mut h = std::hash::DefaultHasher::new();
-    trace.hash(&mut h);
-    Outcome { hash: h.finish(), trace, failure }
+    Outcome::of(std::mem::take(&mut w.trace), failure)
 }
 
 impl Fault {

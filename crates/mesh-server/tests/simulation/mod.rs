@@ -133,6 +133,21 @@ pub struct Outcome {
     pub failure: Option<String>,
 }
 
+impl Outcome {
+    /// The outcome of a run that traced `trace` (hashed) and broke `failure`, if anything.
+    fn of(trace: Vec<String>, failure: Option<String>) -> Outcome {
+        let mut h = std::hash::DefaultHasher::new();
+        trace.hash(&mut h);
+        Outcome { hash: h.finish(), trace, failure }
+    }
+}
+
+/// A run's data dirs: in memory where there is a tmpfs (the log store syncs every write).
+fn data_dirs() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir")
+}
+
 /// What the hosts share with the driver (all on the simulation's one thread).
 #[derive(Default)]
 struct World {
@@ -354,9 +369,7 @@ pub fn run(plan: &Plan) -> Outcome {
     mesh_server::raft::runtime::simulate_on_this_thread(plan.seed);
     mesh_server::raft::runtime::simulate_slow_disk(plan.slow_disk);
     mesh_server::raft::state_machine::sim_bug::drop_every(plan.bug_drop_every);
-    // Data dirs in memory where there is a tmpfs (the log store syncs every write).
-    let shm = std::path::Path::new("/dev/shm");
-    let tmp = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
+    let tmp = data_dirs();
     let world: Shared = Rc::default();
     let ids: Vec<NodeId> = vec![1, 2, 3];
     let mut sim = turmoil::Builder::new()
@@ -499,10 +512,7 @@ pub fn run(plan: &Plan) -> Outcome {
         serde_json::to_string(&a.state.kv).unwrap_or_default().hash(&mut h);
         w.trace.push(format!("final {:?} kv hash {:x}", a.log_id, h.finish()));
     }
-    let trace = std::mem::take(&mut w.trace);
-    let mut h = std::hash::DefaultHasher::new();
-    trace.hash(&mut h);
-    Outcome { hash: h.finish(), trace, failure }
+    Outcome::of(std::mem::take(&mut w.trace), failure)
 }
 
 /// Crash `host` as a machine that loses its power: cut off from `hosts` first, so that nothing
