@@ -7,7 +7,7 @@ use crate::health::HealthRunner;
 use mesh_core::model::{AgentId, Resources, TaskId};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::runtime::{Exit, Runtime, RuntimeError, RuntimeEvent, TaskSpec};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,7 +149,7 @@ pub async fn start(
         health,
         consul_checks,
         inflight: tokio::task::JoinSet::new(),
-        launching: HashMap::new(),
+        launching: BTreeMap::new(),
         queued: VecDeque::new(),
     };
     let join = tokio::spawn(async move {
@@ -202,7 +202,7 @@ struct AgentLoop {
     /// Launches under way (at most [`LAUNCH_PARALLELISM`]).
     inflight: tokio::task::JoinSet<(TaskId, Result<(), RuntimeError>)>,
     /// Tasks being launched (in flight or queued), with what must happen once they are.
-    launching: HashMap<TaskId, Vec<Deferred>>,
+    launching: BTreeMap<TaskId, Vec<Deferred>>,
     /// Launches waiting for a free slot, in the order they came.
     queued: VecDeque<TaskSpec>,
 }

@@ -17,7 +17,7 @@ use mesh_core::model::{AgentId, FrameworkId, Millis, Resources};
 use mesh_core::proto::{StatusUpdate, TaskState, ToAgent, ToControl};
 use mesh_core::scheduler::{Call, MarathonScheduler, OfferStats, Scheduler};
 use mesh_core::state::{Agent, ApplyError, Changes, Command, LogError, State, Store};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -301,7 +301,7 @@ struct Control {
     store: Store,
     allocator: DrfAllocator,
     marathon: MarathonScheduler,
-    agents: HashMap<AgentId, mpsc::Sender<ToAgent>>,
+    agents: BTreeMap<AgentId, mpsc::Sender<ToAgent>>,
     outbox: VecDeque<(AgentId, ToAgent)>,
     published: Published,
     /// `Some`: this loop publishes the state it writes (`mesh dev`). `None`: the Raft state
@@ -312,12 +312,12 @@ struct Control {
     published_index: u64,
     draining: bool,
     /// Uuids of the last [`SEEN_UPDATES`] status updates, in arrival order and as a set.
-    seen_updates: (VecDeque<String>, HashSet<String>),
+    seen_updates: (VecDeque<String>, BTreeSet<String>),
     /// The catalog index when node checks were last sent (none sent since: nothing to check).
     checks_sent_at: Option<u64>,
     /// The index of each agent's node topic when its Consul checks were last sent: any change of
     /// a check on the node (status included) moves it, and only then is the set sent again.
-    sent_checks: HashMap<AgentId, u64>,
+    sent_checks: BTreeMap<AgentId, u64>,
     /// `(state index, State::next_deadline)`: deadlines only move when the state does, so the
     /// scan runs once per change, not once per loop turn.
     deadline: (u64, Option<Millis>),
@@ -330,13 +330,13 @@ struct Control {
     /// sets, registrations), in order; proposed again once it recovers.
     deferred: VecDeque<Command>,
     /// Agents without a connection: when they count as lost unless they reconnect.
-    down: HashMap<AgentId, Millis>,
+    down: BTreeMap<AgentId, Millis>,
     /// Agents that said goodbye keeping their tasks (a restart): when they did.
-    restarting: HashMap<AgentId, Millis>,
+    restarting: BTreeMap<AgentId, Millis>,
     /// When connected agents are next told which tasks they should run.
     next_reconcile: Millis,
     /// Agents gossip declared failed or left (handled once per such change).
-    lost: HashSet<AgentId>,
+    lost: BTreeSet<AgentId>,
     /// The drained agents the allocator and scheduler have acted on.
     drained: imbl::OrdSet<AgentId>,
 }
@@ -440,24 +440,24 @@ impl Control {
             store,
             allocator,
             marathon,
-            agents: HashMap::new(),
+            agents: BTreeMap::new(),
             outbox: VecDeque::new(),
             published,
             index_tx,
             published_index,
             draining: false,
-            seen_updates: (VecDeque::new(), HashSet::new()),
+            seen_updates: (VecDeque::new(), BTreeSet::new()),
             checks_sent_at: None,
-            sent_checks: HashMap::new(),
+            sent_checks: BTreeMap::new(),
             deadline: (u64::MAX, None),
             due_checked: u64::MAX,
             mesos,
             recovery: (0, RECOVERY_BACKOFF_MS.0),
             deferred: VecDeque::new(),
-            down: HashMap::new(),
-            restarting: HashMap::new(),
+            down: BTreeMap::new(),
+            restarting: BTreeMap::new(),
             next_reconcile: 0,
-            lost: HashSet::new(),
+            lost: BTreeSet::new(),
             drained: imbl::OrdSet::new(),
         };
         control.mesos_recover(control.cfg.clock.now());
@@ -1082,7 +1082,7 @@ impl Control {
     /// the other agents' go on. The control loop never waits for an agent, which may itself be
     /// waiting to send its reports to this loop, or be slow or gone.
     async fn flush(&mut self) {
-        let mut full: HashSet<AgentId> = HashSet::new();
+        let mut full: BTreeSet<AgentId> = BTreeSet::new();
         let mut gone: Vec<AgentId> = Vec::new();
         let mut kept = VecDeque::new();
         while let Some((agent, msg)) = self.outbox.pop_front() {
@@ -1135,7 +1135,7 @@ impl Control {
     /// [`ControlConfig::reconcile_interval`]).
     fn reconcile_agents(&mut self) {
         let state = self.store.state();
-        let mut expected: HashMap<&AgentId, Vec<mesh_core::model::TaskId>> =
+        let mut expected: BTreeMap<&AgentId, Vec<mesh_core::model::TaskId>> =
             self.agents.keys().map(|a| (a, Vec::new())).collect();
         for t in state.tasks.values() {
             if let Some(list) = expected.get_mut(&t.agent_id)

@@ -14,7 +14,7 @@ use mesh_core::mesos::{
 use mesh_core::model::{AgentId, FrameworkId, Millis, PortRanges, Resources, TaskId};
 use mesh_core::proto::ToAgent;
 use mesh_core::state::Command;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -118,7 +118,7 @@ pub(super) struct Frameworks {
     cfg: MesosConfig,
     master_id: String,
     sessions: Sessions,
-    streams: HashMap<FrameworkId, (String, mpsc::Sender<Event>)>,
+    streams: BTreeMap<FrameworkId, (String, mpsc::Sender<Event>)>,
     weights: BTreeMap<String, f64>,
     quotas: BTreeMap<String, mesh_core::frameworks::Quota>,
     next_id: u64,
@@ -131,7 +131,7 @@ impl Frameworks {
             cfg,
             master_id: clock.uuid().to_string(),
             sessions,
-            streams: HashMap::new(),
+            streams: BTreeMap::new(),
             weights: BTreeMap::new(),
             quotas: BTreeMap::new(),
             next_id: 0,

@@ -2,7 +2,7 @@
 //! timers scheduled, the member list published.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,7 +32,7 @@ const REPUBLISH_EVERY: Duration = Duration::from_millis(100);
 type Swim = Foca<NodeIdentity, PostcardCodec, SmallRng, LeaveHandler>;
 
 /// Why a packet was dropped, for counters and the rate limiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Drop {
     Garbage,
     Version,
@@ -64,7 +64,7 @@ pub(crate) struct Driver {
     last_publish: Instant,
     /// Members seen Suspect: (identity, incarnation) → since when. foca only times out suspicions it raised
     /// itself; a suspicion learnt by gossip from a node that then vanished (or renewed) would stay forever.
-    suspects: HashMap<(NodeIdentity, foca::Incarnation), Instant>,
+    suspects: BTreeMap<(NodeIdentity, foca::Incarnation), Instant>,
     log_limits: LogLimiter<(SocketAddr, Drop)>,
     send_buf: Vec<u8>,
 }
@@ -112,7 +112,7 @@ impl Driver {
             leaving: false,
             rejoin: None,
             last_publish: Instant::now(),
-            suspects: HashMap::new(),
+            suspects: BTreeMap::new(),
             log_limits: LogLimiter::default(),
             send_buf: Vec::with_capacity(MAX_DATAGRAM),
         };
@@ -464,9 +464,9 @@ impl Driver {
         self.last_publish = Instant::now();
         let me = self.foca.identity();
         let own = Member::from_identity(me, if self.leaving { MemberStatus::Left } else { MemberStatus::Alive });
-        let mut by_node: HashMap<String, Member> = HashMap::new();
+        let mut by_node: BTreeMap<String, Member> = BTreeMap::new();
         let now = Instant::now();
-        let mut suspects = HashMap::new();
+        let mut suspects = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
             let id = m.id();
             if m.state() == State::Suspect {
@@ -507,16 +507,16 @@ impl Driver {
 
 /// At most one log line per key every [`LOG_EVERY`], counting what it holds back.
 struct LogLimiter<K> {
-    entries: HashMap<K, (Instant, u64)>,
+    entries: BTreeMap<K, (Instant, u64)>,
 }
 
 impl<K> Default for LogLimiter<K> {
     fn default() -> Self {
-        Self { entries: HashMap::new() }
+        Self { entries: BTreeMap::new() }
     }
 }
 
-impl<K: std::hash::Hash + Eq> LogLimiter<K> {
+impl<K: Ord> LogLimiter<K> {
     /// `Some(held back since the last line)` when a line for `key` may be logged at `now`, else `None`.
     fn allow(&mut self, key: K, now: Instant) -> Option<u64> {
         if self.entries.len() >= MAX_LOG_ENTRIES {

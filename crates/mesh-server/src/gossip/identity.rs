@@ -1,6 +1,6 @@
 //! The identity a node gossips as, and the custom broadcast that tells a graceful leave from a failure.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use super::Role;
 /// What foca knows a member by. Its `Addr` is the gossip address: two identities with the same address are
 /// the same node, and the one with the higher generation wins (a restart or a rejoin after being declared
 /// down). Kept small: every packet carries two of them (source and destination).
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub(crate) struct NodeIdentity {
     pub(crate) name: String,
     pub(crate) node_id: String,
@@ -68,7 +68,7 @@ pub(crate) struct LeftNodes(Arc<Mutex<LeftInner>>);
 
 #[derive(Default)]
 struct LeftInner {
-    by_node: HashMap<String, u64>,
+    by_node: BTreeMap<String, u64>,
     changed: bool,
 }
 

@@ -39,7 +39,7 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const WAN_POOL: &str = "~wan";
 
 /// What a node is in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A server: Raft member, answers internal RPC.
