@@ -611,9 +611,7 @@ pub fn run(plan: &Plan) -> Outcome {
                 undo(&mut sim, &f, &mut down);
             }
         }
-        let (over, rest): (Vec<_>, Vec<_>) = faults.into_iter().partition(|(_, until)| *until <= now);
-        faults = rest;
-        for (f, _) in over {
+        for f in super::faults_over(&mut faults, now) {
             trace(&world, now, format!("end {}", f.describe()));
             undo(&mut sim, &f, &mut down);
         }

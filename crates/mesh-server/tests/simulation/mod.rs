@@ -142,6 +142,13 @@ impl Outcome {
     }
 }
 
+/// The faults whose time is up at `now`, taken out of `faults` in order.
+fn faults_over<F>(faults: &mut Vec<(F, Duration)>, now: Duration) -> Vec<F> {
+    let (over, rest): (Vec<_>, Vec<_>) = std::mem::take(faults).into_iter().partition(|(_, until)| *until <= now);
+    *faults = rest;
+    over.into_iter().map(|(f, _)| f).collect()
+}
+
 /// A run's data dirs: in memory where there is a tmpfs (the log store syncs every write).
 fn data_dirs() -> tempfile::TempDir {
     let shm = std::path::Path::new("/dev/shm");
@@ -473,10 +480,7 @@ pub fn run(plan: &Plan) -> Outcome {
                 undo(&mut sim, &f, &mut down);
             }
         }
-        // Faults end when their time is up.
-        let (over, rest): (Vec<_>, Vec<_>) = faults.into_iter().partition(|(_, until)| *until <= now);
-        faults = rest;
-        for (f, _) in over {
+        for f in faults_over(&mut faults, now) {
             trace(&world, now, format!("end {f:?}"));
             undo(&mut sim, &f, &mut down);
         }
