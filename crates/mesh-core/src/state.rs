@@ -2758,9 +2758,17 @@ impl Store {
         self.propose_with(cmds, true).await
     }
 
+    /// [`Store::set_max_versions`], awaiting the log's write ([`Store::propose_async`]).
+    pub async fn set_max_versions_async(&mut self, n: usize) -> Result<(), LogError> {
+        let Some(cmd) = self.max_versions_command(n) else {
+            return Ok(());
+        };
+        self.propose_async(vec![cmd]).await?.remove(0).map(|_| ()).map_err(|e| LogError::Store(e.to_string()))
+    }
+
     /// The command that keeps at most `n` versions of each app, if the state keeps another
     /// number (see [`Store::set_max_versions`]).
-    pub fn max_versions_command(&self, n: usize) -> Option<Command> {
+    fn max_versions_command(&self, n: usize) -> Option<Command> {
         let same = self.state.keep_versions() == n.max(1) && self.state.max_versions != 0;
         (!same).then_some(Command::SetMaxAppVersions { keep: n })
     }

@@ -157,11 +157,7 @@ impl RaftServer {
         let (log, sm) = {
             let (dir, dc) = (cfg.dir.clone(), cfg.datacenter.clone());
             super::blocking(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, move || {
-                let log = SegmentLogStore::open(&dir)
-                    .map_err(|e| super::storage_err(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e))?;
-                let sm = MeshStateMachine::open(&dir, &dc)
-                    .map_err(|e| super::storage_err(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e))?;
-                Ok((log, sm))
+                Ok((SegmentLogStore::open(&dir)?, MeshStateMachine::open(&dir, &dc)?))
             })
             .await
             .map_err(|e| storage(&e))?
@@ -526,14 +522,8 @@ async fn follow_leadership(
                     let (log, poisoned) = RaftLog::new(raft.clone(), a.state.clone(), cfg.write_timeout);
                     match Store::open(Box::new(log.with_disk(disk.clone())), &cfg.datacenter) {
                         Ok(mut store) => {
-                            if let Some(cmd) = store.max_versions_command(cfg.max_app_versions) {
-                                match store.propose_async(vec![cmd]).await {
-                                    Ok(r) if r.iter().any(|r| r.is_err()) => {
-                                        warn!("raft: max-app-versions refused by the state")
-                                    }
-                                    Ok(_) => {}
-                                    Err(e) => warn!(error = %e, "raft: cannot record max-app-versions"),
-                                }
+                            if let Err(e) = store.set_max_versions_async(cfg.max_app_versions).await {
+                                warn!(error = %e, "raft: cannot record max-app-versions");
                             }
                             let join =
                                 control::spawn_leader(store, cfg.control.clone(), published.clone(), inbox.clone());
